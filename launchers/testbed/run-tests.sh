@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster,
+# Apptainer, the project venv), runs the static checks and then pytest.
+#
+#   bash launchers/testbed/run-tests.sh [PYTEST ARGS...]   e.g. tests/unit -k queue -x
+#   bash launchers/testbed/run-tests.sh --down             stop the test-bed services (= down.sh)
+#
+# Debian 12, as root; needs no TTY and no stdin. Idempotent and incremental: a second run
+# skips what is already installed/running. The services are left running afterwards.
+# Env:
+#   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
+#   CI=true                        tests whose component is unavailable fail instead of skipping
+#   plus the knobs of postgres.sh / slurm.sh / apptainer.sh / venv.sh
+# Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
+# a failure.
+set -euo pipefail
+exec </dev/null
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PROJECT=$(cd "$HERE/../.." && pwd)
+export PROJECT
+
+if [ "${1:-}" = --down ]; then
+  exec bash "$HERE/down.sh" "${@:2}"
+fi
+
+T_ALL=$(date +%s.%N)
+TIMINGS=()
+PHASE_OPEN=0
+phase_start() { PHASE=$1; PHASE_OPEN=1; T0=$(date +%s.%N); echo "[testbed] ==> $PHASE" >&2; }
+phase_end() {  # phase_end [STATUS]
+  local dt
+  PHASE_OPEN=0
+  dt=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+  TIMINGS+=("$(printf '%-14s %7s s  %s' "$PHASE" "$dt" "${1:-ok}")")
+  echo "[testbed] <== $PHASE: ${dt} s ${1:-ok}" >&2
+}
+summary() {
+  local rc=$? total
+  [ "$PHASE_OPEN" = 1 ] && phase_end "FAILED (exit $rc)"
+  total=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+  {
+    echo "[testbed] ---- timings ----"
+    for t in "${TIMINGS[@]}"; do echo "[testbed] $t"; done
+    echo "[testbed] total          ${total} s  (exit $rc)"
+  } >&2
+}
+trap summary EXIT
+
+[ "$(id -u)" = 0 ] || { echo "[testbed] run-tests.sh must run as root (it installs packages and starts daemons)" >&2; exit 1; }
+
+phase_start venv
+VENV=$(bash "$HERE/venv.sh" | tail -1)
+export VIRTUAL_ENV=$VENV PATH="$VENV/bin:$PATH"
+phase_end
+
+phase_start postgres
+PG_OUT=$(bash "$HERE/postgres.sh" start)
+echo "$PG_OUT"
+phase_end
+
+phase_start slurm
+bash "$HERE/slurm.sh" start
+phase_end
+
+phase_start apptainer
+bash "$HERE/apptainer.sh" install
+phase_end
+
+SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")
+export SCALEBOX_TEST_DSN
+export SCALEBOX_TEST_SLURM_NODES
+SCALEBOX_TEST_SLURM_NODES=$(seq -f 'node%g' -s, 1 "${SCALEBOX_TESTBED_SLURM_NODES:-4}")
+SCALEBOX_TEST_APPTAINER=$(command -v apptainer)
+export SCALEBOX_TEST_APPTAINER
+export SCALEBOX_TEST_MPI_PY=$VENV/bin/python
+env | grep '^SCALEBOX_TEST_' | sort | sed 's/^/export /'
+
+cd "$PROJECT"
+LINT_FAILED=()
+if [ "${SCALEBOX_TESTBED_SKIP_LINT:-0}" != 1 ]; then
+  lint_dirs=()
+  for d in scalebox_hpc tests benchmarks; do [ -d "$d" ] && lint_dirs+=("$d"); done
+  phase_start ruff
+  if ruff check "${lint_dirs[@]}"; then phase_end; else phase_end FAILED; LINT_FAILED+=(ruff); fi
+  phase_start mypy
+  if mypy; then phase_end; else phase_end FAILED; LINT_FAILED+=(mypy); fi
+  phase_start lint-imports
+  if lint-imports; then phase_end; else phase_end FAILED; LINT_FAILED+=(lint-imports); fi
+fi
+
+phase_start pytest
+rc=0
+pytest -q "$@" || rc=$?
+if [ "$rc" = 5 ]; then
+  phase_end "FAILED (no tests collected)"
+  echo "[testbed] FAILURE: pytest collected no tests (exit 5) for: ${*:-<default testpaths>}" >&2
+elif [ "$rc" = 0 ]; then
+  phase_end
+else
+  phase_end "FAILED (exit $rc)"
+fi
+
+if [ ${#LINT_FAILED[@]} -gt 0 ]; then
+  echo "[testbed] FAILURE: static checks failed: ${LINT_FAILED[*]}" >&2
+  [ "$rc" = 0 ] && rc=1
+fi
+exit "$rc"

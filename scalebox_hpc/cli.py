@@ -1,0 +1,598 @@
+"""The ``scalebox`` command (click): the login-node composition root.
+
+Heavy imports (psycopg, pydantic, rich) happen inside the commands: ``scalebox task add``
+runs once per emitted message inside run.sh, so its start-up time matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from scalebox_hpc.errors import InvalidMessageError, NotFoundError, ScaleboxError
+
+if TYPE_CHECKING:
+    from scalebox_hpc.db.apps import ModuleCounts
+    from scalebox_hpc.db.connection import Connection
+
+EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"  # same name as launcher.taskexec.EMIT_BUFFER_ENV
+
+
+def _dump(data: Any) -> None:
+    click.echo(json.dumps(data, default=str, ensure_ascii=False, indent=2))
+
+
+@contextmanager
+def _db(create_schema: bool = False) -> Iterator[Connection]:
+    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.node import resolve_dsn
+
+    dsn = resolve_dsn(create_schema=create_schema)
+    with connect(dsn) as conn, translate_errors(dsn):
+        yield conn
+
+
+def _app_id(conn: Connection, app: int | None) -> int:
+    """The app named by --app / SCALEBOX_APP_ID, else the newest app."""
+    if app is not None:
+        return app
+    if os.environ.get("SCALEBOX_APP_ID"):
+        return int(os.environ["SCALEBOX_APP_ID"])
+    row = conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
+    if not row or row["id"] is None:
+        raise NotFoundError("app", "(any)")
+    return int(row["id"])
+
+
+APP_OPTION = click.option("--app", "app", type=int, default=None, help="App id (default: the newest app).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--traceback", is_flag=True, envvar="SCALEBOX_TRACEBACK", help="Show tracebacks on errors.")
+@click.version_option(package_name="scalebox_hpc")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
+    """scalebox: streaming batch pipelines on PostgreSQL, with per-node launchers.
+
+    The database is SCALEBOX_DSN (or the PG* variables); without either, a private embedded
+    PostgreSQL is started in ~/.local/share/scalebox_hpc and reused by later commands.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["traceback"] = traceback
+    if verbose:
+        from scalebox_hpc.node import configure_logging
+
+        configure_logging(verbose)
+
+
+# -- db ---------------------------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """Create, upgrade, inspect or stop the database."""
+
+
+@db.command("init")
+def db_init() -> None:
+    """Create the schema (starts the embedded server when no DSN is configured)."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, redact, translate_errors
+
+    dsn = _dsn_without_schema()
+    with connect(dsn) as conn, translate_errors(dsn):
+        created = schema.init(conn)
+    click.echo(f"{'created' if created else 'already initialised'}: {redact(dsn)}")
+
+
+def _dsn_without_schema() -> str:
+    from scalebox_hpc import embedded
+    from scalebox_hpc.db.connection import configured_dsn
+
+    dsn = configured_dsn()
+    return embedded.ensure_running() if dsn is None else dsn
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, translate_errors
+
+    dsn = _dsn_without_schema()
+    with connect(dsn) as conn, translate_errors(dsn):
+        applied = schema.upgrade(conn)
+    click.echo("applied: " + ", ".join(applied) if applied else "up to date")
+
+
+@db.command("status")
+@JSON_OPTION
+def db_status(as_json: bool) -> None:
+    """Where the database is and which schema version it has."""
+    from scalebox_hpc import embedded
+    from scalebox_hpc.db import schema, sql
+    from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
+
+    dsn = configured_dsn()
+    kind = "configured"
+    if dsn is None:
+        kind, dsn = "embedded", embedded.running_dsn()
+    info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
+    if dsn is not None:
+        info["dsn"] = redact(dsn)
+        with connect(dsn) as conn, translate_errors(dsn):
+            info["version"] = schema.current_version(conn)
+    if as_json:
+        _dump(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (a configured server is left alone)."""
+    from scalebox_hpc import embedded
+
+    click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")
+
+
+# -- app --------------------------------------------------------------------------------------
+@cli.group()
+def app() -> None:
+    """Create and steer apps (pipelines)."""
+
+
+def _load(file: str, env_files: tuple[str, ...]) -> Any:
+    from scalebox_hpc.pipeline import load_pipeline
+
+    return load_pipeline(file, env_files=list(env_files))
+
+
+@app.command("create")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@click.option("--check", is_flag=True, help="Validate only; create nothing.")
+@JSON_OPTION
+@click.argument("file", type=click.Path(dir_okay=False))
+def app_create(env_files: tuple[str, ...], check: bool, as_json: bool, file: str) -> None:
+    """Create an app from a pipeline file (one transaction: a bad file creates nothing)."""
+    spec = _load(file, env_files)
+    if check:
+        click.echo(f"ok: {spec.name} ({len(spec.modules)} modules)")
+        return
+    from scalebox_hpc.db import apps
+
+    with _db(create_schema=True) as conn:
+        app_id = apps.create_app(conn, spec)
+    if as_json:
+        _dump({"app_id": app_id, "name": spec.name})
+    else:
+        click.echo(app_id)
+
+
+@app.command("list")
+@JSON_OPTION
+def app_list(as_json: bool) -> None:
+    """List apps."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        rows = apps.list_apps(conn)
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>5}  {r['name']:<20} {r['status']:<9} {r['tasks']:>7} tasks  {r['result'] or ''}")
+
+
+@app.command("show")
+@JSON_OPTION
+@click.argument("app_id", type=int, required=False)
+def app_show(as_json: bool, app_id: int | None) -> None:
+    """Show one app (default: the newest)."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        row = apps.get_app(conn, _app_id(conn, app_id))
+    if as_json:
+        _dump(row)
+        return
+    for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
+        click.echo(f"{key}: {row[key] if row[key] is not None else ''}")
+
+
+@app.command("set-finished")
+@APP_OPTION
+@click.option("--job-id", default=None, help="Accepted for Scalebox compatibility; ignored.")
+@click.argument("text")
+def app_set_finished(app: int | None, job_id: str | None, text: str) -> None:
+    """Set the app's result and FINISHED. Inside run.sh it is committed with the task's result."""
+    if os.environ.get(EMIT_BUFFER_ENV):
+        _buffer({"kind": "finish", "text": text})
+        return
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        apps.finish_app(conn, _app_id(conn, app), text)
+
+
+def _set_status(app_id: int | None, status: str) -> None:
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import AppStatus
+
+    with _db() as conn:
+        apps.set_status(conn, _app_id(conn, app_id), AppStatus(status))
+
+
+@app.command("pause")
+@click.argument("app_id", type=int, required=False)
+def app_pause(app_id: int | None) -> None:
+    """Stop claiming new tasks (running ones finish)."""
+    _set_status(app_id, "PAUSED")
+
+
+@app.command("resume")
+@click.argument("app_id", type=int, required=False)
+def app_resume(app_id: int | None) -> None:
+    """Claim again (also starts an app created with initial_status INITIAL)."""
+    _set_status(app_id, "RUNNING")
+
+
+@app.command("cancel")
+@click.argument("app_id", type=int, required=False)
+def app_cancel(app_id: int | None) -> None:
+    """Finish the app now with the result ``cancelled``: nothing more is claimed."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        apps.finish_app(conn, _app_id(conn, app_id), "cancelled")
+
+
+# -- task -------------------------------------------------------------------------------------
+@cli.group()
+def task() -> None:
+    """Add, inspect and retry tasks."""
+
+
+def _parse_headers(pairs: tuple[str, ...], headers_json: str | None) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if headers_json:
+        try:
+            loaded = json.loads(headers_json)
+        except ValueError as exc:
+            raise InvalidMessageError(f"--headers-json is not JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidMessageError("--headers-json must be a JSON object")
+        headers.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidMessageError(f"header {pair!r} is not k=v")
+        headers[key] = value
+    return headers
+
+
+def _body_arg(body: str) -> str:
+    """Undo Python's surrogateescape so non-UTF-8 argv bytes give a clear error."""
+    from scalebox_hpc.models import validate_body
+
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError("task body is not valid UTF-8") from exc
+    return validate_body(body)
+
+
+def _buffer(item: dict[str, Any]) -> None:
+    line = json.dumps(item, ensure_ascii=False) + "\n"
+    with open(os.environ[EMIT_BUFFER_ENV], "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+@task.command("add")
+@APP_OPTION
+@click.option("-m", "--module", "--sink-module", "module", default=None,
+              help="Target module (inside run.sh default: the first sink; else the first module).")
+@click.option("-H", "--header", "headers", multiple=True, help="Header k=v (repeatable).")
+@click.option("--headers-json", default=None, help="Headers as one JSON object.")
+@click.option("--file", "from_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One task per line of this file.")
+@click.option("--initial", is_flag=True, help="Create as INITIAL (-9): not claimable until activated.")
+@click.argument("bodies", nargs=-1)
+def task_add(
+    app: int | None, module: str | None, headers: tuple[str, ...], headers_json: str | None,
+    from_file: str | None, initial: bool, bodies: tuple[str, ...],
+) -> None:
+    """Add tasks. Inside run.sh they are buffered and committed with the task's result."""
+    from scalebox_hpc.models import Message
+
+    texts = [_body_arg(b) for b in bodies]
+    if from_file:
+        texts += [ln for ln in Path(from_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not texts:
+        raise click.UsageError("give at least one BODY (or --file)")
+    hdrs = _parse_headers(headers, headers_json)
+    messages = [Message(body=t, headers=hdrs, module=module) for t in texts]
+    if os.environ.get(EMIT_BUFFER_ENV):
+        for m in messages:
+            _buffer({"kind": "task", "body": m.body, "headers": m.headers, "module": m.module})
+        return
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        written = apps.add_tasks(conn, _app_id(conn, app), module, messages, initial=initial)
+    click.echo(f"added {written} task(s)")
+
+
+@task.command("list")
+@APP_OPTION
+@click.option("-m", "--module", default=None)
+@click.option("-s", "--status", type=int, default=None, help="Only this status code.")
+@click.option("-n", "--limit", type=int, default=100, show_default=True)
+@JSON_OPTION
+def task_list(app: int | None, module: str | None, status: int | None, limit: int, as_json: bool) -> None:
+    """List tasks."""
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
+
+    with _db() as conn:
+        rows = apps.list_tasks(conn, _app_id(conn, app), module=module, status=status, limit=limit)
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        body = r["body"] if len(r["body"]) <= 60 else r["body"][:57] + "..."
+        click.echo(f"{r['id']:>7}  {r['module']:<14} {TaskStatus.describe(r['status']):<10} {body}")
+
+
+@task.command("show")
+@JSON_OPTION
+@click.argument("task_id", type=int)
+def task_show(as_json: bool, task_id: int) -> None:
+    """Show a task and its executions."""
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
+
+    with _db() as conn:
+        row = apps.get_task(conn, task_id)
+    if as_json:
+        _dump(row)
+        return
+    click.echo(f"task {row['id']} ({row['module']}): {TaskStatus.describe(row['status'])}, "
+               f"{row['attempts']} attempt(s)\nbody: {row['body']}\nheaders: {json.dumps(row['headers'])}")
+    for ex in row["execs"]:
+        click.echo(f"- attempt {ex['attempt']} on {ex['host']}: status {ex['status']}, "
+                   f"{(ex['finished_at'] - ex['started_at']).total_seconds():.3f}s")
+        for name in ("stdout", "stderr", "user_text"):
+            if ex[name]:
+                click.echo(f"  {name}: " + ex[name].rstrip().replace("\n", "\n    "))
+
+
+@task.command("retry")
+@click.argument("task_ids", type=int, nargs=-1, required=True)
+def task_retry(task_ids: tuple[int, ...]) -> None:
+    """Make finished tasks READY again."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        done = apps.retry_tasks(conn, task_ids)
+    click.echo(f"requeued {len(done)} task(s)")
+
+
+# -- launcher / run / status ------------------------------------------------------------------
+def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = None, host: str | None = None,
+            work_root: str | None = None, local: bool = False) -> Any:
+    from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
+
+    default = Path(tempfile.gettempdir()) / f"scalebox-{os.getuid()}" / "work"
+    root = Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default)
+    return LauncherConfig(app_id=app_id, host=host or host_name(), work_root=root, modules=modules,
+                          slots=slots, local=local)
+
+
+@cli.command("launcher")
+@APP_OPTION
+@click.option("-m", "--module", "modules", multiple=True, help="Only these modules (repeatable).")
+@click.option("--slots", type=int, default=None, help="Slots per module here (default: from the pipeline).")
+@click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
+@click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
+                 work_root: str | None, grace: float) -> None:
+    """Run this host's slots of an app until they go idle or a signal drains them."""
+    from scalebox_hpc.node import resolve_dsn, run_launcher
+
+    dsn = resolve_dsn(create_schema=False)
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+    run_launcher(dsn, _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root), grace=grace)
+
+
+@cli.command("run")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@click.option("--work-root", default=None, help="Root of the slots' work dirs.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.argument("file", type=click.Path(dir_okay=False))
+def run_cmd(env_files: tuple[str, ...], work_root: str | None, timeout: float | None, quiet: bool,
+            file: str) -> None:
+    """Create the app and run every module here until it is finished or idle.
+
+    Exit code 0 when no task failed, 1 otherwise (or when work was left undone)."""
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.db.connection import connect
+    from scalebox_hpc.node import resolve_dsn, run_launcher
+
+    spec = _load(file, env_files)
+    dsn = resolve_dsn(create_schema=True)
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+        click.echo(f"app {app_id} ({spec.name}) created", err=True)
+        watcher = _RunWatcher(conn, app_id, timeout, quiet)
+        with watcher:
+            run_launcher(dsn, _config(app_id, work_root=work_root, local=True), on_tick=watcher.tick)
+        final = watcher.summary()
+    sys.exit(final)
+
+
+class _RunWatcher:
+    """Progress bars for ``scalebox run``, and the decision that the app is done."""
+
+    def __init__(self, conn: Connection, app_id: int, timeout: float | None, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.conn, self.app_id = conn, app_id
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.quiet_ticks = 0
+        self.timed_out = False
+        console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), console=console,
+            disable=quiet or not console.is_terminal,
+        )
+        self.bars: dict[str, Any] = {}
+
+    def __enter__(self) -> _RunWatcher:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tick()
+        self.progress.stop()
+
+    def _counts(self) -> list[ModuleCounts]:
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            return apps.module_counts(self.conn, self.app_id)
+
+    def tick(self) -> bool:
+        """Update the bars; True when the run should end."""
+        counts = self._counts()
+        for mc in counts:
+            if mc.name not in self.bars:
+                self.bars[mc.name] = self.progress.add_task(mc.name, total=0, extra="")
+            extra = f"running {mc.count(-3)}" + (f", failed {mc.failed}" if mc.failed else "")
+            self.progress.update(self.bars[mc.name], total=mc.total, completed=mc.done, extra=extra)
+        if self._status() == "FINISHED":
+            return True
+        pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
+        self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 else 0
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+            return True
+        return self.quiet_ticks >= 3
+
+    def _status(self) -> str:
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT status FROM sbx_apps WHERE id = %s", (self.app_id,)).fetchone()
+        return str(row["status"]) if row else "?"
+
+    def summary(self) -> int:
+        """Print the outcome; the exit code of ``scalebox run``."""
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            row = apps.get_app(self.conn, self.app_id)
+        counts = self._counts()
+        failed = sum(mc.failed for mc in counts)
+        pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
+        for mc in counts:
+            click.echo(f"{mc.name}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
+        if row["result"]:
+            click.echo(row["result"])
+        if self.timed_out:
+            click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished", err=True)
+        elif pending:
+            click.echo(f"scalebox: {pending} task(s) left unfinished (slots ended)", err=True)
+        return 1 if failed or pending or self.timed_out else 0
+
+
+def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        counts = apps.module_counts(conn, app_id)
+    return [{
+        "module": mc.name, "total": mc.total, "ready": mc.count(-1), "running": mc.count(-3),
+        "initial": mc.count(-9), "ok": mc.count(0), "failed": mc.failed,
+        "per_minute": mc.last_minute,
+        "by_status": {str(k): v for k, v in sorted(mc.by_status.items())},
+    } for mc in counts]
+
+
+@cli.command("status")
+@click.argument("app_id", type=int, required=False)
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C or the app finishes.")
+@JSON_OPTION
+def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
+    """Per-module task counts by status, and rates."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        app_id = _app_id(conn, app_id)
+        while True:
+            with conn.transaction():
+                row = apps.get_app(conn, app_id)
+            rows = _status_rows(conn, app_id)
+            if as_json:
+                _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows})
+            else:
+                _print_status(row, rows, clear=watch)
+            if not watch or row["status"] == "FINISHED":
+                return
+            time.sleep(1.0)
+
+
+def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}")
+    for col in ("module", "total", "ready", "running", "ok", "failed", "per_minute"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("module", "total", "ready", "running", "ok", "failed", "per_minute")))
+    console = Console()
+    if clear:
+        console.clear()
+    console.print(table)
+
+
+# -- entry point ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: errors become one line with a hint (traceback with --traceback)."""
+    traceback = "--traceback" in (argv or sys.argv) or os.environ.get("SCALEBOX_TRACEBACK") == "1"
+    try:
+        cli.main(args=argv, prog_name="scalebox", standalone_mode=False)
+    except ScaleboxError as exc:
+        _fail(exc, traceback, 1, getattr(exc, "hint", ""))
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _fail(exc: BaseException, traceback: bool, code: int, hint: str) -> None:
+    if traceback:
+        import traceback as tb
+
+        tb.print_exception(exc)
+    click.echo(f"scalebox: error: {exc}" + (f" (hint: {hint})" if hint else ""), err=True)
+    sys.exit(code)
+

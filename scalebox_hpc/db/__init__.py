@@ -1,0 +1,1 @@
+"""PostgreSQL access: query loader, connections, schema management, the task queue."""

@@ -1,0 +1,175 @@
+"""Apps, modules and tasks as the CLI sees them: create, inspect, steer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.db.queue import ModuleRef, insert_messages, module_refs, route
+from scalebox_hpc.db.sql import query
+from scalebox_hpc.errors import InvalidMessageError, NotFoundError
+from scalebox_hpc.models import AppStatus, ConflictAction, Message, TaskStatus
+from scalebox_hpc.pipeline import AppSpec
+
+START_ANY = "ANY"
+
+
+def start_messages(spec: AppSpec) -> list[Message]:
+    """The start tasks a pipeline declares: app-level ``start_task`` goes to the first module,
+    a module's own ``parameters.start_task`` to that module. ``FILE:path`` gives one task per
+    non-empty line (path relative to the app dir); ``ANY`` is a task with the body ``ANY``."""
+    found: list[Message] = []
+    if spec.parameters.start_task is not None:
+        found += _expand_start(spec, spec.modules[0].name, spec.parameters.start_task)
+    for module in spec.modules:
+        if module.parameters.start_task is not None:
+            found += _expand_start(spec, module.name, module.parameters.start_task)
+    return found
+
+
+def _expand_start(spec: AppSpec, module: str, value: str) -> list[Message]:
+    if value.startswith("FILE:"):
+        path = spec.app_dir / value[len("FILE:"):]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidMessageError(f"start_task {value}: {exc}") from exc
+        return [Message(body=ln.strip(), module=module) for ln in lines if ln.strip()]
+    return [Message(body=value, module=module)]
+
+
+def create_app(conn: Connection, spec: AppSpec) -> int:
+    """Create the app, its modules and its start tasks in one transaction; returns the app id."""
+    status = AppStatus.INITIAL if spec.parameters.initial_status == "INITIAL" else AppStatus.RUNNING
+    with conn.transaction():
+        app_id = conn.execute(query("insert_app"), {
+            "name": spec.name, "label": spec.label, "cluster": spec.cluster, "status": status,
+            "spec": Jsonb(spec.model_dump(mode="json")),
+        }).fetchone()["id"]  # type: ignore[index]
+        refs: dict[str, ModuleRef] = {}
+        for seq, module in enumerate(spec.modules):
+            mid = conn.execute(query("insert_module"), {
+                "app_id": app_id, "name": module.name, "seq": seq, "sink_modules": module.sink_modules,
+                "conflict_action": module.arguments.conflict_action.value,
+                "spec": Jsonb(module.model_dump(mode="json")),
+            }).fetchone()["id"]  # type: ignore[index]
+            refs[module.name] = ModuleRef(
+                mid, module.name, tuple(module.sink_modules), module.arguments.conflict_action
+            )
+        insert_messages(conn, app_id, route(refs, None, start_messages(spec)), conflict=ConflictAction.IGNORE)
+    return int(app_id)
+
+
+def get_app(conn: Connection, app_id: int) -> dict[str, Any]:
+    """The app row; NotFoundError when absent."""
+    row = conn.execute(query("get_app"), {"app_id": app_id}).fetchone()
+    if row is None:
+        raise NotFoundError("app", app_id)
+    return dict(row)
+
+
+def list_apps(conn: Connection) -> list[dict[str, Any]]:
+    """Every app with its task count."""
+    return [dict(r) for r in conn.execute(query("list_apps")).fetchall()]
+
+
+def module_specs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """The module rows (with their stored specs), in pipeline order."""
+    return [dict(r) for r in conn.execute(query("list_modules"), {"app_id": app_id}).fetchall()]
+
+
+def set_status(conn: Connection, app_id: int, status: AppStatus) -> None:
+    """Pause / resume / start an app (a FINISHED app is left as it is)."""
+    get_app(conn, app_id)
+    with conn.transaction():
+        conn.execute(query("set_app_status"), {"app_id": app_id, "status": status.value})
+
+
+def finish_app(conn: Connection, app_id: int, result: str) -> None:
+    """Set the app's result text and FINISHED."""
+    with conn.transaction():
+        if conn.execute(query("finish_app"), {"app_id": app_id, "result": result}).fetchone() is None:
+            raise NotFoundError("app", app_id)
+
+
+def add_tasks(
+    conn: Connection, app_id: int, module: str | None, messages: Sequence[Message], *, initial: bool = False
+) -> int:
+    """Add tasks to a module (default: the first module); one transaction. Returns rows written."""
+    refs = module_refs(conn, app_id)
+    target = module or next(iter(refs))
+    if target not in refs:
+        raise NotFoundError("module", target)
+    status = TaskStatus.INITIAL if initial else TaskStatus.READY
+    routed = [(refs[msg.module or target], msg) for msg in messages]
+    with conn.transaction():
+        return insert_messages(conn, app_id, routed, status=status)
+
+
+def list_tasks(
+    conn: Connection, app_id: int, *, module: str | None = None, status: int | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Tasks of an app, oldest first."""
+    params = {"app_id": app_id, "module": module, "status": status, "limit": limit}
+    return [dict(r) for r in conn.execute(query("list_tasks"), params).fetchall()]
+
+
+def get_task(conn: Connection, task_id: int) -> dict[str, Any]:
+    """A task with its executions (``execs``)."""
+    row = conn.execute(query("get_task"), {"task_id": task_id}).fetchone()
+    if row is None:
+        raise NotFoundError("task", task_id)
+    task = dict(row)
+    task.pop("body_sha", None)
+    task["execs"] = [dict(r) for r in conn.execute(query("list_execs"), {"task_id": task_id}).fetchall()]
+    return task
+
+
+def retry_tasks(conn: Connection, task_ids: Sequence[int]) -> list[int]:
+    """Make finished tasks READY again; returns the ids changed."""
+    with conn.transaction():
+        rows = conn.execute(query("retry_tasks"), {"task_ids": list(task_ids)}).fetchall()
+    return [int(r["id"]) for r in rows]
+
+
+@dataclass
+class ModuleCounts:
+    """Task counts of one module by status."""
+
+    name: str
+    by_status: dict[int, int]
+    last_minute: int
+
+    @property
+    def total(self) -> int:
+        """All tasks of the module."""
+        return sum(self.by_status.values())
+
+    @property
+    def done(self) -> int:
+        """Tasks in a terminal status (OK or failed)."""
+        return sum(n for s, n in self.by_status.items() if s >= 0 or s < -100)
+
+    @property
+    def failed(self) -> int:
+        """Tasks that ended in failure."""
+        return sum(n for s, n in self.by_status.items() if TaskStatus.is_failure(s))
+
+    def count(self, status: int) -> int:
+        """Tasks in one status."""
+        return self.by_status.get(status, 0)
+
+
+def module_counts(conn: Connection, app_id: int) -> list[ModuleCounts]:
+    """Per-module task counts by status, in pipeline order."""
+    out: dict[str, ModuleCounts] = {}
+    for r in conn.execute(query("module_counts"), {"app_id": app_id}).fetchall():
+        mc = out.setdefault(r["name"], ModuleCounts(r["name"], {}, 0))
+        if r["status"] is not None:
+            mc.by_status[int(r["status"])] = int(r["n"])
+            mc.last_minute += int(r["last_minute"])
+    return list(out.values())

@@ -1,0 +1,275 @@
+"""The task queue on PostgreSQL: claim, hand-off, heartbeat, release — and the message inserts they share."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from scalebox_hpc.db.connection import Connection, connect, translate_errors
+from scalebox_hpc.db.sql import query
+from scalebox_hpc.errors import InvalidMessageError, NotFoundError
+from scalebox_hpc.models import ConflictAction, Message, Task, TaskResult, TaskStatus, validate_headers
+
+logger = logging.getLogger(__name__)
+
+# Stdout/stderr kept per execution: the tail, as Scalebox does.
+OUTPUT_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """What the queue needs to know of a module to route messages to it."""
+
+    id: int
+    name: str
+    sink_modules: tuple[str, ...]
+    conflict_action: ConflictAction
+
+
+class LeaseLostError(Exception):
+    """The slot no longer holds the task (its lease expired and someone else took it)."""
+
+
+def _tail(text: str) -> str:
+    data = text.encode("utf-8", "replace")
+    if len(data) <= OUTPUT_TAIL_BYTES:
+        return text
+    return data[-OUTPUT_TAIL_BYTES:].decode("utf-8", "ignore")
+
+
+def _message_row(msg: Message, module_id: int, status: int = TaskStatus.READY) -> dict[str, Any]:
+    to_slot = msg.headers.get("to_slot")
+    return {
+        "module_id": module_id,
+        "body": msg.body,
+        "headers": msg.headers,
+        "to_host": msg.headers.get("to_host"),
+        "to_slot": int(to_slot) if to_slot not in (None, "") else None,
+        "status": status,
+    }
+
+
+def insert_messages(
+    conn: Connection,
+    app_id: int,
+    routed: Iterable[tuple[ModuleRef, Message]],
+    *,
+    from_task_id: int | None = None,
+    status: int = TaskStatus.READY,
+    conflict: ConflictAction | None = None,
+) -> int:
+    """Insert messages as tasks, each group by its target's CONFLICT_ACTION; returns rows written.
+
+    Runs inside the caller's transaction. With FAIL, a duplicate body raises InvalidMessageError
+    (and the caller's transaction is aborted: nothing of it is kept).
+    """
+    groups: dict[ConflictAction, list[dict[str, Any]]] = {}
+    for ref, msg in routed:
+        action = conflict or ref.conflict_action
+        groups.setdefault(action, []).append(_message_row(msg, ref.id, status))
+    written = 0
+    for action, rows in groups.items():
+        name = {
+            ConflictAction.FAIL: "insert_tasks_fail",
+            ConflictAction.IGNORE: "insert_tasks_ignore",
+            ConflictAction.OVERWRITE: "insert_tasks_overwrite",
+        }[action]
+        params = {"app_id": app_id, "rows": Jsonb(rows), "from_task_id": from_task_id}
+        try:
+            written += len(conn.execute(query(name), params).fetchall())
+        except psycopg.errors.UniqueViolation as exc:
+            raise InvalidMessageError(
+                "a message body already exists in its module (CONFLICT_ACTION=FAIL)",
+                hint="set arguments.conflict_action to IGNORE or OVERWRITE, or use distinct bodies",
+            ) from exc
+    return written
+
+
+def route(
+    modules: dict[str, ModuleRef], sender: ModuleRef | None, messages: Sequence[Message]
+) -> list[tuple[ModuleRef, Message]]:
+    """Resolve each message's target module (None = the sender's first sink)."""
+    routed = []
+    for msg in messages:
+        name = msg.module
+        if name is None:
+            if sender is None or not sender.sink_modules:
+                raise InvalidMessageError(
+                    f"module {sender.name if sender else '?'} has no sink_modules to send to"
+                )
+            name = sender.sink_modules[0]
+        target = modules.get(name)
+        if target is None:
+            raise InvalidMessageError(f"unknown sink module {name!r}")
+        routed.append((target, msg))
+    return routed
+
+
+def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
+    """The app's modules by name; NotFoundError when the app does not exist."""
+    rows = conn.execute(query("list_modules"), {"app_id": app_id}).fetchall()
+    if not rows:
+        raise NotFoundError("app", app_id)
+    return {
+        r["name"]: ModuleRef(r["id"], r["name"], tuple(r["sink_modules"]), ConflictAction(r["conflict_action"]))
+        for r in rows
+    }
+
+
+class PgQueue:
+    """One slot's (or one CLI call's) handle on the queue; owns one connection, reconnects lazily."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: Connection | None = None
+
+    @property
+    def conn(self) -> Connection:
+        """The open connection (opened on first use, reopened after a failure)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn)
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _run(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with translate_errors(self.dsn):
+            try:
+                with self.conn.transaction():
+                    cur = self.conn.execute(query(name), params)
+                    return cur.fetchall() if cur.description else []
+            except psycopg.OperationalError:
+                self.close()
+                raise
+
+    # -- modules --------------------------------------------------------------------------
+    def modules(self, app_id: int) -> dict[str, ModuleRef]:
+        """The app's modules by name."""
+        with translate_errors(self.dsn), self.conn.transaction():
+            return module_refs(self.conn, app_id)
+
+    def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]:
+        """The app's stored module specs (pipeline.ModuleSpec as JSON) by name."""
+        return {r["name"]: r["spec"] for r in self._run("list_modules", {"app_id": app_id})}
+
+    # -- the launcher's calls ---------------------------------------------------------------
+    def claim(
+        self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
+        limit: int = 1, lease_seconds: float = 30.0,
+    ) -> list[Task]:
+        """Claim up to ``limit`` READY tasks for this slot (empty list: nothing to do)."""
+        rows = self._run("claim_tasks", {
+            "app_id": app_id, "module_id": module_id, "host": host, "slot_id": slot_id,
+            "slot_seq": slot_seq, "limit": limit, "lease_seconds": lease_seconds,
+        })
+        return [Task.from_row(r) for r in rows]
+
+    def complete(
+        self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
+        modules: dict[str, ModuleRef],
+    ) -> int:
+        """The hand-off: record the result and execution and insert the emitted messages, in ONE
+        transaction. Returns the number of messages written. Raises LeaseLostError (nothing
+        recorded) if the slot no longer holds the task. A message that cannot be routed or
+        stored turns the task into an EMIT_FAILED error and emits nothing."""
+        try:
+            routed = route(modules, sender, result.messages)
+            return self._complete(task, result, slot_id, host, routed)
+        except InvalidMessageError as exc:
+            failed = _emit_failed(result, str(exc))
+            self._complete(task, failed, slot_id, host, [])
+            return 0
+
+    def _complete(
+        self, task: Task, result: TaskResult, slot_id: int, host: str,
+        routed: list[tuple[ModuleRef, Message]],
+    ) -> int:
+        with translate_errors(self.dsn):
+            conn = self.conn
+            try:
+                with conn.transaction():
+                    done = conn.execute(query("complete_task"), {
+                        "task_id": task.id, "slot_id": slot_id, "status": result.status,
+                    }).fetchone()
+                    if done is None:
+                        raise LeaseLostError(task.id)
+                    conn.execute(query("insert_exec"), _exec_params(task, result, slot_id, host))
+                    written = insert_messages(conn, task.app_id, routed, from_task_id=task.id)
+                    if result.finish_text is not None:
+                        conn.execute(query("finish_app"), {
+                            "app_id": task.app_id, "result": result.finish_text,
+                        })
+                    return written
+            except psycopg.OperationalError:
+                self.close()
+                raise
+
+    def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None:
+        """Renew the slot and the leases of its running tasks."""
+        self._run("heartbeat_slot", {"slot_id": slot_id, "status": status, "lease_seconds": lease_seconds})
+
+    def release(self, slot_id: int) -> int:
+        """Give the slot's running tasks back to READY (drain); returns how many."""
+        return len(self._run("release_tasks", {"slot_id": slot_id}))
+
+    def app_status(self, app_id: int) -> str:
+        """INITIAL / RUNNING / PAUSED / FINISHED."""
+        rows = self._run("get_app", {"app_id": app_id})
+        if not rows:
+            raise NotFoundError("app", app_id)
+        return str(rows[0]["status"])
+
+    # -- slots and hosts ----------------------------------------------------------------------
+    def register_host(self, name: str, info: dict[str, Any]) -> None:
+        """Record (or refresh) a host."""
+        self._run("upsert_host", {"name": name, "info": Jsonb(info)})
+
+    def create_slot(self, module_id: int, *, host: str, seq: int, pid: int, work_dir: str) -> int:
+        """Register a slot; returns its id."""
+        rows = self._run("insert_slot", {
+            "module_id": module_id, "host": host, "seq": seq, "pid": pid, "work_dir": work_dir,
+        })
+        return int(rows[0]["id"])
+
+    def set_slot_status(self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0) -> None:
+        """Update a slot's status (READY, RUNNING, ERROR, EXITED)."""
+        self._run("set_slot_status", {
+            "slot_id": slot_id, "status": status, "message": message, "tasks_done": tasks_done,
+        })
+
+
+def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
+    stderr = (result.stderr + f"\nscalebox: emitted messages rejected: {reason}\n").lstrip("\n")
+    return TaskResult(
+        status=TaskStatus.EMIT_FAILED, started_at=result.started_at, finished_at=result.finished_at,
+        stdout=result.stdout, stderr=stderr, input_bytes=result.input_bytes, output_bytes=result.output_bytes,
+        input_files=result.input_files, output_files=result.output_files, user_text=result.user_text,
+        timestamps=result.timestamps,
+    )
+
+
+def _exec_params(task: Task, result: TaskResult, slot_id: int, host: str) -> dict[str, Any]:
+    return {
+        "task_id": task.id, "attempt": task.attempts, "slot_id": slot_id, "host": host,
+        "status": result.status, "started_at": result.started_at, "finished_at": result.finished_at,
+        "stdout": _tail(result.stdout), "stderr": _tail(result.stderr),
+        "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
+        "input_files": Jsonb(result.input_files), "output_files": Jsonb(result.output_files),
+        "user_text": result.user_text, "timestamps": Jsonb(result.timestamps),
+    }
+
+
+def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str, from_slot: int) -> dict[str, Any]:
+    """Headers of an emitted message: the sender's, plus where it came from (for HOST-BOUND routing)."""
+    merged = {"from_module": from_module, "from_host": from_host, "from_slot": from_slot}
+    merged.update(msg_headers)
+    return validate_headers(merged)

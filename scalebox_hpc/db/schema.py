@@ -1,0 +1,73 @@
+"""Applies the schema and its migrations; reports the version a database is at."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from scalebox_hpc.db import sql
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.errors import SchemaError
+
+logger = logging.getLogger(__name__)
+
+# Serialises concurrent `db init` / `db upgrade` runs (any constant unique to us).
+_LOCK_KEY = 0x5CA1EB0C
+
+
+def current_version(conn: Connection) -> int | None:
+    """The schema version of the database, or None when it has no scalebox schema."""
+    row = conn.execute("SELECT to_regclass('sbx_schema_version') IS NOT NULL AS present").fetchone()
+    if not row or not row["present"]:
+        return None
+    row = conn.execute("SELECT max(version) AS v FROM sbx_schema_version").fetchone()
+    return int(row["v"]) if row and row["v"] is not None else None
+
+
+def init(conn: Connection) -> bool:
+    """Create the schema in an empty database; False when it is already there."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        if current_version(conn) is not None:
+            return False
+        conn.execute(sql.schema_sql())
+        conn.execute("INSERT INTO sbx_schema_version (version) VALUES (%s)", (sql.schema_version(),))
+    logger.info("schema created", extra={"action": "schema_init", "version": sql.schema_version()})
+    return True
+
+
+def upgrade(conn: Connection) -> list[str]:
+    """Apply the migrations newer than the database's version; returns the files applied."""
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        have = current_version(conn) or 0
+        for version, name, text in sql.migrations():
+            if version <= have:
+                continue
+            conn.execute(text)
+            conn.execute("INSERT INTO sbx_schema_version (version) VALUES (%s)", (version,))
+            applied.append(name)
+    return applied
+
+
+def ensure(conn: Connection, *, create: bool) -> None:
+    """Check the schema is current; with ``create`` an empty database is initialised first."""
+    try:
+        version = current_version(conn)
+    except psycopg.Error as exc:
+        raise SchemaError(f"cannot read the schema version: {exc}") from exc
+    if version is None and create:
+        init(conn)
+        return
+    expected = sql.schema_version()
+    if version is None:
+        raise SchemaError("the database has no scalebox schema")
+    if version < expected:
+        raise SchemaError(f"the schema is at version {version}, this scalebox needs {expected}")
+    if version > expected:
+        raise SchemaError(
+            f"the schema is at version {version}, newer than this scalebox ({expected})",
+            hint="upgrade scalebox_hpc on this machine",
+        )

@@ -1,0 +1,147 @@
+"""The per-node launcher: the slots of one host for one app, their heartbeats, and the drain."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scalebox_hpc.errors import DatabaseError, NotFoundError, ScaleboxError
+from scalebox_hpc.launcher.ports import QueueFactory
+from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
+from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.runtime.base import ContainerRuntime
+
+logger = logging.getLogger(__name__)
+
+
+def host_name(environ: Mapping[str, str] | None = None) -> str:
+    """This node's name: SLURMD_NODENAME inside Slurm, else the hostname."""
+    env = os.environ if environ is None else environ
+    return env.get("SCALEBOX_HOST") or env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def slots_for_host(module: ModuleSpec, host: str, *, local: bool = False) -> int:
+    """How many slots ``module`` runs on ``host``: the counts of every ``hostRegex[:n]`` that
+    matches it. ``local`` (``scalebox run``) runs every declared slot here, whatever the regex."""
+    if module.schedule_mode == "HEAD":
+        return 1
+    if local:
+        return sum(s.count for s in module.slots)
+    return sum(s.count for s in module.slots if re.fullmatch(s.host_regex, host))
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """What to run: the app, optionally one module, and where."""
+
+    app_id: int
+    host: str
+    work_root: Path
+    modules: Sequence[str] = ()
+    slots: int | None = None
+    local: bool = False
+
+
+class Launcher:
+    """Starts the slots of this host as threads; ``stop()`` drains them."""
+
+    def __init__(
+        self, config: LauncherConfig, queue_factory: QueueFactory, runtime: ContainerRuntime, wakeups: Wakeups,
+    ) -> None:
+        self.config = config
+        self.queue_factory = queue_factory
+        self.runtime = runtime
+        self.wakeups = wakeups
+        self.control = SlotControl()
+        self.slots: list[Slot] = []
+        self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
+
+    def plan(self) -> list[SlotContext]:
+        """The slots this host runs, from the app's stored module specs."""
+        cfg = self.config
+        queue = self.queue_factory()
+        try:
+            refs = queue.modules(cfg.app_id)
+            specs = {name: ModuleSpec.model_validate(raw) for name, raw in queue.module_specs(cfg.app_id).items()}
+            queue.register_host(cfg.host, {"pid": os.getpid()})
+        finally:
+            queue.close()
+        for name in cfg.modules:
+            if name not in specs:
+                raise NotFoundError("module", name)
+        env = dict(os.environ)
+        contexts = []
+        for name, spec in specs.items():
+            if cfg.modules and name not in cfg.modules:
+                continue
+            count = cfg.slots if cfg.slots is not None else slots_for_host(spec, cfg.host, local=cfg.local)
+            for seq in range(count):
+                work = cfg.work_root / f"app-{cfg.app_id}" / name / f"{cfg.host}-slot{seq}"
+                contexts.append(SlotContext(
+                    app_id=cfg.app_id, module=spec, ref=refs[name], modules=refs, host=cfg.host, seq=seq,
+                    work_dir=work, runtime=self.runtime, wakeups=self.wakeups, control=self.control,
+                    base_env=env,
+                ))
+        return contexts
+
+    def start(self) -> int:
+        """Start every planned slot; returns how many."""
+        for ctx in self.plan():
+            slot = Slot(ctx, self.queue_factory())
+            thread = threading.Thread(target=slot.run, name=f"slot-{ctx.module.name}-{ctx.seq}", daemon=True)
+            self.slots.append(slot)
+            self._threads.append(thread)
+            thread.start()
+        if self.slots:
+            hb = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+            hb.start()
+        logger.info("launcher on %s: %d slots", self.config.host, len(self.slots))
+        return len(self.slots)
+
+    def alive(self) -> int:
+        """Slots still running."""
+        return sum(t.is_alive() for t in self._threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every slot to end; False if some still run after ``timeout``."""
+        for thread in self._threads:
+            thread.join(timeout)
+        done = self.alive() == 0
+        if done:
+            self._stopped.set()
+        return done
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Drain: claim nothing more; running tasks get ``grace`` seconds, then are killed and released."""
+        self.control.draining.set()
+        self.wakeups.notify_all()
+        if not self.wait(grace):
+            logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace)
+            self.control.abort.set()
+            self.wait(10.0)
+        self._stopped.set()
+
+    def _heartbeats(self) -> None:
+        queue = self.queue_factory()
+        try:
+            while not self._stopped.is_set():
+                for slot in self.slots:
+                    hb = slot.ctx.module.arguments.heartbeat_seconds
+                    if slot.slot_id and slot.current is not None:
+                        try:
+                            queue.heartbeat(slot.slot_id, status="RUNNING", lease_seconds=2 * hb)
+                        except (DatabaseError, ScaleboxError) as exc:
+                            logger.warning("heartbeat failed: %s", exc)
+                interval = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots) / 2
+                if self._stopped.wait(interval) or self.alive() == 0:
+                    return
+        finally:
+            queue.close()

@@ -1,0 +1,43 @@
+"""The seams the launcher is typed against; concrete objects come from the composition roots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from scalebox_hpc.db.queue import ModuleRef
+from scalebox_hpc.models import Task, TaskResult
+
+
+class TaskQueue(Protocol):
+    """One slot's handle on the shared queue (PgQueue in production)."""
+
+    def modules(self, app_id: int) -> dict[str, ModuleRef]: ...
+    def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]: ...
+    def claim(
+        self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
+        limit: int = 1, lease_seconds: float = 30.0,
+    ) -> list[Task]: ...
+    def complete(
+        self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
+        modules: dict[str, ModuleRef],
+    ) -> int: ...
+    def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None: ...
+    def release(self, slot_id: int) -> int: ...
+    def app_status(self, app_id: int) -> str: ...
+    def register_host(self, name: str, info: dict[str, Any]) -> None: ...
+    def create_slot(self, module_id: int, *, host: str, seq: int, pid: int, work_dir: str) -> int: ...
+    def set_slot_status(
+        self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0
+    ) -> None: ...
+    def close(self) -> None: ...
+
+
+QueueFactory = Callable[[], TaskQueue]
+
+
+class Clock(Protocol):
+    """Time, injectable for tests."""
+
+    def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...

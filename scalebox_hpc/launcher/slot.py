@@ -1,0 +1,300 @@
+"""One slot: Scalebox's agent loop for one worker of a module on this host.
+
+setup.sh once → loop { check.sh → claim → run.sh → record + hand-off } → teardown.sh.
+The slot's work dir persists across its tasks and is the cwd of every script.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
+from scalebox_hpc.errors import DatabaseError, ScaleboxError
+from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.launcher.ports import TaskQueue
+from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
+from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec
+
+logger = logging.getLogger(__name__)
+
+HELPER_BIN = Path(__file__).resolve().parent / "bin"
+
+
+@dataclass
+class SlotControl:
+    """Shared stop flags: ``draining`` = claim nothing more; ``abort`` = kill what runs now."""
+
+    draining: threading.Event = field(default_factory=threading.Event)
+    abort: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class SlotContext:
+    """Everything a slot needs, built by the launcher."""
+
+    app_id: int
+    module: ModuleSpec
+    ref: ModuleRef
+    modules: dict[str, ModuleRef]
+    host: str
+    seq: int
+    work_dir: Path
+    runtime: ContainerRuntime
+    wakeups: Wakeups
+    control: SlotControl
+    base_env: dict[str, str]
+
+
+class Slot:
+    """Runs one slot's loop in the calling thread."""
+
+    def __init__(self, ctx: SlotContext, queue: TaskQueue) -> None:
+        self.ctx = ctx
+        self.queue = queue
+        self.slot_id = 0
+        self.tasks_done = 0
+        self.current: Task | None = None
+        self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim stays valid without a heartbeat."""
+        return 2 * self.ctx.module.arguments.heartbeat_seconds
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """The whole life of the slot; never raises (errors end the slot with status ERROR)."""
+        ctx = self.ctx
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        self.private.mkdir(parents=True, exist_ok=True)
+        self.slot_id = self.queue.create_slot(
+            ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir)
+        )
+        status, message = "EXITED", None
+        try:
+            if not self._setup():
+                status, message = "ERROR", "setup.sh failed"
+                return
+            self.queue.set_slot_status(self.slot_id, "READY")
+            self._loop()
+            self._script("teardown.sh")
+        except ScaleboxError as exc:
+            status, message = "ERROR", str(exc)
+            logger.error("slot %s/%s failed: %s", ctx.module.name, ctx.seq, exc)
+        finally:
+            self._finish(status, message)
+
+    def _finish(self, status: str, message: str | None) -> None:
+        try:
+            if self.current is not None:
+                self.queue.release(self.slot_id)
+            self.queue.set_slot_status(self.slot_id, status, message=message, tasks_done=self.tasks_done)
+        except ScaleboxError as exc:
+            logger.warning("slot %s: could not record its end: %s", self.slot_id, exc)
+        finally:
+            self.queue.close()
+
+    def _setup(self) -> bool:
+        code = self._script("setup.sh")
+        if code not in (None, 0):
+            logger.error("slot %s/%s: setup.sh exited %s", self.ctx.module.name, self.ctx.seq, code)
+            return False
+        return True
+
+    def _loop(self) -> None:
+        args = self.ctx.module.arguments
+        idle = 0
+        while not self.ctx.control.draining.is_set():
+            seen = self.ctx.wakeups.generation(self.ctx.ref.id)
+            if not self._check_gate():  # check.sh said "not now": wait, without counting as idle
+                self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
+                continue
+            task = self._claim()
+            if task is not None:
+                idle = 0
+                self._process(task)
+                continue
+            if self._app_over():
+                return
+            idle += 1
+            if idle >= args.max_idle_polls and not args.always_running:
+                logger.info("slot %s/%s: idle, exiting", self.ctx.module.name, self.ctx.seq)
+                return
+            self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
+
+    def _check_gate(self) -> bool:
+        code = self._script("check.sh")
+        return code in (None, 0)
+
+    def _claim(self) -> Task | None:
+        try:
+            tasks = self.queue.claim(
+                self.ctx.app_id, self.ctx.ref.id, host=self.ctx.host, slot_id=self.slot_id,
+                slot_seq=self.ctx.seq, limit=1, lease_seconds=self.lease_seconds,
+            )
+        except DatabaseError as exc:
+            logger.warning("claim failed, will retry: %s", exc)
+            return None
+        return tasks[0] if tasks else None
+
+    def _app_over(self) -> bool:
+        try:
+            return self.queue.app_status(self.ctx.app_id) == "FINISHED"
+        except DatabaseError:
+            return False
+
+    # -- one task -------------------------------------------------------------------------------
+    def _process(self, task: Task) -> None:
+        self.current = task
+        result = self._execute(task)
+        if result is None:  # aborted: give the task back
+            self.queue.release(self.slot_id)
+            self.current = None
+            return
+        try:
+            written = self.queue.complete(
+                task, result, slot_id=self.slot_id, host=self.ctx.host, sender=self.ctx.ref,
+                modules=self.ctx.modules,
+            )
+        except LeaseLostError:
+            logger.warning("task %s: lease lost, result discarded (another slot owns it)", task.id)
+        else:
+            self.tasks_done += 1
+            logger.debug("task %s done: status %s, %s messages", task.id, result.status, written)
+        self.current = None
+
+    def _execute(self, task: Task) -> TaskResult | None:
+        ctx = self.ctx
+        run_sh = ctx.module.script("run.sh")
+        started = datetime.now(UTC)
+        emit_file = self.private / "emitted.jsonl"
+        emit_file.unlink(missing_ok=True)
+        if run_sh is None:
+            return _system_error(started, f"no run.sh in {ctx.module.code_path}")
+        argv = [*_script_argv(run_sh), task.body, json.dumps(task.headers, ensure_ascii=False)]
+        env = self._env(task, emit_file)
+        outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
+        if outcome is None:
+            return None
+        finished = datetime.now(UTC)
+        report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys())
+        return self._result(task, outcome, report, started, finished)
+
+    def _result(
+        self, task: Task, outcome: Outcome, report: taskexec.ExecReport, started: datetime, finished: datetime
+    ) -> TaskResult:
+        status = _status_of(outcome)
+        if status == 0 and report.status is not None:
+            status = report.status
+        stderr = _read(self.private / "run.err")
+        if report.problems:
+            stderr += "".join(f"scalebox: {p}\n" for p in report.problems)
+            if status == 0:
+                status = TaskStatus.EMIT_FAILED
+        messages = [
+            Message(body=m.body, module=m.module, headers=headers_for(
+                m.headers, from_module=self.ctx.module.name, from_host=self.ctx.host, from_slot=self.ctx.seq,
+            ))
+            for m in report.messages
+        ] if status == 0 else []
+        return TaskResult(
+            status=status, started_at=started, finished_at=finished,
+            stdout=_read(self.private / "run.out"), stderr=stderr,
+            input_bytes=report.input_bytes, output_bytes=report.output_bytes,
+            input_files=report.input_files, output_files=report.output_files,
+            user_text=report.user_text, timestamps=report.timestamps, messages=messages,
+            finish_text=report.finish_text,
+        )
+
+    # -- scripts --------------------------------------------------------------------------------
+    def _script(self, name: str) -> int | None:
+        """Run setup/check/teardown if the module has it; None when absent."""
+        path = self.ctx.module.script(name)
+        if path is None:
+            return None
+        outcome = self._run_script(
+            _script_argv(path), self._env(None, None), name.removesuffix(".sh"),
+            self.ctx.module.arguments.task_max_seconds, abortable=False,
+        )
+        return _status_of(outcome) if outcome else None
+
+    def _run_script(
+        self, argv: list[str], env: dict[str, str], label: str, timeout: float | None, *, abortable: bool
+    ) -> Outcome | None:
+        spec = RunSpec(
+            argv=argv, cwd=self.ctx.work_dir, env=env, image=self.ctx.module.base_image,
+            stdout_path=self.private / f"{label}.out", stderr_path=self.private / f"{label}.err",
+        )
+        run = self.ctx.runtime.start(spec)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outcome = run.wait(0.2)
+            if outcome is not None:
+                return outcome
+            if abortable and self.ctx.control.abort.is_set():
+                run.kill(grace=2.0)
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return run.kill()
+
+    def _env(self, task: Task | None, emit_file: Path | None) -> dict[str, str]:
+        ctx = self.ctx
+        env = dict(ctx.base_env)
+        env.update(ctx.module.arguments.as_env())
+        env.update(ctx.module.environments)
+        sink = ctx.module.sink_modules[0] if ctx.module.sink_modules else ""
+        env.update({
+            "APP_ID": str(ctx.app_id), "MODULE_NAME": ctx.module.name, "MODULE_ID": str(ctx.ref.id),
+            "SLOT_ID": str(self.slot_id), "SLOT_SEQ": str(ctx.seq), "HOST": ctx.host,
+            "WORK_DIR": str(ctx.work_dir), "SINK_MODULE": sink,
+            "JOB_ID": str(ctx.ref.id), "JOB_NAME": ctx.module.name, "SINK_JOB": sink,
+            "SCALEBOX_APP_ID": str(ctx.app_id), "SCALEBOX_MODULE": ctx.module.name,
+            "SCALEBOX_PYTHON": sys.executable,
+            "PATH": f"{HELPER_BIN}{os.pathsep}{env.get('PATH', os.defpath)}",
+        })
+        if task is not None and emit_file is not None:
+            env["TASK_ID"] = str(task.id)
+            env[taskexec.EMIT_BUFFER_ENV] = str(emit_file)
+        else:
+            env.pop(taskexec.EMIT_BUFFER_ENV, None)
+        return env
+
+
+def _script_argv(path: Path) -> list[str]:
+    """Executable scripts run as themselves (their shebang); others through bash, as in Scalebox."""
+    return [str(path)] if os.access(path, os.X_OK) else ["bash", str(path)]
+
+
+def _status_of(outcome: Outcome) -> int:
+    if outcome.timed_out:
+        return TaskStatus.TIMEOUT
+    if outcome.returncode < 0:  # killed by a signal: the shell convention 128+N
+        return 128 - outcome.returncode
+    return outcome.returncode
+
+
+def _read(path: Path, limit: int = 64 * 1024) -> str:
+    """The last ``limit`` bytes of a captured output file."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - limit))
+            return fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _system_error(started: datetime, reason: str) -> TaskResult:
+    return TaskResult(
+        status=TaskStatus.SYSTEM_ERROR, started_at=started, finished_at=datetime.now(UTC),
+        stderr=f"scalebox: {reason}\n",
+    )

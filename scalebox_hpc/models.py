@@ -1,0 +1,158 @@
+"""Plain data shared by every layer: status codes, tasks, messages, execution results."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from scalebox_hpc.errors import InvalidMessageError
+
+# A body is passed to run.sh as ONE argv element; Linux caps one argument at 128 KiB
+# (MAX_ARG_STRLEN), so larger bodies could be stored but never delivered.
+MAX_BODY_BYTES = 128 * 1024 - 1
+MAX_HEADERS_BYTES = 64 * 1024
+
+
+class TaskStatus(enum.IntEnum):
+    """Task status codes kept from Scalebox; 1..255 are run.sh exit codes."""
+
+    INITIAL = -9
+    """Waits for activation (not claimable yet)."""
+    READY = -1
+    """Claimable."""
+    RUNNING = -3
+    """Claimed by a slot; carries a lease."""
+    OK = 0
+    """run.sh exited 0."""
+    STALLED = 123
+    """The slot running it died and its retries are spent."""
+    TIMEOUT = 124
+    """run.sh exceeded task_max_seconds."""
+    SYSTEM_ERROR = -101
+    """The launcher could not run the task at all (e.g. run.sh missing)."""
+    EMIT_FAILED = -102
+    """run.sh finished but its emitted messages were rejected (unknown sink, duplicate body)."""
+
+    @staticmethod
+    def describe(code: int) -> str:
+        """Human name for any status code, including plain exit codes."""
+        try:
+            return TaskStatus(code).name
+        except ValueError:
+            return f"EXIT_{code}" if code > 0 else f"SYSTEM_{code}"
+
+    @staticmethod
+    def is_failure(code: int) -> bool:
+        """True for terminal non-OK codes (exit codes, timeouts, system errors)."""
+        return code > 0 or code < -100
+
+
+class AppStatus(enum.StrEnum):
+    """Lifecycle of an app; launchers claim only while RUNNING."""
+
+    INITIAL = "INITIAL"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    FINISHED = "FINISHED"
+
+
+class ConflictAction(enum.StrEnum):
+    """What happens when a message body already exists in its module."""
+
+    FAIL = "FAIL"
+    IGNORE = "IGNORE"
+    OVERWRITE = "OVERWRITE"
+
+
+def validate_body(body: str) -> str:
+    """Return ``body`` if it can be stored and passed to run.sh, else raise InvalidMessageError."""
+    if "\x00" in body:
+        raise InvalidMessageError("task body contains a NUL byte")
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError("task body is not valid UTF-8") from exc
+    if size > MAX_BODY_BYTES:
+        raise InvalidMessageError(
+            f"task body is {size} bytes; the limit is {MAX_BODY_BYTES} (one argv element of run.sh)"
+        )
+    return body
+
+
+def validate_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Return headers as a JSON-safe dict, or raise InvalidMessageError."""
+    if not isinstance(headers, Mapping):
+        raise InvalidMessageError("task headers must be a JSON object")
+    try:
+        text = json.dumps(dict(headers), ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as exc:
+        raise InvalidMessageError(f"task headers are not valid JSON text: {exc}") from exc
+    if "\\u0000" in text:
+        raise InvalidMessageError("task headers contain a NUL character")
+    if len(text) > MAX_HEADERS_BYTES:
+        raise InvalidMessageError(f"task headers exceed {MAX_HEADERS_BYTES} bytes")
+    return dict(headers)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message to become a task: for ``module`` (None = the sender's first sink)."""
+
+    body: str
+    headers: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_body(self.body)
+        validate_headers(self.headers)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A claimed (or listed) task."""
+
+    id: int
+    app_id: int
+    module_id: int
+    body: str
+    headers: dict[str, Any]
+    status: int
+    attempts: int = 0
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Task:
+        """Build from a database row (dict row factory)."""
+        return cls(
+            id=row["id"],
+            app_id=row["app_id"],
+            module_id=row["module_id"],
+            body=row["body"],
+            headers=dict(row["headers"] or {}),
+            status=row["status"],
+            attempts=row.get("attempts", 0),
+        )
+
+
+@dataclass
+class TaskResult:
+    """What one run of a task produced; recorded with its emitted messages in one transaction."""
+
+    status: int
+    started_at: datetime
+    finished_at: datetime
+    stdout: str = ""
+    stderr: str = ""
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    input_files: list[str] = field(default_factory=list)
+    output_files: list[str] = field(default_factory=list)
+    user_text: str | None = None
+    timestamps: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    finish_text: str | None = None
+    """Set when run.sh called ``scalebox app set-finished TEXT``."""

@@ -1,0 +1,801 @@
+"""Load and validate pipeline files (``app.yaml``) into frozen, JSON-round-trippable specs.
+
+A pipeline file names an app and its modules (Scalebox style)::
+
+    name: app-primes
+    parameters: {start_task: start}
+    modules:
+      scatter: {sink_modules: [calc]}
+      calc:
+        sink_modules: [gather]
+        environments: [LENGTH=${LENGTH}]
+        slots: [".*:2"]
+      gather: {}
+
+:func:`load_pipeline` reads the file with ``yaml.compose`` so that every error names
+``file:line: key.path``, substitutes ``${VAR}`` / ``${VAR:-default}`` from env files and the
+environment, accepts the 2023 aliases (``jobs``, ``sink_jobs``, ``hosts`` ...), resolves each
+module's ``code_path`` and checks that it holds a ``run.sh``.
+
+The models themselves never touch the filesystem: launchers on other hosts re-validate the
+stored specs with ``ModuleSpec.model_validate(data)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.models import ConflictAction
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENV_FILE = "scalebox.env"
+"""Read from the app dir (when present) before any ``-e`` file."""
+
+_CONFIG = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SLOT = re.compile(r"(?P<regex>.*):\s*(?P<count>[+-]?\w+)\s*", re.DOTALL)
+_RETRY_RULE = re.compile(r"(\*|-?\d+)(:\d+)?")
+
+
+# -- models -------------------------------------------------------------------------------------
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def _str_list(value: Any, sep: str = ",") -> Any:
+    """A single string becomes a list (split on ``sep``); anything else is left to pydantic."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
+
+
+def _env_text(value: Any) -> Any:
+    """A YAML scalar as an environment value (``true``/``false`` for booleans, ``""`` for null)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    return value
+
+
+def parse_slot(text: str) -> dict[str, Any]:
+    """Parse ``hostRegex[:n]`` into ``{"host_regex": ..., "count": n}`` (n defaults to 1)."""
+    text = text.strip()
+    match = _SLOT.fullmatch(text)
+    if match is None:
+        return {"host_regex": text, "count": 1}
+    count = match["count"]
+    if not re.fullmatch(r"[+-]?\d+", count):
+        raise ValueError(f"slot {text!r}: count {count!r} is not an integer (expected hostRegex[:n])")
+    if int(count) < 1:
+        raise ValueError(f"slot {text!r}: count must be at least 1")
+    return {"host_regex": match["regex"].strip(), "count": int(count)}
+
+
+class SlotSpec(BaseModel):
+    """``count`` slots on every host whose name fully matches ``host_regex``."""
+
+    model_config = _CONFIG
+
+    host_regex: str
+    count: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        return parse_slot(data) if isinstance(data, str) else data
+
+    @field_validator("host_regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        if not value:
+            raise ValueError("empty host regex (use '.*' for any host)")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid host regex {value!r}: {exc}") from None
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.host_regex}:{self.count}"
+
+
+class ModuleArguments(BaseModel):
+    """How the launcher runs a module's slots; also exported to its scripts (:meth:`as_env`)."""
+
+    model_config = _CONFIG
+
+    task_max_seconds: float | None = Field(default=None, gt=0)
+    max_idle_polls: int = Field(default=30, ge=0)
+    sleep_interval_seconds: float = Field(default=1.0, gt=0)
+    slot_options: list[str] = Field(default_factory=list)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    conflict_action: ConflictAction = ConflictAction.FAIL
+    # stored now, implemented by later issues
+    dir_limit_gb: dict[str, float] | None = None
+    free_space_gb: float | None = Field(default=None, ge=0)
+    max_pending: int | None = Field(default=None, ge=1)
+    semaphore: str | None = None
+    task_dist_mode: Literal["HOST-BOUND", "SLOT-BOUND"] | None = None
+    locality_wait_seconds: float | None = Field(default=None, ge=0)
+    runtime: str | None = None
+
+    @field_validator("conflict_action", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return _upper(value)
+
+    @field_validator("task_dist_mode", mode="before")
+    @classmethod
+    def _dist_mode(cls, value: Any) -> Any:
+        value = _upper(value)
+        return value.replace("_", "-") if isinstance(value, str) else value
+
+    @field_validator("slot_options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> Any:
+        value = _str_list(value)
+        return [v.strip().lower() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @property
+    def always_running(self) -> bool:
+        """Slots keep polling instead of exiting after ``max_idle_polls`` empty polls."""
+        return "always_running" in self.slot_options
+
+    def as_env(self) -> dict[str, str]:
+        """Every set argument as ``UPPER_CASE=value`` (lists and dicts as JSON, ``60.0`` as ``60``)."""
+        return {name.upper(): _env_value(v) for name, v in self.model_dump(mode="json").items() if v is not None}
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+class ModuleParameters(BaseModel):
+    """Per-module parameters: a start task and retry rules (``code[:times]`` or ``*``)."""
+
+    model_config = _CONFIG
+
+    start_task: str | None = None
+    retry_rules: list[str] = Field(default_factory=list)
+
+    @field_validator("retry_rules", mode="before")
+    @classmethod
+    def _rules_text(cls, value: Any) -> Any:
+        """Accept the Scalebox string form ``"['1','2:3','*']"``."""
+        if isinstance(value, str):
+            inner = value.strip()
+            if inner.startswith("[") and inner.endswith("]"):
+                inner = inner[1:-1]
+            return [part.strip().strip("'\"").strip() for part in inner.split(",") if part.strip().strip("'\"")]
+        return value
+
+    @field_validator("retry_rules")
+    @classmethod
+    def _rules_syntax(cls, value: list[str]) -> list[str]:
+        for rule in value:
+            if not _RETRY_RULE.fullmatch(rule):
+                raise ValueError(f"retry rule {rule!r} is not CODE, CODE:TIMES or *")
+        return value
+
+
+class AppParameters(BaseModel):
+    """App-level parameters."""
+
+    model_config = _CONFIG
+
+    initial_status: Literal["RUNNING", "INITIAL"] = "RUNNING"
+    start_task: str | None = None
+
+    @field_validator("initial_status", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return _upper(value)
+
+
+def _default_slots() -> list[SlotSpec]:
+    return [SlotSpec(host_regex=".*", count=1)]
+
+
+class ModuleSpec(BaseModel):
+    """One module (stage) of a pipeline, as stored in the database and used by launchers."""
+
+    model_config = _CONFIG
+
+    name: str
+    base_image: str | None = None
+    code_path: Path
+    environments: dict[str, str] = Field(default_factory=dict)
+    volumes: list[str] = Field(default_factory=list)
+    slots: list[SlotSpec] = Field(default_factory=_default_slots)
+    sink_modules: list[str] = Field(default_factory=list)
+    schedule_mode: str | None = None
+    arguments: ModuleArguments = Field(default_factory=ModuleArguments)
+    parameters: ModuleParameters = Field(default_factory=ModuleParameters)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _MODULE_NAME.fullmatch(value):
+            raise ValueError(f"module name {value!r} must be letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("code_path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"code_path {str(value)!r} must be absolute")
+        return value
+
+    @field_validator("environments", mode="before")
+    @classmethod
+    def _environments(cls, value: Any) -> Any:
+        """Accept ``["K=V", ...]`` (Scalebox) or a mapping."""
+        if isinstance(value, list):
+            pairs: dict[str, Any] = {}
+            for item in value:
+                if not isinstance(item, str) or "=" not in item:
+                    raise ValueError(f"environment entry {item!r} is not KEY=VALUE")
+                key, _, val = item.partition("=")
+                pairs[key.strip()] = val
+            value = pairs
+        if isinstance(value, Mapping):
+            return {str(k): _env_text(v) for k, v in value.items()}
+        return value
+
+    @field_validator("environments")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"environment name {key!r} is not a valid variable name")
+        return value
+
+    @field_validator("volumes", "slots", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("sink_modules", mode="before")
+    @classmethod
+    def _sinks(cls, value: Any) -> Any:
+        return _str_list(value)
+
+    @field_validator("slots")
+    @classmethod
+    def _some_slots(cls, value: list[SlotSpec]) -> list[SlotSpec]:
+        if not value:
+            raise ValueError("slots is empty (omit it for one slot on any host)")
+        return value
+
+    @field_validator("schedule_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        value = _upper(value)
+        return value or None
+
+    def script(self, name: str) -> Path | None:
+        """``code_path/name`` if that file exists (``run.sh``, ``setup.sh``, ``check.sh``, ``teardown.sh``)."""
+        path = self.code_path / name
+        return path if path.is_file() else None
+
+
+class AppSpec(BaseModel):
+    """A validated pipeline: the app, its parameters and its modules in file order."""
+
+    model_config = _CONFIG
+
+    name: str
+    label: str | None = None
+    cluster: str | None = None
+    parameters: AppParameters = Field(default_factory=AppParameters)
+    modules: list[ModuleSpec]
+    app_dir: Path
+    variables: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the app name is empty")
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: list[ModuleSpec]) -> list[ModuleSpec]:
+        if not value:
+            raise ValueError("at least one module is required")
+        seen: set[str] = set()
+        for module in value:
+            if module.name in seen:
+                raise ValueError(f"duplicate module name {module.name!r}")
+            seen.add(module.name)
+        return value
+
+    @field_validator("app_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"app_dir {str(value)!r} must be absolute")
+        return value
+
+    def module(self, name: str) -> ModuleSpec:
+        """The module called ``name``; KeyError when there is none."""
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+
+# -- variables ----------------------------------------------------------------------------------
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)(?P<close>\}?)")
+_REFERENCE_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>.*))?", re.DOTALL)
+
+
+class _ExpandError(ValueError):
+    pass
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """Replace ``${VAR}``, ``${VAR:-default}`` (unset or empty) and ``${VAR-default}`` (unset);
+    ``$${`` is a literal ``${``. Raises ValueError for undefined or malformed references."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        body = match["body"]
+        if not match["close"]:
+            raise _ExpandError(f"unterminated variable reference '${{{body}'")
+        ref = _REFERENCE_BODY.fullmatch(body)
+        if ref is None:
+            raise _ExpandError(f"malformed variable reference '${{{body}}}'")
+        value = variables.get(ref["name"])
+        if ref["op"] == ":-" and not value:
+            return str(ref["default"])
+        if ref["op"] == "-" and value is None:
+            return str(ref["default"])
+        if value is None:
+            raise _ExpandError(f"undefined variable {ref['name']!r} (define it in {DEFAULT_ENV_FILE}, an -e file "
+                               "or the environment, or write ${NAME:-default})")
+        return value
+
+    return _REFERENCE.sub(replace, text)
+
+
+_ENV_LINE = re.compile(r"(?:export\s+)?(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<value>.*)", re.DOTALL)
+_DOUBLE = re.compile(r'"(?P<text>(?:[^"\\]|\\.)*)"\s*(?:#.*)?', re.DOTALL)
+_SINGLE = re.compile(r"'(?P<text>[^']*)'\s*(?:#.*)?", re.DOTALL)
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def _env_value_text(raw: str, lookup: Mapping[str, str]) -> str | None:
+    """The value of one ``KEY=VALUE`` line; None when its quoting is malformed."""
+    if raw.startswith("'"):
+        single = _SINGLE.fullmatch(raw)
+        return None if single is None else single["text"]
+    if raw.startswith('"'):
+        double = _DOUBLE.fullmatch(raw)
+        if double is None:
+            return None
+        text = expand(double["text"], lookup)
+        return _ESCAPE.sub(lambda m: "\n" if m[1] == "n" else m[1], text)
+    return expand(re.sub(r"\s+#.*$", "", raw).strip(), lookup)
+
+
+def read_env_file(path: Path, environ: Mapping[str, str], known: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines (``#`` comments, quotes, ``export`` prefix, ``${VAR}`` from
+    ``environ`` then ``known`` and earlier lines). Malformed lines raise PipelineError."""
+    display = str(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"cannot read env file: {exc}", file=display) from exc
+    found: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _ENV_LINE.fullmatch(stripped)
+        lookup = {**(known or {}), **found, **environ}
+        try:
+            value = None if match is None else _env_value_text(match["value"], lookup)
+        except _ExpandError as exc:
+            raise PipelineError(str(exc), file=display, line=number, key=match["key"] if match else "") from None
+        if match is None or value is None:
+            raise PipelineError(f"expected KEY=VALUE, got {stripped!r}", file=display, line=number)
+        found[match["key"]] = value
+    return found
+
+
+def _env_file_path(app_dir: Path, name: str | Path) -> Path:
+    """``-e X``: a name without a slash means ``<app dir>/X.env`` (or ``<app dir>/X``), else a path."""
+    text = str(name)
+    candidates = [Path(text)]
+    if "/" not in text:
+        candidates = [app_dir / f"{text}.env", app_dir / text, Path(text)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise PipelineError(f"env file {text!r} not found (tried {tried})", file=text)
+
+
+def _load_variables(
+    app_dir: Path, env_files: Sequence[str | Path], environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(lookup for ``${VAR}``, the env-file variables to record with their effective values)."""
+    paths = [app_dir / DEFAULT_ENV_FILE] if (app_dir / DEFAULT_ENV_FILE).is_file() else []
+    paths += [_env_file_path(app_dir, name) for name in env_files]
+    merged: dict[str, str] = {}
+    for path in paths:
+        merged.update(read_env_file(path, environ, merged))
+        logger.debug("read env file %s", path)
+    record = {key: environ.get(key, value) for key, value in merged.items()}
+    return {**merged, **environ}, record
+
+
+# -- YAML with line numbers ---------------------------------------------------------------------
+_Key = str | int
+_Path = tuple[_Key, ...]
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_TYPED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "null"))
+
+_TOP_KEYS = frozenset({"name", "label", "cluster", "parameters", "modules"})
+_ALLOWED: dict[str, frozenset[str]] = {
+    "app": _TOP_KEYS,
+    "app.parameters": frozenset(AppParameters.model_fields),
+    "module": frozenset(ModuleSpec.model_fields),
+    "module.parameters": frozenset(ModuleParameters.model_fields),
+    "module.arguments": frozenset(ModuleArguments.model_fields),
+}
+_ALIASES: dict[str, dict[str, str]] = {
+    "app": {"jobs": "modules"},
+    "app.parameters": {"start_message": "start_task"},
+    "module": {"sink_jobs": "sink_modules", "variables": "environments", "paths": "volumes", "hosts": "slots"},
+    "module.parameters": {"start_message": "start_task"},
+    "module.arguments": {"task_timeout_seconds": "task_max_seconds"},
+}
+
+
+def _level(path: _Path) -> str | None:
+    """Which schema level a mapping at ``path`` is (None: free-form, e.g. environments)."""
+    match path:
+        case ():
+            return "app"
+        case ("parameters",):
+            return "app.parameters"
+        case ("modules", _):
+            return "module"
+        case ("modules", _, "parameters" | "arguments" as sub):
+            return f"module.{sub}"
+    return None
+
+
+def _dotted(path: Iterable[_Key]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def did_you_mean(word: str, candidates: Mapping[str, str] | Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or ``""``. A mapping maps a candidate to
+    the name to suggest (aliases suggest their canonical name)."""
+    targets = dict(candidates) if isinstance(candidates, Mapping) else {c: c for c in candidates}
+    lower = {c.lower(): target for c, target in targets.items()}
+    close = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+    return f" (did you mean {lower[close[0]]!r}?)" if close else ""
+
+
+def _entries(node: yaml.MappingNode, explicit: bool = True) -> Iterator[tuple[yaml.Node, yaml.Node, bool]]:
+    """A mapping's (key, value, explicit) pairs: its own, then those of ``<<`` merge sources."""
+    merges: list[yaml.Node] = []
+    for key, value in node.value:
+        if key.tag == _MERGE_TAG:
+            merges.append(value)
+        else:
+            yield key, value, explicit
+    for merge in merges:
+        sources = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a merge key '<<' needs a mapping or a list of mappings", source.start_mark
+                )
+            yield from _entries(source, explicit=False)
+
+
+class _Reader:
+    """Turns a composed node tree into plain data, recording the line of every key and item."""
+
+    def __init__(self, file: str, variables: Mapping[str, str]) -> None:
+        self.file = file
+        self.variables = variables
+        self.lines: dict[_Path, int] = {}
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, message: str, path: _Path, line: int | None) -> PipelineError:
+        return PipelineError(message, file=self.file, line=line, key=_dotted(path))
+
+    def value(self, node: yaml.Node, path: _Path) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self.mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for index, item in enumerate(node.value):
+                self.lines[(*path, index)] = item.start_mark.line + 1
+                items.append(self.value(item, (*path, index)))
+            return items
+        return self.scalar(node, path)
+
+    def scalar(self, node: yaml.Node, path: _Path) -> Any:
+        if node.tag in _TYPED_TAGS:
+            return self._constructor.construct_object(node)
+        try:
+            return expand(str(node.value), self.variables)
+        except _ExpandError as exc:
+            raise self.error(str(exc), path, node.start_mark.line + 1) from None
+
+    def mapping(self, node: yaml.MappingNode, path: _Path) -> dict[str, Any]:
+        level = _level(path)
+        aliases = _ALIASES.get(level or "", {})
+        allowed = _ALLOWED.get(level or "")
+        out: dict[str, Any] = {}
+        given: dict[str, tuple[str, int]] = {}
+        for key_node, value_node, explicit in _entries(node):
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error("mapping keys must be plain scalars", path, line)
+            raw = str(key_node.value)
+            key = aliases.get(raw, raw)
+            if allowed is not None and key not in allowed:
+                hint = did_you_mean(raw, {**{k: k for k in allowed}, **aliases})
+                raise self.error(f"unknown key {raw!r}{hint}", path, line)
+            if key in out:
+                if not explicit:
+                    continue
+                raise self.error(self._duplicate(path, raw, key, given[key]), path, line)
+            given[key] = (raw, line)
+            self.lines[(*path, key)] = line
+            out[key] = self.value(value_node, (*path, key))
+        return out
+
+    @staticmethod
+    def _duplicate(path: _Path, raw: str, key: str, first: tuple[str, int]) -> str:
+        what = "module name" if path == ("modules",) else "key"
+        also = f" (given as {first[0]!r} and {raw!r})" if first[0] != raw else ""
+        return f"duplicate {what} {key!r}{also}; first at line {first[1]}"
+
+
+def _compose(text: str, file: str) -> yaml.Node:
+    """The composed root node; malformed YAML becomes a PipelineError at the YAML mark's line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = _mark_line(exc, text)
+        message = _yaml_message(exc, text)
+        source = text.splitlines()
+        if line is not None and line <= len(source) and "${" in source[line - 1] and "flow" in str(exc.context):
+            message += "; quote values with ${...} inside [...] or {...}, or use a block list"
+        raise PipelineError(message, file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"invalid YAML: {' '.join(str(exc).split())}", file=file) from None
+    if root is None:
+        raise PipelineError("the pipeline file is empty (expected a mapping with name and modules)", file=file)
+    if not isinstance(root, yaml.MappingNode):
+        raise PipelineError("the top level must be a mapping (name: ..., modules: ...)", file=file,
+                            line=root.start_mark.line + 1)
+    return root
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError, text: str) -> str:
+    problem = " ".join(str(exc.problem or "syntax error").split())
+    if exc.context:
+        context = " ".join(str(exc.context).split())
+        where = f" at line {_clamp(exc.context_mark, text)}" if exc.context_mark is not None else ""
+        return f"invalid YAML: {problem} ({context}{where})"
+    return f"invalid YAML: {problem}"
+
+
+def _clamp(mark: yaml.Mark, text: str) -> int:
+    """A mark's 1-based line; a mark at the end of the file points at its last line."""
+    return min(mark.line + 1, max(1, len(text.splitlines())))
+
+
+def _mark_line(exc: yaml.MarkedYAMLError, text: str) -> int | None:
+    mark = exc.problem_mark or exc.context_mark
+    return None if mark is None else _clamp(mark, text)
+
+
+# -- from data to spec ----------------------------------------------------------------------------
+def _rekey(lines: dict[_Path, int], old: _Path, new: _Path) -> None:
+    size = len(old)
+    for path in [p for p in lines if p[:size] == old]:
+        lines[new + path[size:]] = lines.pop(path)
+
+
+class _Loader:
+    """One load: the data, its line map and the checks that need both."""
+
+    def __init__(self, reader: _Reader, data: dict[str, Any], app_dir: Path) -> None:
+        self.reader = reader
+        self.lines = reader.lines
+        self.data = data
+        self.app_dir = app_dir
+        self.names: list[str] = []
+
+    def line(self, path: _Path) -> int | None:
+        """The line of ``path`` or of its nearest recorded ancestor."""
+        for size in range(len(path), -1, -1):
+            if path[:size] in self.lines:
+                return self.lines[path[:size]]
+        return None
+
+    def error(self, message: str, path: _Path) -> PipelineError:
+        return self.reader.error(message, path, self.line(path))
+
+    def modules(self) -> Any:
+        """The modules as a list of dicts with ``name``, from the mapping or the list form
+        (None when absent, for pydantic to report)."""
+        raw = self.data.get("modules")
+        if isinstance(raw, dict):
+            modules = [self._named(name, body) for name, body in raw.items()]
+        elif isinstance(raw, list):
+            modules = [self._listed(index, item) for index, item in enumerate(raw)]
+        elif raw is not None:
+            raise self.error("modules must be a mapping of module name to settings (or a list)", ("modules",))
+        else:
+            return raw
+        self.names = [m["name"] for m in modules]
+        return modules
+
+    def _named(self, name: str, body: Any) -> dict[str, Any]:
+        path: _Path = ("modules", name)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise self.error("a module must be a mapping of its settings (or empty)", path)
+        if "name" in body and str(body["name"]) != name:
+            raise self.error(f"name {body['name']!r} differs from the module key {name!r}", (*path, "name"))
+        return {**body, "name": name}
+
+    def _listed(self, index: int, item: Any) -> dict[str, Any]:
+        path: _Path = ("modules", index)
+        if not isinstance(item, dict):
+            raise self.error("a module must be a mapping with a name", path)
+        name = item.get("name")
+        if not isinstance(name, str | int) or isinstance(name, bool) or not str(name):
+            raise self.error("a module in a list needs a name", path)
+        name = str(name)
+        if name in self.names:
+            raise self.error(f"duplicate module name {name!r}; first at line {self.lines[('modules', name)]}", path)
+        self.names.append(name)
+        _rekey(self.lines, path, ("modules", name))
+        return {**item, "name": name}
+
+    def resolve(self, module: dict[str, Any]) -> dict[str, Any]:
+        """Absolute code_path (default: ``<app dir>/<name>/``, else the app dir if it holds run.sh);
+        ``schedule_mode: HEAD`` means one slot."""
+        name = module["name"]
+        code_path = module.get("code_path")
+        if isinstance(code_path, str):
+            module["code_path"] = Path(os.path.normpath(self.app_dir / code_path))
+        elif code_path is None:
+            own = self.app_dir / name
+            use_app_dir = not own.is_dir() and (self.app_dir / "run.sh").is_file()
+            module["code_path"] = self.app_dir if use_app_dir else own
+        mode = module.get("schedule_mode")
+        if isinstance(mode, str) and mode.strip().upper() == "HEAD":
+            if "slots" in module:
+                logger.warning("module %s: schedule_mode HEAD ignores slots %s", name, module["slots"])
+            module["slots"] = [{"host_regex": ".*", "count": 1}]
+        return module
+
+    def from_validation(self, exc: ValidationError) -> PipelineError:
+        """The first (by line) pydantic error, located in the file."""
+        errors = exc.errors(include_url=False)
+        located = sorted(((self._locate(err), err) for err in errors), key=lambda pair: pair[0][1] or 0)
+        (path, line), err = located[0]
+        message = _pydantic_message(err)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return self.reader.error(message, path, line)
+
+    def _locate(self, err: Any) -> tuple[_Path, int | None]:
+        loc: list[_Key] = list(err["loc"])
+        if len(loc) > 1 and loc[0] == "modules" and isinstance(loc[1], int) and loc[1] < len(self.names):
+            loc[1] = self.names[loc[1]]
+        path = tuple(loc)
+        for size in range(len(path), -1, -1):
+            if path[:size] in self.lines:
+                shown = path if err["type"] == "missing" and size == len(path) - 1 else path[:size]
+                return shown, self.lines[path[:size]]
+        return path, None
+
+    def check(self, spec: AppSpec) -> None:
+        """Checks that need the whole app or the filesystem: sink names and run.sh."""
+        names = [m.name for m in spec.modules]
+        for module in spec.modules:
+            for index, sink in enumerate(module.sink_modules):
+                if sink not in names:
+                    path: _Path = ("modules", module.name, "sink_modules")
+                    raise self.reader.error(f"unknown module {sink!r}{did_you_mean(sink, names)}", path,
+                                            self.line((*path, index)))
+        for module in spec.modules:
+            if module.script("run.sh") is None:
+                where: _Path = ("modules", module.name, "code_path")
+                raise self.reader.error(f"no run.sh in {module.code_path}", ("modules", module.name),
+                                        self.line(where))
+
+
+def _pydantic_message(err: Any) -> str:
+    kind = err["type"]
+    message = str(err["msg"])
+    if kind == "missing":
+        return "missing required key"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    value = err.get("input")
+    if value is None or isinstance(value, str | int | float | bool):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        message += f" (got {shown})"
+    return message
+
+
+def load_pipeline(
+    path: str | Path, env_files: Sequence[str | Path] = (), environ: Mapping[str, str] | None = None
+) -> AppSpec:
+    """Load, substitute and validate a pipeline file; every problem is a PipelineError naming
+    ``file:line: key``. ``env_files`` (``-e``) override ``scalebox.env`` next to the file;
+    ``environ`` (default ``os.environ``) overrides both."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "app.yaml"
+    display = str(file)
+    app_dir = Path(os.path.abspath(file)).parent
+    env = dict(os.environ if environ is None else environ)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"cannot read pipeline file: {exc}", file=display) from exc
+    lookup, record = _load_variables(app_dir, env_files, env)
+    reader = _Reader(display, lookup)
+    root = _compose(text, display)
+    try:
+        data = reader.value(root, ())
+    except yaml.MarkedYAMLError as exc:  # a bad merge key or an unconstructable scalar
+        raise PipelineError(_yaml_message(exc, text), file=display, line=_mark_line(exc, text)) from None
+    loader = _Loader(reader, data, app_dir)
+    modules = loader.modules()
+    if isinstance(modules, list):
+        data["modules"] = [loader.resolve(module) for module in modules]
+    try:
+        spec = AppSpec.model_validate({**data, "app_dir": app_dir, "variables": record})
+    except ValidationError as exc:
+        raise loader.from_validation(exc) from None
+    loader.check(spec)
+    logger.debug("loaded pipeline %s from %s (%d modules)", spec.name, display, len(spec.modules))
+    return spec

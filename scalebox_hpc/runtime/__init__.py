@@ -1,0 +1,1 @@
+"""Container runtimes: how a module script is started (bare process, Apptainer, Docker, Podman)."""

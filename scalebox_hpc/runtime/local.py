@@ -1,0 +1,80 @@
+"""The bare-process runtime: scripts run directly on the host, each in its own process group."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+import psutil
+
+from scalebox_hpc.errors import ScriptError
+from scalebox_hpc.runtime.base import Outcome, RunSpec
+
+logger = logging.getLogger(__name__)
+
+
+class LocalRun:
+    """A script running as a local process group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """Wait up to ``timeout`` seconds; None while still running."""
+        try:
+            return Outcome(self.proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, grace: float = 5.0) -> Outcome:
+        """TERM the process group and every descendant (also ones that left the group), then KILL."""
+        procs = _tree(self.proc.pid)
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        for p in procs:
+            _quiet(p.terminate)
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        for p in alive:
+            _quiet(p.kill)
+        psutil.wait_procs(alive, timeout=grace)
+        return Outcome(self.proc.wait(), timed_out=True)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _quiet(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(psutil.Error):
+        fn()
+
+
+class LocalRuntime:
+    """Runs scripts as plain processes (no container); ``base_image`` is ignored."""
+
+    name = "local"
+
+    def start(self, spec: RunSpec) -> LocalRun:
+        """Start ``spec.argv`` in a new session so a kill reaches its whole tree."""
+        with open(spec.stdout_path, "wb") as out, open(spec.stderr_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(
+                    spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, start_new_session=True,
+                )
+            except OSError as exc:
+                raise ScriptError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from exc
+        return LocalRun(proc)

@@ -1,0 +1,150 @@
+-- Migration 0001: the initial schema (version 1).
+
+CREATE TABLE sbx_schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The digest that makes bodies unique per module. convert_to() is only STABLE in general, but
+-- the database encoding never changes under a table, so this wrapper is safely IMMUTABLE.
+CREATE FUNCTION sbx_body_digest(body text) RETURNS bytea
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT sha256(convert_to(body, 'UTF8')) $$;
+
+CREATE TABLE sbx_apps (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    label text,
+    cluster text,
+    status text NOT NULL DEFAULT 'RUNNING'
+        CHECK (status IN ('INITIAL', 'RUNNING', 'PAUSED', 'FINISHED')),
+    result text,
+    spec jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+
+CREATE TABLE sbx_modules (
+    id bigserial PRIMARY KEY,
+    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
+    name text NOT NULL,
+    seq integer NOT NULL,
+    sink_modules text[] NOT NULL DEFAULT '{}',
+    conflict_action text NOT NULL DEFAULT 'FAIL'
+        CHECK (conflict_action IN ('FAIL', 'IGNORE', 'OVERWRITE')),
+    spec jsonb NOT NULL,
+    UNIQUE (app_id, name)
+);
+
+CREATE TABLE sbx_hosts (
+    name text PRIMARY KEY,
+    first_seen timestamptz NOT NULL DEFAULT now(),
+    last_seen timestamptz NOT NULL DEFAULT now(),
+    info jsonb NOT NULL DEFAULT '{}'
+);
+
+CREATE TABLE sbx_slots (
+    id bigserial PRIMARY KEY,
+    module_id bigint NOT NULL REFERENCES sbx_modules (id) ON DELETE CASCADE,
+    host text NOT NULL,
+    seq integer NOT NULL,
+    status text NOT NULL DEFAULT 'STARTING'
+        CHECK (status IN ('STARTING', 'READY', 'RUNNING', 'ERROR', 'EXITED')),
+    pid integer,
+    work_dir text,
+    message text,
+    tasks_done bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    ended_at timestamptz
+);
+CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
+
+CREATE TABLE sbx_tasks (
+    id bigserial PRIMARY KEY,
+    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
+    module_id bigint NOT NULL REFERENCES sbx_modules (id) ON DELETE CASCADE,
+    body text NOT NULL,
+    -- bodies can be up to 128 KiB, beyond a btree entry: uniqueness is on the digest
+    body_sha bytea GENERATED ALWAYS AS (sbx_body_digest(body)) STORED,
+    headers jsonb NOT NULL DEFAULT '{}',
+    status integer NOT NULL DEFAULT -1,
+    -- HOST-BOUND / SLOT-BOUND dispatch, from headers to_host / to_slot
+    to_host text,
+    to_slot integer,
+    attempts integer NOT NULL DEFAULT 0,
+    -- lease: who holds a RUNNING task and until when it counts as alive
+    slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
+    host text,
+    heartbeat_at timestamptz,
+    lease_expires_at timestamptz,
+    from_task_id bigint,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    finished_at timestamptz,
+    UNIQUE (module_id, body_sha)
+);
+-- The claim scans only READY rows of one module in id order.
+CREATE INDEX sbx_tasks_ready_idx ON sbx_tasks (module_id, id) WHERE status = -1;
+CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
+CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
+
+CREATE TABLE sbx_task_execs (
+    id bigserial PRIMARY KEY,
+    task_id bigint NOT NULL REFERENCES sbx_tasks (id) ON DELETE CASCADE,
+    attempt integer NOT NULL,
+    slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
+    host text,
+    status integer NOT NULL,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL,
+    stdout text NOT NULL DEFAULT '',
+    stderr text NOT NULL DEFAULT '',
+    input_bytes bigint,
+    output_bytes bigint,
+    input_files jsonb NOT NULL DEFAULT '[]',
+    output_files jsonb NOT NULL DEFAULT '[]',
+    user_text text,
+    timestamps jsonb NOT NULL DEFAULT '[]'
+);
+CREATE INDEX sbx_task_execs_task_idx ON sbx_task_execs (task_id);
+
+CREATE TABLE sbx_semaphores (
+    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
+    name text NOT NULL,
+    value bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (app_id, name)
+);
+
+CREATE TABLE sbx_variables (
+    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
+    name text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (app_id, name)
+);
+
+-- Wake-up hints: one NOTIFY per statement and module that made tasks READY.
+-- The payload is the module id; listeners still poll, so a lost hint costs latency only.
+CREATE FUNCTION sbx_notify_ready_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    m bigint;
+BEGIN
+    FOR m IN SELECT DISTINCT module_id FROM new_rows WHERE status = -1 LOOP
+        PERFORM pg_notify('sbx_tasks', m::text);
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER sbx_tasks_notify_insert
+    AFTER INSERT ON sbx_tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sbx_notify_ready_v1();
+
+CREATE TRIGGER sbx_tasks_notify_update
+    AFTER UPDATE ON sbx_tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sbx_notify_ready_v1();
+

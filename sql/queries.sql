@@ -1,0 +1,198 @@
+-- Every query of scalebox_hpc. Each starts with a `-- name: NAME` line; the comment lines
+-- that follow describe it. Parameters use psycopg's %(name)s style.
+
+-- name: insert_app
+INSERT INTO sbx_apps (name, label, cluster, status, spec)
+VALUES (%(name)s, %(label)s, %(cluster)s, %(status)s, %(spec)s)
+RETURNING id;
+
+-- name: insert_module
+INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, spec)
+VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(spec)s)
+RETURNING id;
+
+-- name: get_app
+SELECT * FROM sbx_apps WHERE id = %(app_id)s;
+
+-- name: list_apps
+SELECT a.id, a.name, a.label, a.status, a.result, a.created_at, a.finished_at,
+       (SELECT count(*) FROM sbx_tasks t WHERE t.app_id = a.id) AS tasks
+FROM sbx_apps a ORDER BY a.id;
+
+-- name: list_modules
+SELECT id, app_id, name, seq, sink_modules, conflict_action, spec
+FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY seq;
+
+-- name: set_app_status
+-- Moves an app between INITIAL / RUNNING / PAUSED; a FINISHED app stays finished.
+UPDATE sbx_apps SET status = %(status)s, updated_at = now()
+WHERE id = %(app_id)s AND status <> 'FINISHED'
+RETURNING id;
+
+-- name: finish_app
+-- Sets the result text and FINISHED; the first finisher's text wins.
+UPDATE sbx_apps
+SET status = 'FINISHED', result = COALESCE(result, %(result)s), updated_at = now(),
+    finished_at = COALESCE(finished_at, now())
+WHERE id = %(app_id)s
+RETURNING id;
+
+-- name: insert_tasks_fail
+-- Messages as a JSON array of {module_id, body, headers, to_host, to_slot, status}.
+-- A body that already exists in its module raises unique_violation (CONFLICT_ACTION=FAIL).
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+       COALESCE(r.status, -1), %(from_task_id)s
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
+RETURNING id;
+
+-- name: insert_tasks_ignore
+-- As insert_tasks_fail, but an existing body is kept and the new message dropped.
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+       COALESCE(r.status, -1), %(from_task_id)s
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
+ON CONFLICT (module_id, body_sha) DO NOTHING
+RETURNING id;
+
+-- name: insert_tasks_overwrite
+-- As insert_tasks_fail, but an existing task with the same body is reset to the new message,
+-- unless it is RUNNING right now (a running task is never yanked from its slot).
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+       COALESCE(r.status, -1), %(from_task_id)s
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
+ON CONFLICT (module_id, body_sha) DO UPDATE
+SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+    status = EXCLUDED.status, attempts = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+    lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+    from_task_id = EXCLUDED.from_task_id, created_at = now()
+WHERE sbx_tasks.status <> -3
+RETURNING id;
+
+-- name: claim_tasks
+-- The claim, in one statement:
+--  1. candidates: READY tasks of this module, oldest first, that this host/slot may take
+--     (to_host / to_slot implement HOST-BOUND and SLOT-BOUND dispatch);
+--     the partial index sbx_tasks_ready_idx serves the scan;
+--  2. FOR UPDATE SKIP LOCKED: concurrent slots never wait on, nor double-claim, a row;
+--  3. only while the app is RUNNING;
+--  4. mark them RUNNING with the lease (slot, host, heartbeat, expiry) in the same statement.
+-- A later locality filter adds an ORDER BY on "inputs in this host's scratch" to step 1.
+WITH app AS (
+    SELECT 1 FROM sbx_apps WHERE id = %(app_id)s AND status = 'RUNNING'
+), candidates AS (
+    SELECT t.id
+    FROM sbx_tasks t
+    WHERE t.module_id = %(module_id)s
+      AND t.status = -1
+      AND (t.to_host IS NULL OR t.to_host = %(host)s)
+      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
+      AND EXISTS (SELECT 1 FROM app)
+    ORDER BY t.id
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE sbx_tasks t
+SET status = -3, slot_id = %(slot_id)s, host = %(host)s, attempts = t.attempts + 1,
+    started_at = now(), finished_at = NULL, heartbeat_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM candidates c
+WHERE t.id = c.id
+RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts;
+
+-- name: complete_task
+-- Records the end of a run, only while this slot still holds the lease: a lost lease
+-- (rowcount 0) means someone else owns the task now, and the caller rolls back its emits.
+UPDATE sbx_tasks
+SET status = %(status)s, finished_at = now(), lease_expires_at = NULL, heartbeat_at = now()
+WHERE id = %(task_id)s AND slot_id = %(slot_id)s AND status = -3
+RETURNING id;
+
+-- name: insert_exec
+INSERT INTO sbx_task_execs
+    (task_id, attempt, slot_id, host, status, started_at, finished_at, stdout, stderr,
+     input_bytes, output_bytes, input_files, output_files, user_text, timestamps)
+VALUES
+    (%(task_id)s, %(attempt)s, %(slot_id)s, %(host)s, %(status)s, %(started_at)s, %(finished_at)s,
+     %(stdout)s, %(stderr)s, %(input_bytes)s, %(output_bytes)s, %(input_files)s, %(output_files)s,
+     %(user_text)s, %(timestamps)s)
+RETURNING id;
+
+-- name: release_tasks
+-- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted.
+UPDATE sbx_tasks
+SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+    attempts = greatest(attempts - 1, 0), started_at = NULL
+WHERE slot_id = %(slot_id)s AND status = -3
+RETURNING id;
+
+-- name: heartbeat_slot
+-- One statement renews the slot and the leases of the tasks it runs.
+WITH s AS (
+    UPDATE sbx_slots SET heartbeat_at = now(), status = %(status)s
+    WHERE id = %(slot_id)s RETURNING id
+)
+UPDATE sbx_tasks
+SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE slot_id = %(slot_id)s AND status = -3;
+
+-- name: upsert_host
+INSERT INTO sbx_hosts (name, info) VALUES (%(name)s, %(info)s)
+ON CONFLICT (name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info;
+
+-- name: insert_slot
+INSERT INTO sbx_slots (module_id, host, seq, status, pid, work_dir)
+VALUES (%(module_id)s, %(host)s, %(seq)s, 'STARTING', %(pid)s, %(work_dir)s)
+RETURNING id;
+
+-- name: set_slot_status
+UPDATE sbx_slots
+SET status = %(status)s, message = COALESCE(%(message)s, message), heartbeat_at = now(),
+    ended_at = CASE WHEN %(status)s IN ('ERROR', 'EXITED') THEN now() ELSE ended_at END,
+    tasks_done = tasks_done + %(tasks_done)s
+WHERE id = %(slot_id)s;
+
+-- name: module_counts
+-- Per-module task counts by status, plus done in the last minute (for rates).
+SELECT m.id AS module_id, m.name, m.seq, t.status, count(t.id) AS n,
+       count(t.id) FILTER (WHERE t.finished_at > now() - interval '60 seconds') AS last_minute
+FROM sbx_modules m
+LEFT JOIN sbx_tasks t ON t.module_id = m.id
+WHERE m.app_id = %(app_id)s
+GROUP BY m.id, m.name, m.seq, t.status
+ORDER BY m.seq, t.status;
+
+-- name: active_slots
+SELECT m.name AS module, s.host, count(*) AS n
+FROM sbx_slots s JOIN sbx_modules m ON m.id = s.module_id
+WHERE m.app_id = %(app_id)s AND s.status IN ('STARTING', 'READY', 'RUNNING')
+GROUP BY m.name, s.host ORDER BY m.name, s.host;
+
+-- name: list_tasks
+SELECT t.id, m.name AS module, t.body, t.headers, t.status, t.attempts, t.host,
+       t.created_at, t.started_at, t.finished_at
+FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id
+WHERE t.app_id = %(app_id)s
+  AND (%(module)s::text IS NULL OR m.name = %(module)s)
+  AND (%(status)s::integer IS NULL OR t.status = %(status)s)
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: get_task
+SELECT t.*, m.name AS module FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id
+WHERE t.id = %(task_id)s;
+
+-- name: list_execs
+SELECT * FROM sbx_task_execs WHERE task_id = %(task_id)s ORDER BY id;
+
+-- name: retry_tasks
+-- Manual retry: terminal tasks become READY again (RUNNING and READY ones are left alone).
+UPDATE sbx_tasks
+SET status = -1, slot_id = NULL, host = NULL, started_at = NULL, finished_at = NULL,
+    heartbeat_at = NULL, lease_expires_at = NULL
+WHERE id = ANY(%(task_ids)s) AND status NOT IN (-1, -3)
+RETURNING id;

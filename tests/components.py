@@ -1,0 +1,69 @@
+"""Which real components (Slurm, Apptainer, ...) the test run can use.
+
+Tests call ``need(component, reason)`` when something they depend on is missing:
+locally that skips the test, but under ``CI=true`` it fails it, so a broken test-bed
+can never turn into a green run made of skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def need(component: str, reason: str) -> None:
+    """Skip the calling test (fail it under CI=true) because ``component`` is unavailable."""
+    if under_ci():
+        pytest.fail(f"{component} required under CI=true but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"{component} unavailable: {reason}")
+
+
+def slurm_nodes() -> list[str]:
+    """The test-bed's node names from SCALEBOX_TEST_SLURM_NODES (comma-separated)."""
+    return [n.strip() for n in os.environ.get("SCALEBOX_TEST_SLURM_NODES", "").split(",") if n.strip()]
+
+
+def slurm_available() -> str | None:
+    """None when the local Slurm test-bed is usable, else the reason why not."""
+    if shutil.which("sinfo") is None:
+        return "`sinfo` not found on PATH (launchers/testbed/slurm.sh start installs Slurm)"
+    if not slurm_nodes():
+        return "SCALEBOX_TEST_SLURM_NODES is not set (launchers/testbed/run-tests.sh sets it)"
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`sinfo -h -o %T` did not run: {exc}"
+    if proc.returncode != 0:
+        return f"`sinfo -h -o %T` failed (exit {proc.returncode}): {proc.stderr.strip()}"
+    states = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    if not any(s in ("idle", "mixed") for s in states):
+        return f"no idle Slurm nodes (node states: {', '.join(states) or 'none'})"
+    return None
+
+
+def apptainer_binary() -> str | None:
+    """SCALEBOX_TEST_APPTAINER, else `apptainer` from PATH."""
+    return os.environ.get("SCALEBOX_TEST_APPTAINER") or shutil.which("apptainer")
+
+
+def apptainer_available() -> str | None:
+    """None when Apptainer is usable, else the reason why not."""
+    exe = apptainer_binary()
+    if not exe:
+        return "SCALEBOX_TEST_APPTAINER is not set and `apptainer` is not on PATH"
+    try:
+        proc = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`{exe} version` did not run: {exc}"
+    if proc.returncode != 0:
+        return f"`{exe} version` failed (exit {proc.returncode}): {proc.stderr.strip()}"
+    return None

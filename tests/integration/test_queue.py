@@ -1,0 +1,247 @@
+"""The queue on a real PostgreSQL: claim, SKIP LOCKED, hand-off atomicity, conflicts, EXPLAIN."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from scalebox_hpc.db import apps
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.queue import LeaseLostError, PgQueue
+from scalebox_hpc.errors import InvalidMessageError
+from scalebox_hpc.models import Message, TaskResult, TaskStatus
+from scalebox_hpc.pipeline import load_pipeline
+from tests.helpers import write_app
+
+pytestmark = pytest.mark.pg
+
+PIPE = """
+name: pipe
+parameters:
+  start_task: s0
+modules:
+  a:
+    sink_modules: [b]
+  b:
+    sink_modules: [c]
+    arguments:
+      conflict_action: IGNORE
+  c: {}
+"""
+SCRIPTS = {f"{m}/run.sh": "true\n" for m in "abc"}
+
+
+@pytest.fixture
+def app_id(pg_dsn: str, tmp_path: Path) -> int:
+    spec = load_pipeline(write_app(tmp_path / "app", PIPE, SCRIPTS))
+    with connect(pg_dsn) as conn:
+        return apps.create_app(conn, spec)
+
+
+def _result(status: int = 0, messages: list[Message] | None = None, finish: str | None = None) -> TaskResult:
+    now = datetime.now(UTC)
+    return TaskResult(status=status, started_at=now, finished_at=now, stdout="out", messages=messages or [],
+                      finish_text=finish)
+
+
+def _claim(q: PgQueue, app_id: int, module: str, slot_id: int, host: str = "h1", limit: int = 1) -> list:
+    refs = q.modules(app_id)
+    return q.claim(app_id, refs[module].id, host=host, slot_id=slot_id, slot_seq=0, limit=limit)
+
+
+def _slot(q: PgQueue, app_id: int, module: str, host: str = "h1") -> int:
+    return q.create_slot(q.modules(app_id)[module].id, host=host, seq=0, pid=1, work_dir="/tmp")
+
+
+def test_create_app_inserts_start_task(pg_dsn: str, app_id: int) -> None:
+    with connect(pg_dsn) as conn:
+        tasks = apps.list_tasks(conn, app_id)
+    assert [(t["module"], t["body"], t["status"]) for t in tasks] == [("a", "s0", -1)]
+
+
+def test_claim_then_complete_hands_off_in_one_transaction(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    [task] = _claim(q, app_id, "a", slot)
+    assert task.body == "s0" and task.attempts == 1
+    assert _claim(q, app_id, "a", slot) == []  # nothing else READY
+    refs = q.modules(app_id)
+    n = q.complete(task, _result(messages=[Message("x1"), Message("x2", {"k": "v"})]), slot_id=slot, host="h1",
+                   sender=refs["a"], modules=refs)
+    assert n == 2
+    with connect(pg_dsn) as conn:
+        rows = apps.list_tasks(conn, app_id)
+        execs = apps.get_task(conn, task.id)["execs"]
+    assert {(r["module"], r["body"], r["status"]) for r in rows} == {("a", "s0", 0), ("b", "x1", -1), ("b", "x2", -1)}
+    assert [e["status"] for e in execs] == [0] and execs[0]["stdout"] == "out"
+
+
+def test_lost_lease_records_and_emits_nothing(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    [task] = _claim(q, app_id, "a", slot)
+    q.release(slot)  # as if recovery had taken the task away
+    refs = q.modules(app_id)
+    with pytest.raises(LeaseLostError):
+        q.complete(task, _result(messages=[Message("x1")]), slot_id=slot, host="h1", sender=refs["a"], modules=refs)
+    with connect(pg_dsn) as conn:
+        assert [r["body"] for r in apps.list_tasks(conn, app_id)] == ["s0"]
+        assert apps.get_task(conn, task.id)["execs"] == []
+
+
+def test_duplicate_emit_with_fail_marks_task_and_emits_nothing(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    [task] = _claim(q, app_id, "a", slot)
+    refs = q.modules(app_id)
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message("dup")])
+    # b's conflict_action is IGNORE, so a duplicate to b is dropped quietly ...
+    q.complete(task, _result(messages=[Message("dup"), Message("new")]), slot_id=slot, host="h1",
+               sender=refs["a"], modules=refs)
+    with connect(pg_dsn) as conn:
+        assert sorted(r["body"] for r in apps.list_tasks(conn, app_id, module="b")) == ["dup", "new"]
+    # ... while c (FAIL) rejects it: the sender becomes EMIT_FAILED and nothing is emitted
+    slot_b = _slot(q, app_id, "b")
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message("dup")])
+    [tb] = _claim(q, app_id, "b", slot_b, limit=1)
+    q.complete(tb, _result(messages=[Message("fresh"), Message("dup")]), slot_id=slot_b, host="h1",
+               sender=refs["b"], modules=refs)
+    with connect(pg_dsn) as conn:
+        assert [r["body"] for r in apps.list_tasks(conn, app_id, module="c")] == ["dup"]
+        got = apps.get_task(conn, tb.id)
+    assert got["status"] == TaskStatus.EMIT_FAILED
+    assert "CONFLICT_ACTION=FAIL" in got["execs"][0]["stderr"]
+
+
+def test_unknown_sink_module_is_emit_failed(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    [task] = _claim(q, app_id, "a", slot)
+    refs = q.modules(app_id)
+    q.complete(task, _result(messages=[Message("x", module="nope")]), slot_id=slot, host="h1",
+               sender=refs["a"], modules=refs)
+    with connect(pg_dsn) as conn:
+        assert apps.get_task(conn, task.id)["status"] == TaskStatus.EMIT_FAILED
+        assert len(apps.list_tasks(conn, app_id)) == 1
+
+
+def test_finish_text_is_committed_with_the_result(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    [task] = _claim(q, app_id, "a", slot)
+    refs = q.modules(app_id)
+    q.complete(task, _result(finish="Result is 42"), slot_id=slot, host="h1", sender=refs["a"], modules=refs)
+    with connect(pg_dsn) as conn:
+        row = apps.get_app(conn, app_id)
+    assert (row["status"], row["result"]) == ("FINISHED", "Result is 42")
+    assert _claim(q, app_id, "a", slot) == []
+
+
+def test_paused_app_claims_nothing(pg_dsn: str, app_id: int) -> None:
+    from scalebox_hpc.models import AppStatus
+
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "a")
+    with connect(pg_dsn) as conn:
+        apps.set_status(conn, app_id, AppStatus.PAUSED)
+    assert _claim(q, app_id, "a", slot) == []
+    with connect(pg_dsn) as conn:
+        apps.set_status(conn, app_id, AppStatus.RUNNING)
+    assert len(_claim(q, app_id, "a", slot)) == 1
+
+
+def test_host_and_slot_bound_tasks(pg_dsn: str, app_id: int) -> None:
+    q = PgQueue(pg_dsn)
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message("h2-only", {"to_host": "h2"}), Message("slot1", {"to_slot": 1})])
+    refs = q.modules(app_id)
+    s1 = _slot(q, app_id, "b", "h1")
+    got = q.claim(app_id, refs["b"].id, host="h1", slot_id=s1, slot_seq=0, limit=10)
+    assert got == []
+    got = q.claim(app_id, refs["b"].id, host="h2", slot_id=s1, slot_seq=1, limit=10)
+    assert sorted(t.body for t in got) == ["h2-only", "slot1"]
+
+
+def test_concurrent_claims_never_double_claim(pg_dsn: str, app_id: int) -> None:
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message(f"m{i}") for i in range(300)])
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        q = PgQueue(pg_dsn)
+        slot = _slot(q, app_id, "c", f"h{i}")
+        while True:
+            got = _claim(q, app_id, "c", slot, host=f"h{i}", limit=7)
+            if not got:
+                break
+            with lock:
+                claimed.extend(t.id for t in got)
+        q.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+
+
+def test_claim_uses_the_ready_index(pg_dsn: str, app_id: int) -> None:
+    """With a realistic mix (most tasks finished, other modules busy) the claim is an index scan."""
+    from scalebox_hpc.db.sql import query
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message(f"m{i}") for i in range(5000)])
+        apps.add_tasks(conn, app_id, "b", [Message(f"m{i}") for i in range(5000)])
+        with conn.transaction():
+            conn.execute("UPDATE sbx_tasks SET status = 0 WHERE body LIKE 'm%' AND id % 50 <> 0")
+        conn.execute("ANALYZE sbx_tasks")
+        module_id = PgQueue(pg_dsn).modules(app_id)["c"].id
+        params = {"app_id": app_id, "module_id": module_id, "host": "h1", "slot_id": None, "slot_seq": 0,
+                  "limit": 10, "lease_seconds": 30}
+        with psycopg.ClientCursor(conn) as cur:
+            row = cur.execute("EXPLAIN (FORMAT JSON) " + query("claim_tasks"), params).fetchone()
+        conn.rollback()
+    nodes = list(_plan_nodes(row["QUERY PLAN"][0]["Plan"]))  # type: ignore[index]
+    scans = {(n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+    assert ("Index Scan", "sbx_tasks_ready_idx") in scans, scans
+    assert not any(kind == "Seq Scan" for kind, _ in scans), scans
+
+
+def _plan_nodes(node: dict) -> Iterator[dict]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_bad_bodies_are_rejected_before_anything_is_written(pg_dsn: str, app_id: int) -> None:
+    with pytest.raises(InvalidMessageError, match="NUL"):
+        Message("a\x00b")
+    with pytest.raises(InvalidMessageError, match="limit"):
+        Message("x" * (1024 * 1024))
+    big = "y" * (100 * 1024)  # large but deliverable: stored, unique by digest
+    with connect(pg_dsn) as conn:
+        assert apps.add_tasks(conn, app_id, "c", [Message(big)]) == 1
+        assert apps.list_tasks(conn, app_id, module="c")[0]["body"] == big
+
+
+def test_database_error_names_dsn_without_password() -> None:
+    from scalebox_hpc.errors import DatabaseError
+
+    with pytest.raises(DatabaseError) as err:
+        PgQueue("postgresql://bob:s3cret@127.0.0.1:9/nodb").app_status(1)
+    assert "s3cret" not in str(err.value) and "127.0.0.1:9/nodb" in str(err.value)
+
+
+def test_dict_row_connection_smoke(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}

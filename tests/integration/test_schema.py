@@ -1,0 +1,64 @@
+"""Schema and migrations against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from scalebox_hpc.db import schema, sql
+from scalebox_hpc.errors import SchemaError
+
+pytestmark = pytest.mark.pg
+
+CATALOG = """
+SELECT 'column' AS kind, table_name || '.' || column_name AS name,
+       concat_ws(' ', data_type, is_nullable, column_default, generation_expression) AS def
+FROM information_schema.columns WHERE table_schema = 'public'
+UNION ALL
+SELECT 'index', indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL
+SELECT 'constraint', conrelid::regclass || '.' || conname, pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'trigger', tgrelid::regclass || '.' || tgname, pg_get_triggerdef(oid)
+FROM pg_trigger WHERE NOT tgisinternal
+UNION ALL
+SELECT 'function', proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+ORDER BY 1, 2
+"""
+
+
+def _catalog(dsn: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(dsn) as conn:
+        return [tuple(r) for r in conn.execute(CATALOG).fetchall()]  # type: ignore[misc]
+
+
+def test_migrations_from_empty_equal_schema_sql(pg_dsn: str, empty_db: str) -> None:
+    with psycopg.connect(empty_db, row_factory=dict_row) as conn:
+        applied = schema.upgrade(conn)  # type: ignore[arg-type]
+        assert applied == [name for _, name, _ in sql.migrations()]
+        assert schema.current_version(conn) == sql.schema_version()  # type: ignore[arg-type]
+    assert _catalog(empty_db) == _catalog(pg_dsn)
+
+
+def test_init_is_idempotent_and_upgrade_is_noop(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        assert schema.init(conn) is False  # type: ignore[arg-type]
+        assert schema.upgrade(conn) == []  # type: ignore[arg-type]
+
+
+def test_ensure_refuses_empty_database_unless_asked(empty_db: str) -> None:
+    with psycopg.connect(empty_db, row_factory=dict_row) as conn:
+        with pytest.raises(SchemaError, match="no scalebox schema"):
+            schema.ensure(conn, create=False)  # type: ignore[arg-type]
+        conn.rollback()
+        schema.ensure(conn, create=True)  # type: ignore[arg-type]
+        assert schema.current_version(conn) == sql.schema_version()  # type: ignore[arg-type]
+
+
+def test_ensure_refuses_newer_schema(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        conn.execute("INSERT INTO sbx_schema_version (version) VALUES (999)")
+        with pytest.raises(SchemaError, match="newer"):
+            schema.ensure(conn, create=False)  # type: ignore[arg-type]
