@@ -510,8 +510,10 @@ class _RunWatcher:
         pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
         for mc in counts:
             click.echo(f"{mc.name}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
+        sys.stderr.flush()
         if row["result"]:
             click.echo(row["result"])
+            sys.stdout.flush()
         if self.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished", err=True)
         elif pending:

@@ -196,3 +196,11 @@ SET status = -1, slot_id = NULL, host = NULL, started_at = NULL, finished_at = N
     heartbeat_at = NULL, lease_expires_at = NULL
 WHERE id = ANY(%(task_ids)s) AND status NOT IN (-1, -3)
 RETURNING id;
+
+-- name: app_activity
+-- What an idle slot needs to know: is the app still on, and does any module have work
+-- READY or RUNNING (upstream work will turn into ours, so idling out now would be early).
+SELECT a.status,
+       EXISTS (SELECT 1 FROM sbx_tasks t
+               WHERE t.app_id = a.id AND t.status IN (-1, -3)) AS active
+FROM sbx_apps a WHERE a.id = %(app_id)s;

@@ -221,12 +221,12 @@ class PgQueue:
         """Give the slot's running tasks back to READY (drain); returns how many."""
         return len(self._run("release_tasks", {"slot_id": slot_id}))
 
-    def app_status(self, app_id: int) -> str:
-        """INITIAL / RUNNING / PAUSED / FINISHED."""
-        rows = self._run("get_app", {"app_id": app_id})
+    def app_activity(self, app_id: int) -> tuple[str, bool]:
+        """(status, active): the app's status, and whether any of its tasks is READY or RUNNING."""
+        rows = self._run("app_activity", {"app_id": app_id})
         if not rows:
             raise NotFoundError("app", app_id)
-        return str(rows[0]["status"])
+        return str(rows[0]["status"]), bool(rows[0]["active"])
 
     # -- slots and hosts ----------------------------------------------------------------------
     def register_host(self, name: str, info: dict[str, Any]) -> None:

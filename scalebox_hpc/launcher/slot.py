@@ -124,9 +124,12 @@ class Slot:
                 idle = 0
                 self._process(task)
                 continue
-            if self._app_over():
+            status, active = self._activity()
+            if status == "FINISHED":
                 return
-            idle += 1
+            # an idle poll counts only while the whole app is quiet: upstream work still
+            # READY or RUNNING elsewhere will become ours
+            idle = 0 if active or status != "RUNNING" else idle + 1
             if idle >= args.max_idle_polls and not args.always_running:
                 logger.info("slot %s/%s: idle, exiting", self.ctx.module.name, self.ctx.seq)
                 return
@@ -147,11 +150,12 @@ class Slot:
             return None
         return tasks[0] if tasks else None
 
-    def _app_over(self) -> bool:
+    def _activity(self) -> tuple[str, bool]:
         try:
-            return self.queue.app_status(self.ctx.app_id) == "FINISHED"
-        except DatabaseError:
-            return False
+            return self.queue.app_activity(self.ctx.app_id)
+        except DatabaseError as exc:
+            logger.warning("cannot read the app's state, will retry: %s", exc)
+            return "RUNNING", True
 
     # -- one task -------------------------------------------------------------------------------
     def _process(self, task: Task) -> None:
@@ -213,7 +217,7 @@ class Slot:
             input_bytes=report.input_bytes, output_bytes=report.output_bytes,
             input_files=report.input_files, output_files=report.output_files,
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
-            finish_text=report.finish_text,
+            finish_text=report.finish_text if status == 0 else None,
         )
 
     # -- scripts --------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def test_database_error_names_dsn_without_password() -> None:
     from scalebox_hpc.errors import DatabaseError
 
     with pytest.raises(DatabaseError) as err:
-        PgQueue("postgresql://bob:s3cret@127.0.0.1:9/nodb").app_status(1)
+        PgQueue("postgresql://bob:s3cret@127.0.0.1:9/nodb").app_activity(1)
     assert "s3cret" not in str(err.value) and "127.0.0.1:9/nodb" in str(err.value)
 
 
