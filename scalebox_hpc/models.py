@@ -156,3 +156,32 @@ class TaskResult:
     messages: list[Message] = field(default_factory=list)
     finish_text: str | None = None
     """Set when run.sh called ``scalebox app set-finished TEXT``."""
+
+
+DEFAULT_STALL_RETRIES = 2
+"""Extra attempts for a task whose slot died (123) when no retry rule names 123 or ``*``."""
+
+
+def parse_retry_rule(rule: str) -> tuple[int | None, int]:
+    """``'C'`` → (C, 1), ``'C:N'`` → (C, N), ``'*'`` / ``'*:N'`` → (None, 1 / N); None matches any failure."""
+    code, _, times = rule.strip().partition(":")
+    extra = int(times) if times else 1
+    return (None if code == "*" else int(code)), extra
+
+
+def extra_attempts(rules: list[str], status: int) -> int:
+    """How many extra attempts a run that ended with ``status`` gets: an exact rule wins over ``*``."""
+    wildcard = 0
+    for rule in rules:
+        code, extra = parse_retry_rule(rule)
+        if code == status:
+            return extra
+        if code is None and TaskStatus.is_failure(status):
+            wildcard = extra
+    return wildcard
+
+
+def stall_retries(rules: list[str]) -> int:
+    """Extra attempts for status 123 (slot died): the rules' answer, else DEFAULT_STALL_RETRIES."""
+    named = any(parse_retry_rule(r)[0] in (None, TaskStatus.STALLED) for r in rules)
+    return extra_attempts(rules, TaskStatus.STALLED) if named else DEFAULT_STALL_RETRIES

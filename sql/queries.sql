@@ -7,8 +7,8 @@ VALUES (%(name)s, %(label)s, %(cluster)s, %(status)s, %(spec)s)
 RETURNING id;
 
 -- name: insert_module
-INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, spec)
-VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(spec)s)
+INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, stall_retries, spec)
+VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(stall_retries)s, %(spec)s)
 RETURNING id;
 
 -- name: get_app
@@ -122,6 +122,50 @@ VALUES
      %(user_text)s, %(timestamps)s)
 RETURNING id;
 
+-- name: requeue_task
+-- A failed run that its retry rules allow to try again: READY again, the attempt counted.
+-- Lease-guarded like complete_task.
+UPDATE sbx_tasks
+SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+    started_at = NULL, finished_at = NULL
+WHERE id = %(task_id)s AND slot_id = %(slot_id)s AND status = -3
+RETURNING id;
+
+-- name: recover_expired
+-- Lease recovery, run by any live launcher (heartbeat thread) or CLI call: no daemon.
+--  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
+--     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
+--  2. each gets an execution record with status 123 (STALLED);
+--  3. it returns to READY while its module's stall_retries allow another attempt, else 123;
+--  4. slots that stopped heart-beating are marked LOST.
+WITH expired AS (
+    SELECT t.id
+    FROM sbx_tasks t
+    WHERE t.status = -3 AND t.lease_expires_at < now()
+    ORDER BY t.lease_expires_at
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+), recorded AS (
+    INSERT INTO sbx_task_execs (task_id, attempt, slot_id, host, status, started_at, finished_at, stderr)
+    SELECT t.id, t.attempts, t.slot_id, t.host, 123, COALESCE(t.started_at, now()), now(),
+           'scalebox: lease expired (slot ' || COALESCE(t.slot_id::text, '?') || ' on '
+           || COALESCE(t.host, '?') || ' stopped heart-beating)'
+    FROM sbx_tasks t JOIN expired e ON e.id = t.id
+), lost AS (
+    UPDATE sbx_slots
+    SET status = 'LOST', ended_at = now(), message = 'no heartbeat since ' || heartbeat_at::text
+    WHERE status IN ('STARTING', 'READY', 'RUNNING')
+      AND heartbeat_at < now() - make_interval(secs => %(slot_timeout_seconds)s)
+)
+UPDATE sbx_tasks t
+SET status = CASE WHEN t.attempts <= m.stall_retries THEN -1 ELSE 123 END,
+    finished_at = CASE WHEN t.attempts <= m.stall_retries THEN NULL ELSE now() END,
+    started_at = CASE WHEN t.attempts <= m.stall_retries THEN NULL ELSE t.started_at END,
+    slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
+FROM expired e, sbx_modules m
+WHERE t.id = e.id AND m.id = t.module_id
+RETURNING t.id, t.status;
+
 -- name: release_tasks
 -- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted.
 UPDATE sbx_tasks
@@ -134,7 +178,7 @@ RETURNING id;
 -- One statement renews the slot and the leases of the tasks it runs.
 WITH s AS (
     UPDATE sbx_slots SET heartbeat_at = now(), status = %(status)s
-    WHERE id = %(slot_id)s RETURNING id
+    WHERE id = %(slot_id)s AND status NOT IN ('ERROR', 'EXITED') RETURNING id
 )
 UPDATE sbx_tasks
 SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)

@@ -34,6 +34,8 @@ CREATE TABLE sbx_modules (
     sink_modules text[] NOT NULL DEFAULT '{}',
     conflict_action text NOT NULL DEFAULT 'FAIL'
         CHECK (conflict_action IN ('FAIL', 'IGNORE', 'OVERWRITE')),
+    -- extra attempts for a task whose slot died (status 123), from retry_rules
+    stall_retries integer NOT NULL DEFAULT 2,
     spec jsonb NOT NULL,
     UNIQUE (app_id, name)
 );
@@ -51,7 +53,7 @@ CREATE TABLE sbx_slots (
     host text NOT NULL,
     seq integer NOT NULL,
     status text NOT NULL DEFAULT 'STARTING'
-        CHECK (status IN ('STARTING', 'READY', 'RUNNING', 'ERROR', 'EXITED')),
+        CHECK (status IN ('STARTING', 'READY', 'RUNNING', 'ERROR', 'EXITED', 'LOST')),
     pid integer,
     work_dir text,
     message text,
@@ -61,6 +63,7 @@ CREATE TABLE sbx_slots (
     ended_at timestamptz
 );
 CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
+CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('STARTING', 'READY', 'RUNNING');
 
 CREATE TABLE sbx_tasks (
     id bigserial PRIMARY KEY,

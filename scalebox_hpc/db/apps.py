@@ -12,7 +12,7 @@ from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.db.queue import ModuleRef, insert_messages, module_refs, route
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
-from scalebox_hpc.models import AppStatus, ConflictAction, Message, TaskStatus
+from scalebox_hpc.models import AppStatus, ConflictAction, Message, TaskStatus, stall_retries
 from scalebox_hpc.pipeline import AppSpec
 
 START_ANY = "ANY"
@@ -55,6 +55,7 @@ def create_app(conn: Connection, spec: AppSpec) -> int:
             mid = conn.execute(query("insert_module"), {
                 "app_id": app_id, "name": module.name, "seq": seq, "sink_modules": module.sink_modules,
                 "conflict_action": module.arguments.conflict_action.value,
+                "stall_retries": stall_retries(module.parameters.retry_rules),
                 "spec": Jsonb(module.model_dump(mode="json")),
             }).fetchone()["id"]  # type: ignore[index]
             refs[module.name] = ModuleRef(

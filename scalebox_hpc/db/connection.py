@@ -53,7 +53,7 @@ def translate_errors(dsn: str) -> Iterator[None]:
     """Turn psycopg connection/operational errors into DatabaseError naming the redacted DSN."""
     try:
         yield
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
     except psycopg.errors.UndefinedTable as exc:
         from scalebox_hpc.errors import SchemaError

@@ -147,7 +147,7 @@ class PgQueue:
                 with self.conn.transaction():
                     cur = self.conn.execute(query(name), params)
                     return cur.fetchall() if cur.description else []
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, psycopg.InterfaceError):
                 self.close()
                 raise
 
@@ -175,29 +175,31 @@ class PgQueue:
 
     def complete(
         self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
-        modules: dict[str, ModuleRef],
+        modules: dict[str, ModuleRef], requeue: bool = False,
     ) -> int:
         """The hand-off: record the result and execution and insert the emitted messages, in ONE
         transaction. Returns the number of messages written. Raises LeaseLostError (nothing
         recorded) if the slot no longer holds the task. A message that cannot be routed or
-        stored turns the task into an EMIT_FAILED error and emits nothing."""
+        stored turns the task into an EMIT_FAILED error and emits nothing. With ``requeue``
+        (a failure its retry rules allow to try again) the execution is recorded and the task
+        becomes READY again."""
         try:
             routed = route(modules, sender, result.messages)
-            return self._complete(task, result, slot_id, host, routed)
+            return self._complete(task, result, slot_id, host, routed, requeue)
         except InvalidMessageError as exc:
             failed = _emit_failed(result, str(exc))
-            self._complete(task, failed, slot_id, host, [])
+            self._complete(task, failed, slot_id, host, [], False)
             return 0
 
     def _complete(
         self, task: Task, result: TaskResult, slot_id: int, host: str,
-        routed: list[tuple[ModuleRef, Message]],
+        routed: list[tuple[ModuleRef, Message]], requeue: bool,
     ) -> int:
         with translate_errors(self.dsn):
             conn = self.conn
             try:
                 with conn.transaction():
-                    done = conn.execute(query("complete_task"), {
+                    done = conn.execute(query("requeue_task" if requeue else "complete_task"), {
                         "task_id": task.id, "slot_id": slot_id, "status": result.status,
                     }).fetchone()
                     if done is None:
@@ -209,9 +211,15 @@ class PgQueue:
                             "app_id": task.app_id, "result": result.finish_text,
                         })
                     return written
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, psycopg.InterfaceError):
                 self.close()
                 raise
+
+    def recover_expired(self, *, slot_timeout_seconds: float) -> list[tuple[int, int]]:
+        """Return tasks with expired leases to READY (or 123 when their retries are spent) and mark
+        silent slots LOST; returns (task id, new status) pairs."""
+        rows = self._run("recover_expired", {"slot_timeout_seconds": slot_timeout_seconds})
+        return [(int(r["id"]), int(r["status"])) for r in rows]
 
     def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None:
         """Renew the slot and the leases of its running tasks."""

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalebox_hpc.errors import DatabaseError, NotFoundError, ScaleboxError
-from scalebox_hpc.launcher.ports import QueueFactory
-from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
+from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
+from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
@@ -130,18 +130,26 @@ class Launcher:
         self._stopped.set()
 
     def _heartbeats(self) -> None:
+        """Every half heartbeat: renew each live slot and its task leases, then recover the
+        expired leases of dead slots anywhere (no daemon: every launcher does it)."""
         queue = self.queue_factory()
+        interval = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots) / 2
         try:
-            while not self._stopped.is_set():
-                for slot in self.slots:
-                    hb = slot.ctx.module.arguments.heartbeat_seconds
-                    if slot.slot_id and slot.current is not None:
-                        try:
-                            queue.heartbeat(slot.slot_id, status="RUNNING", lease_seconds=2 * hb)
-                        except (DatabaseError, ScaleboxError) as exc:
-                            logger.warning("heartbeat failed: %s", exc)
-                interval = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots) / 2
-                if self._stopped.wait(interval) or self.alive() == 0:
-                    return
+            while not self._stopped.wait(interval) and self.alive():
+                try:
+                    self._beat(queue)
+                    recovered = queue.recover_expired(slot_timeout_seconds=4 * interval)
+                except ScaleboxError as exc:
+                    logger.warning("heartbeat failed, will retry: %s", exc)
+                    continue
+                for task_id, status in recovered:
+                    logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status)
         finally:
             queue.close()
+
+    def _beat(self, queue: TaskQueue) -> None:
+        for slot in self.slots:
+            if slot.slot_id and slot.running:
+                hb = slot.ctx.module.arguments.heartbeat_seconds
+                status = "RUNNING" if slot.current is not None else "READY"
+                queue.heartbeat(slot.slot_id, status=status, lease_seconds=lease_for(hb))

@@ -21,7 +21,7 @@ from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
+from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec
 
@@ -64,12 +64,15 @@ class Slot:
         self.slot_id = 0
         self.tasks_done = 0
         self.current: Task | None = None
+        self.db_failures = 0
+        self.running = False
         self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
 
     @property
     def lease_seconds(self) -> float:
-        """How long a claim stays valid without a heartbeat."""
-        return 2 * self.ctx.module.arguments.heartbeat_seconds
+        """How long a claim stays valid without a heartbeat (the launcher beats every half
+        heartbeat, so two beats may be missed; recovery follows within 2 heartbeats)."""
+        return lease_for(self.ctx.module.arguments.heartbeat_seconds)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -77,9 +80,15 @@ class Slot:
         ctx = self.ctx
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         self.private.mkdir(parents=True, exist_ok=True)
-        self.slot_id = self.queue.create_slot(
-            ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir)
-        )
+        try:
+            self.slot_id = self.queue.create_slot(
+                ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir)
+            )
+        except ScaleboxError as exc:
+            logger.error("slot %s/%s could not register: %s", ctx.module.name, ctx.seq, exc)
+            self.queue.close()
+            return
+        self.running = True
         status, message = "EXITED", None
         try:
             if not self._setup():
@@ -95,6 +104,7 @@ class Slot:
             self._finish(status, message)
 
     def _finish(self, status: str, message: str | None) -> None:
+        self.running = False
         try:
             if self.current is not None:
                 self.queue.release(self.slot_id)
@@ -119,7 +129,12 @@ class Slot:
             if not self._check_gate():  # check.sh said "not now": wait, without counting as idle
                 self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
                 continue
-            task = self._claim()
+            try:
+                task = self._claim()
+            except DatabaseError as exc:  # outage: wait it out, without counting as idle
+                self._backoff(exc, seen)
+                continue
+            self.db_failures = 0
             if task is not None:
                 idle = 0
                 self._process(task)
@@ -140,15 +155,19 @@ class Slot:
         return code in (None, 0)
 
     def _claim(self) -> Task | None:
-        try:
-            tasks = self.queue.claim(
-                self.ctx.app_id, self.ctx.ref.id, host=self.ctx.host, slot_id=self.slot_id,
-                slot_seq=self.ctx.seq, limit=1, lease_seconds=self.lease_seconds,
-            )
-        except DatabaseError as exc:
-            logger.warning("claim failed, will retry: %s", exc)
-            return None
+        tasks = self.queue.claim(
+            self.ctx.app_id, self.ctx.ref.id, host=self.ctx.host, slot_id=self.slot_id,
+            slot_seq=self.ctx.seq, limit=1, lease_seconds=self.lease_seconds,
+        )
         return tasks[0] if tasks else None
+
+    def _backoff(self, exc: Exception, seen: int) -> None:
+        """Sleep 0.5 s, 1 s, 2 s ... up to 30 s between tries while the database is away."""
+        self.db_failures += 1
+        delay = min(30.0, 0.5 * 2 ** (self.db_failures - 1))
+        logger.warning("slot %s/%s: database unavailable, retrying in %.1fs: %s",
+                       self.ctx.module.name, self.ctx.seq, delay, exc)
+        self.ctx.wakeups.wait(-2, seen, delay)  # -2: a channel nobody notifies; notify_all ends it
 
     def _activity(self) -> tuple[str, bool]:
         try:
@@ -165,23 +184,42 @@ class Slot:
             self.queue.release(self.slot_id)
             self.current = None
             return
-        try:
-            written = self.queue.complete(
-                task, result, slot_id=self.slot_id, host=self.ctx.host, sender=self.ctx.ref,
-                modules=self.ctx.modules,
-            )
-        except LeaseLostError:
-            logger.warning("task %s: lease lost, result discarded (another slot owns it)", task.id)
-        else:
-            self.tasks_done += 1
-            logger.debug("task %s done: status %s, %s messages", task.id, result.status, written)
+        rules = self.ctx.module.parameters.retry_rules
+        requeue = TaskStatus.is_failure(result.status) and task.attempts <= extra_attempts(rules, result.status)
+        self._record(task, result, requeue)
         self.current = None
+
+    def _record(self, task: Task, result: TaskResult, requeue: bool) -> None:
+        """Hand the result off; while the database is away keep it and retry (a result is never
+        dropped, unless the lease was lost meanwhile: then the task ran again elsewhere)."""
+        seen = self.ctx.wakeups.generation(-2)
+        while True:
+            try:
+                written = self.queue.complete(
+                    task, result, slot_id=self.slot_id, host=self.ctx.host, sender=self.ctx.ref,
+                    modules=self.ctx.modules, requeue=requeue,
+                )
+            except LeaseLostError:
+                logger.warning("task %s: lease lost, result discarded (the task was recovered)", task.id)
+                return
+            except DatabaseError as exc:
+                if self.ctx.control.abort.is_set():
+                    logger.error("task %s: result not recorded before shutdown: %s", task.id, exc)
+                    return
+                self._backoff(exc, seen)
+                continue
+            self.db_failures = 0
+            self.tasks_done += 1
+            logger.debug("task %s: status %s, %s messages%s", task.id, result.status, written,
+                         " (requeued)" if requeue else "")
+            return
 
     def _execute(self, task: Task) -> TaskResult | None:
         ctx = self.ctx
         run_sh = ctx.module.script("run.sh")
         started = datetime.now(UTC)
-        emit_file = self.private / "emitted.jsonl"
+        # per attempt: a run orphaned by a killed launcher must not write into a later run's buffer
+        emit_file = self.private / f"emit-{task.id}.{task.attempts}.jsonl"
         emit_file.unlink(missing_ok=True)
         if run_sh is None:
             return _system_error(started, f"no run.sh in {ctx.module.code_path}")
@@ -272,6 +310,11 @@ class Slot:
         else:
             env.pop(taskexec.EMIT_BUFFER_ENV, None)
         return env
+
+
+def lease_for(heartbeat_seconds: float) -> float:
+    """The lease a claim or heartbeat grants."""
+    return 1.5 * heartbeat_seconds
 
 
 def _script_argv(path: Path) -> list[str]:

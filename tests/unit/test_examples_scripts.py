@@ -102,12 +102,21 @@ def test_scatter_calc_gather(fakes: Fakes, tmp_path: Path) -> None:
     assert len(counts) == 10
     work = tmp_path / "gather"
     fakes.run(PRIMES / "gather" / "setup.sh", "", work, **PRIMES_ENV)
-    assert (work / "sum").read_text().strip() == "0" and (work / "count").read_text().strip() == "0"
+    assert (work / "parts").is_dir() and not list((work / "parts").iterdir())
     for index, message in enumerate(counts):
         fakes.run(PRIMES / "gather" / "run.sh", message, work, **PRIMES_ENV)
         calls = fakes.calls()
         assert calls == ([] if index < 9 else [["scalebox", "app", "set-finished", "Result is 1229"]])
-    assert (work / "sum").read_text().strip() == "1229" and (work / "count").read_text().strip() == "10"
+    assert sum(int(p.read_text()) for p in (work / "parts").iterdir()) == 1229
+
+
+def test_gather_is_idempotent(fakes: Fakes, tmp_path: Path) -> None:
+    """A re-run of the same message (after a crash) must not count it twice."""
+    work = tmp_path / "gather"
+    fakes.run(PRIMES / "gather" / "setup.sh", "", work, **PRIMES_ENV)
+    for message in ["0000000001,168", "0000000001,168", "0000001001,135"]:
+        fakes.run(PRIMES / "gather" / "run.sh", message, work, **dict(PRIMES_ENV, NUM_GROUPS="2"))
+    assert fakes.calls()[-1] == ["scalebox", "app", "set-finished", "Result is 303"]
 
 
 def test_gather_needs_setup(fakes: Fakes, tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# gather/setup: runs once per slot before its first task; start the sums at zero.
+# gather's slot set-up: the state lives in WORK_DIR/parts, one file per group, kept across
+# the slot's tasks and across a restart of the slot on the same host.
 set -euo pipefail
 
-dir=${WORK_DIR:-$PWD}
-echo 0 >"$dir/sum"
-echo 0 >"$dir/count"
+mkdir -p "${WORK_DIR:-$PWD}/parts"

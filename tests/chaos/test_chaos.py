@@ -1,0 +1,203 @@
+"""Chaos: kill launchers with -9, restart PostgreSQL mid-run; nothing lost, nothing done twice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from scalebox_hpc.db import apps, schema
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.models import Message
+from scalebox_hpc.pipeline import load_pipeline
+from tests.components import need
+from tests.helpers import write_app
+
+pytestmark = pytest.mark.pg
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = "{heartbeat_seconds: 1, max_idle_polls: 10, sleep_interval_seconds: 0.2}"
+
+
+def primes_copy(root: Path, *, calc_sleep: float) -> Path:
+    """examples/app-primes with 1 s heartbeats and a slower calc, so kills land mid-task."""
+    shutil.copytree(REPO / "examples/app-primes", root)
+    text = (root / "app.yaml").read_text()
+    for module in ("scatter", "calc", "gather"):
+        text = text.replace(f"  {module}:\n", f"  {module}:\n    arguments: {FAST}\n", 1)
+    (root / "app.yaml").write_text(text)
+    calc = root / "calc/run.sh"
+    calc.write_text(calc.read_text().replace("set -euo pipefail\n", f"set -euo pipefail\nsleep {calc_sleep}\n", 1))
+    return root / "app.yaml"
+
+
+def launcher(env: dict[str, str], app_id: int, host: str, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "scalebox_hpc", "launcher", "--app", str(app_id), "--grace", "5", *extra],
+        env=dict(env, SCALEBOX_HOST=host), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def count(dsn: str, app_id: int, status: int, module: str | None = None) -> int:
+    with connect(dsn) as conn:
+        return sum(1 for t in apps.list_tasks(conn, app_id, module=module, limit=10000) if t["status"] == status)
+
+
+def app_row(dsn: str, app_id: int) -> dict[str, Any]:
+    with connect(dsn) as conn:
+        return apps.get_app(conn, app_id)
+
+
+def exec_statuses(dsn: str, app_id: int) -> Counter[int]:
+    with connect(dsn) as conn:
+        rows = conn.execute("SELECT e.status FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id "
+                            "WHERE t.app_id = %s", (app_id,)).fetchall()
+    return Counter(r["status"] for r in rows)
+
+
+def test_kill_9_launcher_mid_app_primes(pg_dsn: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    spec = load_pipeline(primes_copy(tmp_path / "primes", calc_sleep=1.5))
+    with connect(pg_dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+    first = launcher(cli_env, app_id, "h1")
+    wait_for(lambda: count(pg_dsn, app_id, -3, "calc") >= 2, 60, "calc tasks running")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert count(pg_dsn, app_id, -3, "calc") >= 2  # orphaned leases
+    t_kill = time.monotonic()
+    second = launcher(cli_env, app_id, "h1")  # the node comes back: same host, same work dirs
+    wait_for(lambda: count(pg_dsn, app_id, -3, "calc") == 0 or count(pg_dsn, app_id, -1, "calc") > 0, 30,
+             "recovery")
+    recovery = time.monotonic() - t_kill
+    wait_for(lambda: app_row(pg_dsn, app_id)["status"] == "FINISHED", 90, "app-primes to finish")
+    second.send_signal(signal.SIGTERM)
+    second.wait(30)
+    assert app_row(pg_dsn, app_id)["result"] == "Result is 1229"
+    with connect(pg_dsn) as conn:
+        tasks = apps.list_tasks(conn, app_id, limit=1000)
+    per_module = Counter(t["module"] for t in tasks)
+    assert per_module == {"scatter": 1, "calc": 10, "gather": 10}  # exactly once downstream
+    assert all(t["status"] == 0 for t in tasks), [(t["module"], t["body"], t["status"]) for t in tasks]
+    assert exec_statuses(pg_dsn, app_id)[123] >= 2  # the killed runs are on record as stalled
+    assert recovery < 2 * 1 + 3, recovery  # within ~2 heartbeats (+ start-up of the new launcher)
+
+
+def test_kill_9_launcher_other_host_takes_over(pg_dsn: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    app_id = _chain_app(pg_dsn, tmp_path, n=12)
+    first = launcher(cli_env, app_id, "h1", "--slots", "2")
+    wait_for(lambda: count(pg_dsn, app_id, -3, "a") >= 2, 60, "tasks running")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    second = launcher(cli_env, app_id, "h2", "--slots", "2")
+    wait_for(lambda: count(pg_dsn, app_id, 0, "b") == 12, 90, "all 12 downstream tasks")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    with connect(pg_dsn) as conn:
+        tasks = apps.list_tasks(conn, app_id, limit=1000)
+    bodies = Counter((t["module"], t["body"]) for t in tasks)
+    assert all(n == 1 for n in bodies.values()) and len(bodies) == 24
+    assert all(t["status"] == 0 for t in tasks)
+
+
+def _chain_app(dsn: str, root: Path, n: int) -> int:
+    spec = load_pipeline(write_app(root / "chain", f"""
+        name: chain
+        modules:
+          a:
+            sink_modules: [b]
+            arguments: {FAST}
+          b:
+            arguments: {FAST}
+    """, {"a/run.sh": 'sleep 1\nsend-message "from-$1"\n', "b/run.sh": "true\n"}))
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+        apps.add_tasks(conn, app_id, "a", [Message(f"t{i}") for i in range(n)])
+    return app_id
+
+
+def test_stalled_task_gets_123_when_retries_are_spent(pg_dsn: str, tmp_path: Path) -> None:
+    spec = load_pipeline(write_app(tmp_path / "s", """
+        name: s
+        parameters: {start_task: go}
+        modules:
+          a:
+            parameters: {retry_rules: ['123:1']}
+    """, {"a/run.sh": "true\n"}))
+    with connect(pg_dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+    q = PgQueue(pg_dsn)
+    module_id = q.modules(app_id)["a"].id
+    for attempt, expected in ((1, -1), (2, 123)):
+        slot = q.create_slot(module_id, host="dead", seq=0, pid=1, work_dir="/nowhere")
+        [task] = q.claim(app_id, module_id, host="dead", slot_id=slot, slot_seq=0, lease_seconds=0.01)
+        assert task.attempts == attempt
+        time.sleep(0.05)
+        assert q.recover_expired(slot_timeout_seconds=3600) == [(task.id, expected)]
+    assert exec_statuses(pg_dsn, app_id) == {123: 2}
+    q.close()
+
+
+# -- PostgreSQL restart ---------------------------------------------------------------------
+@pytest.fixture
+def private_pg(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A PostgreSQL server of this test's own (the test-bed script on another port), to restart."""
+    script = REPO / "launchers/testbed/postgres.sh"
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        need("postgres-restart", "needs root and the test-bed's launchers/testbed/postgres.sh")
+    env = dict(os.environ, SCALEBOX_TESTBED_PG_PORT="55499", SCALEBOX_TESTBED_PG_DIR="/tmp/sbx-chaos-pg")
+    out = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        need("postgres-restart", f"postgres.sh start failed: {out.stderr.strip()[-300:]}")
+    dsn = "postgresql://postgres@127.0.0.1:55499/scalebox"
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        schema.init(conn)  # type: ignore[arg-type]
+    try:
+        yield dsn, env
+    finally:
+        subprocess.run(["bash", str(script), "stop", "--wipe"], env=env, capture_output=True, timeout=120)
+
+
+def test_postgres_restart_mid_app_primes(private_pg: tuple[str, dict[str, str]], cli_env: dict[str, str],
+                                         tmp_path: Path) -> None:
+    dsn, pg_env = private_pg
+    spec = load_pipeline(primes_copy(tmp_path / "primes", calc_sleep=1.0))
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+    env = dict(cli_env, SCALEBOX_DSN=dsn)
+    proc = launcher(env, app_id, "h1")
+    wait_for(lambda: count(dsn, app_id, -3, "calc") >= 1, 60, "calc running")
+    script = str(REPO / "launchers/testbed/postgres.sh")
+    subprocess.run(["bash", script, "stop"], env=pg_env, check=True, capture_output=True, timeout=120)
+    time.sleep(3)  # tasks finish while the database is away; their results must wait, not vanish
+    subprocess.run(["bash", script, "start"], env=pg_env, check=True, capture_output=True, timeout=120)
+    wait_for(lambda: app_row(dsn, app_id)["status"] == "FINISHED", 120, "app-primes to finish after the restart")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert app_row(dsn, app_id)["result"] == "Result is 1229"
+    with connect(dsn) as conn:
+        tasks = apps.list_tasks(conn, app_id, limit=1000)
+    assert Counter(t["module"] for t in tasks) == {"scatter": 1, "calc": 10, "gather": 10}
+    assert all(t["status"] == 0 for t in tasks)
