@@ -4,6 +4,7 @@ and launcher, installs the signal handlers, runs until the slots end or a signal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -69,6 +70,8 @@ def run_launcher(
 ) -> int:
     """Run this host's slots until they end. SIGTERM/SIGINT drain (no new claims; running tasks
     get ``grace`` seconds). ``on_tick`` is called periodically; returning True drains too."""
+    if "SCALEBOX_DSN" not in config.script_env:
+        config = dataclasses.replace(config, script_env={**config.script_env, "SCALEBOX_DSN": dsn})
     launcher, listener = build(dsn, config)
     listener.start()
     listener.ready.wait(5.0)

@@ -7,8 +7,9 @@ VALUES (%(name)s, %(label)s, %(cluster)s, %(status)s, %(spec)s)
 RETURNING id;
 
 -- name: insert_module
-INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, stall_retries, spec)
-VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(stall_retries)s, %(spec)s)
+INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, stall_retries, max_pending, spec)
+VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(stall_retries)s,
+        %(max_pending)s, %(spec)s)
 RETURNING id;
 
 -- name: get_app
@@ -81,9 +82,19 @@ RETURNING id;
 --  2. FOR UPDATE SKIP LOCKED: concurrent slots never wait on, nor double-claim, a row;
 --  3. only while the app is RUNNING;
 --  4. mark them RUNNING with the lease (slot, host, heartbeat, expiry) in the same statement.
+--  5. back-pressure: nothing while a sink module with max_pending has that many READY tasks
+--     (counted up to the limit only, on the same partial index).
 -- A later locality filter adds an ORDER BY on "inputs in this host's scratch" to step 1.
 WITH app AS (
     SELECT 1 FROM sbx_apps WHERE id = %(app_id)s AND status = 'RUNNING'
+), full_sinks AS (
+    SELECT 1
+    FROM sbx_modules me
+    JOIN sbx_modules s ON s.app_id = me.app_id AND s.name = ANY (me.sink_modules)
+    WHERE me.id = %(module_id)s AND s.max_pending IS NOT NULL
+      AND (SELECT count(*) FROM (SELECT 1 FROM sbx_tasks r
+                                 WHERE r.module_id = s.id AND r.status = -1
+                                 LIMIT s.max_pending) AS lim) >= s.max_pending
 ), candidates AS (
     SELECT t.id
     FROM sbx_tasks t
@@ -92,6 +103,7 @@ WITH app AS (
       AND (t.to_host IS NULL OR t.to_host = %(host)s)
       AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND EXISTS (SELECT 1 FROM app)
+      AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
@@ -244,7 +256,51 @@ RETURNING id;
 -- name: app_activity
 -- What an idle slot needs to know: is the app still on, and does any module have work
 -- READY or RUNNING (upstream work will turn into ours, so idling out now would be early).
-SELECT a.status,
+SELECT a.status, a.cancelled,
        EXISTS (SELECT 1 FROM sbx_tasks t
                WHERE t.app_id = a.id AND t.status IN (-1, -3)) AS active
 FROM sbx_apps a WHERE a.id = %(app_id)s;
+
+-- name: cancel_app
+-- Cancel: FINISHED with the result 'cancelled'; launchers kill and release what runs.
+UPDATE sbx_apps
+SET status = 'FINISHED', cancelled = true, result = COALESCE(result, 'cancelled'), updated_at = now(),
+    finished_at = COALESCE(finished_at, now())
+WHERE id = %(app_id)s
+RETURNING id;
+
+-- name: app_cancelled
+SELECT cancelled FROM sbx_apps WHERE id = %(app_id)s;
+
+-- name: semaphore_create
+INSERT INTO sbx_semaphores (app_id, name, value) VALUES (%(app_id)s, %(name)s, %(value)s)
+ON CONFLICT (app_id, name) DO UPDATE SET value = EXCLUDED.value
+RETURNING value;
+
+-- name: semaphore_get
+SELECT value FROM sbx_semaphores WHERE app_id = %(app_id)s AND name = %(name)s;
+
+-- name: semaphore_add
+-- Atomic increment/decrement (row lock); returns the new value.
+UPDATE sbx_semaphores SET value = value + %(delta)s
+WHERE app_id = %(app_id)s AND name = %(name)s
+RETURNING value;
+
+-- name: semaphore_take
+-- Takes one unit only while the value is positive (the gate before a claim).
+UPDATE sbx_semaphores SET value = value - 1
+WHERE app_id = %(app_id)s AND name = %(name)s AND value > 0
+RETURNING value;
+
+-- name: semaphore_list
+SELECT name, value FROM sbx_semaphores WHERE app_id = %(app_id)s ORDER BY name;
+
+-- name: variable_set
+INSERT INTO sbx_variables (app_id, name, value) VALUES (%(app_id)s, %(name)s, %(value)s)
+ON CONFLICT (app_id, name) DO UPDATE SET value = EXCLUDED.value;
+
+-- name: variable_get
+SELECT value FROM sbx_variables WHERE app_id = %(app_id)s AND name = %(name)s;
+
+-- name: variable_list
+SELECT name, value FROM sbx_variables WHERE app_id = %(app_id)s ORDER BY name;

@@ -56,6 +56,7 @@ def create_app(conn: Connection, spec: AppSpec) -> int:
                 "app_id": app_id, "name": module.name, "seq": seq, "sink_modules": module.sink_modules,
                 "conflict_action": module.arguments.conflict_action.value,
                 "stall_retries": stall_retries(module.parameters.retry_rules),
+                "max_pending": module.arguments.max_pending,
                 "spec": Jsonb(module.model_dump(mode="json")),
             }).fetchone()["id"]  # type: ignore[index]
             refs[module.name] = ModuleRef(
@@ -95,6 +96,61 @@ def finish_app(conn: Connection, app_id: int, result: str) -> None:
     with conn.transaction():
         if conn.execute(query("finish_app"), {"app_id": app_id, "result": result}).fetchone() is None:
             raise NotFoundError("app", app_id)
+
+
+def cancel_app(conn: Connection, app_id: int) -> None:
+    """Finish the app as cancelled: nothing more is claimed, running tasks are killed and released."""
+    with conn.transaction():
+        if conn.execute(query("cancel_app"), {"app_id": app_id}).fetchone() is None:
+            raise NotFoundError("app", app_id)
+
+
+def semaphore_create(conn: Connection, app_id: int, name: str, value: int) -> int:
+    """Create (or reset) a semaphore."""
+    with conn.transaction():
+        return int(conn.execute(query("semaphore_create"), {"app_id": app_id, "name": name, "value": value})
+                   .fetchone()["value"])  # type: ignore[index]
+
+
+def semaphore_get(conn: Connection, app_id: int, name: str) -> int:
+    """A semaphore's value."""
+    row = conn.execute(query("semaphore_get"), {"app_id": app_id, "name": name}).fetchone()
+    if row is None:
+        raise NotFoundError("semaphore", name)
+    return int(row["value"])
+
+
+def semaphore_add(conn: Connection, app_id: int, name: str, delta: int) -> int:
+    """Atomically add ``delta`` (negative to decrement); returns the new value."""
+    with conn.transaction():
+        row = conn.execute(query("semaphore_add"), {"app_id": app_id, "name": name, "delta": delta}).fetchone()
+    if row is None:
+        raise NotFoundError("semaphore", name)
+    return int(row["value"])
+
+
+def semaphore_list(conn: Connection, app_id: int) -> dict[str, int]:
+    """Every semaphore of the app."""
+    return {r["name"]: int(r["value"]) for r in conn.execute(query("semaphore_list"), {"app_id": app_id})}
+
+
+def variable_set(conn: Connection, app_id: int, name: str, value: str) -> None:
+    """Set an app variable."""
+    with conn.transaction():
+        conn.execute(query("variable_set"), {"app_id": app_id, "name": name, "value": value})
+
+
+def variable_get(conn: Connection, app_id: int, name: str) -> str:
+    """An app variable's value."""
+    row = conn.execute(query("variable_get"), {"app_id": app_id, "name": name}).fetchone()
+    if row is None:
+        raise NotFoundError("variable", name)
+    return str(row["value"])
+
+
+def variable_list(conn: Connection, app_id: int) -> dict[str, str]:
+    """Every variable of the app."""
+    return {r["name"]: str(r["value"]) for r in conn.execute(query("variable_list"), {"app_id": app_id})}
 
 
 def add_tasks(

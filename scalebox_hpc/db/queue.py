@@ -164,14 +164,36 @@ class PgQueue:
     # -- the launcher's calls ---------------------------------------------------------------
     def claim(
         self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
-        limit: int = 1, lease_seconds: float = 30.0,
+        limit: int = 1, lease_seconds: float = 30.0, semaphore: str | None = None,
     ) -> list[Task]:
-        """Claim up to ``limit`` READY tasks for this slot (empty list: nothing to do)."""
-        rows = self._run("claim_tasks", {
+        """Claim up to ``limit`` READY tasks for this slot (empty list: nothing to do). With a
+        ``semaphore``, one unit of it is taken per claim, in the same transaction, and only
+        while it is positive."""
+        params = {
             "app_id": app_id, "module_id": module_id, "host": host, "slot_id": slot_id,
             "slot_seq": slot_seq, "limit": limit, "lease_seconds": lease_seconds,
-        })
-        return [Task.from_row(r) for r in rows]
+        }
+        if semaphore is None:
+            return [Task.from_row(r) for r in self._run("claim_tasks", params)]
+        with translate_errors(self.dsn):
+            try:
+                with self.conn.transaction() as tx:
+                    sem = {"app_id": app_id, "name": semaphore}
+                    if self.conn.execute(query("semaphore_take"), sem).fetchone() is None:
+                        return []
+                    rows = self.conn.execute(query("claim_tasks"), params).fetchall()
+                    if not rows:
+                        raise psycopg.Rollback(tx)  # nothing claimed: give the unit back
+                    return [Task.from_row(r) for r in rows]
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self.close()
+                raise
+        return []
+
+    def app_cancelled(self, app_id: int) -> bool:
+        """True once `scalebox app cancel` was called."""
+        rows = self._run("app_cancelled", {"app_id": app_id})
+        return bool(rows and rows[0]["cancelled"])
 
     def complete(
         self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,

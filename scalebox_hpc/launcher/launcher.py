@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
@@ -47,6 +47,8 @@ class LauncherConfig:
     modules: Sequence[str] = ()
     slots: int | None = None
     local: bool = False
+    script_env: Mapping[str, str] = field(default_factory=dict)
+    """Added to every script's environment (e.g. SCALEBOX_DSN for `scalebox semaphore` in run.sh)."""
 
 
 class Launcher:
@@ -77,7 +79,7 @@ class Launcher:
         for name in cfg.modules:
             if name not in specs:
                 raise NotFoundError("module", name)
-        env = dict(os.environ)
+        env = {**os.environ, **cfg.script_env}
         contexts = []
         for name, spec in specs.items():
             if cfg.modules and name not in cfg.modules:
@@ -139,6 +141,8 @@ class Launcher:
                 try:
                     self._beat(queue)
                     recovered = queue.recover_expired(slot_timeout_seconds=4 * interval)
+                    if queue.app_cancelled(self.config.app_id):
+                        self._cancel()
                 except ScaleboxError as exc:
                     logger.warning("heartbeat failed, will retry: %s", exc)
                     continue
@@ -146,6 +150,13 @@ class Launcher:
                     logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status)
         finally:
             queue.close()
+
+    def _cancel(self) -> None:
+        if not self.control.abort.is_set():
+            logger.warning("app %s cancelled: killing and releasing running tasks", self.config.app_id)
+        self.control.draining.set()
+        self.control.abort.set()
+        self.wakeups.notify_all()
 
     def _beat(self, queue: TaskQueue) -> None:
         for slot in self.slots:

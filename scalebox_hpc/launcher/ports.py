@@ -16,8 +16,9 @@ class TaskQueue(Protocol):
     def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]: ...
     def claim(
         self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
-        limit: int = 1, lease_seconds: float = 30.0,
+        limit: int = 1, lease_seconds: float = 30.0, semaphore: str | None = None,
     ) -> list[Task]: ...
+    def app_cancelled(self, app_id: int) -> bool: ...
     def complete(
         self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
         modules: dict[str, ModuleRef], requeue: bool = False,

@@ -19,6 +19,7 @@ from pathlib import Path
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
@@ -151,6 +152,11 @@ class Slot:
             self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
 
     def _check_gate(self) -> bool:
+        """Built-in disk gates, then check.sh (Scalebox's ACTION_CHECK): all must say go."""
+        reason = closed_gate(self.ctx.module.arguments, self.ctx.work_dir)
+        if reason is not None:
+            logger.info("slot %s/%s waits: %s", self.ctx.module.name, self.ctx.seq, reason)
+            return False
         code = self._script("check.sh")
         return code in (None, 0)
 
@@ -158,6 +164,7 @@ class Slot:
         tasks = self.queue.claim(
             self.ctx.app_id, self.ctx.ref.id, host=self.ctx.host, slot_id=self.slot_id,
             slot_seq=self.ctx.seq, limit=1, lease_seconds=self.lease_seconds,
+            semaphore=self.ctx.module.arguments.semaphore,
         )
         return tasks[0] if tasks else None
 

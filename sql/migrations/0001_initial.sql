@@ -19,6 +19,8 @@ CREATE TABLE sbx_apps (
     status text NOT NULL DEFAULT 'RUNNING'
         CHECK (status IN ('INITIAL', 'RUNNING', 'PAUSED', 'FINISHED')),
     result text,
+    -- set by `scalebox app cancel`: launchers kill and release what runs, and stop
+    cancelled boolean NOT NULL DEFAULT false,
     spec jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
@@ -35,6 +37,8 @@ CREATE TABLE sbx_modules (
         CHECK (conflict_action IN ('FAIL', 'IGNORE', 'OVERWRITE')),
     -- extra attempts for a task whose slot died (status 123), from retry_rules
     stall_retries integer NOT NULL DEFAULT 2,
+    -- back-pressure: while this many tasks of the module are READY, its upstream claims nothing
+    max_pending integer,
     spec jsonb NOT NULL,
     UNIQUE (app_id, name)
 );
