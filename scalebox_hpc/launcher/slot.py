@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
-from scalebox_hpc.errors import DatabaseError, ScaleboxError
+from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
 from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.ports import TaskQueue
@@ -29,6 +29,8 @@ from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec
 logger = logging.getLogger(__name__)
 
 HELPER_BIN = Path(__file__).resolve().parent / "bin"
+CRASH_LOOP_LIMIT = 5
+"""Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Slot:
         self.tasks_done = 0
         self.current: Task | None = None
         self.db_failures = 0
+        self.crashes = 0
         self.running = False
         self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
 
@@ -195,6 +198,14 @@ class Slot:
         requeue = TaskStatus.is_failure(result.status) and task.attempts <= extra_attempts(rules, result.status)
         self._record(task, result, requeue)
         self.current = None
+        self._watch_crashes(result.status)
+
+    def _watch_crashes(self, status: int) -> None:
+        """A slot whose runs keep dying (killed by a signal, or not startable) stops claiming."""
+        died = status == TaskStatus.SYSTEM_ERROR or (128 < status < 160)
+        self.crashes = self.crashes + 1 if died else 0
+        if self.crashes >= CRASH_LOOP_LIMIT:
+            raise SlotError(f"crash loop: the last {self.crashes} runs died (status {status})")
 
     def _record(self, task: Task, result: TaskResult, requeue: bool) -> None:
         """Hand the result off; while the database is away keep it and retry (a result is never

@@ -273,3 +273,19 @@ def test_headers_reach_run_sh_as_json(pg_dsn: str, tmp_path: Path) -> None:
     launch(pg_dsn, app_id, tmp_path / "work")
     [path] = list((tmp_path / "work").rglob("headers.json"))
     assert json.loads(path.read_text()) == {"q": "it's \"quoted\" $(x)"}
+
+
+def test_crash_looping_slot_stops_claiming(pg_dsn: str, tmp_path: Path) -> None:
+    app_id = create(pg_dsn, tmp_path / "app", f"""
+        name: crash
+        modules:
+          a:
+            {FAST}
+    """, {"a/run.sh": "kill -9 $$\n"})
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "a", [Message(f"t{i}") for i in range(8)])
+    launch(pg_dsn, app_id, tmp_path / "work")
+    [slot] = slots(pg_dsn, app_id)
+    assert slot["status"] == "ERROR" and "crash loop" in slot["message"]
+    done = [t["status"] for t in tasks(pg_dsn, app_id)]
+    assert sorted(done) == [-1, -1, -1] + [137] * 5
