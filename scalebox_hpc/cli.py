@@ -495,13 +495,25 @@ def task_show(as_json: bool, task_id: int) -> None:
 
 
 @task.command("retry")
-@click.argument("task_ids", type=int, nargs=-1, required=True)
-def task_retry(task_ids: tuple[int, ...]) -> None:
-    """Make finished tasks READY again."""
+@APP_OPTION
+@click.option("--failed", is_flag=True, help="Every failed task of the app (exit codes, timeouts, errors).")
+@click.option("--status", "status", type=int, default=None, help="Every task of the app with this status.")
+@click.option("-m", "--module", default=None, help="With --failed/--status: only this module.")
+@click.argument("task_ids", type=int, nargs=-1)
+def task_retry(app: int | None, failed: bool, status: int | None, module: str | None,
+               task_ids: tuple[int, ...]) -> None:
+    """Make finished tasks READY again: by id, or all --failed, or all with --status CODE."""
     from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
 
+    if not task_ids and not failed and status is None:
+        raise click.UsageError("give TASK_IDS, --failed or --status CODE")
     with _db() as conn:
-        done = apps.retry_tasks(conn, task_ids)
+        ids = list(task_ids)
+        if failed or status is not None:
+            rows = apps.list_tasks(conn, _app_id(conn, app), module=module, status=status, limit=10_000_000)
+            ids += [r["id"] for r in rows if not failed or TaskStatus.is_failure(r["status"])]
+        done = apps.retry_tasks(conn, ids)
     click.echo(f"requeued {len(done)} task(s)")
 
 

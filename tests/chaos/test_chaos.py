@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -201,3 +202,13 @@ def test_postgres_restart_mid_app_primes(private_pg: tuple[str, dict[str, str]],
         tasks = apps.list_tasks(conn, app_id, limit=1000)
     assert Counter(t["module"] for t in tasks) == {"scatter": 1, "calc": 10, "gather": 10}
     assert all(t["status"] == 0 for t in tasks)
+
+
+def test_soak_small(pg_dsn: str, tmp_path: Path) -> None:
+    """benchmarks/soak.py at CI size: launchers killed at random, final counts exact."""
+    env = dict(os.environ, SCALEBOX_DSN=pg_dsn, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/soak.py"), "--tasks", "400", "--kill-every", "1.5"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["exact"] is True and result["final"]["sink"] == {"0": 360}

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Soak: many tasks through two stages while launchers are killed with -9 at random.
+
+A `work` stage gets N tasks; every 10th exits 3 (retry rule '3:1': one retry, then final
+status 3), the others emit one message to a `sink` stage. L launcher processes (S slots each)
+run both stages; a killer SIGKILLs a random launcher every few seconds and starts a new one.
+Prints one JSON object: final counts and whether they are exact (every work task 0 or 3, one
+sink task per successful work task, nothing left READY/RUNNING), recovery times (kill → the
+killed launcher's tasks back in the queue), kills, throughput.
+
+Usage: python benchmarks/soak.py [--tasks 100000] [--launchers 2] [--slots 2] [--kill-every 5]
+(SCALEBOX_DSN, else the embedded database)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from scalebox_hpc.db import apps
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.models import Message
+from scalebox_hpc.node import resolve_dsn
+from scalebox_hpc.pipeline import load_pipeline
+
+PIPELINE = """
+name: soak
+modules:
+  work:
+    sink_modules: [sink]
+    parameters: {retry_rules: ['3:1']}
+    arguments: {heartbeat_seconds: 1, max_idle_polls: 1000000, sleep_interval_seconds: 0.5}
+  sink:
+    arguments: {heartbeat_seconds: 1, max_idle_polls: 1000000, sleep_interval_seconds: 0.5}
+"""
+WORK = '#!/bin/sh\ncase "$1" in *0) exit 3 ;; esac\necho "$1" > sink-tasks.txt\n'
+SINK = "#!/bin/sh\nexit 0\n"
+
+
+class Fleet:
+    """The launcher processes, with a killer that SIGKILLs one at random now and then."""
+
+    def __init__(self, dsn: str, app_id: int, launchers: int, slots: int, work: Path) -> None:
+        self.args = [sys.executable, "-m", "scalebox_hpc", "launcher", "--app", str(app_id), "--slots", str(slots),
+                     "--grace", "5"]
+        self.env = dict(os.environ, SCALEBOX_DSN=dsn, SCALEBOX_WORK_ROOT=str(work))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.kills: list[tuple[str, float]] = []
+        self.generation = 0
+        for i in range(launchers):
+            self._start(f"l{i}")
+
+    def _start(self, slot_name: str) -> None:
+        self.generation += 1
+        host = f"{slot_name}-g{self.generation}"
+        self.procs[slot_name] = subprocess.Popen(self.args, env=dict(self.env, SCALEBOX_HOST=host),
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.hosts = getattr(self, "hosts", {})
+        self.hosts[slot_name] = host
+
+    def kill_one(self) -> None:
+        name = random.choice(sorted(self.procs))
+        host = self.hosts[name]
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait()
+        self.kills.append((host, time.time()))
+        time.sleep(0.5)
+        self._start(name)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            proc.wait(60)
+
+
+def counts(dsn: str, app_id: int) -> dict[str, dict[int, int]]:
+    with connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT m.name, t.status, count(*) AS n FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id "
+            "WHERE t.app_id = %s GROUP BY 1, 2", (app_id,)).fetchall()
+    out: dict[str, dict[int, int]] = {"work": {}, "sink": {}}
+    for r in rows:
+        out[r["name"]][int(r["status"])] = int(r["n"])
+    return out
+
+
+def recovery_times(dsn: str, app_id: int, kills: list[tuple[str, float]]) -> list[float]:
+    """Per kill: seconds until the last of the killed launcher's leases was recovered."""
+    with connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT e.host, extract(epoch FROM max(e.finished_at)) AS at FROM sbx_task_execs e "
+            "JOIN sbx_tasks t ON t.id = e.task_id WHERE t.app_id = %s AND e.status = 123 GROUP BY e.host",
+            (app_id,)).fetchall()
+    recovered = {r["host"]: float(r["at"]) for r in rows}
+    return [round(recovered[host] - at, 3) for host, at in kills if host in recovered]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--launchers", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--kill-every", type=float, default=5.0, help="mean seconds between kills")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args()
+    dsn = resolve_dsn(create_schema=True)
+    n = args.tasks
+    with tempfile.TemporaryDirectory(prefix="sbx-soak-") as tmp:
+        root = Path(tmp)
+        for name, script in (("work", WORK), ("sink", SINK)):
+            (root / name).mkdir()
+            (root / name / "run.sh").write_text(script)
+            (root / name / "run.sh").chmod(0o755)
+        (root / "app.yaml").write_text(PIPELINE)
+        with connect(dsn) as conn:
+            app_id = apps.create_app(conn, load_pipeline(root / "app.yaml"))
+            for start in range(0, n, 10_000):
+                apps.add_tasks(conn, app_id, "work", [Message(str(i)) for i in range(start, min(n, start + 10_000))])
+        t0 = time.time()
+        fleet = Fleet(dsn, app_id, args.launchers, args.slots, root / "wd")
+        expected_fail = sum(1 for i in range(n) if str(i).endswith("0"))
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def finished() -> bool:
+            c = counts(dsn, app_id)
+            return sum(c["work"].get(s, 0) for s in (0, 3)) == n and c["sink"].get(0, 0) == n - expected_fail
+
+        next_kill = time.time() + random.expovariate(1 / args.kill_every)
+        while not finished():
+            if time.time() > t0 + args.timeout:
+                result["timed_out"] = True
+                break
+            if time.time() >= next_kill:
+                fleet.kill_one()
+                next_kill = time.time() + random.expovariate(1 / args.kill_every)
+            time.sleep(0.2)
+        wall = time.time() - t0
+        done.set()
+        fleet.stop()
+        final = counts(dsn, app_id)
+        recoveries = recovery_times(dsn, app_id, fleet.kills)
+    exact = (final["work"] == {0: n - expected_fail, 3: expected_fail} and final["sink"] == {0: n - expected_fail})
+    result.update({
+        "tasks": n, "launchers": args.launchers, "slots_per_launcher": args.slots,
+        "final": {m: {str(k): v for k, v in sorted(c.items())} for m, c in final.items()},
+        "expected": {"work": {"0": n - expected_fail, "3": expected_fail}, "sink": {"0": n - expected_fail}},
+        "exact": exact, "kills": len(fleet.kills),
+        "recovery_s": {"n": len(recoveries), "p50": statistics.median(recoveries) if recoveries else None,
+                       "max": max(recoveries) if recoveries else None},
+        "wall_s": round(wall, 2), "work_tasks_per_s": round(n / wall, 1),
+    })
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    sys.exit(0 if exact else 1)
+
+
+if __name__ == "__main__":
+    main()
