@@ -259,6 +259,14 @@ def app_cancel(app_id: int | None) -> None:
 
 
 # -- semaphores and variables -------------------------------------------------------------------
+def _print_mapping(values: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _dump(values)
+        return
+    for name, value in values.items():
+        click.echo(f"{name}\t{value}")
+
+
 @cli.group()
 def semaphore() -> None:
     """Counters shared by every slot of an app (atomic in PostgreSQL); usable from run.sh.
@@ -322,12 +330,7 @@ def semaphore_list(app: int | None, as_json: bool) -> None:
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        values = apps.semaphore_list(conn, _app_id(conn, app))
-    if as_json:
-        _dump(values)
-        return
-    for name, value in values.items():
-        click.echo(f"{name}\t{value}")
+        _print_mapping(apps.semaphore_list(conn, _app_id(conn, app)), as_json)
 
 
 @cli.group()
@@ -366,12 +369,7 @@ def variable_list(app: int | None, as_json: bool) -> None:
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        values = apps.variable_list(conn, _app_id(conn, app))
-    if as_json:
-        _dump(values)
-        return
-    for name, value in values.items():
-        click.echo(f"{name}\t{value}")
+        _print_mapping(apps.variable_list(conn, _app_id(conn, app)), as_json)
 
 
 # -- task -------------------------------------------------------------------------------------
