@@ -132,7 +132,7 @@ class PgQueue:
     def conn(self) -> Connection:
         """The open connection (opened on first use, reopened after a failure)."""
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn)
+            self._conn = connect(self.dsn, autocommit=True)
         return self._conn
 
     def close(self) -> None:
@@ -143,10 +143,9 @@ class PgQueue:
 
     def _run(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         with translate_errors(self.dsn):
-            try:
-                with self.conn.transaction():
-                    cur = self.conn.execute(query(name), params)
-                    return cur.fetchall() if cur.description else []
+            try:  # one statement = one implicit transaction (autocommit): one round trip
+                cur = self.conn.execute(query(name), params)
+                return cur.fetchall() if cur.description else []
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 self.close()
                 raise

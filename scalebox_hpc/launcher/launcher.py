@@ -132,17 +132,21 @@ class Launcher:
         self._stopped.set()
 
     def _heartbeats(self) -> None:
-        """Every half heartbeat: renew each live slot and its task leases, then recover the
-        expired leases of dead slots anywhere (no daemon: every launcher does it)."""
+        """Every half heartbeat renew each live slot and its task leases; every quarter heartbeat
+        recover the expired leases of dead slots anywhere (no daemon: every launcher does it), so
+        a dead slot's tasks are back within 1.5 + 0.25 heartbeats."""
         queue = self.queue_factory()
-        interval = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots) / 2
+        hb = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots)
+        tick = 0
         try:
-            while not self._stopped.wait(interval) and self.alive():
+            while not self._stopped.wait(hb / 4) and self.alive():
+                tick += 1
                 try:
-                    self._beat(queue)
-                    recovered = queue.recover_expired(slot_timeout_seconds=4 * interval)
-                    if queue.app_cancelled(self.config.app_id):
-                        self._cancel()
+                    if tick % 2 == 0:
+                        self._beat(queue)
+                        if queue.app_cancelled(self.config.app_id):
+                            self._cancel()
+                    recovered = queue.recover_expired(slot_timeout_seconds=2 * hb)
                 except ScaleboxError as exc:
                     logger.warning("heartbeat failed, will retry: %s", exc)
                     continue
