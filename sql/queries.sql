@@ -38,41 +38,9 @@ SET status = 'FINISHED', result = COALESCE(result, %(result)s), updated_at = now
 WHERE id = %(app_id)s
 RETURNING id;
 
--- name: insert_tasks_fail
--- Messages as a JSON array of {module_id, body, headers, to_host, to_slot, status}.
--- A body that already exists in its module raises unique_violation (CONFLICT_ACTION=FAIL).
-INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
-SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
-       COALESCE(r.status, -1), %(from_task_id)s
-FROM jsonb_to_recordset(%(rows)s::jsonb)
-     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
-RETURNING id;
-
--- name: insert_tasks_ignore
--- As insert_tasks_fail, but an existing body is kept and the new message dropped.
-INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
-SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
-       COALESCE(r.status, -1), %(from_task_id)s
-FROM jsonb_to_recordset(%(rows)s::jsonb)
-     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
-ON CONFLICT (module_id, body_sha) DO NOTHING
-RETURNING id;
-
--- name: insert_tasks_overwrite
--- As insert_tasks_fail, but an existing task with the same body is reset to the new message,
--- unless it is RUNNING right now (a running task is never yanked from its slot).
-INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
-SELECT %(app_id)s, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
-       COALESCE(r.status, -1), %(from_task_id)s
-FROM jsonb_to_recordset(%(rows)s::jsonb)
-     AS r (module_id bigint, body text, headers jsonb, to_host text, to_slot integer, status integer)
-ON CONFLICT (module_id, body_sha) DO UPDATE
-SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
-    status = EXCLUDED.status, attempts = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
-    lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
-    from_task_id = EXCLUDED.from_task_id, created_at = now()
-WHERE sbx_tasks.status <> -3
-RETURNING id;
+-- name: insert_messages
+-- Messages as tasks (see sbx_insert_messages_v1 for the row format and CONFLICT_ACTION).
+SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
 
 -- name: claim_tasks
 -- The claim, in one statement:
@@ -117,31 +85,9 @@ WHERE t.id = c.id
 RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts;
 
 -- name: complete_task
--- Records the end of a run, only while this slot still holds the lease: a lost lease
--- (rowcount 0) means someone else owns the task now, and the caller rolls back its emits.
-UPDATE sbx_tasks
-SET status = %(status)s, finished_at = now(), lease_expires_at = NULL, heartbeat_at = now()
-WHERE id = %(task_id)s AND slot_id = %(slot_id)s AND status = -3
-RETURNING id;
-
--- name: insert_exec
-INSERT INTO sbx_task_execs
-    (task_id, attempt, slot_id, host, status, started_at, finished_at, stdout, stderr,
-     input_bytes, output_bytes, input_files, output_files, user_text, timestamps)
-VALUES
-    (%(task_id)s, %(attempt)s, %(slot_id)s, %(host)s, %(status)s, %(started_at)s, %(finished_at)s,
-     %(stdout)s, %(stderr)s, %(input_bytes)s, %(output_bytes)s, %(input_files)s, %(output_files)s,
-     %(user_text)s, %(timestamps)s)
-RETURNING id;
-
--- name: requeue_task
--- A failed run that its retry rules allow to try again: READY again, the attempt counted.
--- Lease-guarded like complete_task.
-UPDATE sbx_tasks
-SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-    started_at = NULL, finished_at = NULL
-WHERE id = %(task_id)s AND slot_id = %(slot_id)s AND status = -3
-RETURNING id;
+-- The hand-off in one round trip (see sbx_complete_task_v1); written is NULL on a lost lease.
+SELECT sbx_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(status)s::integer, %(requeue)s, %(exec)s::jsonb,
+                            %(messages)s::jsonb, %(finish_text)s) AS written;
 
 -- name: recover_expired
 -- Lease recovery, run by any live launcher (heartbeat thread) or CLI call: no daemon.

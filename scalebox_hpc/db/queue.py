@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,16 +43,31 @@ def _tail(text: str) -> str:
     return data[-OUTPUT_TAIL_BYTES:].decode("utf-8", "ignore")
 
 
-def _message_row(msg: Message, module_id: int, status: int = TaskStatus.READY) -> dict[str, Any]:
-    to_slot = msg.headers.get("to_slot")
-    return {
-        "module_id": module_id,
-        "body": msg.body,
-        "headers": msg.headers,
-        "to_host": msg.headers.get("to_host"),
-        "to_slot": int(to_slot) if to_slot not in (None, "") else None,
-        "status": status,
-    }
+def _message_rows(
+    routed: Iterable[tuple[ModuleRef, Message]], status: int, conflict: ConflictAction | None
+) -> list[dict[str, Any]]:
+    """The JSON rows sbx_insert_messages_v1 takes: one per message, with its conflict action."""
+    rows = []
+    for ref, msg in routed:
+        to_slot = msg.headers.get("to_slot")
+        rows.append({
+            "module_id": ref.id, "body": msg.body, "headers": msg.headers,
+            "to_host": msg.headers.get("to_host"),
+            "to_slot": int(to_slot) if to_slot not in (None, "") else None,
+            "status": status, "action": (conflict or ref.conflict_action).value,
+        })
+    return rows
+
+
+@contextlib.contextmanager
+def _duplicates_as_invalid() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        raise InvalidMessageError(
+            "a message body already exists in its module (CONFLICT_ACTION=FAIL)",
+            hint="set arguments.conflict_action to IGNORE or OVERWRITE, or use distinct bodies",
+        ) from exc
 
 
 def insert_messages(
@@ -59,35 +75,18 @@ def insert_messages(
     app_id: int,
     routed: Iterable[tuple[ModuleRef, Message]],
     *,
-    from_task_id: int | None = None,
     status: int = TaskStatus.READY,
     conflict: ConflictAction | None = None,
 ) -> int:
-    """Insert messages as tasks, each group by its target's CONFLICT_ACTION; returns rows written.
-
-    Runs inside the caller's transaction. With FAIL, a duplicate body raises InvalidMessageError
-    (and the caller's transaction is aborted: nothing of it is kept).
-    """
-    groups: dict[ConflictAction, list[dict[str, Any]]] = {}
-    for ref, msg in routed:
-        action = conflict or ref.conflict_action
-        groups.setdefault(action, []).append(_message_row(msg, ref.id, status))
-    written = 0
-    for action, rows in groups.items():
-        name = {
-            ConflictAction.FAIL: "insert_tasks_fail",
-            ConflictAction.IGNORE: "insert_tasks_ignore",
-            ConflictAction.OVERWRITE: "insert_tasks_overwrite",
-        }[action]
-        params = {"app_id": app_id, "rows": Jsonb(rows), "from_task_id": from_task_id}
-        try:
-            written += len(conn.execute(query(name), params).fetchall())
-        except psycopg.errors.UniqueViolation as exc:
-            raise InvalidMessageError(
-                "a message body already exists in its module (CONFLICT_ACTION=FAIL)",
-                hint="set arguments.conflict_action to IGNORE or OVERWRITE, or use distinct bodies",
-            ) from exc
-    return written
+    """Insert messages as tasks, each by its target's CONFLICT_ACTION (or ``conflict``); returns
+    rows written. With FAIL, a duplicate body raises InvalidMessageError and nothing is written."""
+    rows = _message_rows(routed, status, conflict)
+    if not rows:
+        return 0
+    params = {"app_id": app_id, "rows": Jsonb(rows), "from_task_id": None}
+    with _duplicates_as_invalid():
+        row = conn.execute(query("insert_messages"), params).fetchone()
+    return int(row["written"]) if row else 0
 
 
 def route(
@@ -216,25 +215,21 @@ class PgQueue:
         self, task: Task, result: TaskResult, slot_id: int, host: str,
         routed: list[tuple[ModuleRef, Message]], requeue: bool,
     ) -> int:
-        with translate_errors(self.dsn):
-            conn = self.conn
+        params = {
+            "task_id": task.id, "slot_id": slot_id, "status": result.status, "requeue": requeue,
+            "exec": Jsonb(_exec_record(result, host)),
+            "messages": Jsonb(_message_rows(routed, TaskStatus.READY, None)),
+            "finish_text": result.finish_text,
+        }
+        with translate_errors(self.dsn), _duplicates_as_invalid():
             try:
-                with conn.transaction():
-                    done = conn.execute(query("requeue_task" if requeue else "complete_task"), {
-                        "task_id": task.id, "slot_id": slot_id, "status": result.status,
-                    }).fetchone()
-                    if done is None:
-                        raise LeaseLostError(task.id)
-                    conn.execute(query("insert_exec"), _exec_params(task, result, slot_id, host))
-                    written = insert_messages(conn, task.app_id, routed, from_task_id=task.id)
-                    if result.finish_text is not None:
-                        conn.execute(query("finish_app"), {
-                            "app_id": task.app_id, "result": result.finish_text,
-                        })
-                    return written
+                row = self.conn.execute(query("complete_task"), params).fetchone()
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 self.close()
                 raise
+        if row is None or row["written"] is None:
+            raise LeaseLostError(task.id)
+        return int(row["written"])
 
     def recover_expired(self, *, slot_timeout_seconds: float) -> list[tuple[int, int]]:
         """Return tasks with expired leases to READY (or 123 when their retries are spent) and mark
@@ -286,14 +281,13 @@ def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
     )
 
 
-def _exec_params(task: Task, result: TaskResult, slot_id: int, host: str) -> dict[str, Any]:
+def _exec_record(result: TaskResult, host: str) -> dict[str, Any]:
     return {
-        "task_id": task.id, "attempt": task.attempts, "slot_id": slot_id, "host": host,
-        "status": result.status, "started_at": result.started_at, "finished_at": result.finished_at,
+        "host": host, "started_at": result.started_at.isoformat(), "finished_at": result.finished_at.isoformat(),
         "stdout": _tail(result.stdout), "stderr": _tail(result.stderr),
         "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
-        "input_files": Jsonb(result.input_files), "output_files": Jsonb(result.output_files),
-        "user_text": result.user_text, "timestamps": Jsonb(result.timestamps),
+        "input_files": result.input_files, "output_files": result.output_files,
+        "user_text": result.user_text, "timestamps": result.timestamps,
     }
 
 

@@ -131,6 +131,106 @@ CREATE TABLE sbx_variables (
     PRIMARY KEY (app_id, name)
 );
 
+-- Inserts messages as tasks. rows: JSON array of {module_id, body, headers, to_host, to_slot,
+-- status, action}; action is the target module's CONFLICT_ACTION for a body that already exists:
+-- FAIL raises unique_violation (the caller's transaction is lost), IGNORE keeps the old task,
+-- OVERWRITE resets the old task to the new message unless it is RUNNING right now.
+-- Returns the rows written.
+CREATE FUNCTION sbx_insert_messages_v1(p_app_id bigint, p_from_task_id bigint, p_rows jsonb)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    written integer := 0;
+    n integer;
+BEGIN
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'FAIL';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    written := written + n;
+
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'IGNORE'
+    ON CONFLICT (module_id, body_sha) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    written := written + n;
+
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'OVERWRITE'
+    ON CONFLICT (module_id, body_sha) DO UPDATE
+    SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+        status = EXCLUDED.status, attempts = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+        lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+        from_task_id = EXCLUDED.from_task_id, created_at = now()
+    WHERE sbx_tasks.status <> -3;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN written + n;
+END;
+$$;
+
+-- The hand-off, in one call (one round trip, one transaction): end the run of a task this slot
+-- still holds (or make it READY again for a retry), record the execution, insert the emitted
+-- messages and, if asked, finish the app. Returns the messages written, or NULL when the slot
+-- no longer holds the task (lease lost: nothing is written).
+CREATE FUNCTION sbx_complete_task_v1(
+    p_task_id bigint, p_slot_id bigint, p_status integer, p_requeue boolean,
+    p_exec jsonb, p_messages jsonb, p_finish_text text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    t sbx_tasks;
+    written integer := 0;
+BEGIN
+    IF p_requeue THEN
+        UPDATE sbx_tasks
+        SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+            started_at = NULL, finished_at = NULL
+        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3
+        RETURNING * INTO t;
+    ELSE
+        UPDATE sbx_tasks
+        SET status = p_status, finished_at = now(), lease_expires_at = NULL, heartbeat_at = now()
+        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3
+        RETURNING * INTO t;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO sbx_task_execs
+        (task_id, attempt, slot_id, host, status, started_at, finished_at, stdout, stderr,
+         input_bytes, output_bytes, input_files, output_files, user_text, timestamps)
+    SELECT p_task_id, t.attempts, p_slot_id, e.host, p_status, e.started_at, e.finished_at,
+           COALESCE(e.stdout, ''), COALESCE(e.stderr, ''), e.input_bytes, e.output_bytes,
+           COALESCE(e.input_files, '[]'), COALESCE(e.output_files, '[]'), e.user_text,
+           COALESCE(e.timestamps, '[]')
+    FROM jsonb_to_record(p_exec) AS e (host text, started_at timestamptz, finished_at timestamptz,
+                                       stdout text, stderr text, input_bytes bigint, output_bytes bigint,
+                                       input_files jsonb, output_files jsonb, user_text text,
+                                       timestamps jsonb);
+    IF jsonb_array_length(p_messages) > 0 THEN
+        written := sbx_insert_messages_v1(t.app_id, p_task_id, p_messages);
+    END IF;
+    IF p_finish_text IS NOT NULL THEN
+        UPDATE sbx_apps
+        SET status = 'FINISHED', result = COALESCE(result, p_finish_text), updated_at = now(),
+            finished_at = COALESCE(finished_at, now())
+        WHERE id = t.app_id;
+    END IF;
+    RETURN written;
+END;
+$$;
+
 -- Wake-up hints: one NOTIFY per statement and module that made tasks READY.
 -- The payload is the module id; listeners still poll, so a lost hint costs latency only.
 CREATE FUNCTION sbx_notify_ready_v1() RETURNS trigger

@@ -15,7 +15,7 @@ def test_parse_queries_splits_on_name_lines() -> None:
 
 def test_shipped_queries_and_migrations_load() -> None:
     names = set(sql.queries())
-    assert {"claim_tasks", "complete_task", "insert_exec", "heartbeat_slot", "release_tasks"} <= names
+    assert {"claim_tasks", "complete_task", "insert_messages", "heartbeat_slot", "release_tasks"} <= names
     versions = [v for v, _, _ in sql.migrations()]
     assert versions == sorted(versions) and versions[0] == 1
     assert sql.schema_version() == versions[-1]
