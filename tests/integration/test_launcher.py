@@ -289,3 +289,20 @@ def test_crash_looping_slot_stops_claiming(pg_dsn: str, tmp_path: Path) -> None:
     assert slot["status"] == "ERROR" and "crash loop" in slot["message"]
     done = [t["status"] for t in tasks(pg_dsn, app_id)]
     assert sorted(done) == [-1, -1, -1] + [137] * 5
+
+
+def test_setup_timeout_ends_the_slot(pg_dsn: str, tmp_path: Path) -> None:
+    """task_max_seconds bounds setup.sh too: a hanging setup is killed and the slot goes to ERROR."""
+    app_id = create(pg_dsn, tmp_path / "app", """
+        name: st
+        parameters: {start_task: go}
+        modules:
+          a:
+            arguments: {task_max_seconds: 1, max_idle_polls: 2, sleep_interval_seconds: 0.2}
+    """, {"a/setup.sh": "sleep 120\n", "a/run.sh": "true\n"})
+    t0 = time.monotonic()
+    launch(pg_dsn, app_id, tmp_path / "work")
+    assert time.monotonic() - t0 < 15
+    [slot] = slots(pg_dsn, app_id)
+    assert slot["status"] == "ERROR"
+    assert [t["status"] for t in tasks(pg_dsn, app_id)] == [-1]
