@@ -60,7 +60,8 @@ def create_app(conn: Connection, spec: AppSpec) -> int:
                 "spec": Jsonb(module.model_dump(mode="json")),
             }).fetchone()["id"]  # type: ignore[index]
             refs[module.name] = ModuleRef(
-                mid, module.name, tuple(module.sink_modules), module.arguments.conflict_action
+                mid, module.name, tuple(module.sink_modules), module.arguments.conflict_action,
+                module.arguments.task_dist_mode,
             )
         insert_messages(conn, app_id, route(refs, None, start_messages(spec)), conflict=ConflictAction.IGNORE)
     return int(app_id)

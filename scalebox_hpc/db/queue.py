@@ -30,6 +30,8 @@ class ModuleRef:
     name: str
     sink_modules: tuple[str, ...]
     conflict_action: ConflictAction
+    dist_mode: str | None = None
+    """HOST-BOUND / SLOT-BOUND: messages to this module go to the sender's host / slot."""
 
 
 class LeaseLostError(Exception):
@@ -105,8 +107,19 @@ def route(
         target = modules.get(name)
         if target is None:
             raise InvalidMessageError(f"unknown sink module {name!r}")
-        routed.append((target, msg))
+        routed.append((target, bind(target, msg)))
     return routed
+
+
+def bind(target: ModuleRef, msg: Message) -> Message:
+    """Scalebox's HOST-BOUND / SLOT-BOUND dispatch: pin the message to the host (and slot) it
+    came from, unless it names its own ``to_host`` / ``to_slot``."""
+    headers = dict(msg.headers)
+    if target.dist_mode in ("HOST-BOUND", "SLOT-BOUND") and "from_host" in headers:
+        headers.setdefault("to_host", headers["from_host"])
+    if target.dist_mode == "SLOT-BOUND" and "from_slot" in headers:
+        headers.setdefault("to_slot", headers["from_slot"])
+    return msg if headers == msg.headers else Message(body=msg.body, headers=headers, module=msg.module)
 
 
 def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
@@ -115,7 +128,10 @@ def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
     if not rows:
         raise NotFoundError("app", app_id)
     return {
-        r["name"]: ModuleRef(r["id"], r["name"], tuple(r["sink_modules"]), ConflictAction(r["conflict_action"]))
+        r["name"]: ModuleRef(
+            r["id"], r["name"], tuple(r["sink_modules"]), ConflictAction(r["conflict_action"]),
+            (r["spec"].get("arguments") or {}).get("task_dist_mode"),
+        )
         for r in rows
     }
 

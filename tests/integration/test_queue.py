@@ -245,3 +245,42 @@ def test_database_error_names_dsn_without_password() -> None:
 def test_dict_row_connection_smoke(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
         assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+
+
+BOUND = """
+name: bound
+modules:
+  src:
+    sink_modules: [h, s]
+  h:
+    arguments: {task_dist_mode: HOST-BOUND}
+  s:
+    arguments: {task_dist_mode: SLOT-BOUND}
+"""
+
+
+def test_host_and_slot_bound_dispatch(pg_dsn: str, tmp_path: Path) -> None:
+    from scalebox_hpc.db.queue import headers_for
+
+    spec = load_pipeline(write_app(tmp_path / "b", BOUND, {f"{m}/run.sh": "true\n" for m in ("src", "h", "s")}))
+    with connect(pg_dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+        apps.add_tasks(conn, app_id, "src", [Message("go")])
+    q = PgQueue(pg_dsn)
+    refs = q.modules(app_id)
+    assert refs["h"].dist_mode == "HOST-BOUND"
+    slot = q.create_slot(refs["src"].id, host="n7", seq=3, pid=1, work_dir="/tmp")
+    [task] = q.claim(app_id, refs["src"].id, host="n7", slot_id=slot, slot_seq=3)
+    hdr = headers_for({}, from_module="src", from_host="n7", from_slot=3)
+    pinned = headers_for({"to_host": "n9"}, from_module="src", from_host="n7", from_slot=3)
+    q.complete(task, _result(messages=[Message("x", hdr, "h"), Message("y", hdr, "s"), Message("z", pinned, "h")]),
+               slot_id=slot, host="n7", sender=refs["src"], modules=refs)
+    with connect(pg_dsn) as conn:
+        rows = {r["body"]: r for r in conn.execute(
+            "SELECT body, to_host, to_slot FROM sbx_tasks WHERE app_id = %s", (app_id,)).fetchall()}
+    assert (rows["x"]["to_host"], rows["x"]["to_slot"]) == ("n7", None)
+    assert (rows["y"]["to_host"], rows["y"]["to_slot"]) == ("n7", 3)
+    assert rows["z"]["to_host"] == "n9"  # an explicit to_host wins
+    other = q.create_slot(refs["h"].id, host="n8", seq=0, pid=1, work_dir="/tmp")
+    assert q.claim(app_id, refs["h"].id, host="n8", slot_id=other, slot_seq=0, limit=5) == []
+    q.close()
