@@ -75,7 +75,7 @@ class Slot:
     @property
     def lease_seconds(self) -> float:
         """How long a claim stays valid without a heartbeat (the launcher beats every half
-        heartbeat, so two beats may be missed; recovery follows within 2 heartbeats)."""
+        heartbeat, so two beats may be missed; recovery follows within 1.75 heartbeats)."""
         return lease_for(self.ctx.module.arguments.heartbeat_seconds)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class Slot:
             try:
                 task = self._claim()
             except DatabaseError as exc:  # outage: wait it out, without counting as idle
-                self._backoff(exc, seen)
+                self._backoff(exc)
                 continue
             self.db_failures = 0
             if task is not None:
@@ -171,8 +171,9 @@ class Slot:
         )
         return tasks[0] if tasks else None
 
-    def _backoff(self, exc: Exception, seen: int) -> None:
+    def _backoff(self, exc: Exception) -> None:
         """Sleep 0.5 s, 1 s, 2 s ... up to 30 s between tries while the database is away."""
+        seen = self.ctx.wakeups.generation(-2)
         self.db_failures += 1
         delay = min(30.0, 0.5 * 2 ** (self.db_failures - 1))
         logger.warning("slot %s/%s: database unavailable, retrying in %.1fs: %s",
@@ -210,7 +211,6 @@ class Slot:
     def _record(self, task: Task, result: TaskResult, requeue: bool) -> None:
         """Hand the result off; while the database is away keep it and retry (a result is never
         dropped, unless the lease was lost meanwhile: then the task ran again elsewhere)."""
-        seen = self.ctx.wakeups.generation(-2)
         while True:
             try:
                 written = self.queue.complete(
@@ -224,7 +224,7 @@ class Slot:
                 if self.ctx.control.abort.is_set():
                     logger.error("task %s: result not recorded before shutdown: %s", task.id, exc)
                     return
-                self._backoff(exc, seen)
+                self._backoff(exc)
                 continue
             self.db_failures = 0
             self.tasks_done += 1

@@ -1,0 +1,60 @@
+"""A slot facing a database outage backs off instead of spinning or idling out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from scalebox_hpc.db.queue import ModuleRef
+from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
+from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.models import ConflictAction
+from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.runtime.local import LocalRuntime
+
+
+class DownQueue:
+    """A queue port whose database is away: every claim fails."""
+
+    def __init__(self) -> None:
+        self.claims = 0
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[Any]:
+        self.claims += 1
+        raise DatabaseError("cannot reach PostgreSQL: connection refused")
+
+    def create_slot(self, *args: Any, **kwargs: Any) -> int:
+        return 1
+
+    def set_slot_status(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> None:
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "run.sh").write_text("true\n")
+    spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"),
+                                      "arguments": {"max_idle_polls": 1, "sleep_interval_seconds": 0.01}})
+    wakeups, control = Wakeups(), SlotControl()
+    ref = ModuleRef(1, "a", (), ConflictAction.FAIL)
+    ctx = SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
+                      work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=wakeups, control=control,
+                      base_env={})
+    queue = DownQueue()
+    slot = Slot(ctx, queue)  # type: ignore[arg-type]
+    thread = threading.Thread(target=slot.run)
+    thread.start()
+    wakeups.notify(1)  # a hint on the module channel must not cut the backoff short
+    time.sleep(1.8)
+    assert thread.is_alive()  # an outage is not idleness
+    control.draining.set()
+    wakeups.notify_all()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert 2 <= queue.claims <= 4, queue.claims  # 0.5 s, 1 s, 2 s ... not a spin
