@@ -432,7 +432,11 @@ def task_add(
 
     texts = [_body_arg(b) for b in bodies]
     if from_file:
-        texts += [ln for ln in Path(from_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            lines = Path(from_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageError(f"{from_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        texts += [_body_arg(ln) for ln in lines if ln.strip()]
     if not texts:
         raise click.UsageError("give at least one BODY (or --file)")
     hdrs = _parse_headers(headers, headers_json)
@@ -452,7 +456,7 @@ def task_add(
 @APP_OPTION
 @click.option("-m", "--module", default=None)
 @click.option("-s", "--status", type=int, default=None, help="Only this status code.")
-@click.option("-n", "--limit", type=int, default=100, show_default=True)
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @JSON_OPTION
 def task_list(app: int | None, module: str | None, status: int | None, limit: int, as_json: bool) -> None:
     """List tasks."""

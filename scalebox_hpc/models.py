@@ -94,6 +94,9 @@ def validate_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidMessageError(f"task headers are not valid JSON text: {exc}") from exc
     if "\\u0000" in text:
         raise InvalidMessageError("task headers contain a NUL character")
+    to_slot = headers.get("to_slot")
+    if to_slot not in (None, "") and not (isinstance(to_slot, int) or str(to_slot).lstrip("-").isdigit()):
+        raise InvalidMessageError(f"header to_slot must be an integer slot number, not {to_slot!r}")
     if len(text) > MAX_HEADERS_BYTES:
         raise InvalidMessageError(f"task headers exceed {MAX_HEADERS_BYTES} bytes")
     return dict(headers)
