@@ -1,0 +1,209 @@
+"""``SlurmClient``: submit, query and cancel jobs through Slurm's command-line tools.
+
+All commands go through an injected ``CommandRunner``. Status queries are batched: one
+``squeue`` call for every id, then one ``sacct`` call for the ids that already left the
+controller (after ``MinJobAge``). ``sacct`` is tried against slurmdbd first; when the site
+has no accounting database ("Slurm accounting storage is disabled") the client switches to
+``sacct -c`` (the jobcomp/filetxt log) and remembers that, and when neither works it logs
+once and reports only what ``squeue`` knows.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from scalebox_hpc.slurm.commands import CommandResult, CommandRunner, SlurmCommandError, check
+from scalebox_hpc.slurm.parse import (
+    SACCT_FIELDS,
+    SQUEUE_FORMAT,
+    JobInfo,
+    parse_sacct_delimited,
+    parse_sbatch_parsable,
+    parse_scontrol_show_job,
+    parse_squeue_delimited,
+    parse_squeue_json,
+)
+
+logger = logging.getLogger(__name__)
+
+_UNKNOWN_JOB = "invalid job id specified"
+_NO_ACCOUNTING = ("accounting storage is disabled", "not configured with slurmdbd", "jobcomp/none")
+
+
+class _Accounting(enum.Enum):
+    UNPROBED = "unprobed"
+    DATABASE = "database"  # plain sacct (slurmdbd)
+    JOBCOMP = "jobcomp"  # sacct -c (JobCompType=jobcomp/filetxt)
+    NONE = "none"
+
+
+class _Outcome(enum.Enum):
+    UNAVAILABLE = "unavailable"
+    FAILED = "failed"
+
+
+_SOURCES: dict[_Accounting, tuple[_Accounting, ...]] = {
+    _Accounting.UNPROBED: (_Accounting.DATABASE, _Accounting.JOBCOMP),
+    _Accounting.DATABASE: (_Accounting.DATABASE,),
+    _Accounting.JOBCOMP: (_Accounting.JOBCOMP,),
+    _Accounting.NONE: (),
+}
+
+
+class SlurmClient:
+    """Submit, query and cancel Slurm jobs.
+
+    ``use_json``: True forces ``squeue --json``, False the delimited format, None (default)
+    probes ``squeue --help`` once and uses JSON when offered. ``sacct`` always uses the
+    delimited format: ``sacct --json`` needs slurmdbd, and in 22.05 (openapi v0.0.38) it
+    reports any normal exit as return code 0. ``timeout`` bounds every command (seconds).
+    """
+
+    def __init__(self, runner: CommandRunner, *, use_json: bool | None = None, timeout: float = 30.0) -> None:
+        self._runner = runner
+        self._use_json = use_json
+        self._timeout = timeout
+        self._accounting = _Accounting.UNPROBED
+
+    def json_enabled(self) -> bool:
+        """Whether ``squeue --json`` is used (probed once with ``squeue --help`` when not forced)."""
+        if self._use_json is None:
+            result = self._run(["squeue", "--help"])
+            self._use_json = result.ok and "--json" in result.stdout
+            logger.debug("squeue --json probed", extra={"action": "slurm_probe_json", "json": self._use_json})
+        return self._use_json
+
+    # ------------------------------------------------------------ submit / cancel
+
+    def submit(self, script: str | os.PathLike[str], extra_args: Sequence[str] = ()) -> str:
+        """Submit a batch script with ``sbatch --parsable``; return the job id.
+
+        ``script`` is a path (``Path`` or a string) or the script text itself (a string
+        starting with ``#!``, passed on stdin). ``extra_args`` are sbatch options, placed before
+        the script. Raises ``SlurmCommandError`` with sbatch's message when it refuses.
+        """
+        text = script if isinstance(script, str) and script.startswith("#!") else None
+        argv = ["sbatch", "--parsable", *extra_args]
+        if text is None:
+            argv.append(str(Path(script)))
+        result = check(argv, self._run(argv, input=text))
+        job_id, cluster = parse_sbatch_parsable(result.stdout)
+        logger.info("slurm job submitted", extra={"action": "slurm_submit", "job_id": job_id, "cluster": cluster})
+        return job_id
+
+    def cancel(self, job_ids: Iterable[str], signal: str | None = None) -> None:
+        """Cancel jobs (``scancel``), or with ``signal`` only send it to every process of them (``--full``).
+
+        Unknown or finished ids are not an error (scancel 22.05 exits 0 for them).
+        """
+        ids = _unique(job_ids)
+        if not ids:
+            return
+        argv = ["scancel", *([f"--signal={signal}", "--full"] if signal else []), *ids]
+        check(argv, self._run(argv))
+        logger.info("slurm jobs cancelled", extra={"action": "slurm_cancel", "job_ids": ids, "signal": signal})
+
+    # ------------------------------------------------------------ status
+
+    def status(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        """Current state of each id: one ``squeue`` call, then one ``sacct`` call for ids squeue no longer knows.
+
+        The result is keyed by the requested ids (an id matches a job's display id, e.g.
+        ``12_3``, or its numeric raw id); ids neither command knows are absent.
+        """
+        ids = _unique(job_ids)
+        if not ids:
+            return {}
+        found = _match(ids, self._squeue(ids))
+        missing = [i for i in ids if i not in found]
+        if missing:
+            found.update(_match(missing, self._sacct(missing)))
+        return found
+
+    def show_job(self, job_id: str) -> JobInfo | None:
+        """The job as ``scontrol -o show job`` sees it; None when the controller no longer knows it."""
+        argv = ["scontrol", "-o", "show", "job", job_id]
+        result = self._run(argv)
+        if not result.ok and _UNKNOWN_JOB in result.stderr.lower():
+            return None
+        infos = parse_scontrol_show_job(check(argv, result).stdout)
+        return _match([job_id], infos).get(job_id)
+
+    def job_end_time(self, job_id: str) -> datetime | None:
+        """When the job ends: its time-limit expiry while it runs, its real end once over; None if unknown."""
+        info = self.show_job(job_id)
+        return None if info is None else info.end_time
+
+    # ------------------------------------------------------------ internals
+
+    def _run(self, argv: Sequence[str], *, input: str | None = None) -> CommandResult:
+        return self._runner.run(argv, timeout=self._timeout, input=input)
+
+    def _squeue(self, ids: list[str]) -> list[JobInfo]:
+        jobs = f"--jobs={','.join(ids)}"
+        if self.json_enabled():  # 22.05 ignores --jobs/--states here and lists every job
+            argv = ["squeue", "--json", "--states=all", jobs]
+            return parse_squeue_json(check(argv, self._run(argv)).stdout)
+        argv = ["squeue", "--noheader", "--states=all", jobs, f"--Format={SQUEUE_FORMAT}"]
+        result = self._run(argv)
+        if not result.ok and _UNKNOWN_JOB in result.stderr.lower():
+            return []  # a single id the controller no longer knows
+        return parse_squeue_delimited(check(argv, result).stdout)
+
+    def _sacct(self, ids: list[str]) -> list[JobInfo]:
+        for source in _SOURCES[self._accounting]:
+            outcome = self._sacct_call(ids, completion=source is _Accounting.JOBCOMP)
+            if isinstance(outcome, CommandResult):
+                self._accounting = source
+                return parse_sacct_delimited(outcome.stdout)
+            if outcome is _Outcome.FAILED:
+                return []  # logged; try the same source next time
+        if self._accounting is not _Accounting.NONE:
+            self._accounting = _Accounting.NONE
+            logger.warning(
+                "no Slurm accounting: finished jobs are visible to squeue only for MinJobAge",
+                extra={"action": "slurm_no_accounting"},
+            )
+        return []
+
+    def _sacct_call(self, ids: list[str], *, completion: bool) -> CommandResult | _Outcome:
+        """One sacct call: its result, ``UNAVAILABLE`` (no such accounting here) or ``FAILED`` (logged)."""
+        argv = ["sacct", *(["-c"] if completion else []), "-X", "--parsable2", "--noheader",
+                f"--jobs={','.join(ids)}", f"--format={','.join(SACCT_FIELDS)}"]
+        try:
+            result = self._run(argv)
+        except SlurmCommandError as exc:
+            logger.warning("sacct failed", extra={"action": "slurm_sacct_failed", "error": str(exc)})
+            return _Outcome.FAILED
+        if result.ok:
+            return result
+        if any(marker in result.stderr.lower() for marker in _NO_ACCOUNTING):
+            return _Outcome.UNAVAILABLE
+        error = SlurmCommandError(argv, result.returncode, result.stderr)
+        logger.warning("sacct failed", extra={"action": "slurm_sacct_failed", "error": str(error)})
+        return _Outcome.FAILED
+
+
+def _unique(job_ids: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(str(i).strip() for i in job_ids if str(i).strip()))
+
+
+def _match(ids: Sequence[str], infos: Iterable[JobInfo]) -> dict[str, JobInfo]:
+    """Key ``infos`` by the requested ids, matching display ids first, then raw numeric ids."""
+    by_display: dict[str, JobInfo] = {}
+    by_raw: dict[str, JobInfo] = {}
+    for info in infos:
+        by_display[info.job_id] = info
+        if info.raw_id:
+            by_raw.setdefault(info.raw_id, info)
+    out: dict[str, JobInfo] = {}
+    for job_id in ids:
+        match = by_display.get(job_id) or by_raw.get(job_id)
+        if match is not None:
+            out[job_id] = match
+    return out
