@@ -44,6 +44,8 @@ def _db(create_schema: bool = False) -> Iterator[Connection]:
 def _app_id(conn: Connection, app: int | None) -> int:
     """The app named by --app / SCALEBOX_APP_ID, else the newest app."""
     if app is not None:
+        if conn.execute("SELECT 1 FROM sbx_apps WHERE id = %s", (app,)).fetchone() is None:
+            raise NotFoundError("app", app)
         return app
     if os.environ.get("SCALEBOX_APP_ID"):
         return int(os.environ["SCALEBOX_APP_ID"])
@@ -53,7 +55,11 @@ def _app_id(conn: Connection, app: int | None) -> int:
     return int(row["id"])
 
 
-APP_OPTION = click.option("--app", "app", type=int, default=None, help="App id (default: the newest app).")
+ID = click.IntRange(1, 2**63 - 1)
+"""A database id (bigint): out-of-range values are a usage error, not a database error."""
+INT32 = click.IntRange(-(2**31), 2**31 - 1)
+"""A status code, count or semaphore value (PostgreSQL integer)."""
+APP_OPTION = click.option("--app", "app", type=ID, default=None, help="App id (default: the newest app).")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -196,7 +202,7 @@ def app_list(as_json: bool) -> None:
 
 @app.command("show")
 @JSON_OPTION
-@click.argument("app_id", type=int, required=False)
+@click.argument("app_id", type=ID, required=False)
 def app_show(as_json: bool, app_id: int | None) -> None:
     """Show one app (default: the newest)."""
     from scalebox_hpc.db import apps
@@ -234,21 +240,21 @@ def _set_status(app_id: int | None, status: str) -> None:
 
 
 @app.command("pause")
-@click.argument("app_id", type=int, required=False)
+@click.argument("app_id", type=ID, required=False)
 def app_pause(app_id: int | None) -> None:
     """Stop claiming new tasks (running ones finish)."""
     _set_status(app_id, "PAUSED")
 
 
 @app.command("resume")
-@click.argument("app_id", type=int, required=False)
+@click.argument("app_id", type=ID, required=False)
 def app_resume(app_id: int | None) -> None:
     """Claim again (also starts an app created with initial_status INITIAL)."""
     _set_status(app_id, "RUNNING")
 
 
 @app.command("cancel")
-@click.argument("app_id", type=int, required=False)
+@click.argument("app_id", type=ID, required=False)
 def app_cancel(app_id: int | None) -> None:
     """Finish the app now with the result ``cancelled``: nothing more is claimed, and launchers
     kill the running tasks (within half a heartbeat) and give them back."""
@@ -278,7 +284,7 @@ def semaphore() -> None:
 @semaphore.command("create")
 @APP_OPTION
 @click.argument("name")
-@click.argument("value", type=int, default=0)
+@click.argument("value", type=INT32, default=0)
 def semaphore_create(app: int | None, name: str, value: int) -> None:
     """Create (or reset) NAME with VALUE."""
     from scalebox_hpc.db import apps
@@ -301,7 +307,7 @@ def semaphore_get(app: int | None, name: str) -> None:
 @semaphore.command("increment")
 @APP_OPTION
 @click.argument("name")
-@click.argument("delta", type=int, default=1)
+@click.argument("delta", type=INT32, default=1)
 def semaphore_increment(app: int | None, name: str, delta: int) -> None:
     """Add DELTA (default 1); prints the new value."""
     from scalebox_hpc.db import apps
@@ -313,7 +319,7 @@ def semaphore_increment(app: int | None, name: str, delta: int) -> None:
 @semaphore.command("decrement")
 @APP_OPTION
 @click.argument("name")
-@click.argument("delta", type=int, default=1)
+@click.argument("delta", type=INT32, default=1)
 def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
     """Subtract DELTA (default 1); prints the new value."""
     from scalebox_hpc.db import apps
@@ -455,8 +461,8 @@ def task_add(
 @task.command("list")
 @APP_OPTION
 @click.option("-m", "--module", default=None)
-@click.option("-s", "--status", type=int, default=None, help="Only this status code.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("-s", "--status", type=INT32, default=None, help="Only this status code.")
+@click.option("-n", "--limit", type=click.IntRange(1, 2**63 - 1), default=100, show_default=True)
 @JSON_OPTION
 def task_list(app: int | None, module: str | None, status: int | None, limit: int, as_json: bool) -> None:
     """List tasks."""
@@ -475,7 +481,7 @@ def task_list(app: int | None, module: str | None, status: int | None, limit: in
 
 @task.command("show")
 @JSON_OPTION
-@click.argument("task_id", type=int)
+@click.argument("task_id", type=ID)
 def task_show(as_json: bool, task_id: int) -> None:
     """Show a task and its executions."""
     from scalebox_hpc.db import apps
@@ -499,9 +505,9 @@ def task_show(as_json: bool, task_id: int) -> None:
 @task.command("retry")
 @APP_OPTION
 @click.option("--failed", is_flag=True, help="Every failed task of the app (exit codes, timeouts, errors).")
-@click.option("--status", "status", type=int, default=None, help="Every task of the app with this status.")
+@click.option("--status", "status", type=INT32, default=None, help="Every task of the app with this status.")
 @click.option("-m", "--module", default=None, help="With --failed/--status: only this module.")
-@click.argument("task_ids", type=int, nargs=-1)
+@click.argument("task_ids", type=ID, nargs=-1)
 def task_retry(app: int | None, failed: bool, status: int | None, module: str | None,
                task_ids: tuple[int, ...]) -> None:
     """Make finished tasks READY again: by id, or all --failed, or all with --status CODE."""
@@ -533,7 +539,8 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
 @cli.command("launcher")
 @APP_OPTION
 @click.option("-m", "--module", "modules", multiple=True, help="Only these modules (repeatable).")
-@click.option("--slots", type=int, default=None, help="Slots per module here (default: from the pipeline).")
+@click.option("--slots", type=click.IntRange(0, 4096), default=None,
+              help="Slots per module here (default: from the pipeline).")
 @click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
 @click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
@@ -666,7 +673,7 @@ def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
 
 
 @cli.command("status")
-@click.argument("app_id", type=int, required=False)
+@click.argument("app_id", type=ID, required=False)
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C or the app finishes.")
 @JSON_OPTION
 def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
@@ -706,7 +713,8 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
 # -- entry point ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors become one line with a hint (traceback with --traceback)."""
-    traceback = "--traceback" in (argv or sys.argv) or os.environ.get("SCALEBOX_TRACEBACK") == "1"
+    traceback = "--traceback" in (argv or sys.argv) or os.environ.get("SCALEBOX_TRACEBACK", "").lower() in (
+        "1", "true", "yes", "on")
     try:
         cli.main(args=argv, prog_name="scalebox", standalone_mode=False)
     except ScaleboxError as exc:

@@ -73,6 +73,12 @@ class DatabaseError(ScaleboxError):
         super().__init__(f"{message} (database {dsn})" if dsn else message, hint=hint)
 
 
+class InvalidValueError(ScaleboxError):
+    """PostgreSQL refused a value (out of range, malformed)."""
+
+    hint = "check the numbers and text given on the command line"
+
+
 class SchemaError(DatabaseError):
     """The database schema is missing or outdated."""
 

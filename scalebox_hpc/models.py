@@ -95,11 +95,23 @@ def validate_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     if "\\u0000" in text:
         raise InvalidMessageError("task headers contain a NUL character")
     to_slot = headers.get("to_slot")
-    if to_slot not in (None, "") and not (isinstance(to_slot, int) or str(to_slot).lstrip("-").isdigit()):
+    if to_slot not in (None, "") and not _is_int32(to_slot):
         raise InvalidMessageError(f"header to_slot must be an integer slot number, not {to_slot!r}")
     if len(text) > MAX_HEADERS_BYTES:
         raise InvalidMessageError(f"task headers exceed {MAX_HEADERS_BYTES} bytes")
     return dict(headers)
+
+
+def _is_int32(value: object) -> bool:
+    """An int (or integer text) that fits a PostgreSQL integer."""
+    if isinstance(value, bool):
+        return False
+    if not isinstance(value, int):
+        text = str(value).strip()
+        if not text.lstrip("-").isdigit():
+            return False
+        value = int(text)
+    return -(2**31) <= value < 2**31
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ def translate_errors(dsn: str) -> Iterator[None]:
         yield
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
+    except psycopg.DataError as exc:
+        from scalebox_hpc.errors import InvalidValueError
+
+        raise InvalidValueError(f"invalid value: {exc.diag.message_primary or _one_line(exc)}") from exc
     except psycopg.errors.UndefinedTable as exc:
         from scalebox_hpc.errors import SchemaError
 

@@ -619,6 +619,13 @@ def _non_utf8_file(tmp_path: Path) -> str:
         id="file-not-utf8"),
     pytest.param(("task", "list", "-n", "-1"), "limit",
         id="negative-limit"),
+    pytest.param(("task", "list", "--status", "99999999999"), "range", id="status-out-of-range"),
+    pytest.param(("task", "list", "-n", "99999999999999999999"), "range", id="limit-out-of-range"),
+    pytest.param(("task", "retry", "--status", "99999999999"), "range", id="retry-status-out-of-range"),
+    pytest.param(("task", "show", "99999999999999999999"), "range", id="task-id-out-of-range"),
+    pytest.param(("semaphore", "create", "s", "99999999999"), "range", id="semaphore-out-of-range"),
+    pytest.param(("task", "list", "--app", "999999"), "not found", id="unknown-app"),
+    pytest.param(("task", "add", "-H", "to_slot=99999999999", "x1"), "to_slot", id="to_slot-out-of-range"),
 ])
 def test_bad_input_gives_an_error_line_not_a_traceback(shared_env: dict[str, str], tmp_path: Path,
                                                        args: tuple[str, ...], fragment: str) -> None:
