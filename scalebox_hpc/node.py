@@ -9,17 +9,25 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
 
 from scalebox_hpc import embedded
 from scalebox_hpc.db import schema
+from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
 from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.local import LocalRuntime
+from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
+from scalebox_hpc.stages import Autoscaler, LaunchCommand, ScaleReport, submit_environment
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +74,11 @@ def build(dsn: str, config: LauncherConfig) -> tuple[Launcher, Listener]:
 
 def run_launcher(
     dsn: str, config: LauncherConfig, *, grace: float = 30.0, on_tick: Callable[[], bool] | None = None,
-    tick_seconds: float = 0.5,
+    tick_seconds: float = 0.5, on_drain: Callable[[], None] | None = None,
 ) -> int:
-    """Run this host's slots until they end. SIGTERM/SIGINT drain (no new claims; running tasks
-    get ``grace`` seconds). ``on_tick`` is called periodically; returning True drains too."""
+    """Run this host's slots until they end. SIGTERM/SIGINT/SIGUSR1 drain (no new claims; running
+    tasks get ``grace`` seconds). ``on_tick`` is called periodically; returning True drains too.
+    ``on_drain`` is called once when a drain begins (not when the slots end by themselves)."""
     if "SCALEBOX_DSN" not in config.script_env:
         config = dataclasses.replace(config, script_env={**config.script_env, "SCALEBOX_DSN": dsn})
     launcher, listener = build(dsn, config)
@@ -84,6 +93,8 @@ def run_launcher(
             if on_tick is not None and on_tick():
                 break
             stop.wait(tick_seconds)
+        if launcher.alive() and on_drain is not None:
+            on_drain()
         launcher.stop(grace)
     finally:
         _restore_signals(previous)
@@ -106,3 +117,97 @@ def _install_signals(stop: threading.Event) -> dict[int, object]:
 def _restore_signals(previous: dict[int, object]) -> None:
     for sig, old in previous.items():
         signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+# -- stage jobs ---------------------------------------------------------------------------------
+AUTOSCALE_SECONDS = 10.0
+"""How often the first node of a stage job runs the app's autoscaler."""
+WALLTIME_MARGIN_SECONDS = 5.0
+"""A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
+
+
+def stage_autoscaler(dsn: str, work_root: Path, *, environ: dict[str, str] | None = None) -> Callable[..., object]:
+    """A function running one autoscale of an app: ``scale(app_id, force=False, only=())``."""
+    client = SlurmClient(SubprocessRunner(base_env=submit_environment(dsn, environ)))
+    command = LaunchCommand(python=sys.executable, work_root=work_root)
+
+    def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = ()) -> ScaleReport:
+        with connect(dsn) as conn, translate_errors(dsn):
+            report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS).reconcile(
+                app_id, force=force, only=only)
+            for error in report.errors:
+                logger.error("autoscale: %s", error)
+            return report
+
+    return scale
+
+
+def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, str] | None = None) -> int:
+    """The launcher of one node of a stage job (``scalebox launcher --stage-job``).
+
+    Host and job come from the SLURM_* variables. It claims only while a task still fits the
+    walltime (``task_max_seconds``), drains on SIGUSR1 (Slurm's ``--signal=B:USR1@grace``,
+    forwarded by the job script) or SIGTERM, marks its job as draining so a replacement can be
+    submitted, and exits 0. Its first node runs the app's autoscaler every few seconds.
+    """
+    job = JobEnvironment.from_env(environ)
+    if len(config.modules) != 1:
+        raise ScaleboxError("a stage job runs exactly one module", hint="pass --module NAME")
+    module = config.modules[0]
+    queue = PgQueue(dsn)
+    try:
+        specs = queue.module_specs(config.app_id)
+    finally:
+        queue.close()
+    if module not in specs:
+        raise NotFoundError("module", module)
+    spec = ModuleSpec.model_validate(specs[module])
+    config = dataclasses.replace(config, host=job.node_name or config.host, slots=spec.slurm.slots_per_node)
+    scale = stage_autoscaler(dsn, config.work_root, environ=environ)
+    end = _job_end(job)
+    budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
+    first_node = job.nodeid == 0
+    next_scale = time.monotonic() + AUTOSCALE_SECONDS
+    logger.info("stage job %s node %s: module %s, ends %s", job.job_id, config.host, module, end or "unknown")
+
+    def autoscale(force: bool) -> None:
+        try:
+            scale(config.app_id, force=force)
+        except ScaleboxError as exc:
+            logger.warning("autoscale failed: %s", exc)
+
+    def on_tick() -> bool:
+        nonlocal next_scale
+        if end is not None and datetime.now(UTC) + timedelta(seconds=budget) >= end:
+            logger.warning("walltime: %s left, less than a task needs; draining", end - datetime.now(UTC))
+            return True
+        if first_node and time.monotonic() >= next_scale:
+            next_scale = time.monotonic() + AUTOSCALE_SECONDS
+            autoscale(False)
+        return False
+
+    def leaving() -> None:
+        try:
+            with connect(dsn) as conn, translate_errors(dsn):
+                if db_stages.mark_draining(conn, job.job_id):
+                    conn.commit()
+        except ScaleboxError as exc:
+            logger.warning("cannot mark job %s draining: %s", job.job_id, exc)
+        if first_node:
+            autoscale(True)
+
+    grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
+    rc = run_launcher(dsn, config, grace=grace, on_tick=on_tick, on_drain=leaving)
+    leaving()  # also after an idle exit: a replacement is submitted if work came in meanwhile
+    return rc
+
+
+def _job_end(job: JobEnvironment) -> datetime | None:
+    """When the job's time limit expires: from the environment, else asked of scontrol."""
+    if job.end_time is not None:
+        return job.end_time
+    try:
+        return SlurmClient(SubprocessRunner()).job_end_time(job.job_id)
+    except ScaleboxError as exc:
+        logger.warning("cannot learn the job's end time (%s): no walltime-aware claims", exc)
+        return None

@@ -212,6 +212,74 @@ class AppParameters(BaseModel):
         return _upper(value)
 
 
+def walltime_seconds(text: str) -> int:
+    """Seconds of a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``."""
+    value = text.strip()
+    day = re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", value)
+    if day:
+        d, h, m, sec = (int(x or 0) for x in day.groups())
+        return ((d * 24 + h) * 60 + m) * 60 + sec
+    parts = value.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        raise ValueError(f"time {text!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS or D-HH:MM:SS)")
+    nums = [int(p) for p in parts]
+    if len(nums) == 1:
+        return nums[0] * 60
+    if len(nums) == 2:
+        return nums[0] * 60 + nums[1]
+    return (nums[0] * 60 + nums[1]) * 60 + nums[2]
+
+
+class SlurmSpec(BaseModel):
+    """How a module runs as Slurm stage jobs (``slurm:`` of a module, over the app's ``slurm:`` defaults)."""
+
+    model_config = _CONFIG
+
+    nodes: int = Field(default=1, ge=1)
+    slots_per_node: int | None = Field(default=None, ge=1)
+    """None: from the module's ``slots`` (the counts whose host regex matches the node)."""
+    cpus_per_slot: int = Field(default=1, ge=1)
+    mem: str | None = None
+    gres: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra_sbatch_args: list[str] = Field(default_factory=list)
+    min_jobs: int = Field(default=0, ge=0)
+    max_jobs: int = Field(default=1, ge=0)
+    tasks_per_job: int = Field(default=1, ge=1)
+    """READY tasks per stage job when scaling: ``ceil(ready / tasks_per_job)`` jobs, within min..max."""
+    signal_grace_seconds: int = Field(default=60, ge=1)
+    """``--signal=B:USR1@N``: the launchers drain this long before the time limit."""
+    template: str | None = None
+    """A site's sbatch template (default: launchers/slurm/stage.sbatch shipped with scalebox_hpc)."""
+
+    @field_validator("extra_sbatch_args", mode="before")
+    @classmethod
+    def _args(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None:
+            walltime_seconds(value)
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SlurmSpec:
+        if self.min_jobs > self.max_jobs:
+            raise ValueError(f"min_jobs {self.min_jobs} is above max_jobs {self.max_jobs}")
+        return self
+
+    @property
+    def time_seconds(self) -> int | None:
+        """The time limit in seconds, None when unset (the partition's default)."""
+        return None if self.time is None else walltime_seconds(self.time)
+
+
 def _default_slots() -> list[SlotSpec]:
     return [SlotSpec(host_regex=".*", count=1)]
 
@@ -231,6 +299,7 @@ class ModuleSpec(BaseModel):
     schedule_mode: str | None = None
     arguments: ModuleArguments = Field(default_factory=ModuleArguments)
     parameters: ModuleParameters = Field(default_factory=ModuleParameters)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @field_validator("name")
     @classmethod
@@ -308,6 +377,8 @@ class AppSpec(BaseModel):
     label: str | None = None
     cluster: str | None = None
     parameters: AppParameters = Field(default_factory=AppParameters)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """Defaults for every module's ``slurm:`` (each module's keys win)."""
     modules: list[ModuleSpec]
     app_dir: Path
     variables: dict[str, str] = Field(default_factory=dict)
@@ -459,13 +530,15 @@ _Path = tuple[_Key, ...]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TYPED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "null"))
 
-_TOP_KEYS = frozenset({"name", "label", "cluster", "parameters", "modules"})
+_TOP_KEYS = frozenset({"name", "label", "cluster", "parameters", "modules", "slurm"})
 _ALLOWED: dict[str, frozenset[str]] = {
     "app": _TOP_KEYS,
     "app.parameters": frozenset(AppParameters.model_fields),
     "module": frozenset(ModuleSpec.model_fields),
     "module.parameters": frozenset(ModuleParameters.model_fields),
     "module.arguments": frozenset(ModuleArguments.model_fields),
+    "app.slurm": frozenset(SlurmSpec.model_fields),
+    "module.slurm": frozenset(SlurmSpec.model_fields),
 }
 _ALIASES: dict[str, dict[str, str]] = {
     "app": {"jobs": "modules"},
@@ -481,11 +554,11 @@ def _level(path: _Path) -> str | None:
     match path:
         case ():
             return "app"
-        case ("parameters",):
-            return "app.parameters"
+        case ("parameters" | "slurm" as sub,):
+            return f"app.{sub}"
         case ("modules", _):
             return "module"
-        case ("modules", _, "parameters" | "arguments" as sub):
+        case ("modules", _, "parameters" | "arguments" | "slurm" as sub):
             return f"module.{sub}"
     return None
 
@@ -704,11 +777,19 @@ class _Loader:
             own = self.app_dir / name
             use_app_dir = not own.is_dir() and (self.app_dir / "run.sh").is_file()
             module["code_path"] = self.app_dir if use_app_dir else own
+        defaults, own = self.data.get("slurm"), module.get("slurm")
+        if isinstance(defaults, dict) and (own is None or isinstance(own, dict)):
+            module["slurm"] = {**defaults, **(own or {})}
         mode = module.get("schedule_mode")
         if isinstance(mode, str) and mode.strip().upper() == "HEAD":
             if "slots" in module:
                 logger.warning("module %s: schedule_mode HEAD ignores slots %s", name, module["slots"])
             module["slots"] = [{"host_regex": ".*", "count": 1}]
+            own_slurm = module.get("slurm")
+            slurm: dict[str, Any] = own_slurm if isinstance(own_slurm, dict) else {}
+            # one slot in the whole app: one stage job on one node
+            module["slurm"] = {**slurm, "nodes": 1, "slots_per_node": 1, "max_jobs": 1,
+                               "min_jobs": min(_int_or(slurm.get("min_jobs"), 0), 1)}
         return module
 
     def from_validation(self, exc: ValidationError) -> PipelineError:
@@ -746,6 +827,13 @@ class _Loader:
                 where: _Path = ("modules", module.name, "code_path")
                 raise self.reader.error(f"no run.sh in {module.code_path}", ("modules", module.name),
                                         self.line(where))
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _pydantic_message(err: Any) -> str:

@@ -250,3 +250,52 @@ SELECT value FROM sbx_variables WHERE app_id = %(app_id)s AND name = %(name)s;
 
 -- name: variable_list
 SELECT name, value FROM sbx_variables WHERE app_id = %(app_id)s ORDER BY name;
+
+-- name: autoscale_lock
+-- One autoscaler per app at a time; whoever does not get the lock skips (someone else scales).
+SELECT pg_try_advisory_xact_lock(hashtextextended('scalebox_hpc.autoscale:' || %(app_id)s::text, 0)) AS got;
+
+-- name: stage_modules
+-- What the autoscaler decides on, per module: its spec, bounds, queue and live (non-draining) jobs.
+SELECT m.id, m.name, m.seq, m.spec, m.min_jobs, m.max_jobs, m.scaled_at,
+       now() AS now, a.status AS app_status, a.cancelled,
+       (SELECT count(*) FROM sbx_tasks t WHERE t.module_id = m.id AND t.status = -1) AS ready,
+       (SELECT count(*) FROM sbx_tasks t WHERE t.module_id = m.id AND t.status = -3) AS running,
+       (SELECT count(*) FROM sbx_stage_jobs j
+        WHERE j.module_id = m.id AND j.ended_at IS NULL AND NOT j.draining) AS live_jobs
+FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq;
+
+-- name: insert_stage_job
+INSERT INTO sbx_stage_jobs (app_id, module_id, slurm_job_id, cluster, state)
+VALUES (%(app_id)s, %(module_id)s, %(slurm_job_id)s, %(cluster)s, 'PENDING')
+RETURNING id;
+
+-- name: stage_jobs
+-- The app's stage jobs: the live ones, plus (with include_ended) the ended ones, newest first.
+SELECT j.*, m.name AS module
+FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+WHERE j.app_id = %(app_id)s AND (%(include_ended)s OR j.ended_at IS NULL)
+ORDER BY j.id DESC;
+
+-- name: update_stage_job
+UPDATE sbx_stage_jobs
+SET state = %(state)s, nodes = COALESCE(%(nodes)s, nodes), exit_code = COALESCE(%(exit_code)s, exit_code),
+    reason = COALESCE(%(reason)s, reason), updated_at = now(),
+    ended_at = CASE WHEN %(ended)s THEN COALESCE(ended_at, now()) ELSE ended_at END
+WHERE id = %(id)s;
+
+-- name: drain_stage_job
+-- A launcher of this job drains (walltime signal or `stage stop`): it is no longer capacity.
+UPDATE sbx_stage_jobs SET draining = true, updated_at = now()
+WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s AND NOT draining
+RETURNING id;
+
+-- name: set_module_scaled
+UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;
+
+-- name: set_module_bounds
+UPDATE sbx_modules SET min_jobs = %(min_jobs)s, max_jobs = %(max_jobs)s, scaled_at = NULL
+WHERE app_id = %(app_id)s AND name = %(module)s
+RETURNING id;

@@ -41,6 +41,10 @@ CREATE TABLE sbx_modules (
     -- back-pressure: while this many tasks of the module are READY, its upstream claims nothing
     max_pending integer,
     spec jsonb NOT NULL,
+    -- `scalebox stage scale` overrides of slurm.min_jobs / max_jobs; last autoscale (rate limit)
+    min_jobs integer,
+    max_jobs integer,
+    scaled_at timestamptz,
     UNIQUE (app_id, name)
 );
 
@@ -256,3 +260,25 @@ CREATE TRIGGER sbx_tasks_notify_update
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION sbx_notify_ready_v1();
 
+-- Slurm stage jobs: which jobs run (or ran) each module.
+CREATE TABLE sbx_stage_jobs (
+    id bigserial PRIMARY KEY,
+    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
+    module_id bigint NOT NULL REFERENCES sbx_modules (id) ON DELETE CASCADE,
+    slurm_job_id text NOT NULL,
+    cluster text NOT NULL DEFAULT '',
+    -- the Slurm state as last seen (PENDING, RUNNING, COMPLETED, TIMEOUT, ...)
+    state text NOT NULL DEFAULT 'PENDING',
+    -- its launchers drain (walltime signal, `stage stop`): it no longer counts as capacity
+    draining boolean NOT NULL DEFAULT false,
+    nodes text NOT NULL DEFAULT '',
+    exit_code integer,
+    reason text NOT NULL DEFAULT '',
+    submitted_by text NOT NULL DEFAULT current_user,
+    submitted_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    ended_at timestamptz,
+    UNIQUE (cluster, slurm_job_id)
+);
+
+CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;

@@ -68,11 +68,15 @@ class SubprocessRunner:
     ``extra_env`` is added to a copy of the current environment for each child (the
     process's own environment is never changed); the default, ``SLURM_ENV``, pins
     ``SLURM_TIME_FORMAT=standard`` so timestamps parse. A ``PATH`` in ``extra_env`` is also
-    used to find the executable.
+    used to find the executable. ``base_env`` replaces the current environment as the base
+    (e.g. without the ``SLURM_*`` variables of an enclosing job, for sbatch inside a job).
     """
 
-    def __init__(self, *, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, *, extra_env: Mapping[str, str] | None = None, base_env: Mapping[str, str] | None = None,
+    ) -> None:
         self._extra_env = dict(SLURM_ENV if extra_env is None else extra_env)
+        self._base_env = dict(base_env) if base_env is not None else None
 
     def run(self, argv: Sequence[str], *, timeout: float, input: str | None = None) -> CommandResult:
         """Run ``argv``; raise ``SlurmCommandError`` (returncode None) when it exceeds ``timeout`` seconds.
@@ -81,7 +85,8 @@ class SubprocessRunner:
         (site wrappers around sbatch/squeue are often shell scripts with children).
         """
         args = [str(a) for a in argv]
-        env = {**os.environ, **self._extra_env} if self._extra_env else None
+        base = self._base_env
+        env = {**(os.environ if base is None else base), **self._extra_env} if self._extra_env or base else None
         started = time.monotonic()
         try:
             proc = subprocess.Popen(

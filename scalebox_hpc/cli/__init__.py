@@ -530,10 +530,14 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
             work_root: str | None = None, local: bool = False) -> Any:
     from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
 
+    return LauncherConfig(app_id=app_id, host=host or host_name(), work_root=_work_root(work_root),
+                          modules=modules, slots=slots, local=local)
+
+
+def _work_root(work_root: str | None) -> Path:
+    """--work-root, else SCALEBOX_WORK_ROOT, else a per-user directory under the temp dir."""
     default = Path(tempfile.gettempdir()) / f"scalebox-{os.getuid()}" / "work"
-    root = Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default)
-    return LauncherConfig(app_id=app_id, host=host or host_name(), work_root=root, modules=modules,
-                          slots=slots, local=local)
+    return Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default).absolute()
 
 
 @cli.command("launcher")
@@ -544,15 +548,21 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
 @click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
 @click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+@click.option("--stage-job", is_flag=True,
+              help="Run as one node of a Slurm stage job (what the job script's srun starts).")
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
-                 work_root: str | None, grace: float) -> None:
+                 work_root: str | None, grace: float, stage_job: bool) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
-    from scalebox_hpc.node import resolve_dsn, run_launcher
+    from scalebox_hpc.node import resolve_dsn, run_launcher, run_stage_launcher
 
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:
         app_id = _app_id(conn, app)
-    run_launcher(dsn, _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root), grace=grace)
+    config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root)
+    if stage_job:
+        run_stage_launcher(dsn, config)
+    else:
+        run_launcher(dsn, config, grace=grace)
 
 
 @cli.command("run")
@@ -677,15 +687,18 @@ def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C or the app finishes.")
 @JSON_OPTION
 def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
-    """Per-module task counts by status, and rates."""
+    """Per-module task counts by status, rates, and each stage's Slurm jobs (scaled first)."""
     from scalebox_hpc.db import apps
 
     with _db() as conn:
         app_id = _app_id(conn, app_id)
         while True:
+            jobs = _stage_jobs(conn, app_id)
             with conn.transaction():
                 row = apps.get_app(conn, app_id)
             rows = _status_rows(conn, app_id)
+            for r in rows:
+                r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
             if as_json:
                 _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows})
             else:
@@ -695,19 +708,42 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
             time.sleep(1.0)
 
 
+def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """The app's live stage jobs, after an autoscale pass (none, quietly, for apps never submitted)."""
+    from scalebox_hpc.cli.stage import stage_rows
+
+    if not stage_rows(conn, app_id, include_ended=True):
+        return []
+    from scalebox_hpc.node import resolve_dsn, stage_autoscaler
+
+    try:
+        stage_autoscaler(resolve_dsn(create_schema=False), _work_root(None))(app_id)
+    except ScaleboxError as exc:
+        click.echo(f"scalebox: warning: stage jobs not refreshed: {exc}", err=True)
+    return stage_rows(conn, app_id, include_ended=False)
+
+
 def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}")
-    for col in ("module", "total", "ready", "running", "ok", "failed", "per_minute"):
+    columns = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
+    with_jobs = any(r.get("jobs") for r in rows)
+    if with_jobs:
+        table.add_column("slurm jobs")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("module", "total", "ready", "running", "ok", "failed", "per_minute")))
+        table.add_row(*(str(r[c]) for c in columns), *([" ".join(r["jobs"])] if with_jobs else []))
     console = Console()
     if clear:
         console.clear()
     console.print(table)
+
+
+# the Slurm commands (submit, stage, autoscale) live in their own module and register on `cli`
+from scalebox_hpc.cli import stage as _stage  # noqa: E402, F401
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Slurm stage jobs on the command line: ``submit``, ``stage list|scale|stop|script``, ``autoscale``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root, cli
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.errors import NotFoundError, ScaleboxError
+
+WORK_ROOT_OPTION = click.option(
+    "--work-root", default=None,
+    help="Root of the slots' work dirs and the jobs' logs; on a cluster a shared file system "
+         "(env SCALEBOX_WORK_ROOT).")
+
+
+class StageSubmitError(ScaleboxError):
+    """Some stage jobs could not be submitted."""
+
+    hint = "the app and its tasks are kept: fix the cause and run `scalebox autoscale --app N`"
+
+
+def _scaler(work_root: str | None) -> Any:
+    from scalebox_hpc.node import resolve_dsn, stage_autoscaler
+
+    return stage_autoscaler(resolve_dsn(create_schema=False), _work_root(work_root))
+
+
+def _report_line(report: Any) -> str:
+    parts = [f"{module}: submitted {', '.join(ids)}" for module, ids in report.submitted.items()]
+    if report.cancelled:
+        parts.append(f"cancelled {', '.join(report.cancelled)}")
+    return "; ".join(parts) or "no change"
+
+
+def _raise_errors(report: Any, app_id: int) -> None:
+    if report.errors:
+        raise StageSubmitError(f"app {app_id}: " + "; ".join(report.errors))
+
+
+@cli.command("submit")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@WORK_ROOT_OPTION
+@JSON_OPTION
+@click.argument("file", type=click.Path(dir_okay=False))
+def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool, file: str) -> None:
+    """Create the app and submit its stage jobs to Slurm (then they scale with the queue)."""
+    from scalebox_hpc.db import apps
+
+    spec = _load(file, env_files)
+    with _db(create_schema=True) as conn:
+        app_id = apps.create_app(conn, spec)
+    report = _scaler(work_root)(app_id, force=True)
+    if as_json:
+        _dump({"app_id": app_id, "submitted": report.submitted, "errors": report.errors})
+    else:
+        click.echo(f"app {app_id}: {_report_line(report)}")
+    _raise_errors(report, app_id)
+
+
+@cli.command("autoscale")
+@APP_OPTION
+@WORK_ROOT_OPTION
+def autoscale_cmd(app: int | None, work_root: str | None) -> None:
+    """One scaling pass: the app's stage jobs follow its queues (every RUNNING app without --app).
+    Cheap and idempotent, e.g. from scrontab every few minutes."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        ids = [_app_id(conn, app)] if app is not None else [
+            r["id"] for r in apps.list_apps(conn) if r["status"] == "RUNNING"]
+    scale = _scaler(work_root)
+    for app_id in ids:
+        report = scale(app_id)
+        if not report.managed:
+            continue  # not submitted to Slurm
+        click.echo(f"app {app_id}: {_report_line(report) if report.locked else 'being scaled elsewhere'}")
+        _raise_errors(report, app_id)
+
+
+@cli.group()
+def stage() -> None:
+    """Stage jobs: list, scale, stop, and the job script."""
+
+
+def stage_rows(conn: Connection, app_id: int, *, include_ended: bool) -> list[dict[str, Any]]:
+    """The app's stage jobs as plain rows (newest first)."""
+    from scalebox_hpc.db import stages
+
+    with conn.transaction():
+        jobs = stages.jobs(conn, app_id, include_ended=include_ended)
+    return [{k: j[k] for k in ("module", "slurm_job_id", "state", "draining", "nodes", "exit_code", "reason",
+                               "submitted_at", "ended_at")} for j in jobs]
+
+
+@stage.command("list")
+@APP_OPTION
+@click.option("--all", "include_ended", is_flag=True, help="Also the jobs that ended.")
+@WORK_ROOT_OPTION
+@JSON_OPTION
+def stage_list(app: int | None, include_ended: bool, work_root: str | None, as_json: bool) -> None:
+    """The app's stage jobs and their Slurm state (refreshed, and scaled, first)."""
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+    _scaler(work_root)(app_id)
+    with _db() as conn:
+        rows = stage_rows(conn, app_id, include_ended=include_ended)
+    if as_json:
+        _dump(rows)
+        return
+    for r in rows:
+        flag = " draining" if r["draining"] else ""
+        click.echo(f"{r['module']:<14} {r['slurm_job_id']:>8} {r['state']:<11}{flag} {r['nodes']}")
+
+
+@stage.command("scale")
+@APP_OPTION
+@click.option("--min", "min_jobs", type=click.IntRange(0, 10_000), default=None, help="At least this many jobs.")
+@click.option("--max", "max_jobs", type=click.IntRange(0, 10_000), default=None, help="At most this many jobs.")
+@click.option("--jobs", type=click.IntRange(0, 10_000), default=None, help="Exactly this many (= --min N --max N).")
+@click.option("--reset", is_flag=True, help="Back to the pipeline file's min_jobs/max_jobs.")
+@WORK_ROOT_OPTION
+@click.argument("module")
+def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, jobs: int | None, reset: bool,
+                work_root: str | None, module: str) -> None:
+    """Set a stage's job bounds and apply them now."""
+    from scalebox_hpc.db import stages
+    from scalebox_hpc.pipeline import ModuleSpec
+
+    if jobs is not None:
+        min_jobs = max_jobs = jobs
+    if not reset and min_jobs is None and max_jobs is None:
+        raise click.UsageError("give --jobs N, --min/--max, or --reset")
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+        specs = {r["name"]: r for r in stages.modules(conn, app_id)}
+        if module not in specs:
+            raise NotFoundError("module", module)
+        if not reset:
+            pipeline = ModuleSpec.model_validate(specs[module]["spec"]).slurm
+            row = specs[module]
+            lo = min_jobs if min_jobs is not None else row["min_jobs"] if row["min_jobs"] is not None \
+                else pipeline.min_jobs
+            hi = max_jobs if max_jobs is not None else row["max_jobs"] if row["max_jobs"] is not None \
+                else pipeline.max_jobs
+            if lo > hi:
+                raise click.UsageError(f"--min {lo} is above --max {hi}")
+            min_jobs, max_jobs = lo, hi
+        stages.set_bounds(conn, app_id, module, None if reset else min_jobs, None if reset else max_jobs)
+        conn.commit()
+    report = _scaler(work_root)(app_id, force=True, only=(module,))
+    click.echo(f"{module}: {_report_line(report)}")
+    _raise_errors(report, app_id)
+
+
+@stage.command("stop")
+@APP_OPTION
+@click.option("--now", is_flag=True, help="Cancel the jobs (running tasks are recovered) instead of draining.")
+@click.argument("module")
+def stage_stop(app: int | None, now: bool, module: str) -> None:
+    """Stop a stage: no new jobs; its jobs drain (running tasks finish) and exit."""
+    from scalebox_hpc.db import stages
+    from scalebox_hpc.slurm import SlurmClient, SubprocessRunner
+
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+        stages.set_bounds(conn, app_id, module, 0, 0)
+        live = [j for j in stages.jobs(conn, app_id) if j["module"] == module]
+        for job in live:
+            stages.mark_draining(conn, job["slurm_job_id"], job["cluster"])
+        conn.commit()
+    ids = [j["slurm_job_id"] for j in live]
+    SlurmClient(SubprocessRunner()).cancel(ids, signal=None if now else "USR1")
+    click.echo(f"{module}: {'cancelled' if now else 'draining'} {', '.join(ids) or 'no jobs'}")
+
+
+@stage.command("script")
+@APP_OPTION
+@click.option("-f", "--file", "file", type=click.Path(dir_okay=False), default=None,
+              help="Render from this pipeline file instead of a created app (app id shown as 0).")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="With --file: env files.")
+@WORK_ROOT_OPTION
+@click.argument("module")
+def stage_script(app: int | None, file: str | None, env_files: tuple[str, ...], work_root: str | None,
+                 module: str) -> None:
+    """Print the sbatch script of MODULE's stage jobs."""
+    from scalebox_hpc.db import stages as db_stages
+    from scalebox_hpc.pipeline import ModuleSpec
+    from scalebox_hpc.stages import LaunchCommand, job_script
+
+    command = LaunchCommand(python=sys.executable, work_root=_work_root(work_root))
+    if file is not None:
+        spec = _load(file, env_files)
+        try:
+            module_spec, app_id = spec.module(module), 0
+        except KeyError:
+            raise NotFoundError("module", module) from None
+    else:
+        with _db() as conn:
+            app_id = _app_id(conn, app)
+            specs = {r["name"]: r["spec"] for r in db_stages.modules(conn, app_id)}
+        if module not in specs:
+            raise NotFoundError("module", module)
+        module_spec = ModuleSpec.model_validate(specs[module])
+    click.echo(job_script(app_id, module_spec, command), nl=False)
+

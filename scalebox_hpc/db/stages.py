@@ -1,0 +1,87 @@
+"""Slurm stage jobs in the database: what runs each module, and its scaling bounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.db.sql import query
+from scalebox_hpc.errors import NotFoundError
+
+
+def try_lock(conn: Connection, app_id: int) -> bool:
+    """Take the app's autoscale lock for the current transaction; False when another holds it."""
+    row = conn.execute(query("autoscale_lock"), {"app_id": app_id}).fetchone()
+    return bool(row and row["got"])
+
+
+def modules(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """Per module: spec, bounds, READY/RUNNING counts, live (non-draining) jobs, app status."""
+    return list(conn.execute(query("stage_modules"), {"app_id": app_id}).fetchall())
+
+
+def jobs(conn: Connection, app_id: int, *, include_ended: bool = False) -> list[dict[str, Any]]:
+    """The app's stage jobs, newest first: the live ones (and the ended ones when asked)."""
+    return list(conn.execute(query("stage_jobs"), {"app_id": app_id, "include_ended": include_ended}).fetchall())
+
+
+def record_job(conn: Connection, app_id: int, module_id: int, slurm_job_id: str, cluster: str = "") -> int:
+    """Remember a submitted job (PENDING)."""
+    row = conn.execute(query("insert_stage_job"), {
+        "app_id": app_id, "module_id": module_id, "slurm_job_id": slurm_job_id, "cluster": cluster,
+    }).fetchone()
+    return int(row["id"])  # type: ignore[index]
+
+
+def update_job(
+    conn: Connection, job_row_id: int, *, state: str, ended: bool, nodes: str | None = None,
+    exit_code: int | None = None, reason: str | None = None,
+) -> None:
+    """Store what Slurm last said of a job; ``ended`` stamps ``ended_at`` once."""
+    conn.execute(query("update_stage_job"), {
+        "id": job_row_id, "state": state, "ended": ended, "nodes": nodes, "exit_code": exit_code,
+        "reason": reason,
+    })
+
+
+def mark_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """The job's launchers drain: it no longer counts as capacity. False if unknown or already so."""
+    return conn.execute(query("drain_stage_job"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone() \
+        is not None
+
+
+def mark_scaled(conn: Connection, module_id: int) -> None:
+    """Stamp the module's last autoscale (the rate limit counts from here)."""
+    conn.execute(query("set_module_scaled"), {"module_id": module_id})
+
+
+def set_bounds(conn: Connection, app_id: int, module: str, min_jobs: int | None, max_jobs: int | None) -> None:
+    """Override the module's min/max jobs (None: back to the pipeline's value)."""
+    if conn.execute(query("set_module_bounds"), {
+        "app_id": app_id, "module": module, "min_jobs": min_jobs, "max_jobs": max_jobs,
+    }).fetchone() is None:
+        raise NotFoundError("module", module)
+
+
+def recover_expired(conn: Connection, slot_timeout_seconds: float = 60.0) -> int:
+    """Return the tasks of dead launchers (expired leases) to READY before deciding on capacity:
+    when a stage's last job was cancelled, no launcher is left to do it."""
+    return len(conn.execute(query("recover_expired"), {"slot_timeout_seconds": slot_timeout_seconds}).fetchall())
+
+
+_LAUNCH_KEYS = ("_stage.python", "_stage.work_root")
+
+
+def launch_settings(conn: Connection, app_id: int) -> tuple[str, str] | None:
+    """(python, work root) the app's first stage job was submitted with; None before that."""
+    values = [conn.execute(query("variable_get"), {"app_id": app_id, "name": k}).fetchone() for k in _LAUNCH_KEYS]
+    if any(v is None for v in values):
+        return None
+    return str(values[0]["value"]), str(values[1]["value"])  # type: ignore[index]
+
+
+def save_launch_settings(conn: Connection, app_id: int, python: str, work_root: str) -> None:
+    """Keep them as app variables: every later job of the app (submitted by a launcher, by
+    `scalebox status` elsewhere) uses the same interpreter and work root."""
+    for name, value in zip(_LAUNCH_KEYS, (python, work_root), strict=True):
+        conn.execute(query("variable_set"), {"app_id": app_id, "name": name, "value": value})

@@ -1,0 +1,256 @@
+"""Stage jobs and elastic scaling, without a daemon.
+
+Every module of an app runs as zero or more long-lived Slurm jobs. How many follows its READY
+queue (``ceil(ready / tasks_per_job)`` within ``min_jobs..max_jobs``); whoever touches the queue
+applies it — ``scalebox submit`` / ``status`` / ``autoscale`` and the launchers inside the jobs
+(periodically, and when they drain or exit). One PostgreSQL advisory lock per app serialises
+them, ``scaled_at`` rate-limits them, and the decision is computed from the stored state, so a
+repeated call changes nothing: the scaler is idempotent.
+
+Scaling up submits jobs; scaling down cancels surplus jobs that have not started yet. A running
+job is never killed to scale down: its launchers exit by themselves when idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from scalebox_hpc.db import stages as db_stages
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.models import AppStatus
+from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmState
+from scalebox_hpc.slurm.script import StageJob, read_template, render
+
+logger = logging.getLogger(__name__)
+
+FAILURE_LIMIT = 3
+"""After this many stage jobs of a module failed in a row, the scaler stops resubmitting it."""
+VANISHED_AFTER = timedelta(seconds=60)
+"""A job neither squeue nor sacct knows this long after its submission is taken as ended."""
+_FAILED_STATES = frozenset({SlurmState.FAILED.value, SlurmState.OUT_OF_MEMORY.value, SlurmState.BOOT_FAIL.value})
+
+
+@dataclass(frozen=True)
+class ModuleView:
+    """What the scaling decision for one module depends on."""
+
+    name: str
+    min_jobs: int
+    max_jobs: int
+    tasks_per_job: int
+    ready: int
+    live_jobs: int
+    pending_jobs: Sequence[str] = ()
+    """Live jobs still PENDING in Slurm, newest first (the ones a scale-down may cancel)."""
+    app_status: str = AppStatus.RUNNING
+    failing: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do for one module: submit ``submit`` jobs, cancel ``cancel`` (pending) ones."""
+
+    module: str
+    target: int
+    submit: int = 0
+    cancel: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def decide(view: ModuleView) -> Decision:
+    """The number of jobs the module should have, and how to get there from ``live_jobs``."""
+    if view.app_status == AppStatus.FINISHED:
+        return Decision(view.name, 0, cancel=tuple(view.pending_jobs), reason="app finished")
+    wanted = math.ceil(view.ready / view.tasks_per_job) if view.ready else 0
+    target = max(view.min_jobs, min(view.max_jobs, wanted))
+    if view.app_status != AppStatus.RUNNING:
+        return Decision(view.name, view.live_jobs, reason=f"app {view.app_status.lower()}")
+    if target > view.live_jobs:
+        if view.failing:
+            return Decision(view.name, target, reason=f"{FAILURE_LIMIT} jobs failed in a row; not resubmitting")
+        return Decision(view.name, target, submit=target - view.live_jobs, reason=f"{view.ready} ready")
+    surplus = tuple(view.pending_jobs[: view.live_jobs - target])
+    return Decision(view.name, target, cancel=surplus, reason=f"{view.ready} ready")
+
+
+def failing(ended_states: Iterable[str]) -> bool:
+    """True when the newest ``FAILURE_LIMIT`` ended jobs (newest first) all failed."""
+    recent = list(ended_states)[:FAILURE_LIMIT]
+    return len(recent) == FAILURE_LIMIT and all(state in _FAILED_STATES for state in recent)
+
+
+@dataclass
+class ScaleReport:
+    """What one ``reconcile`` did."""
+
+    locked: bool = True
+    managed: bool = True
+    decisions: list[Decision] = field(default_factory=list)
+    submitted: dict[str, list[str]] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LaunchCommand:
+    """How the stage job's srun starts the launcher on each node."""
+
+    python: str
+    work_root: Path
+
+    def argv(self, app_id: int, module: str) -> list[str]:
+        """``python -m scalebox_hpc launcher --stage-job --app N --module M``."""
+        return [self.python, "-m", "scalebox_hpc", "launcher", "--stage-job", "--app", str(app_id),
+                "--module", module, "--work-root", str(self.work_root)]
+
+
+def stage_job(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> StageJob:
+    """The stage job of ``spec``: its resources, slots per node and launcher command."""
+    slots = spec.slurm.slots_per_node or sum(s.count for s in spec.slots)
+    return StageJob(app_id=app_id, module=spec.name, slurm=spec.slurm, slots_per_node=slots,
+                    work_root=command.work_root, launcher=command.argv(app_id, spec.name))
+
+
+def job_script(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> str:
+    """The rendered sbatch script of one stage job of ``spec``."""
+    return render(read_template(spec.slurm.template), stage_job(app_id, spec, command))
+
+
+def prepare_log_dir(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> None:
+    """sbatch does not create the --output directory: a job writing there would fail at once."""
+    path = stage_job(app_id, spec, command).log_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScaleboxError(f"cannot create the job log directory {path}: {exc}",
+                            hint="pass a writable --work-root (a shared file system on a cluster)") from exc
+
+
+class Autoscaler:
+    """Applies :func:`decide` to every module of an app, holding the app's advisory lock."""
+
+    def __init__(
+        self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
+        interval: float = 10.0, now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.conn = conn
+        self.client = client
+        self.command = command
+        self.interval = timedelta(seconds=interval)
+        self.now = now
+
+    def refresh(self, app_id: int) -> list[dict[str, Any]]:
+        """Update the app's live stage jobs from Slurm (one batched status query); returns them."""
+        live = db_stages.jobs(self.conn, app_id)
+        if not live:
+            return live
+        try:
+            infos = self.client.status(j["slurm_job_id"] for j in live)
+        except SlurmCommandError as exc:
+            logger.warning("cannot query Slurm for stage jobs: %s", exc)
+            return live
+        for job in live:
+            info = infos.get(job["slurm_job_id"])
+            if info is None:
+                if self.now() - job["submitted_at"] > VANISHED_AFTER:
+                    db_stages.update_job(self.conn, job["id"], state="UNKNOWN", ended=True,
+                                         reason="no longer known to squeue or sacct")
+                    job.update(state="UNKNOWN", ended_at=self.now())
+                continue
+            ended = info.state.is_terminal
+            nodes = ",".join(info.nodes) if info.nodes else None
+            db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
+                                 exit_code=info.exit_code, reason=info.reason)
+            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"])
+        return [j for j in live if j["ended_at"] is None]
+
+    def reconcile(self, app_id: int, *, force: bool = False, only: Sequence[str] = ()) -> ScaleReport:
+        """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
+        ignores the rate limit and a failing streak."""
+        report = ScaleReport()
+        with self.conn.transaction():
+            if not db_stages.try_lock(self.conn, app_id):
+                report.locked = False
+                return report
+            if not force and db_stages.launch_settings(self.conn, app_id) is None:
+                report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
+                return report
+            recovered = db_stages.recover_expired(self.conn)
+            if recovered:
+                logger.warning("%d task(s) of dead launchers are READY again", recovered)
+            live = self.refresh(app_id)
+            history = db_stages.jobs(self.conn, app_id, include_ended=True)
+            command = self._command(app_id)
+            for row in db_stages.modules(self.conn, app_id):
+                if only and row["name"] not in only:
+                    continue
+                if not force and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
+                    continue
+                self._scale(app_id, row, live, history, force, report, command)
+        return report
+
+    def _command(self, app_id: int) -> LaunchCommand:
+        """The launch command the app's first stage job used (kept so that every later job,
+        whoever submits it, runs the same Python in the same work root)."""
+        stored = db_stages.launch_settings(self.conn, app_id)
+        if stored is not None:
+            return LaunchCommand(python=stored[0], work_root=Path(stored[1]))
+        db_stages.save_launch_settings(self.conn, app_id, self.command.python, str(self.command.work_root))
+        return self.command
+
+    def _scale(
+        self, app_id: int, row: dict[str, Any], live: list[dict[str, Any]], history: list[dict[str, Any]],
+        force: bool, report: ScaleReport, command: LaunchCommand,
+    ) -> None:
+        spec = ModuleSpec.model_validate(row["spec"])
+        mine = [j for j in live if j["module_id"] == row["id"] and not j["draining"]]
+        ended = [j["state"] for j in history if j["module_id"] == row["id"] and j["ended_at"] is not None]
+        view = ModuleView(
+            name=spec.name,
+            min_jobs=row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs,
+            max_jobs=row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs,
+            tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),
+            pending_jobs=[j["slurm_job_id"] for j in mine if j["state"] == SlurmState.PENDING.value],
+            app_status=row["app_status"], failing=failing(ended) and not force,
+        )
+        decision = decide(view)
+        report.decisions.append(decision)
+        db_stages.mark_scaled(self.conn, row["id"])
+        if decision.cancel:
+            self.client.cancel(decision.cancel)
+            for job in mine:
+                if job["slurm_job_id"] in decision.cancel:
+                    db_stages.update_job(self.conn, job["id"], state=SlurmState.CANCELLED.value, ended=True,
+                                         reason="scaled down")
+            report.cancelled += decision.cancel
+        for _ in range(decision.submit):
+            try:
+                prepare_log_dir(app_id, spec, command)
+                job_id = self.client.submit(job_script(app_id, spec, command))
+            except (SlurmCommandError, ScaleboxError) as exc:
+                report.errors.append(f"{spec.name}: {exc}")
+                logger.error("stage job of %s not submitted: %s", spec.name, exc)
+                break
+            db_stages.record_job(self.conn, app_id, row["id"], job_id)
+            report.submitted.setdefault(spec.name, []).append(job_id)
+            logger.info("stage %s: submitted job %s (%s)", spec.name, job_id, decision.reason)
+
+
+def submit_environment(dsn: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What sbatch should see: the caller's environment without the SLURM_* variables of an
+    enclosing job (a job submitted from inside a job would inherit them), plus the DSN the
+    launchers must use."""
+    env = dict(os.environ if environ is None else environ)
+    keep = {"SLURM_CONF", "SLURM_TIME_FORMAT"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k in keep}
+    env["SCALEBOX_DSN"] = dsn
+    return env
