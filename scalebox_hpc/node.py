@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -85,7 +86,7 @@ def run_launcher(
     listener.start()
     listener.ready.wait(5.0)
     stop = threading.Event()
-    previous = _install_signals(stop)
+    previous = _install_signals(stop, launcher.control.draining)
     try:
         if launcher.start() == 0:
             logger.warning("no slots for host %s", config.host)
@@ -102,9 +103,10 @@ def run_launcher(
     return 0
 
 
-def _install_signals(stop: threading.Event) -> dict[int, object]:
+def _install_signals(stop: threading.Event, draining: threading.Event) -> dict[int, object]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         logger.warning("signal %s: draining", signal.Signals(signum).name)
+        draining.set()  # at once: a run killed by the same signal (scancel) is then given back
         stop.set()
 
     previous: dict[int, object] = {}
@@ -120,8 +122,8 @@ def _restore_signals(previous: dict[int, object]) -> None:
 
 
 # -- stage jobs ---------------------------------------------------------------------------------
-AUTOSCALE_SECONDS = 10.0
-"""How often the first node of a stage job runs the app's autoscaler."""
+AUTOSCALE_SECONDS = float(os.environ.get("SCALEBOX_AUTOSCALE_SECONDS", "10"))
+"""How often the first node of a stage job runs the app's autoscaler (env SCALEBOX_AUTOSCALE_SECONDS)."""
 WALLTIME_MARGIN_SECONDS = 5.0
 """A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
 
@@ -181,9 +183,13 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
         if end is not None and datetime.now(UTC) + timedelta(seconds=budget) >= end:
             logger.warning("walltime: %s left, less than a task needs; draining", end - datetime.now(UTC))
             return True
-        if first_node and time.monotonic() >= next_scale:
+        if time.monotonic() >= next_scale:
             next_scale = time.monotonic() + AUTOSCALE_SECONDS
-            autoscale(False)
+            if _asked_to_drain(dsn, job.job_id):
+                logger.warning("stage job %s asked to drain (`scalebox stage stop`)", job.job_id)
+                return True
+            if first_node:
+                autoscale(False)
         return False
 
     def leaving() -> None:
@@ -198,8 +204,22 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
 
     grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
     rc = run_launcher(dsn, config, grace=grace, on_tick=on_tick, on_drain=leaving)
+    if threading.current_thread() is threading.main_thread():
+        # the slots are gone: a late drain signal (walltime, `stage stop`) must not kill us now
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     leaving()  # also after an idle exit: a replacement is submitted if work came in meanwhile
     return rc
+
+
+def _asked_to_drain(dsn: str, job_id: str) -> bool:
+    """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
+    still starting up, before its handlers exist, and kill it)."""
+    try:
+        with connect(dsn) as conn, translate_errors(dsn):
+            return db_stages.is_draining(conn, job_id)
+    except ScaleboxError as exc:
+        logger.warning("cannot check whether job %s should drain: %s", job_id, exc)
+        return False
 
 
 def _job_end(job: JobEnvironment) -> datetime | None:

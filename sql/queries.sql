@@ -299,3 +299,7 @@ UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;
 UPDATE sbx_modules SET min_jobs = %(min_jobs)s, max_jobs = %(max_jobs)s, scaled_at = NULL
 WHERE app_id = %(app_id)s AND name = %(module)s
 RETURNING id;
+
+-- name: stage_job_draining
+-- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
+SELECT draining FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;

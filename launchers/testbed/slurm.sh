@@ -153,6 +153,8 @@ start() {
   done
   timeout 5 sinfo -h -N -o '%N %T' | sort -u | awk '{s=s" "$1"="$2} END{print "slurm nodes:"s}'
   [ "$ready" -ge "$NODES" ] || tb_die "slurm: only $ready of $NODES nodes ready (logs: $LOG)"
+  # an unprivileged user, to prove stage jobs work when not submitted by root
+  id -u sbxtest >/dev/null 2>&1 || useradd -M -s /bin/bash sbxtest || tb_die "cannot create user sbxtest"
   echo "SLURM_NODES=$(seq -f 'node%g' -s, 1 "$NODES")"
 }
 

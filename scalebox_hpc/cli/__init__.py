@@ -553,8 +553,10 @@ def _work_root(work_root: str | None) -> Path:
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
                  work_root: str | None, grace: float, stage_job: bool) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
-    from scalebox_hpc.node import resolve_dsn, run_launcher, run_stage_launcher
+    from scalebox_hpc.node import configure_logging, resolve_dsn, run_launcher, run_stage_launcher
 
+    # a no-op after -v; otherwise warnings (and, in a stage job's log, INFO) still show
+    configure_logging(1 if stage_job else 0)
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:
         app_id = _app_id(conn, app)

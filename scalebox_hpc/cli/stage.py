@@ -152,7 +152,7 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
         stages.set_bounds(conn, app_id, module, None if reset else min_jobs, None if reset else max_jobs)
         conn.commit()
     report = _scaler(work_root)(app_id, force=True, only=(module,))
-    click.echo(f"{module}: {_report_line(report)}")
+    click.echo(_report_line(report) if report.submitted or report.cancelled else f"{module}: no change")
     _raise_errors(report, app_id)
 
 
@@ -161,7 +161,10 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
 @click.option("--now", is_flag=True, help="Cancel the jobs (running tasks are recovered) instead of draining.")
 @click.argument("module")
 def stage_stop(app: int | None, now: bool, module: str) -> None:
-    """Stop a stage: no new jobs; its jobs drain (running tasks finish) and exit."""
+    """Stop a stage: no new jobs; its jobs drain (running tasks finish) and exit.
+
+    The drain request goes through the database (the launchers look every few seconds);
+    --now cancels the jobs instead."""
     from scalebox_hpc.db import stages
     from scalebox_hpc.slurm import SlurmClient, SubprocessRunner
 
@@ -173,7 +176,8 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
             stages.mark_draining(conn, job["slurm_job_id"], job["cluster"])
         conn.commit()
     ids = [j["slurm_job_id"] for j in live]
-    SlurmClient(SubprocessRunner()).cancel(ids, signal=None if now else "USR1")
+    if now:
+        SlurmClient(SubprocessRunner()).cancel(ids)
     click.echo(f"{module}: {'cancelled' if now else 'draining'} {', '.join(ids) or 'no jobs'}")
 
 

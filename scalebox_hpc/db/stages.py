@@ -85,3 +85,9 @@ def save_launch_settings(conn: Connection, app_id: int, python: str, work_root: 
     `scalebox status` elsewhere) uses the same interpreter and work root."""
     for name, value in zip(_LAUNCH_KEYS, (python, work_root), strict=True):
         conn.execute(query("variable_set"), {"app_id": app_id, "name": name, "value": value})
+
+
+def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """Whether the job was asked to drain (`scalebox stage stop`); False for an unknown job."""
+    row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return bool(row and row["draining"])

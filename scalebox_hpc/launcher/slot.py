@@ -246,6 +246,10 @@ class Slot:
         outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
         if outcome is None:
             return None
+        killed = outcome.returncode < 0 or 128 < outcome.returncode < 160  # by a signal (or its shell's 128+N)
+        if killed and not outcome.timed_out and ctx.control.draining.is_set():
+            # killed while we drain (scancel, walltime, node shutdown): not the task's fault, give it back
+            return None
         finished = datetime.now(UTC)
         report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys())
         return self._result(task, outcome, report, started, finished)

@@ -1,0 +1,219 @@
+"""The daemonless autoscaler against a real PostgreSQL, with an in-memory Slurm standing in for sbatch/squeue."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scalebox_hpc.db import apps, stages
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.models import Message
+from scalebox_hpc.pipeline import load_pipeline
+from scalebox_hpc.slurm import JobInfo, SlurmCommandError, SlurmState
+from scalebox_hpc.stages import FAILURE_LIMIT, Autoscaler, LaunchCommand
+from tests.helpers import write_app
+
+pytestmark = pytest.mark.pg
+
+
+class FakeSlurm:
+    """submit/status/cancel like SlurmClient, in memory; counts calls."""
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(100)
+        self.jobs: dict[str, SlurmState] = {}
+        self.scripts: dict[str, str] = {}
+        self.calls: list[str] = []
+        self.refuse: str | None = None
+        self.status_error = False
+
+    def submit(self, script: str, extra_args: Sequence[str] = ()) -> str:
+        self.calls.append("sbatch")
+        if self.refuse:
+            raise SlurmCommandError(["sbatch"], 1, self.refuse)
+        job_id = str(next(self.ids))
+        self.jobs[job_id] = SlurmState.PENDING
+        self.scripts[job_id] = script
+        return job_id
+
+    def status(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        self.calls.append("squeue")
+        if self.status_error:
+            raise SlurmCommandError(["squeue"], None, "timed out after 30 s")
+        return {i: JobInfo(job_id=i, name="x", state=self.jobs[i]) for i in job_ids if i in self.jobs}
+
+    def cancel(self, job_ids: Iterable[str], signal: str | None = None) -> None:
+        self.calls.append("scancel")
+        for i in job_ids:
+            self.jobs[i] = SlurmState.CANCELLED
+
+
+APP = """
+name: scale
+modules:
+  work:
+    slurm: {max_jobs: 4, tasks_per_job: 10, time: "5"}
+  idle:
+    slurm: {min_jobs: 1, max_jobs: 2}
+"""
+
+
+@pytest.fixture
+def app(pg_dsn: str, tmp_path: Path) -> int:
+    spec = load_pipeline(write_app(tmp_path / "app", APP, {"work/run.sh": "true\n", "idle/run.sh": "true\n"}))
+    with connect(pg_dsn) as conn:
+        return apps.create_app(conn, spec)
+
+
+def add(pg_dsn: str, app_id: int, n: int, start: int = 0) -> None:
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "work", [Message(body=f"t{i}") for i in range(start, start + n)])
+
+
+def scaler(pg_dsn: str, slurm: FakeSlurm, tmp_path: Path, conn: Any, interval: float = 0.0) -> Autoscaler:
+    return Autoscaler(conn, slurm, LaunchCommand(python="/venv/bin/python", work_root=tmp_path / "work"),  # type: ignore[arg-type]
+                      interval=interval)
+
+
+def live(pg_dsn: str, app_id: int) -> dict[str, list[str]]:
+    with connect(pg_dsn) as conn:
+        rows = stages.jobs(conn, app_id)
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["module"], []).append(r["slurm_job_id"])
+    return out
+
+
+def test_jobs_follow_the_queue_and_a_second_pass_changes_nothing(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 25)
+    with connect(pg_dsn) as conn:
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+        assert {m: len(ids) for m, ids in report.submitted.items()} == {"work": 3, "idle": 1}
+        again = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+        assert again.submitted == {} and again.cancelled == []
+    assert len(live(pg_dsn, app)["work"]) == 3
+    script = slurm.scripts[live(pg_dsn, app)["work"][0]]
+    assert "#SBATCH --job-name=sbx-" in script and "--time=5" in script
+    assert f"--stage-job --app {app} --module work --work-root {tmp_path / 'work'}" in script
+    assert (tmp_path / "work" / f"app-{app}" / "slurm").is_dir()  # sbatch --output needs it
+
+    add(pg_dsn, app, 100, start=25)  # deeper queue: up to max_jobs
+    with connect(pg_dsn) as conn:
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+    assert len(report.submitted["work"]) == 1 and len(live(pg_dsn, app)["work"]) == 4
+
+    with connect(pg_dsn) as conn:  # queue drained: surplus PENDING jobs are cancelled, idle's min_jobs stays
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND body <> 't0'", (app,))
+        conn.commit()
+        running = live(pg_dsn, app)["work"][-1]  # the oldest job started
+        slurm.jobs[running] = SlurmState.RUNNING
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+    assert sorted(report.cancelled) == sorted(set(live_ids for live_ids in slurm.jobs if slurm.jobs[live_ids]
+                                                  is SlurmState.CANCELLED))
+    assert live(pg_dsn, app)["work"] == [running]  # one task left: one job, the running one
+    assert len(live(pg_dsn, app)["idle"]) == 1
+
+
+def test_rate_limit_and_the_lock(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, force=True)
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app).submitted == {}  # too soon
+        assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, force=True).submitted != {}
+
+    with connect(pg_dsn) as holder, connect(pg_dsn) as other, holder.transaction():
+        assert stages.try_lock(holder, app)
+        report = scaler(pg_dsn, slurm, tmp_path, other).reconcile(app, force=True)
+        assert report.locked is False and report.submitted == {}
+
+
+def test_concurrent_scalers_never_overshoot(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    add(pg_dsn, app, 1000)
+    slurm = FakeSlurm()
+    lock = threading.Lock()
+    original = slurm.submit
+
+    def submit(script: str, extra: Sequence[str] = ()) -> str:
+        with lock:
+            return original(script, extra)
+
+    slurm.submit = submit  # type: ignore[method-assign]
+
+    def one() -> None:
+        for _ in range(5):
+            with connect(pg_dsn) as conn:
+                scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+
+    with connect(pg_dsn) as conn:  # make it a Slurm app (as `scalebox submit` does), with no job yet
+        stages.save_launch_settings(conn, app, "/venv/bin/python", str(tmp_path))
+        conn.commit()
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(live(pg_dsn, app)["work"]) == 4 and slurm.calls.count("sbatch") == 4 + 1  # work max 4 + idle min 1
+
+
+def test_sbatch_refusing_keeps_the_app_and_records_nothing(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    slurm.refuse = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination"
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+    assert report.submitted == {} and any("Invalid account" in e for e in report.errors)
+    assert live(pg_dsn, app) == {}
+    with connect(pg_dsn) as conn:
+        assert len(apps.list_tasks(conn, app, limit=100)) == 5
+
+
+def test_squeue_failing_is_a_warning_not_a_crash(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+        slurm.status_error = True
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+    assert report.errors == [] and report.submitted == {}
+
+
+def test_resubmit_after_timeout_but_not_after_repeated_failures(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("work",))
+        [first] = live(pg_dsn, app)["work"]
+        slurm.jobs[first] = SlurmState.TIMEOUT  # walltime: work remains, so a new job
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, only=("work",))
+        assert len(report.submitted["work"]) == 1
+        for _ in range(FAILURE_LIMIT):
+            [job] = live(pg_dsn, app)["work"]
+            slurm.jobs[job] = SlurmState.FAILED
+            scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, only=("work",))
+        assert "work" not in live(pg_dsn, app)  # three failures in a row: stop
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, only=("work",))
+        assert report.submitted == {} and "failed in a row" in report.decisions[0].reason
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("work",)).submitted
+
+
+def test_draining_jobs_are_replaced_and_unmanaged_apps_left_alone(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app).managed is False  # never submitted
+        assert slurm.calls == []
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("work",))
+        [job] = live(pg_dsn, app)["work"]
+        slurm.jobs[job] = SlurmState.RUNNING
+        assert stages.mark_draining(conn, job) and not stages.mark_draining(conn, job)
+        conn.commit()
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, only=("work",))
+    assert len(report.submitted["work"]) == 1  # the draining job is no longer capacity

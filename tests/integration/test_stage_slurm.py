@@ -1,0 +1,282 @@
+"""Stage jobs on the real local Slurm test-bed (4 virtual nodes), driven through the `scalebox` CLI.
+
+Each test submits a pipeline with `scalebox submit` into its own database, then watches it
+the way a user would (`scalebox status/stage list --json`), calling `scalebox autoscale`
+where a site would run it from scrontab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.components import need, slurm_available
+
+pytestmark = [pytest.mark.slurm, pytest.mark.pg]
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_USER = "sbxtest"
+
+
+@pytest.fixture
+def slurm() -> None:
+    reason = slurm_available()
+    if reason:
+        need("slurm", reason)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A world-readable directory (jobs may run as another user), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="sbx-stage-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def env(pg_dsn: str, shared: Path, slurm: None) -> Iterator[dict[str, str]]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "PG"))}
+    environ.update(SCALEBOX_DSN=pg_dsn, SCALEBOX_WORK_ROOT=str(shared / "work"), SCALEBOX_AUTOSCALE_SECONDS="2",
+                   SCALEBOX_HOME=str(shared / "home"))
+    yield environ
+    # whatever a failed test left in the queue
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=False).stdout
+    mine = [line.split()[0] for line in jobs.splitlines() if line.split()[1:] and line.split()[1].startswith("sbx-")]
+    if mine:
+        subprocess.run(["scancel", *mine], check=False)
+
+
+def sbx(
+    env: dict[str, str], *args: str, user: str | None = None, check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "scalebox_hpc", *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in env.items()), *argv]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scalebox {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def sbx_json(env: dict[str, str], *args: str) -> Any:
+    return json.loads(sbx(env, *args, "--json").stdout)
+
+
+def wait_until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def finished(env: dict[str, str], app_id: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        status = sbx_json(env, "status", app_id)
+        return status if status["app"]["status"] == "FINISHED" else None
+    return check
+
+
+def all_ok(env: dict[str, str], app_id: str, n: int, autoscale: bool = False) -> Callable[[], bool]:
+    """Every one of the app's ``n`` tasks succeeded (apps without set-finished stay RUNNING)."""
+    def check() -> bool:
+        if autoscale:
+            sbx(env, "autoscale", "--app", app_id)
+        rows = tasks(env, app_id)
+        return len(rows) == n and all(t["status"] == 0 for t in rows)
+    return check
+
+
+def write_pipeline(root: Path, modules: dict[str, Any], **top: Any) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    for name, module in modules.items():
+        script = module.pop("run", None)
+        if script is not None:
+            code = root / name
+            code.mkdir(exist_ok=True)
+            (code / "run.sh").write_text("#!/bin/bash\nset -euo pipefail\n" + script)
+            (code / "run.sh").chmod(0o755)
+    path = root / "app.yaml"
+    path.write_text(yaml.safe_dump({"name": root.name, **top, "modules": modules}, sort_keys=False))
+    return path
+
+
+def submit(env: dict[str, str], path: Path, user: str | None = None) -> str:
+    out = sbx(env, "submit", str(path), "--json", user=user).stdout
+    return str(json.loads(out)["app_id"])
+
+
+def jobs(env: dict[str, str], app_id: str) -> list[dict[str, Any]]:
+    return sbx_json(env, "stage", "list", "--app", app_id, "--all")  # type: ignore[no-any-return]
+
+
+def tasks(env: dict[str, str], app_id: str) -> list[dict[str, Any]]:
+    return sbx_json(env, "task", "list", "--app", app_id, "-n", "1000")  # type: ignore[no-any-return]
+
+
+FAST = {"max_idle_polls": 4, "sleep_interval_seconds": 0.5, "heartbeat_seconds": 2}
+
+
+def test_app_primes_as_stage_jobs_across_nodes(env: dict[str, str], shared: Path) -> None:
+    app_dir = shared / "app-primes"
+    shutil.copytree(REPO / "examples/app-primes", app_dir)
+    spec = yaml.safe_load((app_dir / "app.yaml").read_text())
+    for module in spec["modules"].values():
+        module["arguments"] = dict(FAST)
+    spec["modules"]["calc"]["slurm"] = {"nodes": 2}  # 2 nodes x 2 slots
+    spec["slurm"] = {"time": "10"}
+    (app_dir / "app.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    subprocess.run(["chmod", "-R", "a+rX", str(app_dir)], check=True)
+
+    app_id = submit(env, app_dir / "app.yaml")
+    status = wait_until("app-primes to finish", finished(env, app_id), 150, every=2)
+    assert status["app"]["result"] == "Result is 1229"
+
+    calc_hosts = {t["host"] for t in tasks(env, app_id) if t["module"] == "calc"}
+    assert len(calc_hosts) == 2 and calc_hosts <= {f"node{i}" for i in range(1, 5)}, calc_hosts
+    ended = wait_until("every stage job to end", lambda: all(j["state"] == "COMPLETED" for j in jobs(env, app_id))
+                       and jobs(env, app_id), 60, every=2)
+    assert {j["module"] for j in ended} == {"scatter", "calc", "gather"}
+    [calc_job] = [j for j in ended if j["module"] == "calc"]
+    assert len(calc_job["nodes"].split(",")) == 2
+    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"calc-{calc_job['slurm_job_id']}.out").read_text()
+    assert "launchers exited with 0" in log, log
+
+
+def test_scancel_mid_task_loses_nothing(env: dict[str, str], shared: Path) -> None:
+    path = write_pipeline(shared / "cancel", {"work": {
+        "run": 'sleep 2; echo "done $1"\n', "arguments": FAST, "slurm": {"time": "10"},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"b{i}\n" for i in range(6)))
+    app_id = submit(env, path)
+    running = wait_until("a running task", lambda: [t for t in tasks(env, app_id) if t["status"] == -3], 60,
+                         every=0.5)
+    [first] = [j["slurm_job_id"] for j in jobs(env, app_id)]
+    subprocess.run(["scancel", first], check=True)
+
+    wait_until("every task to succeed after the cancel", all_ok(env, app_id, 6, autoscale=True), 120, every=2)
+    rows = tasks(env, app_id)
+    assert sorted(t["body"] for t in rows) == [f"b{i}" for i in range(6)] and {t["status"] for t in rows} == {0}
+    # the task the cancelled job was running finished once: before the job's end, or again in a
+    # new job (released by the draining launcher, or recovered from its expired lease)
+    shown = sbx_json(env, "task", "show", str(running[0]["id"]))
+    assert [e["status"] for e in shown["execs"]].count(0) == 1, shown
+    states = {j["slurm_job_id"]: j["state"] for j in jobs(env, app_id)}
+    assert states[first] == "CANCELLED" and len(states) >= 2
+
+
+def test_walltime_signal_drains_and_a_new_job_finishes_the_work(env: dict[str, str], shared: Path) -> None:
+    # a one-minute job warned 55 s ahead: Slurm sends USR1 somewhere in its first ~35 s (it checks
+    # time limits periodically); 40 one-second tasks on one slot outlast that, so the job drains
+    path = write_pipeline(shared / "walltime", {"work": {
+        "run": 'sleep 1; echo "done $1"\n', "arguments": FAST,
+        "slurm": {"time": "1", "signal_grace_seconds": 55},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"w{i}\n" for i in range(40)))
+    app_id = submit(env, path)
+    wait_until("every task to succeed", all_ok(env, app_id, 40, autoscale=True), 240, every=3)
+    all_jobs = wait_until("jobs to end", lambda: [j for j in jobs(env, app_id) if j["ended_at"]] == jobs(env, app_id)
+                          and jobs(env, app_id), 60, every=2)
+    first = min(all_jobs, key=lambda j: int(j["slurm_job_id"]))
+    assert len(all_jobs) >= 2 and first["state"] == "COMPLETED" and first["draining"], all_jobs
+    assert "TIMEOUT" not in {j["state"] for j in all_jobs}, "a job ran into its time limit instead of draining"
+    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"work-{first['slurm_job_id']}.out").read_text()
+    assert "signal SIGUSR1: draining" in log, log
+    rows = tasks(env, app_id)
+    assert len(rows) == 40 and {t["status"] for t in rows} == {0}
+
+
+def test_claims_stop_when_a_task_no_longer_fits_the_walltime(env: dict[str, str], shared: Path) -> None:
+    # two-minute jobs, tasks allowed 90 s: after ~25 s a task might not fit, so the job drains
+    # by itself (Slurm's USR1@5 comes far later)
+    path = write_pipeline(shared / "fit", {"work": {
+        "run": 'sleep 1\n', "arguments": {**FAST, "task_max_seconds": 90},
+        "slurm": {"time": "2", "signal_grace_seconds": 5},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"f{i}\n" for i in range(35)))
+    app_id = submit(env, path)
+    wait_until("every task to succeed", all_ok(env, app_id, 35, autoscale=True), 240, every=3)
+    all_jobs = wait_until("jobs to end", lambda: [j for j in jobs(env, app_id) if j["ended_at"]] == jobs(env, app_id)
+                          and jobs(env, app_id), 60, every=2)
+    first = min(all_jobs, key=lambda j: int(j["slurm_job_id"]))
+    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"work-{first['slurm_job_id']}.out").read_text()
+    assert "walltime:" in log and "less than a task needs; draining" in log, log
+    assert len(all_jobs) >= 2 and first["state"] == "COMPLETED"
+    assert {t["status"] for t in tasks(env, app_id)} == {0}
+
+
+def test_jobs_scale_with_queue_depth(env: dict[str, str], shared: Path) -> None:
+    path = write_pipeline(shared / "depth", {"work": {
+        "run": 'sleep 2\n', "arguments": FAST, "slots": [".*:1"],
+        "slurm": {"time": "10", "max_jobs": 3, "tasks_per_job": 4},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"d{i}\n" for i in range(12)))
+    app_id = submit(env, path)
+    live = [j for j in jobs(env, app_id) if not j["ended_at"]]
+    assert len(live) == 3  # ceil(12 / 4), within max_jobs
+    wait_until("every task to succeed", all_ok(env, app_id, 12), 120, every=2)
+    hosts = {t["host"] for t in tasks(env, app_id)}
+    assert len(hosts) >= 2, hosts  # the three jobs ran side by side
+    wait_until("the idle jobs to exit", lambda: all(j["ended_at"] for j in jobs(env, app_id)), 60, every=2)
+    sbx(env, "task", "add", "--app", app_id, "-m", "work", "late")  # new work: the queue wants one job again
+    wait_until("a job for the late task", lambda: "work: submitted" in sbx(env, "autoscale", "--app", app_id).stdout,
+               10, every=1)  # autoscale passes are rate-limited (SCALEBOX_AUTOSCALE_SECONDS=2 here)
+
+
+def test_stage_commands_scale_and_stop(env: dict[str, str], shared: Path) -> None:
+    path = write_pipeline(shared / "cmds", {"work": {
+        "run": 'sleep 30\n', "arguments": FAST, "slurm": {"time": "10", "max_jobs": 1}}})
+    app_id = submit(env, path)  # nothing READY: no job yet
+    assert jobs(env, app_id) == []
+    out = sbx(env, "stage", "scale", "--app", app_id, "work", "--jobs", "2").stdout
+    assert out.startswith("work: submitted"), out
+    live = wait_until("two running jobs", lambda: [j for j in jobs(env, app_id) if j["state"] == "RUNNING"]
+                      if len([j for j in jobs(env, app_id) if j["state"] == "RUNNING"]) == 2 else None, 60)
+    script = sbx(env, "stage", "script", "--app", app_id, "work").stdout
+    assert script.startswith("#!/bin/bash") and "#SBATCH --time=10" in script
+    out = sbx(env, "stage", "stop", "--app", app_id, "work").stdout
+    assert out.startswith("work: draining") and all(j["slurm_job_id"] in out for j in live)
+    ended = wait_until("the jobs to drain", lambda: all(j["ended_at"] for j in jobs(env, app_id))
+                       and jobs(env, app_id), 60, every=2)
+    assert {j["state"] for j in ended} == {"COMPLETED"}
+    assert "submitted" not in sbx(env, "autoscale", "--app", app_id).stdout  # stopped stays stopped
+
+
+def test_submitted_by_an_unprivileged_user(env: dict[str, str], shared: Path) -> None:
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        need("slurm", f"user {TEST_USER} missing (launchers/testbed/slurm.sh start creates it)")
+    path = write_pipeline(shared / "user", {"who": {
+        "run": 'id -un > "$WORK_DIR/../whoami-$1"\n', "arguments": FAST, "slurm": {"time": "10"},
+        "parameters": {"start_task": "x"}}})
+    subprocess.run(["chmod", "-R", "a+rX", str(path.parent)], check=True)
+    (shared / "work").mkdir(mode=0o777, exist_ok=True)
+    (shared / "work").chmod(0o777)
+    app_id = submit(env, path, user=TEST_USER)
+    wait_until("the task to succeed", all_ok(env, app_id, 1), 90, every=2)
+    [job] = jobs(env, app_id)
+    owner = subprocess.run(["stat", "-c", "%U", str(shared / "work" / f"app-{app_id}" / "slurm" /
+                                                  f"who-{job['slurm_job_id']}.out")],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert owner == TEST_USER
+    [row] = tasks(env, app_id)
+    assert row["status"] == 0
+    whoami = list((shared / "work" / f"app-{app_id}" / "who").glob("whoami-x"))
+    assert [p.read_text().strip() for p in whoami] == [TEST_USER]
