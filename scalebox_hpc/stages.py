@@ -98,6 +98,8 @@ class ScaleReport:
     submitted: dict[str, list[str]] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    rate_limited: list[str] = field(default_factory=list)
+    """Modules scaled less than ``interval`` ago, left alone this time."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class Autoscaler:
                 if only and row["name"] not in only:
                     continue
                 if not force and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
+                    report.rate_limited.append(row["name"])
                     continue
                 self._scale(app_id, row, live, history, force, report, command)
         return report

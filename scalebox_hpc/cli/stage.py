@@ -33,6 +33,8 @@ def _report_line(report: Any) -> str:
     parts = [f"{module}: submitted {', '.join(ids)}" for module, ids in report.submitted.items()]
     if report.cancelled:
         parts.append(f"cancelled {', '.join(report.cancelled)}")
+    if report.rate_limited and not parts:
+        return f"no change (scaled moments ago: {', '.join(report.rate_limited)}; try again in a few seconds)"
     return "; ".join(parts) or "no change"
 
 
