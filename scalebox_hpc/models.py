@@ -166,6 +166,7 @@ class TaskResult:
     output_bytes: int | None = None
     input_files: list[str] = field(default_factory=list)
     output_files: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
     user_text: str | None = None
     timestamps: list[dict[str, Any]] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)

@@ -131,6 +131,9 @@ class ModuleArguments(BaseModel):
     semaphore: str | None = None
     task_dist_mode: Literal["HOST-BOUND", "SLOT-BOUND"] | None = None
     locality_wait_seconds: float | None = Field(default=None, ge=0)
+    """How long a task waits for the host holding its inputs before any host may take it (default 10)."""
+    input_regex: str | None = None
+    """Inputs from the body when a task has no ``inputs`` header: PostgreSQL regex, group 1 or the match."""
     runtime: str | None = None
 
     @field_validator("conflict_action", mode="before")

@@ -7,9 +7,10 @@ VALUES (%(name)s, %(label)s, %(cluster)s, %(status)s, %(spec)s)
 RETURNING id;
 
 -- name: insert_module
-INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, stall_retries, max_pending, spec)
+INSERT INTO sbx_modules (app_id, name, seq, sink_modules, conflict_action, stall_retries, max_pending, spec,
+                         locality_wait_seconds, input_regex)
 VALUES (%(app_id)s, %(name)s, %(seq)s, %(sink_modules)s, %(conflict_action)s, %(stall_retries)s,
-        %(max_pending)s, %(spec)s)
+        %(max_pending)s, %(spec)s, %(locality_wait_seconds)s, %(input_regex)s)
 RETURNING id;
 
 -- name: get_app
@@ -52,7 +53,7 @@ SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(ro
 --  4. mark them RUNNING with the lease (slot, host, heartbeat, expiry) in the same statement.
 --  5. back-pressure: nothing while a sink module with max_pending has that many READY tasks
 --     (counted up to the limit only, on the same partial index).
--- A later locality filter adds an ORDER BY on "inputs in this host's scratch" to step 1.
+--  6. locality: first the tasks preferring this host (inputs in its scratch), then the others.
 WITH app AS (
     SELECT 1 FROM sbx_apps WHERE id = %(app_id)s AND status = 'RUNNING'
 ), full_sinks AS (
@@ -63,18 +64,40 @@ WITH app AS (
       AND (SELECT count(*) FROM (SELECT 1 FROM sbx_tasks r
                                  WHERE r.module_id = s.id AND r.status = -1
                                  LIMIT s.max_pending) AS lim) >= s.max_pending
-), candidates AS (
+), local AS (
+    -- tasks whose inputs sit in this host's scratch (sbx_tasks_local_idx)
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
-      AND (t.to_host IS NULL OR t.to_host = %(host)s)
+      AND t.pref_host = %(host)s
       AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
+), anywhere AS (
+    -- the rest, oldest first (sbx_tasks_ready_idx); a task preferring another host only once
+    -- its locality wait is over (delay scheduling: a dead or busy holder strands nothing).
+    -- Evaluated only when `local` did not fill the limit.
+    SELECT t.id
+    FROM sbx_tasks t
+    WHERE t.module_id = %(module_id)s
+      AND t.status = -1
+      AND (t.to_host IS NULL OR t.to_host = %(host)s)
+      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
+      AND (t.pref_host IS NULL OR (t.pref_host <> %(host)s AND t.pref_until <= now()))
+      AND EXISTS (SELECT 1 FROM app)
+      AND NOT EXISTS (SELECT 1 FROM full_sinks)
+    ORDER BY t.id
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), candidates AS (
+    SELECT id FROM local
+    UNION ALL
+    SELECT id FROM anywhere
+    LIMIT %(limit)s
 )
 UPDATE sbx_tasks t
 SET status = -3, slot_id = %(slot_id)s, host = %(host)s, attempts = t.attempts + 1,
@@ -303,3 +326,16 @@ RETURNING id;
 -- name: stage_job_draining
 -- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
 SELECT draining FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
+
+-- name: scratch_add
+-- Files now in a host's scratch (a launcher's start-up scan, a task's outputFiles).
+INSERT INTO sbx_scratch (key, host, bytes)
+SELECT k, %(host)s, b FROM unnest(%(keys)s::text[], %(bytes)s::bigint[]) AS f (k, b)
+ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
+
+-- name: scratch_remove
+DELETE FROM sbx_scratch WHERE host = %(host)s AND key = ANY (%(keys)s::text[]);
+
+-- name: scratch_forget_host
+-- Before a start-up scan: the scan is the truth for this host.
+DELETE FROM sbx_scratch WHERE host = %(host)s;

@@ -45,6 +45,10 @@ CREATE TABLE sbx_modules (
     min_jobs integer,
     max_jobs integer,
     scaled_at timestamptz,
+    -- delay scheduling: a task preferring another host becomes claimable anywhere after this
+    locality_wait_seconds double precision NOT NULL DEFAULT 10,
+    -- inputs from the body when a task has no `inputs` header (a POSIX regex; group 1 or the match)
+    input_regex text,
     UNIQUE (app_id, name)
 );
 
@@ -85,6 +89,9 @@ CREATE TABLE sbx_tasks (
     -- HOST-BOUND / SLOT-BOUND dispatch, from headers to_host / to_slot
     to_host text,
     to_slot integer,
+    -- location-aware dispatch: the live host holding most inputs, preferred until pref_until
+    pref_host text,
+    pref_until timestamptz,
     attempts integer NOT NULL DEFAULT 0,
     -- lease: who holds a RUNNING task and until when it counts as alive
     slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
@@ -99,6 +106,8 @@ CREATE TABLE sbx_tasks (
 );
 -- The claim scans only READY rows of one module in id order.
 CREATE INDEX sbx_tasks_ready_idx ON sbx_tasks (module_id, id) WHERE status = -1;
+CREATE INDEX sbx_tasks_local_idx ON sbx_tasks (module_id, pref_host, id)
+    WHERE status = -1 AND pref_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
 CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
 
@@ -282,3 +291,60 @@ CREATE TABLE sbx_stage_jobs (
 );
 
 CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;
+
+-- Location-aware dispatch: what each host's node-local scratch holds.
+CREATE TABLE sbx_scratch (
+    -- a path relative to the host's scratch root, or a dataset key
+    key text NOT NULL,
+    host text NOT NULL,
+    bytes bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (key, host)
+);
+
+CREATE INDEX sbx_scratch_host_idx ON sbx_scratch (host);
+
+-- A host is live while one of its slots heartbeats: entries of dead hosts are ignored.
+CREATE FUNCTION sbx_host_live(h text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM sbx_slots s
+                   WHERE s.host = h AND s.status IN ('STARTING', 'READY', 'RUNNING')
+                     AND s.heartbeat_at > now() - interval '60 seconds')
+$$;
+
+-- On insert: the live host whose scratch holds most of the task's inputs (then most bytes).
+CREATE FUNCTION sbx_task_locality_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    inputs text[];
+BEGIN
+    IF NEW.to_host IS NOT NULL THEN
+        RETURN NEW;
+    END IF;
+    IF jsonb_typeof(NEW.headers -> 'inputs') = 'array' THEN
+        inputs := ARRAY(SELECT jsonb_array_elements_text(NEW.headers -> 'inputs'));
+    END IF;
+    SELECT locality_wait_seconds, input_regex INTO m FROM sbx_modules WHERE id = NEW.module_id;
+    IF inputs IS NULL AND m.input_regex IS NOT NULL THEN
+        inputs := ARRAY[substring(NEW.body FROM m.input_regex)];
+    END IF;
+    IF inputs IS NULL OR cardinality(inputs) = 0 THEN
+        RETURN NEW;
+    END IF;
+    SELECT sc.host INTO NEW.pref_host
+    FROM sbx_scratch sc
+    WHERE sc.key = ANY (inputs) AND sbx_host_live(sc.host)
+    GROUP BY sc.host
+    ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host
+    LIMIT 1;
+    IF NEW.pref_host IS NOT NULL THEN
+        NEW.pref_until := now() + make_interval(secs => m.locality_wait_seconds);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER sbx_tasks_locality
+    BEFORE INSERT ON sbx_tasks
+    FOR EACH ROW EXECUTE FUNCTION sbx_task_locality_v1();

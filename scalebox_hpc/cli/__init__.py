@@ -527,11 +527,14 @@ def task_retry(app: int | None, failed: bool, status: int | None, module: str | 
 
 # -- launcher / run / status ------------------------------------------------------------------
 def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = None, host: str | None = None,
-            work_root: str | None = None, local: bool = False) -> Any:
+            work_root: str | None = None, local: bool = False, local_scratch: str | None = None) -> Any:
     from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
 
-    return LauncherConfig(app_id=app_id, host=host or host_name(), work_root=_work_root(work_root),
-                          modules=modules, slots=slots, local=local)
+    name = host or host_name()
+    scratch = local_scratch or os.environ.get("SCALEBOX_LOCAL_SCRATCH")
+    return LauncherConfig(app_id=app_id, host=name, work_root=_work_root(work_root),
+                          modules=modules, slots=slots, local=local,
+                          local_scratch=Path(scratch.replace("${HOST}", name)).absolute() if scratch else None)
 
 
 def _work_root(work_root: str | None) -> Path:
@@ -548,10 +551,13 @@ def _work_root(work_root: str | None) -> Path:
 @click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
 @click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+@click.option("--local-scratch", default=None,
+              help="This node's local scratch root, '${HOST}' allowed (env SCALEBOX_LOCAL_SCRATCH): "
+                   "indexed for location-aware dispatch.")
 @click.option("--stage-job", is_flag=True,
               help="Run as one node of a Slurm stage job (what the job script's srun starts).")
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
-                 work_root: str | None, grace: float, stage_job: bool) -> None:
+                 work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
     from scalebox_hpc.node import configure_logging, resolve_dsn, run_launcher, run_stage_launcher
 
@@ -560,7 +566,8 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:
         app_id = _app_id(conn, app)
-    config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root)
+    config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root,
+                     local_scratch=local_scratch)
     if stage_job:
         run_stage_launcher(dsn, config)
     else:

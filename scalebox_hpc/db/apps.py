@@ -57,6 +57,9 @@ def create_app(conn: Connection, spec: AppSpec) -> int:
                 "conflict_action": module.arguments.conflict_action.value,
                 "stall_retries": stall_retries(module.parameters.retry_rules),
                 "max_pending": module.arguments.max_pending,
+                "locality_wait_seconds": module.arguments.locality_wait_seconds
+                if module.arguments.locality_wait_seconds is not None else 10.0,
+                "input_regex": module.arguments.input_regex,
                 "spec": Jsonb(module.model_dump(mode="json")),
             }).fetchone()["id"]  # type: ignore[index]
             refs[module.name] = ModuleRef(

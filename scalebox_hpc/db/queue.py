@@ -253,6 +253,24 @@ class PgQueue:
         rows = self._run("recover_expired", {"slot_timeout_seconds": slot_timeout_seconds})
         return [(int(r["id"]), int(r["status"])) for r in rows]
 
+    def index_scratch(
+        self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
+    ) -> None:
+        """Record files in (and gone from) ``host``'s scratch; ``replace``: the list is all it holds."""
+        with translate_errors(self.dsn):
+            try:
+                with self.conn.transaction():
+                    if replace:
+                        self.conn.execute(query("scratch_forget_host"), {"host": host})
+                    if removed:
+                        self.conn.execute(query("scratch_remove"), {"host": host, "keys": removed})
+                    if added:
+                        self.conn.execute(query("scratch_add"), {
+                            "host": host, "keys": [k for k, _ in added], "bytes": [b for _, b in added]})
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self.close()
+                raise
+
     def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None:
         """Renew the slot and the leases of its running tasks."""
         self._run("heartbeat_slot", {"slot_id": slot_id, "status": status, "lease_seconds": lease_seconds})

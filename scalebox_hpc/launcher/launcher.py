@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.launcher import scratch
 from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
@@ -49,6 +50,9 @@ class LauncherConfig:
     local: bool = False
     script_env: Mapping[str, str] = field(default_factory=dict)
     """Added to every script's environment (e.g. SCALEBOX_DSN for `scalebox semaphore` in run.sh)."""
+    local_scratch: Path | None = None
+    """This node's local scratch root: scanned into the scratch index at start, and the files
+    tasks report there are indexed (location-aware dispatch)."""
 
 
 class Launcher:
@@ -74,12 +78,18 @@ class Launcher:
             refs = queue.modules(cfg.app_id)
             specs = {name: ModuleSpec.model_validate(raw) for name, raw in queue.module_specs(cfg.app_id).items()}
             queue.register_host(cfg.host, {"pid": os.getpid()})
+            if cfg.local_scratch is not None:
+                files = scratch.scan(cfg.local_scratch)
+                queue.index_scratch(cfg.host, files, [], replace=True)
+                logger.info("scratch %s: %d files indexed", cfg.local_scratch, len(files))
         finally:
             queue.close()
         for name in cfg.modules:
             if name not in specs:
                 raise NotFoundError("module", name)
         env = {**os.environ, **cfg.script_env}
+        if cfg.local_scratch is not None:
+            env["LOCAL_SCRATCH"] = str(cfg.local_scratch)
         contexts = []
         for name, spec in specs.items():
             if cfg.modules and name not in cfg.modules:
@@ -90,7 +100,7 @@ class Launcher:
                 contexts.append(SlotContext(
                     app_id=cfg.app_id, module=spec, ref=refs[name], modules=refs, host=cfg.host, seq=seq,
                     work_dir=work, runtime=self.runtime, wakeups=self.wakeups, control=self.control,
-                    base_env=env,
+                    base_env=env, scratch=cfg.local_scratch,
                 ))
         return contexts
 

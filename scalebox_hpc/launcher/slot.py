@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
-from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.launcher import scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
@@ -56,6 +56,7 @@ class SlotContext:
     wakeups: Wakeups
     control: SlotControl
     base_env: dict[str, str]
+    scratch: Path | None = None
 
 
 class Slot:
@@ -211,6 +212,7 @@ class Slot:
     def _record(self, task: Task, result: TaskResult, requeue: bool) -> None:
         """Hand the result off; while the database is away keep it and retry (a result is never
         dropped, unless the lease was lost meanwhile: then the task ran again elsewhere)."""
+        self._index_outputs(result)
         while True:
             try:
                 written = self.queue.complete(
@@ -231,6 +233,19 @@ class Slot:
             logger.debug("task %s: status %s, %s messages%s", task.id, result.status, written,
                          " (requeued)" if requeue else "")
             return
+
+    def _index_outputs(self, result: TaskResult) -> None:
+        """Files the run left in (or removed from) the node-local scratch go into the scratch
+        index before the hand-off, so the follow-up tasks it emits prefer this host."""
+        root = self.ctx.scratch
+        if root is None or not (result.output_files or result.removed_files):
+            return
+        added = scratch.keys(result.output_files, root, self.ctx.work_dir)
+        removed = [key for key, _ in scratch.keys(result.removed_files, root, self.ctx.work_dir)]
+        try:
+            self.queue.index_scratch(self.ctx.host, added, removed)
+        except DatabaseError as exc:  # an optimisation only: the hand-off matters, this does not
+            logger.warning("scratch index not updated: %s", exc)
 
     def _execute(self, task: Task) -> TaskResult | None:
         ctx = self.ctx
@@ -275,7 +290,7 @@ class Slot:
             status=status, started_at=started, finished_at=finished,
             stdout=_read(self.private / "run.out"), stderr=stderr,
             input_bytes=report.input_bytes, output_bytes=report.output_bytes,
-            input_files=report.input_files, output_files=report.output_files,
+            input_files=report.input_files, output_files=report.output_files, removed_files=report.removed_files,
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
             finish_text=report.finish_text if status == 0 else None,
         )

@@ -5,6 +5,8 @@
 - ``timestamps.txt``: ``time[,label]`` per line;
 - ``user-file.txt``: free text kept with the execution;
 - ``sink-tasks.txt``: ``body`` | ``body,{headers}`` | ``module,body[,{headers}]`` per line;
+- ``output-files.txt`` / ``removed-files.txt``: one path per line, files the run created in /
+  removed from the node-local scratch (kept in the scratch index for location-aware dispatch);
 - the emit buffer (JSON lines) that ``scalebox task add`` / ``send-message`` /
   ``scalebox app set-finished`` write while run.sh runs.
 """
@@ -28,6 +30,8 @@ TASK_EXEC = "task-exec.json"
 TIMESTAMPS = "timestamps.txt"
 USER_FILE = "user-file.txt"
 SINK_TASKS = "sink-tasks.txt"
+OUTPUT_FILES = "output-files.txt"
+REMOVED_FILES = "removed-files.txt"
 EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"
 
 
@@ -40,6 +44,7 @@ class ExecReport:
     output_bytes: int | None = None
     input_files: list[str] = field(default_factory=list)
     output_files: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
     user_text: str | None = None
     timestamps: list[dict[str, Any]] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
@@ -171,4 +176,8 @@ def collect(work_dir: Path, emit_file: Path, modules: Collection[str]) -> ExecRe
     text = _read_text(emit_file)
     if text is not None:
         _parse_emit_buffer(text, report)
+    for name, into in ((OUTPUT_FILES, report.output_files), (REMOVED_FILES, report.removed_files)):
+        text = _read_text(work_dir / name)
+        if text is not None:
+            into.extend(line.strip() for line in text.splitlines() if line.strip())
     return report

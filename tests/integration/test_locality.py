@@ -1,0 +1,183 @@
+"""Location-aware dispatch on a real PostgreSQL: the scratch index, preferred hosts, delay
+scheduling, and real launchers pulling the tasks whose inputs sit in their own scratch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from scalebox_hpc.db import apps
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.db.sql import query
+from scalebox_hpc.launcher.launcher import LauncherConfig
+from scalebox_hpc.models import Message
+from scalebox_hpc.node import run_launcher
+from scalebox_hpc.pipeline import load_pipeline
+from tests.helpers import write_app
+from tests.integration.test_queue import _plan_nodes
+
+pytestmark = pytest.mark.pg
+
+APP = """
+name: loc
+modules:
+  use:
+    arguments: {{locality_wait_seconds: {wait}, max_idle_polls: 8, sleep_interval_seconds: 0.2,
+                 input_regex: "^in:(.*)$"}}
+"""
+
+
+def make_app(pg_dsn: str, root: Path, wait: float = 30, run: str = "true\n") -> int:
+    spec = load_pipeline(write_app(root, APP.format(wait=wait), {"use/run.sh": run}))
+    with connect(pg_dsn) as conn:
+        return apps.create_app(conn, spec)
+
+
+def live_host(queue: PgQueue, module_id: int, host: str) -> int:
+    """A host is live while one of its slots heartbeats; returns the slot id."""
+    slot = queue.create_slot(module_id, host=host, seq=0, pid=1, work_dir="/w")
+    queue.heartbeat(slot, status="READY", lease_seconds=30)
+    return slot
+
+
+def pref(pg_dsn: str, app_id: int) -> dict[str, str | None]:
+    with connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT body, pref_host FROM sbx_tasks WHERE app_id = %s", (app_id,)).fetchall()
+    return {r["body"]: r["pref_host"] for r in rows}
+
+
+def claim(queue: PgQueue, app_id: int, module_id: int, host: str, n: int = 100) -> list[str]:
+    slot = queue.create_slot(module_id, host=host, seq=0, pid=1, work_dir="/w")
+    return [t.body for t in queue.claim(app_id, module_id, host=host, slot_id=slot, slot_seq=0, limit=n)]
+
+
+@pytest.fixture
+def queue(pg_dsn: str) -> Iterator[PgQueue]:
+    q = PgQueue(pg_dsn)
+    yield q
+    q.close()
+
+
+def test_tasks_prefer_the_live_host_holding_most_inputs(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    for host in ("A", "B"):
+        live_host(queue, mid, host)
+    queue.index_scratch("A", [("x/1", 10), ("x/2", 10), ("big", 1)], [])
+    queue.index_scratch("B", [("x/2", 10), ("x/3", 10), ("big", 10_000)], [])
+    queue.index_scratch("DEAD", [("x/1", 1), ("x/4", 1)], [])  # no live slot: ignored
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "use", [
+            Message("t1", headers={"inputs": ["x/1", "x/2"]}),      # A holds both, B one
+            Message("t2", headers={"inputs": ["x/2", "x/3"]}),      # B holds both
+            Message("t3", headers={"inputs": ["big"]}),             # both: B holds more bytes
+            Message("t4", headers={"inputs": ["x/4"]}),             # only a dead host holds it
+            Message("t5"),                                          # no inputs
+            Message("in:x/3"),                                      # inputs from the body (input_regex)
+            Message("t6", headers={"inputs": ["x/1"], "to_host": "B"}),  # HOST-BOUND wins
+        ])
+    assert pref(pg_dsn, app_id) == {"t1": "A", "t2": "B", "t3": "B", "t4": None, "t5": None, "in:x/3": "B",
+                                    "t6": None}
+
+    # A takes its own task first, then the unpreferred ones; B's wait (delay scheduling)
+    assert claim(queue, app_id, mid, "A") == ["t1", "t4", "t5"]
+    assert sorted(claim(queue, app_id, mid, "B")) == ["in:x/3", "t2", "t3", "t6"]
+
+
+def test_a_task_waits_for_its_holder_then_anyone_takes_it(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app", wait=1.0)
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "B")
+    queue.index_scratch("B", [("f", 5)], [])
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "use", [Message("t", headers={"inputs": ["f"]})])
+    assert claim(queue, app_id, mid, "A") == []   # B holds it: A waits
+    time.sleep(1.2)                               # B never came: after the wait A may take it
+    assert claim(queue, app_id, mid, "A") == ["t"]
+
+
+def test_index_follows_removals_and_rescans(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "A")
+    queue.index_scratch("A", [("a", 1), ("b", 2)], [])
+    queue.index_scratch("A", [], ["a"])
+    queue.index_scratch("A", [("c", 3)], [], replace=True)  # a start-up scan replaces what A held
+    with connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT key, bytes FROM sbx_scratch WHERE host = 'A' ORDER BY key").fetchall()
+    assert [(r["key"], r["bytes"]) for r in rows] == [("c", 3)]
+
+
+def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    with connect(pg_dsn) as conn:
+        with conn.transaction():  # 1M READY tasks, a third preferring one of 8 hosts (bypassing the trigger)
+            conn.execute("ALTER TABLE sbx_tasks DISABLE TRIGGER sbx_tasks_locality")
+            conn.execute("""
+                INSERT INTO sbx_tasks (app_id, module_id, body, pref_host, pref_until)
+                SELECT %(app)s, %(mid)s, 'b' || i,
+                       CASE WHEN i %% 3 = 0 THEN 'h' || (i %% 8) END,
+                       CASE WHEN i %% 3 = 0 THEN now() + interval '1 hour' END
+                FROM generate_series(1, 1000000) AS i""", {"app": app_id, "mid": mid})
+            conn.execute("ALTER TABLE sbx_tasks ENABLE TRIGGER sbx_tasks_locality")
+        conn.execute("ANALYZE sbx_tasks")
+        params = {"app_id": app_id, "module_id": mid, "host": "h3", "slot_id": None, "slot_seq": 0,
+                  "limit": 1, "lease_seconds": 30}
+        with psycopg.ClientCursor(conn) as cur:
+            plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
+        conn.rollback()
+        start = time.perf_counter()
+        claimed = claim(queue, app_id, mid, "h3", n=1)
+        elapsed = time.perf_counter() - start
+    # what ran (nodes of never-needed branches, e.g. the max_pending check of an app without
+    # sinks, have no loops): an index scan of the local index, and no sequential scan
+    nodes = [n for n in _plan_nodes(plan["QUERY PLAN"][0]["Plan"]) if n.get("Actual Loops", 0) > 0]
+    scans = {(n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+    assert ("Index Scan", "sbx_tasks_local_idx") in scans, scans
+    assert not any(kind == "Seq Scan" for kind, _ in scans), scans
+    assert claimed == ["b3"]  # the oldest task preferring h3 (3 % 8 == 3)
+    print(f"claim at 1M queued: {elapsed * 1000:.1f} ms")
+
+
+def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: Path) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app", run='echo "$HOST" > /dev/null; sleep 0.05\n')
+    scratch = {h: tmp_path / f"scratch-{h}" for h in ("A", "B")}
+    for i in range(40):
+        host = "A" if i % 2 else "B"
+        (scratch[host] / "d").mkdir(parents=True, exist_ok=True)
+        (scratch[host] / "d" / f"f{i}").write_bytes(b"x" * (i + 1))
+    threads = [threading.Thread(target=run_launcher, args=(pg_dsn, LauncherConfig(
+        app_id=app_id, host=h, work_root=tmp_path / "work", local=True, local_scratch=scratch[h])))
+        for h in ("A", "B")]
+    for t in threads:
+        t.start()
+    queue = PgQueue(pg_dsn)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # both launchers up (their slots make the hosts live)
+            with connect(pg_dsn) as conn:
+                up = conn.execute("SELECT count(DISTINCT host) AS n FROM sbx_slots WHERE status = 'READY'").fetchone()
+            if up and up["n"] == 2:
+                break
+            time.sleep(0.1)
+        with connect(pg_dsn) as conn:
+            apps.add_tasks(conn, app_id, "use", [Message(f"t{i}", headers={"inputs": [f"d/f{i}"]})
+                                                 for i in range(40)])
+    finally:
+        queue.close()
+    for t in threads:
+        t.join(60)
+    with connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT body, host, status, pref_host FROM sbx_tasks WHERE app_id = %s",
+                            (app_id,)).fetchall()
+    assert len(rows) == 40 and {r["status"] for r in rows} == {0}
+    local = sum(r["host"] == ("A" if int(r["body"][1:]) % 2 else "B") for r in rows)
+    assert local >= 38, f"only {local} of 40 tasks ran on the host holding their input"
