@@ -60,7 +60,7 @@ def run_mode(dsn: str, root: Path, n: int, size: int, aware: bool) -> dict[str, 
         t.start()
     _wait_live(dsn, len(HOSTS))
     messages = []
-    for body, host in holder.items():
+    for body in holder:
         key = body.split("/", 1)[1]
         messages.append(Message(body=body, headers={"inputs": [key]} if aware else {}))
     start = time.monotonic()
