@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
+from scalebox_hpc.db import apps
+from scalebox_hpc.db.connection import connect
+from scalebox_hpc.models import Message
 from tests.components import need, slurm_available
 
 pytestmark = [pytest.mark.slurm, pytest.mark.pg]
@@ -100,6 +103,12 @@ def all_ok(env: dict[str, str], app_id: str, n: int, autoscale: bool = False) ->
         rows = tasks(env, app_id)
         return len(rows) == n and all(t["status"] == 0 for t in rows)
     return check
+
+
+def add_with_inputs(env: dict[str, str], app_id: str, bodies: list[str]) -> None:
+    """Tasks whose input is the scratch file named by the body."""
+    with connect(env["SCALEBOX_DSN"]) as conn:
+        apps.add_tasks(conn, int(app_id), "use", [Message(b, headers={"inputs": [b]}) for b in bodies])
 
 
 def write_pipeline(root: Path, modules: dict[str, Any], **top: Any) -> Path:
@@ -280,3 +289,41 @@ def test_submitted_by_an_unprivileged_user(env: dict[str, str], shared: Path) ->
     assert row["status"] == 0
     whoami = list((shared / "work" / f"app-{app_id}" / "who").glob("whoami-x"))
     assert [p.read_text().strip() for p in whoami] == [TEST_USER]
+
+
+def test_location_aware_dispatch_across_nodes(env: dict[str, str], shared: Path) -> None:
+    """Four nodes, each with its own scratch: tasks run where their input is; when a holder dies,
+    its tasks run elsewhere after the locality wait."""
+    path = write_pipeline(shared / "local", {"use": {
+        "run": 'test -f "$LOCAL_SCRATCH/$1" && echo "local $1" || echo "remote $1"; sleep 0.2\n',
+        "arguments": {**FAST, "max_idle_polls": 60, "locality_wait_seconds": 2},
+        "slots": [".*:1"], "slurm": {"time": "10", "nodes": 4}}})
+    nodes = [f"node{i}" for i in range(1, 5)]
+    for i in range(48):
+        scratch = shared / f"scratch-{nodes[i % 4]}"
+        scratch.mkdir(exist_ok=True)
+        (scratch / f"f{i}").write_text("x" * i)
+    env = {**env, "SCALEBOX_LOCAL_SCRATCH": str(shared / "scratch-${HOST}")}
+    app_id = submit(env, path)
+    sbx(env, "stage", "scale", "--app", app_id, "use", "--jobs", "1")
+    slots_by_host: dict[str, int] = {}
+
+    def four_live() -> bool:
+        with connect(env["SCALEBOX_DSN"]) as conn:
+            rows = conn.execute("SELECT host, pid FROM sbx_slots WHERE status IN ('READY', 'RUNNING')").fetchall()
+        slots_by_host.update({r["host"]: r["pid"] for r in rows})
+        return len(slots_by_host) == 4
+
+    wait_until("a launcher on each of the 4 nodes", four_live, 60)
+    add_with_inputs(env, app_id, [f"f{i}" for i in range(40)])
+    wait_until("40 tasks to succeed", all_ok(env, app_id, 40), 90)
+    rows = tasks(env, app_id)
+    local = sum(t["host"] == nodes[int(t["body"][1:]) % 4] for t in rows)
+    assert local >= 38, f"only {local} of 40 tasks ran on the node holding their input"
+
+    # the holder of f41, f45 dies: after the locality wait its tasks run on the other nodes
+    os.kill(slots_by_host["node2"], 9)
+    add_with_inputs(env, app_id, ["f41", "f45"])
+    wait_until("the dead holder's tasks to run elsewhere", all_ok(env, app_id, 42), 60)
+    moved = {t["body"]: t["host"] for t in tasks(env, app_id) if t["body"] in ("f41", "f45")}
+    assert set(moved.values()) <= {"node1", "node3", "node4"}, moved
