@@ -537,11 +537,26 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
 @click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
 @click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+@click.option("--mpi", "mpi_stage", is_flag=True,
+              help="Run ONE module (-m) as an MPI stage: every rank of `srun --mpi=pmi2` runs this.")
+@click.option("--ranks", type=int, default=None,
+              help="With --mpi: the expected communicator size (default: SCALEBOX_MPI_RANKS / SLURM_NTASKS).")
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
-                 work_root: str | None, grace: float) -> None:
+                 work_root: str | None, grace: float, mpi_stage: bool, ranks: int | None) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
     from scalebox_hpc.node import resolve_dsn, run_launcher
 
+    if mpi_stage:
+        from scalebox_hpc.launcher.mpi_stage import StageConfig
+        from scalebox_hpc.node import run_mpi_stage
+
+        if len(modules) != 1:
+            raise click.UsageError("--mpi runs exactly one module: give -m MODULE")
+        env_app = os.environ.get("SCALEBOX_APP_ID")
+        config = StageConfig(module=modules[0], work_root=_config(0, work_root=work_root).work_root,
+                             app_id=app if app is not None else (int(env_app) if env_app else None),
+                             grace=grace, expected_ranks=ranks)
+        sys.exit(run_mpi_stage(config))
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:
         app_id = _app_id(conn, app)

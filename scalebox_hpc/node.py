@@ -17,7 +17,9 @@ from scalebox_hpc.db import schema
 from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
 from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.errors import NotFoundError
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
+from scalebox_hpc.launcher.mpi_stage import StageConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.runtime.local import LocalRuntime
 
@@ -106,3 +108,27 @@ def _install_signals(stop: threading.Event) -> dict[int, object]:
 def _restore_signals(previous: dict[int, object]) -> None:
     for sig, old in previous.items():
         signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+def run_mpi_stage(config: StageConfig) -> int:
+    """One rank of an MPI stage job (``srun --mpi=pmi2 scalebox launcher --mpi -m MODULE``).
+    The communicator is checked before anything else (the singleton guard); only rank 0
+    resolves the database and opens the stage's one connection."""
+    from scalebox_hpc import mpi
+    from scalebox_hpc.launcher import mpi_stage
+
+    comm = mpi.load_mpi().COMM_WORLD
+
+    def open_queue() -> tuple[PgQueue, int, dict[str, str]]:
+        dsn = resolve_dsn(create_schema=False)
+        queue = PgQueue(dsn)
+        app_id = config.app_id
+        if app_id is None:
+            with translate_errors(dsn):
+                row = queue.conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
+            if not row or row["id"] is None:
+                raise NotFoundError("app", "(any)")
+            app_id = int(row["id"])
+        return queue, app_id, {"SCALEBOX_DSN": dsn}
+
+    return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())
