@@ -48,6 +48,7 @@ def work(tmp_path: Path) -> Path:
 def env_for(dsn: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "SCALEBOX_", "SLURM_"))}
     env["SCALEBOX_DSN"] = dsn
+    env["MPIR_CVAR_CH4_NETMOD"] = "ofi"  # for MPI tasks' own programs (the stage runner sets it itself)
     env["PATH"] = f"{Path(MPI_PY).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -146,6 +147,9 @@ def test_killed_rank_loses_nothing_and_emits_nothing_twice(pg_dsn: str, work: Pa
     queue.close()
     assert recovered and all(status == -1 for _, status in recovered)
     again = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
+    # the sink's ordinary slot; both idle out once the whole app is quiet
+    run_launcher(pg_dsn, LauncherConfig(app_id=app_id, host="testhost", work_root=work, local=True,
+                                        modules=("sink",)))
     out2 = finish(again)
     assert again.returncode == 0, out2[-4000:]
     rows = tasks(pg_dsn, app_id, "work")
@@ -212,7 +216,7 @@ def test_usr1_drains_the_farm_and_releases_unfinished_tasks(pg_dsn: str, work: P
     }))
     with connect(pg_dsn) as conn:
         apps.add_tasks(conn, app_id, "work", [Message(str(i)) for i in range(40)])
-    proc = stage(pg_dsn, app_id, "work", work, nodes=1, ranks=3)
+    proc = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(t["status"] == 0 for t in tasks(pg_dsn, app_id, "work")) < 4:
         time.sleep(0.2)
