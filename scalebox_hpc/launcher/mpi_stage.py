@@ -429,7 +429,7 @@ class _Master:
         try:
             started = datetime.now(UTC)
             own = _run_handler(handler, self.comm, task, self.plan, ctx)
-            outcomes = self.comm.gather(own[:2], root=0)
+            outcomes = self.comm.gather((own[0], own[2]), root=0)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -532,7 +532,7 @@ def _collective_worker(comm: Any, plan: Plan, config: StageConfig, stop: threadi
         if kind == STOP:
             return 0
         own = _run_handler(handler, comm, task, plan, ctx)
-        comm.gather(own[:2], root=0)
+        comm.gather((own[0], own[2]), root=0)
 
 
 def _run_handler(

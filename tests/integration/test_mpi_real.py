@@ -255,3 +255,80 @@ def test_complete_many_records_a_batch_in_one_statement(pg_dsn: str, tmp_path: P
     assert written == [1, 0, None]
     by = {t["body"]: t["status"] for t in tasks(pg_dsn, app_id)}
     assert by == {"0": 0, "1": -102, "2": -1, "m0": -1}
+
+
+def test_farm_keeps_per_task_semantics(pg_dsn: str, work: Path, tmp_path: Path) -> None:
+    """Timeout (124) kills only that rank's run, retries by exit code, task-exec files, hand-off."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    app_id = create(pg_dsn, write_app(tmp_path / "app", """
+        name: sem
+        modules:
+          work:
+            sink_modules: [sink]
+            mpi: {mode: farm}
+            parameters: {retry_rules: ["3:1"]}
+            arguments: {task_max_seconds: 2, heartbeat_seconds: 4, max_idle_polls: 2,
+                         sleep_interval_seconds: 0.2}
+          sink:
+            arguments: {max_idle_polls: 2, sleep_interval_seconds: 0.2}
+    """, {
+        "work/run.sh": f"""
+            case $1 in
+              slow) sleep 30 & wait ;;
+              flaky) if [ ! -e {marks}/flaky ]; then touch {marks}/flaky; exit 3; fi ;;
+              bad) exit 5 ;;
+            esac
+            echo '{{"userText": "rank '$SLOT_SEQ'"}}' > task-exec.json
+            send-message "out-$1"
+        """,
+        "sink/run.sh": "true\n",
+    }))
+    bodies = ["slow", "flaky", "bad", *[f"n{i}" for i in range(8)]]
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "work", [Message(b) for b in bodies])
+    proc = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
+    run_launcher(pg_dsn, LauncherConfig(app_id=app_id, host="testhost", work_root=work, local=True,
+                                        modules=("sink",)))
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    with connect(pg_dsn) as conn:
+        listed = apps.list_tasks(conn, app_id, module="work", limit=100)
+        rows = {t["body"]: apps.get_task(conn, t["id"]) for t in listed}
+    status = {b: r["status"] for b, r in rows.items()}
+    assert status == {"slow": 124, "flaky": 0, "bad": 5, **{f"n{i}": 0 for i in range(8)}}
+    assert [e["status"] for e in rows["flaky"]["execs"]] == [3, 0]
+    assert rows["n0"]["execs"][0]["user_text"].startswith("rank ")
+    sink = sorted(t["body"] for t in tasks(pg_dsn, app_id, "sink"))
+    assert sink == sorted(["out-flaky", *[f"out-n{i}" for i in range(8)]])
+
+
+def test_collective_handler_failure_on_one_rank(pg_dsn: str, work: Path, tmp_path: Path) -> None:
+    app_id = create(pg_dsn, write_app(tmp_path / "app", """
+        name: coll
+        modules:
+          c:
+            mpi: {mode: collective, handler: "h.py:run", batch: 2}
+            arguments: {max_idle_polls: 2, sleep_interval_seconds: 0.2}
+    """, {}))
+    (tmp_path / "app" / "c").mkdir(exist_ok=True)
+    (tmp_path / "app" / "c" / "h.py").write_text(
+        "from scalebox_hpc import mpi\n"
+        "def run(task):\n"
+        "    assert mpi.task() is task\n"
+        "    total = task.comm.allreduce(task.rank + 1)\n"
+        "    if task.body == 'fail' and task.rank == 1:\n"
+        "        raise ValueError('rank one refuses')\n"
+        "    print(f'sum={total} size={task.size}')\n"
+        "    return 0\n")
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message("ok"), Message("fail")])
+    proc = stage(pg_dsn, app_id, "c", work, nodes=2, ranks=3)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    with connect(pg_dsn) as conn:
+        rows = {t["body"]: apps.get_task(conn, t["id"]) for t in apps.list_tasks(conn, app_id, module="c", limit=10)}
+    assert rows["ok"]["status"] == 0 and rows["ok"]["execs"][0]["stdout"] == "sum=6 size=3\n"
+    assert rows["fail"]["status"] == 1
+    assert "rank 1 ended with status 1" in rows["fail"]["execs"][0]["stderr"]
+    assert "ValueError: rank one refuses" in rows["fail"]["execs"][0]["stderr"]
