@@ -125,15 +125,17 @@ def run_mpi_stage(config: StageConfig) -> int:
     comm = mpi.load_mpi().COMM_WORLD
 
     def open_queue() -> tuple[PgQueue, int, dict[str, str]]:
-        dsn = resolve_dsn(create_schema=False)
+        # the stage's one connection: the schema check and the app lookup go through it too
+        dsn = configured_dsn() or resolve_dsn(create_schema=False, start_embedded=False)
         queue = PgQueue(dsn)
         app_id = config.app_id
-        if app_id is None:
-            with translate_errors(dsn):
+        with translate_errors(dsn):
+            schema.ensure(queue.conn, create=False)
+            if app_id is None:
                 row = queue.conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
-            if not row or row["id"] is None:
-                raise NotFoundError("app", "(any)")
-            app_id = int(row["id"])
+                if not row or row["id"] is None:
+                    raise NotFoundError("app", "(any)")
+                app_id = int(row["id"])
         return queue, app_id, {"SCALEBOX_DSN": dsn}
 
     return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())

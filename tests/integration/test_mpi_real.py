@@ -332,3 +332,27 @@ def test_collective_handler_failure_on_one_rank(pg_dsn: str, work: Path, tmp_pat
     assert rows["fail"]["status"] == 1
     assert "rank 1 ended with status 1" in rows["fail"]["execs"][0]["stderr"]
     assert "ValueError: rank one refuses" in rows["fail"]["execs"][0]["stderr"]
+
+
+def test_ordinary_launchers_leave_mpi_stages_alone(pg_dsn: str, tmp_path: Path) -> None:
+    from scalebox_hpc.launcher.launcher import Launcher
+    from scalebox_hpc.launcher.wakeups import Wakeups
+    from scalebox_hpc.runtime.local import LocalRuntime
+
+    app_id = create(pg_dsn, write_app(tmp_path / "app", """
+        name: skip
+        modules:
+          o: {}
+          f: {mpi: {mode: farm}}
+          c: {mpi: {mode: collective, handler: "h.py:run"}}
+    """, {"o/run.sh": "true\n", "f/run.sh": "true\n"}))
+
+    def planned(**kw: Any) -> list[str]:
+        config = LauncherConfig(app_id=app_id, host="h", work_root=tmp_path / "w", **kw)
+        launcher = Launcher(config, lambda: PgQueue(pg_dsn), LocalRuntime(), Wakeups())
+        return sorted({ctx.module.name for ctx in launcher.plan()})
+
+    assert planned() == ["o"]
+    assert planned(modules=("f",)) == ["f"]
+    assert planned(modules=("c",)) == []
+    assert planned(local=True) == ["f", "o"]
