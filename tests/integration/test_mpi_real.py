@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -356,3 +357,32 @@ def test_ordinary_launchers_leave_mpi_stages_alone(pg_dsn: str, tmp_path: Path) 
     assert planned(modules=("f",)) == ["f"]
     assert planned(modules=("c",)) == []
     assert planned(local=True) == ["f", "o"]
+
+
+def test_hung_rank_ends_the_stage_and_its_task_comes_back(pg_dsn: str, work: Path, tmp_path: Path) -> None:
+    app_id = create(pg_dsn, write_app(tmp_path / "app", FARM, {
+        "work/run.sh": 'echo "$PPID" > "$WORK_DIR/rank.pid"; sleep 0.3\n', "sink/run.sh": "true\n",
+    }))
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "work", [Message(str(i)) for i in range(30)])
+    proc = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(t["status"] == 0 for t in tasks(pg_dsn, app_id, "work")) < 3:
+        time.sleep(0.1)
+    pid = int(sorted(work.rglob("rank.pid"))[0].read_text())
+    os.kill(pid, signal.SIGSTOP)  # the rank hangs: alive, silent
+    try:
+        out = finish(proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert proc.returncode != 0 and "silent for 3s" in out, out[-4000:]
+    rows = tasks(pg_dsn, app_id, "work")
+    running = [t for t in rows if t["status"] == -3]
+    assert len(running) == 1  # the hung rank's task, left to lease expiry; the rest recorded or released
+    assert {t["status"] for t in rows} <= {0, -1, -3}
+    time.sleep(3.5)
+    queue = PgQueue(pg_dsn)
+    recovered = queue.recover_expired(slot_timeout_seconds=4)
+    queue.close()
+    assert [tid for tid, _ in recovered] == [running[0]["id"]]
