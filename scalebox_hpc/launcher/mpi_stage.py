@@ -192,18 +192,18 @@ class _Master:
                 code = self._farm()
                 if code == EXIT_LOST_RANK:
                     status, message = "ERROR", self.lost_message
-        except ScaleboxError as exc:
-            status, message, code = "ERROR", str(exc), 1
-            raise
+        except Exception as exc:  # the other ranks wait for word from rank 0: never leave them hanging
+            status, message, code = "ERROR", f"{type(exc).__name__}: {exc}", 1
+            logger.exception("MPI stage %s failed on rank 0", plan.spec.name)
         finally:
             self.ended.set()
             beat.join(5.0)
             with contextlib.suppress(ScaleboxError):
                 self.db(self.q.set_slot_status, plan.slot_id, status, message=message, tasks_done=self.tasks_done)
             self.q.close()
-        if code == EXIT_LOST_RANK:  # MPI_Finalize would wait for the lost rank forever
+        if code != 0:  # MPI_Finalize would wait for a lost rank (or a waiting one) forever
             logger.error("MPI stage %s: %s; aborting the MPI job", plan.spec.name, message)
-            self.comm.Abort(EXIT_LOST_RANK)
+            self.comm.Abort(code)
         return code
 
     @property

@@ -386,3 +386,19 @@ def test_hung_rank_ends_the_stage_and_its_task_comes_back(pg_dsn: str, work: Pat
     recovered = queue.recover_expired(slot_timeout_seconds=4)
     queue.close()
     assert [tid for tid, _ in recovered] == [running[0]["id"]]
+
+
+def test_setup_failing_on_every_rank_ends_the_stage(pg_dsn: str, work: Path, tmp_path: Path) -> None:
+    app_id = create(pg_dsn, write_app(tmp_path / "app", FARM, {
+        "work/setup.sh": "exit 4\n", "work/run.sh": "true\n", "sink/run.sh": "true\n",
+    }))
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "work", [Message("1")])
+    proc = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
+    out = finish(proc, timeout=60)
+    assert proc.returncode != 0 and "no worker rank could start" in out, out[-3000:]
+    assert [t["status"] for t in tasks(pg_dsn, app_id, "work")] == [-1]  # never claimed
+    with connect(pg_dsn) as conn:
+        [slot] = conn.execute("SELECT s.status, s.message FROM sbx_slots s JOIN sbx_modules m ON m.id = s.module_id "
+                              "WHERE m.app_id = %s", (app_id,)).fetchall()
+    assert slot["status"] == "ERROR" and "setup.sh" in slot["message"]
