@@ -2,7 +2,8 @@
 """MPI farm stage vs per-node launchers, same workload, same run, on the real (local) Slurm.
 
 Prints one JSON object with, for each mode, tasks/s (first start → last finish of the N tasks,
-from the database), the wall time of the Slurm step, the workers, and the database
+from the database), the wall time of the Slurm step and its start-up (srun → first task
+claimed), the workers, and the database
 connections the stage held (the maximum of ``pg_stat_activity`` rows of the benchmark's own
 database, sampled every 50 ms, the sampler excluded):
 
@@ -58,21 +59,31 @@ class Sampler(threading.Thread):
         self.admin_dsn, self.dbname = admin_dsn, dbname
         self.max = 0
         self.done = threading.Event()
+        self.ready = threading.Event()
 
     def run(self) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            # the benchmark's own just-closed connections linger a moment in pg_stat_activity
+            for _ in range(40):
+                if self._count(conn) == 0:
+                    break
+                time.sleep(0.05)
+            self.ready.set()
             while not self.done.wait(0.05):
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.dbname,)).fetchone()
-                self.max = max(self.max, int(row[0]) if row else 0)
+                self.max = max(self.max, self._count(conn))
+
+    def _count(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                           (self.dbname,)).fetchone()
+        return int(row[0]) if row else 0
 
 
 def measure(dsn: str, admin_dsn: str, dbname: str, app_id: int, argv: list[str], env: dict[str, str],
             n: int) -> dict[str, Any]:
     sampler = Sampler(admin_dsn, dbname)
     sampler.start()
-    t0 = time.monotonic()
+    sampler.ready.wait(5.0)
+    t0, epoch0 = time.monotonic(), time.time()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
     wall = time.monotonic() - t0
     sampler.done.set()
@@ -82,13 +93,17 @@ def measure(dsn: str, admin_dsn: str, dbname: str, app_id: int, argv: list[str],
             "SELECT count(*) FILTER (WHERE status = 0) AS ok, "
             "extract(epoch FROM max(finished_at) - min(started_at)) AS span "
             "FROM sbx_tasks WHERE app_id = %s", (app_id,)).fetchone()
+        first = conn.execute("SELECT extract(epoch FROM min(started_at)) AS t FROM sbx_tasks WHERE app_id = %s",
+                             (app_id,)).fetchone()
     assert row is not None
     if proc.returncode != 0 or row["ok"] != n:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{argv[:6]}: exit {proc.returncode}, {row['ok']} of {n} tasks done")
     span = float(row["span"] or 0.0)
+    startup = float(first["t"]) - epoch0 if first and first["t"] else None
     return {"tasks_per_s": round(n / span, 1) if span else None, "span_s": round(span, 2),
-            "step_wall_s": round(wall, 2), "db_connections_max": sampler.max}
+            "step_wall_s": round(wall, 2), "startup_s": None if startup is None else round(startup, 2),
+            "db_connections_max": sampler.max}
 
 
 def main() -> None:
