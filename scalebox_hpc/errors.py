@@ -111,3 +111,9 @@ class CommandError(ScaleboxError):
 
 class SlotError(ScaleboxError):
     """A slot cannot run."""
+
+
+class MpiError(ScaleboxError):
+    """An MPI stage cannot run (mpi4py missing, wrong launch, a rank lost)."""
+
+    hint = "start MPI stages with `srun --mpi=pmi2 ...` (MPICH); see README, MPI stages"

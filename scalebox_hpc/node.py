@@ -24,6 +24,7 @@ from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
+from scalebox_hpc.launcher.mpi_stage import StageConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.local import LocalRuntime
@@ -231,3 +232,33 @@ def _job_end(job: JobEnvironment) -> datetime | None:
     except ScaleboxError as exc:
         logger.warning("cannot learn the job's end time (%s): no walltime-aware claims", exc)
         return None
+
+
+def run_mpi_stage(config: StageConfig) -> int:
+    """One rank of an MPI stage job (``srun --mpi=pmi2 scalebox launcher --mpi -m MODULE``).
+    The communicator is checked before anything else (the singleton guard); only rank 0
+    resolves the database and opens the stage's one connection."""
+    from scalebox_hpc import mpi
+    from scalebox_hpc.launcher import mpi_stage
+
+    # MPICH's default UCX netmod publishes an address so long that it goes through PMI in
+    # segments, which Slurm 22.05's pmi2 plug-in intermittently misparses (hangs at MPI_Init);
+    # the OFI netmod's short address does not (measured: 2 of 5 starts hung vs 0 of 12)
+    os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
+    comm = mpi.load_mpi().COMM_WORLD
+
+    def open_queue() -> tuple[PgQueue, int, dict[str, str]]:
+        # the stage's one connection: the schema check and the app lookup go through it too
+        dsn = configured_dsn() or resolve_dsn(create_schema=False, start_embedded=False)
+        queue = PgQueue(dsn)
+        app_id = config.app_id
+        with translate_errors(dsn):
+            schema.ensure(queue.conn, create=False)
+            if app_id is None:
+                row = queue.conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
+                if not row or row["id"] is None:
+                    raise NotFoundError("app", "(any)")
+                app_id = int(row["id"])
+        return queue, app_id, {"SCALEBOX_DSN": dsn}
+
+    return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())

@@ -283,6 +283,48 @@ class SlurmSpec(BaseModel):
         return None if self.time is None else walltime_seconds(self.time)
 
 
+class MpiSpec(BaseModel):
+    """How a module uses MPI (``mpi:`` in the pipeline file).
+
+    - ``mode: farm``: the module runs as one MPI stage job, one rank per slot; rank 0 alone
+      talks to the database and hands tasks (claimed ``batch`` at a time) to idle ranks;
+    - ``mode: collective``: every task goes to every rank; ``handler`` (``file.py:function``
+      relative to code_path, or ``package.module:function``) runs on all of them with the
+      communicator (see :mod:`scalebox_hpc.mpi`);
+    - no mode, ``ranks: K``: ordinary slots, but each run.sh is an MPI program launched with
+      ``srun -n K`` (``mpiexec -n K`` outside Slurm); a task's ``ranks`` header overrides K.
+
+    ``ranks_per_node`` is what a stage job asks Slurm for (one rank per slot).
+    """
+
+    model_config = _CONFIG
+
+    mode: Literal["farm", "collective"] | None = None
+    ranks_per_node: int | None = Field(default=None, ge=1)
+    ranks: int | None = Field(default=None, ge=1)
+    batch: int | None = Field(default=None, ge=1)
+    handler: str | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MpiSpec:
+        if self.mode == "collective" and not self.handler:
+            raise ValueError("mode collective needs a handler (file.py:function or package.module:function)")
+        if self.handler is not None and self.mode != "collective":
+            raise ValueError("handler is only used by mode collective")
+        if self.handler is not None and not re.fullmatch(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*", self.handler):
+            raise ValueError(f"handler {self.handler!r} is not file.py:function or package.module:function")
+        if self.ranks is not None and self.mode is not None:
+            raise ValueError(f"ranks is for MPI tasks of ordinary slots; mode {self.mode} runs one rank per slot")
+        if self.mode is None and (self.ranks_per_node is not None or self.batch is not None):
+            raise ValueError("ranks_per_node and batch need mode farm or collective")
+        return self
+
+
 def _default_slots() -> list[SlotSpec]:
     return [SlotSpec(host_regex=".*", count=1)]
 
@@ -303,6 +345,7 @@ class ModuleSpec(BaseModel):
     arguments: ModuleArguments = Field(default_factory=ModuleArguments)
     parameters: ModuleParameters = Field(default_factory=ModuleParameters)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    mpi: MpiSpec = Field(default_factory=MpiSpec)
 
     @field_validator("name")
     @classmethod
@@ -542,6 +585,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "module.arguments": frozenset(ModuleArguments.model_fields),
     "app.slurm": frozenset(SlurmSpec.model_fields),
     "module.slurm": frozenset(SlurmSpec.model_fields),
+    "module.mpi": frozenset(MpiSpec.model_fields),
 }
 _ALIASES: dict[str, dict[str, str]] = {
     "app": {"jobs": "modules"},
@@ -561,7 +605,7 @@ def _level(path: _Path) -> str | None:
             return f"app.{sub}"
         case ("modules", _):
             return "module"
-        case ("modules", _, "parameters" | "arguments" | "slurm" as sub):
+        case ("modules", _, "parameters" | "arguments" | "slurm" | "mpi" as sub):
             return f"module.{sub}"
     return None
 
@@ -826,6 +870,8 @@ class _Loader:
                     raise self.reader.error(f"unknown module {sink!r}{did_you_mean(sink, names)}", path,
                                             self.line((*path, index)))
         for module in spec.modules:
+            if module.mpi.mode == "collective":  # a Python handler instead of run.sh
+                continue
             if module.script("run.sh") is None:
                 where: _Path = ("modules", module.name, "code_path")
                 raise self.reader.error(f"no run.sh in {module.code_path}", ("modules", module.name),

@@ -109,17 +109,22 @@ class LaunchCommand:
     python: str
     work_root: Path
 
-    def argv(self, app_id: int, module: str) -> list[str]:
-        """``python -m scalebox_hpc launcher --stage-job --app N --module M``."""
-        return [self.python, "-m", "scalebox_hpc", "launcher", "--stage-job", "--app", str(app_id),
-                "--module", module, "--work-root", str(self.work_root)]
+    def argv(self, app_id: int, module: str, *, mpi: bool = False) -> list[str]:
+        """``python -m scalebox_hpc launcher --stage-job --app N --module M`` (``--mpi`` for an MPI stage)."""
+        return [self.python, "-m", "scalebox_hpc", "launcher", "--mpi" if mpi else "--stage-job",
+                "--app", str(app_id), "--module", module, "--work-root", str(self.work_root)]
 
 
 def stage_job(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> StageJob:
     """The stage job of ``spec``: its resources, slots per node and launcher command."""
     slots = spec.slurm.slots_per_node or sum(s.count for s in spec.slots)
+    mpi = spec.mpi.mode is not None
+    # an MPI stage needs 2 ranks at least (rank 0 dispatches): one node gets one more rank than slots
+    default_ranks = slots + 1 if spec.slurm.nodes == 1 else slots
+    ranks = (spec.mpi.ranks_per_node or default_ranks) if mpi else None
     return StageJob(app_id=app_id, module=spec.name, slurm=spec.slurm, slots_per_node=slots,
-                    work_root=command.work_root, launcher=command.argv(app_id, spec.name))
+                    work_root=command.work_root, launcher=command.argv(app_id, spec.name, mpi=mpi),
+                    ranks_per_node=ranks)
 
 
 def job_script(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> str:

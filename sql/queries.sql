@@ -339,3 +339,21 @@ DELETE FROM sbx_scratch WHERE host = %(host)s AND key = ANY (%(keys)s::text[]);
 -- name: scratch_forget_host
 -- Before a start-up scan: the scan is the truth for this host.
 DELETE FROM sbx_scratch WHERE host = %(host)s;
+
+-- name: complete_tasks_batch
+-- The MPI farm's hand-off of a whole batch in one statement (one transaction, one round trip):
+-- sbx_complete_task_v1 per row; written is NULL for a row whose lease was lost.
+SELECT c.ord, sbx_complete_task_v1(c.task_id, c.slot_id, c.status, c.requeue, c.exec, c.messages,
+                                   c.finish_text) AS written
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS c (ord integer, task_id bigint, slot_id bigint, status integer, requeue boolean, exec jsonb,
+           messages jsonb, finish_text text)
+ORDER BY c.ord;
+
+-- name: release_task_ids
+-- Gives some RUNNING tasks of a slot back (an MPI stage's undistributed or aborted tasks).
+UPDATE sbx_tasks
+SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+    attempts = greatest(attempts - 1, 0), started_at = NULL
+WHERE slot_id = %(slot_id)s AND status = -3 AND id = ANY(%(task_ids)s)
+RETURNING id;

@@ -556,13 +556,29 @@ def _work_root(work_root: str | None) -> Path:
                    "indexed for location-aware dispatch.")
 @click.option("--stage-job", is_flag=True,
               help="Run as one node of a Slurm stage job (what the job script's srun starts).")
+@click.option("--mpi", "mpi_stage", is_flag=True,
+              help="Run ONE module (-m) as an MPI stage: every rank of `srun --mpi=pmi2` runs this.")
+@click.option("--ranks", type=int, default=None,
+              help="With --mpi: the expected communicator size (default: SCALEBOX_MPI_RANKS / SLURM_NTASKS).")
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
-                 work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool) -> None:
+                 work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool,
+                 mpi_stage: bool, ranks: int | None) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
     from scalebox_hpc.node import configure_logging, resolve_dsn, run_launcher, run_stage_launcher
 
     # a no-op after -v; otherwise warnings (and, in a stage job's log, INFO) still show
     configure_logging(1 if stage_job else 0)
+    if mpi_stage:
+        from scalebox_hpc.launcher.mpi_stage import StageConfig
+        from scalebox_hpc.node import run_mpi_stage
+
+        if len(modules) != 1:
+            raise click.UsageError("--mpi runs exactly one module: give -m MODULE")
+        env_app = os.environ.get("SCALEBOX_APP_ID")
+        config = StageConfig(module=modules[0], work_root=_config(0, work_root=work_root).work_root,
+                             app_id=app if app is not None else (int(env_app) if env_app else None),
+                             grace=grace, expected_ranks=ranks)
+        sys.exit(run_mpi_stage(config))
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:
         app_id = _app_id(conn, app)

@@ -34,6 +34,16 @@ class ModuleRef:
     """HOST-BOUND / SLOT-BOUND: messages to this module go to the sender's host / slot."""
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One finished task of a batch hand-off (the MPI farm records many at once)."""
+
+    task: Task
+    result: TaskResult
+    host: str
+    requeue: bool = False
+
+
 class LeaseLostError(Exception):
     """The slot no longer holds the task (its lease expired and someone else took it)."""
 
@@ -246,6 +256,53 @@ class PgQueue:
         if row is None or row["written"] is None:
             raise LeaseLostError(task.id)
         return int(row["written"])
+
+    def complete_many(
+        self, items: Sequence[Completion], *, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef],
+    ) -> list[int | None]:
+        """The hand-off of a batch: every result, execution and emitted message in ONE statement
+        (one transaction). Returns, per item, the messages written, or None when that task's
+        lease was lost (nothing recorded for it). Unroutable messages turn their task into
+        EMIT_FAILED as in :meth:`complete`; a duplicate body under CONFLICT_ACTION=FAIL rolls the
+        batch back and it is recorded task by task instead."""
+        rows = []
+        for ord_, item in enumerate(items):
+            result, requeue = item.result, item.requeue
+            try:
+                routed = route(modules, sender, result.messages)
+            except InvalidMessageError as exc:
+                result, requeue, routed = _emit_failed(result, str(exc)), False, []
+            rows.append({
+                "ord": ord_, "task_id": item.task.id, "slot_id": slot_id, "status": result.status,
+                "requeue": requeue, "exec": _exec_record(result, item.host),
+                "messages": _message_rows(routed, TaskStatus.READY, None), "finish_text": result.finish_text,
+            })
+        if not rows:
+            return []
+        try:
+            with _duplicates_as_invalid():
+                out = self._run("complete_tasks_batch", {"rows": Jsonb(rows)})
+        except InvalidMessageError:
+            return [self._complete_one(item, slot_id, sender, modules) for item in items]
+        written: dict[int, int | None] = {
+            int(r["ord"]): None if r["written"] is None else int(r["written"]) for r in out
+        }
+        return [written.get(i) for i in range(len(rows))]
+
+    def _complete_one(
+        self, item: Completion, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef]
+    ) -> int | None:
+        try:
+            return self.complete(item.task, item.result, slot_id=slot_id, host=item.host, sender=sender,
+                                 modules=modules, requeue=item.requeue)
+        except LeaseLostError:
+            return None
+
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
+        """Give some of the slot's RUNNING tasks back to READY, the attempt not counted."""
+        if not task_ids:
+            return 0
+        return len(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
 
     def recover_expired(self, *, slot_timeout_seconds: float) -> list[tuple[int, int]]:
         """Return tasks with expired leases to READY (or 123 when their retries are spent) and mark

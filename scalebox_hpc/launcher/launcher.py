@@ -94,6 +94,8 @@ class Launcher:
         for name, spec in specs.items():
             if cfg.modules and name not in cfg.modules:
                 continue
+            if spec.mpi.mode == "collective" or (spec.mpi.mode == "farm" and not (cfg.local or cfg.modules)):
+                continue  # an MPI stage (`scalebox launcher --mpi`); a farm runs as slots when named or local
             count = cfg.slots if cfg.slots is not None else slots_for_host(spec, cfg.host, local=cfg.local)
             for seq in range(count):
                 work = cfg.work_root / f"app-{cfg.app_id}" / name / f"{cfg.host}-slot{seq}"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from scalebox_hpc.db.queue import ModuleRef
+from scalebox_hpc.db.queue import Completion, ModuleRef
 from scalebox_hpc.models import Task, TaskResult
 
 
@@ -39,6 +39,15 @@ class TaskQueue(Protocol):
 
 
 QueueFactory = Callable[[], TaskQueue]
+
+
+class BatchQueue(TaskQueue, Protocol):
+    """The MPI stage's rank 0: a TaskQueue that also records and releases tasks in batches."""
+
+    def complete_many(
+        self, items: Sequence[Completion], *, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef],
+    ) -> list[int | None]: ...
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int: ...
 
 
 class Clock(Protocol):

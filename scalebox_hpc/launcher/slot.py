@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
-from scalebox_hpc.launcher import scratch, taskexec
+from scalebox_hpc.launcher import mpirun, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
@@ -188,6 +188,22 @@ class Slot:
             logger.warning("cannot read the app's state, will retry: %s", exc)
             return "RUNNING", True
 
+    # -- for runners without a queue (the MPI farm's worker ranks) ------------------------------
+    def setup(self) -> bool:
+        """Run setup.sh in the work dir; False when it failed."""
+        self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        self.private.mkdir(parents=True, exist_ok=True)
+        return self._setup()
+
+    def execute(self, task: Task) -> TaskResult | None:
+        """Run one claimed task (run.sh, timeout, task-exec files) into its result, without
+        touching the database; None when ``control.abort`` stopped it."""
+        return self._execute(task)
+
+    def teardown(self) -> None:
+        """Run teardown.sh (if any)."""
+        self._script("teardown.sh")
+
     # -- one task -------------------------------------------------------------------------------
     def _process(self, task: Task) -> None:
         self.current = task
@@ -258,6 +274,10 @@ class Slot:
             return _system_error(started, f"no run.sh in {ctx.module.code_path}")
         argv = [*_script_argv(run_sh), task.body, json.dumps(task.headers, ensure_ascii=False)]
         env = self._env(task, emit_file)
+        try:  # a task asking for K ranks runs as an MPI program (srun -n K in the allocation)
+            argv = mpirun.wrap(ctx.module, task.headers, argv, env)
+        except ScaleboxError as exc:
+            return _system_error(started, str(exc))
         outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
         if outcome is None:
             return None

@@ -19,7 +19,7 @@ from scalebox_hpc.pipeline import SlurmSpec
 TEMPLATE_NAME = "stage.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Z_]+)\s*\}\}")
 _SAFE_VALUE = re.compile(r"[^\s#'\"\\]+")
-PLACEHOLDERS = frozenset({"SBATCH_DIRECTIVES", "APP_ID", "MODULE", "WORK_ROOT", "LAUNCHER"})
+PLACEHOLDERS = frozenset({"SBATCH_DIRECTIVES", "SRUN_OPTIONS", "APP_ID", "MODULE", "WORK_ROOT", "LAUNCHER"})
 
 
 class StageScriptError(ScaleboxError):
@@ -47,6 +47,16 @@ class StageJob:
     work_root: Path
     launcher: Sequence[str]
     """The command srun starts on every node (argv), e.g. ``python -m scalebox_hpc launcher --stage-job``."""
+    ranks_per_node: int | None = None
+    """An MPI stage (farm/collective): srun starts this many ranks per node (``--mpi=pmi2``),
+    one CPU slot each, instead of one launcher per node."""
+
+    @property
+    def srun_options(self) -> list[str]:
+        """One launcher per node (a failing node does not end the others), or the MPI ranks."""
+        if self.ranks_per_node is not None:
+            return ["--mpi=pmi2", "--kill-on-bad-exit=1"]
+        return ["--kill-on-bad-exit=0"]
 
     @property
     def job_name(self) -> str:
@@ -62,11 +72,13 @@ class StageJob:
 def directives(job: StageJob) -> list[str]:
     """The sbatch options of the job, in a fixed order (``--name=value``)."""
     spec = job.slurm
+    per_node, cpus = (1, job.slots_per_node * spec.cpus_per_slot) if job.ranks_per_node is None \
+        else (job.ranks_per_node, spec.cpus_per_slot)
     opts = [
         f"--job-name={job.job_name}",
         f"--nodes={spec.nodes}",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={job.slots_per_node * spec.cpus_per_slot}",
+        f"--ntasks-per-node={per_node}",
+        f"--cpus-per-task={cpus}",
         f"--signal=B:USR1@{spec.signal_grace_seconds}",
         f"--output={job.log_dir / (job.module + '-%j.out')}",
     ]
@@ -89,6 +101,7 @@ def render(template: str, job: StageJob) -> str:
         "MODULE": shlex.quote(job.module),
         "WORK_ROOT": shlex.quote(str(job.work_root)),
         "LAUNCHER": shlex.join(job.launcher),
+        "SRUN_OPTIONS": shlex.join(job.srun_options),
     }
     found = set(_PLACEHOLDER.findall(template))
     unknown = found - PLACEHOLDERS

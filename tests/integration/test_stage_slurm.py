@@ -327,3 +327,32 @@ def test_location_aware_dispatch_across_nodes(env: dict[str, str], shared: Path)
     wait_until("the dead holder's tasks to run elsewhere", all_ok(env, app_id, 42), 60)
     moved = {t["body"]: t["host"] for t in tasks(env, app_id) if t["body"] in ("f41", "f45")}
     assert set(moved.values()) <= {"node1", "node3", "node4"}, moved
+
+
+def test_mpi_stages_as_stage_jobs(env: dict[str, str], shared: Path) -> None:
+    """app-primes-mpi submitted like any app: the collective and farm modules become MPI stage
+    jobs (srun --mpi=pmi2, ranks per node), the others ordinary ones; scrontab-style autoscale."""
+    for name in ("app-primes", "app-primes-mpi"):
+        shutil.copytree(REPO / "examples" / name, shared / name)
+    app_yaml = shared / "app-primes-mpi" / "app.yaml"
+    spec = yaml.safe_load(app_yaml.read_text())
+    for module in spec["modules"].values():
+        module["arguments"] = dict(FAST)
+    spec["modules"]["calc"]["slurm"] = {"nodes": 2}
+    spec["slurm"] = {"time": "10"}
+    app_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+
+    app_id = submit(env, app_yaml)
+    script = sbx(env, "stage", "script", "--app", app_id, "calc").stdout
+    assert "#SBATCH --ntasks-per-node=2" in script and "srun --mpi=pmi2 --kill-on-bad-exit=1" in script
+    assert "launcher --mpi --app" in script
+
+    def done() -> dict[str, Any] | None:
+        sbx(env, "autoscale", "--app", app_id)
+        return finished(env, app_id)()
+
+    status = wait_until("app-primes-mpi to finish", done, 240, every=3)
+    assert status["app"]["result"] == "Result is 1229"
+    calc = [j for j in jobs(env, app_id) if j["module"] == "calc"]
+    assert calc and len(calc[0]["nodes"].split(",")) == 2, calc

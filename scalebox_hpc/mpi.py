@@ -1,0 +1,152 @@
+"""MPI for module handlers and stage runners; needs the optional extra ``scalebox_hpc[mpi]``.
+
+A ``mode: collective`` module names a handler (``mpi: {handler: "count.py:count"}``) that runs
+on every rank of the stage for every task::
+
+    from scalebox_hpc import mpi
+
+    def count(task: mpi.MpiTask) -> int:
+        lo, hi = map(int, task.body.split(","))
+        mine = sum(is_prime(n) for n in range(lo + task.rank, hi + 1, task.size))
+        total = task.comm.allreduce(mine)
+        if task.rank == 0:
+            task.send_message(f"{lo},{hi},{total}")
+        return 0
+
+The handler gets the task (also available as :func:`task`) and returns an exit status (None
+means 0). Rank 0's status, printed output and emitted messages are recorded; a non-zero status
+on any rank fails the task. Importing this module does not import mpi4py: :func:`load_mpi` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from scalebox_hpc.errors import MpiError
+from scalebox_hpc.models import Message
+
+Handler = Callable[["MpiTask"], "int | None"]
+
+_SIZE_VARIABLES = ("SCALEBOX_MPI_RANKS", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+
+
+@dataclass
+class MpiTask:
+    """One task as every rank of a collective stage sees it."""
+
+    comm: Any
+    """The stage's communicator (an ``mpi4py.MPI.Comm``; every rank of the stage)."""
+    task_id: int
+    body: str
+    headers: dict[str, Any]
+    module: str
+    work_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """The module's ``environments`` and arguments, as run.sh would see them."""
+    messages: list[Message] = field(default_factory=list)
+    finish_text: str | None = None
+
+    @property
+    def rank(self) -> int:
+        """This rank's number in :attr:`comm`."""
+        return int(self.comm.Get_rank())
+
+    @property
+    def size(self) -> int:
+        """How many ranks :attr:`comm` has."""
+        return int(self.comm.Get_size())
+
+    def send_message(self, body: str, module: str | None = None, headers: Mapping[str, Any] | None = None) -> None:
+        """Emit a message (to ``module``, default the first sink); only rank 0's are recorded."""
+        self.messages.append(Message(body=body, headers=dict(headers or {}), module=module))
+
+    def set_finished(self, text: str) -> None:
+        """Finish the app with ``text`` as its result once this task is recorded (rank 0 only)."""
+        self.finish_text = text
+
+
+_current: MpiTask | None = None
+
+
+def task() -> MpiTask:
+    """The task the collective handler on this rank is running now."""
+    if _current is None:
+        raise MpiError("no MPI task is running (scalebox_hpc.mpi.task() works inside a collective handler)")
+    return _current
+
+
+def set_current(current: MpiTask | None) -> None:
+    """Set (or clear) what :func:`task` returns; called by the stage runner around a handler."""
+    global _current
+    _current = current
+
+
+def load_mpi() -> ModuleType:
+    """``mpi4py.MPI`` (initialising MPI), or MpiError when mpi4py is not installed."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise MpiError(
+            f"mpi4py is not available: {exc}",
+            hint="pip install 'scalebox_hpc[mpi]' (mpi4py + the MPICH wheel)",
+        ) from exc
+    return MPI
+
+
+def expected_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """How many ranks the launch asked for: SCALEBOX_MPI_RANKS, else Slurm's task count."""
+    env = os.environ if environ is None else environ
+    for name in _SIZE_VARIABLES:
+        value = env.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def check_size(size: int, expected: int | None, *, minimum: int = 1) -> None:
+    """The singleton guard: fail at start when the communicator is not what the launch asked
+    for (e.g. every rank a singleton of size 1 because the PMI plug-in is missing)."""
+    if expected is not None and size != expected:
+        raise MpiError(
+            f"MPI communicator has {size} rank(s) but the launch asked for {expected}: the ranks did not "
+            "join one MPI job (launched without PMI? use `srun --mpi=pmi2`, MPICH, not OpenMPI)"
+        )
+    if size < minimum:
+        raise MpiError(
+            f"MPI communicator has {size} rank(s); this stage needs at least {minimum} "
+            "(rank 0 dispatches, the others run tasks): launch it with `srun --mpi=pmi2 -n N`"
+        )
+
+
+def load_handler(spec: str, code_path: Path) -> Handler:
+    """The function named by ``file.py:function`` (relative to ``code_path``) or
+    ``package.module:function``."""
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            path = code_path / where
+            mod_name = f"scalebox_handler_{abs(hash(str(path)))}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise MpiError(f"handler file {path} cannot be loaded")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except MpiError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say which, keep the cause
+        raise MpiError(f"handler {spec!r}: cannot import {where}: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise MpiError(f"handler {spec!r}: {where} has no function {name!r}")
+    return fn  # type: ignore[no-any-return]
