@@ -11,6 +11,7 @@
     ├── EmbeddedDatabaseError     the embedded PostgreSQL could not be started or stopped
     ├── ScriptError               a module script is missing or not runnable
     ├── CommandError              an external command failed (argv, returncode, stderr)
+    ├── ContainerError            a container engine or image is missing or unusable
     └── SlotError                 a slot cannot run (setup.sh failed, ...)
 
 Errors carry data as attributes; ``str(err)`` is one line for the CLI.
@@ -105,3 +106,10 @@ class CommandError(ScaleboxError):
 
 class SlotError(ScaleboxError):
     """A slot cannot run."""
+
+
+class ContainerError(ScaleboxError):
+    """A container engine or image is missing or unusable."""
+
+    hint = ("check the module's runtime:/base_image (README: Containers); "
+            "set SCALEBOX_RUNTIME=local to run without containers")

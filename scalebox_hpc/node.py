@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 
 from scalebox_hpc import embedded
@@ -19,7 +22,9 @@ from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.runtime.local import LocalRuntime
+from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.runtime.choose import RuntimeChooser
+from scalebox_hpc.runtime.container import HostDirs
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +61,26 @@ def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> s
     return dsn
 
 
+def make_runtime(environ: Mapping[str, str] | None = None) -> ContainerRuntime:
+    """This host's runtimes: ``SCALEBOX_RUNTIME`` is the default for modules with a base_image
+    and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); ``SCALEBOX_LOCAL_DIR`` is
+    mounted at /local (default: <tmp>/scalebox-local), ``SCALEBOX_DATA_ROOT`` at /data,
+    ``SCALEBOX_SIF_CACHE`` holds converted images."""
+    env = os.environ if environ is None else environ
+    local = env.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local")
+    data = env.get("SCALEBOX_DATA_ROOT")
+    cache = env.get("SCALEBOX_SIF_CACHE")
+    return RuntimeChooser(
+        env.get("SCALEBOX_RUNTIME", "auto"), host=HostDirs(Path(local), Path(data) if data else None),
+        sif_cache=Path(cache) if cache else None, host_env=env,
+    )
+
+
 def build(dsn: str, config: LauncherConfig) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
     listener = Listener(dsn, wakeups.notify)
-    launcher = Launcher(config, lambda: PgQueue(dsn), LocalRuntime(), wakeups)
+    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(), wakeups)
     return launcher, listener
 
 
