@@ -119,7 +119,8 @@ class WarmSession:
         def is_agent(p: psutil.Process) -> bool:
             with contextlib.suppress(psutil.Error):
                 cmd = p.cmdline()
-                return len(cmd) >= 2 and cmd[-1] == token and cmd[-3].endswith("/agent")
+                # the engine's client and init also carry the token in their command lines
+                return len(cmd) == 4 and cmd[0].endswith("sh") and cmd[1].endswith("/agent") and cmd[3] == token
             return False
 
         with contextlib.suppress(psutil.Error):
