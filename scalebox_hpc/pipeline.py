@@ -131,7 +131,13 @@ class ModuleArguments(BaseModel):
     semaphore: str | None = None
     task_dist_mode: Literal["HOST-BOUND", "SLOT-BOUND"] | None = None
     locality_wait_seconds: float | None = Field(default=None, ge=0)
-    runtime: str | None = None
+    runtime: Literal["local", "apptainer", "podman", "docker", "auto"] | None = None
+    """The container engine (None: the host's SCALEBOX_RUNTIME when the module has a base_image)."""
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("conflict_action", mode="before")
     @classmethod

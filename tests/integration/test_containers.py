@@ -23,7 +23,7 @@ from scalebox_hpc.launcher.launcher import LauncherConfig
 from scalebox_hpc.models import Message
 from scalebox_hpc.node import run_launcher
 from scalebox_hpc.pipeline import load_pipeline
-from tests.components import apptainer_available, need
+from tests.components import apptainer_available, need, podman_available
 from tests.helpers import write_app
 
 pytestmark = [pytest.mark.pg, pytest.mark.apptainer]
@@ -48,17 +48,6 @@ def apptainer(monkeypatch: pytest.MonkeyPatch, image_cache: Path, tmp_path: Path
     monkeypatch.setenv("SCALEBOX_CONTAINERS", str(REPO / "containers"))
     monkeypatch.setenv("SCALEBOX_LOCAL_DIR", str(tmp_path / "local"))
     monkeypatch.delenv("SCALEBOX_RUNTIME", raising=False)
-
-
-def podman_available() -> str | None:
-    exe = shutil.which("podman")
-    if exe is None:
-        return "`podman` not on PATH (launchers/testbed/podman.sh install)"
-    proc = subprocess.run([exe, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True, text=True,
-                          timeout=60, check=False)
-    if proc.returncode != 0:
-        return f"`podman info` failed: {proc.stderr.strip()[-200:]}"
-    return None
 
 
 @pytest.fixture
@@ -166,6 +155,7 @@ def test_app_primes_with_a_container_per_task(apptainer: None, pg_dsn: str, tmp_
     assert not list((tmp_path / "work").rglob("container.err"))
 
 
+@pytest.mark.podman
 def test_app_primes_under_podman(podman: None, pg_dsn: str, tmp_path: Path) -> None:
     app_id = create(pg_dsn, primes_app(tmp_path / "app", "podman"))
     launch(pg_dsn, app_id, tmp_path / "work")
@@ -290,6 +280,7 @@ def test_cancel_inside_a_warm_container_leaves_nothing(apptainer: None, pg_dsn: 
     assert sorted(t["status"] for t in tasks(pg_dsn, app_id)) == [-1, -1]
 
 
+@pytest.mark.podman
 def test_timeout_inside_a_podman_container_leaves_nothing(podman: None, pg_dsn: str, tmp_path: Path) -> None:
     marker = f"{os.getpid() % 1000}9.5"
     app = write_app(tmp_path / "app", f"""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -193,3 +192,16 @@ def test_in_container_helpers_write_what_the_launcher_reads(shell: str, tmp_path
     assert got == [(None, body, {"k": [1, 2]}), ("gather", "x,1", {}),
                    ("calc", "b1", {"a": 'b"c', "n": "1"}), ("calc", "-b2", {"a": 'b"c', "n": "1"})]
     assert report.finish_text == "Result is 1229"
+
+
+def test_pipeline_checks_the_runtime_name(tmp_path: Path) -> None:
+    from scalebox_hpc.errors import PipelineError
+    from scalebox_hpc.pipeline import load_pipeline
+    from tests.helpers import write_app
+
+    ok = load_pipeline(write_app(tmp_path / "ok", "name: x\nmodules:\n  a:\n    base_image: app-primes\n"
+                                 "    arguments: {runtime: Podman}\n", {"a/run.sh": "true\n"}))
+    assert ok.modules[0].arguments.runtime == "podman"
+    with pytest.raises(PipelineError, match="runtime"):
+        load_pipeline(write_app(tmp_path / "bad", "name: x\nmodules:\n  a:\n    arguments: {runtime: lxc}\n",
+                                {"a/run.sh": "true\n"}))
