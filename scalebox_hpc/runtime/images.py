@@ -3,7 +3,8 @@
 A module's ``base_image`` is one of:
 
 - ``docker://REF``, ``docker-archive:PATH``, ``oci-archive:PATH`` (…): converted once to a SIF for Apptainer;
-- a local ``.sif`` file or a sandbox directory: used as it is;
+- a local ``.sif`` file or a sandbox directory (absolute, or relative to ``code_path`` or its parent,
+  the app dir): used as it is;
 - ``NAME``: built from ``containers/NAME.def`` (Apptainer) or ``containers/NAME.Dockerfile``
   (Podman/Docker), found in ``$SCALEBOX_CONTAINERS`` (colon-separated dirs) or in the nearest
   ``containers/`` dir above the module's ``code_path``; for Podman/Docker also a local image name.
@@ -45,6 +46,23 @@ def default_cache() -> Path:
     """``$SCALEBOX_SIF_CACHE``, else ``~/.cache/scalebox_hpc/sif``."""
     env = os.environ.get("SCALEBOX_SIF_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "scalebox_hpc" / "sif"
+
+
+def local_path(ref: str, code_path: Path | None) -> Path | None:
+    """``ref`` as a file path (absolute, ``~``, or relative: beside ``code_path`` or in its parent,
+    the app dir), None when it is a plain name."""
+    if ref.startswith("~"):
+        return Path(ref).expanduser()
+    path = Path(ref)
+    if path.is_absolute():
+        return path
+    if "/" not in ref and not ref.endswith((".sif", ".def")):
+        return None
+    bases = [code_path, code_path.parent] if code_path is not None else []
+    for base in bases:
+        if (base / path).exists():
+            return base / path
+    return (bases[-1] if bases else Path.cwd()) / path
 
 
 def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
@@ -131,9 +149,8 @@ class SifCache:
         """``(path, built)``: built is True only for the caller that did the build."""
         if ref.startswith(TRANSPORTS):
             return self._cached(self._ref_key(ref), lambda out: self._build(out, ref, cwd=None))
-        path = Path(ref)
-        if path.is_absolute() or ref.startswith((".", "~")):
-            path = path.expanduser()
+        path = local_path(ref, search_from)
+        if path is not None:
             if path.suffix == ".def" and path.is_file():
                 return self._from_definition(path)
             if path.exists():

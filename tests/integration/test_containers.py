@@ -23,6 +23,7 @@ from scalebox_hpc.launcher.launcher import LauncherConfig
 from scalebox_hpc.models import Message
 from scalebox_hpc.node import run_launcher
 from scalebox_hpc.pipeline import load_pipeline
+from scalebox_hpc.runtime.images import SifCache
 from tests.components import apptainer_available, need, podman_available
 from tests.helpers import write_app
 
@@ -85,10 +86,11 @@ def tasks(pg_dsn: str, app_id: int) -> list[dict[str, Any]]:
         return apps.list_tasks(conn, app_id, limit=1000)
 
 
-def primes_app(root: Path, runtime: str, options: str = "") -> Path:
-    """app-primes unchanged (its own scripts), every module in the app-primes image."""
+def primes_app(root: Path, options: str = "") -> Path:
+    """app-primes unchanged (its own scripts), every module in the app-primes image; no runtime
+    key: the host's default (SCALEBOX_RUNTIME) picks the engine, so one file serves every site."""
     root.mkdir(parents=True, exist_ok=True)
-    extra = f"runtime: {runtime}, max_idle_polls: 10, sleep_interval_seconds: 0.2"
+    extra = "max_idle_polls: 10, sleep_interval_seconds: 0.2"
     if options:
         extra += f", slot_options: [{options}]"
     env = "environments: [NUM_GROUPS=10, LENGTH=1000]"
@@ -138,8 +140,10 @@ def leftovers(marker: str) -> list[psutil.Process]:
 
 
 # -- app-primes in containers -----------------------------------------------------------------------
-def test_app_primes_in_warm_apptainer_slots(apptainer: None, pg_dsn: str, tmp_path: Path) -> None:
-    app_id = create(pg_dsn, primes_app(tmp_path / "app", "apptainer"))
+def test_app_primes_in_warm_apptainer_slots(apptainer: None, pg_dsn: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEBOX_RUNTIME", "apptainer")
+    app_id = create(pg_dsn, primes_app(tmp_path / "app"))
     launch(pg_dsn, app_id, tmp_path / "work")
     assert_primes(pg_dsn, app_id, tmp_path / "work")
     # each of the 4 slots ran one warm container (its agent's FIFOs were made and removed)
@@ -149,20 +153,40 @@ def test_app_primes_in_warm_apptainer_slots(apptainer: None, pg_dsn: str, tmp_pa
 
 
 def test_app_primes_with_a_container_per_task(apptainer: None, pg_dsn: str, tmp_path: Path) -> None:
-    app_id = create(pg_dsn, primes_app(tmp_path / "app", "apptainer", "container_per_task"))
+    # SCALEBOX_RUNTIME unset: auto picks Apptainer when it is installed
+    app_id = create(pg_dsn, primes_app(tmp_path / "app", "container_per_task"))
     launch(pg_dsn, app_id, tmp_path / "work")
     assert_primes(pg_dsn, app_id, tmp_path / "work")
     assert not list((tmp_path / "work").rglob("container.err"))
 
 
 @pytest.mark.podman
-def test_app_primes_under_podman(podman: None, pg_dsn: str, tmp_path: Path) -> None:
-    app_id = create(pg_dsn, primes_app(tmp_path / "app", "podman"))
+def test_app_primes_under_podman(podman: None, pg_dsn: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEBOX_RUNTIME", "podman")  # the same pipeline file as the Apptainer tests
+    app_id = create(pg_dsn, primes_app(tmp_path / "app"))
     launch(pg_dsn, app_id, tmp_path / "work")
     assert_primes(pg_dsn, app_id, tmp_path / "work")
     names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
                            check=True).stdout
     assert f"app-{app_id}.calc" not in names  # every slot container was removed
+
+
+def test_hello_scalebox_in_its_image(apptainer: None, pg_dsn: str, tmp_path: Path) -> None:
+    hello = REPO / "examples" / "hello-scalebox"
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "app.yaml").write_text(textwrap.dedent(f"""
+        name: hello-in-a-container
+        parameters: {{start_task: scalebox}}
+        modules:
+          hello:
+            code_path: {hello / 'hello'}
+            base_image: hello-scalebox
+            arguments: {{runtime: apptainer, slot_options: [container_per_task], {FAST}}}
+    """))
+    app_id = create(pg_dsn, tmp_path / "app" / "app.yaml")
+    launch(pg_dsn, app_id, tmp_path / "work")
+    assert app_row(pg_dsn, app_id)["result"] == "Hello scalebox, it is OK!"
 
 
 # -- mounts, environment, work dir, helpers --------------------------------------------------------
@@ -333,6 +357,26 @@ def test_sif_cache_under_concurrent_first_use(apptainer: None, tmp_path: Path) -
     assert Path(path).is_file() and Path(path).parent == cache
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(path).name]
     proc = subprocess.run([exe, "-s", "exec", path, "/bin/sh", "-c", "echo ok"], capture_output=True, text=True,
+                          check=False)
+    assert proc.stdout == "ok\n"
+
+
+@pytest.mark.podman
+def test_docker_archive_is_converted_once(apptainer: None, podman: None, tmp_path: Path) -> None:
+    """A `podman save` archive (no registry here) → one SIF in the cache, reused after."""
+    tag = "localhost/scalebox-test/archive:1"
+    base = subprocess.run(["sh", str(REPO / "containers" / "build.sh"), "podman", "scalebox-base"],
+                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    subprocess.run(["podman", "tag", base, tag], check=True)
+    archive = tmp_path / "img.tar"
+    subprocess.run(["podman", "save", "-q", "--format", "docker-archive", "-o", str(archive), tag], check=True)
+    exe = shutil.which("apptainer")
+    assert exe
+    cache = SifCache(exe, tmp_path / "cache")
+    path, built = cache.ensure(f"docker-archive:{archive}")
+    assert built and path.suffix == ".sif"
+    assert cache.ensure(f"docker-archive:{archive}") == (path, False)
+    proc = subprocess.run([exe, "-s", "exec", str(path), "/bin/sh", "-c", "echo ok"], capture_output=True, text=True,
                           check=False)
     assert proc.stdout == "ok\n"
 
