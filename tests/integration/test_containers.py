@@ -305,21 +305,72 @@ def test_cancel_inside_a_warm_container_leaves_nothing(apptainer: None, pg_dsn: 
 
 
 @pytest.mark.podman
-def test_timeout_inside_a_podman_container_leaves_nothing(podman: None, pg_dsn: str, tmp_path: Path) -> None:
-    marker = f"{os.getpid() % 1000}9.5"
+@pytest.mark.parametrize("options", ["", "container_per_task"])
+def test_timeout_inside_a_podman_container_leaves_nothing(podman: None, pg_dsn: str, tmp_path: Path,
+                                                          options: str) -> None:
+    marker = f"{os.getpid() % 1000}{len(options)}9.5"
     app = write_app(tmp_path / "app", f"""
         name: timeout
         parameters: {{start_task: go}}
         modules:
           a:
             base_image: app-primes
-            arguments: {{runtime: podman, task_max_seconds: 2, {FAST}}}
+            arguments: {{runtime: podman, task_max_seconds: 2, {FAST}, slot_options: [{options}]}}
     """, {"a/run.sh": f"sleep {marker} &\necho started\nsleep {marker}\n"})
     app_id = create(pg_dsn, app)
     launch(pg_dsn, app_id, tmp_path / "work")
     assert [t["status"] for t in tasks(pg_dsn, app_id)] == [124]
     time.sleep(0.3)
     assert leftovers(marker) == []
+    names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"app-{app_id}.a." not in names
+
+
+def test_drain_past_grace_kills_inside_and_releases(apptainer: None, pg_dsn: str, tmp_path: Path) -> None:
+    marker = f"{os.getpid() % 1000}4.5"
+    app = write_app(tmp_path / "app", f"""
+        name: drain
+        parameters: {{start_task: go}}
+        modules:
+          a:
+            base_image: app-primes
+            arguments: {{runtime: apptainer, {FAST}}}
+    """, {"a/run.sh": f"touch \"$WORK_DIR/running\"\nsleep {marker}\n"})
+    app_id = create(pg_dsn, app)
+    running = lambda: bool(list((tmp_path / "work").rglob("running")))  # noqa: E731
+    config = LauncherConfig(app_id=app_id, host="testhost", work_root=tmp_path / "work", local=True)
+    t0 = time.monotonic()
+    run_launcher(pg_dsn, config, grace=0.5, on_tick=running, tick_seconds=0.1)  # drains once the task runs
+    assert time.monotonic() - t0 < 30
+    assert leftovers(marker) == []
+    assert [t["status"] for t in tasks(pg_dsn, app_id)] == [-1]  # released, the attempt not counted
+
+
+ORPHAN = """
+import sys, time
+from pathlib import Path
+from scalebox_hpc.runtime.base import SessionSpec
+from scalebox_hpc.runtime.choose import RuntimeChooser
+d = Path(sys.argv[2])
+session = RuntimeChooser(sys.argv[1]).open(SessionSpec(
+    name="orphan", work_dir=d / "w", private_dir=d / "p", code_path=d / "code", image="app-primes"))
+print(session.agent.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_warm_container_ends_with_a_killed_launcher(apptainer: None, tmp_path: Path) -> None:
+    """No leak when the launcher is SIGKILLed: the agent sees EOF on its request FIFO and exits."""
+    for d in ("w", "p", "code"):
+        (tmp_path / d).mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, "apptainer", str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    assert proc.stdout is not None
+    agent = psutil.Process(int(proc.stdout.readline()))
+    proc.kill()
+    proc.wait()
+    agent.wait(10)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60) -> None:
@@ -408,6 +459,14 @@ def test_missing_image_is_a_clear_slot_error(apptainer: None, slot_error: Callab
     assert message == "image '/nonexistent/image.sif' not found: /nonexistent/image.sif does not exist"
     message = slot_error("no-such-image", "apptainer")
     assert message.startswith("image 'no-such-image' not found: no containers/no-such-image.def")
+
+
+def test_image_without_a_shell_is_a_clear_slot_error(apptainer: None, slot_error: Callable[[str, str], str],
+                                                      tmp_path: Path) -> None:
+    (tmp_path / "empty-rootfs").mkdir()
+    message = slot_error(str(tmp_path / "empty-rootfs"), "apptainer")
+    assert message.startswith("apptainer container for app-") and " did not start: " in message
+    assert "/bin/sh" in message  # the engine's own reason
 
 
 def test_missing_engine_is_a_clear_slot_error(pg_dsn: str, slot_error: Callable[[str, str], str],
