@@ -430,6 +430,7 @@ def test_docker_archive_is_converted_once(apptainer: None, podman: None, tmp_pat
     proc = subprocess.run([exe, "-s", "exec", str(path), "/bin/sh", "-c", "echo ok"], capture_output=True, text=True,
                           check=False)
     assert proc.stdout == "ok\n"
+    subprocess.run(["podman", "rmi", tag], capture_output=True, check=False)
 
 
 @pytest.fixture
