@@ -33,11 +33,12 @@ class ApptainerEngine:
         self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
         name: str, options: Sequence[str], host_env: Mapping[str, str],
     ) -> tuple[list[str], dict[str, str]]:
-        """``apptainer -s exec --cleanenv --no-eval --pwd CWD --bind ... --env K=V ... IMAGE ARGV``.
+        """``apptainer -s exec --cleanenv --no-eval --pwd CWD --bind ... --env PATH=... IMAGE ARGV``.
 
-        ``--no-eval`` keeps ``$`` in values literal. ``--env`` parses its value as CSV, so values
-        with a comma or a newline travel as ``APPTAINERENV_K`` in the client's environment instead
-        (exact, no parsing). ``name`` is unused: Apptainer keeps no container to remove."""
+        Only PATH is an ``--env`` argument; every other variable travels as ``APPTAINERENV_K`` in
+        the client's environment: values (a DSN with a password, say) never show in the process
+        table, and arrive byte for byte (``--env`` parses CSV). ``--no-eval`` keeps ``$`` literal.
+        ``name`` is unused: Apptainer keeps no container to remove."""
         cmd = [self.exe, "-s", "exec", "--cleanenv", "--no-eval", "--pwd", cwd]
         for b in binds:
             cmd += ["--bind", b.spec()]
@@ -47,10 +48,10 @@ class ApptainerEngine:
             cmd.append("--containall")
         proc_env = {k: v for k, v in host_env.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
         for key, value in env.items():
-            if "," in value or "\n" in value or "\r" in value:
-                proc_env[f"APPTAINERENV_{key}"] = value
+            if key == "PATH":
+                cmd += ["--env", f"PATH={value}"]
             else:
-                cmd += ["--env", f"{key}={value}"]
+                proc_env[f"APPTAINERENV_{key}"] = value
         return [*cmd, image, *argv], proc_env
 
     def discard(self, name: str, grace: float) -> None:

@@ -71,16 +71,24 @@ class EngineCli:
         self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
         name: str, options: Sequence[str], host_env: Mapping[str, str],
     ) -> tuple[list[str], dict[str, str]]:
-        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e K=V ... IMAGE ARGV``."""
+        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e PATH=... -e K ... IMAGE ARGV``.
+
+        Values other than PATH's are not in the argv (``-e K`` takes the value from the client's
+        environment): a DSN with a password never shows in the process table."""
         cmd = [self.exe, "run", "--rm", "--init", "--name", name, "--network", "host",
                "--security-opt", "label=disable", "-w", cwd]
         for b in binds:
             cmd += ["-v", b.spec()]
         if any(o in ("gpu", "nv") for o in options):
             cmd += ["--device", "nvidia.com/gpu=all"] if self.name == "podman" else ["--gpus", "all"]
+        proc_env = dict(host_env)
         for key, value in env.items():
-            cmd += ["-e", f"{key}={value}"]
-        return [*cmd, image, *argv], dict(host_env)
+            if key == "PATH":  # the client itself needs the host's PATH
+                cmd += ["-e", f"PATH={value}"]
+            else:
+                cmd += ["-e", key]
+                proc_env[key] = value
+        return [*cmd, image, *argv], proc_env
 
     def discard(self, name: str, grace: float) -> None:
         """Stop (TERM, KILL after ``grace``) and remove the container: its whole PID namespace ends."""

@@ -173,7 +173,9 @@ class WarmSession:
             self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
         )
         req = self.spec.private_dir / "request.sh"
-        req.write_text(script, encoding="utf-8", errors="surrogateescape")
+        fd = os.open(req, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # holds the env: owner only
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write(script)
         os.write(self._in, f"run {self._seq} {SLOT_DIR}/request.sh\n".encode())
         return WarmRun(self, self._seq)
 

@@ -161,10 +161,11 @@ def test_app_primes_with_a_container_per_task(apptainer: None, pg_dsn: str, tmp_
 
 
 @pytest.mark.podman
+@pytest.mark.parametrize("options", ["", "container_per_task"])
 def test_app_primes_under_podman(podman: None, pg_dsn: str, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                 monkeypatch: pytest.MonkeyPatch, options: str) -> None:
     monkeypatch.setenv("SCALEBOX_RUNTIME", "podman")  # the same pipeline file as the Apptainer tests
-    app_id = create(pg_dsn, primes_app(tmp_path / "app"))
+    app_id = create(pg_dsn, primes_app(tmp_path / "app", options))
     launch(pg_dsn, app_id, tmp_path / "work")
     assert_primes(pg_dsn, app_id, tmp_path / "work")
     names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,

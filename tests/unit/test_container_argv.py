@@ -39,24 +39,24 @@ def test_apptainer_argv() -> None:
     assert cmd == [
         "/usr/bin/apptainer", "-s", "exec", "--cleanenv", "--no-eval", "--pwd", "/work",
         "--bind", "/h/work:/work", "--bind", "/h/code:/app/bin:ro", "--nv", "--containall",
-        "--env", "A=1", "--env", f"PATH={CONTAINER_PATH}", "/c/x.sif", "/app/bin/run.sh", "body", "{}",
+        "--env", f"PATH={CONTAINER_PATH}", "/c/x.sif", "/app/bin/run.sh", "body", "{}",
     ]
-    # --env parses CSV: values with a comma or newline go through APPTAINERENV_ exactly
-    assert env == {"HOME": "/root", "APPTAINERENV_B": "x,y", "APPTAINERENV_C": "l1\nl2"}
+    # values travel in the client's environment: exact (--env parses CSV) and not in `ps`
+    assert env == {"HOME": "/root", "APPTAINERENV_A": "1", "APPTAINERENV_B": "x,y", "APPTAINERENV_C": "l1\nl2"}
 
 
 @pytest.mark.parametrize("engine", ["podman", "docker"])
 def test_podman_and_docker_argv(engine: str) -> None:
     cmd, env = EngineCli(engine, f"/usr/bin/{engine}").command(
-        image="localhost/x:1", binds=BINDS, env={"A": "x,y=z"}, cwd="/work", argv=["/app/bin/run.sh", "b"],
-        name="sbx-n-1", options=[], host_env={"HOME": "/root"},
+        image="localhost/x:1", binds=BINDS, env={"A": "x,y=z", "PATH": "/c/bin"}, cwd="/work",
+        argv=["/app/bin/run.sh", "b"], name="sbx-n-1", options=[], host_env={"HOME": "/root", "PATH": "/host/bin"},
     )
     assert cmd == [
         f"/usr/bin/{engine}", "run", "--rm", "--init", "--name", "sbx-n-1", "--network", "host",
         "--security-opt", "label=disable", "-w", "/work", "-v", "/h/work:/work", "-v", "/h/code:/app/bin:ro",
-        "-e", "A=x,y=z", "localhost/x:1", "/app/bin/run.sh", "b",
+        "-e", "A", "-e", "PATH=/c/bin", "localhost/x:1", "/app/bin/run.sh", "b",
     ]
-    assert env == {"HOME": "/root"}
+    assert env == {"HOME": "/root", "PATH": "/host/bin", "A": "x,y=z"}  # the value is not in the argv
     gpu, _ = EngineCli(engine, engine).command(image="i", binds=[], env={}, cwd="/work", argv=["x"], name="n",
                                                options=["gpu"], host_env={})
     assert (["--device", "nvidia.com/gpu=all"] if engine == "podman" else ["--gpus", "all"]) == gpu[-4:-2]
