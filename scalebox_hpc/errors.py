@@ -11,6 +11,7 @@
     ├── EmbeddedDatabaseError     the embedded PostgreSQL could not be started or stopped
     ├── ScriptError               a module script is missing or not runnable
     ├── CommandError              an external command failed (argv, returncode, stderr)
+    ├── ContainerError            a container engine or image is missing or unusable
     └── SlotError                 a slot cannot run (setup.sh failed, ...)
 
 Errors carry data as attributes; ``str(err)`` is one line for the CLI.
@@ -117,3 +118,10 @@ class MpiError(ScaleboxError):
     """An MPI stage cannot run (mpi4py missing, wrong launch, a rank lost)."""
 
     hint = "start MPI stages with `srun --mpi=pmi2 ...` (MPICH); see README, MPI stages"
+
+
+class ContainerError(ScaleboxError):
+    """A container engine or image is missing or unusable."""
+
+    hint = ("check the module's runtime:/base_image (README: Containers); "
+            "set SCALEBOX_RUNTIME=local to run without containers")

@@ -9,9 +9,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -27,6 +28,9 @@ from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.mpi_stage import StageConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.runtime.choose import RuntimeChooser
+from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
 from scalebox_hpc.stages import Autoscaler, LaunchCommand, ScaleReport, submit_environment
@@ -66,11 +70,26 @@ def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> s
     return dsn
 
 
+def make_runtime(environ: Mapping[str, str] | None = None) -> ContainerRuntime:
+    """This host's runtimes: ``SCALEBOX_RUNTIME`` is the default for modules with a base_image
+    and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); ``SCALEBOX_LOCAL_DIR`` is
+    mounted at /local (default: <tmp>/scalebox-local), ``SCALEBOX_DATA_ROOT`` at /data,
+    ``SCALEBOX_SIF_CACHE`` holds converted images."""
+    env = os.environ if environ is None else environ
+    local = env.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local")
+    data = env.get("SCALEBOX_DATA_ROOT")
+    cache = env.get("SCALEBOX_SIF_CACHE")
+    return RuntimeChooser(
+        env.get("SCALEBOX_RUNTIME", "auto"), host=HostDirs(Path(local), Path(data) if data else None),
+        sif_cache=Path(cache) if cache else None, host_env=env,
+    )
+
+
 def build(dsn: str, config: LauncherConfig) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
     listener = Listener(dsn, wakeups.notify)
-    launcher = Launcher(config, lambda: PgQueue(dsn), LocalRuntime(), wakeups)
+    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(), wakeups)
     return launcher, listener
 
 

@@ -134,7 +134,13 @@ class ModuleArguments(BaseModel):
     """How long a task waits for the host holding its inputs before any host may take it (default 10)."""
     input_regex: str | None = None
     """Inputs from the body when a task has no ``inputs`` header: PostgreSQL regex, group 1 or the match."""
-    runtime: str | None = None
+    runtime: Literal["local", "apptainer", "podman", "docker", "auto"] | None = None
+    """The container engine (None: the host's SCALEBOX_RUNTIME when the module has a base_image)."""
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("conflict_action", mode="before")
     @classmethod

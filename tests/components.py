@@ -67,3 +67,18 @@ def apptainer_available() -> str | None:
     if proc.returncode != 0:
         return f"`{exe} version` failed (exit {proc.returncode}): {proc.stderr.strip()}"
     return None
+
+
+def podman_available() -> str | None:
+    """None when Podman can run containers here, else the reason why not."""
+    exe = shutil.which("podman")
+    if exe is None:
+        return "`podman` not on PATH (launchers/testbed/podman.sh install)"
+    try:
+        proc = subprocess.run([exe, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True,
+                              text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`podman info` did not run: {exc}"
+    if proc.returncode != 0:
+        return f"`podman info` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"
+    return None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster,
-# Apptainer, the project venv), runs the static checks and then pytest.
+# Apptainer, Podman, the project venv), runs the static checks and then pytest.
 #
 #   bash launchers/testbed/run-tests.sh [PYTEST ARGS...]   e.g. tests/unit -k queue -x
 #   bash launchers/testbed/run-tests.sh --down             stop the test-bed services (= down.sh)
@@ -10,7 +10,7 @@
 # Env:
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
-#   plus the knobs of postgres.sh / slurm.sh / apptainer.sh / venv.sh
+#   plus the knobs of postgres.sh / slurm.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
 # a failure.
 set -euo pipefail
@@ -64,6 +64,10 @@ phase_end
 
 phase_start apptainer
 bash "$HERE/apptainer.sh" install
+phase_end
+
+phase_start podman
+bash "$HERE/podman.sh" install
 phase_end
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")

@@ -24,7 +24,7 @@ from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
 from scalebox_hpc.pipeline import ModuleSpec
-from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec
+from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Session, SessionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Slot:
         self.crashes = 0
         self.running = False
         self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
+        self.session: Session | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -96,6 +97,7 @@ class Slot:
         self.running = True
         status, message = "EXITED", None
         try:
+            self.session = ctx.runtime.open(session_spec(ctx, self.private))
             if not self._setup():
                 status, message = "ERROR", "setup.sh failed"
                 return
@@ -110,6 +112,11 @@ class Slot:
 
     def _finish(self, status: str, message: str | None) -> None:
         self.running = False
+        if self.session is not None:
+            try:
+                self.session.close()
+            except Exception:  # a stuck container must not keep the slot's end from being recorded
+                logger.exception("slot %s/%s: closing its runtime session failed", self.ctx.module.name, self.ctx.seq)
         try:
             if self.current is not None:
                 self.queue.release(self.slot_id)
@@ -334,7 +341,8 @@ class Slot:
             argv=argv, cwd=self.ctx.work_dir, env=env, image=self.ctx.module.base_image,
             stdout_path=self.private / f"{label}.out", stderr_path=self.private / f"{label}.err",
         )
-        run = self.ctx.runtime.start(spec)
+        assert self.session is not None
+        run = self.session.start(spec)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outcome = run.wait(0.2)
@@ -372,6 +380,16 @@ class Slot:
 def lease_for(heartbeat_seconds: float) -> float:
     """The lease a claim or heartbeat grants."""
     return 1.5 * heartbeat_seconds
+
+
+def session_spec(ctx: SlotContext, private: Path) -> SessionSpec:
+    """What the slot's runtime session needs: the module's image and mounts, the slot's dirs."""
+    m = ctx.module
+    return SessionSpec(
+        name=f"app-{ctx.app_id}.{m.name}.{ctx.host}-slot{ctx.seq}", work_dir=ctx.work_dir, private_dir=private,
+        code_path=m.code_path, image=m.base_image, runtime=m.arguments.runtime, volumes=list(m.volumes),
+        options=list(m.arguments.slot_options),
+    )
 
 
 def _script_argv(path: Path) -> list[str]:

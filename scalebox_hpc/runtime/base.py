@@ -1,4 +1,9 @@
-"""The ContainerRuntime seam: start a script, get a handle to wait on or kill."""
+"""The ContainerRuntime seam: open a slot's session, start scripts in it, wait on or kill them.
+
+A runtime's :meth:`ContainerRuntime.open` gives one slot a :class:`Session` (for a warm
+container slot: the running container); the slot starts every script through it and closes it
+when the slot ends. The bare-process runtime's session is stateless.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,27 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class SessionSpec:
+    """What a slot asks of its runtime: the module's image and mounts, the slot's directories."""
+
+    name: str
+    """Unique and readable, e.g. ``app-3.calc.host1-slot0`` (container names derive from it)."""
+    work_dir: Path
+    """The slot's work dir, mounted at ``/work``."""
+    private_dir: Path
+    """The slot's private dir (captured output, emit buffers), mounted at ``/.scalebox/slot``."""
+    code_path: Path
+    """The module's scripts, mounted at ``/app/bin``."""
+    image: str | None = None
+    runtime: str | None = None
+    """The module's ``runtime:`` argument (None: the host's default)."""
+    volumes: list[str] = field(default_factory=list)
+    """Extra binds ``host[:container[:ro|rw]]``."""
+    options: list[str] = field(default_factory=list)
+    """The module's ``slot_options`` (``container_per_task``, ``gpu``, ``containall``)."""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a run ended: its exit code (negative = killed by that signal), or timed out."""
 
@@ -40,11 +66,23 @@ class Run(Protocol):
         ...
 
 
-class ContainerRuntime(Protocol):
-    """Starts runs; one implementation per engine."""
-
-    name: str
+class Session(Protocol):
+    """One slot's use of a runtime (for warm container slots: its running container)."""
 
     def start(self, spec: RunSpec) -> Run:
         """Start the run; raises ScriptError when it cannot start at all."""
+        ...
+
+    def close(self) -> None:
+        """Release what the session holds (stops a warm container); idempotent."""
+        ...
+
+
+class ContainerRuntime(Protocol):
+    """Opens slot sessions; one implementation per engine (or a chooser over several)."""
+
+    name: str
+
+    def open(self, spec: SessionSpec) -> Session:
+        """The session of one slot; raises ContainerError for a missing engine or image."""
         ...

@@ -9,11 +9,12 @@ import select
 import signal
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
 from scalebox_hpc.errors import ScriptError
-from scalebox_hpc.runtime.base import Outcome, RunSpec
+from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,20 @@ def _quiet(fn: Callable[[], object]) -> None:
         fn()
 
 
+def popen(
+    argv: list[str], *, cwd: Path, env: dict[str, str], stdout_path: Path, stderr_path: Path,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session (so a kill reaches its whole tree), output to the files."""
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        try:
+            return subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+            )
+        except OSError as exc:
+            raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+
+
 class LocalRuntime:
     """Runs scripts as plain processes (no container); ``base_image`` is ignored."""
 
@@ -94,12 +109,12 @@ class LocalRuntime:
 
     def start(self, spec: RunSpec) -> LocalRun:
         """Start ``spec.argv`` in a new session so a kill reaches its whole tree."""
-        with open(spec.stdout_path, "wb") as out, open(spec.stderr_path, "wb") as err:
-            try:
-                proc = subprocess.Popen(
-                    spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True,
-                )
-            except OSError as exc:
-                raise ScriptError(f"cannot start {spec.argv[0]}: {exc.strerror or exc}") from exc
-        return LocalRun(proc)
+        return LocalRun(popen(spec.argv, cwd=spec.cwd, env=spec.env,
+                              stdout_path=spec.stdout_path, stderr_path=spec.stderr_path))
+
+    def open(self, spec: SessionSpec) -> LocalRuntime:
+        """Bare processes need no per-slot state: the runtime is its own session."""
+        return self
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,221 @@
+"""What the container runtimes share: standard mounts, host→container path and environment
+translation, the per-task session, and the in-container helper commands (POSIX sh).
+
+Standard mounts (Scalebox layout):
+
+===================  =====================================================
+``/work``            the slot's work dir (``WORK_DIR=/work`` inside)
+``/local``           node-local scratch (``SCALEBOX_LOCAL_DIR``)
+``/data``            the cluster data root (``SCALEBOX_DATA_ROOT``, when set)
+``/app/bin``         the module's ``code_path`` (read-only)
+``/.scalebox/bin``   ``send-message``, ``send-job-message``, ``scalebox``, the slot agent (read-only, on PATH)
+``/.scalebox/slot``  the slot's private dir (emit buffers, captured output, agent FIFOs)
+===================  =====================================================
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
+from scalebox_hpc.runtime.local import LocalRun, popen
+
+logger = logging.getLogger(__name__)
+
+CONTAINER_BIN = Path(__file__).resolve().parent / "container_bin"
+HELPER_DIR = "/.scalebox/bin"
+SLOT_DIR = "/.scalebox/slot"
+WORK = "/work"
+LOCAL = "/local"
+DATA = "/data"
+APP_BIN = "/app/bin"
+CONTAINER_PATH = f"{HELPER_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+HOST_ONLY_ENV = frozenset({
+    "PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "TMPDIR", "TMP", "TEMP", "VIRTUAL_ENV",
+    "SCALEBOX_PYTHON", "MAIL", "PS1", "PROMPT_COMMAND",
+})
+"""Host variables that describe the host, not the task: never passed into a container."""
+HOST_ONLY_PREFIXES = ("LD_", "PYTHON", "APPTAINER", "SINGULARITY", "CONDA", "XDG_", "BASH_FUNC_")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_UNSAFE_BIND = re.compile(r"[:,\n]")
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One bind mount: a host path at a container path."""
+
+    host: Path
+    container: str
+    read_only: bool = False
+
+    def spec(self) -> str:
+        """``host:container[:ro]`` as apptainer ``--bind`` and podman/docker ``-v`` take it."""
+        for part in (str(self.host), self.container):
+            if _UNSAFE_BIND.search(part):
+                raise ContainerError(f"cannot bind {part!r}: a bind path must not contain ':', ',' or newlines")
+        return f"{self.host}:{self.container}" + (":ro" if self.read_only else "")
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    """Host-wide mount sources, from the host's configuration."""
+
+    local_dir: Path | None = None
+    """Node-local scratch, mounted at ``/local`` (created when missing)."""
+    data_dir: Path | None = None
+    """The cluster data root, mounted at ``/data`` when set."""
+
+
+def parse_volume(text: str) -> Bind:
+    """A module volume: ``host`` (same path inside), ``host:container`` or ``host:container:ro|rw``."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise ContainerError(f"volume {text!r} is not HOST[:CONTAINER[:ro|rw]]")
+    host = Path(parts[0])
+    container = parts[1] if len(parts) > 1 and parts[1] else parts[0]
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw") or not host.is_absolute() or not container.startswith("/"):
+        raise ContainerError(f"volume {text!r} is not /HOST[:/CONTAINER[:ro|rw]]")
+    if not host.exists():
+        raise ContainerError(f"volume {text!r}: {host} does not exist on this host")
+    return Bind(host, container, mode == "ro")
+
+
+def binds_for(spec: SessionSpec, host: HostDirs) -> list[Bind]:
+    """The standard mounts plus the module's volumes."""
+    binds = [
+        Bind(spec.work_dir, WORK), Bind(spec.private_dir, SLOT_DIR),
+        Bind(CONTAINER_BIN, HELPER_DIR, read_only=True), Bind(spec.code_path, APP_BIN, read_only=True),
+    ]
+    if host.local_dir is not None:
+        host.local_dir.mkdir(parents=True, exist_ok=True)
+        binds.append(Bind(host.local_dir, LOCAL))
+    if host.data_dir is not None:
+        if not host.data_dir.is_dir():
+            raise ContainerError(f"data root {host.data_dir} (SCALEBOX_DATA_ROOT) does not exist")
+        binds.append(Bind(host.data_dir, DATA))
+    binds.extend(parse_volume(v) for v in spec.volumes)
+    for b in binds:
+        b.spec()  # validates early: a clear error at slot start, not at the first task
+    return binds
+
+
+class PathMap:
+    """Host paths under a bind → their container paths (the longest host prefix wins)."""
+
+    def __init__(self, binds: Sequence[Bind], code_path: Path) -> None:
+        self.binds = sorted(binds, key=lambda b: len(str(b.host)), reverse=True)
+        self.code_path = str(code_path)
+
+    def to_container(self, path: str) -> str | None:
+        """The container path of a host path, or None when no bind holds it."""
+        for b in self.binds:
+            root = str(b.host)
+            if path == root:
+                return b.container
+            if path.startswith(root.rstrip("/") + "/"):
+                return b.container.rstrip("/") + "/" + path[len(root.rstrip("/")) + 1:]
+        return None
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """Translate the script path (the first element under code_path); the arguments after it
+        (task body, headers) are passed verbatim, never rewritten."""
+        out = list(argv)
+        root = self.code_path.rstrip("/") + "/"
+        for i, arg in enumerate(out):
+            if arg.startswith(root):
+                out[i] = self.to_container(arg) or arg
+                break
+        return out
+
+    def env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """The task's environment as the container sees it: host-only variables dropped, values
+        that are host paths under a bind translated, PATH with the helper commands first."""
+        out: dict[str, str] = {}
+        for key, value in env.items():
+            if key in HOST_ONLY_ENV or key.startswith(HOST_ONLY_PREFIXES) or not _ENV_NAME.match(key):
+                continue
+            mapped = self.to_container(value) if value.startswith("/") else None
+            out[key] = mapped if mapped is not None else value
+        out["PATH"] = CONTAINER_PATH
+        return out
+
+
+class Engine(Protocol):
+    """How one container engine builds its command lines."""
+
+    name: str
+
+    def image_for(self, spec: SessionSpec) -> str:
+        """The image argument for ``spec.image`` (building or converting it once if needed)."""
+        ...
+
+    def command(
+        self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
+        name: str, options: Sequence[str], host_env: Mapping[str, str],
+    ) -> tuple[list[str], dict[str, str]]:
+        """The host argv and the host environment that run ``argv`` in a container."""
+        ...
+
+    def discard(self, name: str, grace: float) -> None:
+        """Stop and remove the named container if the engine keeps one (no-op for Apptainer)."""
+        ...
+
+
+class ContainerRun(LocalRun):
+    """A per-task container run: the engine's client process, plus the container behind it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], discard: Callable[[float], None]) -> None:
+        super().__init__(proc)
+        self._discard = discard
+
+    def kill(self, grace: float = 5.0) -> Outcome:
+        """Stop the container (its whole PID namespace, for podman/docker), then the client's tree."""
+        self._discard(grace)
+        return super().kill(grace)
+
+
+_counter = itertools.count(1)
+
+
+def container_name(spec: SessionSpec) -> str:
+    """A container name from the slot's name: ``sbx-`` + safe characters + a process-unique suffix."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", spec.name)[:80]
+    return f"sbx-{safe}-{next(_counter)}"
+
+
+class PerTaskSession:
+    """One container per script run (``slot_options: [container_per_task]``)."""
+
+    def __init__(
+        self, engine: Engine, spec: SessionSpec, image: str, binds: Sequence[Bind], host_env: Mapping[str, str],
+    ) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.image = image
+        self.binds = list(binds)
+        self.paths = PathMap(binds, spec.code_path)
+        self.host_env = dict(host_env)
+
+    def start(self, spec: RunSpec) -> ContainerRun:
+        """Run ``spec.argv`` in a fresh container; output goes to the spec's files on the host."""
+        name = container_name(self.spec)
+        cmd, env = self.engine.command(
+            image=self.image, binds=self.binds, env=self.paths.env(spec.env),
+            cwd=self.paths.to_container(str(spec.cwd)) or WORK, argv=self.paths.argv(spec.argv),
+            name=name, options=self.spec.options, host_env=self.host_env,
+        )
+        proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
+        return ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+
+    def close(self) -> None:
+        """Nothing outlives a run."""

@@ -1,0 +1,211 @@
+"""Image references: find definitions in ``containers/``, build them offline, and the SIF cache.
+
+A module's ``base_image`` is one of:
+
+- ``docker://REF``, ``docker-archive:PATH``, ``oci-archive:PATH`` (…): converted once to a SIF for Apptainer;
+- a local ``.sif`` file or a sandbox directory (absolute, or relative to ``code_path`` or its parent,
+  the app dir): used as it is;
+- ``NAME``: built from ``containers/NAME.def`` (Apptainer) or ``containers/NAME.Dockerfile``
+  (Podman/Docker), found in ``$SCALEBOX_CONTAINERS`` (colon-separated dirs) or in the nearest
+  ``containers/`` dir above the module's ``code_path``; for Podman/Docker also a local image name.
+
+A definition may carry ``# scalebox-rootfs: [bash]``: its build context then gets ``rootfs/``,
+made offline by ``rootfs.sh`` next to the definition (no registry needed).
+
+The SIF cache (``$SCALEBOX_SIF_CACHE``, default ``~/.cache/scalebox_hpc/sif``) is keyed by the
+reference's digest (or the hash of the reference and of its definition's text); a build holds
+an exclusive lock (a POSIX lock, so also across nodes on a shared file system, plus a thread
+lock within a process), writes a temporary file and renames it into place atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from scalebox_hpc.errors import ContainerError
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("docker://", "docker-archive:", "oci-archive:", "oci:", "oras://", "library://", "shub://")
+_DIRECTIVE = re.compile(r"^#\s*scalebox-rootfs:(.*)$", re.MULTILINE)
+BUILD_TIMEOUT = 1800.0
+
+
+def default_cache() -> Path:
+    """``$SCALEBOX_SIF_CACHE``, else ``~/.cache/scalebox_hpc/sif``."""
+    env = os.environ.get("SCALEBOX_SIF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "scalebox_hpc" / "sif"
+
+
+def local_path(ref: str, code_path: Path | None) -> Path | None:
+    """``ref`` as a file path (absolute, ``~``, or relative: beside ``code_path`` or in its parent,
+    the app dir), None when it is a plain name."""
+    if ref.startswith("~"):
+        return Path(ref).expanduser()
+    path = Path(ref)
+    if path.is_absolute():
+        return path
+    if "/" not in ref and not ref.endswith((".sif", ".def")):
+        return None
+    bases = [code_path, code_path.parent] if code_path is not None else []
+    for base in bases:
+        if (base / path).exists():
+            return base / path
+    return (bases[-1] if bases else Path.cwd()) / path
+
+
+def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
+    """``containers/NAME<suffix>`` in ``$SCALEBOX_CONTAINERS`` dirs, else the nearest one above ``start``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        return None
+    dirs = [Path(d) for d in os.environ.get("SCALEBOX_CONTAINERS", "").split(os.pathsep) if d]
+    if start is not None:
+        dirs += [p / "containers" for p in (start, *start.parents)]
+    for d in dirs:
+        candidate = d / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def rootfs_args(definition: Path) -> list[str] | None:
+    """The ``# scalebox-rootfs:`` directive's arguments, None without one."""
+    match = _DIRECTIVE.search(definition.read_text(encoding="utf-8"))
+    return match.group(1).split() if match else None
+
+
+def definition_key(definition: Path) -> str:
+    """Hash of the definition's text and, with a rootfs directive, of ``rootfs.sh``."""
+    h = hashlib.sha256(definition.read_bytes())
+    if rootfs_args(definition) is not None:
+        h.update((definition.parent / "rootfs.sh").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def prepare_context(definition: Path, context: Path) -> None:
+    """Copy the definition into ``context``; make ``context/rootfs`` when it asks for one."""
+    shutil.copy2(definition, context / definition.name)
+    args = rootfs_args(definition)
+    if args is None:
+        return
+    script = definition.parent / "rootfs.sh"
+    if not script.is_file():
+        raise ContainerError(f"{definition} asks for a rootfs but {script} is missing")
+    _run(["/bin/sh", str(script), str(context / "rootfs"), *args], cwd=context, what=f"rootfs for {definition}")
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> None:
+    try:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ContainerError(f"{what}: {' '.join(argv[:3])} did not run: {exc}") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        raise ContainerError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path``: between threads and between processes/nodes."""
+    with _thread_locks_guard:
+        tlock = _thread_locks.setdefault(str(lock_path), threading.Lock())
+    with tlock:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the POSIX lock
+
+
+class SifCache:
+    """Apptainer images: SIF files and sandboxes used as they are, everything else built once."""
+
+    def __init__(self, apptainer: str, root: Path | None = None) -> None:
+        self.apptainer = apptainer
+        self.root = root or default_cache()
+
+    def resolve(self, ref: str, search_from: Path | None = None) -> Path:
+        """A runnable image path for ``ref`` (building it into the cache on first use)."""
+        return self.ensure(ref, search_from)[0]
+
+    def ensure(self, ref: str, search_from: Path | None = None) -> tuple[Path, bool]:
+        """``(path, built)``: built is True only for the caller that did the build."""
+        if ref.startswith(TRANSPORTS):
+            return self._cached(self._ref_key(ref), lambda out: self._build(out, ref, cwd=None))
+        path = local_path(ref, search_from)
+        if path is not None:
+            if path.suffix == ".def" and path.is_file():
+                return self._from_definition(path)
+            if path.exists():
+                return path, False
+            raise ContainerError(f"image {ref!r} not found: {path} does not exist")
+        definition = find_definition(ref, search_from, ".def")
+        if definition is None:
+            where = f" or above {search_from}" if search_from else ""
+            raise ContainerError(
+                f"image {ref!r} not found: no containers/{ref}.def in $SCALEBOX_CONTAINERS{where}"
+            )
+        return self._from_definition(definition)
+
+    def _ref_key(self, ref: str) -> str:
+        digest = re.search(r"@sha256:([0-9a-f]{64})", ref)
+        if digest:
+            return digest.group(1)[:20]
+        h = hashlib.sha256(ref.encode())
+        archive = ref.partition(":")[2]
+        if ref.startswith(("docker-archive:", "oci-archive:")) and os.path.exists(archive):
+            st = os.stat(archive)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:20]
+
+    def _from_definition(self, definition: Path) -> tuple[Path, bool]:
+        key = f"{definition.stem}-{definition_key(definition)}"
+
+        def build(out: Path) -> None:
+            with tempfile.TemporaryDirectory(prefix="scalebox-build-") as tmp:
+                context = Path(tmp)
+                prepare_context(definition, context)
+                self._build(out, definition.name, cwd=context, fakeroot=self._needs_fakeroot(definition))
+
+        return self._cached(key, build)
+
+    @staticmethod
+    def _needs_fakeroot(definition: Path) -> bool:
+        return "%post" in definition.read_text(encoding="utf-8") or os.geteuid() != 0
+
+    def _build(self, out: Path, source: str, *, cwd: Path | None, fakeroot: bool = False) -> None:
+        argv = [self.apptainer, "-s", "build", *(["--fakeroot"] if fakeroot else []), "--force", str(out), source]
+        logger.info("building %s from %s", out.name, source)
+        _run(argv, cwd=cwd, what=f"apptainer build of {source}")
+
+    def _cached(self, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
+        final = self.root / f"{key}.sif"
+        if final.is_file():
+            return final, False
+        with exclusive(self.root / f"{key}.lock"):
+            if final.is_file():  # another process or node built it while we waited
+                return final, False
+            tmp = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
+            try:
+                build(tmp)
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return final, True
