@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# list-dir (scalebox standard module): list the regular files under a sub-directory of SOURCE_URL
+# and emit one message per file (its path relative to SOURCE_URL) with send-message.
+#   run.sh BODY HEADERS_JSON     BODY = a relative sub-directory of SOURCE_URL ("." = all of it)
+# Settings (environment):
+#   SOURCE_URL     required: a local directory, rsync://host[:port]/module[/path] or [user@]host:/path (ssh)
+#   REGEX_FILTER   optional: bash ERE matched against each relative path; non-matching files are skipped
+#   RSYNC_OPTS     optional: extra rsync options (split on spaces) for remote listings, e.g. "--port=8730"
+# An empty listing is a success (exit 0, no message). Files are listed recursively, sorted.
+# Exit codes (for retry_rules; same table as file-copy):
+#   0  success                    10  source directory missing
+#   12 network / rsync daemon or ssh unreachable
+#   14 bad arguments or configuration (body, settings, rsync missing)
+#   1  any other failure
+set -euo pipefail
+
+die() { echo "list-dir: $2" >&2; exit "$1"; }
+
+is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
+
+# rsync exit code + stderr file -> our exit code
+rsync_code() {
+    local rc=$1 err=$2
+    if grep -qE 'link_stat|change_dir|No such file or directory' "$err"; then echo 10; return; fi
+    case $rc in
+        5|10|12|30|35|255) echo 12 ;;
+        *) echo 1 ;;
+    esac
+}
+
+body=${1-}
+[ -n "${SOURCE_URL:-}" ] || die 14 "SOURCE_URL is not set"
+[[ $body != *$'\n'* ]] || die 14 "the body must be a single line"
+[[ $body != /* ]] || die 14 "the body must be a relative path, got '$body'"
+case "/$body/" in */../*) die 14 "the body must not contain '..': '$body'" ;; esac
+sub=$body
+while [[ $sub == */ && $sub != / ]]; do sub=${sub%/}; done
+sub=${sub#./}
+[ -n "$sub" ] || sub=.
+filter=${REGEX_FILTER:-}
+if [ -n "$filter" ]; then
+    # an invalid regex makes [[ =~ ]] return 2
+    rc=0; [[ "" =~ $filter ]] || rc=$?
+    [ "$rc" != 2 ] || die 14 "REGEX_FILTER is not a valid extended regex: '$filter'"
+fi
+
+count=0
+emit() {  # emit RELATIVE_PATH
+    local rel=$1
+    if [ -n "$filter" ] && ! [[ $rel =~ $filter ]]; then return 0; fi
+    send-message "$rel"
+    count=$((count + 1))
+}
+
+root=${SOURCE_URL%/}
+if is_remote "$SOURCE_URL"; then
+    command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
+    extra=()
+    [ -z "${RSYNC_OPTS:-}" ] || read -r -a extra <<<"$RSYNC_OPTS"
+    url=$root/
+    [ "$sub" = . ] || url=$root/./$sub/   # ./ : a daemon would parse a leading '-' as an option
+    tmp=$(mktemp -d)
+    trap 'rm -rf -- "$tmp"' EXIT
+    rc=0
+    rsync --list-only -r --no-human-readable "${extra[@]}" -- "$url" >"$tmp/list" 2>"$tmp/err" || rc=$?
+    cat "$tmp/err" >&2
+    [ "$rc" = 0 ] || die "$(rsync_code "$rc" "$tmp/err")" "rsync --list-only $url failed (rsync exit $rc)"
+    # lines: PERMS SIZE DATE TIME NAME (NAME keeps inner spaces); regular files start with '-'
+    sort -k5 "$tmp/list" >"$tmp/sorted" || cp "$tmp/list" "$tmp/sorted"
+    while IFS=' ' read -r perms _size _date _time name; do
+        [[ $perms == -* ]] || continue
+        [ -n "$name" ] || continue
+        if [ "$sub" = . ]; then emit "$name"; else emit "$sub/$name"; fi
+    done <"$tmp/sorted"
+else
+    [ -d "$root" ] || die 10 "SOURCE_URL '$root' is not a directory"
+    [ -d "$root/$sub" ] || die 10 "'$sub' is not a directory under '$root'"
+    start=./$sub
+    [ "$sub" != . ] || start=.
+    while IFS= read -r -d '' path; do
+        emit "${path#./}"
+    done < <(cd -- "$root" && find "$start" -type f -print0 | sort -z)
+fi
+echo "list-dir: $count file(s) under '$sub' of $SOURCE_URL${filter:+ matching /$filter/}"
