@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.pipeline import STANDARD_MODULES, load_pipeline
 from tests.components import need
 
@@ -69,7 +70,14 @@ class Runner:
         proc = subprocess.run([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=full,
                               capture_output=True, text=True, timeout=30, check=False)
         exec_file = work / "task-exec.json"
-        return Result(proc.returncode, sent.read_text().splitlines() if sent.exists() else [], proc.stdout,
+        messages = sent.read_text().splitlines() if sent.exists() else []
+        batch = work / taskexec.SINK_TASKS
+        if batch.exists():  # list-dir's batch: parsed as the launcher does
+            for line in batch.read_text().splitlines():
+                message = taskexec.parse_sink_line(line, {"next", "other"})
+                assert message.module == "next" and message.headers == {}
+                messages.append(message.body)
+        return Result(proc.returncode, messages, proc.stdout,
                       proc.stderr, json.loads(exec_file.read_text()) if exec_file.exists() else None)
 
 
@@ -110,6 +118,14 @@ def test_list_dir_emits_every_file_verbatim(run: Runner, src: Path, tmp_path: Pa
     res = run("list-dir", ".", SOURCE_URL=str(src))
     assert res.code == 0, res.stderr
     assert sorted(res.sent) == sorted(TRICKY)
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_list_dir_send_message_per_file(run: Runner, src: Path, tmp_path: Path) -> None:
+    res = run("list-dir", "sub dir", SOURCE_URL=str(src), SEND_MESSAGE="yes")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(n for n in TRICKY if n.startswith("sub dir/"))
+    assert not (tmp_path / f"work{run.count}" / taskexec.SINK_TASKS).exists()
     assert not list(tmp_path.rglob("PWNED*"))
 
 

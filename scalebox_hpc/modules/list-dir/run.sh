@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # list-dir (scalebox standard module): list the regular files under a sub-directory of SOURCE_URL
-# and emit one message per file (its path relative to SOURCE_URL) with send-message.
+# and emit one message per file (its path relative to SOURCE_URL) to the sink (see SEND_MESSAGE).
 #   run.sh BODY HEADERS_JSON     BODY = a relative sub-directory of SOURCE_URL ("." = all of it)
 # Settings (environment):
 #   SOURCE_URL     required: a local directory, rsync://host[:port]/module[/path] or [user@]host:/path (ssh)
 #   REGEX_FILTER   optional: bash ERE matched against each relative path; non-matching files are skipped
 #   RSYNC_OPTS     optional: extra rsync options (split on spaces) for remote listings, e.g. "--port=8730"
+#   SEND_MESSAGE   optional: yes = one `send-message` call per file. By default, when the module has a
+#                  sink (SINK_MODULE), the messages are written to sink-tasks.txt in the work dir
+#                  ("SINK,path,{}" per line), which the launcher reads after the run: one process per
+#                  file would make large directories slow.
 # An empty listing is a success (exit 0, no message). Files are listed recursively, sorted.
 # Exit codes (for retry_rules; same table as file-copy):
 #   0  success                    10  source directory missing
@@ -45,10 +49,20 @@ if [ -n "$filter" ]; then
 fi
 
 count=0
+batch=0
+if [ -n "${SINK_MODULE:-}" ] && [ "${SEND_MESSAGE:-no}" != yes ]; then
+    batch=1
+    exec 3>>sink-tasks.txt
+fi
 emit() {  # emit RELATIVE_PATH
     local rel=$1
     if [ -n "$filter" ] && ! [[ $rel =~ $filter ]]; then return 0; fi
-    send-message "$rel"
+    if [ "$batch" = 1 ]; then
+        # "module,body,{headers}": the trailing {} keeps any ",{" inside the body part of the body
+        printf '%s,%s,{}\n' "$SINK_MODULE" "$rel" >&3
+    else
+        send-message "$rel"
+    fi
     count=$((count + 1))
 }
 
