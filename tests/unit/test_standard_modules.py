@@ -31,6 +31,8 @@ TRICKY = [
     "sub dir/deep/semi;colon&amp|pipe*?[x].dat",
     "-dash first.txt",
     "back\\slash $HOME ~.txt",
+    "unicode é ü/ñ,{\"h\": 1}.txt",
+    "control\rreturn\ttab \\#101 hash.txt",
 ]
 
 
@@ -70,10 +72,10 @@ class Runner:
         proc = subprocess.run([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=full,
                               capture_output=True, text=True, timeout=30, check=False)
         exec_file = work / "task-exec.json"
-        messages = sent.read_text().splitlines() if sent.exists() else []
+        messages = sent.read_bytes().decode().split("\n")[:-1] if sent.exists() else []
         batch = work / taskexec.SINK_TASKS
-        if batch.exists():  # list-dir's batch: parsed as the launcher does
-            for line in batch.read_text().splitlines():
+        if batch.exists():  # list-dir's batch: read and parsed as the launcher does
+            for line in batch.read_text(encoding="utf-8", errors="replace").splitlines():
                 message = taskexec.parse_sink_line(line, {"next", "other"})
                 assert message.module == "next" and message.headers == {}
                 messages.append(message.body)

@@ -54,7 +54,10 @@ command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
 src=${SOURCE_URL%/}/$body
 dst=${TARGET_URL%/}/$body
 # a remote rsync daemon would parse a path starting with '-' as an option
-[[ $body != -* ]] || { is_remote "$SOURCE_URL" && src=${SOURCE_URL%/}/./$body; is_remote "$TARGET_URL" && dst=${TARGET_URL%/}/./$body; } || true
+if [[ $body == -* ]]; then
+    if is_remote "$SOURCE_URL"; then src=${SOURCE_URL%/}/./$body; fi
+    if is_remote "$TARGET_URL"; then dst=${TARGET_URL%/}/./$body; fi
+fi
 size=
 if ! is_remote "$SOURCE_URL"; then
     [ -f "$src" ] || die 10 "source '$src' is not a regular file"
@@ -63,7 +66,7 @@ fi
 if ! is_remote "$TARGET_URL"; then
     parent=$(dirname -- "$dst")
     mkdir -p -- "$parent" 2>/dev/null || die 11 "cannot create the target directory '$parent'"
-    [ -d "$parent" ] && [ -w "$parent" ] || die 11 "the target directory '$parent' is not writable"
+    if ! [ -d "$parent" ] || ! [ -w "$parent" ]; then die 11 "the target directory '$parent' is not writable"; fi
 fi
 
 opts=(-t -p --mkpath --partial --stats --no-human-readable)

@@ -44,7 +44,10 @@ sub=${sub#./}
 filter=${REGEX_FILTER:-}
 if [ -n "$filter" ]; then
     # an invalid regex makes [[ =~ ]] return 2
-    rc=0; [[ "" =~ $filter ]] || rc=$?
+    set +e
+    [[ "" =~ $filter ]]
+    rc=$?  # 2: not a valid regex
+    set -e
     [ "$rc" != 2 ] || die 14 "REGEX_FILTER is not a valid extended regex: '$filter'"
 fi
 
@@ -54,16 +57,32 @@ if [ -n "${SINK_MODULE:-}" ] && [ "${SEND_MESSAGE:-no}" != yes ]; then
     batch=1
     exec 3>>sink-tasks.txt
 fi
+# characters that would split a sink-tasks.txt line (Python's str.splitlines): such names go through send-message
+odd=$'[\r\v\f\x1c\x1d\x1e]'
 emit() {  # emit RELATIVE_PATH
     local rel=$1
     if [ -n "$filter" ] && ! [[ $rel =~ $filter ]]; then return 0; fi
-    if [ "$batch" = 1 ]; then
+    if [ "$batch" = 1 ] && ! [[ $rel =~ $odd || $rel == *$'\xc2\x85'* || $rel == *$'\xe2\x80\xa8'* || $rel == *$'\xe2\x80\xa9'* ]]; then
         # "module,body,{headers}": the trailing {} keeps any ",{" inside the body part of the body
         printf '%s,%s,{}\n' "$SINK_MODULE" "$rel" >&3
     else
         send-message "$rel"
     fi
     count=$((count + 1))
+}
+
+# rsync --list-only prints non-printable bytes as \#ooo (octal; a literal "\#" is itself escaped)
+unescape() {  # unescape TEXT -> $REPLY
+    local s=$1 pre ch
+    REPLY=
+    while [[ $s == *'\#'[0-7][0-7][0-7]* ]]; do
+        pre=${s%%'\#'[0-7][0-7][0-7]*}
+        s=${s#"$pre"}
+        printf -v ch '%b' "\\0${s:2:3}"
+        REPLY+=$pre$ch
+        s=${s:5}
+    done
+    REPLY+=$s
 }
 
 root=${SOURCE_URL%/}
@@ -84,6 +103,8 @@ if is_remote "$SOURCE_URL"; then
     while IFS=' ' read -r perms _size _date _time name; do
         [[ $perms == -* ]] || continue
         [ -n "$name" ] || continue
+        unescape "$name"
+        name=$REPLY
         if [ "$sub" = . ]; then emit "$name"; else emit "$sub/$name"; fi
     done <"$tmp/sorted"
 else
