@@ -33,6 +33,7 @@ TRICKY = [
     "back\\slash $HOME ~.txt",
     "unicode é ü/ñ,{\"h\": 1}.txt",
     "control\rreturn\ttab \\#101 hash.txt",
+    "  leading and trailing spaces  ",
 ]
 
 

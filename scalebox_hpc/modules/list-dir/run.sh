@@ -15,7 +15,7 @@
 #   0  success                    10  source directory missing
 #   12 network / rsync daemon or ssh unreachable
 #   14 bad arguments or configuration (body, settings, rsync missing)
-#   1  any other failure
+#   1  any other failure (e.g. an unreadable directory in the tree)
 set -euo pipefail
 
 die() { echo "list-dir: $2" >&2; exit "$1"; }
@@ -86,24 +86,25 @@ unescape() {  # unescape TEXT -> $REPLY
 }
 
 root=${SOURCE_URL%/}
+tmp=$(mktemp -d)
+trap 'rm -rf -- "$tmp"' EXIT
+# the whole listing is taken before the first message: a failed listing emits nothing
 if is_remote "$SOURCE_URL"; then
     command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
     extra=()
     [ -z "${RSYNC_OPTS:-}" ] || read -r -a extra <<<"$RSYNC_OPTS"
     url=$root/
     [ "$sub" = . ] || url=$root/./$sub/   # ./ : a daemon would parse a leading '-' as an option
-    tmp=$(mktemp -d)
-    trap 'rm -rf -- "$tmp"' EXIT
     rc=0
     rsync --list-only -r --no-human-readable "${extra[@]}" -- "$url" >"$tmp/list" 2>"$tmp/err" || rc=$?
     cat "$tmp/err" >&2
     [ "$rc" = 0 ] || die "$(rsync_code "$rc" "$tmp/err")" "rsync --list-only $url failed (rsync exit $rc)"
     # lines: PERMS SIZE DATE TIME NAME (NAME keeps inner spaces); regular files start with '-'
     sort -k5 "$tmp/list" >"$tmp/sorted" || cp "$tmp/list" "$tmp/sorted"
-    while IFS=' ' read -r perms _size _date _time name; do
-        [[ $perms == -* ]] || continue
-        [ -n "$name" ] || continue
-        unescape "$name"
+    line_re='^(-[^ ]*) +[0-9,.]+ [0-9/]+ [0-9:]+ (.+)$'
+    while IFS= read -r line; do
+        [[ $line =~ $line_re ]] || continue
+        unescape "${BASH_REMATCH[2]}"
         name=$REPLY
         if [ "$sub" = . ]; then emit "$name"; else emit "$sub/$name"; fi
     done <"$tmp/sorted"
@@ -112,8 +113,11 @@ else
     [ -d "$root/$sub" ] || die 10 "'$sub' is not a directory under '$root'"
     start=./$sub
     [ "$sub" != . ] || start=.
+    rc=0
+    (cd -- "$root" && find "$start" -type f -print0) >"$tmp/list" || rc=$?
+    [ "$rc" = 0 ] || die 1 "find under '$root/$sub' failed (exit $rc): an unreadable directory?"
     while IFS= read -r -d '' path; do
         emit "${path#./}"
-    done < <(cd -- "$root" && find "$start" -type f -print0 | sort -z)
+    done < <(sort -z "$tmp/list")
 fi
 echo "list-dir: $count file(s) under '$sub' of $SOURCE_URL${filter:+ matching /$filter/}"
