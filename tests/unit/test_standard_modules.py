@@ -283,6 +283,9 @@ def test_rsync_daemon_error_codes(run: Runner, src: Path, daemon: str, tmp_path:
     assert res.code == 10, res.stderr
     res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=f"{daemon}/ro")
     assert res.code == 11, res.stderr
+    assert run("list-dir", ".", SOURCE_URL=daemon + "/no-such-module").code == 14
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=daemon + "/no-such-module")
+    assert res.code == 14, res.stderr
     dead = f"rsync://127.0.0.1:{_free_port()}/data"
     assert run("list-dir", ".", SOURCE_URL=dead).code == 12
     assert run("file-copy", "plain.txt", SOURCE_URL=dead, TARGET_URL=str(tmp_path / "t")).code == 12

@@ -15,7 +15,8 @@
 #   11 target not writable (cannot create the directory / permission denied / read-only / disk full)
 #   12 network: rsync daemon or ssh host unreachable, connection dropped, protocol error
 #   13 checksum mismatch after the copy (CHECKSUM=yes)
-#   14 bad arguments or configuration (empty/absolute/'..' body, unset URLs, bad CHECKSUM, no rsync)
+#   14 bad arguments or configuration (empty/absolute/'..' body, unset URLs, bad CHECKSUM, no rsync,
+#      unknown rsync daemon module)
 #   1  any other failure
 set -euo pipefail
 
@@ -27,7 +28,11 @@ is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
 rsync_code() {
     local rc=$1 err=$2
     if grep -qE 'link_stat|\[sender\].*No such file|file has vanished' "$err"; then echo 10; return; fi
-    if grep -qiE 'Permission denied|Read-only file system|read only|No space left|mkdir .* failed|Not a directory|Quota exceeded' "$err"; then
+    if grep -qE '@ERROR: Unknown module' "$err"; then echo 14; return; fi
+    # ssh: "Permission denied (publickey,password)"; rsync: "... Permission denied (13)"
+    if grep -qE 'Permission denied \([a-z]|Host key verification failed' "$err"; then echo 12; return; fi
+    grep -v '\[sender\]' "$err" >"$err.receiver" || true  # the receiver's (target's) messages
+    if grep -qiE 'Permission denied|Read-only file system|read only|No space left|mkdir .* failed|Not a directory|Quota exceeded' "$err.receiver"; then
         echo 11; return
     fi
     case $rc in

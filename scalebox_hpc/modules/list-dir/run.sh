@@ -14,7 +14,7 @@
 # Exit codes (for retry_rules; same table as file-copy):
 #   0  success                    10  source directory missing
 #   12 network / rsync daemon or ssh unreachable
-#   14 bad arguments or configuration (body, settings, rsync missing)
+#   14 bad arguments or configuration (body, settings, rsync missing, unknown rsync daemon module)
 #   1  any other failure (e.g. an unreadable directory in the tree)
 set -euo pipefail
 
@@ -26,6 +26,7 @@ is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
 rsync_code() {
     local rc=$1 err=$2
     if grep -qE 'link_stat|change_dir|No such file or directory' "$err"; then echo 10; return; fi
+    if grep -qE '@ERROR: Unknown module' "$err"; then echo 14; return; fi
     case $rc in
         5|10|12|30|35|255) echo 12 ;;
         *) echo 1 ;;
