@@ -34,6 +34,7 @@ TRICKY = [
     "unicode é ü/ñ,{\"h\": 1}.txt",
     "control\rreturn\ttab \\#101 hash.txt",
     "  leading and trailing spaces  ",
+    "ctl\x01 amp&amp; & ~ .txt",
 ]
 
 

@@ -105,9 +105,14 @@ if [ "$checksum" = 1 ]; then
     fi
 fi
 
-json_str() {  # a JSON string literal
-    local s=$1
-    s=${s//\\/\\\\}; s=${s//\"/\\\"}; s=${s//$'\t'/\\t}; s=${s//$'\r'/\\r}
+json_str() {  # a JSON string literal (quoted replacements stay literal under patsub_replacement)
+    local s=$1 i c r
+    r="\\\\"; s=${s//"\\"/"$r"}  # one backslash -> two
+    r='\"'; s=${s//'"'/"$r"}
+    for i in {1..31}; do
+        printf -v c '%b' "\\x$(printf %02x "$i")"
+        if [[ $s == *"$c"* ]]; then printf -v r '\\u%04x' "$i"; s=${s//"$c"/"$r"}; fi
+    done
     printf '"%s"' "$s"
 }
 printf '{"inputBytes": %d, "outputBytes": %d, "outputFiles": [%s]}\n' \
