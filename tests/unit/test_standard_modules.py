@@ -293,6 +293,27 @@ def test_rsync_daemon_error_codes(run: Runner, src: Path, daemon: str, tmp_path:
     assert run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=dead).code == 12
 
 
+def test_rsync_over_ssh_form(run: Runner, src: Path, tmp_path: Path) -> None:
+    """[user@]host:/path: rsync runs `ssh [-l user] host COMMAND`; a fake ssh runs COMMAND here."""
+    (run.bin / "ssh").write_text(
+        '#!/usr/bin/env bash\nwhile [ $# -gt 0 ]; do case $1 in -l|-p|-o|-i) shift 2 ;; -*) shift ;; *) break ;; '
+        'esac; done\nshift\nexec sh -c "$*"\n')
+    (run.bin / "ssh").chmod(0o755)
+    res = run("list-dir", ".", SOURCE_URL=f"localhost:{src}")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(TRICKY)
+    local, dst = tmp_path / "local", tmp_path / "over ssh"
+    for name in TRICKY:
+        res = run("file-copy", name, SOURCE_URL=f"localhost:{src}", TARGET_URL=str(local), CHECKSUM="yes")
+        assert res.code == 0, res.stderr
+        res = run("file-copy", name, SOURCE_URL=str(local), TARGET_URL=f"someone@localhost:{dst}/")
+        assert res.code == 0, res.stderr
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    assert run("file-copy", "nope", SOURCE_URL=f"localhost:{src}", TARGET_URL=str(dst)).code == 10
+    assert run("file-copy", "plain.txt", SOURCE_URL=f"localhost:{src}", TARGET_URL=f"localhost:{dst}").code == 14
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
 # -- code_path: scalebox:NAME ----------------------------------------------------------------------------
 def test_code_path_scalebox_resolves_to_the_package(tmp_path: Path) -> None:
     spec = load_pipeline(REPO / "examples/app-copy/app.yaml", environ={})

@@ -6,7 +6,7 @@
 #   run.sh BODY HEADERS_JSON     BODY = the file's path relative to SOURCE_URL and TARGET_URL
 # Settings (environment):
 #   SOURCE_URL, TARGET_URL   required: a local directory, rsync://host[:port]/module[/path] (rsync
-#                            daemon) or [user@]host:/path (rsync over ssh)
+#                            daemon) or [user@]host:/path (rsync over ssh); at most one of them remote
 #   CHECKSUM                 optional: yes|true|1 -> rsync --checksum, then a checksum verification pass
 #   RSYNC_OPTS               optional: extra rsync options (split on spaces), e.g. "--bwlimit=100M"
 # Exit codes (documented for retry_rules, e.g. `retry_rules: {"12": 3}`):
@@ -15,8 +15,8 @@
 #   11 target not writable (cannot create the directory / permission denied / read-only / disk full)
 #   12 network: rsync daemon or ssh host unreachable, connection dropped, protocol error
 #   13 checksum mismatch after the copy (CHECKSUM=yes)
-#   14 bad arguments or configuration (empty/absolute/'..' body, unset URLs, bad CHECKSUM, no rsync,
-#      unknown rsync daemon module)
+#   14 bad arguments or configuration (empty/absolute/'..' body, unset URLs, both URLs remote,
+#      bad CHECKSUM, no rsync, unknown rsync daemon module)
 #   1  any other failure
 set -euo pipefail
 
@@ -55,6 +55,9 @@ case "${CHECKSUM:-no}" in
     *) die 14 "CHECKSUM must be yes or no, got '$CHECKSUM'" ;;
 esac
 command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
+if is_remote "$SOURCE_URL" && is_remote "$TARGET_URL"; then
+    die 14 "SOURCE_URL and TARGET_URL cannot both be remote (rsync copies between a local and a remote side)"
+fi
 
 src=${SOURCE_URL%/}/$body
 dst=${TARGET_URL%/}/$body
