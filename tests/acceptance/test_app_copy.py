@@ -27,7 +27,8 @@ def test_app_copy_copies_every_file(cli_env: dict[str, str], tmp_path: Path) -> 
         path = source / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * (i * 997))
-    env = dict(cli_env, SOURCE_URL=str(source), TARGET_URL=str(target))
+    env = dict(cli_env, SOURCE_URL=str(source), TARGET_URL=str(target), START_DIR=".", REGEX_FILTER="",
+               CHECKSUM="yes")
     proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", str(REPO / "examples/app-copy/app.yaml")],
                           env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

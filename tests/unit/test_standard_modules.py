@@ -38,6 +38,10 @@ TRICKY = [
 ]
 
 
+SETTINGS = ("SOURCE_URL", "TARGET_URL", "CHECKSUM", "REGEX_FILTER", "SEND_MESSAGE", "RSYNC_OPTS", "RSYNC_RSH",
+            "SINK_MODULE", "SCALEBOX_EMIT_FILE")
+
+
 @pytest.fixture(autouse=True)
 def _rsync() -> None:
     if shutil.which("rsync") is None:
@@ -67,7 +71,7 @@ class Runner:
         work = self.tmp / f"work{self.count}"
         work.mkdir()
         sent = work.parent / f"sent{self.count}"
-        full = {k: v for k, v in os.environ.items() if k not in ("SOURCE_URL", "TARGET_URL", "CHECKSUM")}
+        full = {k: v for k, v in os.environ.items() if k not in SETTINGS}
         full.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", SENT_FILE=str(sent), WORK_DIR=str(work),
                     SINK_MODULE="next")
         full.update(env)
