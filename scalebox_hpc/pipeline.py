@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENV_FILE = "scalebox.env"
 """Read from the app dir (when present) before any ``-e`` file."""
+STANDARD_PREFIX = "scalebox:"
+STANDARD_MODULES = Path(__file__).resolve().parent / "modules"
+"""The standard modules (``code_path: scalebox:list-dir``), shipped inside the package."""
 
 _CONFIG = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -824,7 +827,9 @@ class _Loader:
         ``schedule_mode: HEAD`` means one slot."""
         name = module["name"]
         code_path = module.get("code_path")
-        if isinstance(code_path, str):
+        if isinstance(code_path, str) and code_path.startswith(STANDARD_PREFIX):
+            module["code_path"] = self._standard(name, code_path[len(STANDARD_PREFIX):])
+        elif isinstance(code_path, str):
             module["code_path"] = Path(os.path.normpath(self.app_dir / code_path))
         elif code_path is None:
             own = self.app_dir / name
@@ -844,6 +849,14 @@ class _Loader:
             module["slurm"] = {**slurm, "nodes": 1, "slots_per_node": 1, "max_jobs": 1,
                                "min_jobs": min(_int_or(slurm.get("min_jobs"), 0), 1)}
         return module
+
+    def _standard(self, module: str, name: str) -> Path:
+        """``code_path: scalebox:NAME``: the standard module shipped in ``scalebox_hpc/modules/NAME``."""
+        available = sorted(p.name for p in STANDARD_MODULES.iterdir() if (p / "run.sh").is_file())
+        if name not in available:
+            raise self.error(f"unknown standard module {STANDARD_PREFIX}{name}{did_you_mean(name, available)};"
+                             f" available: {', '.join(available)}", ("modules", module, "code_path"))
+        return STANDARD_MODULES / name
 
     def from_validation(self, exc: ValidationError) -> PipelineError:
         """The first (by line) pydantic error, located in the file."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster,
+# THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster, rsync,
 # Apptainer, Podman, the project venv), runs the static checks and then pytest.
 #
 #   bash launchers/testbed/run-tests.sh [PYTEST ARGS...]   e.g. tests/unit -k queue -x
@@ -68,6 +68,10 @@ phase_end
 
 phase_start podman
 bash "$HERE/podman.sh" install
+phase_end
+
+phase_start rsync
+bash "$HERE/rsync.sh" install
 phase_end
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")

@@ -1,0 +1,340 @@
+"""The standard modules list-dir and file-copy (scalebox_hpc/modules), run directly: run.sh BODY
+HEADERS_JSON in a temporary WORK_DIR with a fake send-message on PATH; local paths and a real
+rsync daemon on 127.0.0.1. Also `code_path: scalebox:NAME` in pipeline files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.pipeline import STANDARD_MODULES, load_pipeline
+from tests.components import need
+
+REPO = Path(__file__).resolve().parents[2]
+# newline-free names with spaces, quotes and shell metacharacters
+TRICKY = [
+    "plain.txt",
+    "with space.txt",
+    "sub dir/it's \"quoted\".dat",
+    "sub dir/deep/$(touch PWNED) `touch PWNED2`.txt",
+    "sub dir/deep/semi;colon&amp|pipe*?[x].dat",
+    "-dash first.txt",
+    "back\\slash $HOME ~.txt",
+    "unicode é ü/ñ,{\"h\": 1}.txt",
+    "control\rreturn\ttab \\#101 hash.txt",
+    "  leading and trailing spaces  ",
+    "ctl\x01 amp&amp; & ~ .txt",
+]
+
+
+SETTINGS = ("SOURCE_URL", "TARGET_URL", "CHECKSUM", "REGEX_FILTER", "SEND_MESSAGE", "RSYNC_OPTS", "RSYNC_RSH",
+            "SINK_MODULE", "SCALEBOX_EMIT_FILE")
+
+
+@pytest.fixture(autouse=True)
+def _rsync() -> None:
+    if shutil.which("rsync") is None:
+        need("rsync", "not on PATH (launchers/testbed/rsync.sh install)")
+
+
+@dataclass
+class Result:
+    code: int
+    sent: list[str]
+    stdout: str
+    stderr: str
+    exec_json: dict[str, object] | None
+
+
+class Runner:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        (self.bin / "send-message").write_text('#!/bin/sh\nprintf \'%s\\n\' "$1" >> "$SENT_FILE"\n')
+        (self.bin / "send-message").chmod(0o755)
+        self.count = 0
+
+    def __call__(self, module: str, body: str, **env: str) -> Result:
+        self.count += 1
+        work = self.tmp / f"work{self.count}"
+        work.mkdir()
+        sent = work.parent / f"sent{self.count}"
+        full = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+        full.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", SENT_FILE=str(sent), WORK_DIR=str(work),
+                    SINK_MODULE="next")
+        full.update(env)
+        proc = subprocess.run([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=full,
+                              capture_output=True, text=True, timeout=30, check=False)
+        exec_file = work / "task-exec.json"
+        messages = sent.read_bytes().decode().split("\n")[:-1] if sent.exists() else []
+        batch = work / taskexec.SINK_TASKS
+        if batch.exists():  # list-dir's batch: read and parsed as the launcher does
+            for line in batch.read_text(encoding="utf-8", errors="replace").splitlines():
+                message = taskexec.parse_sink_line(line, {"next", "other"})
+                assert message.module == "next" and message.headers == {}
+                messages.append(message.body)
+        return Result(proc.returncode, messages, proc.stdout,
+                      proc.stderr, json.loads(exec_file.read_text()) if exec_file.exists() else None)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Runner:
+    return Runner(tmp_path)
+
+
+def make_tree(root: Path, names: list[str]) -> dict[str, int]:
+    sizes = {}
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(range(256)) * (i + 1) + name.encode())
+        sizes[name] = path.stat().st_size
+    return sizes
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "src dir"
+    make_tree(root, TRICKY)
+    (root / "empty").mkdir()
+    return root
+
+
+def test_packaged_scripts_are_executable_bash() -> None:
+    for name in ("list-dir", "file-copy"):
+        script = STANDARD_MODULES / name / "run.sh"
+        assert os.access(script, os.X_OK)
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text and "eval" not in text
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# -- list-dir ------------------------------------------------------------------------------------------
+def test_list_dir_emits_every_file_verbatim(run: Runner, src: Path, tmp_path: Path) -> None:
+    res = run("list-dir", ".", SOURCE_URL=str(src))
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(TRICKY)
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_list_dir_send_message_per_file(run: Runner, src: Path, tmp_path: Path) -> None:
+    res = run("list-dir", "sub dir", SOURCE_URL=str(src), SEND_MESSAGE="yes")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(n for n in TRICKY if n.startswith("sub dir/"))
+    assert not (tmp_path / f"work{run.count}" / taskexec.SINK_TASKS).exists()
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_list_dir_sub_directory_and_filter(run: Runner, src: Path) -> None:
+    res = run("list-dir", "sub dir/", SOURCE_URL=str(src) + "/")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(n for n in TRICKY if n.startswith("sub dir/"))
+    res = run("list-dir", ".", SOURCE_URL=str(src), REGEX_FILTER=r"\.dat$")
+    assert sorted(res.sent) == sorted(n for n in TRICKY if n.endswith(".dat"))
+    res = run("list-dir", ".", SOURCE_URL=str(src), REGEX_FILTER="^sub dir/deep/")
+    assert len(res.sent) == 2
+
+
+def test_list_dir_empty_is_success_without_messages(run: Runner, src: Path) -> None:
+    res = run("list-dir", "empty", SOURCE_URL=str(src))
+    assert (res.code, res.sent) == (0, [])
+    res = run("list-dir", ".", SOURCE_URL=str(src), REGEX_FILTER="no-such-name")
+    assert (res.code, res.sent) == (0, [])
+
+
+def test_list_dir_error_codes(run: Runner, src: Path) -> None:
+    assert run("list-dir", "missing", SOURCE_URL=str(src)).code == 10
+    assert run("list-dir", ".", SOURCE_URL=str(src / "nope")).code == 10
+    assert run("list-dir", "/etc", SOURCE_URL=str(src)).code == 14
+    assert run("list-dir", "sub dir/../..", SOURCE_URL=str(src)).code == 14
+    assert run("list-dir", ".").code == 14
+    assert run("list-dir", ".", SOURCE_URL=str(src), REGEX_FILTER="(").code == 14
+
+
+# -- file-copy -----------------------------------------------------------------------------------------
+def test_file_copy_tricky_names(run: Runner, src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst dir"
+    for name in TRICKY:
+        res = run("file-copy", name, SOURCE_URL=str(src), TARGET_URL=str(dst))
+        assert res.code == 0, res.stderr
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+        assert res.sent == [name]
+        size = (src / name).stat().st_size
+        assert res.exec_json == {"inputBytes": size, "outputBytes": size, "outputFiles": [str(dst / name)]}
+    assert not list(tmp_path.rglob("PWNED*"))
+    # again: up to date, nothing moved; no sink -> no message
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=str(dst), SINK_MODULE="")
+    assert res.code == 0 and res.sent == [] and res.exec_json is not None
+    assert res.exec_json["outputBytes"] == 0
+
+
+def test_file_copy_error_codes(run: Runner, src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    assert run("file-copy", "nope.txt", SOURCE_URL=str(src), TARGET_URL=str(dst)).code == 10
+    assert run("file-copy", "sub dir", SOURCE_URL=str(src), TARGET_URL=str(dst)).code == 10  # a directory
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = run("file-copy", "sub dir/it's \"quoted\".dat", SOURCE_URL=str(src), TARGET_URL=str(blocker))
+    assert res.code == 11, res.stderr
+    for body in ("", "/etc/passwd", "../x", "a/./b", "dir/"):
+        assert run("file-copy", body, SOURCE_URL=str(src), TARGET_URL=str(dst)).code == 14, body
+    assert run("file-copy", "plain.txt", TARGET_URL=str(dst)).code == 14
+    assert run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=str(dst), CHECKSUM="maybe").code == 14
+    res = run("file-copy", "nope.txt", SOURCE_URL=str(src), TARGET_URL=str(dst))
+    assert res.sent == [] and res.exec_json is None
+
+
+def test_file_copy_checksum(run: Runner, src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    # same size and mtime, other content: only --checksum notices
+    data = (src / "plain.txt").read_bytes()
+    (dst / "plain.txt").write_bytes(bytes(255 - b for b in data))
+    st = (src / "plain.txt").stat()
+    os.utime(dst / "plain.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=str(dst))
+    assert res.code == 0 and (dst / "plain.txt").read_bytes() != data
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=str(dst), CHECKSUM="yes")
+    assert res.code == 0, res.stderr
+    assert (dst / "plain.txt").read_bytes() == data
+    assert res.exec_json is not None and res.exec_json["outputBytes"] == len(data)
+
+
+def test_file_copy_checksum_mismatch(run: Runner, src: Path, tmp_path: Path) -> None:
+    # an rsync that corrupts the file it wrote: the verification pass must catch it
+    real = shutil.which("rsync")
+    (run.bin / "rsync").write_text(
+        f'#!/usr/bin/env bash\n"{real}" "$@"; rc=$?\n'
+        'case " $* " in *" --dry-run "*) ;; *) printf X >> "${@: -1}" ;; esac\nexit $rc\n')
+    (run.bin / "rsync").chmod(0o755)
+    res = run("file-copy", "with space.txt", SOURCE_URL=str(src), TARGET_URL=str(tmp_path / "d"), CHECKSUM="yes")
+    assert res.code == 13, res.stderr
+    assert res.sent == []
+
+
+# -- through an rsync daemon ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, src: Path) -> Iterator[str]:
+    """rsync://127.0.0.1:PORT with modules data (src, read only), out (writable) and ro (read only)."""
+    out, ro = tmp_path / "daemon out", tmp_path / "daemon ro"
+    out.mkdir()
+    ro.mkdir()
+    conf = tmp_path / "rsyncd.conf"
+    conf.write_text(
+        f"use chroot = no\nuid = root\ngid = root\npid file = {tmp_path}/rsyncd.pid\n"
+        f"[data]\npath = {src}\nread only = yes\n"
+        f"[out]\npath = {out}\nread only = no\n"
+        f"[ro]\npath = {ro}\nread only = yes\n")
+    port = _free_port()
+    proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", "--address", "127.0.0.1", "--port", str(port),
+                             "--config", str(conf), "--log-file", str(tmp_path / "rsyncd.log")])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("the rsync daemon did not start") from None
+                time.sleep(0.05)
+        yield f"rsync://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rsync_daemon_list_and_copy(run: Runner, src: Path, daemon: str, tmp_path: Path) -> None:
+    res = run("list-dir", ".", SOURCE_URL=f"{daemon}/data")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(TRICKY)
+    res = run("list-dir", "sub dir", SOURCE_URL=f"{daemon}/data/", REGEX_FILTER=r"\.dat$")
+    assert sorted(res.sent) == sorted(n for n in TRICKY if n.startswith("sub dir/") and n.endswith(".dat"))
+    assert run("list-dir", "empty", SOURCE_URL=f"{daemon}/data").sent == []
+    # daemon -> local, then local -> daemon
+    local = tmp_path / "local"
+    for name in TRICKY:
+        res = run("file-copy", name, SOURCE_URL=f"{daemon}/data", TARGET_URL=str(local), CHECKSUM="yes")
+        assert res.code == 0, res.stderr
+        assert (local / name).read_bytes() == (src / name).read_bytes()
+        assert res.exec_json is not None and res.exec_json["inputBytes"] == (src / name).stat().st_size
+        res = run("file-copy", name, SOURCE_URL=str(local), TARGET_URL=f"{daemon}/out/copy")
+        assert res.code == 0, res.stderr
+        assert (tmp_path / "daemon out" / "copy" / name).read_bytes() == (src / name).read_bytes()
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_rsync_daemon_error_codes(run: Runner, src: Path, daemon: str, tmp_path: Path) -> None:
+    assert run("list-dir", "missing", SOURCE_URL=f"{daemon}/data").code == 10
+    res = run("file-copy", "nope.txt", SOURCE_URL=f"{daemon}/data", TARGET_URL=str(tmp_path / "t"))
+    assert res.code == 10, res.stderr
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=f"{daemon}/ro")
+    assert res.code == 11, res.stderr
+    assert run("list-dir", ".", SOURCE_URL=daemon + "/no-such-module").code == 14
+    res = run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=daemon + "/no-such-module")
+    assert res.code == 14, res.stderr
+    dead = f"rsync://127.0.0.1:{_free_port()}/data"
+    assert run("list-dir", ".", SOURCE_URL=dead).code == 12
+    assert run("file-copy", "plain.txt", SOURCE_URL=dead, TARGET_URL=str(tmp_path / "t")).code == 12
+    assert run("file-copy", "plain.txt", SOURCE_URL=str(src), TARGET_URL=dead).code == 12
+
+
+def test_rsync_over_ssh_form(run: Runner, src: Path, tmp_path: Path) -> None:
+    """[user@]host:/path: rsync runs `ssh [-l user] host COMMAND`; a fake ssh runs COMMAND here."""
+    (run.bin / "ssh").write_text(
+        '#!/usr/bin/env bash\nwhile [ $# -gt 0 ]; do case $1 in -l|-p|-o|-i) shift 2 ;; -*) shift ;; *) break ;; '
+        'esac; done\nshift\nexec sh -c "$*"\n')
+    (run.bin / "ssh").chmod(0o755)
+    res = run("list-dir", ".", SOURCE_URL=f"localhost:{src}")
+    assert res.code == 0, res.stderr
+    assert sorted(res.sent) == sorted(TRICKY)
+    local, dst = tmp_path / "local", tmp_path / "over ssh"
+    for name in TRICKY:
+        res = run("file-copy", name, SOURCE_URL=f"localhost:{src}", TARGET_URL=str(local), CHECKSUM="yes")
+        assert res.code == 0, res.stderr
+        res = run("file-copy", name, SOURCE_URL=str(local), TARGET_URL=f"someone@localhost:{dst}/")
+        assert res.code == 0, res.stderr
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    assert run("file-copy", "nope", SOURCE_URL=f"localhost:{src}", TARGET_URL=str(dst)).code == 10
+    assert run("file-copy", "plain.txt", SOURCE_URL=f"localhost:{src}", TARGET_URL=f"localhost:{dst}").code == 14
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+# -- code_path: scalebox:NAME ----------------------------------------------------------------------------
+def test_code_path_scalebox_resolves_to_the_package(tmp_path: Path) -> None:
+    spec = load_pipeline(REPO / "examples/app-copy/app.yaml", environ={})
+    paths = {m.name: m.code_path for m in spec.modules}
+    assert paths == {"list-dir": STANDARD_MODULES / "list-dir", "file-copy": STANDARD_MODULES / "file-copy"}
+
+
+def test_code_path_scalebox_unknown_is_a_located_error(tmp_path: Path) -> None:
+    app = tmp_path / "app.yaml"
+    app.write_text("name: x\nmodules:\n  a:\n    code_path: scalebox:list-dirs\n  b:\n    code_path: scalebox:nope\n")
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(app, environ={})
+    text = str(info.value)
+    assert "line 4" in text or ":4:" in text, text
+    assert "modules.a.code_path" in text and "did you mean 'list-dir'" in text, text
+    app.write_text("name: x\nmodules:\n  b:\n    code_path: scalebox:nope\n")
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(app, environ={})
+    assert "unknown standard module scalebox:nope" in str(info.value)
+    assert "available: file-copy, list-dir" in str(info.value)
