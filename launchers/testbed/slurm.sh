@@ -144,6 +144,14 @@ start() {
     slurmd -N "node$n" </dev/null || tb_die "slurmd node$n failed (log: $LOG/slurmd-node$n.log)"
   done
 
+  # ---- nodes an earlier run left drained (e.g. "Kill task failed" after a stuck process) ----
+  local drained
+  drained=$(timeout 5 sinfo -h -N -t drain,drained,draining -o '%N' 2>/dev/null | sort -u | paste -sd, || true)
+  if [ -n "$drained" ]; then
+    echo "[testbed] slurm: resuming drained nodes $drained" >&2
+    timeout 5 scontrol update nodename="$drained" state=resume || true
+  fi
+
   # ---- wait until every node is usable ----
   local ready=0
   for _ in $(seq 300); do

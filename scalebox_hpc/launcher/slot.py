@@ -200,6 +200,8 @@ class Slot:
         """Run setup.sh in the work dir; False when it failed."""
         self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
         self.private.mkdir(parents=True, exist_ok=True)
+        if self.session is None:
+            self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
         return self._setup()
 
     def execute(self, task: Task) -> TaskResult | None:
@@ -208,8 +210,13 @@ class Slot:
         return self._execute(task)
 
     def teardown(self) -> None:
-        """Run teardown.sh (if any)."""
-        self._script("teardown.sh")
+        """Run teardown.sh (if any), then close the runtime session."""
+        try:
+            self._script("teardown.sh")
+        finally:
+            if self.session is not None:
+                self.session.close()
+                self.session = None
 
     # -- one task -------------------------------------------------------------------------------
     def _process(self, task: Task) -> None:
