@@ -77,7 +77,9 @@ if ! is_remote "$TARGET_URL"; then
     if ! [ -d "$parent" ] || ! [ -w "$parent" ]; then die 11 "the target directory '$parent' is not writable"; fi
 fi
 
-opts=(-t -p --mkpath --partial --stats --no-human-readable)
+# --protect-args: file names travel inside the rsync protocol, never through the remote shell
+# (rsync before 3.2.4 leaves e.g. backquotes to the remote `sh -c` of the ssh form)
+opts=(-t -p --mkpath --partial --stats --no-human-readable --protect-args)
 [ "$checksum" = 0 ] || opts+=(--checksum)
 extra=()
 [ -z "${RSYNC_OPTS:-}" ] || read -r -a extra <<<"$RSYNC_OPTS"
@@ -99,7 +101,7 @@ moved=${moved:-0}
 if [ "$checksum" = 1 ]; then
     # verification: a checksum dry run must find nothing left to transfer
     rc=0
-    rsync -t --checksum --dry-run --itemize-changes "${extra[@]}" -- "$src" "$dst" >"$tmp/verify" 2>"$tmp/err" || rc=$?
+    rsync -t --checksum --dry-run --itemize-changes --protect-args "${extra[@]}" -- "$src" "$dst" >"$tmp/verify" 2>"$tmp/err" || rc=$?
     cat "$tmp/err" >&2
     [ "$rc" = 0 ] || die "$(rsync_code "$rc" "$tmp/err")" "checksum verification of '$dst' failed (rsync exit $rc)"
     if grep -q '^[<>ch.*]f' "$tmp/verify"; then

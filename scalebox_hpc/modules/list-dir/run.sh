@@ -97,7 +97,7 @@ if is_remote "$SOURCE_URL"; then
     url=$root/
     [ "$sub" = . ] || url=$root/./$sub/   # ./ : a daemon would parse a leading '-' as an option
     rc=0
-    rsync --list-only -r --no-human-readable "${extra[@]}" -- "$url" >"$tmp/list" 2>"$tmp/err" || rc=$?
+    rsync --list-only -r --no-human-readable --protect-args "${extra[@]}" -- "$url" >"$tmp/list" 2>"$tmp/err" || rc=$?
     cat "$tmp/err" >&2
     [ "$rc" = 0 ] || die "$(rsync_code "$rc" "$tmp/err")" "rsync --list-only $url failed (rsync exit $rc)"
     # lines: PERMS SIZE DATE TIME NAME (NAME keeps inner spaces); regular files start with '-'
