@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,14 +132,22 @@ def job_script(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> str:
     return render(read_template(spec.slurm.template), stage_job(app_id, spec, command))
 
 
-def prepare_log_dir(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> None:
+def prepare_log_dir(job: StageJob) -> None:
     """sbatch does not create the --output directory: a job writing there would fail at once."""
-    path = stage_job(app_id, spec, command).log_dir
+    path = job.log_dir
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ScaleboxError(f"cannot create the job log directory {path}: {exc}",
                             hint="pass a writable --work-root (a shared file system on a cluster)") from exc
+
+
+def effective_bounds(row: Mapping[str, Any], spec: ModuleSpec) -> tuple[int, int]:
+    """(min_jobs, max_jobs) of a module: the `scalebox stage scale` overrides stored in its
+    ``sbx_modules`` row where set, else the pipeline file's ``slurm:`` values."""
+    lo = row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs
+    hi = row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs
+    return lo, hi
 
 
 class Autoscaler:
@@ -155,9 +163,9 @@ class Autoscaler:
         self.interval = timedelta(seconds=interval)
         self.now = now
 
-    def refresh(self, app_id: int) -> list[dict[str, Any]]:
-        """Update the app's live stage jobs from Slurm (one batched status query); returns them."""
-        live = db_stages.jobs(self.conn, app_id)
+    def refresh(self, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Update ``live`` (rows of not yet ended stage jobs) in the database and in place from
+        Slurm, with one batched status query; returns those still live."""
         if not live:
             return live
         try:
@@ -188,44 +196,46 @@ class Autoscaler:
             if not db_stages.try_lock(self.conn, app_id):
                 report.locked = False
                 return report
-            if not force and db_stages.launch_settings(self.conn, app_id) is None:
+            stored = db_stages.launch_settings(self.conn, app_id)
+            if not force and stored is None:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
             recovered = db_stages.recover_expired(self.conn)
             if recovered:
                 logger.warning("%d task(s) of dead launchers are READY again", recovered)
-            live = self.refresh(app_id)
+            # one read of the app's jobs: refresh() updates the live rows in place, so `history`
+            # sees their new states too
             history = db_stages.jobs(self.conn, app_id, include_ended=True)
-            command = self._command(app_id)
+            self.refresh([j for j in history if j["ended_at"] is None])
+            command = self._command(app_id, stored)
             for row in db_stages.modules(self.conn, app_id):
                 if only and row["name"] not in only:
                     continue
                 if not force and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
                     report.rate_limited.append(row["name"])
                     continue
-                self._scale(app_id, row, live, history, force, report, command)
+                self._scale(app_id, row, history, force, report, command)
         return report
 
-    def _command(self, app_id: int) -> LaunchCommand:
+    def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
         """The launch command the app's first stage job used (kept so that every later job,
         whoever submits it, runs the same Python in the same work root)."""
-        stored = db_stages.launch_settings(self.conn, app_id)
         if stored is not None:
             return LaunchCommand(python=stored[0], work_root=Path(stored[1]))
         db_stages.save_launch_settings(self.conn, app_id, self.command.python, str(self.command.work_root))
         return self.command
 
     def _scale(
-        self, app_id: int, row: dict[str, Any], live: list[dict[str, Any]], history: list[dict[str, Any]],
-        force: bool, report: ScaleReport, command: LaunchCommand,
+        self, app_id: int, row: dict[str, Any], history: list[dict[str, Any]], force: bool, report: ScaleReport,
+        command: LaunchCommand,
     ) -> None:
         spec = ModuleSpec.model_validate(row["spec"])
-        mine = [j for j in live if j["module_id"] == row["id"] and not j["draining"]]
-        ended = [j["state"] for j in history if j["module_id"] == row["id"] and j["ended_at"] is not None]
+        own = [j for j in history if j["module_id"] == row["id"]]  # newest first
+        mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
+        ended = [j["state"] for j in own if j["ended_at"] is not None]
+        min_jobs, max_jobs = effective_bounds(row, spec)
         view = ModuleView(
-            name=spec.name,
-            min_jobs=row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs,
-            max_jobs=row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs,
+            name=spec.name, min_jobs=min_jobs, max_jobs=max_jobs,
             tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),
             pending_jobs=[j["slurm_job_id"] for j in mine if j["state"] == SlurmState.PENDING.value],
             app_status=row["app_status"], failing=failing(ended) and not force,
@@ -240,15 +250,30 @@ class Autoscaler:
                     db_stages.update_job(self.conn, job["id"], state=SlurmState.CANCELLED.value, ended=True,
                                          reason="scaled down")
             report.cancelled += decision.cancel
+        if decision.submit:
+            self._submit(app_id, row["id"], spec, command, decision, report)
+
+    def _submit(
+        self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
+        report: ScaleReport,
+    ) -> None:
+        """``decision.submit`` jobs of the module: one script, rendered once, submitted N times."""
+        try:
+            job = stage_job(app_id, spec, command)
+            prepare_log_dir(job)
+            script = render(read_template(spec.slurm.template), job)
+        except ScaleboxError as exc:
+            report.errors.append(f"{spec.name}: {exc}")
+            logger.error("stage job of %s not submitted: %s", spec.name, exc)
+            return
         for _ in range(decision.submit):
             try:
-                prepare_log_dir(app_id, spec, command)
-                job_id = self.client.submit(job_script(app_id, spec, command))
-            except (SlurmCommandError, ScaleboxError) as exc:
+                job_id = self.client.submit(script)
+            except ScaleboxError as exc:  # sbatch refused, timed out, or printed no job id
                 report.errors.append(f"{spec.name}: {exc}")
                 logger.error("stage job of %s not submitted: %s", spec.name, exc)
                 break
-            db_stages.record_job(self.conn, app_id, row["id"], job_id)
+            db_stages.record_job(self.conn, app_id, module_id, job_id)
             report.submitted.setdefault(spec.name, []).append(job_id)
             logger.info("stage %s: submitted job %s (%s)", spec.name, job_id, decision.reason)
 

@@ -131,6 +131,7 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
     """Set a stage's job bounds and apply them now."""
     from scalebox_hpc.db import stages
     from scalebox_hpc.pipeline import ModuleSpec
+    from scalebox_hpc.stages import effective_bounds
 
     if jobs is not None:
         min_jobs = max_jobs = jobs
@@ -142,12 +143,9 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
         if module not in specs:
             raise NotFoundError("module", module)
         if not reset:
-            pipeline = ModuleSpec.model_validate(specs[module]["spec"]).slurm
-            row = specs[module]
-            lo = min_jobs if min_jobs is not None else row["min_jobs"] if row["min_jobs"] is not None \
-                else pipeline.min_jobs
-            hi = max_jobs if max_jobs is not None else row["max_jobs"] if row["max_jobs"] is not None \
-                else pipeline.max_jobs
+            current = effective_bounds(specs[module], ModuleSpec.model_validate(specs[module]["spec"]))
+            lo = min_jobs if min_jobs is not None else current[0]
+            hi = max_jobs if max_jobs is not None else current[1]
             if lo > hi:
                 raise click.UsageError(f"--min {lo} is above --max {hi}")
             min_jobs, max_jobs = lo, hi

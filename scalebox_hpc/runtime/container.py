@@ -193,8 +193,9 @@ def container_name(spec: SessionSpec) -> str:
     return f"sbx-{safe}-{next(_counter)}"
 
 
-class PerTaskSession:
-    """One container per script run (``slot_options: [container_per_task]``)."""
+class ContainerSession:
+    """What every container session of a slot holds: its engine, image, mounts (with the
+    host/container path map) and the engine client's environment."""
 
     def __init__(
         self, engine: Engine, spec: SessionSpec, image: str, binds: Sequence[Bind], host_env: Mapping[str, str],
@@ -205,6 +206,10 @@ class PerTaskSession:
         self.binds = list(binds)
         self.paths = PathMap(binds, spec.code_path)
         self.host_env = dict(host_env)
+
+
+class PerTaskSession(ContainerSession):
+    """One container per script run (``slot_options: [container_per_task]``)."""
 
     def start(self, spec: RunSpec) -> ContainerRun:
         """Run ``spec.argv`` in a fresh container; output goes to the spec's files on the host."""

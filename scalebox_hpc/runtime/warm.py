@@ -32,8 +32,8 @@ from scalebox_hpc.runtime.container import (
     SLOT_DIR,
     WORK,
     Bind,
+    ContainerSession,
     Engine,
-    PathMap,
     container_name,
 )
 from scalebox_hpc.runtime.local import popen
@@ -58,18 +58,13 @@ def request_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout
     return "\n".join(lines) + "\n"
 
 
-class WarmSession:
+class WarmSession(ContainerSession):
     """A slot's container, started once; runs are requests to its agent."""
 
     def __init__(
         self, engine: Engine, spec: SessionSpec, image: str, binds: Sequence[Bind], host_env: Mapping[str, str],
     ) -> None:
-        self.engine = engine
-        self.spec = spec
-        self.image = image
-        self.binds = list(binds)
-        self.paths = PathMap(binds, spec.code_path)
-        self.host_env = dict(host_env)
+        super().__init__(engine, spec, image, binds, host_env)
         self.fifo_in = spec.private_dir / "agent.in"
         self.fifo_out = spec.private_dir / "agent.out"
         self.proc: subprocess.Popen[bytes] | None = None

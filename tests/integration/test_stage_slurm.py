@@ -105,6 +105,19 @@ def all_ok(env: dict[str, str], app_id: str, n: int, autoscale: bool = False) ->
     return check
 
 
+def all_ended(env: dict[str, str], app_id: str) -> Callable[[], list[dict[str, Any]] | None]:
+    """The app's stage jobs once there are some and every one has ended (one `stage list` a poll)."""
+    def check() -> list[dict[str, Any]] | None:
+        rows = jobs(env, app_id)
+        return rows if rows and all(j["ended_at"] for j in rows) else None
+    return check
+
+
+def job_log(shared: Path, app_id: str, job: dict[str, Any]) -> str:
+    """A stage job's output file (stdout and stderr of its launchers)."""
+    return (shared / "work" / f"app-{app_id}" / "slurm" / f"{job['module']}-{job['slurm_job_id']}.out").read_text()
+
+
 def add_with_inputs(env: dict[str, str], app_id: str, bodies: list[str]) -> None:
     """Tasks whose input is the scratch file named by the body."""
     with connect(env["SCALEBOX_DSN"]) as conn:
@@ -159,12 +172,12 @@ def test_app_primes_as_stage_jobs_across_nodes(env: dict[str, str], shared: Path
 
     calc_hosts = {t["host"] for t in tasks(env, app_id) if t["module"] == "calc"}
     assert len(calc_hosts) == 2 and calc_hosts <= {f"node{i}" for i in range(1, 5)}, calc_hosts
-    ended = wait_until("every stage job to end", lambda: all(j["state"] == "COMPLETED" for j in jobs(env, app_id))
-                       and jobs(env, app_id), 60, every=2)
+    ended = wait_until("every stage job to end", all_ended(env, app_id), 60, every=2)
+    assert {j["state"] for j in ended} == {"COMPLETED"}, ended
     assert {j["module"] for j in ended} == {"scatter", "calc", "gather"}
     [calc_job] = [j for j in ended if j["module"] == "calc"]
     assert len(calc_job["nodes"].split(",")) == 2
-    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"calc-{calc_job['slurm_job_id']}.out").read_text()
+    log = job_log(shared, app_id, calc_job)
     assert "launchers exited with 0" in log, log
 
 
@@ -200,12 +213,11 @@ def test_walltime_signal_drains_and_a_new_job_finishes_the_work(env: dict[str, s
     (path.parent / "bodies.txt").write_text("".join(f"w{i}\n" for i in range(40)))
     app_id = submit(env, path)
     wait_until("every task to succeed", all_ok(env, app_id, 40, autoscale=True), 240, every=3)
-    all_jobs = wait_until("jobs to end", lambda: [j for j in jobs(env, app_id) if j["ended_at"]] == jobs(env, app_id)
-                          and jobs(env, app_id), 60, every=2)
+    all_jobs = wait_until("jobs to end", all_ended(env, app_id), 60, every=2)
     first = min(all_jobs, key=lambda j: int(j["slurm_job_id"]))
     assert len(all_jobs) >= 2 and first["state"] == "COMPLETED" and first["draining"], all_jobs
     assert "TIMEOUT" not in {j["state"] for j in all_jobs}, "a job ran into its time limit instead of draining"
-    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"work-{first['slurm_job_id']}.out").read_text()
+    log = job_log(shared, app_id, first)
     assert "signal SIGUSR1: draining" in log, log
     rows = tasks(env, app_id)
     assert len(rows) == 40 and {t["status"] for t in rows} == {0}
@@ -221,10 +233,9 @@ def test_claims_stop_when_a_task_no_longer_fits_the_walltime(env: dict[str, str]
     (path.parent / "bodies.txt").write_text("".join(f"f{i}\n" for i in range(35)))
     app_id = submit(env, path)
     wait_until("every task to succeed", all_ok(env, app_id, 35, autoscale=True), 240, every=3)
-    all_jobs = wait_until("jobs to end", lambda: [j for j in jobs(env, app_id) if j["ended_at"]] == jobs(env, app_id)
-                          and jobs(env, app_id), 60, every=2)
+    all_jobs = wait_until("jobs to end", all_ended(env, app_id), 60, every=2)
     first = min(all_jobs, key=lambda j: int(j["slurm_job_id"]))
-    log = (shared / "work" / f"app-{app_id}" / "slurm" / f"work-{first['slurm_job_id']}.out").read_text()
+    log = job_log(shared, app_id, first)
     assert "walltime:" in log and "less than a task needs; draining" in log, log
     assert len(all_jobs) >= 2 and first["state"] == "COMPLETED"
     assert {t["status"] for t in tasks(env, app_id)} == {0}
@@ -242,7 +253,7 @@ def test_jobs_scale_with_queue_depth(env: dict[str, str], shared: Path) -> None:
     wait_until("every task to succeed", all_ok(env, app_id, 12), 120, every=2)
     hosts = {t["host"] for t in tasks(env, app_id)}
     assert len(hosts) >= 2, hosts  # the three jobs ran side by side
-    wait_until("the idle jobs to exit", lambda: all(j["ended_at"] for j in jobs(env, app_id)), 60, every=2)
+    wait_until("the idle jobs to exit", all_ended(env, app_id), 60, every=2)
     sbx(env, "task", "add", "--app", app_id, "-m", "work", "late")  # new work: the queue wants one job again
     wait_until("a job for the late task", lambda: "work: submitted" in sbx(env, "autoscale", "--app", app_id).stdout,
                10, every=1)  # autoscale passes are rate-limited (SCALEBOX_AUTOSCALE_SECONDS=2 here)
@@ -255,14 +266,16 @@ def test_stage_commands_scale_and_stop(env: dict[str, str], shared: Path) -> Non
     assert jobs(env, app_id) == []
     out = sbx(env, "stage", "scale", "--app", app_id, "work", "--jobs", "2").stdout
     assert out.startswith("work: submitted"), out
-    live = wait_until("two running jobs", lambda: [j for j in jobs(env, app_id) if j["state"] == "RUNNING"]
-                      if len([j for j in jobs(env, app_id) if j["state"] == "RUNNING"]) == 2 else None, 60)
+    def two_running() -> list[dict[str, Any]] | None:
+        running = [j for j in jobs(env, app_id) if j["state"] == "RUNNING"]
+        return running if len(running) == 2 else None
+
+    live = wait_until("two running jobs", two_running, 60)
     script = sbx(env, "stage", "script", "--app", app_id, "work").stdout
     assert script.startswith("#!/bin/bash") and "#SBATCH --time=10" in script
     out = sbx(env, "stage", "stop", "--app", app_id, "work").stdout
     assert out.startswith("work: draining") and all(j["slurm_job_id"] in out for j in live)
-    ended = wait_until("the jobs to drain", lambda: all(j["ended_at"] for j in jobs(env, app_id))
-                       and jobs(env, app_id), 60, every=2)
+    ended = wait_until("the jobs to drain", all_ended(env, app_id), 60, every=2)
     assert {j["state"] for j in ended} == {"COMPLETED"}
     assert "submitted" not in sbx(env, "autoscale", "--app", app_id).stdout  # stopped stays stopped
 
