@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,11 @@ from scalebox_hpc.errors import MpiError
 from scalebox_hpc.models import Message
 
 Handler = Callable[["MpiTask"], "int | None"]
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")  # noqa: S108 -- where MPICH puts its segments, not a temp file of ours
+SEGMENT_PREFIX = "mpich_shm_"
 
 _SIZE_VARIABLES = ("SCALEBOX_MPI_RANKS", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
 
@@ -150,3 +157,54 @@ def load_handler(spec: str, code_path: Path) -> Handler:
     if not callable(fn):
         raise MpiError(f"handler {spec!r}: {where} has no function {name!r}")
     return fn  # type: ignore[no-any-return]
+
+
+def _held_paths(proc: Path = Path("/proc")) -> set[str]:
+    """Every /dev/shm path some process we can inspect has open or mapped."""
+    held: set[str] = set()
+    for pid in proc.iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            for fd in (pid / "fd").iterdir():
+                held.add(os.readlink(fd))
+            for line in (pid / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    held.add(parts[5].removesuffix(" (deleted)"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return held
+
+
+def remove_stale_segments(shm_dir: Path = SHM_DIR, *, min_age: float = 10.0,
+                          proc: Path = Path("/proc")) -> list[Path]:
+    """Remove MPICH shared-memory segments of this user that no process holds.
+
+    MPICH unlinks a node's segment once every local rank has attached; ranks killed during
+    MPI_Init (a lost node, ``--kill-on-bad-exit``, scancel) leave it behind, and on a node
+    whose /dev/shm is small (64 MiB in a container) a few such leaks make every later MPI_Init
+    fail with "Out of memory". Sites often clean /dev/shm in a Slurm epilog; a stage cannot
+    count on one. Segments younger than ``min_age`` seconds are left alone (a rank may be
+    between creating and attaching one)."""
+    uid, now = os.getuid(), time.time()
+    try:
+        candidates = [p for p in shm_dir.glob(f"{SEGMENT_PREFIX}*")
+                      if (st := p.lstat()).st_uid == uid and now - st.st_mtime >= min_age]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    held = _held_paths(proc)
+    removed = []
+    for path in candidates:
+        if str(path) in held:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("removed %d stale MPICH segment(s) from %s", len(removed), shm_dir)
+    return removed

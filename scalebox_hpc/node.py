@@ -264,6 +264,7 @@ def run_mpi_stage(config: StageConfig) -> int:
     # segments, which Slurm 22.05's pmi2 plug-in intermittently misparses (hangs at MPI_Init);
     # the OFI netmod's short address does not (measured: 2 of 5 starts hung vs 0 of 12)
     os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
+    mpi.remove_stale_segments()
     comm = mpi.load_mpi().COMM_WORLD
 
     def open_queue() -> tuple[PgQueue, int, dict[str, str]]:

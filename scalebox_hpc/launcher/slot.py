@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from scalebox_hpc import mpi
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
 from scalebox_hpc.launcher import mpirun, scratch, taskexec
@@ -289,9 +290,12 @@ class Slot:
         argv = [*_script_argv(run_sh), task.body, json.dumps(task.headers, ensure_ascii=False)]
         env = self._env(task, emit_file)
         try:  # a task asking for K ranks runs as an MPI program (srun -n K in the allocation)
-            argv = mpirun.wrap(ctx.module, task.headers, argv, env)
+            wrapped = mpirun.wrap(ctx.module, task.headers, argv, env)
         except ScaleboxError as exc:
             return _system_error(started, str(exc))
+        if wrapped is not argv:
+            mpi.remove_stale_segments()
+            argv = wrapped
         outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
         if outcome is None:
             return None

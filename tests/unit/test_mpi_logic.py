@@ -3,9 +3,11 @@ MPI-task argv, the ``mpi:`` pipeline key; and that the package imports without m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -198,3 +200,37 @@ def test_package_imports_without_mpi4py() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ok") and "scalebox_hpc[mpi]" in out.stdout
+
+
+def _segment(shm: Path, name: str, age: float) -> Path:
+    path = shm / name
+    path.write_bytes(b"\0" * 16)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_stale_segments_go_held_and_young_ones_stay(tmp_path: Path) -> None:
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    shm.mkdir()
+    stale = _segment(shm, "mpich_shm_dead_0", 60)
+    mapped = _segment(shm, "mpich_shm_live_0", 60)
+    opened = _segment(shm, "mpich_shm_live_1", 60)
+    young = _segment(shm, "mpich_shm_new_0", 1)
+    other = _segment(shm, "PostgreSQL.123", 60)
+    (proc / "42" / "fd").mkdir(parents=True)
+    (proc / "42" / "maps").write_text(
+        f"7f00-7f10 rw-s 00000000 00:1a 77 {mapped}\n7f10-7f20 r-xp 00000000 08:01 5 /usr/lib/libc.so.6\n"
+    )
+    (proc / "42" / "fd" / "5").symlink_to(opened)
+    (proc / "self").mkdir()  # not a pid: ignored
+    (proc / "43").mkdir()  # a process that vanished meanwhile: no fd/, no maps
+
+    removed = mpi.remove_stale_segments(shm, min_age=10, proc=proc)
+
+    assert removed == [stale]
+    assert not stale.exists() and mapped.exists() and opened.exists() and young.exists() and other.exists()
+
+
+def test_no_shm_dir_is_not_an_error(tmp_path: Path) -> None:
+    assert mpi.remove_stale_segments(tmp_path / "absent", proc=tmp_path) == []
