@@ -10,11 +10,16 @@
 # cgroupfs manager, file events logger, explicit ulimits (the defaults fail
 # "setrlimit RLIMIT_NOFILE: Operation not permitted"). An existing containers.conf that does
 # not carry our marker is kept (and a warning printed), so a site's own settings win.
+# Where /var/lib/containers sits on overlayfs (a container, e.g. a CI runner) the kernel
+# refuses overlay-on-overlay: storage.conf then names the vfs driver explicitly. Left to
+# auto-detect, podman's first run falls back to vfs but leaves an overlay/ directory behind,
+# and every later run fails "prior storage driver overlay failed".
 # No registry is used: the tests build their images from a local rootfs (containers/).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CONF=/etc/containers/containers.conf
+STORAGE_CONF=/etc/containers/storage.conf
 MARK="# scalebox test-bed settings"
 
 works() { command -v podman >/dev/null 2>&1 && podman info --format '{{.Host.OCIRuntime.Name}}' >/dev/null 2>&1; }
@@ -37,6 +42,35 @@ events_logger = "file"
 CONF
 }
 
+# the file system type under which podman keeps its images
+storage_fs() {
+  local dir=/var/lib/containers/storage
+  while [ ! -e "$dir" ]; do dir=$(dirname "$dir"); done
+  stat -f -c %T "$dir"
+}
+
+configure_storage() {
+  if [ -f "$STORAGE_CONF" ] && ! grep -q "^$MARK" "$STORAGE_CONF"; then
+    return 0  # the site's own
+  fi
+  if [ "$(storage_fs)" != overlayfs ] || command -v fuse-overlayfs >/dev/null 2>&1; then
+    rm -f "$STORAGE_CONF"
+    return 0
+  fi
+  cat >"$STORAGE_CONF" <<CONF
+$MARK (launchers/testbed/podman.sh): /var/lib/containers is on overlayfs
+[storage]
+driver = "vfs"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"
+CONF
+  # what an auto-detecting first run may have left: an empty overlay store
+  if [ -d /var/lib/containers/storage/overlay ] && [ -z "$(ls -A /var/lib/containers/storage/overlay-images 2>/dev/null)" ]; then
+    rm -rf /var/lib/containers/storage/overlay /var/lib/containers/storage/overlay-images \
+      /var/lib/containers/storage/overlay-layers /var/lib/containers/storage/overlay-containers
+  fi
+}
+
 install() {
   tb_need_root
   if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1 \
@@ -44,6 +78,7 @@ install() {
     tb_apt_install podman runc catatonit
   fi
   configure
+  configure_storage
   works || tb_die "podman installed but \`podman info\` fails (see $CONF)"
   echo "PODMAN=$(command -v podman) ($(podman --version))"
 }
