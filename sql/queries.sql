@@ -65,7 +65,8 @@ WITH app AS (
                                  WHERE r.module_id = s.id AND r.status = -1
                                  LIMIT s.max_pending) AS lim) >= s.max_pending
 ), local AS (
-    -- tasks whose inputs sit in this host's scratch (sbx_tasks_local_idx)
+    -- tasks preferring this host (sbx_tasks_local_idx): bound to it, or their inputs are in its
+    -- scratch; those with all of their inputs here first
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
@@ -74,20 +75,21 @@ WITH app AS (
       AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
-    ORDER BY t.id
+    ORDER BY t.pref_partial, t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
 ), anywhere AS (
     -- the rest, oldest first (sbx_tasks_ready_idx); a task preferring another host only once
-    -- its locality wait is over (delay scheduling: a dead or busy holder strands nothing).
+    -- its locality wait is over (delay scheduling: a dead or busy holder strands nothing), and
+    -- one bound to another host (HOST-BOUND / SLOT-BOUND) only once that host is dead too.
     -- Evaluated only when `local` did not fill the limit.
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
-      AND (t.to_host IS NULL OR t.to_host = %(host)s)
-      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND (t.pref_host IS NULL OR (t.pref_host <> %(host)s AND t.pref_until <= now()))
+      AND (((t.to_host IS NULL OR t.to_host = %(host)s) AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s))
+           OR (t.to_host <> %(host)s AND t.pref_until <= now() AND NOT sbx_host_live(t.to_host)))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
@@ -335,6 +337,10 @@ ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now()
 
 -- name: scratch_remove
 DELETE FROM sbx_scratch WHERE host = %(host)s AND key = ANY (%(keys)s::text[]);
+
+-- name: adopt_tasks
+-- READY tasks queued before any holder of their inputs was up now prefer the best one.
+SELECT sbx_adopt_tasks_v1(%(app_id)s, %(host)s, %(limit)s) AS adopted;
 
 -- name: scratch_forget_host
 -- Before a start-up scan: the scan is the truth for this host.

@@ -92,6 +92,8 @@ CREATE TABLE sbx_tasks (
     -- location-aware dispatch: the live host holding most inputs, preferred until pref_until
     pref_host text,
     pref_until timestamptz,
+    -- the preferred host holds only some of the inputs: claimed after the tasks it holds all of
+    pref_partial boolean NOT NULL DEFAULT false,
     attempts integer NOT NULL DEFAULT 0,
     -- lease: who holds a RUNNING task and until when it counts as alive
     slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
@@ -106,7 +108,7 @@ CREATE TABLE sbx_tasks (
 );
 -- The claim scans only READY rows of one module in id order.
 CREATE INDEX sbx_tasks_ready_idx ON sbx_tasks (module_id, id) WHERE status = -1;
-CREATE INDEX sbx_tasks_local_idx ON sbx_tasks (module_id, pref_host, id)
+CREATE INDEX sbx_tasks_local_idx ON sbx_tasks (module_id, pref_host, pref_partial, id)
     WHERE status = -1 AND pref_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
 CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
@@ -184,6 +186,7 @@ BEGIN
     WHERE r.action = 'OVERWRITE'
     ON CONFLICT (module_id, body_sha) DO UPDATE
     SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+        pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,
         status = EXCLUDED.status, attempts = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
         lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
         from_task_id = EXCLUDED.from_task_id, created_at = now()
@@ -312,36 +315,91 @@ LANGUAGE sql STABLE AS $$
                      AND s.heartbeat_at > now() - interval '60 seconds')
 $$;
 
--- On insert: the live host whose scratch holds most of the task's inputs (then most bytes).
+-- The inputs a task names: its `inputs` header (a JSON array of keys), else what its module's
+-- input_regex matches in the body (group 1, or the whole match); NULL when it names none.
+CREATE FUNCTION sbx_task_inputs_v1(p_headers jsonb, p_body text, p_input_regex text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_headers -> 'inputs') = 'array'
+            THEN ARRAY(SELECT jsonb_array_elements_text(p_headers -> 'inputs'))
+        WHEN p_input_regex IS NOT NULL
+            THEN array_remove(ARRAY[substring(p_body FROM p_input_regex)], NULL)
+    END
+$$;
+
+-- The host to prefer for these inputs: among the live hosts (and p_also, a host about to be
+-- live), the one holding most of them, then most bytes; partial when it holds fewer than all.
+-- No row when no such host holds any.
+CREATE FUNCTION sbx_best_holder_v1(p_inputs text[], p_also text)
+RETURNS TABLE (host text, partial boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(p_inputs) AS i)
+    FROM sbx_scratch sc
+    WHERE sc.key = ANY (p_inputs) AND (sc.host = p_also OR sbx_host_live(sc.host))
+    GROUP BY sc.host
+    ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host
+    LIMIT 1
+$$;
+
+-- On insert, each READY task gets the host it prefers until pref_until: a HOST-BOUND /
+-- SLOT-BOUND task its to_host (claimable elsewhere only once that host is dead, see
+-- claim_tasks); a task naming inputs the live host holding most of them (pref_partial when
+-- that host holds only some).
 CREATE FUNCTION sbx_task_locality_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     m record;
-    inputs text[];
+    best record;
 BEGIN
-    IF NEW.to_host IS NOT NULL THEN
-        RETURN NEW;
-    END IF;
-    IF jsonb_typeof(NEW.headers -> 'inputs') = 'array' THEN
-        inputs := ARRAY(SELECT jsonb_array_elements_text(NEW.headers -> 'inputs'));
-    END IF;
     SELECT locality_wait_seconds, input_regex INTO m FROM sbx_modules WHERE id = NEW.module_id;
-    IF inputs IS NULL AND m.input_regex IS NOT NULL THEN
-        inputs := ARRAY[substring(NEW.body FROM m.input_regex)];
+    IF NEW.to_host IS NOT NULL THEN
+        NEW.pref_host := NEW.to_host;
+        NEW.pref_partial := false;
+    ELSE
+        SELECT b.host, b.partial INTO best
+        FROM sbx_best_holder_v1(sbx_task_inputs_v1(NEW.headers, NEW.body, m.input_regex), NULL) AS b;
+        NEW.pref_host := best.host;
+        NEW.pref_partial := COALESCE(best.partial, false);
     END IF;
-    IF inputs IS NULL OR cardinality(inputs) = 0 THEN
-        RETURN NEW;
-    END IF;
-    SELECT sc.host INTO NEW.pref_host
-    FROM sbx_scratch sc
-    WHERE sc.key = ANY (inputs) AND sbx_host_live(sc.host)
-    GROUP BY sc.host
-    ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host
-    LIMIT 1;
     IF NEW.pref_host IS NOT NULL THEN
         NEW.pref_until := now() + make_interval(secs => m.locality_wait_seconds);
     END IF;
     RETURN NEW;
+END;
+$$;
+
+-- A launcher that has just indexed its scratch adopts the READY tasks of the app (at most
+-- p_limit, oldest first) that prefer no live host but name inputs it holds: tasks queued
+-- before any holder was up (e.g. submitted while the stage jobs still waited in Slurm's
+-- queue). Each gets the best holder among the live hosts and p_host. Returns how many.
+CREATE FUNCTION sbx_adopt_tasks_v1(p_app_id bigint, p_host text, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH candidates AS (
+        SELECT t.id, sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs,
+               m.locality_wait_seconds AS wait
+        FROM sbx_tasks t
+        JOIN sbx_modules m ON m.id = t.module_id
+        WHERE t.app_id = p_app_id AND t.status = -1 AND t.to_host IS NULL
+          AND (jsonb_typeof(t.headers -> 'inputs') = 'array' OR m.input_regex IS NOT NULL)
+          AND (t.pref_host IS NULL OR (t.pref_host <> p_host AND NOT sbx_host_live(t.pref_host)))
+        ORDER BY t.id
+        LIMIT p_limit
+        FOR UPDATE OF t SKIP LOCKED
+    ), adopted AS (
+        SELECT c.id, c.wait, b.host, b.partial
+        FROM candidates c
+        CROSS JOIN LATERAL sbx_best_holder_v1(c.inputs, p_host) AS b
+        WHERE EXISTS (SELECT 1 FROM sbx_scratch sc WHERE sc.host = p_host AND sc.key = ANY (c.inputs))
+    )
+    UPDATE sbx_tasks t
+    SET pref_host = a.host, pref_partial = a.partial, pref_until = now() + make_interval(secs => a.wait)
+    FROM adopted a
+    WHERE t.id = a.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
 END;
 $$;
 

@@ -328,6 +328,12 @@ class PgQueue:
                 self.close()
                 raise
 
+    def adopt_tasks(self, app_id: int, host: str, *, limit: int = 100_000) -> int:
+        """Make READY tasks that prefer no live host, but name inputs ``host``'s scratch holds,
+        prefer their best holder (tasks queued before any holder was up); returns how many."""
+        [row] = self._run("adopt_tasks", {"app_id": app_id, "host": host, "limit": limit})
+        return int(row["adopted"])
+
     def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None:
         """Renew the slot and the leases of its running tasks."""
         self._run("heartbeat_slot", {"slot_id": slot_id, "status": status, "lease_seconds": lease_seconds})

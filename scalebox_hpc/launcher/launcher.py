@@ -81,7 +81,9 @@ class Launcher:
             if cfg.local_scratch is not None:
                 files = scratch.scan(cfg.local_scratch)
                 queue.index_scratch(cfg.host, files, [], replace=True)
-                logger.info("scratch %s: %d files indexed", cfg.local_scratch, len(files))
+                adopted = queue.adopt_tasks(cfg.app_id, cfg.host) if files else 0
+                logger.info("scratch %s: %d files indexed, %d queued task(s) now prefer a holder",
+                            cfg.local_scratch, len(files), adopted)
         finally:
             queue.close()
         for name in cfg.modules:

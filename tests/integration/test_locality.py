@@ -84,7 +84,7 @@ def test_tasks_prefer_the_live_host_holding_most_inputs(pg_dsn: str, tmp_path: P
             Message("t6", headers={"inputs": ["x/1"], "to_host": "B"}),  # HOST-BOUND wins
         ])
     assert pref(pg_dsn, app_id) == {"t1": "A", "t2": "B", "t3": "B", "t4": None, "t5": None, "in:x/3": "B",
-                                    "t6": None}
+                                    "t6": "B"}
 
     # A takes its own task first, then the unpreferred ones; B's wait (delay scheduling)
     assert claim(queue, app_id, mid, "A") == ["t1", "t4", "t5"]
@@ -101,6 +101,83 @@ def test_a_task_waits_for_its_holder_then_anyone_takes_it(pg_dsn: str, tmp_path:
     assert claim(queue, app_id, mid, "A") == []   # B holds it: A waits
     time.sleep(1.2)                               # B never came: after the wait A may take it
     assert claim(queue, app_id, mid, "A") == ["t"]
+
+
+def dead(pg_dsn: str, host: str) -> None:
+    """The host's slots stopped heart-beating long ago."""
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_slots SET heartbeat_at = now() - interval '10 minutes' WHERE host = %s", (host,))
+
+
+def test_a_bound_task_waits_for_its_host_while_it_lives(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app", wait=0.5)
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "B")
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "use", [Message("host-bound", headers={"to_host": "B"}),
+                                             Message("slot-bound", headers={"to_host": "B", "to_slot": 3})])
+    time.sleep(0.7)
+    assert claim(queue, app_id, mid, "A") == []   # past the wait, but B lives: it stays B's
+    dead(pg_dsn, "B")                             # B's launcher died: released to anyone
+    assert sorted(claim(queue, app_id, mid, "A")) == ["host-bound", "slot-bound"]
+
+
+def test_a_bound_task_is_its_hosts_at_once(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app", wait=30)
+    mid = queue.modules(app_id)["use"].id
+    with connect(pg_dsn) as conn:  # B is not up yet: its tasks wait for it (within the wait)
+        apps.add_tasks(conn, app_id, "use", [Message("b", headers={"to_host": "B"}), Message("free")])
+    assert claim(queue, app_id, mid, "A") == ["free"]
+    assert claim(queue, app_id, mid, "B") == ["b"]
+
+
+def test_tasks_fully_local_come_before_partly_local(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "A")
+    queue.index_scratch("A", [("a", 1), ("b", 1)], [])
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "use", [
+            Message("part", headers={"inputs": ["a", "elsewhere"]}),
+            Message("all1", headers={"inputs": ["a"]}),
+            Message("all2", headers={"inputs": ["a", "b", "a"]}),
+        ])
+        rows = conn.execute("SELECT body, pref_partial FROM sbx_tasks WHERE app_id = %s", (app_id,)).fetchall()
+    partial = {r["body"]: r["pref_partial"] for r in rows}
+    assert partial == {"part": True, "all1": False, "all2": False}
+    assert [claim(queue, app_id, mid, "A", n=1) for _ in range(3)] == [["all1"], ["all2"], ["part"]]
+
+
+def test_a_starting_launcher_adopts_tasks_queued_before_it(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "C")
+    queue.index_scratch("C", [("c", 1)], [])
+    with connect(pg_dsn) as conn:  # no holder of a or b is up yet
+        apps.add_tasks(conn, app_id, "use", [
+            Message("a", headers={"inputs": ["a"]}), Message("b", headers={"inputs": ["b"]}),
+            Message("ac", headers={"inputs": ["a", "c"]}), Message("c", headers={"inputs": ["c"]}),
+            Message("in:a"), Message("none"),
+        ])
+    assert pref(pg_dsn, app_id) == {"a": None, "b": None, "ac": "C", "c": "C", "in:a": None, "none": None}
+    queue.index_scratch("A", [("a", 7)], [], replace=True)  # A's launcher starts: scan, then adopt
+    assert queue.adopt_tasks(app_id, "A") == 2
+    assert pref(pg_dsn, app_id) == {"a": "A", "b": None, "ac": "C", "c": "C", "in:a": "A", "none": None}
+    assert queue.adopt_tasks(app_id, "A") == 0  # idempotent
+    dead(pg_dsn, "C")  # C died: its tasks go to a holder that starts later
+    assert queue.adopt_tasks(app_id, "A") == 1
+    assert pref(pg_dsn, app_id)["ac"] == "A"
+
+
+def test_overwrite_takes_the_new_messages_preference(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    live_host(queue, mid, "A")
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_modules SET conflict_action = 'OVERWRITE' WHERE id = %s", (mid,))
+        apps.add_tasks(conn, app_id, "use", [Message("t", headers={"to_host": "A"})])
+        apps.add_tasks(conn, app_id, "use", [Message("t", headers={"to_host": "B"})])
+    assert pref(pg_dsn, app_id) == {"t": "B"}
 
 
 def test_index_follows_removals_and_rescans(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
@@ -147,13 +224,20 @@ def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path,
     print(f"claim at 1M queued: {elapsed * 1000:.1f} ms")
 
 
-def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("queued_first", [False, True], ids=["launchers-first", "tasks-first"])
+def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: Path, queued_first: bool) -> None:
+    """tasks-first: queued before any holder is up (stage jobs still pending in Slurm); each
+    launcher adopts the tasks whose inputs it holds when it starts."""
     app_id = make_app(pg_dsn, tmp_path / "app", run='echo "$HOST" > /dev/null; sleep 0.05\n')
     scratch = {h: tmp_path / f"scratch-{h}" for h in ("A", "B")}
     for i in range(40):
         host = "A" if i % 2 else "B"
         (scratch[host] / "d").mkdir(parents=True, exist_ok=True)
         (scratch[host] / "d" / f"f{i}").write_bytes(b"x" * (i + 1))
+    messages = [Message(f"t{i}", headers={"inputs": [f"d/f{i}"]}) for i in range(40)]
+    if queued_first:
+        with connect(pg_dsn) as conn:
+            apps.add_tasks(conn, app_id, "use", messages)
     threads = [threading.Thread(target=run_launcher, args=(pg_dsn, LauncherConfig(
         app_id=app_id, host=h, work_root=tmp_path / "work", local=True, local_scratch=scratch[h])))
         for h in ("A", "B")]
@@ -168,9 +252,9 @@ def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: 
             if up and up["n"] == 2:
                 break
             time.sleep(0.1)
-        with connect(pg_dsn) as conn:
-            apps.add_tasks(conn, app_id, "use", [Message(f"t{i}", headers={"inputs": [f"d/f{i}"]})
-                                                 for i in range(40)])
+        if not queued_first:
+            with connect(pg_dsn) as conn:
+                apps.add_tasks(conn, app_id, "use", messages)
     finally:
         queue.close()
     for t in threads:
@@ -180,4 +264,7 @@ def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: 
                             (app_id,)).fetchall()
     assert len(rows) == 40 and {r["status"] for r in rows} == {0}
     local = sum(r["host"] == ("A" if int(r["body"][1:]) % 2 else "B") for r in rows)
-    assert local >= 38, f"only {local} of 40 tasks ran on the host holding their input"
+    print(f"{local} of 40 tasks ran on the host holding their input")
+    # tasks-first: until the second launcher has adopted its tasks (a few ms after the first
+    # one starts claiming), the first may take some of them (measured: 38 to 40 of 40)
+    assert local >= (36 if queued_first else 38), f"only {local} of 40 tasks ran on the host holding their input"
