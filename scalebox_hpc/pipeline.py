@@ -267,6 +267,10 @@ class SlurmSpec(BaseModel):
     """``--signal=B:USR1@N``: the launchers drain this long before the time limit."""
     template: str | None = None
     """A site's sbatch template (default: launchers/slurm/stage.sbatch shipped with scalebox_hpc)."""
+    locality: Literal["nodelist", "off"] = "nodelist"
+    """``nodelist``: a new stage job asks (``sbatch --nodelist``) for the available nodes whose
+    scratch holds most input of the module's READY tasks, the rest left to Slurm; ``off``:
+    any nodes (a site that forbids --nodelist, or inputs not in node-local scratch)."""
 
     @field_validator("extra_sbatch_args", mode="before")
     @classmethod

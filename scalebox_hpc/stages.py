@@ -9,6 +9,10 @@ repeated call changes nothing: the scaler is idempotent.
 
 Scaling up submits jobs; scaling down cancels surplus jobs that have not started yet. A running
 job is never killed to scale down: its launchers exit by themselves when idle.
+
+A new job asks for the nodes whose scratch holds most input of the module's READY tasks
+(``sbatch --nodelist``, only nodes that are up with enough idle CPUs, the rest left to Slurm;
+resubmitted without the list when sbatch refuses it): see :func:`place_jobs`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +32,8 @@ from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
-from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmState
+from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmParseError, SlurmState
+from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, read_template, render
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ FAILURE_LIMIT = 3
 VANISHED_AFTER = timedelta(seconds=60)
 """A job neither squeue nor sacct knows this long after its submission is taken as ended."""
 _FAILED_STATES = frozenset({SlurmState.FAILED.value, SlurmState.OUT_OF_MEMORY.value, SlurmState.BOOT_FAIL.value})
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,27 @@ class ScaleReport:
     errors: list[str] = field(default_factory=list)
     rate_limited: list[str] = field(default_factory=list)
     """Modules scaled less than ``interval`` ago, left alone this time."""
+    placed: dict[str, list[str]] = field(default_factory=dict)
+    """Job id -> the nodes it asked for (``--nodelist``) because their scratch holds its inputs."""
+
+
+def place_jobs(
+    holders: Sequence[tuple[str, int]], nodes: Mapping[str, NodeInfo], *, jobs: int, nodes_per_job: int,
+    cpus_per_node: int, busy: Iterable[str] = (),
+) -> list[list[str]]:
+    """For each of ``jobs`` new stage jobs, the nodes to ask for: the ``holders`` (host, inputs
+    held, most first) that are up with ``cpus_per_node`` idle CPUs and run no job of the module
+    yet (``busy``), at most ``nodes_per_job`` per job, none twice. A job may get fewer nodes
+    than it needs, or none: Slurm picks the rest."""
+    taken = set(busy)
+    usable = []
+    for host, _count in holders:
+        info = nodes.get(host)
+        if host in taken or info is None or not info.available or info.idle_cpus < cpus_per_node:
+            continue
+        usable.append(host)
+        taken.add(host)
+    return [usable[i * nodes_per_job:(i + 1) * nodes_per_job] for i in range(jobs)]
 
 
 @dataclass(frozen=True)
@@ -251,13 +279,15 @@ class Autoscaler:
                                          reason="scaled down")
             report.cancelled += decision.cancel
         if decision.submit:
-            self._submit(app_id, row["id"], spec, command, decision, report)
+            busy = {n for j in mine if j["nodes"] for n in str(j["nodes"]).split(",")}
+            self._submit(app_id, row["id"], spec, command, decision, report, busy)
 
     def _submit(
         self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
-        report: ScaleReport,
+        report: ScaleReport, busy: set[str],
     ) -> None:
-        """``decision.submit`` jobs of the module: one script, rendered once, submitted N times."""
+        """``decision.submit`` jobs of the module: one script, rendered once, submitted N times,
+        each asking for the nodes holding the module's pending inputs (when any are free)."""
         try:
             job = stage_job(app_id, spec, command)
             prepare_log_dir(job)
@@ -266,16 +296,49 @@ class Autoscaler:
             report.errors.append(f"{spec.name}: {exc}")
             logger.error("stage job of %s not submitted: %s", spec.name, exc)
             return
-        for _ in range(decision.submit):
+        placements = self._placements(module_id, job, decision.submit, busy)
+        for i in range(decision.submit):
+            nodes = placements[i] if i < len(placements) else []
             try:
-                job_id = self.client.submit(script)
+                job_id = self._submit_one(script, nodes)
             except ScaleboxError as exc:  # sbatch refused, timed out, or printed no job id
                 report.errors.append(f"{spec.name}: {exc}")
                 logger.error("stage job of %s not submitted: %s", spec.name, exc)
                 break
-            db_stages.record_job(self.conn, app_id, module_id, job_id)
+            db_stages.record_job(self.conn, app_id, module_id, job_id, nodes=",".join(nodes))
             report.submitted.setdefault(spec.name, []).append(job_id)
-            logger.info("stage %s: submitted job %s (%s)", spec.name, job_id, decision.reason)
+            if nodes:
+                report.placed[job_id] = nodes
+            logger.info("stage %s: submitted job %s (%s)%s", spec.name, job_id, decision.reason,
+                        f" on {','.join(nodes)}, which hold its inputs" if nodes else "")
+
+    def _placements(self, module_id: int, job: StageJob, count: int, busy: set[str]) -> list[list[str]]:
+        """The nodes each new job of the module asks for (see :func:`place_jobs`); none when the
+        module's ``slurm.locality`` is off, no READY task names inputs, or sinfo fails."""
+        if job.slurm.locality == "off":
+            return []
+        holders = [(h, n) for h, n in db_stages.input_holders(self.conn, module_id) if _NODE_NAME.match(h)]
+        if not holders:
+            return []
+        try:
+            nodes = self.client.nodes([h for h, _ in holders], job.slurm.partition)
+        except (SlurmCommandError, SlurmParseError) as exc:
+            logger.warning("cannot ask Slurm which nodes are free (%s): stage jobs go anywhere", exc)
+            return []
+        per_node = (job.ranks_per_node or job.slots_per_node) * job.slurm.cpus_per_slot
+        return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
+                          busy=busy)
+
+    def _submit_one(self, script: str, nodes: list[str]) -> str:
+        """sbatch the script, asking for ``nodes``; when sbatch refuses the node list (a site that
+        forbids it, a node the partition lacks), once more without it."""
+        if not nodes:
+            return self.client.submit(script)
+        try:
+            return self.client.submit(script, [f"--nodelist={','.join(nodes)}"])
+        except SlurmCommandError as exc:
+            logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc)
+            return self.client.submit(script)
 
 
 def submit_environment(dsn: str, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -292,9 +292,25 @@ FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id
 WHERE m.app_id = %(app_id)s
 ORDER BY m.seq;
 
+-- name: input_holders
+-- Where the inputs of a module's oldest READY tasks (at most `limit` tasks) sit: per host, how
+-- many of those inputs its scratch holds, most first (hosts need not be live: a node's scratch
+-- outlives the jobs that filled it). Chooses the nodes a new stage job asks for.
+SELECT sc.host, count(*) AS inputs, sum(sc.bytes) AS bytes
+FROM (SELECT sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs
+      FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id
+      WHERE t.module_id = %(module_id)s AND t.status = -1
+      ORDER BY t.id
+      LIMIT %(limit)s) AS q
+CROSS JOIN LATERAL unnest(q.inputs) AS i (key)
+JOIN sbx_scratch sc ON sc.key = i.key
+GROUP BY sc.host
+ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host;
+
 -- name: insert_stage_job
-INSERT INTO sbx_stage_jobs (app_id, module_id, slurm_job_id, cluster, state)
-VALUES (%(app_id)s, %(module_id)s, %(slurm_job_id)s, %(cluster)s, 'PENDING')
+-- nodes: those it asked for (--nodelist), until Slurm says where it runs
+INSERT INTO sbx_stage_jobs (app_id, module_id, slurm_job_id, cluster, state, nodes)
+VALUES (%(app_id)s, %(module_id)s, %(slurm_job_id)s, %(cluster)s, 'PENDING', %(nodes)s)
 RETURNING id;
 
 -- name: stage_jobs

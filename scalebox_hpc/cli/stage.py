@@ -30,7 +30,11 @@ def _scaler(work_root: str | None) -> Any:
 
 
 def _report_line(report: Any) -> str:
-    parts = [f"{module}: submitted {', '.join(ids)}" for module, ids in report.submitted.items()]
+    def job(job_id: str) -> str:
+        nodes = report.placed.get(job_id)
+        return f"{job_id} (on {','.join(nodes)})" if nodes else job_id
+
+    parts = [f"{module}: submitted {', '.join(map(job, ids))}" for module, ids in report.submitted.items()]
     if report.cancelled:
         parts.append(f"cancelled {', '.join(report.cancelled)}")
     if report.rate_limited and not parts:
@@ -57,7 +61,7 @@ def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool,
         app_id = apps.create_app(conn, spec)
     report = _scaler(work_root)(app_id, force=True)
     if as_json:
-        _dump({"app_id": app_id, "submitted": report.submitted, "errors": report.errors})
+        _dump({"app_id": app_id, "submitted": report.submitted, "placed": report.placed, "errors": report.errors})
     else:
         click.echo(f"app {app_id}: {_report_line(report)}")
     _raise_errors(report, app_id)

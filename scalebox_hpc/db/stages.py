@@ -25,10 +25,19 @@ def jobs(conn: Connection, app_id: int, *, include_ended: bool = False) -> list[
     return list(conn.execute(query("stage_jobs"), {"app_id": app_id, "include_ended": include_ended}).fetchall())
 
 
-def record_job(conn: Connection, app_id: int, module_id: int, slurm_job_id: str, cluster: str = "") -> int:
-    """Remember a submitted job (PENDING)."""
+def input_holders(conn: Connection, module_id: int, *, limit: int = 10_000) -> list[tuple[str, int]]:
+    """(host, inputs held) for the inputs of the module's oldest ``limit`` READY tasks, most first."""
+    rows = conn.execute(query("input_holders"), {"module_id": module_id, "limit": limit}).fetchall()
+    return [(r["host"], int(r["inputs"])) for r in rows]
+
+
+def record_job(
+    conn: Connection, app_id: int, module_id: int, slurm_job_id: str, cluster: str = "", nodes: str = "",
+) -> int:
+    """Remember a submitted job (PENDING), with the nodes it asked for, if any."""
     row = conn.execute(query("insert_stage_job"), {
         "app_id": app_id, "module_id": module_id, "slurm_job_id": slurm_job_id, "cluster": cluster,
+        "nodes": nodes,
     }).fetchone()
     return int(row["id"])  # type: ignore[index]
 

@@ -20,11 +20,14 @@ from pathlib import Path
 from scalebox_hpc.slurm.commands import CommandResult, CommandRunner, SlurmCommandError, check
 from scalebox_hpc.slurm.parse import (
     SACCT_FIELDS,
+    SINFO_NODE_FORMAT,
     SQUEUE_FORMAT,
     JobInfo,
+    NodeInfo,
     parse_sacct_delimited,
     parse_sbatch_parsable,
     parse_scontrol_show_job,
+    parse_sinfo_nodes,
     parse_squeue_delimited,
     parse_squeue_json,
 )
@@ -138,6 +141,17 @@ class SlurmClient:
         """When the job ends: its time-limit expiry while it runs, its real end once over; None if unknown."""
         info = self.show_job(job_id)
         return None if info is None else info.end_time
+
+    def nodes(self, names: Iterable[str], partition: str | None = None) -> dict[str, NodeInfo]:
+        """The state and idle CPUs of these nodes (of ``partition`` when given), one ``sinfo``
+        call; names Slurm does not know are absent."""
+        wanted = _unique(names)
+        if not wanted:
+            return {}
+        argv = ["sinfo", "--noheader", "--Node", f"--nodes={','.join(wanted)}", f"--format={SINFO_NODE_FORMAT}"]
+        if partition:
+            argv.append(f"--partition={partition}")
+        return parse_sinfo_nodes(check(argv, self._run(argv)).stdout)
 
     # ------------------------------------------------------------ internals
 

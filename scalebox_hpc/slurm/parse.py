@@ -488,3 +488,44 @@ def _scontrol_info(rec: Mapping[str, str]) -> list[JobInfo]:
         raw_id=rec["JobId"] if len(ids) == 1 else None, native_state=rec["JobState"],
     )
     return [replace(info, job_id=i) for i in ids]
+
+
+# ---------------------------------------------------------------- sinfo
+
+SINFO_NODE_FORMAT = "%N|%P|%T|%C"
+"""``sinfo --Node --format``: node, partition, long state, CPUs allocated/idle/other/total."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as ``sinfo --Node`` reports it (a node in several partitions: merged)."""
+
+    name: str
+    state: str
+    """Slurm's long state, lower case (``idle``, ``mixed``, ``allocated``, ``drained``, ``down*``, ``idle~`` ...)."""
+    idle_cpus: int
+    partitions: tuple[str, ...] = ()
+
+    @property
+    def available(self) -> bool:
+        """Up and taking jobs now: idle or mixed, with no flag (``*`` not responding, ``~``
+        powered down, ``#`` powering up, ``!`` powering down, ``%`` ``@`` ``$`` ``^`` ``-`` ...)."""
+        return self.state in ("idle", "mixed")
+
+
+def parse_sinfo_nodes(text: str) -> dict[str, NodeInfo]:
+    """``sinfo --noheader --Node --format=%N|%P|%T|%C`` output, by node name."""
+    nodes: dict[str, NodeInfo] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, partition, state, cpus = _split_row(line, 4, "sinfo")
+        counts = cpus.split("/")
+        if len(counts) != 4 or not counts[1].isdigit():
+            raise SlurmParseError("sinfo", line)
+        partition = partition.rstrip("*")
+        known = nodes.get(name)
+        partitions = (*known.partitions, partition) if known else (partition,)
+        nodes[name] = NodeInfo(name=name, state=state.strip().lower(), idle_cpus=int(counts[1]),
+                               partitions=partitions)
+    return nodes

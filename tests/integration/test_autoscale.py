@@ -12,9 +12,11 @@ import pytest
 
 from scalebox_hpc.db import apps, stages
 from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm import JobInfo, SlurmCommandError, SlurmState
+from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.stages import FAILURE_LIMIT, Autoscaler, LaunchCommand
 from tests.helpers import write_app
 
@@ -30,16 +32,27 @@ class FakeSlurm:
         self.scripts: dict[str, str] = {}
         self.calls: list[str] = []
         self.refuse: str | None = None
+        self.refuse_nodelist = False
         self.status_error = False
+        self.args: dict[str, list[str]] = {}
+        self.node_states: dict[str, NodeInfo] = {}
 
     def submit(self, script: str, extra_args: Sequence[str] = ()) -> str:
         self.calls.append("sbatch")
         if self.refuse:
             raise SlurmCommandError(["sbatch"], 1, self.refuse)
+        if self.refuse_nodelist and any(a.startswith("--nodelist") for a in extra_args):
+            raise SlurmCommandError(["sbatch"], 1, "sbatch: error: Batch job submission failed: "
+                                                   "Requested node configuration is not available")
         job_id = str(next(self.ids))
         self.jobs[job_id] = SlurmState.PENDING
         self.scripts[job_id] = script
+        self.args[job_id] = list(extra_args)
         return job_id
+
+    def nodes(self, names: Iterable[str], partition: str | None = None) -> dict[str, NodeInfo]:
+        self.calls.append("sinfo")
+        return {n: self.node_states[n] for n in names if n in self.node_states}
 
     def status(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
         self.calls.append("squeue")
@@ -118,6 +131,38 @@ def test_jobs_follow_the_queue_and_a_second_pass_changes_nothing(pg_dsn: str, ap
                                                   is SlurmState.CANCELLED))
     assert live(pg_dsn, app)["work"] == [running]  # one task left: one job, the running one
     assert len(live(pg_dsn, app)["idle"]) == 1
+
+
+def test_new_jobs_ask_for_the_free_nodes_holding_the_inputs(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    queue = PgQueue(pg_dsn)
+    try:  # no launcher is up: the scratch of earlier jobs still holds the files
+        queue.index_scratch("node2", [(f"f{i}", 1) for i in range(12)], [])
+        queue.index_scratch("node3", [(f"f{i}", 1) for i in range(12, 20)], [])
+        queue.index_scratch("node1", [(f"f{i}", 1) for i in range(20, 30)], [])
+    finally:
+        queue.close()
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app, "work", [Message(f"t{i}", headers={"inputs": [f"f{i}"]}) for i in range(30)])
+    slurm = FakeSlurm()
+    slurm.node_states = {"node1": NodeInfo("node1", "drained", 2), "node2": NodeInfo("node2", "idle", 2),
+                         "node3": NodeInfo("node3", "mixed", 1)}
+    with connect(pg_dsn) as conn:
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=["work"])
+    jobs = report.submitted["work"]
+    assert [slurm.args[j] for j in jobs] == [["--nodelist=node2"], ["--nodelist=node3"], []]  # node1 is drained
+    assert report.placed == {jobs[0]: ["node2"], jobs[1]: ["node3"]}
+    assert slurm.calls.count("sinfo") == 1
+    with connect(pg_dsn) as conn:  # a deeper queue: no second job on a node a pending job asked for
+        apps.add_tasks(conn, app, "work", [Message(f"u{i}", headers={"inputs": [f"f{i}"]}) for i in range(10)])
+        more = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=["work"])
+    assert [slurm.args[j] for j in more.submitted["work"]] == [[]]
+
+    slurm.refuse_nodelist = True  # a site whose sbatch refuses the list: the job goes anywhere
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_stage_jobs SET ended_at = now() WHERE app_id = %s", (app,))
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=["work"])
+    assert len(report.submitted["work"]) == 4 and report.errors == []
+    assert all(slurm.args[j] == [] for j in report.submitted["work"])
 
 
 def test_rate_limit_and_the_lock(pg_dsn: str, app: int, tmp_path: Path) -> None:

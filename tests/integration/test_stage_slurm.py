@@ -24,6 +24,7 @@ import yaml
 
 from scalebox_hpc.db import apps
 from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.models import Message
 from tests.components import need, slurm_available
 
@@ -340,6 +341,34 @@ def test_location_aware_dispatch_across_nodes(env: dict[str, str], shared: Path)
     wait_until("the dead holder's tasks to run elsewhere", all_ok(env, app_id, 42), 60)
     moved = {t["body"]: t["host"] for t in tasks(env, app_id) if t["body"] in ("f41", "f45")}
     assert set(moved.values()) <= {"node1", "node3", "node4"}, moved
+
+
+def test_a_stage_job_asks_for_the_node_holding_the_queued_inputs(env: dict[str, str], shared: Path) -> None:
+    """Tasks queued before any job runs; their inputs sit in node3's scratch (put there by an
+    earlier stage): the job asks Slurm for node3 (Slurm alone would pick node1), and its
+    launcher adopts the tasks and runs every one locally."""
+    path = write_pipeline(shared / "placed", {"use": {
+        "run": 'test -f "$LOCAL_SCRATCH/$1" || { echo "remote $1" >&2; exit 3; }; sleep 0.1\n',
+        "arguments": {**FAST, "locality_wait_seconds": 1},
+        "slots": [".*:1"], "slurm": {"time": "5", "max_jobs": 1, "tasks_per_job": 100}}})
+    scratch = shared / "scratch-node3"
+    scratch.mkdir()
+    for i in range(10):
+        (scratch / f"f{i}").write_text("x" * i)
+    env = {**env, "SCALEBOX_LOCAL_SCRATCH": str(shared / "scratch-${HOST}")}
+    app_id = submit(env, path)
+    assert jobs(env, app_id) == []  # nothing queued, no job
+    queue = PgQueue(env["SCALEBOX_DSN"])
+    try:  # what node3's launcher of an earlier stage recorded
+        queue.index_scratch("node3", [(f"f{i}", i) for i in range(10)], [])
+    finally:
+        queue.close()
+    add_with_inputs(env, app_id, [f"f{i}" for i in range(10)])
+    sbx(env, "autoscale", "--app", app_id)
+    [job] = jobs(env, app_id)
+    assert job["nodes"] == "node3", job
+    wait_until("10 tasks to succeed", all_ok(env, app_id, 10), 60)
+    assert {t["host"] for t in tasks(env, app_id)} == {"node3"}
 
 
 def test_mpi_stages_as_stage_jobs(env: dict[str, str], shared: Path) -> None:

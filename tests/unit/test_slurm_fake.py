@@ -75,6 +75,10 @@ FAKES = {
           case "$a" in -*) ;; *) echo CANCELLED > "$FAKE_DIR/state/$a";; esac
         done
     """,
+    "sinfo": r"""
+        echo "sinfo $*" >> "$FAKE_LOG"
+        if [ -f "$FAKE_DIR/sinfo.txt" ]; then cat "$FAKE_DIR/sinfo.txt"; fi
+    """,
     "scontrol": r"""
         echo "scontrol $*" >> "$FAKE_LOG"
         f="$FAKE_DIR/scontrol/${@: -1}"
@@ -129,6 +133,15 @@ class FakeClock:
 
 
 # ---------------------------------------------------------------- submit / cancel
+
+
+def test_nodes_one_sinfo_call_for_the_asked_nodes(fake: FakeSlurm) -> None:
+    (fake.root / "sinfo.txt").write_text("node2|debug*|idle|0/2/0/2\nnode3|debug*|mixed|1/1/0/2\n")
+    client = SlurmClient(fake.runner())
+    nodes = client.nodes(["node2", "node3", "node2"], partition="debug")
+    assert {n: (i.state, i.idle_cpus) for n, i in nodes.items()} == {"node2": ("idle", 2), "node3": ("mixed", 1)}
+    assert fake.calls("sinfo") == ["sinfo --noheader --Node --nodes=node2,node3 --format=%N|%P|%T|%C --partition=debug"]
+    assert client.nodes([]) == {} and len(fake.calls("sinfo")) == 1
 
 
 def test_submit_script_text_via_stdin(fake: FakeSlurm) -> None:

@@ -12,6 +12,7 @@ from scalebox_hpc.slurm.parse import (
     SACCT_FIELDS,
     SQUEUE_FIELDS,
     JobInfo,
+    NodeInfo,
     SlurmParseError,
     SlurmState,
     expand_hostlist,
@@ -23,6 +24,7 @@ from scalebox_hpc.slurm.parse import (
     parse_sbatch_parsable,
     parse_scontrol_record,
     parse_scontrol_show_job,
+    parse_sinfo_nodes,
     parse_squeue_delimited,
     parse_squeue_json,
     parse_timestamp,
@@ -395,3 +397,18 @@ def test_environment_edge_cases() -> None:
         JobEnvironment.from_env({"PATH": "/bin"})
     with pytest.raises(SlurmEnvironmentError, match="SLURM_PROCID"):
         JobEnvironment.from_env({"SLURM_JOB_ID": "1", "SLURM_PROCID": "x"})
+
+
+def test_sinfo_nodes_merge_partitions_and_read_idle_cpus() -> None:
+    text = ("node1|debug*|idle|0/2/0/2\nnode1|long|idle|0/2/0/2\nnode2|debug*|mixed|1/1/0/2\n"
+            "node3|debug*|down*|0/0/2/2\nnode4|debug*|idle~|0/2/0/2\n\n")
+    nodes = parse_sinfo_nodes(text)
+    assert nodes["node1"] == NodeInfo("node1", "idle", 2, ("debug", "long"))
+    assert [n for n, info in nodes.items() if info.available] == ["node1", "node2"]
+    assert nodes["node2"].idle_cpus == 1
+
+
+@pytest.mark.parametrize("line", ["node1|debug|idle", "node1|debug|idle|2"])
+def test_sinfo_nodes_reject_what_they_do_not_understand(line: str) -> None:
+    with pytest.raises(SlurmParseError):
+        parse_sinfo_nodes(line)

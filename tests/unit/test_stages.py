@@ -8,8 +8,17 @@ import pytest
 
 from scalebox_hpc.errors import PipelineError
 from scalebox_hpc.pipeline import SlurmSpec, load_pipeline, walltime_seconds
+from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, StageScriptError, default_template, directives, read_template, render
-from scalebox_hpc.stages import FAILURE_LIMIT, LaunchCommand, ModuleView, decide, failing, stage_job
+from scalebox_hpc.stages import (
+    FAILURE_LIMIT,
+    LaunchCommand,
+    ModuleView,
+    decide,
+    failing,
+    place_jobs,
+    stage_job,
+)
 from tests.helpers import write_app
 
 GOLDEN = Path(__file__).parent / "slurm_fixtures" / "stage.sbatch.golden"
@@ -146,3 +155,29 @@ def test_bad_slurm_keys_name_file_line_and_key(tmp_path: Path, slurm: str, messa
     with pytest.raises(PipelineError, match=r"app\.yaml:4") as info:
         load_pipeline(path)
     assert message in str(info.value)
+
+
+NODES = {
+    "n1": NodeInfo("n1", "idle", 4), "n2": NodeInfo("n2", "mixed", 2), "n3": NodeInfo("n3", "idle", 4),
+    "n4": NodeInfo("n4", "drained", 4), "n5": NodeInfo("n5", "mixed", 1),
+}
+HOLDERS = [("n4", 50), ("n2", 40), ("n5", 30), ("gone", 20), ("n1", 10), ("n3", 5)]
+
+
+@pytest.mark.parametrize(("jobs", "per_job", "cpus", "busy", "expected"), [
+    (1, 1, 2, (), [["n2"]]),                         # most inputs among the usable (n4 drained)
+    (3, 1, 2, (), [["n2"], ["n1"], ["n3"]]),         # n5 lacks idle CPUs; an unknown host is skipped
+    (2, 2, 2, (), [["n2", "n1"], ["n3"]]),           # the second job gets what is left
+    (2, 1, 2, ("n2",), [["n1"], ["n3"]]),            # a node running the module already
+    (1, 1, 8, (), [[]]),                             # nothing fits: Slurm chooses
+    (2, 1, 1, (), [["n2"], ["n5"]]),
+])
+def test_place_jobs(jobs: int, per_job: int, cpus: int, busy: tuple[str, ...], expected: list[list[str]]) -> None:
+    assert place_jobs(HOLDERS, NODES, jobs=jobs, nodes_per_job=per_job, cpus_per_node=cpus, busy=busy) == expected
+
+
+def test_locality_is_nodelist_or_off() -> None:
+    assert SlurmSpec().locality == "nodelist"
+    assert SlurmSpec(locality="off").locality == "off"
+    with pytest.raises(ValueError, match="locality"):
+        SlurmSpec(locality="features")  # type: ignore[arg-type]
