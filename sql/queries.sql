@@ -47,7 +47,7 @@ SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(ro
 -- The claim, in one statement:
 --  1. candidates: READY tasks of this module, oldest first, that this host/slot may take
 --     (to_host / to_slot implement HOST-BOUND and SLOT-BOUND dispatch);
---     the partial index sbx_tasks_ready_idx serves the scan;
+--     the partial indexes sbx_tasks_local_idx and sbx_tasks_free_idx serve the scans;
 --  2. FOR UPDATE SKIP LOCKED: concurrent slots never wait on, nor double-claim, a row;
 --  3. only while the app is RUNNING;
 --  4. mark them RUNNING with the lease (slot, host, heartbeat, expiry) in the same statement.
@@ -79,17 +79,17 @@ WITH app AS (
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
 ), anywhere AS (
-    -- the rest, oldest first (sbx_tasks_ready_idx); a task preferring another host only once
-    -- its locality wait is over (delay scheduling: a dead or busy holder strands nothing), and
-    -- one bound to another host (HOST-BOUND / SLOT-BOUND) only once that host is dead too.
-    -- Evaluated only when `local` did not fill the limit.
+    -- the tasks bound to no host, oldest first (sbx_tasks_free_idx); one preferring another
+    -- host only once its locality wait is over (delay scheduling: a dead or busy holder
+    -- strands nothing). Bound tasks are their host's (`local`) until sbx_release_bound_v1
+    -- unbinds those of a dead host. Evaluated only when `local` did not fill the limit.
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
+      AND t.to_host IS NULL
+      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND (t.pref_host IS NULL OR (t.pref_host <> %(host)s AND t.pref_until <= now()))
-      AND (((t.to_host IS NULL OR t.to_host = %(host)s) AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s))
-           OR (t.to_host <> %(host)s AND t.pref_until <= now() AND NOT sbx_host_live(t.to_host)))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
@@ -353,6 +353,10 @@ ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now()
 
 -- name: scratch_remove
 DELETE FROM sbx_scratch WHERE host = %(host)s AND key = ANY (%(keys)s::text[]);
+
+-- name: release_bound
+-- Tasks bound to a dead host, past their locality wait, are bound no more.
+SELECT sbx_release_bound_v1(%(limit)s) AS released;
 
 -- name: adopt_tasks
 -- READY tasks queued before any holder of their inputs was up now prefer the best one.

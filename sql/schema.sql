@@ -110,6 +110,10 @@ CREATE TABLE sbx_tasks (
 CREATE INDEX sbx_tasks_ready_idx ON sbx_tasks (module_id, id) WHERE status = -1;
 CREATE INDEX sbx_tasks_local_idx ON sbx_tasks (module_id, pref_host, pref_partial, id)
     WHERE status = -1 AND pref_host IS NOT NULL;
+-- claims of tasks bound to no host (bound ones are in the local index of their host)
+CREATE INDEX sbx_tasks_free_idx ON sbx_tasks (module_id, id) WHERE status = -1 AND to_host IS NULL;
+-- the hosts READY tasks are bound to (sbx_release_bound_v1)
+CREATE INDEX sbx_tasks_bound_idx ON sbx_tasks (to_host) WHERE status = -1 AND to_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
 CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
 
@@ -398,6 +402,44 @@ BEGIN
     SET pref_host = a.host, pref_partial = a.partial, pref_until = now() + make_interval(secs => a.wait)
     FROM adopted a
     WHERE t.id = a.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END;
+$$;
+
+-- HOST-BOUND / SLOT-BOUND tasks whose host is dead (no slot of it heart-beats) and whose
+-- locality wait is over lose their binding, so that any host takes them (they never wait
+-- forever for a host that is gone). The bound hosts are found by a skip scan of
+-- sbx_tasks_bound_idx (one probe per distinct host); at most p_limit tasks a call. Run with
+-- lease recovery. Returns how many.
+CREATE FUNCTION sbx_release_bound_v1(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH RECURSIVE bound (host) AS (
+        (SELECT t.to_host FROM sbx_tasks t
+         WHERE t.status = -1 AND t.to_host IS NOT NULL
+         ORDER BY t.to_host LIMIT 1)
+        UNION ALL
+        SELECT (SELECT t.to_host FROM sbx_tasks t
+                WHERE t.status = -1 AND t.to_host IS NOT NULL AND t.to_host > b.host
+                ORDER BY t.to_host LIMIT 1)
+        FROM bound b
+        WHERE b.host IS NOT NULL
+    ), orphans AS (
+        SELECT t.id
+        FROM sbx_tasks t
+        WHERE t.status = -1
+          AND t.to_host IN (SELECT b.host FROM bound b WHERE b.host IS NOT NULL AND NOT sbx_host_live(b.host))
+          AND (t.pref_until IS NULL OR t.pref_until <= now())
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE sbx_tasks t
+    SET to_host = NULL, to_slot = NULL, pref_host = NULL, pref_until = NULL, pref_partial = false
+    FROM orphans o
+    WHERE t.id = o.id;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END;

@@ -305,9 +305,13 @@ class PgQueue:
         return len(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
 
     def recover_expired(self, *, slot_timeout_seconds: float) -> list[tuple[int, int]]:
-        """Return tasks with expired leases to READY (or 123 when their retries are spent) and mark
-        silent slots LOST; returns (task id, new status) pairs."""
+        """Return tasks with expired leases to READY (or 123 when their retries are spent), mark
+        silent slots LOST, and unbind the READY tasks bound to a dead host; returns the
+        (task id, new status) pairs of the recovered tasks."""
         rows = self._run("recover_expired", {"slot_timeout_seconds": slot_timeout_seconds})
+        [released] = self._run("release_bound", {"limit": 1000})
+        if released["released"]:
+            logger.warning("%d task(s) bound to a dead host may now run anywhere", released["released"])
         return [(int(r["id"]), int(r["status"])) for r in rows]
 
     def index_scratch(

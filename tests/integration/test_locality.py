@@ -117,8 +117,10 @@ def test_a_bound_task_waits_for_its_host_while_it_lives(pg_dsn: str, tmp_path: P
         apps.add_tasks(conn, app_id, "use", [Message("host-bound", headers={"to_host": "B"}),
                                              Message("slot-bound", headers={"to_host": "B", "to_slot": 3})])
     time.sleep(0.7)
-    assert claim(queue, app_id, mid, "A") == []   # past the wait, but B lives: it stays B's
-    dead(pg_dsn, "B")                             # B's launcher died: released to anyone
+    queue.recover_expired(slot_timeout_seconds=60)  # what every launcher does each heartbeat
+    assert claim(queue, app_id, mid, "A") == []     # past the wait, but B lives: it stays B's
+    dead(pg_dsn, "B")                               # B's launcher died: released to anyone
+    queue.recover_expired(slot_timeout_seconds=60)
     assert sorted(claim(queue, app_id, mid, "A")) == ["host-bound", "slot-bound"]
 
 
@@ -127,6 +129,7 @@ def test_a_bound_task_is_its_hosts_at_once(pg_dsn: str, tmp_path: Path, queue: P
     mid = queue.modules(app_id)["use"].id
     with connect(pg_dsn) as conn:  # B is not up yet: its tasks wait for it (within the wait)
         apps.add_tasks(conn, app_id, "use", [Message("b", headers={"to_host": "B"}), Message("free")])
+    queue.recover_expired(slot_timeout_seconds=60)
     assert claim(queue, app_id, mid, "A") == ["free"]
     assert claim(queue, app_id, mid, "B") == ["b"]
 
@@ -222,6 +225,40 @@ def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path,
     assert not any(kind == "Seq Scan" for kind, _ in scans), scans
     assert claimed == ["b3"]  # the oldest task preferring h3 (3 % 8 == 3)
     print(f"claim at 1M queued: {elapsed * 1000:.1f} ms")
+
+
+def test_an_idle_host_skips_the_tasks_bound_to_others_by_index(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
+    """HOST-BOUND at scale: 200k READY tasks bound to 7 live hosts, none to h7; h7's claim must
+    not walk them (the free index holds unbound tasks only)."""
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    with connect(pg_dsn) as conn:
+        conn.execute("""
+            INSERT INTO sbx_tasks (app_id, module_id, body, to_host)
+            SELECT %(app)s, %(mid)s, 'b' || i, 'h' || (i %% 7) FROM generate_series(1, 200000) AS i""",
+                     {"app": app_id, "mid": mid})
+        conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'free')", (app_id, mid))
+        conn.commit()
+        conn.execute("ANALYZE sbx_tasks")
+        params = {"app_id": app_id, "module_id": mid, "host": "h7", "slot_id": None, "slot_seq": 0,
+                  "limit": 1, "lease_seconds": 30}
+        with psycopg.ClientCursor(conn) as cur:
+            plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
+        conn.rollback()
+    nodes = [n for n in _plan_nodes(plan["QUERY PLAN"][0]["Plan"]) if n.get("Actual Loops", 0) > 0]
+    scans = {(n["Node Type"], n.get("Index Name")): n.get("Rows Removed by Filter", 0)
+             for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+    assert ("Index Scan", "sbx_tasks_free_idx") in scans, scans
+    assert not any(kind == "Seq Scan" for kind, _ in scans), scans
+    assert max(scans.values()) < 10, scans  # no bound task was read and filtered out
+    start = time.perf_counter()
+    assert claim(queue, app_id, mid, "h7", n=1) == ["free"]
+    print(f"idle claim beside 200k bound tasks: {(time.perf_counter() - start) * 1000:.1f} ms")
+    start = time.perf_counter()
+    assert queue.recover_expired(slot_timeout_seconds=60) == []  # the release sweep: 7 dead hosts ...
+    print(f"release sweep over 200k bound tasks: {(time.perf_counter() - start) * 1000:.1f} ms")
+    with connect(pg_dsn) as conn:  # ... but their tasks are within their locality wait
+        assert conn.execute("SELECT count(*) AS n FROM sbx_tasks WHERE to_host IS NOT NULL").fetchone()["n"] == 200000  # type: ignore[index]
 
 
 @pytest.mark.parametrize("queued_first", [False, True], ids=["launchers-first", "tasks-first"])

@@ -195,8 +195,9 @@ def test_concurrent_claims_never_double_claim(pg_dsn: str, app_id: int) -> None:
     assert len(claimed) == 300 and len(set(claimed)) == 300
 
 
-def test_claim_uses_the_ready_index(pg_dsn: str, app_id: int) -> None:
-    """With a realistic mix (most tasks finished, other modules busy) the claim is an index scan."""
+def test_claim_uses_the_free_index(pg_dsn: str, app_id: int) -> None:
+    """With a realistic mix (most tasks finished, other modules busy) the claim is an index scan
+    (of the unbound READY tasks: nothing here is HOST-BOUND)."""
     from scalebox_hpc.db.sql import query
 
     with connect(pg_dsn) as conn:
@@ -213,7 +214,7 @@ def test_claim_uses_the_ready_index(pg_dsn: str, app_id: int) -> None:
         conn.rollback()
     nodes = list(_plan_nodes(row["QUERY PLAN"][0]["Plan"]))  # type: ignore[index]
     scans = {(n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "sbx_tasks"}
-    assert ("Index Scan", "sbx_tasks_ready_idx") in scans, scans
+    assert ("Index Scan", "sbx_tasks_free_idx") in scans, scans
     assert not any(kind == "Seq Scan" for kind, _ in scans), scans
 
 
