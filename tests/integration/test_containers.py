@@ -190,6 +190,41 @@ def test_hello_scalebox_in_its_image(apptainer: None, pg_dsn: str, tmp_path: Pat
     assert app_row(pg_dsn, app_id)["result"] == "Hello scalebox, it is OK!"
 
 
+# -- examples/app-copy with the standard modules in their images ------------------------------------
+def run_app_copy_in_containers(cli_env: dict[str, str], tmp_path: Path, runtime: str, sif_cache: Path) -> None:
+    """`scalebox run -e containers examples/app-copy/app.yaml`: list-dir and file-copy each in its
+    image, found through code_path (scalebox:NAME → the repository's containers/), built offline."""
+    root = tmp_path / "copy"
+    source, target = root / "source", root / "target tree"
+    names = [f"f{i:02d}.bin" for i in range(6)] + [f"a/b{i}.txt" for i in range(3)] + \
+        ["a/c/deep 0.dat", "with space & 'quote'.txt", "-dash.txt"]
+    for i, name in enumerate(names):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(os.urandom(i * 997))
+    env = dict(cli_env, SCALEBOX_RUNTIME=runtime, SCALEBOX_SIF_CACHE=str(sif_cache), SOURCE_URL=str(source),
+               TARGET_URL=str(target), COPY_VOLUME=str(root), START_DIR=".", REGEX_FILTER="", CHECKSUM="yes")
+    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--quiet", "-e", "containers",
+                           str(REPO / "examples" / "app-copy" / "app.yaml")],
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    copied = {str(p.relative_to(target)): p.stat().st_size for p in target.rglob("*") if p.is_file()}
+    assert copied == {name: (source / name).stat().st_size for name in names}
+    assert all((target / n).read_bytes() == (source / n).read_bytes() for n in names)
+    # the copies were made in containers: each slot's warm container logged its start
+    assert len(list((tmp_path / "work").rglob("container.err"))) == 1 + 4
+
+
+def test_app_copy_in_apptainer_images(apptainer: None, cli_env: dict[str, str], tmp_path: Path,
+                                      image_cache: Path) -> None:
+    run_app_copy_in_containers(cli_env, tmp_path, "apptainer", image_cache)
+
+
+@pytest.mark.podman
+def test_app_copy_in_podman_images(podman: None, cli_env: dict[str, str], tmp_path: Path,
+                                   image_cache: Path) -> None:
+    run_app_copy_in_containers(cli_env, tmp_path, "podman", image_cache)
+
+
 # -- the scratch at /local: what a containerised task reports is indexed by its host path -----------
 WRITE_SCRATCH = r"""#!/bin/sh
 set -e

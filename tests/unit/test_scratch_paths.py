@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scalebox_hpc.db.queue import ModuleRef
-from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.launcher import scratch, taskexec
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import ConflictAction, TaskResult
@@ -113,9 +113,8 @@ def test_sizes_of_container_paths_are_read_on_the_host(tmp_path: Path) -> None:
 
 
 def test_each_key_once(tmp_path: Path) -> None:
-    from scalebox_hpc.launcher import scratch
-
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "a").write_bytes(b"aa")
     listed = [str(tmp_path / "s" / "a"), str(tmp_path / "s" / "." / "a"), "../s/a", str(tmp_path / "elsewhere")]
     assert scratch.keys(listed, tmp_path / "s", tmp_path / "w") == [("a", 2)]
+
