@@ -17,8 +17,10 @@ esac
 [ -f "$def" ] || { echo "build.sh: no $def" >&2; exit 1; }
 cp "$def" "$ctx/"
 if grep -q '^# scalebox-rootfs:' "$def"; then
+  set -f  # the directive's words are split but never globbed ('ssh?' is a word, not a pattern)
   # shellcheck disable=SC2046
   sh "$here/rootfs.sh" "$ctx/rootfs" $(sed -n 's/^# scalebox-rootfs://p' "$def")
+  set +f
 fi
 case $engine in
   apptainer)

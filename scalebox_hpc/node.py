@@ -70,13 +70,13 @@ def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> s
     return dsn
 
 
-def make_runtime(environ: Mapping[str, str] | None = None) -> ContainerRuntime:
+def make_runtime(environ: Mapping[str, str] | None = None, *, local_scratch: Path | None = None) -> ContainerRuntime:
     """This host's runtimes: ``SCALEBOX_RUNTIME`` is the default for modules with a base_image
-    and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); ``SCALEBOX_LOCAL_DIR`` is
-    mounted at /local (default: <tmp>/scalebox-local), ``SCALEBOX_DATA_ROOT`` at /data,
-    ``SCALEBOX_SIF_CACHE`` holds converted images."""
+    and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); the launcher's
+    ``local_scratch`` is mounted at /local (without one: ``SCALEBOX_LOCAL_DIR``, default
+    <tmp>/scalebox-local), ``SCALEBOX_DATA_ROOT`` at /data, ``SCALEBOX_SIF_CACHE`` holds converted images."""
     env = os.environ if environ is None else environ
-    local = env.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local")
+    local = local_scratch or env.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local")
     data = env.get("SCALEBOX_DATA_ROOT")
     cache = env.get("SCALEBOX_SIF_CACHE")
     return RuntimeChooser(
@@ -89,7 +89,7 @@ def build(dsn: str, config: LauncherConfig) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
     listener = Listener(dsn, wakeups.notify)
-    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(), wakeups)
+    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(local_scratch=config.local_scratch), wakeups)
     return launcher, listener
 
 

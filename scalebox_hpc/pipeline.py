@@ -403,6 +403,18 @@ class ModuleSpec(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("base_image", mode="before")
+    @classmethod
+    def _no_image(cls, value: Any) -> Any:
+        """An empty base_image (e.g. ``${IMAGE}`` with IMAGE unset) runs the module bare."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("volumes")
+    @classmethod
+    def _no_empty_volumes(cls, value: list[str]) -> list[str]:
+        """An empty entry (e.g. ``${VOLUME}`` with VOLUME unset) adds no bind."""
+        return [v for v in value if v.strip()]
+
     @field_validator("sink_modules", mode="before")
     @classmethod
     def _sinks(cls, value: Any) -> Any:

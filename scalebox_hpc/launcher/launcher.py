@@ -52,7 +52,8 @@ class LauncherConfig:
     """Added to every script's environment (e.g. SCALEBOX_DSN for `scalebox semaphore` in run.sh)."""
     local_scratch: Path | None = None
     """This node's local scratch root: scanned into the scratch index at start, and the files
-    tasks report there are indexed (location-aware dispatch)."""
+    tasks report there are indexed (location-aware dispatch). Containers see it at ``/local``
+    (``LOCAL_SCRATCH=/local`` inside), bare scripts at its host path."""
 
 
 class Launcher:

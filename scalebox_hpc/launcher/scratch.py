@@ -25,9 +25,10 @@ def scan(root: Path) -> list[tuple[str, int]]:
 
 def keys(paths: Iterable[str], root: Path, work_dir: Path) -> list[tuple[str, int]]:
     """The files among ``paths`` (absolute, or relative to ``work_dir``) that lie in ``root``,
-    as (key, size); files elsewhere are not in the scratch and are left out."""
+    as (key, size), each key once (a file listed twice, or by two spellings, would make one
+    INSERT update a row twice); files elsewhere are not in the scratch and are left out."""
     root = root.resolve()
-    out: list[tuple[str, int]] = []
+    out: dict[str, int] = {}
     for text in paths:
         path = Path(text)
         path = (path if path.is_absolute() else work_dir / path).resolve()
@@ -37,5 +38,5 @@ def keys(paths: Iterable[str], root: Path, work_dir: Path) -> list[tuple[str, in
             size = path.stat().st_size
         except OSError:
             size = 0
-        out.append((str(path.relative_to(root)), size))
-    return out
+        out[str(path.relative_to(root))] = size
+    return list(out.items())

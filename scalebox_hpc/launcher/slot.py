@@ -271,12 +271,21 @@ class Slot:
         root = self.ctx.scratch
         if root is None or not (result.output_files or result.removed_files):
             return
-        added = scratch.keys(result.output_files, root, self.ctx.work_dir)
-        removed = [key for key, _ in scratch.keys(result.removed_files, root, self.ctx.work_dir)]
+        work = self.ctx.work_dir
+        added = scratch.keys(self._on_host(result.output_files), root, work)
+        removed = [key for key, _ in scratch.keys(self._on_host(result.removed_files), root, work)]
         try:
             self.queue.index_scratch(self.ctx.host, added, removed)
         except DatabaseError as exc:  # an optimisation only: the hand-off matters, this does not
             logger.warning("scratch index not updated: %s", exc)
+
+    def _on_host(self, paths: list[str]) -> list[str]:
+        """Reported paths as host paths: a container run's ``/local/x`` is the scratch root's
+        ``x``, its ``/work/x`` the work dir's; paths only the container has are left out."""
+        if self.session is None:
+            return paths
+        mapped = (self.session.host_path(p) for p in paths)
+        return [p for p in mapped if p is not None]
 
     def _execute(self, task: Task) -> TaskResult | None:
         ctx = self.ctx
@@ -304,7 +313,8 @@ class Slot:
             # killed while we drain (scancel, walltime, node shutdown): not the task's fault, give it back
             return None
         finished = datetime.now(UTC)
-        report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys())
+        report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys(),
+                                  host_path=self.session.host_path if self.session is not None else None)
         return self._result(task, outcome, report, started, finished)
 
     def _result(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,17 @@ def parse_sink_line(line: str, modules: Collection[str]) -> Message:
     return Message(body=text, headers=headers or {}, module=module)
 
 
-def _sizes(work_dir: Path, files: list[str]) -> int:
+HostPath = Callable[[str], str | None]
+"""A reported path → its host path (None: only the container has it); see ``Session.host_path``."""
+
+
+def _sizes(work_dir: Path, files: list[str], host_path: HostPath | None) -> int:
     total = 0
     for name in files:
-        path = Path(name) if os.path.isabs(name) else work_dir / name
+        where = host_path(name) if host_path is not None else name
+        if where is None:
+            continue
+        path = Path(where) if os.path.isabs(where) else work_dir / where
         try:
             total += path.stat().st_size
         except OSError:
@@ -98,7 +105,7 @@ def _read_text(path: Path) -> str | None:
         path.unlink(missing_ok=True)
 
 
-def _parse_task_exec(text: str, work_dir: Path, report: ExecReport) -> None:
+def _parse_task_exec(text: str, work_dir: Path, report: ExecReport, host_path: HostPath | None) -> None:
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -111,8 +118,8 @@ def _parse_task_exec(text: str, work_dir: Path, report: ExecReport) -> None:
         report.status = data["statusCode"]
     report.input_files = [str(f) for f in data.get("inputFiles") or []]
     report.output_files = [str(f) for f in data.get("outputFiles") or []]
-    report.input_bytes = _int_or(data.get("inputBytes"), _sizes(work_dir, report.input_files))
-    report.output_bytes = _int_or(data.get("outputBytes"), _sizes(work_dir, report.output_files))
+    report.input_bytes = _int_or(data.get("inputBytes"), _sizes(work_dir, report.input_files, host_path))
+    report.output_bytes = _int_or(data.get("outputBytes"), _sizes(work_dir, report.output_files, host_path))
     if data.get("userText") is not None:
         report.user_text = str(data["userText"])
     for stamp in data.get("timestamps") or []:
@@ -158,12 +165,16 @@ def _parse_emit_buffer(text: str, report: ExecReport) -> None:
             report.problems.append(f"emitted message {n}: {exc}")
 
 
-def collect(work_dir: Path, emit_file: Path, modules: Collection[str]) -> ExecReport:
-    """Read and remove the task-exec files of the run that just ended."""
+def collect(
+    work_dir: Path, emit_file: Path, modules: Collection[str], host_path: HostPath | None = None,
+) -> ExecReport:
+    """Read and remove the task-exec files of the run that just ended. ``host_path`` maps the
+    paths a containerised run wrote (``/work/x``, ``/local/x``) to the host, for the sizes;
+    the file lists are kept as the run wrote them."""
     report = ExecReport()
     text = _read_text(work_dir / TASK_EXEC)
     if text is not None:
-        _parse_task_exec(text, work_dir, report)
+        _parse_task_exec(text, work_dir, report, host_path)
     text = _read_text(work_dir / TIMESTAMPS)
     if text is not None:
         _parse_timestamps(text, report)

@@ -77,6 +77,13 @@ class Session(Protocol):
         """Release what the session holds (stops a warm container); idempotent."""
         ...
 
+    def host_path(self, path: str) -> str | None:
+        """The host path of a path a run reported (in ``output-files.txt``, say): absolute as the
+        run saw it, or relative to its work dir (returned as it is). A container path under a
+        mount is mapped back (``/local/x`` → the scratch root's ``x``); None for a path that
+        exists only inside the container. Bare processes: the path itself."""
+        ...
+
 
 class ContainerRuntime(Protocol):
     """Opens slot sessions; one implementation per engine (or a chooser over several)."""

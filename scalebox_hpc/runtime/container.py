@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import posixpath
 import re
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -70,7 +71,8 @@ class HostDirs:
     """Host-wide mount sources, from the host's configuration."""
 
     local_dir: Path | None = None
-    """Node-local scratch, mounted at ``/local`` (created when missing)."""
+    """Node-local scratch, mounted at ``/local`` (created when missing): the launcher's scratch
+    root when it has one (so what the scratch index holds is what containers see there)."""
     data_dir: Path | None = None
     """The cluster data root, mounted at ``/data`` when set."""
 
@@ -110,10 +112,12 @@ def binds_for(spec: SessionSpec, host: HostDirs) -> list[Bind]:
 
 
 class PathMap:
-    """Host paths under a bind → their container paths (the longest host prefix wins)."""
+    """Host paths under a bind → their container paths (the longest host prefix wins), and back
+    (the longest container prefix wins)."""
 
     def __init__(self, binds: Sequence[Bind], code_path: Path) -> None:
         self.binds = sorted(binds, key=lambda b: len(str(b.host)), reverse=True)
+        self.inside = sorted(binds, key=lambda b: len(b.container.rstrip("/")), reverse=True)
         self.code_path = str(code_path)
 
     def to_container(self, path: str) -> str | None:
@@ -124,6 +128,20 @@ class PathMap:
                 return b.container
             if path.startswith(root.rstrip("/") + "/"):
                 return b.container.rstrip("/") + "/" + path[len(root.rstrip("/")) + 1:]
+        return None
+
+    def to_host(self, path: str) -> str | None:
+        """The host path of an absolute container path (normalised first, so ``/work/../local/x``
+        is ``/local/x``), or None when no bind holds it: the file exists only in the container."""
+        if not path.startswith("/"):
+            return None
+        path = posixpath.normpath(path)
+        for b in self.inside:
+            inside = b.container.rstrip("/")
+            if path == inside or (not inside and path == "/"):
+                return str(b.host)
+            if path.startswith(inside + "/"):
+                return str(b.host / path[len(inside) + 1:])
         return None
 
     def argv(self, argv: Sequence[str]) -> list[str]:
@@ -206,6 +224,13 @@ class ContainerSession:
         self.binds = list(binds)
         self.paths = PathMap(binds, spec.code_path)
         self.host_env = dict(host_env)
+
+    def host_path(self, path: str) -> str | None:
+        """Where a path a run reported (``/local/x``, ``/work/x``, or relative to the work dir)
+        is on the host; None for a path only the container has."""
+        if not path.startswith("/"):
+            return path  # relative to the cwd: the work dir, the same directory on both sides
+        return self.paths.to_host(path)
 
 
 class PerTaskSession(ContainerSession):

@@ -9,8 +9,9 @@ A module's ``base_image`` is one of:
   (Podman/Docker), found in ``$SCALEBOX_CONTAINERS`` (colon-separated dirs) or in the nearest
   ``containers/`` dir above the module's ``code_path``; for Podman/Docker also a local image name.
 
-A definition may carry ``# scalebox-rootfs: [bash]``: its build context then gets ``rootfs/``,
-made offline by ``rootfs.sh`` next to the definition (no registry needed).
+A definition may carry ``# scalebox-rootfs: [PROGRAM[?] ...]`` (e.g. ``bash rsync ssh?``): its build
+context then gets ``rootfs/``, made offline by ``rootfs.sh`` next to the definition (a static busybox
+plus those host programs with their libraries; no registry needed).
 
 The SIF cache (``$SCALEBOX_SIF_CACHE``, default ``~/.cache/scalebox_hpc/sif``) is keyed by the
 reference's digest (or the hash of the reference and of its definition's text); a build holds

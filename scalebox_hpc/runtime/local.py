@@ -118,3 +118,7 @@ class LocalRuntime:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def host_path(self, path: str) -> str | None:
+        """A bare process sees the host's paths."""
+        return path

@@ -190,6 +190,105 @@ def test_hello_scalebox_in_its_image(apptainer: None, pg_dsn: str, tmp_path: Pat
     assert app_row(pg_dsn, app_id)["result"] == "Hello scalebox, it is OK!"
 
 
+# -- examples/app-copy with the standard modules in their images ------------------------------------
+def run_app_copy_in_containers(cli_env: dict[str, str], tmp_path: Path, runtime: str, sif_cache: Path) -> None:
+    """`scalebox run -e containers examples/app-copy/app.yaml`: list-dir and file-copy each in its
+    image, found through code_path (scalebox:NAME → the repository's containers/), built offline."""
+    root = tmp_path / "copy"
+    source, target = root / "source", root / "target tree"
+    names = [f"f{i:02d}.bin" for i in range(6)] + [f"a/b{i}.txt" for i in range(3)] + \
+        ["a/c/deep 0.dat", "with space & 'quote'.txt", "-dash.txt"]
+    for i, name in enumerate(names):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(os.urandom(i * 997))
+    env = dict(cli_env, SCALEBOX_RUNTIME=runtime, SCALEBOX_SIF_CACHE=str(sif_cache), SOURCE_URL=str(source),
+               TARGET_URL=str(target), COPY_VOLUME=str(root), START_DIR=".", REGEX_FILTER="", CHECKSUM="yes")
+    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--quiet", "-e", "containers",
+                           str(REPO / "examples" / "app-copy" / "app.yaml")],
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    copied = {str(p.relative_to(target)): p.stat().st_size for p in target.rglob("*") if p.is_file()}
+    assert copied == {name: (source / name).stat().st_size for name in names}
+    assert all((target / n).read_bytes() == (source / n).read_bytes() for n in names)
+    # the copies were made in containers: each slot's warm container logged its start
+    assert len(list((tmp_path / "work").rglob("container.err"))) == 1 + 4
+
+
+def test_app_copy_in_apptainer_images(apptainer: None, cli_env: dict[str, str], tmp_path: Path,
+                                      image_cache: Path) -> None:
+    run_app_copy_in_containers(cli_env, tmp_path, "apptainer", image_cache)
+
+
+@pytest.mark.podman
+def test_app_copy_in_podman_images(podman: None, cli_env: dict[str, str], tmp_path: Path,
+                                   image_cache: Path) -> None:
+    run_app_copy_in_containers(cli_env, tmp_path, "podman", image_cache)
+
+
+# -- the scratch at /local: what a containerised task reports is indexed by its host path -----------
+WRITE_SCRATCH = r"""#!/bin/sh
+set -e
+echo "LOCAL_SCRATCH=$LOCAL_SCRATCH"
+mkdir -p /local/out "$LOCAL_SCRATCH/out/sub dir"
+printf 0123456789 > /local/out/x.dat
+printf yz > "$LOCAL_SCRATCH/out/sub dir/y z.dat"
+echo w > in-work.dat
+printf '%s\n' /local/out/x.dat "$LOCAL_SCRATCH/out/sub dir/y z.dat" /work/../local/out/x.dat in-work.dat \
+  /tmp/inside-only > output-files.txt
+"""
+REMOVE_SCRATCH = r"""#!/bin/sh
+set -e
+rm /local/out/x.dat
+echo /local/out/x.dat > removed-files.txt
+"""
+
+
+def scratch_keys(pg_dsn: str) -> dict[str, int]:
+    with connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT key, bytes FROM sbx_scratch WHERE host = 'testhost'").fetchall()
+    return {r["key"]: r["bytes"] for r in rows}
+
+
+def scratch_round_trip(pg_dsn: str, tmp_path: Path, runtime: str) -> None:
+    """Two containerised tasks, one launcher each: the first writes /local/out/x.dat (and lists it
+    in output-files.txt), the second removes it (removed-files.txt)."""
+    scratch = tmp_path / "scratch" / "testhost"
+    ids = []
+    for name, script in (("write", WRITE_SCRATCH), ("remove", REMOVE_SCRATCH)):
+        app = write_app(tmp_path / name, f"""
+            name: scratch-{name}
+            parameters: {{start_task: go}}
+            modules:
+              m:
+                base_image: scalebox-base
+                arguments: {{runtime: {runtime}, {FAST}}}
+        """, {})
+        (tmp_path / name / "m").mkdir()
+        (tmp_path / name / "m" / "run.sh").write_text(script)  # busybox sh: the image has no bash
+        (tmp_path / name / "m" / "run.sh").chmod(0o755)
+        ids.append(app_id := create(pg_dsn, app))
+        launch(pg_dsn, app_id, tmp_path / "work", local_scratch=scratch)
+        assert [t["status"] for t in tasks(pg_dsn, app_id)] == [0], tasks(pg_dsn, app_id)
+        if name == "write":
+            # indexed from output-files.txt after the run (the start-up scan found an empty scratch)
+            assert scratch_keys(pg_dsn) == {"out/x.dat": 10, "out/sub dir/y z.dat": 2}
+            assert (scratch / "out" / "x.dat").read_text() == "0123456789"
+            assert not (tmp_path / "local" / "out").exists()  # not SCALEBOX_LOCAL_DIR: the scratch
+    assert scratch_keys(pg_dsn) == {"out/sub dir/y z.dat": 2}
+    with connect(pg_dsn) as conn:
+        [write] = apps.list_tasks(conn, ids[0])
+        assert "LOCAL_SCRATCH=/local\n" in apps.get_task(conn, write["id"])["execs"][0]["stdout"]
+
+
+def test_scratch_outputs_of_an_apptainer_task_are_indexed(apptainer: None, pg_dsn: str, tmp_path: Path) -> None:
+    scratch_round_trip(pg_dsn, tmp_path, "apptainer")
+
+
+@pytest.mark.podman
+def test_scratch_outputs_of_a_podman_task_are_indexed(podman: None, pg_dsn: str, tmp_path: Path) -> None:
+    scratch_round_trip(pg_dsn, tmp_path, "podman")
+
+
 # -- mounts, environment, work dir, helpers --------------------------------------------------------
 INSPECT = r"""#!/bin/sh
 # runs inside the scalebox-base image: busybox only, no bash, no python, no database client
