@@ -82,3 +82,22 @@ def podman_available() -> str | None:
     if proc.returncode != 0:
         return f"`podman info` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"
     return None
+
+
+def netns_hosts() -> list[str]:
+    """The emulated hosts' namespaces (SCALEBOX_TEST_NETNS_HOSTS, default sbx-h1..sbx-h3)."""
+    raw = os.environ.get("SCALEBOX_TEST_NETNS_HOSTS") or "sbx-h1,sbx-h2,sbx-h3"
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+def netns_available(names: list[str]) -> str | None:
+    """None when these network namespaces (launchers/testbed/netns.sh) can run processes, else why not."""
+    if os.geteuid() != 0:
+        return "entering network namespaces needs root"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not on PATH (launchers/testbed/netns.sh up installs iproute2)"
+    missing = [n for n in names if not os.path.exists(f"/run/netns/{n}")]
+    if missing:
+        return f"namespace(s) {', '.join(missing)} missing (bash launchers/testbed/netns.sh up {len(names)})"
+    return None

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Stop every test-bed service started by run-tests.sh (by PID files only).
+# Stop every test-bed service started by run-tests.sh (by PID files only) and remove the
+# emulated hosts (netns.sh down: only namespaces no process is left in).
 #   bash launchers/testbed/down.sh [--wipe]    --wipe also deletes the PostgreSQL cluster dir
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rc=0
 bash "$HERE/slurm.sh" stop || rc=1
 bash "$HERE/postgres.sh" stop "${1:-}" || rc=1
+bash "$HERE/netns.sh" down || rc=1
 exit "$rc"

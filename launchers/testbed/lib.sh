@@ -57,3 +57,17 @@ tb_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 tb_now() { date +%s.%N; }
 tb_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+
+# Emulated hosts (netns.sh): bridge sbxbr0 = the "head node" 10.77.0.1/24 in the root namespace,
+# host I = network namespace sbx-hI at 10.77.0.(10+I). Nothing outside 10.77.0.0/24 is targeted.
+TB_NETNS_BRIDGE=sbxbr0
+TB_NETNS_PREFIX=10.77.0
+TB_NETNS_HEAD=10.77.0.1
+TB_NETNS_CIDR=10.77.0.0/24
+
+# true when the bridge carries the head address (the emulated hosts can reach this machine)
+tb_netns_head_up() {
+  local addrs
+  addrs=$(ip -4 -o addr show dev "$TB_NETNS_BRIDGE" 2>/dev/null) || return 1
+  [[ $addrs == *" $TB_NETNS_HEAD/24 "* ]]
+}

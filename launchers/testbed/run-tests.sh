@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster, rsync,
-# Apptainer, Podman, the project venv), runs the static checks and then pytest.
+# Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
+# checks and then pytest.
 #
 #   bash launchers/testbed/run-tests.sh [PYTEST ARGS...]   e.g. tests/unit -k queue -x
 #   bash launchers/testbed/run-tests.sh --down             stop the test-bed services (= down.sh)
@@ -10,6 +11,7 @@
 # Env:
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
+#   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
 #   plus the knobs of postgres.sh / slurm.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
 # a failure.
@@ -53,6 +55,15 @@ VENV=$(bash "$HERE/venv.sh" | tail -1)
 export VIRTUAL_ENV=$VENV PATH="$VENV/bin:$PATH"
 phase_end
 
+# before PostgreSQL: a server started while the bridge exists also listens on 10.77.0.1.
+# Not fatal (a container without CAP_NET_ADMIN cannot have them): the tests needing the hosts
+# then skip with the reason, or fail under CI=true.
+NETNS_HOSTS=${SCALEBOX_TESTBED_NETNS_HOSTS:-3}
+if [ "$NETNS_HOSTS" != 0 ]; then
+  phase_start netns
+  if bash "$HERE/netns.sh" up "$NETNS_HOSTS"; then phase_end; else phase_end "FAILED (tests needing the hosts will say why)"; fi
+fi
+
 phase_start postgres
 PG_OUT=$(bash "$HERE/postgres.sh" start)
 echo "$PG_OUT"
@@ -81,6 +92,10 @@ SCALEBOX_TEST_SLURM_NODES=$(seq -f 'node%g' -s, 1 "${SCALEBOX_TESTBED_SLURM_NODE
 SCALEBOX_TEST_APPTAINER=$(command -v apptainer)
 export SCALEBOX_TEST_APPTAINER
 export SCALEBOX_TEST_MPI_PY=$VENV/bin/python
+if [ "$NETNS_HOSTS" != 0 ]; then
+  SCALEBOX_TEST_NETNS_HOSTS=$(seq -f 'sbx-h%g' -s, 1 "$NETNS_HOSTS")
+  export SCALEBOX_TEST_NETNS_HOSTS
+fi
 env | grep '^SCALEBOX_TEST_' | sort | sed 's/^/export /'
 
 cd "$PROJECT"
