@@ -195,6 +195,20 @@ def test_index_follows_removals_and_rescans(pg_dsn: str, tmp_path: Path, queue: 
     assert [(r["key"], r["bytes"]) for r in rows] == [("c", 3)]
 
 
+def claim_scans(conn: Any, app_id: int, module_id: int, host: str) -> dict[tuple[str, str | None], int]:
+    """The sbx_tasks scans that ran (nodes of never-needed branches, e.g. the max_pending check
+    of an app without sinks, have no loops) in EXPLAIN ANALYZE of a 1-task claim by ``host``
+    (rolled back), with the rows each read and filtered out."""
+    params = {"app_id": app_id, "module_id": module_id, "host": host, "slot_id": None, "slot_seq": 0,
+              "limit": 1, "lease_seconds": 30}
+    with psycopg.ClientCursor(conn) as cur:
+        plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
+    conn.rollback()
+    nodes = [n for n in _plan_nodes(plan["QUERY PLAN"][0]["Plan"]) if n.get("Actual Loops", 0) > 0]
+    return {(n["Node Type"], n.get("Index Name")): n.get("Rows Removed by Filter", 0)
+            for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+
+
 def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
     app_id = make_app(pg_dsn, tmp_path / "app")
     mid = queue.modules(app_id)["use"].id
@@ -209,18 +223,11 @@ def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path,
                 FROM generate_series(1, 1000000) AS i""", {"app": app_id, "mid": mid})
             conn.execute("ALTER TABLE sbx_tasks ENABLE TRIGGER sbx_tasks_locality")
         conn.execute("ANALYZE sbx_tasks")
-        params = {"app_id": app_id, "module_id": mid, "host": "h3", "slot_id": None, "slot_seq": 0,
-                  "limit": 1, "lease_seconds": 30}
-        with psycopg.ClientCursor(conn) as cur:
-            plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
-        conn.rollback()
+        scans = claim_scans(conn, app_id, mid, "h3")
         start = time.perf_counter()
         claimed = claim(queue, app_id, mid, "h3", n=1)
         elapsed = time.perf_counter() - start
-    # what ran (nodes of never-needed branches, e.g. the max_pending check of an app without
-    # sinks, have no loops): an index scan of the local index, and no sequential scan
-    nodes = [n for n in _plan_nodes(plan["QUERY PLAN"][0]["Plan"]) if n.get("Actual Loops", 0) > 0]
-    scans = {(n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+    # an index scan of the local index, and no sequential scan
     assert ("Index Scan", "sbx_tasks_local_idx") in scans, scans
     assert not any(kind == "Seq Scan" for kind, _ in scans), scans
     assert claimed == ["b3"]  # the oldest task preferring h3 (3 % 8 == 3)
@@ -240,14 +247,7 @@ def test_an_idle_host_skips_the_tasks_bound_to_others_by_index(pg_dsn: str, tmp_
         conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'free')", (app_id, mid))
         conn.commit()
         conn.execute("ANALYZE sbx_tasks")
-        params = {"app_id": app_id, "module_id": mid, "host": "h7", "slot_id": None, "slot_seq": 0,
-                  "limit": 1, "lease_seconds": 30}
-        with psycopg.ClientCursor(conn) as cur:
-            plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
-        conn.rollback()
-    nodes = [n for n in _plan_nodes(plan["QUERY PLAN"][0]["Plan"]) if n.get("Actual Loops", 0) > 0]
-    scans = {(n["Node Type"], n.get("Index Name")): n.get("Rows Removed by Filter", 0)
-             for n in nodes if n.get("Relation Name") == "sbx_tasks"}
+        scans = claim_scans(conn, app_id, mid, "h7")
     assert ("Index Scan", "sbx_tasks_free_idx") in scans, scans
     assert not any(kind == "Seq Scan" for kind, _ in scans), scans
     assert max(scans.values()) < 10, scans  # no bound task was read and filtered out
