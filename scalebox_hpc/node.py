@@ -4,6 +4,7 @@ and launcher, installs the signal handlers, runs until the slots end or a signal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,7 +13,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -20,7 +22,7 @@ from types import FrameType
 from scalebox_hpc import embedded
 from scalebox_hpc.db import schema
 from scalebox_hpc.db import stages as db_stages
-from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
+from scalebox_hpc.db.connection import Connection, configured_dsn, connect, translate_errors
 from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
@@ -33,7 +35,7 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
-from scalebox_hpc.stages import Autoscaler, LaunchCommand, ScaleReport, submit_environment
+from scalebox_hpc.stages import Autoscaler, LaunchCommand, ScaleReport, may_leave_idle, submit_environment
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +87,29 @@ def make_runtime(environ: Mapping[str, str] | None = None, *, local_scratch: Pat
     )
 
 
-def build(dsn: str, config: LauncherConfig) -> tuple[Launcher, Listener]:
+def build(
+    dsn: str, config: LauncherConfig, *, may_idle_exit: Callable[[], bool] | None = None,
+) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
     listener = Listener(dsn, wakeups.notify)
-    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(local_scratch=config.local_scratch), wakeups)
+    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(local_scratch=config.local_scratch), wakeups,
+                        may_idle_exit=may_idle_exit)
     return launcher, listener
 
 
 def run_launcher(
     dsn: str, config: LauncherConfig, *, grace: float = 30.0, on_tick: Callable[[], bool] | None = None,
     tick_seconds: float = 0.5, on_drain: Callable[[], None] | None = None,
+    may_idle_exit: Callable[[], bool] | None = None,
 ) -> int:
     """Run this host's slots until they end. SIGTERM/SIGINT/SIGUSR1 drain (no new claims; running
     tasks get ``grace`` seconds). ``on_tick`` is called periodically; returning True drains too.
-    ``on_drain`` is called once when a drain begins (not when the slots end by themselves)."""
+    ``on_drain`` is called once when a drain begins (not when the slots end by themselves);
+    ``may_idle_exit`` is asked before idle slots end (False keeps them up)."""
     if "SCALEBOX_DSN" not in config.script_env:
         config = dataclasses.replace(config, script_env={**config.script_env, "SCALEBOX_DSN": dsn})
-    launcher, listener = build(dsn, config)
+    launcher, listener = build(dsn, config, may_idle_exit=may_idle_exit)
     listener.start()
     listener.ready.wait(5.0)
     stop = threading.Event()
@@ -148,13 +155,30 @@ WALLTIME_MARGIN_SECONDS = 5.0
 """A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
 
 
-def stage_autoscaler(dsn: str, work_root: Path, *, environ: dict[str, str] | None = None) -> Callable[..., object]:
+Session = Callable[[], AbstractContextManager[Connection]]
+"""Opens (or lends) a database connection for one piece of stage-job bookkeeping."""
+
+
+def dsn_session(dsn: str) -> Session:
+    """A short connection per use, committed at the end (the launchers' way)."""
+    @contextlib.contextmanager
+    def session() -> Iterator[Connection]:
+        with connect(dsn) as conn, translate_errors(dsn):
+            yield conn
+
+    return session
+
+
+def stage_autoscaler(
+    dsn: str, work_root: Path, *, environ: dict[str, str] | None = None, session: Session | None = None,
+) -> Callable[..., ScaleReport]:
     """A function running one autoscale of an app: ``scale(app_id, force=False, only=())``."""
     client = SlurmClient(SubprocessRunner(base_env=submit_environment(dsn, environ)))
     command = LaunchCommand(python=sys.executable, work_root=work_root)
+    open_session = session or dsn_session(dsn)
 
     def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = ()) -> ScaleReport:
-        with connect(dsn) as conn, translate_errors(dsn):
+        with open_session() as conn:
             report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS).reconcile(
                 app_id, force=force, only=only)
             for error in report.errors:
@@ -164,13 +188,85 @@ def stage_autoscaler(dsn: str, work_root: Path, *, environ: dict[str, str] | Non
     return scale
 
 
+class StageLifecycle:
+    """What makes a launcher, or an MPI stage's rank 0, a Slurm stage job (the StageHooks):
+
+    - ``tick``: drain when a task no longer fits the remaining walltime (``task_max_seconds``)
+      or when `scalebox stage stop` marked the job; the job's first node runs the app's
+      autoscaler every SCALEBOX_AUTOSCALE_SECONDS;
+    - ``may_idle_exit``: an idle job ends only above its module's ``min_jobs``;
+    - ``leaving``: mark the job draining and (first node) autoscale at once, so a replacement
+      is submitted if work remains.
+    """
+
+    def __init__(
+        self, job: JobEnvironment, spec: ModuleSpec, app_id: int, session: Session,
+        scale: Callable[..., object], *, end: datetime | None,
+    ) -> None:
+        self.job, self.app_id, self.session, self.scale, self.end = job, app_id, session, scale, end
+        self.budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
+        self.first_node = job.nodeid == 0
+        self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
+
+    def tick(self) -> bool:
+        if self.end is not None and datetime.now(UTC) + timedelta(seconds=self.budget) >= self.end:
+            logger.warning("walltime: %s left, less than a task needs; draining", self.end - datetime.now(UTC))
+            return True
+        if time.monotonic() < self.next_scale:
+            return False
+        self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
+        if self._asked_to_drain():
+            logger.warning("stage job %s asked to drain (`scalebox stage stop`)", self.job.job_id)
+            return True
+        if self.first_node:
+            self._autoscale(False)
+        return False
+
+    def may_idle_exit(self) -> bool:
+        try:
+            with self.session() as conn:
+                leave = may_leave_idle(conn, self.job.job_id)
+        except ScaleboxError as exc:
+            logger.warning("cannot check min_jobs (%s): staying up", exc)
+            return False
+        if not leave:
+            logger.info("stage job %s idle, staying up: its module keeps min_jobs", self.job.job_id)
+        return leave
+
+    def leaving(self) -> None:
+        try:
+            with self.session() as conn:
+                db_stages.mark_draining(conn, self.job.job_id)
+        except ScaleboxError as exc:
+            logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
+        if self.first_node:
+            self._autoscale(True)
+
+    def _autoscale(self, force: bool) -> None:
+        try:
+            self.scale(self.app_id, force=force)
+        except ScaleboxError as exc:
+            logger.warning("autoscale failed: %s", exc)
+
+    def _asked_to_drain(self) -> bool:
+        """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
+        still starting up, before its handlers exist, and kill it)."""
+        try:
+            with self.session() as conn:
+                return db_stages.is_draining(conn, self.job.job_id)
+        except ScaleboxError as exc:
+            logger.warning("cannot check whether job %s should drain: %s", self.job.job_id, exc)
+            return False
+
+
 def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, str] | None = None) -> int:
     """The launcher of one node of a stage job (``scalebox launcher --stage-job``).
 
     Host and job come from the SLURM_* variables. It claims only while a task still fits the
     walltime (``task_max_seconds``), drains on SIGUSR1 (Slurm's ``--signal=B:USR1@grace``,
     forwarded by the job script) or SIGTERM, marks its job as draining so a replacement can be
-    submitted, and exits 0. Its first node runs the app's autoscaler every few seconds.
+    submitted, and exits 0. Its first node runs the app's autoscaler every few seconds; it ends
+    idle only above the module's ``min_jobs``.
     """
     job = JobEnvironment.from_env(environ)
     if len(config.modules) != 1:
@@ -185,61 +281,17 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
         raise NotFoundError("module", module)
     spec = ModuleSpec.model_validate(specs[module])
     config = dataclasses.replace(config, host=job.node_name or config.host, slots=spec.slurm.slots_per_node)
-    scale = stage_autoscaler(dsn, config.work_root, environ=environ)
-    end = _job_end(job)
-    budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
-    first_node = job.nodeid == 0
-    next_scale = time.monotonic() + AUTOSCALE_SECONDS
-    logger.info("stage job %s node %s: module %s, ends %s", job.job_id, config.host, module, end or "unknown")
-
-    def autoscale(force: bool) -> None:
-        try:
-            scale(config.app_id, force=force)
-        except ScaleboxError as exc:
-            logger.warning("autoscale failed: %s", exc)
-
-    def on_tick() -> bool:
-        nonlocal next_scale
-        if end is not None and datetime.now(UTC) + timedelta(seconds=budget) >= end:
-            logger.warning("walltime: %s left, less than a task needs; draining", end - datetime.now(UTC))
-            return True
-        if time.monotonic() >= next_scale:
-            next_scale = time.monotonic() + AUTOSCALE_SECONDS
-            if _asked_to_drain(dsn, job.job_id):
-                logger.warning("stage job %s asked to drain (`scalebox stage stop`)", job.job_id)
-                return True
-            if first_node:
-                autoscale(False)
-        return False
-
-    def leaving() -> None:
-        try:
-            with connect(dsn) as conn, translate_errors(dsn):
-                if db_stages.mark_draining(conn, job.job_id):
-                    conn.commit()
-        except ScaleboxError as exc:
-            logger.warning("cannot mark job %s draining: %s", job.job_id, exc)
-        if first_node:
-            autoscale(True)
-
+    hooks = StageLifecycle(job, spec, config.app_id, dsn_session(dsn),
+                           stage_autoscaler(dsn, config.work_root, environ=environ), end=_job_end(job))
+    logger.info("stage job %s node %s: module %s, ends %s", job.job_id, config.host, module, hooks.end or "unknown")
     grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
-    rc = run_launcher(dsn, config, grace=grace, on_tick=on_tick, on_drain=leaving)
+    rc = run_launcher(dsn, config, grace=grace, on_tick=hooks.tick, on_drain=hooks.leaving,
+                      may_idle_exit=hooks.may_idle_exit)
     if threading.current_thread() is threading.main_thread():
         # the slots are gone: a late drain signal (walltime, `stage stop`) must not kill us now
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    leaving()  # also after an idle exit: a replacement is submitted if work came in meanwhile
+    hooks.leaving()  # also after an idle exit: a replacement is submitted if work came in meanwhile
     return rc
-
-
-def _asked_to_drain(dsn: str, job_id: str) -> bool:
-    """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
-    still starting up, before its handlers exist, and kill it)."""
-    try:
-        with connect(dsn) as conn, translate_errors(dsn):
-            return db_stages.is_draining(conn, job_id)
-    except ScaleboxError as exc:
-        logger.warning("cannot check whether job %s should drain: %s", job_id, exc)
-        return False
 
 
 def _job_end(job: JobEnvironment) -> datetime | None:
@@ -267,8 +319,9 @@ def run_mpi_stage(config: StageConfig) -> int:
     mpi.remove_stale_segments()
     comm = mpi.load_mpi().COMM_WORLD
 
-    def open_queue() -> tuple[PgQueue, int, dict[str, str]]:
-        # the stage's one connection: the schema check and the app lookup go through it too
+    def open_queue() -> mpi_stage.Opened:
+        # the stage's one connection: the schema check, the app lookup and the stage job's
+        # bookkeeping (drain checks, min_jobs, autoscale) go through it too
         dsn = configured_dsn() or resolve_dsn(create_schema=False, start_embedded=False)
         queue = PgQueue(dsn)
         app_id = config.app_id
@@ -279,6 +332,18 @@ def run_mpi_stage(config: StageConfig) -> int:
                 if not row or row["id"] is None:
                     raise NotFoundError("app", "(any)")
                 app_id = int(row["id"])
-        return queue, app_id, {"SCALEBOX_DSN": dsn}
+        opened = mpi_stage.Opened(queue, app_id, {"SCALEBOX_DSN": dsn})
+        specs = queue.module_specs(app_id)
+        if config.stage_job and config.module in specs:
+            job = JobEnvironment.from_env()
+            @contextlib.contextmanager
+            def lent() -> Iterator[Connection]:
+                with translate_errors(dsn):
+                    yield queue.conn
+
+            spec = ModuleSpec.model_validate(specs[config.module])
+            opened.hooks = StageLifecycle(job, spec, app_id, lent,
+                                          stage_autoscaler(dsn, config.work_root, session=lent), end=_job_end(job))
+        return opened
 
     return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())

@@ -138,8 +138,9 @@ class LaunchCommand:
     work_root: Path
 
     def argv(self, app_id: int, module: str, *, mpi: bool = False) -> list[str]:
-        """``python -m scalebox_hpc launcher --stage-job --app N --module M`` (``--mpi`` for an MPI stage)."""
-        return [self.python, "-m", "scalebox_hpc", "launcher", "--mpi" if mpi else "--stage-job",
+        """``python -m scalebox_hpc launcher --stage-job --app N --module M`` (``--mpi --stage-job``
+        for an MPI stage)."""
+        return [self.python, "-m", "scalebox_hpc", "launcher", *(["--mpi"] if mpi else []), "--stage-job",
                 "--app", str(app_id), "--module", module, "--work-root", str(self.work_root)]
 
 
@@ -176,6 +177,22 @@ def effective_bounds(row: Mapping[str, Any], spec: ModuleSpec) -> tuple[int, int
     lo = row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs
     hi = row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs
     return lo, hi
+
+
+def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """Whether an idle stage job may end. It may when the database does not know it, when it
+    already drains, or when enough other jobs of its module run to keep ``min_jobs`` (it is
+    then marked draining, in the same transaction); otherwise it stays up as warm capacity,
+    rather than ending and being resubmitted (another trip through the Slurm queue) at once."""
+    with conn.transaction():
+        row = db_stages.lock_job_module(conn, slurm_job_id, cluster)
+        if row is None or row["draining"]:
+            return True
+        min_jobs, _ = effective_bounds(row, ModuleSpec.model_validate(row["spec"]))
+        if db_stages.running_jobs(conn, row["id"], slurm_job_id, cluster) <= min_jobs:
+            return False
+        db_stages.mark_draining(conn, slurm_job_id, cluster)
+        return True
 
 
 class Autoscaler:

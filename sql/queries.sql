@@ -47,13 +47,14 @@ SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(ro
 -- The claim, in one statement:
 --  1. candidates: READY tasks of this module, oldest first, that this host/slot may take
 --     (to_host / to_slot implement HOST-BOUND and SLOT-BOUND dispatch);
---     the partial indexes sbx_tasks_local_idx and sbx_tasks_free_idx serve the scans;
+--     the partial indexes sbx_tasks_local_idx, _waited_idx and _free_idx serve the scans;
 --  2. FOR UPDATE SKIP LOCKED: concurrent slots never wait on, nor double-claim, a row;
 --  3. only while the app is RUNNING;
 --  4. mark them RUNNING with the lease (slot, host, heartbeat, expiry) in the same statement.
 --  5. back-pressure: nothing while a sink module with max_pending has that many READY tasks
 --     (counted up to the limit only, on the same partial index).
---  6. locality: first the tasks preferring this host (inputs in its scratch), then the others.
+--  6. locality: first the tasks preferring this host (inputs in its scratch), then those
+--     preferring another host that did not take them in time, then those preferring none.
 WITH app AS (
     SELECT 1 FROM sbx_apps WHERE id = %(app_id)s AND status = 'RUNNING'
 ), full_sinks AS (
@@ -78,27 +79,46 @@ WITH app AS (
     ORDER BY t.pref_partial, t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
-), anywhere AS (
-    -- the tasks bound to no host, oldest first (sbx_tasks_free_idx); one preferring another
-    -- host only once its locality wait is over (delay scheduling: a dead or busy holder
-    -- strands nothing). Bound tasks are their host's (`local`) until sbx_release_bound_v1
-    -- unbinds those of a dead host. Evaluated only when `local` did not fill the limit.
+), waited AS (
+    -- the tasks preferring another host whose locality wait is over (delay scheduling: a dead
+    -- or busy holder strands nothing), longest expired first (sbx_tasks_waited_idx); they have
+    -- waited already, so they come before the free ones. Bound tasks are their host's
+    -- (`local`) until sbx_release_bound_v1 unbinds those of a dead host.
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
       AND t.to_host IS NULL
+      AND t.pref_host IS NOT NULL
+      AND t.pref_until <= now()
+      AND t.pref_host <> %(host)s
       AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
-      AND (t.pref_host IS NULL OR (t.pref_host <> %(host)s AND t.pref_until <= now()))
+      AND EXISTS (SELECT 1 FROM app)
+      AND NOT EXISTS (SELECT 1 FROM full_sinks)
+    ORDER BY t.pref_until, t.id
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), free AS (
+    -- the tasks bound to and preferring no host, oldest first (sbx_tasks_free_idx)
+    SELECT t.id
+    FROM sbx_tasks t
+    WHERE t.module_id = %(module_id)s
+      AND t.status = -1
+      AND t.to_host IS NULL
+      AND t.pref_host IS NULL
+      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
 ), candidates AS (
+    -- read lazily: `waited` only when `local` did not fill the limit, `free` only after both
     SELECT id FROM local
     UNION ALL
-    SELECT id FROM anywhere
+    SELECT id FROM waited
+    UNION ALL
+    SELECT id FROM free
     LIMIT %(limit)s
 )
 UPDATE sbx_tasks t
@@ -332,6 +352,22 @@ WHERE id = %(id)s;
 UPDATE sbx_stage_jobs SET draining = true, updated_at = now()
 WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s AND NOT draining
 RETURNING id;
+
+-- name: lock_stage_job_module
+-- An idle stage job asks whether it may end: its module row is locked for the rest of the
+-- transaction (NO KEY UPDATE: task inserts, which check the foreign key, are not held up) so
+-- that two jobs going idle at once decide one after the other.
+SELECT j.draining, m.id, m.spec, m.min_jobs, m.max_jobs
+FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+WHERE j.cluster = %(cluster)s AND j.slurm_job_id = %(slurm_job_id)s
+FOR NO KEY UPDATE OF m;
+
+-- name: running_stage_jobs
+-- The module's jobs that run and do not drain (the asking job counts as running whatever
+-- state it was last seen in: it runs, it is asking).
+SELECT count(*) AS n FROM sbx_stage_jobs
+WHERE module_id = %(module_id)s AND ended_at IS NULL AND NOT draining
+  AND (state = 'RUNNING' OR (cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s));
 
 -- name: set_module_scaled
 UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;

@@ -110,8 +110,12 @@ CREATE TABLE sbx_tasks (
 CREATE INDEX sbx_tasks_ready_idx ON sbx_tasks (module_id, id) WHERE status = -1;
 CREATE INDEX sbx_tasks_local_idx ON sbx_tasks (module_id, pref_host, pref_partial, id)
     WHERE status = -1 AND pref_host IS NOT NULL;
--- claims of tasks bound to no host (bound ones are in the local index of their host)
-CREATE INDEX sbx_tasks_free_idx ON sbx_tasks (module_id, id) WHERE status = -1 AND to_host IS NULL;
+-- claims of tasks bound to and preferring no host (bound ones are in the local index of their host)
+CREATE INDEX sbx_tasks_free_idx ON sbx_tasks (module_id, id)
+    WHERE status = -1 AND to_host IS NULL AND pref_host IS NULL;
+-- claims of tasks preferring another host, once their locality wait is over
+CREATE INDEX sbx_tasks_waited_idx ON sbx_tasks (module_id, pref_until, id)
+    WHERE status = -1 AND to_host IS NULL AND pref_host IS NOT NULL;
 -- the hosts READY tasks are bound to (sbx_release_bound_v1)
 CREATE INDEX sbx_tasks_bound_idx ON sbx_tasks (to_host) WHERE status = -1 AND to_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
@@ -373,16 +377,20 @@ END;
 $$;
 
 -- A launcher that has just indexed its scratch adopts the READY tasks of the app (at most
--- p_limit, oldest first) that prefer no live host but name inputs it holds: tasks queued
--- before any holder was up (e.g. submitted while the stage jobs still waited in Slurm's
--- queue). Each gets the best holder among the live hosts and p_host. Returns how many.
+-- p_limit, oldest first) that name inputs and prefer no live host: tasks queued before their
+-- holders were up (e.g. submitted while the stage jobs still waited in Slurm's queue). Each
+-- gets the host holding most of its inputs among every host in the scratch index (live ones
+-- and p_host first at a tie), with the locality wait: a holder whose launcher starts a moment
+-- later still gets its tasks, and one that never comes only delays them by the wait (then
+-- anyone takes them). A task keeps its preference when the best holder is the same host.
+-- Returns how many changed.
 CREATE FUNCTION sbx_adopt_tasks_v1(p_app_id bigint, p_host text, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
 BEGIN
     WITH candidates AS (
-        SELECT t.id, sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs,
+        SELECT t.id, t.pref_host, sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs,
                m.locality_wait_seconds AS wait
         FROM sbx_tasks t
         JOIN sbx_modules m ON m.id = t.module_id
@@ -395,8 +403,16 @@ BEGIN
     ), adopted AS (
         SELECT c.id, c.wait, b.host, b.partial
         FROM candidates c
-        CROSS JOIN LATERAL sbx_best_holder_v1(c.inputs, p_host) AS b
-        WHERE EXISTS (SELECT 1 FROM sbx_scratch sc WHERE sc.host = p_host AND sc.key = ANY (c.inputs))
+        CROSS JOIN LATERAL (
+            SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(c.inputs) AS i) AS partial
+            FROM sbx_scratch sc
+            WHERE sc.key = ANY (c.inputs)
+            GROUP BY sc.host
+            ORDER BY count(*) DESC, (sc.host = p_host OR sbx_host_live(sc.host)) DESC, sum(sc.bytes) DESC,
+                     sc.host
+            LIMIT 1
+        ) AS b
+        WHERE b.host IS DISTINCT FROM c.pref_host
     )
     UPDATE sbx_tasks t
     SET pref_host = a.host, pref_partial = a.partial, pref_until = now() + make_interval(secs => a.wait)

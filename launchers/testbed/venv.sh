@@ -10,7 +10,10 @@
 # `srun --mpi=pmi2` across the test-bed's virtual nodes; OpenMPI does not).
 # Re-installs only when pyproject.toml is newer than the stamp file
 # ($PROJECT/.venv/.scalebox-testbed-stamp) or SCALEBOX_TESTBED_REINSTALL=1.
-# Env: PYTHON=python3 (interpreter used to create the venv).
+# Env: PYTHON (interpreter used to create the venv): default Debian's /usr/bin/python3 when
+# present, else python3 on PATH. Stage jobs run the venv's python as other users (the test-bed's
+# unprivileged user), so an interpreter under a private home (pyenv in /root) would not do;
+# a venv made from another interpreter than the chosen one is recreated.
 
 _scalebox_venv() (
   set -euo pipefail
@@ -19,8 +22,19 @@ _scalebox_venv() (
   project=${PROJECT:-$(cd "$here/../.." && pwd)}
   venv=$project/.venv
   stamp=$venv/.scalebox-testbed-stamp
-  py=${PYTHON:-python3}
+  py=${PYTHON:-}
+  if [ -z "$py" ]; then
+    if [ -x /usr/bin/python3 ]; then py=/usr/bin/python3; else py=python3; fi
+  fi
   log() { echo "[testbed] $*" >&2; }
+
+  local want_home have_home
+  want_home=$(dirname "$(command -v "$py")")
+  have_home=$(sed -n 's/^home *= *//p' "$venv/pyvenv.cfg" 2>/dev/null || true)
+  if [ -e "$venv" ] && [ -n "$have_home" ] && [ "$have_home" != "$want_home" ]; then
+    log "venv: $venv was made from $have_home, not $want_home: recreating"
+    rm -rf "$venv"
+  fi
 
   if [ -e "$venv" ] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     log "venv: $venv is broken (interpreter gone?), recreating"

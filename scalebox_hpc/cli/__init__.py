@@ -577,7 +577,7 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
         env_app = os.environ.get("SCALEBOX_APP_ID")
         config = StageConfig(module=modules[0], work_root=_config(0, work_root=work_root).work_root,
                              app_id=app if app is not None else (int(env_app) if env_app else None),
-                             grace=grace, expected_ranks=ranks)
+                             grace=grace, expected_ranks=ranks, stage_job=stage_job)
         sys.exit(run_mpi_stage(config))
     dsn = resolve_dsn(create_schema=False)
     with _db() as conn:

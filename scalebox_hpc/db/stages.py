@@ -59,6 +59,19 @@ def mark_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> boo
         is not None
 
 
+def lock_job_module(conn: Connection, slurm_job_id: str, cluster: str = "") -> dict[str, Any] | None:
+    """The module row of a stage job (spec, bounds, the job's ``draining``), locked until the
+    transaction ends; None for a job the database does not know."""
+    return conn.execute(query("lock_stage_job_module"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+
+
+def running_jobs(conn: Connection, module_id: int, slurm_job_id: str, cluster: str = "") -> int:
+    """How many jobs of the module run and do not drain, counting the asking one."""
+    row = conn.execute(query("running_stage_jobs"), {
+        "module_id": module_id, "slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return int(row["n"]) if row else 0
+
+
 def mark_scaled(conn: Connection, module_id: int) -> None:
     """Stamp the module's last autoscale (the rate limit counts from here)."""
     conn.execute(query("set_module_scaled"), {"module_id": module_id})

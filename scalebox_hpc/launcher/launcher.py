@@ -7,7 +7,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,12 +61,13 @@ class Launcher:
 
     def __init__(
         self, config: LauncherConfig, queue_factory: QueueFactory, runtime: ContainerRuntime, wakeups: Wakeups,
+        *, may_idle_exit: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.queue_factory = queue_factory
         self.runtime = runtime
         self.wakeups = wakeups
-        self.control = SlotControl()
+        self.control = SlotControl() if may_idle_exit is None else SlotControl(may_idle_exit=_once_true(may_idle_exit))
         self.slots: list[Slot] = []
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
@@ -183,3 +184,19 @@ class Launcher:
                 hb = slot.ctx.module.arguments.heartbeat_seconds
                 status = "RUNNING" if slot.current is not None else "READY"
                 queue.heartbeat(slot.slot_id, status=status, lease_seconds=lease_for(hb))
+
+
+def _once_true(ask: Callable[[], bool]) -> Callable[[], bool]:
+    """``ask`` until it says True, then True without asking: once one slot of the host may
+    leave (its job is marked draining), all may; the slots ask from their own threads."""
+    lock = threading.Lock()
+    said_yes = False
+
+    def asked() -> bool:
+        nonlocal said_yes
+        with lock:
+            if not said_yes:
+                said_yes = ask()
+            return said_yes
+
+    return asked

@@ -41,7 +41,7 @@ from scalebox_hpc.db.queue import Completion, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, MpiError, ScaleboxError
 from scalebox_hpc.launcher.launcher import host_name
 from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
-from scalebox_hpc.launcher.ports import BatchQueue, TaskQueue
+from scalebox_hpc.launcher.ports import BatchQueue, NoStageHooks, StageHooks, TaskQueue
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
@@ -55,8 +55,24 @@ STOP, ABORT = "stop", "abort"
 EXIT_LOST_RANK = 3
 POLL_SECONDS = 0.002
 
-QueueOpener = Callable[[], tuple[BatchQueue, int, dict[str, str]]]
-"""Rank 0 only: the stage's single queue handle, the app id, extra variables for run.sh."""
+HOOK_SECONDS = 0.5
+"""How often rank 0 calls the stage job's ``tick`` (walltime, `scalebox stage stop`, autoscale)."""
+
+
+@dataclass
+class Opened:
+    """What rank 0 opens at start: the stage's single queue handle, the app id, extra
+    variables for run.sh, and the Slurm stage job's hooks (called under the queue's lock: they
+    may use its connection)."""
+
+    queue: BatchQueue
+    app_id: int
+    script_env: dict[str, str]
+    hooks: StageHooks = field(default_factory=NoStageHooks)
+
+
+QueueOpener = Callable[[], Opened]
+"""Rank 0 only: opens the stage's database side."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,8 @@ class StageConfig:
     expected_ranks: int | None = None
     """The communicator size the launch asked for (default: SCALEBOX_MPI_RANKS / SLURM_NTASKS)."""
     script_env: Mapping[str, str] = field(default_factory=dict)
+    stage_job: bool = False
+    """Run as a Slurm stage job (``--stage-job``): walltime and `stage stop` drains, autoscaling, min_jobs."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +184,8 @@ class _Master:
         self.host = host_name()
         self.tasks_done = 0
         self.queue: BatchQueue | None = None
+        self.hooks: StageHooks = NoStageHooks()
+        self.next_tick = 0.0
 
     # database calls, serialised with the heartbeat thread (one connection)
     def db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -200,6 +220,7 @@ class _Master:
             beat.join(5.0)
             with contextlib.suppress(ScaleboxError):
                 self.db(self.q.set_slot_status, plan.slot_id, status, message=message, tasks_done=self.tasks_done)
+            self._leaving()
             self.q.close()
         if code != 0:  # MPI_Finalize would wait for a lost rank (or a waiting one) forever
             logger.error("MPI stage %s: %s; aborting the MPI job", plan.spec.name, message)
@@ -212,7 +233,8 @@ class _Master:
         return self.queue
 
     def _plan(self) -> Plan:
-        self.queue, app_id, extra_env = self.open_queue()
+        opened = self.open_queue()
+        self.queue, app_id, extra_env, self.hooks = opened.queue, opened.app_id, opened.script_env, opened.hooks
         refs = self.q.modules(app_id)
         specs = self.q.module_specs(app_id)
         name = self.config.module
@@ -268,7 +290,35 @@ class _Master:
         if status == "FINISHED":
             return True, idle_polls
         idle_polls = 0 if active or status != "RUNNING" else idle_polls + 1
-        return idle_polls >= args.max_idle_polls and not args.always_running, idle_polls
+        if idle_polls < args.max_idle_polls or args.always_running:
+            return False, idle_polls
+        if not self._hook(self.hooks.may_idle_exit, True):
+            return False, 0  # kept up as one of the module's min_jobs: ask again after another timeout
+        return True, idle_polls
+
+    def _hook(self, hook: Callable[[], bool], default: bool) -> bool:
+        """A stage-job hook, under the queue's lock (it may use the connection); ``default``
+        when the database is away."""
+        try:
+            return bool(self.db(hook))
+        except ScaleboxError as exc:
+            logger.warning("MPI stage: stage job check failed, will retry: %s", exc)
+            return default
+
+    def _tick(self, now: float) -> None:
+        """Every HOOK_SECONDS: drain when the stage job says so (walltime, `scalebox stage stop`)."""
+        if now < self.next_tick or self.stop.is_set():
+            return
+        self.next_tick = now + HOOK_SECONDS
+        if self._hook(self.hooks.tick, False):
+            logger.warning("MPI stage: the stage job drains")
+            self.stop.set()
+
+    def _leaving(self) -> None:
+        try:
+            self.db(self.hooks.leaving)
+        except ScaleboxError as exc:
+            logger.warning("MPI stage: could not mark the stage job as leaving: %s", exc)
 
     def _record(self, finished: list[Finished]) -> None:
         """Release aborted tasks; record the others (and their messages) in one transaction."""
@@ -313,6 +363,7 @@ class _Master:
         finished = False
         while True:
             now = time.monotonic()
+            self._tick(now)
             heard = self._poll(disp, starting, now)
             lost = disp.hung(now)
             if lost:
@@ -325,6 +376,7 @@ class _Master:
                 self._record([Finished(0, t, None, self.host) for t in tasks])
                 logger.warning("MPI stage draining: %d undistributed tasks released, %d running",
                                len(tasks), len(disp.running))
+                self._leaving()  # a replacement can queue while the running tasks finish
             if drain_deadline is not None and now >= drain_deadline and disp.running and not abort_sent:
                 for rank in disp.running:
                     self.comm.send(ABORT, dest=rank, tag=TAG_CTRL)
@@ -400,7 +452,10 @@ class _Master:
         handler = mpi.load_handler(cast(str, spec.mpi.handler), spec.code_path)
         ctx = _prepare_rank(self.plan, self.config, 0)
         idle_polls = 0
-        while not self.stop.is_set():
+        while True:
+            self._tick(time.monotonic())
+            if self.stop.is_set():
+                break
             tasks = self._claim(spec.mpi.batch or 1)
             if not tasks:
                 end, idle_polls = self._idle_verdict(idle_polls)

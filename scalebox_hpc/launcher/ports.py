@@ -51,6 +51,36 @@ class BatchQueue(TaskQueue, Protocol):
     def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int: ...
 
 
+class StageHooks(Protocol):
+    """What a Slurm stage job adds to a launcher (or to an MPI stage's rank 0), built by the
+    composition root: walltime and `scalebox stage stop` drains, autoscaling, min_jobs."""
+
+    def tick(self) -> bool:
+        """Called every fraction of a second; True: drain now (walltime, `stage stop`)."""
+        ...
+
+    def may_idle_exit(self) -> bool:
+        """Asked when the stage has been idle long enough to end; False: stay up (warm capacity)."""
+        ...
+
+    def leaving(self) -> None:
+        """The stage drains or ends: it no longer counts as capacity."""
+        ...
+
+
+class NoStageHooks:
+    """Outside a stage job: never drains by itself, may always end when idle."""
+
+    def tick(self) -> bool:
+        return False
+
+    def may_idle_exit(self) -> bool:
+        return True
+
+    def leaving(self) -> None:
+        return None
+
+
 class Clock(Protocol):
     """Time, injectable for tests."""
 

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +37,13 @@ CRASH_LOOP_LIMIT = 5
 
 @dataclass
 class SlotControl:
-    """Shared stop flags: ``draining`` = claim nothing more; ``abort`` = kill what runs now."""
+    """Shared stop flags: ``draining`` = claim nothing more; ``abort`` = kill what runs now;
+    ``may_idle_exit`` is asked before an idle slot ends (False keeps it polling: its stage job
+    is one of the module's ``min_jobs``)."""
 
     draining: threading.Event = field(default_factory=threading.Event)
     abort: threading.Event = field(default_factory=threading.Event)
+    may_idle_exit: Callable[[], bool] = field(default=lambda: True)
 
 
 @dataclass
@@ -159,8 +163,10 @@ class Slot:
             # READY or RUNNING elsewhere will become ours
             idle = 0 if active or status != "RUNNING" else idle + 1
             if idle >= args.max_idle_polls and not args.always_running:
-                logger.info("slot %s/%s: idle, exiting", self.ctx.module.name, self.ctx.seq)
-                return
+                if self.ctx.control.may_idle_exit():
+                    logger.info("slot %s/%s: idle, exiting", self.ctx.module.name, self.ctx.seq)
+                    return
+                idle = 0  # kept up as warm capacity: ask again after another idle timeout
             self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
 
     def _check_gate(self) -> bool:

@@ -17,7 +17,7 @@ from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm import JobInfo, SlurmCommandError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
-from scalebox_hpc.stages import FAILURE_LIMIT, Autoscaler, LaunchCommand
+from scalebox_hpc.stages import FAILURE_LIMIT, Autoscaler, LaunchCommand, may_leave_idle
 from tests.helpers import write_app
 
 pytestmark = pytest.mark.pg
@@ -262,3 +262,66 @@ def test_draining_jobs_are_replaced_and_unmanaged_apps_left_alone(pg_dsn: str, a
         conn.commit()
         report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, only=("work",))
     assert len(report.submitted["work"]) == 1  # the draining job is no longer capacity
+
+
+def test_idle_jobs_end_only_above_min_jobs(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """`idle` keeps min_jobs 1: of two idle running jobs one may end, the last stays up (no
+    exit-and-resubmit churn through the Slurm queue); a pending job does not count as kept."""
+    slurm = FakeSlurm()
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        stages.set_bounds(conn, app, "idle", 2, 2)
+        conn.commit()
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        first, second = sorted(live(pg_dsn, app)["idle"])
+        slurm.jobs[first] = SlurmState.RUNNING
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))  # refresh states
+        stages.set_bounds(conn, app, "idle", None, None)
+        conn.commit()
+        # min_jobs 1 (the file's), first RUNNING, second still PENDING: first is the one running job
+        assert may_leave_idle(conn, first) is False
+        slurm.jobs[second] = SlurmState.RUNNING
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        conn.commit()
+        assert may_leave_idle(conn, second) is True  # two run: one may go, and is marked draining
+        conn.commit()
+        assert may_leave_idle(conn, first) is False  # the other stays
+        assert may_leave_idle(conn, second) is True  # asking again (another node of the job) agrees
+        assert may_leave_idle(conn, "999999") is True  # not a stage job the database knows
+        stages.set_bounds(conn, app, "idle", 0, 2)  # `scalebox stage scale --min 0`
+        conn.commit()
+        assert may_leave_idle(conn, first) is True
+        conn.commit()
+    with connect(pg_dsn) as conn:
+        draining = {r["slurm_job_id"]: r["draining"] for r in stages.jobs(conn, app)}
+    assert draining == {first: True, second: True}
+
+
+def test_two_idle_jobs_asking_together_leave_one(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """The module row lock: two jobs asking at the same moment never both leave below min_jobs."""
+    slurm = FakeSlurm()
+    with connect(pg_dsn) as conn:
+        stages.set_bounds(conn, app, "idle", 2, 2)
+        conn.commit()
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        ids = live(pg_dsn, app)["idle"]
+        for job in ids:
+            slurm.jobs[job] = SlurmState.RUNNING
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        stages.set_bounds(conn, app, "idle", 1, 2)
+        conn.commit()
+    answers: dict[str, bool] = {}
+    barrier = threading.Barrier(len(ids))
+
+    def ask(job: str) -> None:
+        with connect(pg_dsn) as conn:
+            barrier.wait()
+            answers[job] = may_leave_idle(conn, job)
+            conn.commit()
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers.values()) == [False, True], answers

@@ -163,9 +163,11 @@ def test_a_starting_launcher_adopts_tasks_queued_before_it(pg_dsn: str, tmp_path
             Message("in:a"), Message("none"),
         ])
     assert pref(pg_dsn, app_id) == {"a": None, "b": None, "ac": "C", "c": "C", "in:a": None, "none": None}
+    queue.index_scratch("B", [("b", 1)], [])  # B's scratch is known, its launcher not up yet
     queue.index_scratch("A", [("a", 7)], [], replace=True)  # A's launcher starts: scan, then adopt
-    assert queue.adopt_tasks(app_id, "A") == 2
-    assert pref(pg_dsn, app_id) == {"a": "A", "b": None, "ac": "C", "c": "C", "in:a": "A", "none": None}
+    assert queue.adopt_tasks(app_id, "A") == 3
+    # b waits for B (its locality wait), so that A, up first, does not take it meanwhile
+    assert pref(pg_dsn, app_id) == {"a": "A", "b": "B", "ac": "C", "c": "C", "in:a": "A", "none": None}
     assert queue.adopt_tasks(app_id, "A") == 0  # idempotent
     dead(pg_dsn, "C")  # C died: its tasks go to a holder that starts later
     assert queue.adopt_tasks(app_id, "A") == 1
@@ -261,6 +263,42 @@ def test_an_idle_host_skips_the_tasks_bound_to_others_by_index(pg_dsn: str, tmp_
         assert conn.execute("SELECT count(*) AS n FROM sbx_tasks WHERE to_host IS NOT NULL").fetchone()["n"] == 200000  # type: ignore[index]
 
 
+def test_an_idle_host_skips_the_tasks_waiting_for_other_hosts_by_index(
+    pg_dsn: str, tmp_path: Path, queue: PgQueue,
+) -> None:
+    """Delay scheduling at scale: 200k READY tasks preferring 7 busy hosts, within their wait;
+    h7's claim must not walk them, yet takes the free task and, first, one whose wait is over."""
+    app_id = make_app(pg_dsn, tmp_path / "app")
+    mid = queue.modules(app_id)["use"].id
+    with connect(pg_dsn) as conn:
+        with conn.transaction():
+            conn.execute("ALTER TABLE sbx_tasks DISABLE TRIGGER sbx_tasks_locality")
+            conn.execute("""
+                INSERT INTO sbx_tasks (app_id, module_id, body, pref_host, pref_until)
+                SELECT %(app)s, %(mid)s, 'b' || i, 'h' || (i %% 7), now() + interval '1 hour'
+                FROM generate_series(1, 200000) AS i""", {"app": app_id, "mid": mid})
+            conn.execute("""
+                INSERT INTO sbx_tasks (app_id, module_id, body, pref_host, pref_until)
+                VALUES (%(app)s, %(mid)s, 'waited', 'h1', now() - interval '1 second')""",
+                         {"app": app_id, "mid": mid})
+            conn.execute("ALTER TABLE sbx_tasks ENABLE TRIGGER sbx_tasks_locality")
+        conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'free')", (app_id, mid))
+        conn.commit()
+        conn.execute("ANALYZE sbx_tasks")
+        scans = claim_scans(conn, app_id, mid, "h7")
+    assert ("Index Scan", "sbx_tasks_waited_idx") in scans, scans
+    assert not any(kind == "Seq Scan" for kind, _ in scans), scans
+    assert max(scans.values()) < 10, scans  # no task within its wait was read and filtered out
+    start = time.perf_counter()
+    assert claim(queue, app_id, mid, "h7", n=1) == ["waited"]  # it has waited: before the free one
+    print(f"idle claim beside 200k tasks waiting for other hosts: {(time.perf_counter() - start) * 1000:.1f} ms")
+    with connect(pg_dsn) as conn:
+        scans = claim_scans(conn, app_id, mid, "h7")
+    assert ("Index Scan", "sbx_tasks_free_idx") in scans and max(scans.values()) < 10, scans
+    assert claim(queue, app_id, mid, "h7", n=1) == ["free"]
+    assert claim(queue, app_id, mid, "h7", n=1) == []
+
+
 @pytest.mark.parametrize("queued_first", [False, True], ids=["launchers-first", "tasks-first"])
 def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: Path, queued_first: bool) -> None:
     """tasks-first: queued before any holder is up (stage jobs still pending in Slurm); each
@@ -302,6 +340,5 @@ def test_launchers_pull_the_tasks_whose_inputs_they_hold(pg_dsn: str, tmp_path: 
     assert len(rows) == 40 and {r["status"] for r in rows} == {0}
     local = sum(r["host"] == ("A" if int(r["body"][1:]) % 2 else "B") for r in rows)
     print(f"{local} of 40 tasks ran on the host holding their input")
-    # tasks-first: until the second launcher has adopted its tasks (a few ms after the first
-    # one starts claiming), the first may take some of them (measured: 38 to 40 of 40)
-    assert local >= (36 if queued_first else 38), f"only {local} of 40 tasks ran on the host holding their input"
+    # tasks-first: the first launcher up adopts the other's tasks for it (locality wait 30 s)
+    assert local >= 38, f"only {local} of 40 tasks ran on the host holding their input"

@@ -281,6 +281,28 @@ def test_stage_commands_scale_and_stop(env: dict[str, str], shared: Path) -> Non
     assert "submitted" not in sbx(env, "autoscale", "--app", app_id).stdout  # stopped stays stopped
 
 
+def test_min_jobs_keeps_an_idle_job_up_until_scaled_down(env: dict[str, str], shared: Path) -> None:
+    # idle timeout 4 polls x 0.5 s: without the keep-alive the job would end every 2 s and be
+    # resubmitted at once (min_jobs 1), another trip through the Slurm queue each time
+    path = write_pipeline(shared / "warm", {"work": {
+        "run": 'echo "done $1"\n', "arguments": FAST, "slots": [".*:1"],
+        "slurm": {"time": "10", "min_jobs": 1, "max_jobs": 1},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("w0\nw1\nw2\n")
+    app_id = submit(env, path)
+    wait_until("every task to succeed", all_ok(env, app_id, 3), 90, every=2)
+    time.sleep(8)  # four idle timeouts
+    [job] = jobs(env, app_id)
+    assert job["ended_at"] is None and not job["draining"] and job["state"] == "RUNNING", job
+    assert "idle, staying up" in job_log(shared, app_id, job)
+    sbx(env, "task", "add", "--app", app_id, "-m", "work", "late")
+    wait_until("the late task to succeed", all_ok(env, app_id, 4), 30)
+    assert [j["slurm_job_id"] for j in jobs(env, app_id)] == [job["slurm_job_id"]]  # the warm job took it
+    sbx(env, "stage", "scale", "--app", app_id, "work", "--min", "0")
+    [ended] = wait_until("the job to end once min_jobs is 0", all_ended(env, app_id), 60, every=2)
+    assert ended["slurm_job_id"] == job["slurm_job_id"] and ended["state"] == "COMPLETED", ended
+
+
 def test_submitted_by_an_unprivileged_user(env: dict[str, str], shared: Path) -> None:
     try:
         pwd.getpwnam(TEST_USER)
@@ -364,8 +386,8 @@ def test_a_stage_job_asks_for_the_node_holding_the_queued_inputs(env: dict[str, 
     finally:
         queue.close()
     add_with_inputs(env, app_id, [f"f{i}" for i in range(10)])
-    sbx(env, "autoscale", "--app", app_id)
-    [job] = jobs(env, app_id)
+    # autoscale passes are rate-limited (SCALEBOX_AUTOSCALE_SECONDS=2 here; `stage list` makes one)
+    [job] = wait_until("a job for the queued tasks", lambda: jobs(env, app_id), 10, every=1)
     assert job["nodes"] == "node3", job
     wait_until("10 tasks to succeed", all_ok(env, app_id, 10), 60)
     assert {t["host"] for t in tasks(env, app_id)} == {"node3"}
@@ -388,7 +410,7 @@ def test_mpi_stages_as_stage_jobs(env: dict[str, str], shared: Path) -> None:
     app_id = submit(env, app_yaml)
     script = sbx(env, "stage", "script", "--app", app_id, "calc").stdout
     assert "#SBATCH --ntasks-per-node=2" in script and "srun --mpi=pmi2 --kill-on-bad-exit=1" in script
-    assert "launcher --mpi --app" in script
+    assert "launcher --mpi --stage-job --app" in script
 
     def done() -> dict[str, Any] | None:
         sbx(env, "autoscale", "--app", app_id)
@@ -398,3 +420,52 @@ def test_mpi_stages_as_stage_jobs(env: dict[str, str], shared: Path) -> None:
     assert status["app"]["result"] == "Result is 1229"
     calc = [j for j in jobs(env, app_id) if j["module"] == "calc"]
     assert calc and len(calc[0]["nodes"].split(",")) == 2, calc
+
+
+def db_jobs(env: dict[str, str], app_id: str) -> list[dict[str, Any]]:
+    """The app's stage jobs as the database has them, without the autoscale pass `stage list` makes."""
+    from scalebox_hpc.db import stages
+
+    with connect(env["SCALEBOX_DSN"]) as conn:
+        return stages.jobs(conn, int(app_id), include_ended=True)
+
+
+def test_an_mpi_stage_job_scales_the_app_itself(env: dict[str, str], shared: Path) -> None:
+    """No `scalebox autoscale`, `status` or `stage list` while it runs: the sink's job can only be
+    submitted by the MPI stage's rank 0 (the first node of a stage job runs the autoscaler)."""
+    path = write_pipeline(shared / "mpi-scale", {
+        "gen": {"run": 'send-message "got-$1"\n', "arguments": FAST, "sink_modules": ["sink"],
+                "mpi": {"mode": "farm"}, "slurm": {"time": "10"},
+                "parameters": {"start_task": "FILE:bodies.txt"}},
+        "sink": {"run": 'echo "$1"\n', "arguments": FAST, "slurm": {"time": "10"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"g{i}\n" for i in range(5)))
+    app_id = submit(env, path)
+    assert [j["module"] for j in db_jobs(env, app_id)] == ["gen"]
+
+    def all_done() -> bool:
+        rows = tasks(env, app_id)
+        return len(rows) == 10 and all(t["status"] == 0 for t in rows)
+
+    wait_until("gen's and sink's tasks to succeed", all_done, 180, every=3)
+    assert sorted(j["module"] for j in db_jobs(env, app_id)) == ["gen", "sink"]
+    ended = wait_until("the jobs to end", all_ended(env, app_id), 90, every=2)
+    gen = [j for j in ended if j["module"] == "gen"]
+    assert len(gen) == 1 and gen[0]["state"] == "COMPLETED" and gen[0]["draining"], ended
+    log = job_log(shared, app_id, gen[0])
+    assert "autoscale failed" not in log and "autoscale:" not in log, log
+
+
+def test_stage_stop_drains_an_mpi_stage_job(env: dict[str, str], shared: Path) -> None:
+    path = write_pipeline(shared / "mpi-stop", {"slow": {
+        "run": 'sleep 2\n', "arguments": FAST, "mpi": {"mode": "farm"}, "slurm": {"time": "10"},
+        "parameters": {"start_task": "FILE:bodies.txt"}}})
+    (path.parent / "bodies.txt").write_text("".join(f"s{i}\n" for i in range(30)))
+    app_id = submit(env, path)
+    wait_until("a first task to succeed", lambda: any(t["status"] == 0 for t in tasks(env, app_id)), 120, every=2)
+    out = sbx(env, "stage", "stop", "--app", app_id, "slow").stdout
+    assert out.startswith("slow: draining"), out
+    [job] = wait_until("the MPI stage job to drain", all_ended(env, app_id), 60, every=2)
+    assert job["state"] == "COMPLETED", job
+    assert "asked to drain" in job_log(shared, app_id, job)
+    statuses = [t["status"] for t in tasks(env, app_id)]
+    assert len(statuses) == 30 and set(statuses) <= {0, -1} and statuses.count(-1) >= 10, statuses

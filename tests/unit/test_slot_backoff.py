@@ -58,3 +58,63 @@ def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> N
     thread.join(5)
     assert not thread.is_alive()
     assert 2 <= queue.claims <= 4, queue.claims  # 0.5 s, 1 s, 2 s ... not a spin
+
+
+class EmptyQueue(DownQueue):
+    """A reachable queue with nothing to do: the app runs, quiet."""
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[Any]:
+        self.claims += 1
+        return []
+
+    def app_activity(self, app_id: int) -> tuple[str, bool]:
+        return "RUNNING", False
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def recover_expired(self, **kwargs: Any) -> list[Any]:
+        return []
+
+    def app_cancelled(self, app_id: int) -> bool:
+        return False
+
+
+def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> None:
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "run.sh").write_text("true\n")
+    spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"),
+                                      "arguments": {"max_idle_polls": 2, "sleep_interval_seconds": 0.01}})
+    answers = [False, False, True]
+    asked: list[bool] = []
+
+    def may_idle_exit() -> bool:
+        asked.append(answers[len(asked)])
+        return asked[-1]
+
+    control = SlotControl(may_idle_exit=may_idle_exit)
+    ref = ModuleRef(1, "a", (), ConflictAction.FAIL)
+    ctx = SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
+                      work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=Wakeups(), control=control,
+                      base_env={})
+    queue = EmptyQueue()
+    thread = threading.Thread(target=Slot(ctx, queue).run)  # type: ignore[arg-type]
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert asked == [False, False, True]
+    assert queue.claims == 6  # asked after every idle timeout (2 empty polls), not after every poll
+
+
+def test_once_one_slot_may_leave_the_others_do_not_ask_again() -> None:
+    from scalebox_hpc.launcher.launcher import _once_true
+
+    calls: list[int] = []
+
+    def ask() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    asked = _once_true(ask)
+    assert [asked(), asked(), asked(), asked()] == [False, True, True, True]
+    assert len(calls) == 2
