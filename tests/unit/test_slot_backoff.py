@@ -36,16 +36,22 @@ class DownQueue:
         return None
 
 
-def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> None:
+def slot_context(tmp_path: Path, max_idle_polls: int, control: SlotControl) -> SlotContext:
+    """One slot of module `a` (run.sh: true) polling every 10 ms."""
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "run.sh").write_text("true\n")
-    spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"),
-                                      "arguments": {"max_idle_polls": 1, "sleep_interval_seconds": 0.01}})
-    wakeups, control = Wakeups(), SlotControl()
+    spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"), "arguments": {
+        "max_idle_polls": max_idle_polls, "sleep_interval_seconds": 0.01}})
     ref = ModuleRef(1, "a", (), ConflictAction.FAIL)
-    ctx = SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
-                      work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=wakeups, control=control,
-                      base_env={})
+    return SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
+                       work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=Wakeups(), control=control,
+                       base_env={})
+
+
+def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> None:
+    control = SlotControl()
+    ctx = slot_context(tmp_path, 1, control)
+    wakeups = ctx.wakeups
     queue = DownQueue()
     slot = Slot(ctx, queue)  # type: ignore[arg-type]
     thread = threading.Thread(target=slot.run)
@@ -81,10 +87,6 @@ class EmptyQueue(DownQueue):
 
 
 def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> None:
-    (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "run.sh").write_text("true\n")
-    spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"),
-                                      "arguments": {"max_idle_polls": 2, "sleep_interval_seconds": 0.01}})
     answers = [False, False, True]
     asked: list[bool] = []
 
@@ -92,11 +94,7 @@ def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> 
         asked.append(answers[len(asked)])
         return asked[-1]
 
-    control = SlotControl(may_idle_exit=may_idle_exit)
-    ref = ModuleRef(1, "a", (), ConflictAction.FAIL)
-    ctx = SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
-                      work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=Wakeups(), control=control,
-                      base_env={})
+    ctx = slot_context(tmp_path, 2, SlotControl(may_idle_exit=may_idle_exit))
     queue = EmptyQueue()
     thread = threading.Thread(target=Slot(ctx, queue).run)  # type: ignore[arg-type]
     thread.start()
