@@ -20,13 +20,15 @@ on any rank fails the task. Importing this module does not import mpi4py: :func:
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import importlib
 import importlib.util
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -175,6 +177,30 @@ def _held_paths(proc: Path = Path("/proc")) -> set[str]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return held
+
+
+INIT_TIMEOUT_VARIABLE = "SCALEBOX_MPI_INIT_TIMEOUT"
+
+
+@contextlib.contextmanager
+def init_deadline(seconds: float | None = None) -> Iterator[None]:
+    """End the process (exit 1, every thread's traceback on stderr) if the block takes longer
+    than ``seconds`` (default: SCALEBOX_MPI_INIT_TIMEOUT, else 120; 0 disables).
+
+    For MPI_Init: a launch that goes wrong (a PMI exchange that never completes) hangs there,
+    inside C code holding the GIL, until the job's time limit. faulthandler's watchdog is a C
+    thread that needs no GIL; with ``srun --kill-on-bad-exit`` the exit then ends the step."""
+    if seconds is None:
+        seconds = float(os.environ.get(INIT_TIMEOUT_VARIABLE) or 120)
+    if seconds <= 0:
+        yield
+        return
+    sys.stderr.flush()  # faulthandler writes to the descriptor: what Python buffered goes first
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def remove_stale_segments(shm_dir: Path = SHM_DIR, *, min_age: float = 10.0,

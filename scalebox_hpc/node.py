@@ -317,7 +317,8 @@ def run_mpi_stage(config: StageConfig) -> int:
     # the OFI netmod's short address does not (measured: 2 of 5 starts hung vs 0 of 12)
     os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
     mpi.remove_stale_segments()
-    comm = mpi.load_mpi().COMM_WORLD
+    with mpi.init_deadline():  # a hung MPI_Init ends this rank (and, --kill-on-bad-exit, the step)
+        comm = mpi.load_mpi().COMM_WORLD
 
     def open_queue() -> mpi_stage.Opened:
         # the stage's one connection: the schema check, the app lookup and the stage job's

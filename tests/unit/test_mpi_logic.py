@@ -234,3 +234,21 @@ def test_stale_segments_go_held_and_young_ones_stay(tmp_path: Path) -> None:
 
 def test_no_shm_dir_is_not_an_error(tmp_path: Path) -> None:
     assert mpi.remove_stale_segments(tmp_path / "absent", proc=tmp_path) == []
+
+
+def _deadline_child(body: str, **env: str) -> subprocess.CompletedProcess[str]:
+    code = f"import time\nfrom scalebox_hpc import mpi\nwith mpi.init_deadline():\n    {body}\ntime.sleep(1.0)\n"
+    environ = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environ,
+                          check=False)
+
+
+def test_a_hung_init_ends_the_process_with_its_traceback() -> None:
+    proc = _deadline_child("time.sleep(30)", SCALEBOX_MPI_INIT_TIMEOUT="0.5")
+    assert proc.returncode == 1 and "Timeout (0:00:00.500000)!" in proc.stderr, proc.stderr
+    assert 'File "<string>", line 4' in proc.stderr, proc.stderr  # where it hung: the sleep
+
+
+def test_the_deadline_is_off_once_init_returned_or_when_disabled() -> None:
+    assert _deadline_child("pass", SCALEBOX_MPI_INIT_TIMEOUT="0.5").returncode == 0  # slept past it afterwards
+    assert _deadline_child("time.sleep(1.0)", SCALEBOX_MPI_INIT_TIMEOUT="0").returncode == 0
