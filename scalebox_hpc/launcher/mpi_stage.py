@@ -352,7 +352,33 @@ class _Master:
                 self.tasks_done += 1
 
     # -- farm ---------------------------------------------------------------------------------------
+    def _gate(self) -> Slot | None:
+        """Rank 0's gate keeper when the module has check.sh or disk gates: they run on rank 0
+        (its node, its work dir) before every claim of a batch, as a slot runs them before its claim."""
+        spec = self.plan.spec
+        args = spec.arguments
+        if spec.script("check.sh") is None and args.free_space_gb is None and not args.dir_limit_gb:
+            return None
+        return Slot(_context(self.plan, self.config, 0, self.runtime), cast(TaskQueue, _NoDatabase()))
+
+    def _gate_open(self, gate: Slot | None) -> bool:
+        if gate is None:
+            return True
+        try:
+            return gate.gate_open()
+        except ScaleboxError as exc:
+            logger.warning("MPI stage: check.sh could not run, not claiming: %s", exc)
+            return False
+
     def _farm(self) -> int:
+        gate = self._gate()
+        try:
+            return self._farm_loop(gate)
+        finally:
+            if gate is not None:
+                gate.close()
+
+    def _farm_loop(self, gate: Slot | None) -> int:
         spec = self.plan.spec
         workers = self.size - 1
         disp = Dispatcher(batch=spec.mpi.batch or workers, hang_seconds=lease_for(self.hb))
@@ -383,6 +409,8 @@ class _Master:
                 abort_sent = True
             if drain_deadline is None and now >= next_poll:
                 want = disp.claim_size()
+                if want and not self._gate_open(gate):  # check.sh / disk gates say "not now"
+                    want, next_poll = 0, now + spec.arguments.sleep_interval_seconds
                 if want:
                     tasks = self._claim(want)
                     disp.add(tasks)

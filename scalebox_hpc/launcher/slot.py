@@ -211,6 +211,21 @@ class Slot:
             self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
         return self._setup()
 
+    def gate_open(self) -> bool:
+        """The disk gates and check.sh, as before a claim (the runtime session is opened on first
+        use, without setup.sh): True when all say go. :meth:`close` closes the session."""
+        self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        self.private.mkdir(parents=True, exist_ok=True)
+        if self.session is None:
+            self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
+        return self._check_gate()
+
+    def close(self) -> None:
+        """Close the runtime session, if open (no teardown.sh)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
     def execute(self, task: Task) -> TaskResult | None:
         """Run one claimed task (run.sh, timeout, task-exec files) into its result, without
         touching the database; None when ``control.abort`` stopped it."""

@@ -407,3 +407,35 @@ def test_setup_failing_on_every_rank_ends_the_stage(pg_dsn: str, work: Path, tmp
         [slot] = conn.execute("SELECT s.status, s.message FROM sbx_slots s JOIN sbx_modules m ON m.id = s.module_id "
                               "WHERE m.app_id = %s", (app_id,)).fetchall()
     assert slot["status"] == "ERROR" and "setup.sh" in slot["message"]
+
+
+def test_check_sh_holds_the_farm_back_until_it_says_go(pg_dsn: str, work: Path, tmp_path: Path) -> None:
+    """check.sh runs on rank 0 before each batch claim: while it exits non-zero nothing is claimed
+    (and the stage does not idle out); once it says go, every task runs."""
+    gate = tmp_path / "closed"
+    gate.touch()
+    app_id = create(pg_dsn, write_app(tmp_path / "app", """
+        name: gated
+        modules:
+          work:
+            mpi: {mode: farm}
+            arguments: {max_idle_polls: 2, sleep_interval_seconds: 0.2, heartbeat_seconds: 4}
+    """, {
+        "work/run.sh": "true\n",
+        "work/check.sh": f'echo "check in $PWD" >> {tmp_path}/checks; test ! -e {gate}\n',
+    }))
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "work", [Message(f"t{i}") for i in range(6)])
+    proc = stage(pg_dsn, app_id, "work", work, nodes=2, ranks=3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "checks").exists():
+        time.sleep(0.2)
+    time.sleep(3)  # several closed checks (0.2 s apart), far beyond the 2 idle polls
+    assert {t["status"] for t in tasks(pg_dsn, app_id)} == {-1}, "claimed while check.sh said no"
+    assert proc.poll() is None, "the stage idled out while its gate was closed"
+    gate.unlink()
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert {t["status"] for t in tasks(pg_dsn, app_id)} == {0}
+    checks = (tmp_path / "checks").read_text().splitlines()
+    assert len(checks) >= 5 and all(c.endswith("-rank0") for c in checks), checks[:5]
