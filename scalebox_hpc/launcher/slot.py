@@ -205,19 +205,19 @@ class Slot:
     # -- for runners without a queue (the MPI farm's worker ranks) ------------------------------
     def setup(self) -> bool:
         """Run setup.sh in the work dir; False when it failed."""
+        self._open_session()
+        return self._setup()
+
+    def _open_session(self) -> None:
         self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
         self.private.mkdir(parents=True, exist_ok=True)
         if self.session is None:
             self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
-        return self._setup()
 
     def gate_open(self) -> bool:
         """The disk gates and check.sh, as before a claim (the runtime session is opened on first
         use, without setup.sh): True when all say go. :meth:`close` closes the session."""
-        self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        self.private.mkdir(parents=True, exist_ok=True)
-        if self.session is None:
-            self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
+        self._open_session()
         return self._check_gate()
 
     def close(self) -> None:
