@@ -334,17 +334,19 @@ def run_mpi_stage(config: StageConfig) -> int:
                     raise NotFoundError("app", "(any)")
                 app_id = int(row["id"])
         opened = mpi_stage.Opened(queue, app_id, {"SCALEBOX_DSN": dsn})
-        specs = queue.module_specs(app_id)
-        if config.stage_job and config.module in specs:
+        if config.stage_job:
             job = JobEnvironment.from_env()
+
             @contextlib.contextmanager
             def lent() -> Iterator[Connection]:
                 with translate_errors(dsn):
                     yield queue.conn
 
-            spec = ModuleSpec.model_validate(specs[config.module])
-            opened.hooks = StageLifecycle(job, spec, app_id, lent,
-                                          stage_autoscaler(dsn, config.work_root, session=lent), end=_job_end(job))
+            def hooks(spec: ModuleSpec) -> StageLifecycle:
+                scale = stage_autoscaler(dsn, config.work_root, session=lent)
+                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job))
+
+            opened.hooks = hooks
         return opened
 
     return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())

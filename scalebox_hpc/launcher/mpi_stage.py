@@ -62,13 +62,13 @@ HOOK_SECONDS = 0.5
 @dataclass
 class Opened:
     """What rank 0 opens at start: the stage's single queue handle, the app id, extra
-    variables for run.sh, and the Slurm stage job's hooks (called under the queue's lock: they
-    may use its connection)."""
+    variables for run.sh, and what builds the Slurm stage job's hooks from the module's spec
+    (they are called under the queue's lock: they may use its connection)."""
 
     queue: BatchQueue
     app_id: int
     script_env: dict[str, str]
-    hooks: StageHooks = field(default_factory=NoStageHooks)
+    hooks: Callable[[ModuleSpec], StageHooks] = lambda _spec: NoStageHooks()
 
 
 QueueOpener = Callable[[], Opened]
@@ -234,7 +234,7 @@ class _Master:
 
     def _plan(self) -> Plan:
         opened = self.open_queue()
-        self.queue, app_id, extra_env, self.hooks = opened.queue, opened.app_id, opened.script_env, opened.hooks
+        self.queue, app_id, extra_env = opened.queue, opened.app_id, opened.script_env
         refs = self.q.modules(app_id)
         specs = self.q.module_specs(app_id)
         name = self.config.module
@@ -243,6 +243,7 @@ class _Master:
         spec = ModuleSpec.model_validate(specs[name])
         if spec.mpi.mode is None:
             raise MpiError(f"module {name!r} is not an MPI stage (set mpi: {{mode: farm|collective}})")
+        self.hooks = opened.hooks(spec)
         self.q.register_host(self.host, {"pid": os.getpid(), "mpi_ranks": self.size})
         work = self.config.work_root / f"app-{app_id}" / name / f"{self.host}-rank0"
         slot_id = self.q.create_slot(refs[name].id, host=self.host, seq=0, pid=os.getpid(), work_dir=str(work))
@@ -292,33 +293,21 @@ class _Master:
         idle_polls = 0 if active or status != "RUNNING" else idle_polls + 1
         if idle_polls < args.max_idle_polls or args.always_running:
             return False, idle_polls
-        if not self._hook(self.hooks.may_idle_exit, True):
+        if not self.db(self.hooks.may_idle_exit):
             return False, 0  # kept up as one of the module's min_jobs: ask again after another timeout
         return True, idle_polls
-
-    def _hook(self, hook: Callable[[], bool], default: bool) -> bool:
-        """A stage-job hook, under the queue's lock (it may use the connection); ``default``
-        when the database is away."""
-        try:
-            return bool(self.db(hook))
-        except ScaleboxError as exc:
-            logger.warning("MPI stage: stage job check failed, will retry: %s", exc)
-            return default
 
     def _tick(self, now: float) -> None:
         """Every HOOK_SECONDS: drain when the stage job says so (walltime, `scalebox stage stop`)."""
         if now < self.next_tick or self.stop.is_set():
             return
         self.next_tick = now + HOOK_SECONDS
-        if self._hook(self.hooks.tick, False):
+        if self.db(self.hooks.tick):
             logger.warning("MPI stage: the stage job drains")
             self.stop.set()
 
     def _leaving(self) -> None:
-        try:
-            self.db(self.hooks.leaving)
-        except ScaleboxError as exc:
-            logger.warning("MPI stage: could not mark the stage job as leaving: %s", exc)
+        self.db(self.hooks.leaving)
 
     def _record(self, finished: list[Finished]) -> None:
         """Release aborted tasks; record the others (and their messages) in one transaction."""

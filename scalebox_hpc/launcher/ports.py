@@ -53,7 +53,9 @@ class BatchQueue(TaskQueue, Protocol):
 
 class StageHooks(Protocol):
     """What a Slurm stage job adds to a launcher (or to an MPI stage's rank 0), built by the
-    composition root: walltime and `scalebox stage stop` drains, autoscaling, min_jobs."""
+    composition root: walltime and `scalebox stage stop` drains, autoscaling, min_jobs. The
+    hooks never raise: a database or Slurm failure is logged and answered safely (no drain,
+    stay up)."""
 
     def tick(self) -> bool:
         """Called every fraction of a second; True: drain now (walltime, `stage stop`)."""

@@ -236,9 +236,7 @@ class Slot:
         try:
             self._script("teardown.sh")
         finally:
-            if self.session is not None:
-                self.session.close()
-                self.session = None
+            self.close()
 
     # -- one task -------------------------------------------------------------------------------
     def _process(self, task: Task) -> None:
