@@ -35,7 +35,11 @@ class TaskStatus(enum.IntEnum):
     SYSTEM_ERROR = -101
     """The launcher could not run the task at all (e.g. run.sh missing)."""
     EMIT_FAILED = -102
-    """run.sh finished but its emitted messages were rejected (unknown sink, duplicate body)."""
+    """run.sh finished but its emitted messages were rejected (unknown sink, duplicate body,
+    a malformed line, more messages than ``arguments.max_messages``)."""
+    OUTPUT_INVALID = -103
+    """The run's output could not be recorded: a task-exec file of the wrong shape, type, size
+    or kind (FIFO, symlink), a ``statusCode`` outside 0..255, or a result the database refused."""
 
     @staticmethod
     def describe(code: int) -> str:
