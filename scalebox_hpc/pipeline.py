@@ -127,6 +127,8 @@ class ModuleArguments(BaseModel):
     slot_options: list[str] = Field(default_factory=list)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     conflict_action: ConflictAction = ConflictAction.FAIL
+    max_messages: int = Field(default=100_000, ge=1)
+    """Messages one task may emit; more makes the task fail with -102 and emit none (split the work)."""
     # stored now, implemented by later issues
     dir_limit_gb: dict[str, float] | None = None
     free_space_gb: float | None = Field(default=None, ge=0)
