@@ -127,7 +127,10 @@ def run_launcher(
     finally:
         _restore_signals(previous)
         listener.stop()
-    return 0
+    code = launcher.exit_code()
+    if code:
+        logger.error("every slot on %s ended in error (see `scalebox slot` messages / the log above)", config.host)
+    return code
 
 
 def _install_signals(stop: threading.Event, draining: threading.Event) -> dict[int, object]:

@@ -130,21 +130,24 @@ WHERE t.id = c.id
 RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts;
 
 -- name: complete_task
--- The hand-off in one round trip (see sbx_complete_task_v1); written is NULL on a lost lease.
-SELECT sbx_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(status)s::integer, %(requeue)s, %(exec)s::jsonb,
-                            %(messages)s::jsonb, %(finish_text)s) AS written;
+-- The hand-off in one round trip (see sbx_complete_task_v2); written is NULL on a lost lease.
+SELECT sbx_complete_task_v2(%(task_id)s::bigint, %(slot_id)s::bigint, %(attempt)s::integer, %(status)s::integer,
+                            %(requeue)s, %(exec)s::jsonb, %(messages)s::jsonb, %(finish_text)s) AS written;
 
 -- name: recover_expired
 -- Lease recovery, run by any live launcher (heartbeat thread) or CLI call: no daemon.
 --  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
 --     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
+--     after a server restart a lease counts from the restart: its owner, reconnecting, gets
+--     one whole lease to renew it before anyone may take the task (an outage is no death);
 --  2. each gets an execution record with status 123 (STALLED);
 --  3. it returns to READY while its module's stall_retries allow another attempt, else 123;
---  4. slots that stopped heart-beating are marked LOST.
+--  4. slots silent for two of their own heartbeat intervals are marked LOST.
 WITH expired AS (
     SELECT t.id
     FROM sbx_tasks t
     WHERE t.status = -3 AND t.lease_expires_at < now()
+      AND pg_postmaster_start_time() + (t.lease_expires_at - COALESCE(t.heartbeat_at, t.lease_expires_at)) < now()
     ORDER BY t.lease_expires_at
     LIMIT 1000
     FOR UPDATE SKIP LOCKED
@@ -158,7 +161,7 @@ WITH expired AS (
     UPDATE sbx_slots
     SET status = 'LOST', ended_at = now(), message = 'no heartbeat since ' || heartbeat_at::text
     WHERE status IN ('STARTING', 'READY', 'RUNNING')
-      AND heartbeat_at < now() - make_interval(secs => %(slot_timeout_seconds)s)
+      AND heartbeat_at < now() - make_interval(secs => 2 * heartbeat_seconds)
 )
 UPDATE sbx_tasks t
 SET status = CASE WHEN t.attempts <= m.stall_retries THEN -1 ELSE 123 END,
@@ -178,22 +181,37 @@ WHERE slot_id = %(slot_id)s AND status = -3
 RETURNING id;
 
 -- name: heartbeat_slot
--- One statement renews the slot and the leases of the tasks it runs.
+-- One statement renews the slot and the leases of the tasks it knows it runs (task_ids; NULL:
+-- all of its RUNNING tasks). A RUNNING task of the slot that it does not know, claimed more
+-- than a lease ago, is one whose claim reply was lost: it goes back to READY (attempt not
+-- counted) instead of being renewed for the slot's whole life.
 WITH s AS (
     UPDATE sbx_slots SET heartbeat_at = now(), status = %(status)s
     WHERE id = %(slot_id)s AND status NOT IN ('ERROR', 'EXITED') RETURNING id
+), renewed AS (
+    UPDATE sbx_tasks
+    SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+    WHERE slot_id = %(slot_id)s AND status = -3
+      AND (%(task_ids)s::bigint[] IS NULL OR id = ANY (%(task_ids)s::bigint[]))
+    RETURNING id
+), stray AS (
+    UPDATE sbx_tasks
+    SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+        attempts = greatest(attempts - 1, 0), started_at = NULL
+    WHERE slot_id = %(slot_id)s AND status = -3
+      AND %(task_ids)s::bigint[] IS NOT NULL AND NOT (id = ANY (%(task_ids)s::bigint[]))
+      AND started_at < now() - make_interval(secs => %(lease_seconds)s)
+    RETURNING id
 )
-UPDATE sbx_tasks
-SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-WHERE slot_id = %(slot_id)s AND status = -3;
+SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS released;
 
 -- name: upsert_host
 INSERT INTO sbx_hosts (name, info) VALUES (%(name)s, %(info)s)
 ON CONFLICT (name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info;
 
 -- name: insert_slot
-INSERT INTO sbx_slots (module_id, host, seq, status, pid, work_dir)
-VALUES (%(module_id)s, %(host)s, %(seq)s, 'STARTING', %(pid)s, %(work_dir)s)
+INSERT INTO sbx_slots (module_id, host, seq, status, pid, work_dir, heartbeat_seconds)
+VALUES (%(module_id)s, %(host)s, %(seq)s, 'STARTING', %(pid)s, %(work_dir)s, %(heartbeat_seconds)s)
 RETURNING id;
 
 -- name: set_slot_status
@@ -237,10 +255,11 @@ WHERE t.id = %(task_id)s;
 SELECT * FROM sbx_task_execs WHERE task_id = %(task_id)s ORDER BY id;
 
 -- name: retry_tasks
--- Manual retry: terminal tasks become READY again (RUNNING and READY ones are left alone).
+-- Manual retry: terminal tasks become READY again (RUNNING and READY ones are left alone),
+-- with a fresh attempt budget (their retry rules and stall retries apply anew).
 UPDATE sbx_tasks
 SET status = -1, slot_id = NULL, host = NULL, started_at = NULL, finished_at = NULL,
-    heartbeat_at = NULL, lease_expires_at = NULL
+    heartbeat_at = NULL, lease_expires_at = NULL, attempts = 0
 WHERE id = ANY(%(task_ids)s) AND status NOT IN (-1, -3)
 RETURNING id;
 
@@ -404,12 +423,12 @@ DELETE FROM sbx_scratch WHERE host = %(host)s;
 
 -- name: complete_tasks_batch
 -- The MPI farm's hand-off of a whole batch in one statement (one transaction, one round trip):
--- sbx_complete_task_v1 per row; written is NULL for a row whose lease was lost.
-SELECT c.ord, sbx_complete_task_v1(c.task_id, c.slot_id, c.status, c.requeue, c.exec, c.messages,
-                                   c.finish_text) AS written
+-- sbx_complete_task_v2 per row; written is NULL for a row whose lease was lost.
+SELECT c.ord, sbx_complete_task_v2(c.task_id, c.slot_id, c.attempt, c.status, c.requeue, c.exec,
+                                   c.messages, c.finish_text) AS written
 FROM jsonb_to_recordset(%(rows)s::jsonb)
-     AS c (ord integer, task_id bigint, slot_id bigint, status integer, requeue boolean, exec jsonb,
-           messages jsonb, finish_text text)
+     AS c (ord integer, task_id bigint, slot_id bigint, attempt integer, status integer, requeue boolean,
+           exec jsonb, messages jsonb, finish_text text)
 ORDER BY c.ord;
 
 -- name: release_task_ids
@@ -419,3 +438,7 @@ SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires
     attempts = greatest(attempts - 1, 0), started_at = NULL
 WHERE slot_id = %(slot_id)s AND status = -3 AND id = ANY(%(task_ids)s)
 RETURNING id;
+
+-- name: app_uid
+-- The app's uid, unique across databases: names its work dirs.
+SELECT uid::text AS uid FROM sbx_apps WHERE id = %(app_id)s;

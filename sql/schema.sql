@@ -1,5 +1,5 @@
 -- scalebox_hpc schema, version 1. Kept equal to applying sql/migrations/*.sql in order
--- (tests/integration/test_migrations.py compares the two).
+-- (tests/integration/test_schema.py compares the two).
 
 CREATE TABLE sbx_schema_version (
     version integer PRIMARY KEY,
@@ -23,6 +23,8 @@ CREATE TABLE sbx_apps (
     -- set by `scalebox app cancel`: launchers kill and release what runs, and stop
     cancelled boolean NOT NULL DEFAULT false,
     spec jsonb NOT NULL,
+    -- unique across databases (ids restart at 1 in each): names the app's work dirs
+    uid uuid NOT NULL DEFAULT gen_random_uuid(),
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
@@ -72,7 +74,9 @@ CREATE TABLE sbx_slots (
     tasks_done bigint NOT NULL DEFAULT 0,
     started_at timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
-    ended_at timestamptz
+    ended_at timestamptz,
+    -- the slot's own heartbeat interval: it is LOST (and its host dead) after two without a beat
+    heartbeat_seconds double precision NOT NULL DEFAULT 10
 );
 CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
 CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('STARTING', 'READY', 'RUNNING');
@@ -207,9 +211,11 @@ $$;
 -- The hand-off, in one call (one round trip, one transaction): end the run of a task this slot
 -- still holds (or make it READY again for a retry), record the execution, insert the emitted
 -- messages and, if asked, finish the app. Returns the messages written, or NULL when the slot
--- no longer holds the task (lease lost: nothing is written).
-CREATE FUNCTION sbx_complete_task_v1(
-    p_task_id bigint, p_slot_id bigint, p_status integer, p_requeue boolean,
+-- no longer holds the task (lease lost: nothing is written). p_attempt fences the claim: a run
+-- whose task was recovered and claimed again (attempts moved on) records nothing, even when the
+-- same slot holds the newer claim (an MPI farm's one slot id).
+CREATE FUNCTION sbx_complete_task_v2(
+    p_task_id bigint, p_slot_id bigint, p_attempt integer, p_status integer, p_requeue boolean,
     p_exec jsonb, p_messages jsonb, p_finish_text text)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -221,12 +227,12 @@ BEGIN
         UPDATE sbx_tasks
         SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
             started_at = NULL, finished_at = NULL
-        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3
+        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3 AND attempts = p_attempt
         RETURNING * INTO t;
     ELSE
         UPDATE sbx_tasks
         SET status = p_status, finished_at = now(), lease_expires_at = NULL, heartbeat_at = now()
-        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3
+        WHERE id = p_task_id AND slot_id = p_slot_id AND status = -3 AND attempts = p_attempt
         RETURNING * INTO t;
     END IF;
     IF NOT FOUND THEN
@@ -315,12 +321,13 @@ CREATE TABLE sbx_scratch (
 
 CREATE INDEX sbx_scratch_host_idx ON sbx_scratch (host);
 
--- A host is live while one of its slots heartbeats: entries of dead hosts are ignored.
+-- A host is live while one of its slots heartbeats, judged by that slot's own heartbeat
+-- interval (two intervals without a beat: dead); entries of dead hosts are ignored.
 CREATE FUNCTION sbx_host_live(h text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM sbx_slots s
                    WHERE s.host = h AND s.status IN ('STARTING', 'READY', 'RUNNING')
-                     AND s.heartbeat_at > now() - interval '60 seconds')
+                     AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds))
 $$;
 
 -- The inputs a task names: its `inputs` header (a JSON array of keys), else what its module's

@@ -585,9 +585,8 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
     config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root,
                      local_scratch=local_scratch)
     if stage_job:
-        run_stage_launcher(dsn, config)
-    else:
-        run_launcher(dsn, config, grace=grace)
+        sys.exit(run_stage_launcher(dsn, config))
+    sys.exit(run_launcher(dsn, config, grace=grace))
 
 
 @cli.command("run")

@@ -6,12 +6,14 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from scalebox_hpc.db.connection import Connection, connect, translate_errors
+from scalebox_hpc.db.connection import Connection, connect, is_retryable, translate_errors
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
 from scalebox_hpc.models import ConflictAction, Message, Task, TaskResult, TaskStatus, validate_headers
@@ -20,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Stdout/stderr kept per execution: the tail, as Scalebox does.
 OUTPUT_TAIL_BYTES = 64 * 1024
+QUEUE_STATEMENT_TIMEOUT = 120.0
+"""Seconds any one queue statement may take (a hand-off of 100 000 messages takes a few)."""
+INERROR = TransactionStatus.INERROR
 
 
 @dataclass(frozen=True)
@@ -147,18 +152,42 @@ def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
 
 
 class PgQueue:
-    """One slot's (or one CLI call's) handle on the queue; owns one connection, reconnects lazily."""
+    """One slot's (or one CLI call's) handle on the queue; owns one connection, reconnects lazily.
 
-    def __init__(self, dsn: str) -> None:
+    Every statement is bounded by ``statement_timeout`` seconds (a launcher's lease must not
+    wait on a stuck statement), and the connection has TCP keepalives (see :func:`connect`).
+    ``clock_offset`` (database minus local clock, measured at each connect) turns the node's
+    times into the database's, so execution times agree with the leases and recovery records."""
+
+    def __init__(self, dsn: str, *, statement_timeout: float | None = QUEUE_STATEMENT_TIMEOUT) -> None:
         self.dsn = dsn
+        self.statement_timeout = statement_timeout
+        self.clock_offset = timedelta(0)
+        self.connects = 0
+        """How many times the connection was (re)opened: a caller can tell it was away."""
         self._conn: Connection | None = None
 
     @property
     def conn(self) -> Connection:
         """The open connection (opened on first use, reopened after a failure)."""
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn, autocommit=True)
+            conn = connect(self.dsn, autocommit=True, statement_timeout=self.statement_timeout)
+            with translate_errors(self.dsn):
+                before = datetime.now(UTC)
+                row = conn.execute("SELECT now() AS now").fetchone()
+                after = datetime.now(UTC)
+            if row is not None:  # the server's clock at the middle of the round trip
+                self.clock_offset = row["now"] - (before + (after - before) / 2)
+            self._conn = conn
+            self.connects += 1
         return self._conn
+
+    def _drop_if_broken(self, exc: psycopg.Error) -> None:
+        """Close the connection after an error that may have left it unusable (an outage, a
+        terminated backend, a fail-over): the next call reconnects."""
+        conn = self._conn
+        if is_retryable(exc) or conn is None or conn.closed or conn.info.transaction_status == INERROR:
+            self.close()
 
     def close(self) -> None:
         """Close the connection."""
@@ -171,8 +200,8 @@ class PgQueue:
             try:  # one statement = one implicit transaction (autocommit): one round trip
                 cur = self.conn.execute(query(name), params)
                 return cur.fetchall() if cur.description else []
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self.close()
+            except psycopg.Error as exc:
+                self._drop_if_broken(exc)
                 raise
 
     # -- modules --------------------------------------------------------------------------
@@ -209,8 +238,8 @@ class PgQueue:
                     if not rows:
                         raise psycopg.Rollback(tx)  # nothing claimed: give the unit back
                     return [Task.from_row(r) for r in rows]
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self.close()
+            except psycopg.Error as exc:
+                self._drop_if_broken(exc)
                 raise
         return []
 
@@ -242,16 +271,16 @@ class PgQueue:
         routed: list[tuple[ModuleRef, Message]], requeue: bool,
     ) -> int:
         params = {
-            "task_id": task.id, "slot_id": slot_id, "status": result.status, "requeue": requeue,
-            "exec": Jsonb(_exec_record(result, host)),
+            "task_id": task.id, "slot_id": slot_id, "attempt": task.attempts, "status": result.status,
+            "requeue": requeue, "exec": Jsonb(_exec_record(result, host, self.clock_offset)),
             "messages": Jsonb(_message_rows(routed, TaskStatus.READY, None)),
             "finish_text": result.finish_text,
         }
         with translate_errors(self.dsn), _duplicates_as_invalid():
             try:
                 row = self.conn.execute(query("complete_task"), params).fetchone()
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self.close()
+            except psycopg.Error as exc:
+                self._drop_if_broken(exc)
                 raise
         if row is None or row["written"] is None:
             raise LeaseLostError(task.id)
@@ -273,8 +302,9 @@ class PgQueue:
             except InvalidMessageError as exc:
                 result, requeue, routed = _emit_failed(result, str(exc)), False, []
             rows.append({
-                "ord": ord_, "task_id": item.task.id, "slot_id": slot_id, "status": result.status,
-                "requeue": requeue, "exec": _exec_record(result, item.host),
+                "ord": ord_, "task_id": item.task.id, "slot_id": slot_id, "attempt": item.task.attempts,
+                "status": result.status, "requeue": requeue,
+                "exec": _exec_record(result, item.host, self.clock_offset),
                 "messages": _message_rows(routed, TaskStatus.READY, None), "finish_text": result.finish_text,
             })
         if not rows:
@@ -304,11 +334,12 @@ class PgQueue:
             return 0
         return len(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
 
-    def recover_expired(self, *, slot_timeout_seconds: float) -> list[tuple[int, int]]:
+    def recover_expired(self) -> list[tuple[int, int]]:
         """Return tasks with expired leases to READY (or 123 when their retries are spent), mark
-        silent slots LOST, and unbind the READY tasks bound to a dead host; returns the
-        (task id, new status) pairs of the recovered tasks."""
-        rows = self._run("recover_expired", {"slot_timeout_seconds": slot_timeout_seconds})
+        slots silent for two of their own heartbeat intervals LOST, and unbind the READY tasks
+        bound to a dead host; returns the (task id, new status) pairs of the recovered tasks.
+        After a server restart a lease counts from the restart (its owner gets to renew it)."""
+        rows = self._run("recover_expired", {})
         [released] = self._run("release_bound", {"limit": 1000})
         if released["released"]:
             logger.warning("%d task(s) bound to a dead host may now run anywhere", released["released"])
@@ -328,8 +359,8 @@ class PgQueue:
                     if added:
                         self.conn.execute(query("scratch_add"), {
                             "host": host, "keys": [k for k, _ in added], "bytes": [b for _, b in added]})
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self.close()
+            except psycopg.Error as exc:
+                self._drop_if_broken(exc)
                 raise
 
     def adopt_tasks(self, app_id: int, host: str, *, limit: int = 100_000) -> int:
@@ -338,13 +369,28 @@ class PgQueue:
         [row] = self._run("adopt_tasks", {"app_id": app_id, "host": host, "limit": limit})
         return int(row["adopted"])
 
-    def heartbeat(self, slot_id: int, *, status: str, lease_seconds: float) -> None:
-        """Renew the slot and the leases of its running tasks."""
-        self._run("heartbeat_slot", {"slot_id": slot_id, "status": status, "lease_seconds": lease_seconds})
+    def heartbeat(
+        self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
+    ) -> list[int]:
+        """Renew the slot and the leases of its running tasks: those in ``task_ids`` (None: all
+        of them). A RUNNING task of the slot not in ``task_ids`` and claimed over a lease ago
+        (its claim's reply was lost) is released; returns the released ids."""
+        rows = self._run("heartbeat_slot", {
+            "slot_id": slot_id, "status": status, "lease_seconds": lease_seconds,
+            "task_ids": None if task_ids is None else list(task_ids),
+        })
+        return [int(i) for i in rows[0]["released"]] if rows else []
 
     def release(self, slot_id: int) -> int:
         """Give the slot's running tasks back to READY (drain); returns how many."""
         return len(self._run("release_tasks", {"slot_id": slot_id}))
+
+    def app_uid(self, app_id: int) -> str:
+        """The app's uid (unique across databases); NotFoundError when there is no such app."""
+        rows = self._run("app_uid", {"app_id": app_id})
+        if not rows:
+            raise NotFoundError("app", app_id)
+        return str(rows[0]["uid"])
 
     def app_activity(self, app_id: int) -> tuple[str, bool]:
         """(status, active): the app's status, and whether any of its tasks is READY or RUNNING."""
@@ -358,10 +404,13 @@ class PgQueue:
         """Record (or refresh) a host."""
         self._run("upsert_host", {"name": name, "info": Jsonb(info)})
 
-    def create_slot(self, module_id: int, *, host: str, seq: int, pid: int, work_dir: str) -> int:
-        """Register a slot; returns its id."""
+    def create_slot(
+        self, module_id: int, *, host: str, seq: int, pid: int, work_dir: str, heartbeat_seconds: float = 10.0,
+    ) -> int:
+        """Register a slot that beats every ``heartbeat_seconds`` / 2; returns its id."""
         rows = self._run("insert_slot", {
             "module_id": module_id, "host": host, "seq": seq, "pid": pid, "work_dir": work_dir,
+            "heartbeat_seconds": heartbeat_seconds,
         })
         return int(rows[0]["id"])
 
@@ -382,18 +431,46 @@ def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
     )
 
 
-def _exec_record(result: TaskResult, host: str) -> dict[str, Any]:
-    return {
-        "host": host, "started_at": result.started_at.isoformat(), "finished_at": result.finished_at.isoformat(),
+def _exec_record(result: TaskResult, host: str, clock_offset: timedelta = timedelta(0)) -> dict[str, Any]:
+    """The execution row as JSON, in the database's time, every text made storable (jsonb
+    refuses NUL and lone surrogates: one such byte in a task's output must not lose its result)."""
+    record: dict[str, Any] = storable({
+        "host": host, "started_at": (result.started_at + clock_offset).isoformat(),
+        "finished_at": (result.finished_at + clock_offset).isoformat(),
         "stdout": _tail(result.stdout), "stderr": _tail(result.stderr),
-        "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
+        "input_bytes": _bigint(result.input_bytes), "output_bytes": _bigint(result.output_bytes),
         "input_files": result.input_files, "output_files": result.output_files,
         "user_text": result.user_text, "timestamps": result.timestamps,
-    }
+    })
+    return record
+
+
+def _bigint(value: int | None) -> int | None:
+    """A byte count PostgreSQL's bigint holds (None for anything else)."""
+    return value if value is not None and 0 <= value < 2**63 else None
+
+
+def storable(value: Any) -> Any:
+    """``value`` (JSON data) with every string PostgreSQL can store: NUL and lone surrogates
+    become U+FFFD, in keys too."""
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, dict):
+        return {_clean(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
+def _clean(text: str) -> str:
+    if text.isascii():
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str, from_slot: int) -> dict[str, Any]:
     """Headers of an emitted message: the sender's, plus where it came from (for HOST-BOUND routing)."""
-    merged = {"from_module": from_module, "from_host": from_host, "from_slot": from_slot}
-    merged.update(msg_headers)
+    # stamped last: a message cannot pass itself off as another host's or slot's (it may still
+    # name its own to_host / to_slot)
+    merged = {**msg_headers, "from_module": from_module, "from_host": from_host, "from_slot": from_slot}
     return validate_headers(merged)

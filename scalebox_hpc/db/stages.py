@@ -85,11 +85,11 @@ def set_bounds(conn: Connection, app_id: int, module: str, min_jobs: int | None,
         raise NotFoundError("module", module)
 
 
-def recover_expired(conn: Connection, slot_timeout_seconds: float = 60.0) -> int:
+def recover_expired(conn: Connection) -> int:
     """Return the tasks of dead launchers (expired leases) to READY before deciding on capacity:
     when a stage's last job was cancelled, no launcher is left to do it. Also unbinds the tasks
     bound to a dead host."""
-    recovered = len(conn.execute(query("recover_expired"), {"slot_timeout_seconds": slot_timeout_seconds}).fetchall())
+    recovered = len(conn.execute(query("recover_expired")).fetchall())
     conn.execute(query("release_bound"), {"limit": 1000})
     return recovered
 

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from scalebox_hpc.launcher import scratch
 from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
 
@@ -78,6 +80,7 @@ class Launcher:
         queue = self.queue_factory()
         try:
             refs = queue.modules(cfg.app_id)
+            uid = queue.app_uid(cfg.app_id)
             specs = {name: ModuleSpec.model_validate(raw) for name, raw in queue.module_specs(cfg.app_id).items()}
             queue.register_host(cfg.host, {"pid": os.getpid()})
             if cfg.local_scratch is not None:
@@ -91,6 +94,7 @@ class Launcher:
         for name in cfg.modules:
             if name not in specs:
                 raise NotFoundError("module", name)
+        root = claim_app_dir(cfg.work_root, cfg.app_id, uid)
         env = {**os.environ, **cfg.script_env}
         if cfg.local_scratch is not None:
             env["LOCAL_SCRATCH"] = str(cfg.local_scratch)
@@ -102,7 +106,7 @@ class Launcher:
                 continue  # an MPI stage (`scalebox launcher --mpi`); a farm runs as slots when named or local
             count = cfg.slots if cfg.slots is not None else slots_for_host(spec, cfg.host, local=cfg.local)
             for seq in range(count):
-                work = cfg.work_root / f"app-{cfg.app_id}" / name / f"{cfg.host}-slot{seq}"
+                work = root / name / f"{cfg.host}-slot{seq}"
                 contexts.append(SlotContext(
                     app_id=cfg.app_id, module=spec, ref=refs[name], modules=refs, host=cfg.host, seq=seq,
                     work_dir=work, runtime=self.runtime, wakeups=self.wakeups, control=self.control,
@@ -129,13 +133,24 @@ class Launcher:
         return sum(t.is_alive() for t in self._threads)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for every slot to end; False if some still run after ``timeout``."""
+        """Wait for every slot to end; False if some still run after ``timeout`` (one deadline
+        for all slots: a drain's grace is not multiplied by the number of busy slots)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         done = self.alive() == 0
         if done:
             self._stopped.set()
         return done
+
+    def exit_code(self) -> int:
+        """0, or 1 when every slot ended in ERROR (setup.sh failed, an engine missing, a crash
+        loop): a stage job whose node can run nothing must fail, not end COMPLETED and be
+        resubmitted for ever."""
+        ended = [s.final_status for s in self.slots]
+        if ended and all(status == "ERROR" for status in ended):
+            return 1
+        return 0
 
     def stop(self, grace: float = 30.0) -> None:
         """Drain: claim nothing more; running tasks get ``grace`` seconds, then are killed and released."""
@@ -150,21 +165,32 @@ class Launcher:
     def _heartbeats(self) -> None:
         """Every half heartbeat renew each live slot and its task leases; every quarter heartbeat
         recover the expired leases of dead slots anywhere (no daemon: every launcher does it), so
-        a dead slot's tasks are back within 1.5 + 0.25 heartbeats."""
+        a dead slot's tasks are back within 1.5 + 0.25 heartbeats. The thread never dies of an
+        error. After its own connection was away it beats at once and recovers nothing for a
+        lease: the others' launchers, cut off as well, must get to renew their leases first."""
         queue = self.queue_factory()
         hb = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots)
-        tick = 0
+        lease = max(lease_for(s.ctx.module.arguments.heartbeat_seconds) for s in self.slots)
+        tick, connects, quiet_until, failed = 0, 0, 0.0, False
         try:
             while not self._stopped.wait(hb / 4) and self.alive():
                 tick += 1
                 try:
-                    if tick % 2 == 0:
+                    if tick % 2 == 0 or failed:
                         self._beat(queue)
                         if queue.app_cancelled(self.config.app_id):
                             self._cancel()
-                    recovered = queue.recover_expired(slot_timeout_seconds=2 * hb)
-                except ScaleboxError as exc:
-                    logger.warning("heartbeat failed, will retry: %s", exc)
+                    seen = getattr(queue, "connects", 0)
+                    if seen > max(connects, 1):  # reconnected after an outage
+                        quiet_until = time.monotonic() + lease
+                    connects, failed = seen, False
+                    if time.monotonic() < quiet_until:
+                        continue
+                    recovered = queue.recover_expired()
+                except Exception as exc:
+                    failed = True
+                    log = logger.warning if isinstance(exc, ScaleboxError) else logger.exception
+                    log("heartbeat failed, will retry: %s", exc)
                     continue
                 for task_id, status in recovered:
                     logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status)
@@ -182,8 +208,13 @@ class Launcher:
         for slot in self.slots:
             if slot.slot_id and slot.running:
                 hb = slot.ctx.module.arguments.heartbeat_seconds
-                status = "RUNNING" if slot.current is not None else "READY"
-                queue.heartbeat(slot.slot_id, status=status, lease_seconds=lease_for(hb))
+                current = slot.current
+                status = "RUNNING" if current is not None else "READY"
+                released = queue.heartbeat(slot.slot_id, status=status, lease_seconds=lease_for(hb),
+                                           task_ids=[] if current is None else [current.id])
+                for task_id in released:
+                    logger.warning("task %s: held by slot %s, which does not run it (a lost claim reply): "
+                                   "released", task_id, slot.slot_id)
 
 
 def _once_true(ask: Callable[[], bool]) -> Callable[[], bool]:

@@ -44,6 +44,7 @@ from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
 from scalebox_hpc.launcher.ports import BatchQueue, NoStageHooks, StageHooks, TaskQueue
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
+from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
@@ -100,6 +101,8 @@ class Plan:
     modules: dict[str, ModuleRef]
     slot_id: int
     script_env: dict[str, str]
+    work_dir: Path
+    """The app's work dir (see launcher.workdirs): each rank works in ``<module>/<host>-rank<R>`` below it."""
 
 
 class _NoDatabase:
@@ -160,7 +163,7 @@ def _install_signals(stop: threading.Event, rank: int) -> None:
 
 def _context(plan: Plan, config: StageConfig, rank: int, runtime: ContainerRuntime) -> SlotContext:
     host = host_name()
-    work = config.work_root / f"app-{plan.app_id}" / plan.spec.name / f"{host}-rank{rank}"
+    work = plan.work_dir / plan.spec.name / f"{host}-rank{rank}"
     return SlotContext(
         app_id=plan.app_id, module=plan.spec, ref=plan.ref, modules=plan.modules, host=host, seq=rank,
         work_dir=work, runtime=runtime, wakeups=Wakeups(), control=SlotControl(),
@@ -245,11 +248,14 @@ class _Master:
             raise MpiError(f"module {name!r} is not an MPI stage (set mpi: {{mode: farm|collective}})")
         self.hooks = opened.hooks(spec)
         self.q.register_host(self.host, {"pid": os.getpid(), "mpi_ranks": self.size})
-        work = self.config.work_root / f"app-{app_id}" / name / f"{self.host}-rank0"
-        slot_id = self.q.create_slot(refs[name].id, host=self.host, seq=0, pid=os.getpid(), work_dir=str(work))
+        root = claim_app_dir(self.config.work_root, app_id, self.q.app_uid(app_id))
+        work = root / name / f"{self.host}-rank0"
+        slot_id = self.q.create_slot(refs[name].id, host=self.host, seq=0, pid=os.getpid(), work_dir=str(work),
+                                     heartbeat_seconds=spec.arguments.heartbeat_seconds)
         self.q.set_slot_status(slot_id, "RUNNING")
         env = {**extra_env, **self.config.script_env}
-        return Plan(app_id=app_id, spec=spec, ref=refs[name], modules=refs, slot_id=slot_id, script_env=env)
+        return Plan(app_id=app_id, spec=spec, ref=refs[name], modules=refs, slot_id=slot_id, script_env=env,
+                    work_dir=root)
 
     def _heartbeats(self) -> None:
         """Every half heartbeat renew the stage's slot and all its leases; every quarter
@@ -263,8 +269,8 @@ class _Master:
                     if self.db(self.q.app_cancelled, self.plan.app_id):
                         self.cancelled.set()
                         self.stop.set()
-                recovered = self.db(self.q.recover_expired, slot_timeout_seconds=2 * self.hb)
-            except ScaleboxError as exc:
+                recovered = self.db(self.q.recover_expired)
+            except Exception as exc:  # the heartbeat thread never dies: it logs and beats again
                 logger.warning("MPI stage heartbeat failed, will retry: %s", exc)
                 continue
             for task_id, st in recovered:

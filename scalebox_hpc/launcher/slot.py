@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from scalebox_hpc import mpi
 from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
-from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
+from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, ScriptError, SlotError
 from scalebox_hpc.launcher import mpirun, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.ports import TaskQueue
@@ -31,6 +32,9 @@ from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Sessio
 logger = logging.getLogger(__name__)
 
 HELPER_BIN = Path(__file__).resolve().parent / "bin"
+MAX_HANDOFF_BYTES = 64 * 2**20
+"""Bodies and headers one task may emit in all: one hand-off is one transaction, and jsonb
+values stop at 256 MB (over that PostgreSQL refuses the statement, for good)."""
 CRASH_LOOP_LIMIT = 5
 """Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
 
@@ -78,6 +82,9 @@ class Slot:
         self.running = False
         self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
         self.session: Session | None = None
+        self.final_status: str | None = None
+        """How the slot ended (EXITED, ERROR), once it has."""
+        self._fatal: ScaleboxError | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -93,10 +100,12 @@ class Slot:
         self.private.mkdir(parents=True, exist_ok=True)
         try:
             self.slot_id = self.queue.create_slot(
-                ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir)
+                ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir),
+                heartbeat_seconds=ctx.module.arguments.heartbeat_seconds,
             )
-        except ScaleboxError as exc:
+        except Exception as exc:
             logger.error("slot %s/%s could not register: %s", ctx.module.name, ctx.seq, exc)
+            self.final_status = "ERROR"
             self.queue.close()
             return
         self.running = True
@@ -112,21 +121,25 @@ class Slot:
         except ScaleboxError as exc:
             status, message = "ERROR", str(exc)
             logger.error("slot %s/%s failed: %s", ctx.module.name, ctx.seq, exc)
+        except Exception as exc:  # a bug of ours: the slot ends, said where the user looks
+            status, message = "ERROR", f"internal error: {type(exc).__name__}: {exc}"
+            logger.exception("slot %s/%s failed", ctx.module.name, ctx.seq)
         finally:
             self._finish(status, message)
 
     def _finish(self, status: str, message: str | None) -> None:
         self.running = False
+        self.final_status = status
         if self.session is not None:
             try:
                 self.session.close()
             except Exception:  # a stuck container must not keep the slot's end from being recorded
                 logger.exception("slot %s/%s: closing its runtime session failed", self.ctx.module.name, self.ctx.seq)
         try:
-            if self.current is not None:
+            if self.current is not None:  # only a drain or an abort leaves a task unrecorded
                 self.queue.release(self.slot_id)
             self.queue.set_slot_status(self.slot_id, status, message=message, tasks_done=self.tasks_done)
-        except ScaleboxError as exc:
+        except Exception as exc:
             logger.warning("slot %s: could not record its end: %s", self.slot_id, exc)
         finally:
             self.queue.close()
@@ -228,8 +241,9 @@ class Slot:
 
     def execute(self, task: Task) -> TaskResult | None:
         """Run one claimed task (run.sh, timeout, task-exec files) into its result, without
-        touching the database; None when ``control.abort`` stopped it."""
-        return self._execute(task)
+        touching the database; None when ``control.abort`` stopped it. Never raises for what a
+        task does: a run that cannot start is -101, output that cannot be read is -103."""
+        return self._execute_safely(task)
 
     def teardown(self) -> None:
         """Run teardown.sh (if any), then close the runtime session."""
@@ -241,16 +255,40 @@ class Slot:
     # -- one task -------------------------------------------------------------------------------
     def _process(self, task: Task) -> None:
         self.current = task
-        result = self._execute(task)
-        if result is None:  # aborted: give the task back
+        result = self._execute_safely(task)
+        if result is None:  # aborted or drained: give the task back, the attempt not counted
             self.queue.release(self.slot_id)
             self.current = None
             return
-        rules = self.ctx.module.parameters.retry_rules
-        requeue = TaskStatus.is_failure(result.status) and task.attempts <= extra_attempts(rules, result.status)
-        self._record(task, result, requeue)
+        self._record(task, result, self._requeue(task, result.status))
         self.current = None
+        if self._fatal is not None:  # the slot cannot run anything (its container engine failed)
+            raise self._fatal
         self._watch_crashes(result.status)
+
+    def _requeue(self, task: Task, status: int) -> bool:
+        """Whether the task's retry rules give a run that ended with ``status`` another attempt."""
+        rules = self.ctx.module.parameters.retry_rules
+        return TaskStatus.is_failure(status) and task.attempts <= extra_attempts(rules, status)
+
+    def _execute_safely(self, task: Task) -> TaskResult | None:
+        """:meth:`_execute`, with whatever goes wrong turned into this task's result: a task
+        never takes its slot down, nor goes back to the queue uncounted (a poison task would
+        then kill every slot in turn and never fail)."""
+        started = datetime.now(UTC)
+        try:
+            return self._execute(task)
+        except ContainerError as exc:  # the engine, not the task: record it, then end the slot
+            self._fatal = exc
+            return _system_error(started, f"the slot's container failed: {exc}")
+        except ScriptError as exc:  # run.sh could not be started (exec format, interpreter missing)
+            return _system_error(started, str(exc))
+        except ScaleboxError as exc:
+            return _system_error(started, str(exc))
+        except Exception as exc:
+            logger.exception("task %s: its run could not be executed or collected", task.id)
+            return _system_error(started, f"internal error running the task: {type(exc).__name__}: {exc}",
+                                 status=TaskStatus.OUTPUT_INVALID, detail=traceback.format_exc())
 
     def _watch_crashes(self, status: int) -> None:
         """A slot whose runs keep dying (killed by a signal, or not startable) stops claiming."""
@@ -270,13 +308,24 @@ class Slot:
                     modules=self.ctx.modules, requeue=requeue,
                 )
             except LeaseLostError:
-                logger.warning("task %s: lease lost, result discarded (the task was recovered)", task.id)
+                logger.warning("task %s: lease lost, result discarded (the task was recovered, or its "
+                               "result was already recorded)", task.id)
                 return
             except DatabaseError as exc:
                 if self.ctx.control.abort.is_set():
                     logger.error("task %s: result not recorded before shutdown: %s", task.id, exc)
                     return
                 self._backoff(exc)
+                continue
+            except Exception as exc:  # refused for good (too large, a bad value): record why instead
+                if result.status == TaskStatus.OUTPUT_INVALID and not result.messages and not result.stdout:
+                    logger.exception("task %s: not even its failure could be recorded; left to lease expiry",
+                                     task.id)
+                    return
+                logger.warning("task %s: the database refused its result (%s); recorded as %d",
+                               task.id, exc, TaskStatus.OUTPUT_INVALID)
+                result = unrecordable(result, f"{type(exc).__name__}: {exc}")
+                requeue = self._requeue(task, result.status)
                 continue
             self.db_failures = 0
             self.tasks_done += 1
@@ -333,26 +382,32 @@ class Slot:
             return None
         finished = datetime.now(UTC)
         report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys(),
-                                  host_path=self.session.host_path if self.session is not None else None)
+                                  host_path=self.session.host_path if self.session is not None else None,
+                                  max_messages=ctx.module.arguments.max_messages)
+        if report.status is not None and not 0 <= report.status <= 255:  # -1 would re-run it for ever
+            report.invalid.append(f"{taskexec.TASK_EXEC}: statusCode {report.status} is outside 0..255")
+            report.status = None
         return self._result(task, outcome, report, started, finished)
 
     def _result(
         self, task: Task, outcome: Outcome, report: taskexec.ExecReport, started: datetime, finished: datetime
     ) -> TaskResult:
         status = _status_of(outcome)
+        stderr = _read(self.private / "run.err")
+        if report.invalid:  # output of the wrong shape, size or kind: -103 unless run.sh failed anyway
+            stderr += "".join(f"scalebox: {p}\n" for p in report.invalid)
+            if status == 0:
+                status = TaskStatus.OUTPUT_INVALID
         if status == 0 and report.status is not None:
             status = report.status
-        stderr = _read(self.private / "run.err")
-        if report.problems:
-            stderr += "".join(f"scalebox: {p}\n" for p in report.problems)
+        messages, problems = self._messages(report) if status == 0 else ([], [])
+        problems = [*report.problems, *problems]
+        if problems:
+            stderr += "".join(f"scalebox: {p}\n" for p in problems)
             if status == 0:
                 status = TaskStatus.EMIT_FAILED
-        messages = [
-            Message(body=m.body, module=m.module, headers=headers_for(
-                m.headers, from_module=self.ctx.module.name, from_host=self.ctx.host, from_slot=self.ctx.seq,
-            ))
-            for m in report.messages
-        ] if status == 0 else []
+        if status != 0:
+            messages = []
         return TaskResult(
             status=status, started_at=started, finished_at=finished,
             stdout=_read(self.private / "run.out"), stderr=stderr,
@@ -361,6 +416,24 @@ class Slot:
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
             finish_text=report.finish_text if status == 0 else None,
         )
+
+    def _messages(self, report: taskexec.ExecReport) -> tuple[list[Message], list[str]]:
+        """The run's messages stamped with where they came from, or the problems that make the
+        task emit none (a message whose headers no longer fit, a hand-off over MAX_HANDOFF_BYTES)."""
+        out: list[Message] = []
+        size = 0
+        for n, m in enumerate(report.messages, 1):
+            try:
+                headers = headers_for(m.headers, from_module=self.ctx.module.name, from_host=self.ctx.host,
+                                      from_slot=self.ctx.seq)
+            except ScaleboxError as exc:
+                return [], [f"message {n}: {exc}"]
+            size += len(m.body) + len(str(headers))
+            if size > MAX_HANDOFF_BYTES:
+                return [], [f"the emitted messages exceed {MAX_HANDOFF_BYTES // 2**20} MiB in all; "
+                            "emit fewer or smaller messages per task (pass large data as files)"]
+            out.append(Message(body=m.body, module=m.module, headers=headers))
+        return out, []
 
     # -- scripts --------------------------------------------------------------------------------
     def _script(self, name: str) -> int | None:
@@ -455,8 +528,21 @@ def _read(path: Path, limit: int = 64 * 1024) -> str:
         return ""
 
 
-def _system_error(started: datetime, reason: str) -> TaskResult:
+def _system_error(
+    started: datetime, reason: str, *, status: int = TaskStatus.SYSTEM_ERROR, detail: str = "",
+) -> TaskResult:
     return TaskResult(
-        status=TaskStatus.SYSTEM_ERROR, started_at=started, finished_at=datetime.now(UTC),
-        stderr=f"scalebox: {reason}\n",
+        status=status, started_at=started, finished_at=datetime.now(UTC),
+        stderr=f"scalebox: {reason}\n{detail}",
+    )
+
+
+def unrecordable(result: TaskResult, reason: str) -> TaskResult:
+    """What is recorded when the database refused a run's result: status -103, no messages,
+    a short tail of its output and the reason (small enough to be stored whatever happened)."""
+    tail = 4096
+    return TaskResult(
+        status=TaskStatus.OUTPUT_INVALID, started_at=result.started_at, finished_at=result.finished_at,
+        stdout=result.stdout[-tail:],
+        stderr=result.stderr[-tail:] + f"\nscalebox: the result could not be recorded: {reason[:2000]}\n",
     )

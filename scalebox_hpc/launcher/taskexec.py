@@ -51,6 +51,8 @@ class ExecReport:
     finish_text: str | None = None
     problems: list[str] = field(default_factory=list)
     """Malformed lines or files, reported in the execution's stderr, never silently dropped."""
+    invalid: list[str] = field(default_factory=list)
+    """Task-exec output of the wrong shape, type, size or kind: the task becomes -103."""
 
 
 def _split_headers(line: str) -> tuple[str, dict[str, Any] | None]:
@@ -167,6 +169,7 @@ def _parse_emit_buffer(text: str, report: ExecReport) -> None:
 
 def collect(
     work_dir: Path, emit_file: Path, modules: Collection[str], host_path: HostPath | None = None,
+    *, max_messages: int = 100_000,
 ) -> ExecReport:
     """Read and remove the task-exec files of the run that just ended. ``host_path`` maps the
     paths a containerised run wrote (``/work/x``, ``/local/x``) to the host, for the sizes;

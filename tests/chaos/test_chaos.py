@@ -153,7 +153,7 @@ def test_stalled_task_gets_123_when_retries_are_spent(pg_dsn: str, tmp_path: Pat
         [task] = q.claim(app_id, module_id, host="dead", slot_id=slot, slot_seq=0, lease_seconds=0.01)
         assert task.attempts == attempt
         time.sleep(0.05)
-        assert q.recover_expired(slot_timeout_seconds=3600) == [(task.id, expected)]
+        assert q.recover_expired() == [(task.id, expected)]
     assert exec_statuses(pg_dsn, app_id) == {123: 2}
     q.close()
 

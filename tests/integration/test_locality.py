@@ -117,10 +117,10 @@ def test_a_bound_task_waits_for_its_host_while_it_lives(pg_dsn: str, tmp_path: P
         apps.add_tasks(conn, app_id, "use", [Message("host-bound", headers={"to_host": "B"}),
                                              Message("slot-bound", headers={"to_host": "B", "to_slot": 3})])
     time.sleep(0.7)
-    queue.recover_expired(slot_timeout_seconds=60)  # what every launcher does each heartbeat
+    queue.recover_expired()  # what every launcher does each heartbeat
     assert claim(queue, app_id, mid, "A") == []     # past the wait, but B lives: it stays B's
     dead(pg_dsn, "B")                               # B's launcher died: released to anyone
-    queue.recover_expired(slot_timeout_seconds=60)
+    queue.recover_expired()
     assert sorted(claim(queue, app_id, mid, "A")) == ["host-bound", "slot-bound"]
 
 
@@ -129,7 +129,7 @@ def test_a_bound_task_is_its_hosts_at_once(pg_dsn: str, tmp_path: Path, queue: P
     mid = queue.modules(app_id)["use"].id
     with connect(pg_dsn) as conn:  # B is not up yet: its tasks wait for it (within the wait)
         apps.add_tasks(conn, app_id, "use", [Message("b", headers={"to_host": "B"}), Message("free")])
-    queue.recover_expired(slot_timeout_seconds=60)
+    queue.recover_expired()
     assert claim(queue, app_id, mid, "A") == ["free"]
     assert claim(queue, app_id, mid, "B") == ["b"]
 
@@ -257,7 +257,7 @@ def test_an_idle_host_skips_the_tasks_bound_to_others_by_index(pg_dsn: str, tmp_
     assert claim(queue, app_id, mid, "h7", n=1) == ["free"]
     print(f"idle claim beside 200k bound tasks: {(time.perf_counter() - start) * 1000:.1f} ms")
     start = time.perf_counter()
-    assert queue.recover_expired(slot_timeout_seconds=60) == []  # the release sweep: 7 dead hosts ...
+    assert queue.recover_expired() == []  # the release sweep: 7 dead hosts ...
     print(f"release sweep over 200k bound tasks: {(time.perf_counter() - start) * 1000:.1f} ms")
     with connect(pg_dsn) as conn:  # ... but their tasks are within their locality wait
         assert conn.execute("SELECT count(*) AS n FROM sbx_tasks WHERE to_host IS NOT NULL").fetchone()["n"] == 200000  # type: ignore[index]

@@ -148,7 +148,7 @@ def test_killed_rank_loses_nothing_and_emits_nothing_twice(pg_dsn: str, work: Pa
     deadline = time.monotonic() + 20
     recovered: list[tuple[int, int]] = []
     while time.monotonic() < deadline and not recovered:
-        recovered = queue.recover_expired(slot_timeout_seconds=4)
+        recovered = queue.recover_expired()
         time.sleep(0.5)
     queue.close()
     assert recovered and all(status == -1 for _, status in recovered)
@@ -388,7 +388,7 @@ def test_hung_rank_ends_the_stage_and_its_task_comes_back(pg_dsn: str, work: Pat
     assert {t["status"] for t in rows} <= {0, -1, -3}
     time.sleep(3.5)
     queue = PgQueue(pg_dsn)
-    recovered = queue.recover_expired(slot_timeout_seconds=4)
+    recovered = queue.recover_expired()
     queue.close()
     assert [tid for tid, _ in recovered] == [running[0]["id"]]
 
