@@ -282,7 +282,7 @@ class Slot:
             self._fatal = exc
             return _system_error(started, f"the slot's container failed: {exc}")
         except ScriptError as exc:  # run.sh could not be started (exec format, interpreter missing)
-            return _system_error(started, str(exc))
+            return _system_error(started, _why_unstartable(self.ctx.module.script("run.sh"), exc))
         except ScaleboxError as exc:
             return _system_error(started, str(exc))
         except Exception as exc:
@@ -508,6 +508,22 @@ def session_spec(ctx: SlotContext, private: Path) -> SessionSpec:
 def _script_argv(path: Path) -> list[str]:
     """Executable scripts run as themselves (their shebang); others through bash, as in Scalebox."""
     return [str(path)] if os.access(path, os.X_OK) else ["bash", str(path)]
+
+
+def _why_unstartable(path: Path | None, exc: ScriptError) -> str:
+    """The start failure, naming a missing ``#!`` interpreter (the kernel only says ENOENT)."""
+    if path is None:
+        return str(exc)
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(512)
+    except OSError:
+        return str(exc)
+    if first.startswith(b"#!"):
+        words = first[2:].decode("utf-8", "replace").split()
+        if words and not os.access(words[0], os.X_OK):
+            return f"{exc} (its interpreter {words[0]!r}, named on the #! line of {path.name}, is not there)"
+    return str(exc)
 
 
 def _status_of(outcome: Outcome) -> int:

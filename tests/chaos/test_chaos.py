@@ -212,3 +212,36 @@ def test_soak_small(pg_dsn: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["exact"] is True and result["final"]["sink"] == {"0": 360}
+
+
+def test_a_task_runs_to_the_end_through_three_restarts_longer_than_its_lease(
+    private_pg: tuple[str, dict[str, str]], tmp_path: Path,
+) -> None:
+    """F9: three PostgreSQL restarts, each longer than the lease (1.5 s), during one 12 s run:
+    the task ends OK with one execution, not 123 after three 'recoveries'."""
+    dsn, pg_env = private_pg
+    spec = load_pipeline(write_app(tmp_path / "app", f"""
+        name: long
+        modules:
+          a:
+            arguments: {FAST}
+    """, {"a/run.sh": "sleep 12; echo done\n"}))
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+    with connect(dsn) as conn:
+        apps.add_tasks(conn, app_id, "a", [Message("t")])
+    proc = launcher(dict(os.environ, SCALEBOX_DSN=dsn), app_id, "h1", "--work-root", str(tmp_path / "work"))
+    wait_for(lambda: count(dsn, app_id, -3) == 1, 30, "the task to run")
+    script = str(REPO / "launchers/testbed/postgres.sh")
+    for _ in range(3):
+        subprocess.run(["bash", script, "stop"], env=pg_env, check=True, capture_output=True, timeout=120)
+        time.sleep(2.0)
+        subprocess.run(["bash", script, "start"], env=pg_env, check=True, capture_output=True, timeout=120)
+        time.sleep(0.5)
+    wait_for(lambda: count(dsn, app_id, 0) == 1, 60, "the task to end")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    with connect(dsn) as conn:
+        [task] = conn.execute("SELECT id, status, attempts FROM sbx_tasks").fetchall()
+        execs = [r["status"] for r in conn.execute("SELECT status FROM sbx_task_execs").fetchall()]
+    assert execs == [0] and (task["status"], task["attempts"]) == (0, 1)
