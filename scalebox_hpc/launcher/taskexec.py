@@ -50,6 +50,10 @@ EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"
 MAX_TASK_EXEC_BYTES = 16 * 1024 * 1024
 """A larger task-exec.json is not read: ``json.loads`` holds the GIL (about 9 s per GB, which
 starves the heartbeat) and needs several times the file's size in memory."""
+MAX_TASK_EXEC_VALUES = 1_000_000
+"""A task-exec.json with more JSON values than this (counted as commas, '[' and '{', so an
+over-estimate) is not parsed: 16 MiB of ``[[],[],...`` would be 5.6 M lists, about 450 MB and
+2 s with the GIL held. The largest valid file (two full file lists, full timestamps) has far fewer."""
 MAX_USER_TEXT_BYTES = 1024 * 1024
 """user-file.txt and ``userText`` are kept up to this many UTF-8 bytes, then cut with a marker."""
 MAX_TIMESTAMPS = 10_000
@@ -492,6 +496,9 @@ class _Collector:
         raw = stream.read(MAX_TASK_EXEC_BYTES + 1) if size <= MAX_TASK_EXEC_BYTES else b""
         if size > MAX_TASK_EXEC_BYTES or len(raw) > MAX_TASK_EXEC_BYTES:
             self.invalid(f"{TASK_EXEC}: more than {MAX_TASK_EXEC_BYTES} bytes; not read")
+            return
+        if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_TASK_EXEC_VALUES:
+            self.invalid(f"{TASK_EXEC}: more than {MAX_TASK_EXEC_VALUES} JSON values; not read")
             return
         try:
             data = _JSON.decode(raw.decode("utf-8", "replace").removeprefix("\ufeff"))

@@ -403,6 +403,26 @@ def test_task_exec_json_at_the_limit_is_read(tmp_path: Path) -> None:
     assert report.status == 4 and report.invalid == []
 
 
+@pytest.mark.parametrize("unit", ["[],", "{},", "1,"])
+def test_millions_of_tiny_values_are_refused_before_parsing(tmp_path: Path, unit: str) -> None:
+    n = (taskexec.MAX_TASK_EXEC_BYTES - 20) // len(unit)
+    (tmp_path / taskexec.TASK_EXEC).write_text('{"x": [' + unit * (n - 1) + unit[:-1] + "]}")
+    start = time.monotonic()
+    report = run(tmp_path)
+    assert time.monotonic() - start < 1.0
+    assert report.invalid == [f"task-exec.json: more than {taskexec.MAX_TASK_EXEC_VALUES} JSON values; not read"]
+
+
+def test_full_file_lists_and_timestamps_are_within_the_value_limit(tmp_path: Path) -> None:
+    cap, stamps = taskexec.MAX_FILE_ENTRIES, taskexec.MAX_TIMESTAMPS
+    report = task_exec(tmp_path, {
+        "inputFiles": [f"/nonexistent/in,{i}" for i in range(cap)],
+        "outputFiles": [f"/nonexistent/out,{i}" for i in range(cap)],
+        "timestamps": [{"time": f"t{i}", "label": "l", "extra": [1, 2, {"a": 1}]} for i in range(stamps)],
+    })
+    assert report.invalid == [] and len(report.timestamps) == stamps and len(report.output_files) == cap
+
+
 def test_user_text_is_cut_to_1_mib_silently(tmp_path: Path) -> None:
     (tmp_path / taskexec.TASK_EXEC).write_text(json.dumps({"userText": "j" * 1000}))
     (tmp_path / taskexec.USER_FILE).write_bytes("é".encode() * taskexec.MAX_USER_TEXT_BYTES)
