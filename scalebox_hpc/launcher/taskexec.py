@@ -72,7 +72,8 @@ MAX_JSON_DEPTH = 64
 """Deepest nesting kept in headers and timestamp objects (deeper JSON kills recursive code)."""
 MAX_NOTES = 100
 """Notes kept in ``problems`` and in ``invalid`` each; the rest are counted in a last note."""
-MAX_NOTE_CHARS = 500
+MAX_NOTE_BYTES = 500
+"""Longest note (UTF-8 bytes); longer ones are cut with a marker."""
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_INT64 = 2**63 - 1
@@ -400,16 +401,16 @@ def _take(path: Path, label: str, invalid: Callable[[str], None]) -> IO[bytes] |
         return None
     try:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            invalid(f"{label}: is a {_kind(mode)}, not a regular file; removed unread")
-            os.close(fd)
-            _remove(path, mode)
-            return None
-        _remove(path, mode)  # read from the fd; the name is free for the next run
-        return os.fdopen(fd, "rb", buffering=1 << 16)
+        if stat.S_ISREG(mode):
+            _remove(path, mode)  # read from the fd; the name is free for the next run
+            return os.fdopen(fd, "rb", buffering=1 << 16)
     except BaseException:
         os.close(fd)
         raise
+    os.close(fd)
+    invalid(f"{label}: is a {_kind(mode)}, not a regular file; removed unread")
+    _remove(path, mode)
+    return None
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -450,7 +451,7 @@ class _Collector:
         if len(into) >= MAX_NOTES:
             self.dropped[kind] += 1
             return
-        into.append(_cap_text(clean_text(" ".join(note.split())), MAX_NOTE_CHARS))
+        into.append(_cap_text(clean_text(" ".join(note.split())), MAX_NOTE_BYTES))
 
     def problem(self, note: str) -> None:
         self._note("problems", self.report.problems, note)
@@ -473,7 +474,7 @@ class _Collector:
     def _overflow(self, note: str) -> None:
         self.overflow = True
         self.report.messages = []  # a task emits all or nothing
-        self.problem(note)
+        self.report.problems.insert(0, note)  # the one that matters: first, and never dropped
 
     # files
     def read(self, path: Path, label: str, reader: Callable[[IO[bytes]], None]) -> None:

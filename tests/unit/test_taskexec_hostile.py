@@ -536,7 +536,7 @@ def test_huge_integer_in_task_exec_json(tmp_path: Path) -> None:
     (tmp_path / taskexec.TASK_EXEC).write_text('{"statusCode": ' + "9" * 5000 + "}")
     report = run(tmp_path)
     assert len(report.invalid) == 1 and report.invalid[0].startswith("task-exec.json: not JSON (Exceeds the limit")
-    assert len(report.invalid[0]) <= taskexec.MAX_NOTE_CHARS
+    assert len(report.invalid[0].encode()) <= taskexec.MAX_NOTE_BYTES
 
 
 def test_bom_and_non_object(tmp_path: Path) -> None:
@@ -597,4 +597,10 @@ def test_max_messages_counts_every_source(tmp_path: Path) -> None:
 def test_malformed_lines_count_as_messages_seen(tmp_path: Path) -> None:
     (tmp_path / taskexec.SINK_TASKS).write_text("bad\x00\n" * 5 + "ok\n")
     report = run(tmp_path, max_messages=3)
-    assert report.messages == [] and len(report.problems) == 4 and report.problems[-1].startswith("more than 3")
+    assert report.messages == [] and len(report.problems) == 4 and report.problems[0].startswith("more than 3")
+
+
+def test_the_overflow_problem_survives_the_note_cap(tmp_path: Path) -> None:
+    (tmp_path / taskexec.SINK_TASKS).write_text("bad\x00\n" * 500)
+    report = run(tmp_path, max_messages=300)
+    assert report.problems[0].startswith("more than 300 messages") and report.problems[-1] == "... and 200 more"

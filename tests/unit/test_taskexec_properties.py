@@ -94,7 +94,7 @@ def assert_storable(report: ExecReport, max_messages: int = 100_000) -> None:
     storable_json(report.timestamps, "timestamps")
     for note in (*report.problems, *report.invalid):
         storable(note, "note")
-        assert "\n" not in note and len(note) <= taskexec.MAX_NOTE_CHARS
+        assert "\n" not in note and len(note.encode()) <= taskexec.MAX_NOTE_BYTES
     assert not any("internal error" in note for note in report.invalid), report.invalid
 
 
