@@ -521,8 +521,9 @@ class _Collector:
         report = self.report
         report.status = fields.status_code
         raw_inputs, raw_outputs = fields.input_files or [], fields.output_files or []
-        report.input_files = [clean_text(f) for f in raw_inputs]
-        report.output_files = [clean_text(f) for f in raw_outputs]
+        # extended, not replaced: output-files.txt is read into the same list later
+        report.input_files.extend(clean_text(f) for f in raw_inputs)
+        report.output_files.extend(clean_text(f) for f in raw_outputs)
         report.input_bytes = fields.input_bytes
         if report.input_bytes is None:
             report.input_bytes = _sizes(self.work_dir, raw_inputs, self.host_path) or None
