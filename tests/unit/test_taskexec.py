@@ -58,8 +58,10 @@ def test_malformed_files_become_problems_not_silence(tmp_path: Path) -> None:
     emit.write_text("not json\n")
     report = collect(tmp_path, emit, MODULES)
     assert report.messages == [Message("ok")]
-    assert len(report.problems) == 3
+    # a task-exec.json that is not JSON is output of the wrong shape (-103), the rest are messages (-102)
+    assert len(report.problems) == 2 and len(report.invalid) == 1
     assert any("sink-tasks.txt:2" in p for p in report.problems)
+    assert report.invalid[0].startswith("task-exec.json: not JSON")
 
 
 def test_absent_files_give_an_empty_report(tmp_path: Path) -> None:
