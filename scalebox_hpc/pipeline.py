@@ -315,7 +315,8 @@ class MpiSpec(BaseModel):
       relative to code_path, or ``package.module:function``) runs on all of them with the
       communicator (see :mod:`scalebox_hpc.mpi`);
     - no mode, ``ranks: K``: ordinary slots, but each run.sh is an MPI program launched with
-      ``srun -n K`` (``mpiexec -n K`` outside Slurm); a task's ``ranks`` header overrides K.
+      ``srun -n K`` (``mpiexec -n K`` outside Slurm); a task's ``ranks`` header overrides K, up
+      to ``max_ranks`` (default K). Modules without ``ranks`` ignore the header.
 
     ``ranks_per_node`` is what a stage job asks Slurm for (one rank per slot).
     """
@@ -325,6 +326,9 @@ class MpiSpec(BaseModel):
     mode: Literal["farm", "collective"] | None = None
     ranks_per_node: int | None = Field(default=None, ge=1)
     ranks: int | None = Field(default=None, ge=1)
+    max_ranks: int | None = Field(default=None, ge=1)
+    """The most ranks a task's ``ranks`` header may ask for (None: ``ranks``); outside Slurm it
+    also allows more ranks than the host has CPUs (see :mod:`scalebox_hpc.launcher.mpirun`)."""
     batch: int | None = Field(default=None, ge=1)
     handler: str | None = None
 
@@ -343,6 +347,10 @@ class MpiSpec(BaseModel):
             raise ValueError(f"handler {self.handler!r} is not file.py:function or package.module:function")
         if self.ranks is not None and self.mode is not None:
             raise ValueError(f"ranks is for MPI tasks of ordinary slots; mode {self.mode} runs one rank per slot")
+        if self.max_ranks is not None and self.ranks is None:
+            raise ValueError("max_ranks needs ranks (MPI tasks of ordinary slots)")
+        if self.max_ranks is not None and self.ranks is not None and self.max_ranks < self.ranks:
+            raise ValueError(f"max_ranks {self.max_ranks} is below ranks {self.ranks}")
         if self.mode is None and (self.ranks_per_node is not None or self.batch is not None):
             raise ValueError("ranks_per_node and batch need mode farm or collective")
         return self
