@@ -3,13 +3,15 @@ by ``mpi.max_ranks``, the Slurm allocation, or the host's CPUs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from scalebox_hpc.errors import InvalidMessageError
+from scalebox_hpc.errors import InvalidMessageError, PipelineError
 from scalebox_hpc.launcher import mpirun
 from scalebox_hpc.launcher.mpirun import allocation_ranks, check_ranks, task_ranks, wrap
-from scalebox_hpc.pipeline import ModuleSpec, MpiSpec
+from scalebox_hpc.pipeline import ModuleSpec, MpiSpec, load_pipeline
 
 ARGV = ["/app/run.sh", "body", "{}"]
 SLURM = {"SLURM_JOB_ID": "7"}
@@ -122,3 +124,15 @@ def test_outside_slurm_the_host_cpus_bound_the_run(cpus: None) -> None:
 def test_unknown_cpu_count_is_no_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mpirun.os, "cpu_count", lambda: None)
     check_ranks(spec(ranks=64), 64, {})
+
+
+def test_max_ranks_in_a_pipeline_file(tmp_path: Path) -> None:
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "run.sh").write_text("true\n")
+    app = tmp_path / "app.yaml"
+    app.write_text("name: t\nmodules:\n  sim:\n    mpi: {ranks: 2, max_ranks: 8}\n")
+    assert load_pipeline(app, environ={}).module("sim").mpi.max_ranks == 8
+    app.write_text("name: t\nmodules:\n  sim:\n    mpi:\n      ranks: 4\n      max_ranks: 2\n")
+    with pytest.raises(PipelineError, match="max_ranks 2 is below ranks 4") as exc:
+        load_pipeline(app, environ={})
+    assert exc.value.line == 4 and exc.value.key == "modules.sim.mpi"
