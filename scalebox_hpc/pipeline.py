@@ -15,7 +15,9 @@ A pipeline file names an app and its modules (Scalebox style)::
 :func:`load_pipeline` reads the file with ``yaml.compose`` so that every error names
 ``file:line: key.path``, substitutes ``${VAR}`` / ``${VAR:-default}`` from env files and the
 environment, accepts the 2023 aliases (``jobs``, ``sink_jobs``, ``hosts`` ...), resolves each
-module's ``code_path`` and checks that it holds a ``run.sh``.
+module's ``code_path`` and checks that it holds a ``run.sh``. YAML aliases are expanded, but a
+file that expands to more than :data:`MAX_YAML_NODES` nodes or :data:`MAX_YAML_DEPTH` levels, or
+whose anchors contain themselves, is refused (files from others may be validated, ``app create --check``).
 
 The models themselves never touch the filesystem: launchers on other hosts re-validate the
 stored specs with ``ModuleSpec.model_validate(data)``.
@@ -49,6 +51,12 @@ STANDARD_MODULES = Path(__file__).resolve().parent / "modules"
 _CONFIG = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MODULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_YAML_NODES = 100_000
+"""Nodes (keys, values, list items) a pipeline file may expand to once its aliases are expanded:
+a few hundred bytes of nested anchors would otherwise expand to millions of nodes (an alias bomb)."""
+MAX_YAML_DEPTH = 100
+"""How deeply mappings and lists may nest, aliases expanded (PyYAML composes recursively)."""
+
 _SLOT = re.compile(r"(?P<regex>.*):\s*(?P<count>[+-]?\w+)\s*", re.DOTALL)
 _RETRY_RULE = re.compile(r"(\*|-?\d+)(:\d+)?")
 
@@ -307,7 +315,8 @@ class MpiSpec(BaseModel):
       relative to code_path, or ``package.module:function``) runs on all of them with the
       communicator (see :mod:`scalebox_hpc.mpi`);
     - no mode, ``ranks: K``: ordinary slots, but each run.sh is an MPI program launched with
-      ``srun -n K`` (``mpiexec -n K`` outside Slurm); a task's ``ranks`` header overrides K.
+      ``srun -n K`` (``mpiexec -n K`` outside Slurm); a task's ``ranks`` header overrides K, up
+      to ``max_ranks`` (default K). Modules without ``ranks`` ignore the header.
 
     ``ranks_per_node`` is what a stage job asks Slurm for (one rank per slot).
     """
@@ -317,6 +326,9 @@ class MpiSpec(BaseModel):
     mode: Literal["farm", "collective"] | None = None
     ranks_per_node: int | None = Field(default=None, ge=1)
     ranks: int | None = Field(default=None, ge=1)
+    max_ranks: int | None = Field(default=None, ge=1)
+    """The most ranks a task's ``ranks`` header may ask for (None: ``ranks``); outside Slurm it
+    also allows more ranks than the host has CPUs (see :mod:`scalebox_hpc.launcher.mpirun`)."""
     batch: int | None = Field(default=None, ge=1)
     handler: str | None = None
 
@@ -335,6 +347,10 @@ class MpiSpec(BaseModel):
             raise ValueError(f"handler {self.handler!r} is not file.py:function or package.module:function")
         if self.ranks is not None and self.mode is not None:
             raise ValueError(f"ranks is for MPI tasks of ordinary slots; mode {self.mode} runs one rank per slot")
+        if self.max_ranks is not None and self.ranks is None:
+            raise ValueError("max_ranks needs ranks (MPI tasks of ordinary slots)")
+        if self.max_ranks is not None and self.ranks is not None and self.max_ranks < self.ranks:
+            raise ValueError(f"max_ranks {self.max_ranks} is below ranks {self.ranks}")
         if self.mode is None and (self.ranks_per_node is not None or self.batch is not None):
             raise ValueError("ranks_per_node and batch need mode farm or collective")
         return self
@@ -653,24 +669,6 @@ def did_you_mean(word: str, candidates: Mapping[str, str] | Iterable[str]) -> st
     return f" (did you mean {lower[close[0]]!r}?)" if close else ""
 
 
-def _entries(node: yaml.MappingNode, explicit: bool = True) -> Iterator[tuple[yaml.Node, yaml.Node, bool]]:
-    """A mapping's (key, value, explicit) pairs: its own, then those of ``<<`` merge sources."""
-    merges: list[yaml.Node] = []
-    for key, value in node.value:
-        if key.tag == _MERGE_TAG:
-            merges.append(value)
-        else:
-            yield key, value, explicit
-    for merge in merges:
-        sources = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
-        for source in sources:
-            if not isinstance(source, yaml.MappingNode):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a merge key '<<' needs a mapping or a list of mappings", source.start_mark
-                )
-            yield from _entries(source, explicit=False)
-
-
 class _Reader:
     """Turns a composed node tree into plain data, recording the line of every key and item."""
 
@@ -678,22 +676,53 @@ class _Reader:
         self.file = file
         self.variables = variables
         self.lines: dict[_Path, int] = {}
+        self.nodes = 0
+        """Nodes visited so far (each alias counts again for every node it expands to)."""
+        self._open: set[int] = set()  # ids of the mappings and lists being built: an alias to one is a cycle
+        self._via: _Path | None = None  # the outermost alias being expanded, where a too large file is reported
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, message: str, path: _Path, line: int | None) -> PipelineError:
         return PipelineError(message, file=self.file, line=line, key=_dotted(path))
 
-    def value(self, node: yaml.Node, path: _Path) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self.mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for index, item in enumerate(node.value):
-                self.lines[(*path, index)] = item.start_mark.line + 1
-                items.append(self.value(item, (*path, index)))
-            return items
-        return self.scalar(node, path)
+    def _visit(self, path: _Path, line: int | None) -> None:
+        """Count one node; refuse a file that expands to more than MAX_YAML_NODES."""
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            where = path if self._via is None else self._via
+            raise self.error(f"the file expands to more than {MAX_YAML_NODES} nodes (YAML aliases?)", where,
+                             self.lines.get(where, line))
+
+    def value(self, node: yaml.Node, path: _Path, alias: bool = False) -> Any:
+        """Plain data of ``node`` at ``path`` (``alias``: the node is written elsewhere, an alias or a merge)."""
+        line = self.lines.setdefault(path, node.start_mark.line + 1)
+        self._visit(path, line)
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return self.scalar(node, path)
+        if id(node) in self._open:
+            raise self.error("a YAML alias refers to a mapping or list that contains it (a recursive anchor)",
+                             path, line)
+        if len(path) > MAX_YAML_DEPTH:  # nesting within the limit, but aliases of aliases go deeper
+            raise self.error(f"the file expands deeper than {MAX_YAML_DEPTH} levels (YAML aliases?)", path, line)
+        outermost = alias and self._via is None
+        if outermost:
+            self._via = path
+        self._open.add(id(node))
+        try:
+            return self.mapping(node, path) if isinstance(node, yaml.MappingNode) else self.sequence(node, path)
+        finally:
+            self._open.discard(id(node))
+            if outermost:
+                self._via = None
+
+    def sequence(self, node: yaml.SequenceNode, path: _Path) -> list[Any]:
+        items = []
+        for index, item in enumerate(node.value):
+            alias = not _within(item, node)
+            # an alias item's own mark is its anchor's: the list's line says where it is used
+            self.lines[(*path, index)] = self.lines[path] if alias else item.start_mark.line + 1
+            items.append(self.value(item, (*path, index), alias))
+        return items
 
     def scalar(self, node: yaml.Node, path: _Path) -> Any:
         if node.tag in _TYPED_TAGS:
@@ -709,7 +738,7 @@ class _Reader:
         allowed = _ALLOWED.get(level or "")
         out: dict[str, Any] = {}
         given: dict[str, tuple[str, int]] = {}
-        for key_node, value_node, explicit in _entries(node):
+        for key_node, value_node, explicit in self.entries(node, path):
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.error("mapping keys must be plain scalars", path, line)
@@ -724,8 +753,33 @@ class _Reader:
                 raise self.error(self._duplicate(path, raw, key, given[key]), path, line)
             given[key] = (raw, line)
             self.lines[(*path, key)] = line
-            out[key] = self.value(value_node, (*path, key))
+            out[key] = self.value(value_node, (*path, key), not _within(value_node, node))
         return out
+
+    def entries(self, node: yaml.MappingNode, path: _Path, explicit: bool = True,
+                chain: tuple[int, ...] = ()) -> Iterator[tuple[yaml.Node, yaml.Node, bool]]:
+        """A mapping's (key, value, explicit) pairs: its own, then those of ``<<`` merge sources
+        (``chain``: the mappings whose merges led here, to refuse a mapping merged into itself)."""
+        chain = (*chain, id(node))
+        merges: list[tuple[yaml.Node, int]] = []
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            self._visit(path, line)  # merged keys count too: repeated merges multiply like aliases
+            if key.tag == _MERGE_TAG:
+                merges.append((value, line))
+            else:
+                yield key, value, explicit
+        for merge, line in merges:
+            sources = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
+            for source in sources:
+                self._visit(path, line)
+                if not isinstance(source, yaml.MappingNode):
+                    raise self.error("a merge key '<<' needs a mapping or a list of mappings", path, line)
+                if id(source) in chain:
+                    raise self.error("a merge key '<<' merges a mapping into itself (a recursive anchor)", path, line)
+                if len(chain) > MAX_YAML_DEPTH:
+                    raise self.error(f"merge keys '<<' nest deeper than {MAX_YAML_DEPTH} levels", path, line)
+                yield from self.entries(source, path, explicit=False, chain=chain)
 
     @staticmethod
     def _duplicate(path: _Path, raw: str, key: str, first: tuple[str, int]) -> str:
@@ -734,10 +788,35 @@ class _Reader:
         return f"duplicate {what} {key!r}{also}; first at line {first[1]}"
 
 
+def _within(child: yaml.Node, parent: yaml.Node) -> bool:
+    """Whether ``child`` is written inside ``parent`` (not an alias of a node written elsewhere)."""
+    return bool(parent.start_mark.index <= child.start_mark.index <= parent.end_mark.index)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses to nest deeper than MAX_YAML_DEPTH: it recurses once per
+    level, and thousands of ``[`` would end in a RecursionError instead of a PipelineError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth >= MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            raise yaml.composer.ComposerError(None, None, f"mappings and lists nested deeper than {MAX_YAML_DEPTH}"
+                                              " levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(text: str, file: str) -> yaml.Node:
     """The composed root node; malformed YAML becomes a PipelineError at the YAML mark's line."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_BoundedLoader)
     except yaml.MarkedYAMLError as exc:
         line = _mark_line(exc, text)
         message = _yaml_message(exc, text)
@@ -960,7 +1039,7 @@ def load_pipeline(
     root = _compose(text, display)
     try:
         data = reader.value(root, ())
-    except yaml.MarkedYAMLError as exc:  # a bad merge key or an unconstructable scalar
+    except yaml.MarkedYAMLError as exc:  # an unconstructable scalar (e.g. a bad !!int)
         raise PipelineError(_yaml_message(exc, text), file=display, line=_mark_line(exc, text)) from None
     loader = _Loader(reader, data, app_dir)
     modules = loader.modules()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +30,25 @@ EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"  # same name as launcher.taskexec.EMIT_BU
 
 def _dump(data: Any) -> None:
     click.echo(json.dumps(data, default=str, ensure_ascii=False, indent=2))
+
+
+_TERMINAL_ESCAPE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, screen clears
+    r"|\x1b[\]PX^_][^\x07\x1b\n]*(?:\x07|\x1b\\)"  # OSC, DCS, SOS, PM, APC strings: titles, links, clipboard
+    r"|\x1b[ -/]*[0-~]"  # the other escape sequences (charsets, resets), and an unterminated string's opener
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1 (8-bit CSI, OSC)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` without terminal escape sequences or control characters (tab and newline kept):
+    what tasks print, or set as results, must not retitle, recolour or rewrite the viewer's terminal."""
+    return _CONTROL.sub("", _TERMINAL_ESCAPE.sub("", text))
+
+
+def _one_line(text: str) -> str:
+    """:func:`terminal_safe` text for one line of a listing (newlines and tabs become spaces)."""
+    return terminal_safe(text).replace("\n", " ").replace("\t", " ")
 
 
 @contextmanager
@@ -197,7 +217,8 @@ def app_list(as_json: bool) -> None:
         _dump(rows)
         return
     for r in rows:
-        click.echo(f"{r['id']:>5}  {r['name']:<20} {r['status']:<9} {r['tasks']:>7} tasks  {r['result'] or ''}")
+        click.echo(f"{r['id']:>5}  {_one_line(r['name']):<20} {r['status']:<9} {r['tasks']:>7} tasks  "
+                   f"{_one_line(r['result'] or '')}")
 
 
 @app.command("show")
@@ -213,7 +234,7 @@ def app_show(as_json: bool, app_id: int | None) -> None:
         _dump(row)
         return
     for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
-        click.echo(f"{key}: {row[key] if row[key] is not None else ''}")
+        click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
 
 
 @app.command("set-finished")
@@ -269,8 +290,8 @@ def _print_mapping(values: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _dump(values)
         return
-    for name, value in values.items():
-        click.echo(f"{name}\t{value}")
+    for name, value in values.items():  # values may come from run.sh (`variable set`)
+        click.echo(f"{_one_line(str(name))}\t{_one_line(str(value))}")
 
 
 @cli.group()
@@ -475,7 +496,8 @@ def task_list(app: int | None, module: str | None, status: int | None, limit: in
         _dump(rows)
         return
     for r in rows:
-        body = r["body"] if len(r["body"]) <= 60 else r["body"][:57] + "..."
+        body = _one_line(r["body"])
+        body = body if len(body) <= 60 else body[:57] + "..."
         click.echo(f"{r['id']:>7}  {r['module']:<14} {TaskStatus.describe(r['status']):<10} {body}")
 
 
@@ -492,14 +514,16 @@ def task_show(as_json: bool, task_id: int) -> None:
     if as_json:
         _dump(row)
         return
+    # everything but the numbers is the task's (or another user's) text: shown without escapes
     click.echo(f"task {row['id']} ({row['module']}): {TaskStatus.describe(row['status'])}, "
-               f"{row['attempts']} attempt(s)\nbody: {row['body']}\nheaders: {json.dumps(row['headers'])}")
+               f"{row['attempts']} attempt(s)\nbody: {terminal_safe(row['body'])}\n"
+               f"headers: {json.dumps(row['headers'])}")  # ASCII JSON: control characters as \u escapes
     for ex in row["execs"]:
-        click.echo(f"- attempt {ex['attempt']} on {ex['host']}: status {ex['status']}, "
+        click.echo(f"- attempt {ex['attempt']} on {_one_line(str(ex['host']))}: status {ex['status']}, "
                    f"{(ex['finished_at'] - ex['started_at']).total_seconds():.3f}s")
         for name in ("stdout", "stderr", "user_text"):
             if ex[name]:
-                click.echo(f"  {name}: " + ex[name].rstrip().replace("\n", "\n    "))
+                click.echo(f"  {name}: " + terminal_safe(ex[name]).rstrip().replace("\n", "\n    "))
 
 
 @task.command("retry")
@@ -629,8 +653,8 @@ class _RunWatcher:
         self.timed_out = False
         console = Console(stderr=True)
         self.progress = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), console=console,
+            TextColumn("{task.description:<14}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}", markup=False), TimeElapsedColumn(), console=console,
             disable=quiet or not console.is_terminal,
         )
         self.bars: dict[str, Any] = {}
@@ -684,7 +708,7 @@ class _RunWatcher:
             click.echo(f"{mc.name}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
         sys.stderr.flush()
         if row["result"]:
-            click.echo(row["result"])
+            click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
         if self.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished", err=True)
@@ -750,8 +774,11 @@ def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
 def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}")
+    # Text, not markup: a task's result such as "[/] done" is shown as written, never parsed
+    title = f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}"
+    table = Table(title=Text(_one_line(title)))
     columns = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
     for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
@@ -759,7 +786,8 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
     if with_jobs:
         table.add_column("slurm jobs")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in columns), *([" ".join(r["jobs"])] if with_jobs else []))
+        cells = [str(r[c]) for c in columns] + ([" ".join(r["jobs"])] if with_jobs else [])
+        table.add_row(*(Text(_one_line(cell)) for cell in cells))
     console = Console()
     if clear:
         console.clear()

@@ -131,13 +131,15 @@ def spec(**mpi_keys: object) -> ModuleSpec:
 def test_mpi_task_argv() -> None:
     argv = ["/app/run.sh", "body", "{}"]
     assert wrap(spec(), {}, argv, {}) == argv
+    assert wrap(spec(), {"ranks": 4}, argv, {}) == argv  # an ordinary module: the header is data
     assert task_ranks(spec(ranks=3), {}) == 3
     assert task_ranks(spec(ranks=3), {"ranks": "2"}) == 2
-    assert task_ranks(spec(), {"ranks": 4}) == 4
+    assert task_ranks(spec(ranks=4), {"ranks": 4}) == 4
+    assert task_ranks(spec(), {"ranks": 4}) is None
     with pytest.raises(InvalidMessageError):
-        task_ranks(spec(), {"ranks": "many"})
+        task_ranks(spec(ranks=3), {"ranks": "many"})
     with pytest.raises(InvalidMessageError):
-        task_ranks(spec(), {"ranks": 0})
+        task_ranks(spec(ranks=3), {"ranks": 0})
     assert mpi_argv(argv, 4, {"SLURM_JOB_ID": "7"}) == [
         "srun", "--mpi=pmi2", "--overlap", "--kill-on-bad-exit=1", "-n", "4", *argv]
     local = mpi_argv(argv, 2, {})

@@ -523,8 +523,7 @@ def test_as_env() -> None:
     assert args.as_env() == {
         "TASK_MAX_SECONDS": "60", "MAX_IDLE_POLLS": "30", "SLEEP_INTERVAL_SECONDS": "0.5",
         "SLOT_OPTIONS": '["always_running"]', "HEARTBEAT_SECONDS": "10", "CONFLICT_ACTION": "IGNORE",
-        "DIR_LIMIT_GB": '{"/tmp":2.0}', "SEMAPHORE": "io:2",
-        "MAX_MESSAGES": "100000",
+        "MAX_MESSAGES": "100000", "DIR_LIMIT_GB": '{"/tmp":2.0}', "SEMAPHORE": "io:2",
     }
     assert "TASK_MAX_SECONDS" not in ModuleArguments().as_env()
 
