@@ -184,7 +184,7 @@ def test_more_messages_than_max_messages_fails_the_task_and_emits_none(pg_dsn: s
     """, {"a/run.sh": 'seq 1 "$1" > sink-tasks.txt\n', "b/run.sh": "true\n"})
     with connect(pg_dsn) as conn:
         apps.add_tasks(conn, app_id, "a", [Message("50"), Message("51")])
-    launch(pg_dsn, app_id, tmp_path / "work", modules=("a",))
+    launch(pg_dsn, app_id, tmp_path / "work")
     status = {t["body"]: t["status"] for t in rows(pg_dsn, "SELECT body, status FROM sbx_tasks WHERE module_id = %s",
                                                  _module_id(pg_dsn, app_id, "a"))}
     assert status == {"50": 0, "51": TaskStatus.EMIT_FAILED}
@@ -334,7 +334,7 @@ def test_a_message_cannot_forge_where_it_came_from(pg_dsn: str, tmp_path: Path) 
           "b/run.sh": "true\n"})
     with connect(pg_dsn) as conn:
         apps.add_tasks(conn, app_id, "a", [Message("go")])
-    launch(pg_dsn, app_id, tmp_path / "work", modules=("a",))
+    launch(pg_dsn, app_id, tmp_path / "work")
     [msg] = rows(pg_dsn, "SELECT headers FROM sbx_tasks WHERE module_id = %s", _module_id(pg_dsn, app_id, "b"))
     assert (msg["headers"]["from_host"], msg["headers"]["from_slot"]) == ("testhost", 0)
 
