@@ -2,7 +2,11 @@
 """Soak: many tasks through two stages while launchers are killed with -9 at random.
 
 A `work` stage gets N tasks; every 10th exits 3 (retry rule '3:1': one retry, then final
-status 3), the others emit one message to a `sink` stage. L launcher processes (S slots each)
+status 3), the others emit one message `s-<body>` to a `sink` stage, except the bad ones mixed
+in (one in 20 of each kind): NUL bytes on stdout (still OK), a `statusCode` of -1, task-exec.json
+nested 3000 deep, a FIFO as task-exec.json (each -103), more messages than `max_messages` (-102),
+and a background process that writes into sink-tasks.txt after run.sh exited (must never be
+credited to a later task). L launcher processes (S slots each)
 run both stages; a killer SIGKILLs a random launcher every few seconds and starts a new one.
 Prints one JSON object: final counts and whether they are exact (every work task 0 or 3, one
 sink task per successful work task, nothing left READY/RUNNING), recovery times (kill → the
@@ -40,11 +44,22 @@ modules:
   work:
     sink_modules: [sink]
     parameters: {retry_rules: ['3:1']}
-    arguments: {heartbeat_seconds: 1, max_idle_polls: 1000000, sleep_interval_seconds: 0.5}
+    arguments: {heartbeat_seconds: 1, max_idle_polls: 1000000, sleep_interval_seconds: 0.5, max_messages: 5}
   sink:
     arguments: {heartbeat_seconds: 1, max_idle_polls: 1000000, sleep_interval_seconds: 0.5}
 """
-WORK = '#!/bin/sh\ncase "$1" in *0) exit 3 ;; esac\necho "$1" > sink-tasks.txt\n'
+WORK = r"""#!/bin/sh
+case "$1" in *0) exit 3 ;; esac
+case $(( $1 % 20 )) in
+  1) printf 'nul\0byte\n' ;;
+  3) echo '{"statusCode": -1}' > task-exec.json; exit 0 ;;
+  5) python3 -c 'print("[" * 3000 + "]" * 3000)' > task-exec.json; exit 0 ;;
+  7) seq -f "many-$1-%g" 1 6 > sink-tasks.txt; exit 0 ;;
+  9) mkfifo task-exec.json; exit 0 ;;
+  11) (sleep 0.3; echo "bg-$1" >> sink-tasks.txt) & ;;
+esac
+echo "s-$1" > sink-tasks.txt
+"""
 SINK = "#!/bin/sh\nexit 0\n"
 
 
@@ -96,6 +111,25 @@ def counts(dsn: str, app_id: int) -> dict[str, dict[int, int]]:
     return out
 
 
+def expected_counts(n: int) -> dict[str, dict[int, int]]:
+    """Final statuses by module: what each kind of task must end as."""
+    work: dict[int, int] = {}
+    for i in range(n):
+        status = 3 if i % 10 == 0 else {3: -103, 5: -103, 7: -102, 9: -103}.get(i % 20, 0)
+        work[status] = work.get(status, 0) + 1
+    return {"work": work, "sink": {0: work.get(0, 0)}}
+
+
+def misattributed(dsn: str, app_id: int) -> int:
+    """Sink tasks not from the work task they name (s-<body>), or written by a background process."""
+    with connect(dsn) as conn:
+        [row] = conn.execute(
+            "SELECT count(*) AS n FROM sbx_tasks s JOIN sbx_modules m ON m.id = s.module_id AND m.name = 'sink' "
+            "LEFT JOIN sbx_tasks w ON w.id = s.from_task_id "
+            "WHERE s.app_id = %s AND (w.id IS NULL OR s.body <> 's-' || w.body)", (app_id,)).fetchall()
+    return int(row["n"])
+
+
 def recovery_times(dsn: str, app_id: int, kills: list[tuple[str, float]]) -> list[float]:
     """Per kill: seconds until the last of the killed launcher's leases was recovered."""
     with connect(dsn) as conn:
@@ -130,13 +164,15 @@ def main() -> None:
                 apps.add_tasks(conn, app_id, "work", [Message(str(i)) for i in range(start, min(n, start + 10_000))])
         t0 = time.time()
         fleet = Fleet(dsn, app_id, args.launchers, args.slots, root / "wd")
-        expected_fail = sum(1 for i in range(n) if str(i).endswith("0"))
+        expected = expected_counts(n)
+        expected_sink = expected["sink"][0]
         done = threading.Event()
         result: dict[str, Any] = {}
 
         def finished() -> bool:
             c = counts(dsn, app_id)
-            return sum(c["work"].get(s, 0) for s in (0, 3)) == n and c["sink"].get(0, 0) == n - expected_fail
+            return (sum(v for k, v in c["work"].items() if k not in (-1, -3)) == n
+                    and c["sink"].get(0, 0) >= expected_sink)
 
         next_kill = time.time() + random.expovariate(1 / args.kill_every)
         while not finished():
@@ -152,11 +188,13 @@ def main() -> None:
         fleet.stop()
         final = counts(dsn, app_id)
         recoveries = recovery_times(dsn, app_id, fleet.kills)
-    exact = (final["work"] == {0: n - expected_fail, 3: expected_fail} and final["sink"] == {0: n - expected_fail})
+        misrouted = misattributed(dsn, app_id)
+    exact = final == expected and misrouted == 0
     result.update({
         "tasks": n, "launchers": args.launchers, "slots_per_launcher": args.slots,
         "final": {m: {str(k): v for k, v in sorted(c.items())} for m, c in final.items()},
-        "expected": {"work": {"0": n - expected_fail, "3": expected_fail}, "sink": {"0": n - expected_fail}},
+        "expected": {m: {str(k): v for k, v in sorted(c.items())} for m, c in expected.items()},
+        "misattributed_messages": misrouted,
         "exact": exact, "kills": len(fleet.kills),
         "recovery_s": {"n": len(recoveries), "p50": statistics.median(recoveries) if recoveries else None,
                        "max": max(recoveries) if recoveries else None},
