@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +200,15 @@ class Autoscaler:
 
     def __init__(
         self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
-        interval: float = 10.0, now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        interval: float = 10.0, now: Callable[[], datetime] | None = None,
     ) -> None:
         self.conn = conn
         self.client = client
         self.command = command
         self.interval = timedelta(seconds=interval)
-        self.now = now
+        # the database's clock by default: submitted_at is the database's, and a login node
+        # whose clock runs ahead must not take a just-submitted job for vanished
+        self.now = now if now is not None else (lambda: db_stages.db_now(conn))
 
     def refresh(self, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Update ``live`` (rows of not yet ended stage jobs) in the database and in place from

@@ -442,3 +442,6 @@ RETURNING id;
 -- name: app_uid
 -- The app's uid, unique across databases: names its work dirs.
 SELECT uid::text AS uid FROM sbx_apps WHERE id = %(app_id)s;
+
+-- name: db_now
+SELECT now() AS now;

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.db.sql import query
@@ -83,6 +84,13 @@ def set_bounds(conn: Connection, app_id: int, module: str, min_jobs: int | None,
         "app_id": app_id, "module": module, "min_jobs": min_jobs, "max_jobs": max_jobs,
     }).fetchone() is None:
         raise NotFoundError("module", module)
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database server's clock (leases, submissions and recovery all use it)."""
+    row = conn.execute(query("db_now")).fetchone()
+    assert row is not None
+    return cast(datetime, row["now"])
 
 
 def recover_expired(conn: Connection) -> int:

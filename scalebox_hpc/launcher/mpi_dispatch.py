@@ -74,8 +74,16 @@ class Dispatcher:
         return self.batch if len(self.pending) < len(self.idle) else 0
 
     def add(self, tasks: Iterable[Task]) -> None:
-        """Claimed tasks, to hand out in claim order."""
-        self.pending.extend(tasks)
+        """Claimed tasks, to hand out in claim order. A task that some rank still runs (its
+        lease expired during an outage, was recovered and this stage claimed it again) is not
+        run a second time: the running rank's result is recorded against the newer claim."""
+        by_id = {job.task.id: job for job in self.running.values()}
+        for task in tasks:
+            job = by_id.get(task.id)
+            if job is not None:
+                job.task = task
+            else:
+                self.pending.append(task)
 
     def assign(self, now: float) -> list[Assignment]:
         """Hand pending tasks to idle ranks, longest-idle rank first."""

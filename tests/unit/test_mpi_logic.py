@@ -59,6 +59,21 @@ def test_stale_or_foreign_results_are_ignored() -> None:
     assert not d.finish(1, 7, result(), "h", now=1.0)  # twice
 
 
+def test_a_task_claimed_again_while_a_rank_runs_it_is_not_run_twice() -> None:
+    """F27: its lease expired (an outage), it was recovered and this stage claimed it again:
+    the running rank's result is recorded against the newer claim, no second rank runs it."""
+    d = Dispatcher(batch=2)
+    d.ready(1)
+    d.ready(2)
+    d.add([task(7)])
+    d.assign(now=0.0)
+    again = Task(id=7, app_id=1, module_id=1, body="7", headers={}, status=-3, attempts=2)
+    d.add([again, task(8)])
+    assert [(a.rank, a.task.id) for a in d.assign(now=1.0)] == [(2, 8)]
+    assert d.finish(1, 7, result(), "h", now=2.0)
+    assert [(f.task.id, f.task.attempts) for f in d.done] == [(7, 2)]
+
+
 def test_results_flush_by_batch_size_age_or_quiet() -> None:
     d = Dispatcher(batch=2, flush_seconds=0.5)
     for rank in (1, 2, 3):
