@@ -410,3 +410,37 @@ def test_queue_connections_have_keepalives_and_a_statement_timeout(pg_dsn: str) 
     assert q.conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "7s"}
     assert abs(q.clock_offset.total_seconds()) < 5
     q.close()
+
+
+def test_a_result_the_database_refuses_for_good_is_recorded_as_103_not_retried_for_ever(
+    pg_dsn: str, tmp_path: Path,
+) -> None:
+    """F2: a hand-off PostgreSQL refuses with a program limit (54000, as for a jsonb over 256 MB)
+    is not an outage: the task gets -103 with the reason, and the slot goes on."""
+    app_id = create(pg_dsn, tmp_path / "app", f"""
+        name: refused
+        modules:
+          a:
+            {FAST}
+    """, {"a/run.sh": 'echo "$1"\n'})
+    with connect(pg_dsn) as conn:  # a real server refusal, raised where the size limit would be
+        conn.execute("""
+            CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.stdout LIKE '%REFUSE%' AND NEW.status <> -103 THEN
+                    RAISE EXCEPTION 'total size of jsonb array elements exceeds the maximum'
+                        USING ERRCODE = 'program_limit_exceeded';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse BEFORE INSERT ON sbx_task_execs FOR EACH ROW EXECUTE FUNCTION refuse();
+        """)
+        apps.add_tasks(conn, app_id, "a", [Message("REFUSE"), Message("fine")])
+    started = time.monotonic()
+    assert launch(pg_dsn, app_id, tmp_path / "work") == 0
+    assert time.monotonic() - started < 60
+    status = {t["body"]: t for t in rows(pg_dsn, "SELECT id, body, status FROM sbx_tasks")}
+    assert status["fine"]["status"] == 0
+    assert status["REFUSE"]["status"] == TaskStatus.OUTPUT_INVALID
+    [ex] = execs(pg_dsn, status["REFUSE"]["id"])
+    assert "could not be recorded" in ex["stderr"] and "exceeds the maximum" in ex["stderr"]
