@@ -142,6 +142,13 @@ class Task:
     headers: dict[str, Any]
     status: int
     attempts: int = 0
+    retry_base: int = 0
+    """Attempts made before the last manual retry (``scalebox task retry``)."""
+
+    @property
+    def tries(self) -> int:
+        """Attempts that count against the retry rules: those since the last manual retry."""
+        return self.attempts - self.retry_base
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Task:
@@ -154,6 +161,7 @@ class Task:
             headers=dict(row["headers"] or {}),
             status=row["status"],
             attempts=row.get("attempts", 0),
+            retry_base=row.get("retry_base", 0) or 0,
         )
 
 

@@ -127,7 +127,7 @@ SET status = -3, slot_id = %(slot_id)s, host = %(host)s, attempts = t.attempts +
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM candidates c
 WHERE t.id = c.id
-RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts;
+RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base;
 
 -- name: complete_task
 -- The hand-off in one round trip (see sbx_complete_task_v2); written is NULL on a lost lease.
@@ -164,9 +164,9 @@ WITH expired AS (
       AND heartbeat_at < now() - make_interval(secs => 2 * heartbeat_seconds)
 )
 UPDATE sbx_tasks t
-SET status = CASE WHEN t.attempts <= m.stall_retries THEN -1 ELSE 123 END,
-    finished_at = CASE WHEN t.attempts <= m.stall_retries THEN NULL ELSE now() END,
-    started_at = CASE WHEN t.attempts <= m.stall_retries THEN NULL ELSE t.started_at END,
+SET status = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN -1 ELSE 123 END,
+    finished_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE now() END,
+    started_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE t.started_at END,
     slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
 FROM expired e, sbx_modules m
 WHERE t.id = e.id AND m.id = t.module_id
@@ -256,10 +256,11 @@ SELECT * FROM sbx_task_execs WHERE task_id = %(task_id)s ORDER BY id;
 
 -- name: retry_tasks
 -- Manual retry: terminal tasks become READY again (RUNNING and READY ones are left alone),
--- with a fresh attempt budget (their retry rules and stall retries apply anew).
+-- with a fresh attempt budget (their retry rules and stall retries apply anew; attempts keep
+-- counting, so every execution keeps its own number).
 UPDATE sbx_tasks
 SET status = -1, slot_id = NULL, host = NULL, started_at = NULL, finished_at = NULL,
-    heartbeat_at = NULL, lease_expires_at = NULL, attempts = 0
+    heartbeat_at = NULL, lease_expires_at = NULL, retry_base = attempts
 WHERE id = ANY(%(task_ids)s) AND status NOT IN (-1, -3)
 RETURNING id;
 

@@ -99,6 +99,8 @@ CREATE TABLE sbx_tasks (
     -- the preferred host holds only some of the inputs: claimed after the tasks it holds all of
     pref_partial boolean NOT NULL DEFAULT false,
     attempts integer NOT NULL DEFAULT 0,
+    -- attempts before the last manual retry: the retry rules count attempts - retry_base
+    retry_base integer NOT NULL DEFAULT 0,
     -- lease: who holds a RUNNING task and until when it counts as alive
     slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
     host text,
@@ -199,7 +201,7 @@ BEGIN
     ON CONFLICT (module_id, body_sha) DO UPDATE
     SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
         pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,
-        status = EXCLUDED.status, attempts = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+        status = EXCLUDED.status, attempts = 0, retry_base = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
         lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
         from_task_id = EXCLUDED.from_task_id, created_at = now()
     WHERE sbx_tasks.status <> -3;

@@ -321,7 +321,7 @@ class _Master:
         release = [f.task.id for f in finished if f.result is None]
         items = [
             Completion(task=f.task, result=f.result, host=f.host, requeue=TaskStatus.is_failure(f.result.status)
-                       and f.task.attempts <= extra_attempts(rules, f.result.status))
+                       and f.task.tries <= extra_attempts(rules, f.result.status))
             for f in finished if f.result is not None
         ]
         delay = 0.5

@@ -269,7 +269,7 @@ class Slot:
     def _requeue(self, task: Task, status: int) -> bool:
         """Whether the task's retry rules give a run that ended with ``status`` another attempt."""
         rules = self.ctx.module.parameters.retry_rules
-        return TaskStatus.is_failure(status) and task.attempts <= extra_attempts(rules, status)
+        return TaskStatus.is_failure(status) and task.tries <= extra_attempts(rules, status)
 
     def _execute_safely(self, task: Task) -> TaskResult | None:
         """:meth:`_execute`, with whatever goes wrong turned into this task's result: a task

@@ -14,7 +14,56 @@ LANGUAGE sql STABLE AS $$
                      AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds))
 $$;
 
--- 3. The hand-off checks the attempt it was claimed as.
+-- 3. A manual retry gives a fresh attempt budget without renumbering executions: the retry
+--    rules count attempts - retry_base (before, a task retried by hand that stalled once went
+--    straight to 123). OVERWRITE resets both.
+ALTER TABLE sbx_tasks ADD COLUMN retry_base integer NOT NULL DEFAULT 0;
+
+CREATE OR REPLACE FUNCTION sbx_insert_messages_v1(p_app_id bigint, p_from_task_id bigint, p_rows jsonb)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    written integer := 0;
+    n integer;
+BEGIN
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'FAIL';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    written := written + n;
+
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'IGNORE'
+    ON CONFLICT (module_id, body_sha) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    written := written + n;
+
+    INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
+    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
+           COALESCE(r.status, -1), p_from_task_id
+    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
+                                          to_slot integer, status integer, action text)
+    WHERE r.action = 'OVERWRITE'
+    ON CONFLICT (module_id, body_sha) DO UPDATE
+    SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+        pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,
+        status = EXCLUDED.status, attempts = 0, retry_base = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+        lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+        from_task_id = EXCLUDED.from_task_id, created_at = now()
+    WHERE sbx_tasks.status <> -3;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN written + n;
+END;
+$$;
+
+-- 4. The hand-off checks the attempt it was claimed as.
 DROP FUNCTION sbx_complete_task_v1(bigint, bigint, integer, boolean, jsonb, jsonb, text);
 CREATE FUNCTION sbx_complete_task_v2(
     p_task_id bigint, p_slot_id bigint, p_attempt integer, p_status integer, p_requeue boolean,

@@ -313,12 +313,19 @@ def test_a_slot_is_judged_by_its_own_heartbeat_not_the_callers(pg_dsn: str, tmp_
 
 
 def test_a_manual_retry_gets_a_fresh_attempt_budget(pg_dsn: str, tmp_path: Path) -> None:
-    _app_id, _mid = one_app(pg_dsn, tmp_path)
+    app_id, mid = one_app(pg_dsn, tmp_path)
     with connect(pg_dsn) as conn:
         conn.execute("UPDATE sbx_tasks SET status = 5, attempts = 3")
         apps.retry_tasks(conn, [r["id"] for r in conn.execute("SELECT id FROM sbx_tasks").fetchall()])
-    [row] = rows(pg_dsn, "SELECT status, attempts FROM sbx_tasks")
-    assert (row["status"], row["attempts"]) == (-1, 0)
+    [row] = rows(pg_dsn, "SELECT status, attempts, retry_base FROM sbx_tasks")
+    assert (row["status"], row["attempts"], row["retry_base"]) == (-1, 3, 3)
+    q = PgQueue(pg_dsn)  # it stalls once: with its fresh budget (2 stall retries) it is READY again
+    slot = q.create_slot(mid, host="h", seq=0, pid=1, work_dir="/w", heartbeat_seconds=1)
+    [task] = q.claim(app_id, mid, host="h", slot_id=slot, slot_seq=0, lease_seconds=0.1)
+    assert (task.attempts, task.tries) == (4, 1)
+    time.sleep(0.3)
+    assert q.recover_expired() == [(task.id, -1)]
+    q.close()
 
 
 def test_a_message_cannot_forge_where_it_came_from(pg_dsn: str, tmp_path: Path) -> None:
