@@ -77,7 +77,7 @@ class RuntimeChooser:
         """The slot's session: bare, one container per run, or a warm slot container."""
         name = self.pick(spec)
         if name == "local":
-            return self.local
+            return self.local.open(spec)
         if not spec.image:
             raise ContainerError(f"runtime {name} needs a base_image for module slot {spec.name}")
         engine = self.engine(name)
