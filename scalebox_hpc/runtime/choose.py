@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.apptainer import ApptainerEngine
 from scalebox_hpc.runtime.base import Session, SessionSpec
 from scalebox_hpc.runtime.container import Engine, HostDirs, PerTaskSession, binds_for
@@ -83,6 +84,7 @@ class RuntimeChooser:
         engine = self.engine(name)
         image = engine.image_for(spec)
         binds = binds_for(spec, self.host)
+        fence.sweep(spec.private_dir, spec.name)  # what a killed launcher's runs left on this slot
         if PER_TASK_OPTION in spec.options:
             return PerTaskSession(engine, spec, image, binds, self.host_env)
         return WarmSession(engine, spec, image, binds, self.host_env)

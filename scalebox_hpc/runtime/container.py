@@ -245,7 +245,9 @@ class PerTaskSession(ContainerSession):
             name=name, options=self.spec.options, host_env=self.host_env,
         )
         proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
-        return ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        run = ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        run.record(self.spec.private_dir, f"{spec.stdout_path.stem} of {self.spec.name} in container {name}")
+        return run
 
     def close(self) -> None:
         """Nothing outlives a run."""
