@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -316,6 +317,34 @@ def test_rsync_over_ssh_form(run: Runner, src: Path, tmp_path: Path) -> None:
     assert run("file-copy", "nope", SOURCE_URL=f"localhost:{src}", TARGET_URL=str(dst)).code == 10
     assert run("file-copy", "plain.txt", SOURCE_URL=f"localhost:{src}", TARGET_URL=f"localhost:{dst}").code == 14
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+# -- TERM (timeouts, cancels, drains) -------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["list-dir", "file-copy"])
+def test_a_terminated_run_removes_its_temp_dir(module: str, src: Path, tmp_path: Path) -> None:
+    """The launcher TERMs a run's whole process group: the script's EXIT trap still runs (F25)."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "rsync").write_text('#!/bin/sh\ntouch "$STARTED"\nexec sleep 30\n')
+    (slow / "rsync").chmod(0o755)
+    tmpdir, work, started = tmp_path / "tmpdir", tmp_path / "work", tmp_path / "started"
+    tmpdir.mkdir()
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(PATH=f"{slow}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmpdir), STARTED=str(started),
+               SINK_MODULE="next", SOURCE_URL="rsync://127.0.0.1:9/data" if module == "list-dir" else str(src),
+               TARGET_URL=str(tmp_path / "dst"))
+    body = "." if module == "list-dir" else "plain.txt"
+    proc = subprocess.Popen([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not started.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    assert len(list(tmpdir.iterdir())) == 1  # its mktemp -d
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(10) == 143
+    assert list(tmpdir.iterdir()) == []
 
 
 # -- code_path: scalebox:NAME ----------------------------------------------------------------------------

@@ -17,6 +17,9 @@
 #   14 bad arguments or configuration (body, settings, rsync missing, unknown rsync daemon module)
 #   1  any other failure (e.g. an unreadable directory in the tree)
 set -euo pipefail
+# a timeout, cancel or drain sends TERM: exit through the EXIT trap, which removes the temp dir
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 die() { echo "list-dir: $2" >&2; exit "$1"; }
 
