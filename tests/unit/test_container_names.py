@@ -97,7 +97,7 @@ def test_sweep_removes_only_stale_containers_of_this_slot(caplog: pytest.LogCapt
                  "sbx-app-1.m.h-slot01-1", "sbx-app-1.m.h-slot0x-1"]
         engine = FakeEngine(names)
         with caplog.at_level(logging.WARNING):
-            removed = sweep_containers(engine, s)
+            removed = sweep_containers(engine, s)  # type: ignore[arg-type]  # only the sweep's two methods
     finally:
         child.kill()
         child.wait()

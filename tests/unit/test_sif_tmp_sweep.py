@@ -18,7 +18,10 @@ def test_a_build_removes_leftover_temporary_sifs(tmp_path: Path) -> None:
         path.write_bytes(b"partial")
     past = time.time() - STALE_TMP_SECONDS - 60
     os.utime(old, (past, past))
-    path, built = cache._cached("img-abc", lambda out: out.write_bytes(b"sif"))
+    def build(out: Path) -> None:
+        out.write_bytes(b"sif")
+
+    path, built = cache._cached("img-abc", build)
     assert built and path.read_bytes() == b"sif"
     assert not own.exists() and not old.exists() and fresh.exists()
-    assert cache._cached("img-abc", lambda out: out.write_bytes(b"again")) == (path, False)
+    assert cache._cached("img-abc", build) == (path, False)
