@@ -60,8 +60,11 @@ def sh_quote(text: str) -> str:
 
 
 def request_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout: str, stderr: str) -> str:
-    """The script the agent runs for one request: every value quoted, nothing evaluated."""
-    lines = [f"exec </dev/null >{sh_quote(stdout)} 2>{sh_quote(stderr)}", f"cd {sh_quote(cwd)} || exit 126"]
+    """The script the agent runs for one request: every value quoted, nothing evaluated. Given a
+    file as its argument (the agent's ``request.pgid``) it first writes its pid there: run under
+    ``setsid``, that is its process group, which the agent ends when the script exits."""
+    lines = ['[ "$#" -eq 0 ] || echo "$$" >"$1"',
+             f"exec </dev/null >{sh_quote(stdout)} 2>{sh_quote(stderr)}", f"cd {sh_quote(cwd)} || exit 126"]
     lines += [f"export {k}={sh_quote(v)}" for k, v in env.items() if _NAME.match(k)]
     lines.append("exec " + " ".join(sh_quote(a) for a in argv))
     return "\n".join(lines) + "\n"
