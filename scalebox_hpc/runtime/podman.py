@@ -117,15 +117,15 @@ class EngineCli:
         return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
     def remove(self, names: Sequence[str]) -> None:
-        """Kill and remove the containers at once (``rm -f``; Podman: no stop timeout)."""
-        if not names:
-            return
-        argv = [self.exe, "rm", "-f", *(["-t", "0"] if self.name == "podman" else []), "--", *names]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            logger.warning("%s rm -f %s: %s", self.name, " ".join(names), exc)
-            return
-        if proc.returncode != 0:
-            logger.warning("%s rm -f %s (exit %d): %s", self.name, " ".join(names), proc.returncode,
-                           proc.stderr.strip()[-300:])
+        """Kill and remove the containers (``rm -f``; Podman: no stop timeout), one by one: Podman
+        4.3 given a name that is already gone removes none of the others (and exits 0)."""
+        for name in names:
+            argv = [self.exe, "rm", "-f", *(["-t", "0"] if self.name == "podman" else []), "--", name]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                logger.warning("%s rm -f %s: %s", self.name, name, exc)
+                continue
+            if proc.returncode != 0:
+                logger.warning("%s rm -f %s (exit %d): %s", self.name, name, proc.returncode,
+                               proc.stderr.strip()[-300:])

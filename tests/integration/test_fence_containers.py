@@ -182,3 +182,24 @@ def test_stale_containers_of_the_slot_are_removed_and_others_kept(
     finally:
         for name in [*stale, other]:  # one by one: a name already gone fails the whole command
             subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, check=False)
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("engine", [pytest.param("podman", marks=pytest.mark.podman)], indirect=True)
+def test_remove_goes_on_past_a_container_already_gone(engine: str, slot: SessionSpec, sif_cache: Path,
+                                                      sessions: list[Session]) -> None:
+    """Podman 4.3's `rm -f GONE A B` removes neither A nor B: the sweep removes one by one."""
+    from scalebox_hpc.runtime.podman import EngineCli
+
+    first = chooser(engine, slot, sif_cache).open(slot)
+    sessions.append(first)
+    image = first.image  # type: ignore[attr-defined]
+    names = [f"sbx-rm-test-{os.getpid()}-{i}" for i in range(2)]
+    for name in names:
+        subprocess.run(["podman", "run", "-d", "--name", name, image, "sleep", "300"], check=True, capture_output=True)
+    try:
+        EngineCli("podman", "podman").remove([f"sbx-rm-test-{os.getpid()}-gone", *names])
+        assert containers(f"sbx-rm-test-{os.getpid()}-") == []
+    finally:
+        for name in names:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, check=False)
