@@ -56,3 +56,10 @@ class ApptainerEngine:
 
     def discard(self, name: str, grace: float) -> None:
         """Nothing to remove: the container is the process tree, killed by the caller."""
+
+    def containers(self, prefix: str) -> list[str]:
+        """Apptainer keeps no named containers: a killed launcher's are ended through run records."""
+        return []
+
+    def remove(self, names: Sequence[str]) -> None:
+        """Nothing to remove."""

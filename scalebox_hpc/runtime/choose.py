@@ -9,9 +9,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.apptainer import ApptainerEngine
 from scalebox_hpc.runtime.base import Session, SessionSpec
-from scalebox_hpc.runtime.container import Engine, HostDirs, PerTaskSession, binds_for
+from scalebox_hpc.runtime.container import Engine, HostDirs, PerTaskSession, binds_for, sweep_containers
 from scalebox_hpc.runtime.images import SifCache
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.runtime.podman import EngineCli
@@ -77,12 +78,15 @@ class RuntimeChooser:
         """The slot's session: bare, one container per run, or a warm slot container."""
         name = self.pick(spec)
         if name == "local":
-            return self.local
+            return self.local.open(spec)
         if not spec.image:
             raise ContainerError(f"runtime {name} needs a base_image for module slot {spec.name}")
         engine = self.engine(name)
         image = engine.image_for(spec)
         binds = binds_for(spec, self.host)
+        # what a killed launcher left on this slot ends first: its containers, then its processes
+        sweep_containers(engine, spec)
+        fence.sweep(spec.private_dir, spec.name)
         if PER_TASK_OPTION in spec.options:
             return PerTaskSession(engine, spec, image, binds, self.host_env)
         return WarmSession(engine, spec, image, binds, self.host_env)

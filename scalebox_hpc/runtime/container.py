@@ -15,8 +15,10 @@ Standard mounts (Scalebox layout):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
+import os
 import posixpath
 import re
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.local import LocalRun, popen
 
@@ -188,6 +191,15 @@ class Engine(Protocol):
         """Stop and remove the named container if the engine keeps one (no-op for Apptainer)."""
         ...
 
+    def containers(self, prefix: str) -> list[str]:
+        """Names of the engine's containers, running or not, that start with ``prefix`` ([] for
+        Apptainer, which keeps none)."""
+        ...
+
+    def remove(self, names: Sequence[str]) -> None:
+        """Kill and remove the named containers at once (no-op for Apptainer)."""
+        ...
+
 
 class ContainerRun(LocalRun):
     """A per-task container run: the engine's client process, plus the container behind it."""
@@ -203,12 +215,74 @@ class ContainerRun(LocalRun):
 
 
 _counter = itertools.count(1)
+_OWNED = re.compile(r"(\d+)-([0-9a-z]+)-\d+")
+
+
+def container_prefix(spec: SessionSpec) -> str:
+    """``sbx-SLOT-``: what every container name of the slot starts with, and only its. The slot's
+    name in safe characters; a name that had to be changed or shortened gets a hash of itself,
+    so two slots never share a prefix (the sweep removes by prefix)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", spec.name)
+    if safe != spec.name or len(safe) > 64:
+        safe = f"{safe[:52]}-{hashlib.sha256(spec.name.encode()).hexdigest()[:10]}"
+    return f"sbx-{safe}-"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def owner_tag(owner: fence.Proc | None = None) -> str:
+    """``PID-START``: the launcher process (its pid and start time in base 36), unique per
+    launcher process and checkable: a later process with the same pid has another start."""
+    me = owner or fence.this_process()
+    return f"{me.pid}-{_base36(round(me.start * 100))}"
 
 
 def container_name(spec: SessionSpec) -> str:
-    """A container name from the slot's name: ``sbx-`` + safe characters + a process-unique suffix."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", spec.name)[:80]
-    return f"sbx-{safe}-{next(_counter)}"
+    """``sbx-SLOT-PID-START-N``: the slot's prefix, this launcher's :func:`owner_tag` and a
+    counter, so a new launcher never reuses a name its killed predecessor's container still holds."""
+    return f"{container_prefix(spec)}{owner_tag()}-{next(_counter)}"
+
+
+def _live_owner(name: str, prefix: str) -> int | None:
+    """The pid of the live launcher *other than this one* that owns the container ``name``, or
+    None when its owner is gone, is this launcher, or cannot be told (an older name format)."""
+    match = _OWNED.fullmatch(name[len(prefix):])
+    if match is None:
+        return None
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return None  # ours, from a session of this slot that was never closed: stale too
+    owner = fence.Proc.of(pid)
+    return pid if owner is not None and owner_tag(owner) == f"{pid}-{match.group(2)}" else None
+
+
+def sweep_containers(engine: Engine, spec: SessionSpec) -> list[str]:
+    """Remove (``rm -f``) the slot's containers that a launcher which is gone left behind (a
+    kill -9 leaves a warm container running until its current run ends); those of another live
+    launcher are reported and kept. Returns the names removed."""
+    prefix = container_prefix(spec)
+    names = [n for n in engine.containers(prefix) if n.startswith(prefix)]
+    stale: list[str] = []
+    kept: list[str] = []
+    for n in names:
+        owner = _live_owner(n, prefix)
+        (stale if owner is None else kept).append(n)
+    for n in kept:
+        logger.error("slot %s: container %s belongs to a live launcher (pid %s): kept; two launchers must not "
+                     "share a slot", spec.name, n, _live_owner(n, prefix))
+    if stale:
+        engine.remove(stale)
+        logger.warning("slot %s: removed %d %s container(s) a previous launcher left: %s", spec.name, len(stale),
+                       engine.name, ", ".join(stale))
+    return stale
 
 
 class ContainerSession:
@@ -245,7 +319,9 @@ class PerTaskSession(ContainerSession):
             name=name, options=self.spec.options, host_env=self.host_env,
         )
         proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
-        return ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        run = ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        run.record(self.spec.private_dir, f"{spec.stdout_path.stem} of {self.spec.name} in container {name}")
+        return run
 
     def close(self) -> None:
         """Nothing outlives a run."""

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 TRANSPORTS = ("docker://", "docker-archive:", "oci-archive:", "oci:", "oras://", "library://", "shub://")
 _DIRECTIVE = re.compile(r"^#\s*scalebox-rootfs:(.*)$", re.MULTILINE)
 BUILD_TIMEOUT = 1800.0
+STALE_TMP_SECONDS = 3600.0
+"""A temporary SIF this old is a leftover of a killed build (builds time out after 30 min)."""
 
 
 def default_cache() -> Path:
@@ -203,6 +206,7 @@ class SifCache:
         with exclusive(self.root / f"{key}.lock"):
             if final.is_file():  # another process or node built it while we waited
                 return final, False
+            self._sweep_tmp(key)
             tmp = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
             try:
                 build(tmp)
@@ -210,3 +214,17 @@ class SifCache:
             finally:
                 tmp.unlink(missing_ok=True)
         return final, True
+
+    def _sweep_tmp(self, key: str) -> None:
+        """Remove temporary SIFs that killed builds left: every one of ``key`` (its lock is held,
+        so no build of it runs) and those of other keys older than :data:`STALE_TMP_SECONDS`."""
+        now = time.time()
+        for path in self.root.glob(".*.tmp.sif"):
+            try:
+                age = now - path.lstat().st_mtime
+                if path.name.startswith(f".{key}.") or age > STALE_TMP_SECONDS:
+                    path.unlink()
+                    logger.info("SIF cache %s: removed %s, left by an interrupted build (%.0f s old)",
+                                self.root, path.name, age)
+            except OSError:
+                continue

@@ -1,29 +1,36 @@
-"""The bare-process runtime: scripts run directly on the host, each in its own process group."""
+"""The bare-process runtime: scripts run directly on the host, each in its own session.
+
+A run's processes end with it: when its main process exits, whatever is left of its session
+(background children, also re-parented ones) is ended before the run's outcome is returned
+(see :mod:`scalebox_hpc.runtime.fence`). A slot's session (:class:`LocalSession`) also records
+each live run in the slot's private dir, and ends the runs a killed launcher left there when it
+opens.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
-import signal
 import subprocess
-from collections.abc import Callable
+import time
 from pathlib import Path
 
-import psutil
-
 from scalebox_hpc.errors import ScriptError
+from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 
 logger = logging.getLogger(__name__)
 
 
 class LocalRun:
-    """A script running as a local process group."""
+    """A script running as a local session (its own process group)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], label: str = "") -> None:
         self.proc = proc
+        self.label = label or str(proc.args[0] if isinstance(proc.args, list | tuple) else proc.args)
+        self.record_file: Path | None = None
+        self._outcome: Outcome | None = None
         self._poll: select.poll | None = None
         try:  # a pidfd wakes the waiter the moment the process exits (Linux >= 5.3)
             self._pidfd = os.pidfd_open(proc.pid)
@@ -32,21 +39,62 @@ class LocalRun:
         except (AttributeError, OSError):
             self._pidfd = -1
 
+    def record(self, private_dir: Path, label: str) -> None:
+        """Name this run in a record in ``private_dir`` until it ends, so that the session that
+        opens there next (after a kill -9 of this launcher, say) can end what it left running."""
+        self.label = label
+        root = fence.Proc.of(self.proc.pid)  # also when it has already exited (a zombie until reaped)
+        if root is not None and self._outcome is None:
+            self.record_file = fence.write_record(private_dir, [root], label)
+
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        """Wait up to ``timeout`` seconds; None while still running."""
-        if self._poll is not None and self.proc.returncode is None:
+        """Wait up to ``timeout`` seconds; None while still running. Once the main process has
+        exited, what is left of its session is ended first."""
+        if self._outcome is None:
+            if not self._exited(timeout):
+                return None
+            self._finish(timed_out=False)
+        assert self._outcome is not None
+        return self._outcome
+
+    def _exited(self, timeout: float | None) -> bool:
+        """Whether the main process has exited within ``timeout`` (it is left unreaped)."""
+        if self._poll is not None:
             # Popen.wait(timeout) polls with growing sleeps (up to 50 ms): a short script's
             # end would be noticed milliseconds late, which caps the task rate
             self._poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
-            code = self.proc.poll()
-            if code is None:
-                return None
-            self._close()
-            return Outcome(code)
+            return self._zombie()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while not self._zombie():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def _zombie(self) -> bool:
+        """Exited, but not reaped: ``waitid(WNOWAIT)``, so the pid (the session id) stays taken."""
+        if self.proc.returncode is not None:
+            return True
         try:
-            return Outcome(self.proc.wait(timeout))
-        except subprocess.TimeoutExpired:
-            return None
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already (by Popen)
+            return True
+
+    def _finish(self, *, timed_out: bool) -> None:
+        """End the session's leftovers (the main process is a zombie: its session id cannot be
+        reused meanwhile), then reap it and remove the run's record."""
+        left = fence.end_session(self.proc.pid)
+        if left:
+            logger.warning("run %s (pid %d) ended leaving %d process(es) of its session running: %s; ended them "
+                           "(a task's processes end with its run.sh)", self.label, self.proc.pid, len(left),
+                           fence.describe(left))
+        code = self.proc.wait()
+        self._close()
+        fence.remove_record(self.record_file)
+        self.record_file = None
+        self._outcome = Outcome(code, timed_out=timed_out)
 
     def _close(self) -> None:
         if self._pidfd >= 0:
@@ -55,37 +103,15 @@ class LocalRun:
             self._poll = None
 
     def kill(self, grace: float = 5.0) -> Outcome:
-        """TERM the process group and every descendant (also ones that left the group), then KILL."""
-        procs = _tree(self.proc.pid)
-        _signal_group(self.proc.pid, signal.SIGTERM)
-        for p in procs:
-            _quiet(p.terminate)
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        for p in alive:
-            _quiet(p.kill)
-        psutil.wait_procs(alive, timeout=grace)
-        code = self.proc.wait()
-        self._close()
-        return Outcome(code, timed_out=True)
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _quiet(fn: Callable[[], object]) -> None:
-    with contextlib.suppress(psutil.Error):
-        fn()
+        """TERM the process group, every descendant (also ones that left the group) and the
+        sessions they lead, then KILL after ``grace``."""
+        if self._outcome is None:
+            root = fence.Proc.of(self.proc.pid)
+            doomed = fence.tree_of(root) if root is not None else []
+            fence.end(doomed, grace, group=self.proc.pid)
+            self._finish(timed_out=True)
+        assert self._outcome is not None
+        return Outcome(self._outcome.returncode, timed_out=True)
 
 
 def popen(
@@ -103,7 +129,10 @@ def popen(
 
 
 class LocalRuntime:
-    """Runs scripts as plain processes (no container); ``base_image`` is ignored."""
+    """Runs scripts as plain processes (no container); ``base_image`` is ignored.
+
+    Used directly as a session it fences each run's leftovers when the run ends but keeps no
+    records; :meth:`open` gives a slot a :class:`LocalSession`, which does."""
 
     name = "local"
 
@@ -112,9 +141,9 @@ class LocalRuntime:
         return LocalRun(popen(spec.argv, cwd=spec.cwd, env=spec.env,
                               stdout_path=spec.stdout_path, stderr_path=spec.stderr_path))
 
-    def open(self, spec: SessionSpec) -> LocalRuntime:
-        """Bare processes need no per-slot state: the runtime is its own session."""
-        return self
+    def open(self, spec: SessionSpec) -> LocalSession:
+        """The slot's session; first ends what a killed launcher's runs left in its private dir."""
+        return LocalSession(spec)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -122,3 +151,21 @@ class LocalRuntime:
     def host_path(self, path: str) -> str | None:
         """A bare process sees the host's paths."""
         return path
+
+
+class LocalSession(LocalRuntime):
+    """One slot's bare-process session: each live run is recorded in the slot's private dir.
+
+    Opening it ends whatever the records there still name (runs of a launcher that was killed:
+    its run.sh and the processes it left), removes leftover emit buffers, and only then returns;
+    see :func:`scalebox_hpc.runtime.fence.sweep`."""
+
+    def __init__(self, spec: SessionSpec) -> None:
+        self.spec = spec
+        fence.sweep(spec.private_dir, spec.name)
+
+    def start(self, spec: RunSpec) -> LocalRun:
+        """Start the run and record it until it ends."""
+        run = super().start(spec)
+        run.record(self.spec.private_dir, f"{spec.stdout_path.stem} of {self.spec.name}")
+        return run

@@ -100,3 +100,32 @@ class EngineCli:
                 subprocess.run(argv, capture_output=True, timeout=grace + 30, check=False)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 logger.warning("%s: %s", " ".join(argv[:3]), exc)
+
+    def containers(self, prefix: str) -> list[str]:
+        """Names of containers (running or not) whose name contains ``prefix`` (the engine's name
+        filter is a regular expression: the caller keeps those that start with it)."""
+        argv = [self.exe, "ps", "-a", "--no-trunc", "--filter", f"name={prefix}", "--format", "{{.Names}}"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            logger.warning("%s ps: cannot list containers %s*: %s", self.name, prefix, exc)
+            return []
+        if proc.returncode != 0:
+            logger.warning("%s ps: cannot list containers %s* (exit %d): %s", self.name, prefix, proc.returncode,
+                           proc.stderr.strip()[-300:])
+            return []
+        return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+    def remove(self, names: Sequence[str]) -> None:
+        """Kill and remove the containers (``rm -f``; Podman: no stop timeout), one by one: Podman
+        4.3 given a name that is already gone removes none of the others (and exits 0)."""
+        for name in names:
+            argv = [self.exe, "rm", "-f", *(["-t", "0"] if self.name == "podman" else []), "--", name]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                logger.warning("%s rm -f %s: %s", self.name, name, exc)
+                continue
+            if proc.returncode != 0:
+                logger.warning("%s rm -f %s (exit %d): %s", self.name, name, proc.returncode,
+                               proc.stderr.strip()[-300:])

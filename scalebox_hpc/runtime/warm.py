@@ -7,6 +7,13 @@ script (every value single-quoted: cwd, environment, output files, the exec argv
 stays with the launcher on the host. A kill (timeout, cancel, drain) signals every process
 under the agent on the host (psutil), so nothing keeps running inside the container; closing
 the session stops the agent and removes the container.
+
+A request's processes end with it: the agent runs each request as a new session (``setsid``)
+and ends what is left of its process group when the request's script exits. While the
+container lives, a run record in the private dir names the engine client and the agent, so
+that the next session on this slot (after a kill -9 of this launcher) ends them
+(:mod:`scalebox_hpc.runtime.fence`); stale Podman/Docker containers of the slot are removed by
+name when a session opens (:func:`scalebox_hpc.runtime.container.sweep_containers`).
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import psutil
 
 from scalebox_hpc.errors import ContainerError, ScriptError
+from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.container import (
     CONTAINER_PATH,
@@ -51,8 +60,11 @@ def sh_quote(text: str) -> str:
 
 
 def request_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout: str, stderr: str) -> str:
-    """The script the agent runs for one request: every value quoted, nothing evaluated."""
-    lines = [f"exec </dev/null >{sh_quote(stdout)} 2>{sh_quote(stderr)}", f"cd {sh_quote(cwd)} || exit 126"]
+    """The script the agent runs for one request: every value quoted, nothing evaluated. Given a
+    file as its argument (the agent's ``request.pgid``) it first writes its pid there: run under
+    ``setsid``, that is its process group, which the agent ends when the script exits."""
+    lines = ['[ "$#" -eq 0 ] || echo "$$" >"$1"',
+             f"exec </dev/null >{sh_quote(stdout)} 2>{sh_quote(stderr)}", f"cd {sh_quote(cwd)} || exit 126"]
     lines += [f"export {k}={sh_quote(v)}" for k, v in env.items() if _NAME.match(k)]
     lines.append("exec " + " ".join(sh_quote(a) for a in argv))
     return "\n".join(lines) + "\n"
@@ -70,6 +82,7 @@ class WarmSession(ContainerSession):
         self.proc: subprocess.Popen[bytes] | None = None
         self.agent: psutil.Process | None = None
         self.name = ""
+        self.record_file: Path | None = None
         self._in = self._out = -1
         self._buf = b""
         self._seq = 0
@@ -103,9 +116,16 @@ class WarmSession(ContainerSession):
                 f"{self.engine.name} container for {self.spec.name} did not start"
                 + (f": {' | '.join(tail)}" if tail else "")
             )
-        self.agent = self._find_agent(int(line.split()[1]), token)
+        fields = line.split()
+        self.agent = self._find_agent(int(fields[1]), token)
         logger.info("slot %s: warm %s container %s up (agent pid %s)", self.spec.name, self.engine.name,
                     self.name, self.agent.pid if self.agent else "?")
+        if fields[2:3] != ["setsid"]:
+            logger.warning("slot %s: image %s has no setsid: background processes a run leaves keep running "
+                           "in the container until it ends", self.spec.name, self.image)
+        roots = [fence.Proc.of(self.proc.pid), fence.Proc.of(self.agent.pid) if self.agent else None]
+        self.record_file = fence.write_record(self.spec.private_dir, [r for r in roots if r is not None],
+                                              f"warm {self.engine.name} container {self.name}")
 
     @staticmethod
     def _find_agent(pid: int, token: str) -> psutil.Process | None:
@@ -243,6 +263,8 @@ class WarmSession(ContainerSession):
         self._in = self._out = -1
         for fifo in (self.fifo_in, self.fifo_out):
             fifo.unlink(missing_ok=True)
+        fence.remove_record(self.record_file)
+        self.record_file = None
 
 
 class WarmRun:

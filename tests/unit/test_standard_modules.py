@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import pytest
 
 from scalebox_hpc.errors import PipelineError
 from scalebox_hpc.launcher import taskexec
+from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import STANDARD_MODULES, load_pipeline
 from tests.components import need
 
@@ -316,6 +319,146 @@ def test_rsync_over_ssh_form(run: Runner, src: Path, tmp_path: Path) -> None:
     assert run("file-copy", "nope", SOURCE_URL=f"localhost:{src}", TARGET_URL=str(dst)).code == 10
     assert run("file-copy", "plain.txt", SOURCE_URL=f"localhost:{src}", TARGET_URL=f"localhost:{dst}").code == 14
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+# -- list-dir under a per-task message cap (MAX_MESSAGES) ----------------------------------------------
+class Splitter:
+    """Runs list-dir task after task as the launcher would: sink-tasks.txt lines (and send-message /
+    send-job-message calls) are parsed; messages to list-dir itself become its next tasks."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.bin = tmp / "split-bin"
+        self.bin.mkdir()
+        for name in ("send-message", "send-job-message"):  # record argv as JSON, one call per line
+            (self.bin / name).write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                         "open(os.environ['CALLS'], 'a').write(json.dumps(sys.argv) + '\\n')\n")
+            (self.bin / name).chmod(0o755)
+        self.tasks = 0
+        self.sizes: list[int] = []
+
+    def run(self, source: str, cap: int, body: str = ".", **env: str) -> list[str]:
+        """Every file body sent to the sink, over all the tasks the first one led to."""
+        queue: list[tuple[str, dict[str, object]]] = [(body, {})]
+        files: list[str] = []
+        while queue:
+            task_body, headers = queue.pop(0)
+            self.tasks += 1
+            work = self.tmp / f"split{self.tasks}"
+            work.mkdir()
+            full = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+            full.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", CALLS=str(work / "calls"),
+                        WORK_DIR=str(work), SINK_MODULE="next", MODULE_NAME="list-dir", MAX_MESSAGES=str(cap),
+                        SOURCE_URL=source, **env)
+            stamped = {**headers, "from_module": "list-dir", "from_host": "h"}  # as the launcher adds them
+            proc = subprocess.run([str(STANDARD_MODULES / "list-dir" / "run.sh"), task_body, json.dumps(stamped)],
+                                  cwd=work, env=full, capture_output=True, text=True, timeout=60, check=False)
+            assert proc.returncode == 0, proc.stderr
+            messages = []
+            batch = work / taskexec.SINK_TASKS
+            if batch.exists():
+                text = batch.read_text(encoding="utf-8", errors="surrogateescape")
+                messages += [taskexec.parse_sink_line(line, {"next", "list-dir"}) for line in text.splitlines()]
+            calls = work / "calls"
+            for line in calls.read_text().splitlines() if calls.exists() else []:
+                argv = json.loads(line)
+                if argv[0].endswith("send-message"):
+                    messages.append(Message(body=argv[1], module="next"))
+                else:
+                    messages.append(Message(body=argv[2], module=argv[1], headers=json.loads(argv[3])))
+            self.sizes.append(len(messages))
+            assert len(messages) <= cap, f"task {task_body!r} {headers} emitted {len(messages)} > {cap}"
+            for m in messages:
+                if m.module == "list-dir":
+                    queue.append((m.body, m.headers))
+                else:
+                    assert m.module == "next" and m.headers == {}
+                    files.append(m.body)
+        return files
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> Splitter:
+    return Splitter(tmp_path)
+
+
+def test_list_dir_splits_a_tree_over_the_cap(split: Splitter, tmp_path: Path) -> None:
+    names = [f"d{d}/f{i:03d}.dat" for d in range(5) for i in range(40)]  # 200 files in 5 dirs
+    make_tree(tmp_path / "big", names)
+    files = split.run(str(tmp_path / "big"), cap=50)
+    assert sorted(files) == sorted(names)  # every file, exactly once
+    assert split.tasks == 1 + 5 and split.sizes == [5, 40, 40, 40, 40, 40]
+
+
+def test_list_dir_under_the_cap_is_one_task_as_before(split: Splitter, tmp_path: Path) -> None:
+    names = [f"d{d}/f{i}.dat" for d in range(5) for i in range(10)]
+    make_tree(tmp_path / "small", names)
+    assert sorted(split.run(str(tmp_path / "small"), cap=50)) == sorted(names)
+    assert split.tasks == 1
+
+
+def test_list_dir_splits_a_flat_directory_by_name_ranges(split: Splitter, tmp_path: Path) -> None:
+    """More direct entries than the cap: parts by byte-ordered name ranges, whatever the bytes."""
+    tricky = [n.replace("/", "_") for n in TRICKY] + ["ctl", "ctl\x01", "ctl\x01a", "Z", "z", "é", "e"]
+    names = [f"n{i:03d}" for i in range(40)] + tricky + [f"sub/x{i}" for i in range(6)]
+    make_tree(tmp_path / "flat", names)
+    files = split.run(str(tmp_path / "flat"), cap=4)
+    assert sorted(files) == sorted(names)
+    assert max(split.sizes) <= 4 and split.tasks > 10
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_list_dir_split_keeps_the_filter_and_nests(split: Splitter, tmp_path: Path) -> None:
+    names = ([f"top{i}.txt" for i in range(3)] + [f"a/f{i}.dat" for i in range(25)] +
+             [f"a/c/g{i}.dat" for i in range(12)] + [f"b/h{i}.txt" for i in range(5)] + ["a/c/d/e/deep.dat"])
+    make_tree(tmp_path / "nest", names)
+    files = split.run(str(tmp_path / "nest"), cap=10, REGEX_FILTER=r"\.dat$")
+    assert sorted(files) == sorted(n for n in names if n.endswith(".dat"))
+    files = split.run(str(tmp_path / "nest"), cap=10, body="a")
+    assert sorted(files) == sorted(n for n in names if n.startswith("a/"))
+
+
+def test_list_dir_splits_through_an_rsync_daemon(split: Splitter, src: Path, daemon: str) -> None:
+    names = [f"big/d{d}/f {i:02d}.dat" for d in range(3) for i in range(8)] + [f"big/flat{i:02d}" for i in range(9)]
+    make_tree(src, names)
+    files = split.run(f"{daemon}/data", cap=5, body="big")
+    assert sorted(files) == sorted(names)
+    assert max(split.sizes) <= 5
+
+
+def test_list_dir_bad_cap_is_a_configuration_error(run: Runner, src: Path) -> None:
+    assert run("list-dir", ".", SOURCE_URL=str(src), MAX_MESSAGES="0").code == 14
+    assert run("list-dir", ".", SOURCE_URL=str(src), MAX_MESSAGES="lots").code == 14
+    res = run("list-dir", ".", SOURCE_URL=str(src), MAX_MESSAGES="2", MODULE_NAME="")
+    assert res.code == 14 and "MODULE_NAME" in res.stderr
+
+
+# -- TERM (timeouts, cancels, drains) -------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["list-dir", "file-copy"])
+def test_a_terminated_run_removes_its_temp_dir(module: str, src: Path, tmp_path: Path) -> None:
+    """The launcher TERMs a run's whole process group: the script's EXIT trap still runs (F25)."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "rsync").write_text('#!/bin/sh\ntouch "$STARTED"\nexec sleep 30\n')
+    (slow / "rsync").chmod(0o755)
+    tmpdir, work, started = tmp_path / "tmpdir", tmp_path / "work", tmp_path / "started"
+    tmpdir.mkdir()
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(PATH=f"{slow}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmpdir), STARTED=str(started),
+               SINK_MODULE="next", SOURCE_URL="rsync://127.0.0.1:9/data" if module == "list-dir" else str(src),
+               TARGET_URL=str(tmp_path / "dst"))
+    body = "." if module == "list-dir" else "plain.txt"
+    proc = subprocess.Popen([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not started.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    assert len(list(tmpdir.iterdir())) == 1  # its mktemp -d
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(10) == 143
+    assert list(tmpdir.iterdir()) == []
 
 
 # -- code_path: scalebox:NAME ----------------------------------------------------------------------------

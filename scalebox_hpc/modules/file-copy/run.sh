@@ -19,6 +19,9 @@
 #      bad CHECKSUM, no rsync, unknown rsync daemon module)
 #   1  any other failure
 set -euo pipefail
+# a timeout, cancel or drain sends TERM: exit through the EXIT trap, which removes the temp dir
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 die() { echo "file-copy: $2" >&2; exit "$1"; }
 
