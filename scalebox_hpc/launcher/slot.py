@@ -23,6 +23,7 @@ from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, ScriptError, SlotError
 from scalebox_hpc.launcher import mpirun, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
+from scalebox_hpc.launcher.outputs import CappedOutputs
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
@@ -85,6 +86,8 @@ class Slot:
         self.final_status: str | None = None
         """How the slot ended (EXITED, ERROR), once it has."""
         self._fatal: ScaleboxError | None = None
+        self.outputs = CappedOutputs(())
+        """The output files of the run going on (or that just ended)."""
 
     @property
     def lease_seconds(self) -> float:
@@ -393,7 +396,7 @@ class Slot:
         self, task: Task, outcome: Outcome, report: taskexec.ExecReport, started: datetime, finished: datetime
     ) -> TaskResult:
         status = _status_of(outcome)
-        stderr = _read(self.private / "run.err")
+        stderr = self.outputs.tail(self.private / "run.err")
         if report.invalid:  # output of the wrong shape, size or kind: -103 unless run.sh failed anyway
             stderr += "".join(f"scalebox: {p}\n" for p in report.invalid)
             if status == 0:
@@ -410,7 +413,7 @@ class Slot:
             messages = []
         return TaskResult(
             status=status, started_at=started, finished_at=finished,
-            stdout=_read(self.private / "run.out"), stderr=stderr,
+            stdout=self.outputs.tail(self.private / "run.out"), stderr=stderr,
             input_bytes=report.input_bytes, output_bytes=report.output_bytes,
             input_files=report.input_files, output_files=report.output_files, removed_files=report.removed_files,
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
@@ -455,12 +458,14 @@ class Slot:
             stdout_path=self.private / f"{label}.out", stderr_path=self.private / f"{label}.err",
         )
         assert self.session is not None
+        self.outputs = CappedOutputs((spec.stdout_path, spec.stderr_path))
         run = self.session.start(spec)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outcome = run.wait(0.2)
             if outcome is not None:
                 return outcome
+            self.outputs.check()  # a run printing without end must not fill the work root
             if abortable and self.ctx.control.abort.is_set():
                 run.kill(grace=2.0)
                 return None
@@ -532,16 +537,6 @@ def _status_of(outcome: Outcome) -> int:
     if outcome.returncode < 0:  # killed by a signal: the shell convention 128+N
         return 128 - outcome.returncode
     return outcome.returncode
-
-
-def _read(path: Path, limit: int = 64 * 1024) -> str:
-    """The last ``limit`` bytes of a captured output file."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - limit))
-            return fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def _system_error(

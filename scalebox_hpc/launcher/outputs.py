@@ -1,0 +1,91 @@
+"""A run's captured stdout/stderr: bounded on disk, read back as their tails.
+
+A run writes its output straight into files in the slot's private dir (no pipe, no thread per
+run). A task printing without end would fill the work root (on a cluster: shared scratch), so
+while it runs the files are watched: one whose disk use passes ``MAX_OUTPUT_FILE_BYTES`` has its
+tail saved in memory and is truncated. The writer's offset does not move, so its next writes
+land past a hole (a sparse file: no disk used for it); the tail read at the end joins the saved
+tail and what came after the hole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUT_FILE_BYTES = 256 * 2**20
+"""Disk a run's stdout (or stderr) file may use before its head is dropped."""
+TAIL_BYTES = 64 * 1024
+"""What is kept of each stream (and stored with the execution)."""
+
+
+@dataclass
+class _Stream:
+    cut_at: int = 0
+    """File size when it was last truncated: bytes before it are gone (or saved)."""
+    saved: bytes = b""
+
+
+@dataclass
+class CappedOutputs:
+    """The output files of one run; :meth:`check` while it runs, :meth:`tail` after."""
+
+    paths: tuple[Path, ...]
+    limit: int = MAX_OUTPUT_FILE_BYTES
+    _streams: dict[Path, _Stream] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Truncate every file whose disk use is over the limit, keeping its tail."""
+        for path in self.paths:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_blocks * 512 <= self.limit:
+                continue
+            stream = self._streams.setdefault(path, _Stream())
+            stream.saved = self._read_tail(path, stream, st.st_size)
+            stream.cut_at = st.st_size
+            os.truncate(path, 0)
+            logger.warning("%s: output over %d MiB, only its last %d KiB kept", path, self.limit // 2**20,
+                           TAIL_BYTES // 1024)
+
+    def tail(self, path: Path) -> str:
+        """The last TAIL_BYTES of the stream as text (invalid UTF-8 replaced), with a note of
+        what was dropped."""
+        stream = self._streams.get(path)
+        if stream is None:
+            return _decode(_tail_of(path, 0))
+        try:
+            size = os.stat(path, follow_symlinks=False).st_size
+        except OSError:
+            size = 0
+        data = self._read_tail(path, stream, size)
+        note = f"[scalebox: the output passed {self.limit // 2**20} MiB on disk; only its end was kept]\n"
+        return note + _decode(data)
+
+    def _read_tail(self, path: Path, stream: _Stream, size: int) -> bytes:
+        """The saved tail joined with what was written after the last truncation, last TAIL_BYTES."""
+        # a writer in append mode starts again at 0 after the truncation, others past the hole
+        recent = _tail_of(path, stream.cut_at if size >= stream.cut_at else 0)
+        return (stream.saved + recent)[-TAIL_BYTES:]
+
+
+def _tail_of(path: Path, start: int) -> bytes:
+    """The last TAIL_BYTES of ``path`` from offset ``start`` on (b"" when absent)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return b""
+    with os.fdopen(fd, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        fh.seek(max(start, end - TAIL_BYTES))
+        return fh.read(TAIL_BYTES)
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
