@@ -271,6 +271,24 @@ SELECT a.status, a.cancelled,
                WHERE t.app_id = a.id AND t.status IN (-1, -3)) AS active
 FROM sbx_apps a WHERE a.id = %(app_id)s;
 
+-- name: module_activity
+-- What an idle slot (or MPI stage) of one module needs to know: is the app still on, and has
+-- this module, or any module upstream of it (transitively along sink_modules: work there will
+-- turn into ours), tasks READY or RUNNING. Work of unrelated or downstream modules does not
+-- keep it up, so a finished stage releases its nodes while a later stage still works.
+WITH RECURSIVE upstream (id, name) AS (
+    SELECT m.id, m.name FROM sbx_modules m WHERE m.id = %(module_id)s AND m.app_id = %(app_id)s
+    UNION
+    SELECT u.id, u.name
+    FROM sbx_modules u JOIN upstream d ON d.name = ANY (u.sink_modules)
+    WHERE u.app_id = %(app_id)s
+)
+SELECT a.status, a.cancelled,
+       EXISTS (SELECT 1 FROM sbx_tasks t
+               WHERE t.app_id = a.id AND t.module_id IN (SELECT id FROM upstream)
+                 AND t.status IN (-1, -3)) AS active
+FROM sbx_apps a WHERE a.id = %(app_id)s;
+
 -- name: cancel_app
 -- Cancel: FINISHED with the result 'cancelled'; launchers kill and release what runs.
 UPDATE sbx_apps
