@@ -469,3 +469,26 @@ def test_stage_stop_drains_an_mpi_stage_job(env: dict[str, str], shared: Path) -
     assert "asked to drain" in job_log(shared, app_id, job)
     statuses = [t["status"] for t in tasks(env, app_id)]
     assert len(statuses) == 30 and set(statuses) <= {0, -1} and statuses.count(-1) >= 10, statuses
+
+
+def test_a_finished_stage_releases_the_nodes_its_downstream_waits_for(env: dict[str, str], shared: Path) -> None:
+    """Issue 20's pipeline scaled down: four exclusive `w` jobs take all four nodes, `s`'s one job
+    waits (Reason=Resources) with every `s` task READY. Idle by reachability: `w`'s jobs end once
+    `w` is done, although `s` has work, so `s`'s job gets the nodes (before: a deadlock until the
+    `w` jobs' walltime)."""
+    exclusive = {"time": "10", "extra_sbatch_args": ["--exclusive"]}
+    path = write_pipeline(shared / "ws", {
+        "w": {"run": 'sleep 0.5; send-message "s-$1"\n', "arguments": FAST, "sink_modules": ["s"],
+              "slurm": {**exclusive, "max_jobs": 4, "tasks_per_job": 5},
+              "parameters": {"start_task": "FILE:bodies.txt"}},
+        "s": {"run": 'sleep 0.1\n', "arguments": FAST, "slurm": {**exclusive, "max_jobs": 1}}})
+    (path.parent / "bodies.txt").write_text("".join(f"t{i}\n" for i in range(40)))
+    started = time.monotonic()
+    app_id = submit(env, path)
+    assert [j["module"] for j in db_jobs(env, app_id)] == ["w"] * 4
+    wait_until("all 80 tasks to succeed", all_ok(env, app_id, 80), 180, every=2)
+    print(f"w -> s make-span: {time.monotonic() - started:.1f} s")
+    ended = wait_until("every stage job to end", lambda: all_ended(env, app_id)(), 60, every=2)
+    assert {j["module"] for j in ended} == {"w", "s"}
+    w_jobs = [j for j in ended if j["module"] == "w"]
+    assert len(w_jobs) == 4 and {j["state"] for j in w_jobs} == {"COMPLETED"}, ended
