@@ -109,6 +109,15 @@ class ScaleReport:
     """Modules scaled less than ``interval`` ago, left alone this time."""
     placed: dict[str, list[str]] = field(default_factory=dict)
     """Job id -> the nodes it asked for (``--nodelist``) because their scratch holds its inputs."""
+    elected: bool = True
+    """False: the app had a pass less than an interval ago (by another of its jobs, or a CLI
+    call); this one ran no Slurm command."""
+    budget_spent: bool = False
+    """True: skipped, the cluster's Slurm commands of the last minute reached the ceiling."""
+    urgent: bool = False
+    """The pass was due whatever the interval (forced, or the app's last live job leaving)."""
+    slurm_calls: int = 0
+    """Slurm commands this pass ran (squeue, sacct, sinfo, sbatch, scancel)."""
 
 
 def place_jobs(
@@ -195,17 +204,29 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
         return True
 
 
+DEFAULT_RPC_PER_MINUTE = 30
+"""Slurm commands per minute and cluster that autoscale passes may run (SCALEBOX_SLURM_RPC_PER_MINUTE)."""
+
+
 class Autoscaler:
-    """Applies :func:`decide` to every module of an app, holding the app's advisory lock."""
+    """Applies :func:`decide` to every module of an app, holding the app's advisory lock.
+
+    One pass per app per ``interval``, whoever asks (the first node of each of its stage jobs,
+    `scalebox status`, scrontab): the pass is elected under the lock by the app's
+    ``autoscaled_at``, so N stage jobs make the Slurm calls of one. Each pass counts the Slurm
+    commands it ran against its cluster; a pass is skipped while the last minute's count has
+    reached ``rpc_per_minute`` (forced passes, the user's own commands, run and are counted)."""
 
     def __init__(
         self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
         interval: float = 10.0, now: Callable[[], datetime] | None = None,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE,
     ) -> None:
         self.conn = conn
         self.client = client
         self.command = command
         self.interval = timedelta(seconds=interval)
+        self.rpc_per_minute = rpc_per_minute
         # the database's clock by default: submitted_at is the database's, and a login node
         # whose clock runs ahead must not take a just-submitted job for vanished
         self.now = now if now is not None else (lambda: db_stages.db_now(conn))
@@ -235,9 +256,13 @@ class Autoscaler:
             job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"])
         return [j for j in live if j["ended_at"] is None]
 
-    def reconcile(self, app_id: int, *, force: bool = False, only: Sequence[str] = ()) -> ScaleReport:
+    def reconcile(
+        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
+    ) -> ScaleReport:
         """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
-        ignores the rate limit and a failing streak."""
+        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: asked by a
+        stage job that drains or ends; when it was the app's last live job (nobody else will
+        pass soon) the pass runs whatever the interval, within the budget."""
         report = ScaleReport()
         with self.conn.transaction():
             if not db_stages.try_lock(self.conn, app_id):
@@ -247,22 +272,50 @@ class Autoscaler:
             if not force and stored is None:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
-            recovered = db_stages.recover_expired(self.conn)
-            if recovered:
-                logger.warning("%d task(s) of dead launchers are READY again", recovered)
-            # one read of the app's jobs: refresh() updates the live rows in place, so `history`
-            # sees their new states too
-            history = db_stages.jobs(self.conn, app_id, include_ended=True)
-            self.refresh([j for j in history if j["ended_at"] is None])
-            command = self._command(app_id, stored)
-            for row in db_stages.modules(self.conn, app_id):
-                if only and row["name"] not in only:
-                    continue
-                if not force and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
-                    report.rate_limited.append(row["name"])
-                    continue
-                self._scale(app_id, row, history, force, report, command)
+            gate = db_stages.autoscale_gate(self.conn, app_id)
+            urgent = report.urgent = force or (leaving and int(gate["live_jobs"]) == 0)
+            last = gate["autoscaled_at"]
+            if not urgent and last is not None and gate["now"] - last < self.interval:
+                report.elected = False  # another job (or command) of the app passed moments ago
+                return report
+            spent = int(gate["calls_last_minute"])
+            if not force and spent >= self.rpc_per_minute:
+                report.budget_spent = True
+                logger.warning("autoscale of app %d skipped: %d Slurm calls in the last minute on cluster %r, "
+                               "the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, spent,
+                               gate["cluster"], self.rpc_per_minute)
+                return report
+            if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
+                db_stages.mark_app_scaled(self.conn, app_id)
+            before = self.client.commands_run
+            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
+            report.slurm_calls = self.client.commands_run - before
+            if report.slurm_calls:
+                db_stages.record_slurm_calls(self.conn, gate["cluster"], app_id, report.slurm_calls)
+            logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
+
+    def _pass(
+        self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
+        only: Sequence[str],
+    ) -> None:
+        """One elected pass (under the app's lock): recover leases, refresh the jobs (one squeue),
+        scale each module not scaled within the interval (all of them when ``urgent``)."""
+        recovered = db_stages.recover_expired(self.conn)
+        if recovered:
+            logger.warning("%d task(s) of dead launchers are READY again", recovered)
+        # one read of the app's jobs: refresh() updates the live rows in place, so `history`
+        # sees their new states too
+        history = db_stages.jobs(self.conn, app_id, include_ended=True)
+        self.refresh([j for j in history if j["ended_at"] is None])
+        command = self._command(app_id, stored)
+        for row in db_stages.modules(self.conn, app_id):
+            if only and row["name"] not in only:
+                continue
+            if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
+                report.rate_limited.append(row["name"])
+                continue
+            self._scale(app_id, row, history, force, report, command)
 
     def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
         """The launch command the app's first stage job used (kept so that every later job,

@@ -337,6 +337,35 @@ SELECT name, value FROM sbx_variables WHERE app_id = %(app_id)s ORDER BY name;
 -- One autoscaler per app at a time; whoever does not get the lock skips (someone else scales).
 SELECT pg_try_advisory_xact_lock(hashtextextended('scalebox_hpc.autoscale:' || %(app_id)s::text, 0)) AS got;
 
+-- name: autoscale_gate
+-- Read under the app's autoscale lock before a pass: when the app's last pass was (one pass per
+-- interval across all its jobs), the Slurm commands of the last minute on its cluster (the
+-- budget spent), and how many of its stage jobs are live and not draining (a leaving job that
+-- is the last one scales at once: no other job will pass soon).
+SELECT a.autoscaled_at, now() AS now, COALESCE(a.cluster, '') AS cluster,
+       (SELECT COALESCE(sum(c.calls), 0) FROM sbx_slurm_calls c
+        WHERE c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds') AS calls_last_minute,
+       (SELECT count(*) FROM sbx_stage_jobs j
+        WHERE j.app_id = a.id AND j.ended_at IS NULL AND NOT j.draining) AS live_jobs
+FROM sbx_apps a WHERE a.id = %(app_id)s;
+
+-- name: set_app_autoscaled
+UPDATE sbx_apps SET autoscaled_at = now() WHERE id = %(app_id)s;
+
+-- name: record_slurm_calls
+-- The Slurm commands one autoscale pass ran; rows over an hour old go at the same time.
+WITH pruned AS (
+    DELETE FROM sbx_slurm_calls WHERE at < now() - interval '1 hour'
+)
+INSERT INTO sbx_slurm_calls (cluster, app_id, calls) VALUES (%(cluster)s, %(app_id)s, %(calls)s);
+
+-- name: slurm_calls_last_minute
+-- The Slurm commands autoscale passes ran on the app's cluster in the last minute (all apps).
+SELECT COALESCE(sum(c.calls), 0) AS calls, count(c.id) AS passes
+FROM sbx_apps a
+LEFT JOIN sbx_slurm_calls c ON c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds'
+WHERE a.id = %(app_id)s;
+
 -- name: stage_modules
 -- What the autoscaler decides on, per module: its spec, bounds, queue and live (non-draining) jobs.
 SELECT m.id, m.name, m.seq, m.spec, m.min_jobs, m.max_jobs, m.scaled_at,
