@@ -44,6 +44,9 @@ VANISHED_AFTER = timedelta(seconds=60)
 """A job neither squeue nor sacct knows this long after its submission is taken as ended."""
 _FAILED_STATES = frozenset({SlurmState.FAILED.value, SlurmState.OUT_OF_MEMORY.value, SlurmState.BOOT_FAIL.value})
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+STARVED_REASON = re.compile(r"(Resources|(QOS|Assoc)\w*Limit)\Z")
+"""Slurm's reasons for a pending job that other jobs of the same user hold back: no free nodes,
+or a QOS / association limit (QOSMaxJobsPerUserLimit, AssocGrpCpuLimit, ...)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,34 @@ def failing(ended_states: Iterable[str]) -> bool:
     return len(recent) == FAILURE_LIMIT and all(state in _FAILED_STATES for state in recent)
 
 
+def active_modules(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The modules (``stage_modules`` rows: name, spec, ready, running) that have work READY or
+    RUNNING, or a module upstream of them (transitively along ``sink_modules``) has: as an idle
+    slot judges (the ``module_activity`` query)."""
+    sinks = {str(r["name"]): list((r["spec"] or {}).get("sink_modules") or []) for r in rows}
+    active = {str(r["name"]) for r in rows if int(r["ready"]) or int(r["running"])}
+    frontier = list(active)
+    while frontier:
+        for sink in sinks.get(frontier.pop(), []):
+            if sink not in active:
+                active.add(sink)
+                frontier.append(sink)
+    return active
+
+
+def starved_modules(rows: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Module -> Slurm's reason, for the modules with READY tasks one of whose live jobs is
+    PENDING on resources or a QOS / association limit (:data:`STARVED_REASON`)."""
+    ready = {r["id"]: str(r["name"]) for r in rows if int(r["ready"])}
+    out: dict[str, str] = {}
+    for job in live:
+        reason = str(job.get("reason") or "")
+        if (job["module_id"] in ready and job["ended_at"] is None and not job["draining"]
+                and job["state"] == SlurmState.PENDING.value and STARVED_REASON.match(reason)):
+            out.setdefault(ready[job["module_id"]], reason)
+    return out
+
+
 @dataclass
 class ScaleReport:
     """What one ``reconcile`` did."""
@@ -114,6 +145,8 @@ class ScaleReport:
     call); this one ran no Slurm command."""
     budget_spent: bool = False
     """True: skipped, the cluster's Slurm commands of the last minute reached the ceiling."""
+    yielded: list[str] = field(default_factory=list)
+    """Running jobs of modules without work, drained because another module's job waits for nodes."""
     urgent: bool = False
     """The pass was due whatever the interval (forced, or the app's last live job leaving)."""
     slurm_calls: int = 0
@@ -253,7 +286,8 @@ class Autoscaler:
             nodes = ",".join(info.nodes) if info.nodes else None
             db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
                                  exit_code=info.exit_code, reason=info.reason)
-            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"])
+            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"],
+                       reason=info.reason or job["reason"])
         return [j for j in live if j["ended_at"] is None]
 
     def reconcile(
@@ -309,13 +343,41 @@ class Autoscaler:
         history = db_stages.jobs(self.conn, app_id, include_ended=True)
         self.refresh([j for j in history if j["ended_at"] is None])
         command = self._command(app_id, stored)
-        for row in db_stages.modules(self.conn, app_id):
+        rows = db_stages.modules(self.conn, app_id)
+        yielding = self._yield_nodes(rows, history, report)
+        for row in rows:
             if only and row["name"] not in only:
                 continue
             if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
                 report.rate_limited.append(row["name"])
                 continue
-            self._scale(app_id, row, history, force, report, command)
+            self._scale(app_id, row, history, force, report, command, yielding=row["name"] in yielding)
+
+    def _yield_nodes(
+        self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,
+    ) -> set[str]:
+        """While a module with READY tasks has a job waiting for nodes (or for a QOS /
+        association limit), the modules without work (their own or upstream) give theirs up:
+        their running jobs — those kept up as ``min_jobs`` — are marked draining (their
+        launchers drain within SCALEBOX_AUTOSCALE_SECONDS), and they count ``min_jobs`` 0 until
+        no module starves. Returns those modules."""
+        starved = starved_modules(rows, history)
+        if not starved:
+            return set()
+        active = active_modules(rows)
+        yielding = {str(r["name"]) for r in rows if r["name"] not in active}
+        names = {r["id"]: str(r["name"]) for r in rows}
+        waiting = ", ".join(f"{m} ({why})" for m, why in sorted(starved.items()))
+        for job in history:
+            module = names.get(job["module_id"])
+            if (module in yielding and job["ended_at"] is None and not job["draining"]
+                    and job["state"] == SlurmState.RUNNING.value):
+                db_stages.mark_draining(self.conn, job["slurm_job_id"])
+                job["draining"] = True
+                report.yielded.append(job["slurm_job_id"])
+                logger.warning("stage job %s of %s drains: it has no work, and %s waits for nodes",
+                               job["slurm_job_id"], module, waiting)
+        return yielding
 
     def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
         """The launch command the app's first stage job used (kept so that every later job,
@@ -327,13 +389,15 @@ class Autoscaler:
 
     def _scale(
         self, app_id: int, row: dict[str, Any], history: list[dict[str, Any]], force: bool, report: ScaleReport,
-        command: LaunchCommand,
+        command: LaunchCommand, *, yielding: bool = False,
     ) -> None:
         spec = ModuleSpec.model_validate(row["spec"])
         own = [j for j in history if j["module_id"] == row["id"]]  # newest first
         mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
         ended = [j["state"] for j in own if j["ended_at"] is not None]
         min_jobs, max_jobs = effective_bounds(row, spec)
+        if yielding:  # another module waits for the nodes: no warm capacity for this one now
+            min_jobs = 0
         view = ModuleView(
             name=spec.name, min_jobs=min_jobs, max_jobs=max_jobs,
             tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),

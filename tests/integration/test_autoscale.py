@@ -36,6 +36,7 @@ class FakeSlurm:
         self.status_error = False
         self.args: dict[str, list[str]] = {}
         self.node_states: dict[str, NodeInfo] = {}
+        self.reasons: dict[str, str] = {}
 
     @property
     def commands_run(self) -> int:
@@ -62,7 +63,8 @@ class FakeSlurm:
         self.calls.append("squeue")
         if self.status_error:
             raise SlurmCommandError(["squeue"], None, "timed out after 30 s")
-        return {i: JobInfo(job_id=i, name="x", state=self.jobs[i]) for i in job_ids if i in self.jobs}
+        return {i: JobInfo(job_id=i, name="x", state=self.jobs[i], reason=self.reasons.get(i))
+                for i in job_ids if i in self.jobs}
 
     def cancel(self, job_ids: Iterable[str], signal: str | None = None) -> None:
         self.calls.append("scancel")
@@ -398,3 +400,29 @@ def test_the_last_leaving_job_scales_at_once(pg_dsn: str, app: int, tmp_path: Pa
         conn.commit()
         report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True)
     assert report.elected and report.urgent and len(report.submitted["work"]) == 3
+
+
+def test_idle_warm_jobs_give_their_nodes_to_a_starved_module(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """`idle` keeps one warm job (min_jobs 1) and has no work; `work` has READY tasks and its job
+    waits (Reason=Resources): the warm job drains, and `idle` gets no new one while `work`
+    starves; once `work`'s job runs, `idle` has its min_jobs again."""
+    slurm = FakeSlurm()
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        [warm] = live(pg_dsn, app)["idle"]
+        slurm.jobs[warm] = SlurmState.RUNNING
+        add(pg_dsn, app, 5)
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("work",))
+        [starved] = live(pg_dsn, app)["work"]
+        slurm.reasons[starved] = "Priority"  # behind other users' jobs: nothing of ours to give up
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app).yielded == []
+        slurm.reasons[starved] = "QOSMaxJobsPerUserLimit"
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+        assert report.yielded == [warm] and report.submitted == {}
+        conn.commit()
+        assert stages.is_draining(conn, warm)
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app).submitted == {}  # still starved: no new warm job
+        slurm.jobs[warm] = SlurmState.COMPLETED
+        slurm.jobs[starved] = SlurmState.RUNNING
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+    assert list(report.submitted) == ["idle"] and report.yielded == []

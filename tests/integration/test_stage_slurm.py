@@ -487,8 +487,20 @@ def test_a_finished_stage_releases_the_nodes_its_downstream_waits_for(env: dict[
     app_id = submit(env, path)
     assert [j["module"] for j in db_jobs(env, app_id)] == ["w"] * 4
     wait_until("all 80 tasks to succeed", all_ok(env, app_id, 80), 180, every=2)
-    print(f"w -> s make-span: {time.monotonic() - started:.1f} s")
-    ended = wait_until("every stage job to end", lambda: all_ended(env, app_id)(), 60, every=2)
+    span = time.monotonic() - started
+    ended = wait_until("every stage job to end", all_ended(env, app_id), 60, every=2)
+    elapsed = time.monotonic() - started
     assert {j["module"] for j in ended} == {"w", "s"}
     w_jobs = [j for j in ended if j["module"] == "w"]
     assert len(w_jobs) == 4 and {j["state"] for j in w_jobs} == {"COMPLETED"}, ended
+
+    # one autoscale pass per app per interval (2 s here) however many jobs ask, plus the forced
+    # one of `submit` and the leaving passes of the app's last jobs: each job's first node
+    # passing on its own would make about 4 times as many
+    with connect(env["SCALEBOX_DSN"]) as conn:
+        passes = conn.execute("SELECT calls FROM sbx_slurm_calls WHERE app_id = %s ORDER BY id",
+                              (int(app_id),)).fetchall()
+    calls = [p["calls"] for p in passes]
+    print(f"w -> s make-span {span:.1f} s; {len(calls)} passes with Slurm calls in {elapsed:.0f} s, "
+          f"{sum(calls)} calls: {calls}")
+    assert len(calls) <= elapsed / 2 + 6, calls
