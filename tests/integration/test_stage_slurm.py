@@ -504,3 +504,27 @@ def test_a_finished_stage_releases_the_nodes_its_downstream_waits_for(env: dict[
     print(f"w -> s make-span {span:.1f} s; {len(calls)} passes with Slurm calls in {elapsed:.0f} s, "
           f"{sum(calls)} calls: {calls}")
     assert len(calls) <= elapsed / 2 + 6, calls
+
+
+def test_warm_jobs_of_an_idle_module_give_their_nodes_to_a_starved_one(env: dict[str, str], shared: Path) -> None:
+    """`warm` keeps four exclusive jobs up (min_jobs 4: all four nodes) without work; tasks for
+    `work` come in, its job waits (Reason=Resources): the warm jobs drain, `work` runs."""
+    exclusive = {"time": "10", "extra_sbatch_args": ["--exclusive"]}
+    path = write_pipeline(shared / "yield", {
+        "warm": {"run": "true\n", "arguments": FAST, "slurm": {**exclusive, "min_jobs": 4, "max_jobs": 4}},
+        "work": {"run": "sleep 0.2\n", "arguments": FAST, "slurm": {**exclusive, "max_jobs": 1}}})
+    app_id = submit(env, path)
+
+    def running(module: str) -> list[dict[str, Any]]:
+        return [j for j in db_jobs(env, app_id) if j["module"] == module and j["state"] == "RUNNING"
+                and not j["ended_at"]]
+
+    wait_until("four warm jobs to run", lambda: len(running("warm")) == 4, 60)
+    sbx(env, "task", "add", "--app", app_id, "-m", "work", *(f"k{i}" for i in range(10)))
+    wait_until("the 10 tasks to succeed", all_ok(env, app_id, 10), 120, every=2)
+    # marked draining by the autoscaler (min_jobs alone would keep all four up), then gone
+    drained = [j for j in db_jobs(env, app_id) if j["module"] == "warm" and j["draining"]]
+    assert drained, db_jobs(env, app_id)
+    log = job_log(shared, app_id, drained[-1])
+    assert "asked to drain" in log or "idle, exiting" in log, log
+    sbx(env, "stage", "stop", "--app", app_id, "warm", "--now")
