@@ -224,12 +224,15 @@ class StageLifecycle:
     def __init__(
         self, job: JobEnvironment, spec: ModuleSpec, app_id: int, session: Session,
         scale: Callable[..., ScaleReport], *, end: datetime | None, sleep: Callable[[float], None] = time.sleep,
+        wait_for_budget: bool = True,
     ) -> None:
         self.job, self.app_id, self.session, self.scale, self.end = job, app_id, session, scale, end
         self.budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
         self.first_node = job.nodeid == 0
         self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
         self.sleep = sleep
+        # an MPI stage's hooks hold its one connection's lock, which its heartbeats need too
+        self.budget_tries = LEAVING_BUDGET_TRIES if wait_for_budget else 1
 
     def tick(self) -> bool:
         if self.end is not None and datetime.now(UTC) + timedelta(seconds=self.budget) >= self.end:
@@ -264,11 +267,12 @@ class StageLifecycle:
             logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
         if not self.first_node:
             return
-        for _ in range(LEAVING_BUDGET_TRIES):
+        for attempt in range(self.budget_tries):
             report = self._autoscale(leaving=True)
             if report is None or not (report.budget_spent and report.urgent):
                 return
-            self.sleep(LEAVING_BUDGET_WAIT)  # the last job: its pass must not be skipped
+            if attempt + 1 < self.budget_tries:
+                self.sleep(LEAVING_BUDGET_WAIT)  # the last job: its pass must not be skipped
         logger.warning("stage job %s leaves without an autoscale pass: the Slurm budget stayed spent",
                        self.job.job_id)
 
@@ -375,7 +379,7 @@ def run_mpi_stage(config: StageConfig) -> int:
 
             def hooks(spec: ModuleSpec) -> StageLifecycle:
                 scale = stage_autoscaler(dsn, config.work_root, session=lent)
-                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job))
+                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False)
 
             opened.hooks = hooks
         return opened

@@ -307,7 +307,7 @@ class Autoscaler:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
             gate = db_stages.autoscale_gate(self.conn, app_id)
-            urgent = report.urgent = force or (leaving and int(gate["live_jobs"]) == 0)
+            urgent = report.urgent = force or (leaving and int(gate["running_jobs"]) == 0)
             last = gate["autoscaled_at"]
             if not urgent and last is not None and gate["now"] - last < self.interval:
                 report.elected = False  # another job (or command) of the app passed moments ago

@@ -340,13 +340,13 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('scalebox_hpc.autoscale:' || %
 -- name: autoscale_gate
 -- Read under the app's autoscale lock before a pass: when the app's last pass was (one pass per
 -- interval across all its jobs), the Slurm commands of the last minute on its cluster (the
--- budget spent), and how many of its stage jobs are live and not draining (a leaving job that
--- is the last one scales at once: no other job will pass soon).
+-- budget spent), and how many of its stage jobs run and do not drain (a leaving job that was
+-- the last one scales at once: no other job will pass soon; a PENDING one may wait for long).
 SELECT a.autoscaled_at, now() AS now, COALESCE(a.cluster, '') AS cluster,
        (SELECT COALESCE(sum(c.calls), 0) FROM sbx_slurm_calls c
         WHERE c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds') AS calls_last_minute,
        (SELECT count(*) FROM sbx_stage_jobs j
-        WHERE j.app_id = a.id AND j.ended_at IS NULL AND NOT j.draining) AS live_jobs
+        WHERE j.app_id = a.id AND j.ended_at IS NULL AND NOT j.draining AND j.state = 'RUNNING') AS running_jobs
 FROM sbx_apps a WHERE a.id = %(app_id)s;
 
 -- name: set_app_autoscaled

@@ -129,7 +129,7 @@ def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
 def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
     """What decides whether an autoscale pass runs (read under the app's lock): ``autoscaled_at``
     (the app's last pass), ``now``, ``cluster``, ``calls_last_minute`` (Slurm commands of passes on
-    that cluster) and ``live_jobs`` (not ended, not draining)."""
+    that cluster) and ``running_jobs`` (RUNNING as last seen, not ended, not draining)."""
     row = conn.execute(query("autoscale_gate"), {"app_id": app_id}).fetchone()
     if row is None:
         raise NotFoundError("app", app_id)

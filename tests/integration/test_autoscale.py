@@ -394,6 +394,7 @@ def test_the_last_leaving_job_scales_at_once(pg_dsn: str, app: int, tmp_path: Pa
         conn.commit()
         [job] = live(pg_dsn, app)["work"]
         slurm.jobs[job] = SlurmState.RUNNING
+        conn.execute("UPDATE sbx_stage_jobs SET state = 'RUNNING' WHERE slurm_job_id = %s", (job,))  # as seen
         add(pg_dsn, app, 20, start=5)
         assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True).elected is False
         stages.mark_draining(conn, job)  # it leaves: the app's last live job
