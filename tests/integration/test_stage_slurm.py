@@ -323,7 +323,7 @@ def test_submitted_by_an_unprivileged_user(env: dict[str, str], shared: Path) ->
     assert owner == TEST_USER
     [row] = tasks(env, app_id)
     assert row["status"] == 0
-    whoami = list((shared / "work" / f"app-{app_id}" / "who").glob("whoami-x"))
+    whoami = list((shared / "work").glob(f"app-{app_id}-*/who/whoami-x"))  # work dirs: app-<id>-<uid>
     assert [p.read_text().strip() for p in whoami] == [TEST_USER]
 
 
