@@ -4,8 +4,14 @@ Every module of an app runs as zero or more long-lived Slurm jobs. How many foll
 queue (``ceil(ready / tasks_per_job)`` within ``min_jobs..max_jobs``); whoever touches the queue
 applies it — ``scalebox submit`` / ``status`` / ``autoscale`` and the launchers inside the jobs
 (periodically, and when they drain or exit). One PostgreSQL advisory lock per app serialises
-them, ``scaled_at`` rate-limits them, and the decision is computed from the stored state, so a
-repeated call changes nothing: the scaler is idempotent.
+them, the app's ``autoscaled_at`` elects one pass per interval however many jobs ask (so the
+Slurm calls do not grow with the jobs), each pass's Slurm commands are counted per cluster
+against ``SCALEBOX_SLURM_RPC_PER_MINUTE``, and the decision is computed from the stored state,
+so a repeated call changes nothing: the scaler is idempotent.
+
+While a module with READY tasks has a job waiting for nodes (Reason=Resources, or a QOS /
+association limit), the running jobs of modules without work are drained (see
+:meth:`Autoscaler._yield_nodes`).
 
 Scaling up submits jobs; scaling down cancels surplus jobs that have not started yet. A running
 job is never killed to scale down: its launchers exit by themselves when idle.
