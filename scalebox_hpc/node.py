@@ -35,7 +35,14 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
-from scalebox_hpc.stages import Autoscaler, LaunchCommand, ScaleReport, may_leave_idle, submit_environment
+from scalebox_hpc.stages import (
+    DEFAULT_RPC_PER_MINUTE,
+    Autoscaler,
+    LaunchCommand,
+    ScaleReport,
+    may_leave_idle,
+    submit_environment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +160,14 @@ def _restore_signals(previous: dict[int, object]) -> None:
 
 # -- stage jobs ---------------------------------------------------------------------------------
 AUTOSCALE_SECONDS = float(os.environ.get("SCALEBOX_AUTOSCALE_SECONDS", "10"))
-"""How often the first node of a stage job runs the app's autoscaler (env SCALEBOX_AUTOSCALE_SECONDS)."""
+"""How often the first node of a stage job asks for the app's autoscale pass, and how often an
+app gets one whoever asks (env SCALEBOX_AUTOSCALE_SECONDS)."""
+SLURM_RPC_PER_MINUTE = int(os.environ.get("SCALEBOX_SLURM_RPC_PER_MINUTE", str(DEFAULT_RPC_PER_MINUTE)))
+"""The Slurm commands per minute and cluster autoscale passes may run (env SCALEBOX_SLURM_RPC_PER_MINUTE)."""
+LEAVING_BUDGET_WAIT = 5.0
+"""Seconds between tries of the last leaving job's pass while the Slurm budget is spent."""
+LEAVING_BUDGET_TRIES = 13
+"""Tries before the last leaving job gives up waiting for the budget (a minute and then some)."""
 WALLTIME_MARGIN_SECONDS = 5.0
 """A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
 
@@ -175,15 +189,17 @@ def dsn_session(dsn: str) -> Session:
 def stage_autoscaler(
     dsn: str, work_root: Path, *, environ: dict[str, str] | None = None, session: Session | None = None,
 ) -> Callable[..., ScaleReport]:
-    """A function running one autoscale of an app: ``scale(app_id, force=False, only=())``."""
+    """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=False)``
+    (see :meth:`Autoscaler.reconcile`)."""
     client = SlurmClient(SubprocessRunner(base_env=submit_environment(dsn, environ)))
     command = LaunchCommand(python=sys.executable, work_root=work_root)
     open_session = session or dsn_session(dsn)
 
-    def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = ()) -> ScaleReport:
+    def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: bool = False) -> ScaleReport:
         with open_session() as conn:
-            report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS).reconcile(
-                app_id, force=force, only=only)
+            report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS,
+                                rpc_per_minute=SLURM_RPC_PER_MINUTE).reconcile(
+                app_id, force=force, only=only, leaving=leaving)
             for error in report.errors:
                 logger.error("autoscale: %s", error)
             return report
@@ -198,18 +214,25 @@ class StageLifecycle:
       or when `scalebox stage stop` marked the job; the job's first node runs the app's
       autoscaler every SCALEBOX_AUTOSCALE_SECONDS;
     - ``may_idle_exit``: an idle job ends only above its module's ``min_jobs``;
-    - ``leaving``: mark the job draining and (first node) autoscale at once, so a replacement
-      is submitted if work remains.
+    - ``leaving``: mark the job draining and (first node) ask for a pass, which runs at once
+      when this was the app's last live job, so a replacement is submitted if work remains
+      (while the Slurm budget is spent it waits for it, about a minute at most).
+
+    The app gets one pass per interval whichever of its jobs asks first (:class:`Autoscaler`).
     """
 
     def __init__(
         self, job: JobEnvironment, spec: ModuleSpec, app_id: int, session: Session,
-        scale: Callable[..., object], *, end: datetime | None,
+        scale: Callable[..., ScaleReport], *, end: datetime | None, sleep: Callable[[float], None] = time.sleep,
+        wait_for_budget: bool = True,
     ) -> None:
         self.job, self.app_id, self.session, self.scale, self.end = job, app_id, session, scale, end
         self.budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
         self.first_node = job.nodeid == 0
         self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
+        self.sleep = sleep
+        # an MPI stage's hooks hold its one connection's lock, which its heartbeats need too
+        self.budget_tries = LEAVING_BUDGET_TRIES if wait_for_budget else 1
 
     def tick(self) -> bool:
         if self.end is not None and datetime.now(UTC) + timedelta(seconds=self.budget) >= self.end:
@@ -222,7 +245,7 @@ class StageLifecycle:
             logger.warning("stage job %s asked to drain (`scalebox stage stop`)", self.job.job_id)
             return True
         if self.first_node:
-            self._autoscale(False)
+            self._autoscale()
         return False
 
     def may_idle_exit(self) -> bool:
@@ -242,14 +265,23 @@ class StageLifecycle:
                 db_stages.mark_draining(conn, self.job.job_id)
         except ScaleboxError as exc:
             logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
-        if self.first_node:
-            self._autoscale(True)
+        if not self.first_node:
+            return
+        for attempt in range(self.budget_tries):
+            report = self._autoscale(leaving=True)
+            if report is None or not (report.budget_spent and report.urgent):
+                return
+            if attempt + 1 < self.budget_tries:
+                self.sleep(LEAVING_BUDGET_WAIT)  # the last job: its pass must not be skipped
+        logger.warning("stage job %s leaves without an autoscale pass: the Slurm budget stayed spent",
+                       self.job.job_id)
 
-    def _autoscale(self, force: bool) -> None:
+    def _autoscale(self, *, leaving: bool = False) -> ScaleReport | None:
         try:
-            self.scale(self.app_id, force=force)
+            return self.scale(self.app_id, leaving=leaving)
         except ScaleboxError as exc:
             logger.warning("autoscale failed: %s", exc)
+            return None
 
     def _asked_to_drain(self) -> bool:
         """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
@@ -347,7 +379,7 @@ def run_mpi_stage(config: StageConfig) -> int:
 
             def hooks(spec: ModuleSpec) -> StageLifecycle:
                 scale = stage_autoscaler(dsn, config.work_root, session=lent)
-                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job))
+                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False)
 
             opened.hooks = hooks
         return opened

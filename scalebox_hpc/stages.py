@@ -4,8 +4,14 @@ Every module of an app runs as zero or more long-lived Slurm jobs. How many foll
 queue (``ceil(ready / tasks_per_job)`` within ``min_jobs..max_jobs``); whoever touches the queue
 applies it — ``scalebox submit`` / ``status`` / ``autoscale`` and the launchers inside the jobs
 (periodically, and when they drain or exit). One PostgreSQL advisory lock per app serialises
-them, ``scaled_at`` rate-limits them, and the decision is computed from the stored state, so a
-repeated call changes nothing: the scaler is idempotent.
+them, the app's ``autoscaled_at`` elects one pass per interval however many jobs ask (so the
+Slurm calls do not grow with the jobs), each pass's Slurm commands are counted per cluster
+against ``SCALEBOX_SLURM_RPC_PER_MINUTE``, and the decision is computed from the stored state,
+so a repeated call changes nothing: the scaler is idempotent.
+
+While a module with READY tasks has a job waiting for nodes (Reason=Resources, or a QOS /
+association limit), the running jobs of modules without work are drained (see
+:meth:`Autoscaler._yield_nodes`).
 
 Scaling up submits jobs; scaling down cancels surplus jobs that have not started yet. A running
 job is never killed to scale down: its launchers exit by themselves when idle.
@@ -44,6 +50,9 @@ VANISHED_AFTER = timedelta(seconds=60)
 """A job neither squeue nor sacct knows this long after its submission is taken as ended."""
 _FAILED_STATES = frozenset({SlurmState.FAILED.value, SlurmState.OUT_OF_MEMORY.value, SlurmState.BOOT_FAIL.value})
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+STARVED_REASON = re.compile(r"(Resources|(QOS|Assoc)\w*Limit)\Z")
+"""Slurm's reasons for a pending job that other jobs of the same user hold back: no free nodes,
+or a QOS / association limit (QOSMaxJobsPerUserLimit, AssocGrpCpuLimit, ...)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,34 @@ def failing(ended_states: Iterable[str]) -> bool:
     return len(recent) == FAILURE_LIMIT and all(state in _FAILED_STATES for state in recent)
 
 
+def active_modules(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The modules (``stage_modules`` rows: name, spec, ready, running) that have work READY or
+    RUNNING, or a module upstream of them (transitively along ``sink_modules``) has: as an idle
+    slot judges (the ``module_activity`` query)."""
+    sinks = {str(r["name"]): list((r["spec"] or {}).get("sink_modules") or []) for r in rows}
+    active = {str(r["name"]) for r in rows if int(r["ready"]) or int(r["running"])}
+    frontier = list(active)
+    while frontier:
+        for sink in sinks.get(frontier.pop(), []):
+            if sink not in active:
+                active.add(sink)
+                frontier.append(sink)
+    return active
+
+
+def starved_modules(rows: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Module -> Slurm's reason, for the modules with READY tasks one of whose live jobs is
+    PENDING on resources or a QOS / association limit (:data:`STARVED_REASON`)."""
+    ready = {r["id"]: str(r["name"]) for r in rows if int(r["ready"])}
+    out: dict[str, str] = {}
+    for job in live:
+        reason = str(job.get("reason") or "")
+        if (job["module_id"] in ready and job["ended_at"] is None and not job["draining"]
+                and job["state"] == SlurmState.PENDING.value and STARVED_REASON.match(reason)):
+            out.setdefault(ready[job["module_id"]], reason)
+    return out
+
+
 @dataclass
 class ScaleReport:
     """What one ``reconcile`` did."""
@@ -109,6 +146,17 @@ class ScaleReport:
     """Modules scaled less than ``interval`` ago, left alone this time."""
     placed: dict[str, list[str]] = field(default_factory=dict)
     """Job id -> the nodes it asked for (``--nodelist``) because their scratch holds its inputs."""
+    elected: bool = True
+    """False: the app had a pass less than an interval ago (by another of its jobs, or a CLI
+    call); this one ran no Slurm command."""
+    budget_spent: bool = False
+    """True: skipped, the cluster's Slurm commands of the last minute reached the ceiling."""
+    yielded: list[str] = field(default_factory=list)
+    """Running jobs of modules without work, drained because another module's job waits for nodes."""
+    urgent: bool = False
+    """The pass was due whatever the interval (forced, or the app's last live job leaving)."""
+    slurm_calls: int = 0
+    """Slurm commands this pass ran (squeue, sacct, sinfo, sbatch, scancel)."""
 
 
 def place_jobs(
@@ -195,17 +243,29 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
         return True
 
 
+DEFAULT_RPC_PER_MINUTE = 30
+"""Slurm commands per minute and cluster that autoscale passes may run (SCALEBOX_SLURM_RPC_PER_MINUTE)."""
+
+
 class Autoscaler:
-    """Applies :func:`decide` to every module of an app, holding the app's advisory lock."""
+    """Applies :func:`decide` to every module of an app, holding the app's advisory lock.
+
+    One pass per app per ``interval``, whoever asks (the first node of each of its stage jobs,
+    `scalebox status`, scrontab): the pass is elected under the lock by the app's
+    ``autoscaled_at``, so N stage jobs make the Slurm calls of one. Each pass counts the Slurm
+    commands it ran against its cluster; a pass is skipped while the last minute's count has
+    reached ``rpc_per_minute`` (forced passes, the user's own commands, run and are counted)."""
 
     def __init__(
         self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
         interval: float = 10.0, now: Callable[[], datetime] | None = None,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE,
     ) -> None:
         self.conn = conn
         self.client = client
         self.command = command
         self.interval = timedelta(seconds=interval)
+        self.rpc_per_minute = rpc_per_minute
         # the database's clock by default: submitted_at is the database's, and a login node
         # whose clock runs ahead must not take a just-submitted job for vanished
         self.now = now if now is not None else (lambda: db_stages.db_now(conn))
@@ -232,12 +292,17 @@ class Autoscaler:
             nodes = ",".join(info.nodes) if info.nodes else None
             db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
                                  exit_code=info.exit_code, reason=info.reason)
-            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"])
+            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"],
+                       reason=info.reason or job["reason"])
         return [j for j in live if j["ended_at"] is None]
 
-    def reconcile(self, app_id: int, *, force: bool = False, only: Sequence[str] = ()) -> ScaleReport:
+    def reconcile(
+        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
+    ) -> ScaleReport:
         """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
-        ignores the rate limit and a failing streak."""
+        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: asked by a
+        stage job that drains or ends; when it was the app's last live job (nobody else will
+        pass soon) the pass runs whatever the interval, within the budget."""
         report = ScaleReport()
         with self.conn.transaction():
             if not db_stages.try_lock(self.conn, app_id):
@@ -247,22 +312,78 @@ class Autoscaler:
             if not force and stored is None:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
-            recovered = db_stages.recover_expired(self.conn)
-            if recovered:
-                logger.warning("%d task(s) of dead launchers are READY again", recovered)
-            # one read of the app's jobs: refresh() updates the live rows in place, so `history`
-            # sees their new states too
-            history = db_stages.jobs(self.conn, app_id, include_ended=True)
-            self.refresh([j for j in history if j["ended_at"] is None])
-            command = self._command(app_id, stored)
-            for row in db_stages.modules(self.conn, app_id):
-                if only and row["name"] not in only:
-                    continue
-                if not force and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
-                    report.rate_limited.append(row["name"])
-                    continue
-                self._scale(app_id, row, history, force, report, command)
+            gate = db_stages.autoscale_gate(self.conn, app_id)
+            urgent = report.urgent = force or (leaving and int(gate["running_jobs"]) == 0)
+            last = gate["autoscaled_at"]
+            if not urgent and last is not None and gate["now"] - last < self.interval:
+                report.elected = False  # another job (or command) of the app passed moments ago
+                return report
+            spent = int(gate["calls_last_minute"])
+            if not force and spent >= self.rpc_per_minute:
+                report.budget_spent = True
+                logger.warning("autoscale of app %d skipped: %d Slurm calls in the last minute on cluster %r, "
+                               "the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, spent,
+                               gate["cluster"], self.rpc_per_minute)
+                return report
+            if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
+                db_stages.mark_app_scaled(self.conn, app_id)
+            before = self.client.commands_run
+            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
+            report.slurm_calls = self.client.commands_run - before
+            if report.slurm_calls:
+                db_stages.record_slurm_calls(self.conn, gate["cluster"], app_id, report.slurm_calls)
+            logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
+
+    def _pass(
+        self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
+        only: Sequence[str],
+    ) -> None:
+        """One elected pass (under the app's lock): recover leases, refresh the jobs (one squeue),
+        scale each module not scaled within the interval (all of them when ``urgent``)."""
+        recovered = db_stages.recover_expired(self.conn)
+        if recovered:
+            logger.warning("%d task(s) of dead launchers are READY again", recovered)
+        # one read of the app's jobs: refresh() updates the live rows in place, so `history`
+        # sees their new states too
+        history = db_stages.jobs(self.conn, app_id, include_ended=True)
+        self.refresh([j for j in history if j["ended_at"] is None])
+        command = self._command(app_id, stored)
+        rows = db_stages.modules(self.conn, app_id)
+        yielding = self._yield_nodes(rows, history, report)
+        for row in rows:
+            if only and row["name"] not in only:
+                continue
+            if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
+                report.rate_limited.append(row["name"])
+                continue
+            self._scale(app_id, row, history, force, report, command, yielding=row["name"] in yielding)
+
+    def _yield_nodes(
+        self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,
+    ) -> set[str]:
+        """While a module with READY tasks has a job waiting for nodes (or for a QOS /
+        association limit), the modules without work (their own or upstream) give theirs up:
+        their running jobs — those kept up as ``min_jobs`` — are marked draining (their
+        launchers drain within SCALEBOX_AUTOSCALE_SECONDS), and they count ``min_jobs`` 0 until
+        no module starves. Returns those modules."""
+        starved = starved_modules(rows, history)
+        if not starved:
+            return set()
+        active = active_modules(rows)
+        yielding = {str(r["name"]) for r in rows if r["name"] not in active}
+        names = {r["id"]: str(r["name"]) for r in rows}
+        waiting = ", ".join(f"{m} ({why})" for m, why in sorted(starved.items()))
+        for job in history:
+            module = names.get(job["module_id"])
+            if (module in yielding and job["ended_at"] is None and not job["draining"]
+                    and job["state"] == SlurmState.RUNNING.value):
+                db_stages.mark_draining(self.conn, job["slurm_job_id"])
+                job["draining"] = True
+                report.yielded.append(job["slurm_job_id"])
+                logger.warning("stage job %s of %s drains: it has no work, and %s waits for nodes",
+                               job["slurm_job_id"], module, waiting)
+        return yielding
 
     def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
         """The launch command the app's first stage job used (kept so that every later job,
@@ -274,13 +395,15 @@ class Autoscaler:
 
     def _scale(
         self, app_id: int, row: dict[str, Any], history: list[dict[str, Any]], force: bool, report: ScaleReport,
-        command: LaunchCommand,
+        command: LaunchCommand, *, yielding: bool = False,
     ) -> None:
         spec = ModuleSpec.model_validate(row["spec"])
         own = [j for j in history if j["module_id"] == row["id"]]  # newest first
         mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
         ended = [j["state"] for j in own if j["ended_at"] is not None]
         min_jobs, max_jobs = effective_bounds(row, spec)
+        if yielding:  # another module waits for the nodes: no warm capacity for this one now
+            min_jobs = 0
         view = ModuleView(
             name=spec.name, min_jobs=min_jobs, max_jobs=max_jobs,
             tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),

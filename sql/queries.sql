@@ -272,6 +272,24 @@ SELECT a.status, a.cancelled,
                WHERE t.app_id = a.id AND t.status IN (-1, -3)) AS active
 FROM sbx_apps a WHERE a.id = %(app_id)s;
 
+-- name: module_activity
+-- What an idle slot (or MPI stage) of one module needs to know: is the app still on, and has
+-- this module, or any module upstream of it (transitively along sink_modules: work there will
+-- turn into ours), tasks READY or RUNNING. Work of unrelated or downstream modules does not
+-- keep it up, so a finished stage releases its nodes while a later stage still works.
+WITH RECURSIVE upstream (id, name) AS (
+    SELECT m.id, m.name FROM sbx_modules m WHERE m.id = %(module_id)s AND m.app_id = %(app_id)s
+    UNION
+    SELECT u.id, u.name
+    FROM sbx_modules u JOIN upstream d ON d.name = ANY (u.sink_modules)
+    WHERE u.app_id = %(app_id)s
+)
+SELECT a.status, a.cancelled,
+       EXISTS (SELECT 1 FROM sbx_tasks t
+               WHERE t.app_id = a.id AND t.module_id IN (SELECT id FROM upstream)
+                 AND t.status IN (-1, -3)) AS active
+FROM sbx_apps a WHERE a.id = %(app_id)s;
+
 -- name: cancel_app
 -- Cancel: FINISHED with the result 'cancelled'; launchers kill and release what runs.
 UPDATE sbx_apps
@@ -319,6 +337,35 @@ SELECT name, value FROM sbx_variables WHERE app_id = %(app_id)s ORDER BY name;
 -- name: autoscale_lock
 -- One autoscaler per app at a time; whoever does not get the lock skips (someone else scales).
 SELECT pg_try_advisory_xact_lock(hashtextextended('scalebox_hpc.autoscale:' || %(app_id)s::text, 0)) AS got;
+
+-- name: autoscale_gate
+-- Read under the app's autoscale lock before a pass: when the app's last pass was (one pass per
+-- interval across all its jobs), the Slurm commands of the last minute on its cluster (the
+-- budget spent), and how many of its stage jobs run and do not drain (a leaving job that was
+-- the last one scales at once: no other job will pass soon; a PENDING one may wait for long).
+SELECT a.autoscaled_at, now() AS now, COALESCE(a.cluster, '') AS cluster,
+       (SELECT COALESCE(sum(c.calls), 0) FROM sbx_slurm_calls c
+        WHERE c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds') AS calls_last_minute,
+       (SELECT count(*) FROM sbx_stage_jobs j
+        WHERE j.app_id = a.id AND j.ended_at IS NULL AND NOT j.draining AND j.state = 'RUNNING') AS running_jobs
+FROM sbx_apps a WHERE a.id = %(app_id)s;
+
+-- name: set_app_autoscaled
+UPDATE sbx_apps SET autoscaled_at = now() WHERE id = %(app_id)s;
+
+-- name: record_slurm_calls
+-- The Slurm commands one autoscale pass ran; rows over an hour old go at the same time.
+WITH pruned AS (
+    DELETE FROM sbx_slurm_calls WHERE at < now() - interval '1 hour'
+)
+INSERT INTO sbx_slurm_calls (cluster, app_id, calls) VALUES (%(cluster)s, %(app_id)s, %(calls)s);
+
+-- name: slurm_calls_last_minute
+-- The Slurm commands autoscale passes ran on the app's cluster in the last minute (all apps).
+SELECT COALESCE(sum(c.calls), 0) AS calls, count(c.id) AS passes
+FROM sbx_apps a
+LEFT JOIN sbx_slurm_calls c ON c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds'
+WHERE a.id = %(app_id)s;
 
 -- name: stage_modules
 -- What the autoscaler decides on, per module: its spec, bounds, queue and live (non-draining) jobs.

@@ -25,6 +25,8 @@ CREATE TABLE sbx_apps (
     spec jsonb NOT NULL,
     -- unique across databases (ids restart at 1 in each): names the app's work dirs
     uid uuid NOT NULL DEFAULT gen_random_uuid(),
+    -- the app's last autoscale pass: one pass per interval across all its stage jobs
+    autoscaled_at timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
@@ -310,6 +312,18 @@ CREATE TABLE sbx_stage_jobs (
 );
 
 CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;
+
+-- The Slurm commands each autoscale pass ran, per cluster (the app's `cluster`, '' when
+-- unnamed): the last minute's sum is the budget spent (SCALEBOX_SLURM_RPC_PER_MINUTE).
+CREATE TABLE sbx_slurm_calls (
+    id bigserial PRIMARY KEY,
+    cluster text NOT NULL DEFAULT '',
+    app_id bigint REFERENCES sbx_apps (id) ON DELETE SET NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    calls integer NOT NULL CHECK (calls >= 0)
+);
+
+CREATE INDEX sbx_slurm_calls_cluster_at_idx ON sbx_slurm_calls (cluster, at);
 
 -- Location-aware dispatch: what each host's node-local scratch holds.
 CREATE TABLE sbx_scratch (

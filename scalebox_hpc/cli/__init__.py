@@ -747,10 +747,15 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
             rows = _status_rows(conn, app_id)
             for r in rows:
                 r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
+                _pending_reasons(r, jobs)
+            calls = _slurm_calls(conn, app_id)
             if as_json:
-                _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows})
+                _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows,
+                       **({"slurm_calls_last_minute": calls} if calls is not None else {})})
             else:
                 _print_status(row, rows, clear=watch)
+                if calls is not None:
+                    click.echo(f"slurm: {calls} calls in the last minute")
             if not watch or row["status"] == "FINISHED":
                 return
             time.sleep(1.0)
@@ -771,6 +776,20 @@ def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
     return stage_rows(conn, app_id, include_ended=False)
 
 
+def _pending_reasons(row: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+    """Slurm's reason for each PENDING job of the row's module (Resources, QOSMaxJobsPerUserLimit...)."""
+    reasons = {j["slurm_job_id"]: j["reason"] for j in jobs
+               if j["module"] == row["module"] and j["state"] == "PENDING" and j["reason"]}
+    if reasons:
+        row["pending_reasons"] = reasons
+
+
+def _slurm_calls(conn: Connection, app_id: int) -> int | None:
+    from scalebox_hpc.cli.stage import slurm_calls
+
+    return slurm_calls(conn, app_id)
+
+
 def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -786,7 +805,9 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
     if with_jobs:
         table.add_column("slurm jobs")
     for r in rows:
-        cells = [str(r[c]) for c in columns] + ([" ".join(r["jobs"])] if with_jobs else [])
+        reasons = r.get("pending_reasons", {})
+        jobs = [f"{j}({reasons[j.split(':')[0]]})" if j.split(":")[0] in reasons else j for j in r.get("jobs", [])]
+        cells = [str(r[c]) for c in columns] + ([" ".join(jobs)] if with_jobs else [])
         table.add_row(*(Text(_one_line(cell)) for cell in cells))
     console = Console()
     if clear:

@@ -34,6 +34,10 @@ def _report_line(report: Any) -> str:
         nodes = report.placed.get(job_id)
         return f"{job_id} (on {','.join(nodes)})" if nodes else job_id
 
+    if report.budget_spent:
+        return "skipped: the Slurm budget of the last minute is spent (SCALEBOX_SLURM_RPC_PER_MINUTE)"
+    if not report.elected:
+        return "no change (scaled moments ago: the whole app; try again in a few seconds)"
     parts = [f"{module}: submitted {', '.join(map(job, ids))}" for module, ids in report.submitted.items()]
     if report.cancelled:
         parts.append(f"cancelled {', '.join(report.cancelled)}")
@@ -100,6 +104,17 @@ def stage_rows(conn: Connection, app_id: int, *, include_ended: bool) -> list[di
         jobs = stages.jobs(conn, app_id, include_ended=include_ended)
     return [{k: j[k] for k in ("module", "slurm_job_id", "state", "draining", "nodes", "exit_code", "reason",
                                "submitted_at", "ended_at")} for j in jobs]
+
+
+def slurm_calls(conn: Connection, app_id: int) -> int | None:
+    """The Slurm commands autoscale passes ran on the app's cluster in the last minute; None for
+    an app never submitted to Slurm."""
+    from scalebox_hpc.db import stages
+
+    with conn.transaction():
+        if stages.launch_settings(conn, app_id) is None:
+            return None
+        return stages.slurm_calls_last_minute(conn, app_id)[0]
 
 
 @stage.command("list")

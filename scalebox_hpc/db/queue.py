@@ -399,6 +399,14 @@ class PgQueue:
             raise NotFoundError("app", app_id)
         return str(rows[0]["status"]), bool(rows[0]["active"])
 
+    def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
+        """(status, active): the app's status, and whether the module or any module upstream of
+        it (transitively along ``sink_modules``) has a task READY or RUNNING."""
+        rows = self._run("module_activity", {"app_id": app_id, "module_id": module_id})
+        if not rows:
+            raise NotFoundError("app", app_id)
+        return str(rows[0]["status"]), bool(rows[0]["active"])
+
     # -- slots and hosts ----------------------------------------------------------------------
     def register_host(self, name: str, info: dict[str, Any]) -> None:
         """Record (or refresh) a host."""

@@ -124,3 +124,31 @@ def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
     """Whether the job was asked to drain (`scalebox stage stop`); False for an unknown job."""
     row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
     return bool(row and row["draining"])
+
+
+def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
+    """What decides whether an autoscale pass runs (read under the app's lock): ``autoscaled_at``
+    (the app's last pass), ``now``, ``cluster``, ``calls_last_minute`` (Slurm commands of passes on
+    that cluster) and ``running_jobs`` (RUNNING as last seen, not ended, not draining)."""
+    row = conn.execute(query("autoscale_gate"), {"app_id": app_id}).fetchone()
+    if row is None:
+        raise NotFoundError("app", app_id)
+    return row
+
+
+def mark_app_scaled(conn: Connection, app_id: int) -> None:
+    """Stamp the app's autoscale pass: the other stage jobs of the app skip theirs for an interval."""
+    conn.execute(query("set_app_autoscaled"), {"app_id": app_id})
+
+
+def record_slurm_calls(conn: Connection, cluster: str, app_id: int, calls: int) -> None:
+    """Count the Slurm commands one pass ran against its cluster's budget (and prune old counts)."""
+    conn.execute(query("record_slurm_calls"), {"cluster": cluster, "app_id": app_id, "calls": calls})
+
+
+def slurm_calls_last_minute(conn: Connection, app_id: int) -> tuple[int, int]:
+    """(Slurm commands, passes) of the autoscale passes in the last minute on the app's cluster."""
+    row = conn.execute(query("slurm_calls_last_minute"), {"app_id": app_id}).fetchone()
+    if row is None:
+        raise NotFoundError("app", app_id)
+    return int(row["calls"]), int(row["passes"])

@@ -291,7 +291,7 @@ class _Master:
         """(end now?, idle polls) after an empty claim with nothing running: as a slot decides."""
         args = self.plan.spec.arguments
         try:
-            status, active = self.db(self.q.app_activity, self.plan.app_id)
+            status, active = self.db(self.q.module_activity, self.plan.app_id, self.plan.ref.id)
         except DatabaseError:
             return False, idle_polls
         if status == "FINISHED":

@@ -175,8 +175,9 @@ class Slot:
             status, active = self._activity()
             if status == "FINISHED":
                 return
-            # an idle poll counts only while the whole app is quiet: upstream work still
-            # READY or RUNNING elsewhere will become ours
+            # an idle poll counts only while this module and every module upstream of it are
+            # quiet: upstream work still READY or RUNNING will become ours; work of downstream
+            # or unrelated modules will not, and must not keep this slot (its nodes) taken
             idle = 0 if active or status != "RUNNING" else idle + 1
             if idle >= args.max_idle_polls and not args.always_running:
                 if self.ctx.control.may_idle_exit():
@@ -212,8 +213,9 @@ class Slot:
         self.ctx.wakeups.wait(-2, seen, delay)  # -2: a channel nobody notifies; notify_all ends it
 
     def _activity(self) -> tuple[str, bool]:
+        """(app status, active): active while the module or one upstream of it has work."""
         try:
-            return self.queue.app_activity(self.ctx.app_id)
+            return self.queue.module_activity(self.ctx.app_id, self.ctx.ref.id)
         except DatabaseError as exc:
             logger.warning("cannot read the app's state, will retry: %s", exc)
             return "RUNNING", True

@@ -72,11 +72,14 @@ class SlurmClient:
         self._use_json = use_json
         self._timeout = timeout
         self._accounting = _Accounting.UNPROBED
+        self.commands_run = 0
+        """Slurm commands run so far that reach the controller (or slurmdbd): every one but the
+        local ``squeue --help`` probe. An autoscale pass counts its calls by the difference."""
 
     def json_enabled(self) -> bool:
         """Whether ``squeue --json`` is used (probed once with ``squeue --help`` when not forced)."""
         if self._use_json is None:
-            result = self._run(["squeue", "--help"])
+            result = self._run(["squeue", "--help"], counted=False)
             self._use_json = result.ok and "--json" in result.stdout
             logger.debug("squeue --json probed", extra={"action": "slurm_probe_json", "json": self._use_json})
         return self._use_json
@@ -155,7 +158,9 @@ class SlurmClient:
 
     # ------------------------------------------------------------ internals
 
-    def _run(self, argv: Sequence[str], *, input: str | None = None) -> CommandResult:
+    def _run(self, argv: Sequence[str], *, input: str | None = None, counted: bool = True) -> CommandResult:
+        if counted:
+            self.commands_run += 1
         return self._runner.run(argv, timeout=self._timeout, input=input)
 
     def _squeue(self, ids: list[str]) -> list[JobInfo]:

@@ -61,7 +61,7 @@ def test_sbatch_refusing_is_one_line_and_keeps_the_app(env: dict[str, str], tmp_
 
     # once sbatch works again, one autoscale pass submits the job, and the next one changes nothing
     limited = sbx(env, "autoscale", "--app", "1")  # the failed pass counts for the rate limit
-    assert limited.stdout.startswith("app 1: no change (scaled moments ago: work;"), limited
+    assert limited.stdout.startswith("app 1: no change (scaled moments ago: the whole app;"), limited
     first = sbx({**env, "SCALEBOX_AUTOSCALE_SECONDS": "0"}, "autoscale", "--app", "1")
     assert first.returncode == 0 and first.stdout.strip() == "app 1: work: submitted 4242", first
     [job] = json.loads(sbx(env, "stage", "list", "--app", "1", "--json").stdout)

@@ -36,6 +36,11 @@ class FakeSlurm:
         self.status_error = False
         self.args: dict[str, list[str]] = {}
         self.node_states: dict[str, NodeInfo] = {}
+        self.reasons: dict[str, str] = {}
+
+    @property
+    def commands_run(self) -> int:
+        return len(self.calls)
 
     def submit(self, script: str, extra_args: Sequence[str] = ()) -> str:
         self.calls.append("sbatch")
@@ -58,7 +63,8 @@ class FakeSlurm:
         self.calls.append("squeue")
         if self.status_error:
             raise SlurmCommandError(["squeue"], None, "timed out after 30 s")
-        return {i: JobInfo(job_id=i, name="x", state=self.jobs[i]) for i in job_ids if i in self.jobs}
+        return {i: JobInfo(job_id=i, name="x", state=self.jobs[i], reason=self.reasons.get(i))
+                for i in job_ids if i in self.jobs}
 
     def cancel(self, job_ids: Iterable[str], signal: str | None = None) -> None:
         self.calls.append("scancel")
@@ -325,3 +331,99 @@ def test_two_idle_jobs_asking_together_leave_one(pg_dsn: str, app: int, tmp_path
     for t in threads:
         t.join()
     assert sorted(answers.values()) == [False, True], answers
+
+
+def submitted_app(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """Make it a Slurm app, as `scalebox submit` does (else a non-forced pass leaves it alone)."""
+    with connect(pg_dsn) as conn:
+        stages.save_launch_settings(conn, app, "/venv/bin/python", str(tmp_path))
+        conn.commit()
+
+
+def test_n_stage_jobs_make_the_slurm_calls_of_one(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """Eight stage jobs (each its own connection and scaler) ask for a pass in the same interval:
+    one is elected and runs one squeue, the others run no Slurm command; the calls are counted."""
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 25)
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)  # `scalebox submit`
+    submitted = len(slurm.calls)  # 3 work + 1 idle sbatch
+    with connect(pg_dsn) as conn:  # the interval since submit is over
+        conn.execute("UPDATE sbx_apps SET autoscaled_at = now() - interval '1 hour' WHERE id = %s", (app,))
+        conn.commit()
+    reports = []
+    for _ in range(8):
+        with connect(pg_dsn) as conn:
+            reports.append(scaler(pg_dsn, slurm, tmp_path, conn, interval=60).reconcile(app))
+    assert [r.elected for r in reports] == [True] + [False] * 7
+    assert slurm.calls[submitted:] == ["squeue"] and reports[0].slurm_calls == 1
+    assert all(r.slurm_calls == 0 for r in reports[1:])
+    with connect(pg_dsn) as conn:
+        assert stages.slurm_calls_last_minute(conn, app) == (submitted + 1, 2)
+
+
+def test_the_slurm_budget_skips_passes_but_not_the_users_commands(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    submitted_app(pg_dsn, app, tmp_path)
+    with connect(pg_dsn) as conn:  # another app of the cluster spent the minute's budget
+        conn.execute("INSERT INTO sbx_slurm_calls (cluster, calls) VALUES ('', 5)")
+        conn.commit()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        capped = Autoscaler(conn, slurm, LaunchCommand(python="/venv/bin/python", work_root=tmp_path),  # type: ignore[arg-type]
+                            interval=0, rpc_per_minute=5)
+        skipped = capped.reconcile(app)
+        assert skipped.budget_spent and skipped.submitted == {} and slurm.calls == []
+        leaving = capped.reconcile(app, leaving=True)  # the last job leaving waits (StageLifecycle retries)
+        assert leaving.budget_spent and leaving.urgent
+        forced = capped.reconcile(app, force=True)  # `scalebox submit` / `stage scale`: runs, counted
+        assert forced.submitted and forced.slurm_calls == len(slurm.calls) > 0
+        assert stages.slurm_calls_last_minute(conn, app)[0] == 5 + len(slurm.calls)
+        conn.execute("UPDATE sbx_slurm_calls SET at = now() - interval '61 seconds'")  # a minute later
+        assert not capped.reconcile(app).budget_spent
+
+
+def test_the_last_leaving_job_scales_at_once(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """A leaving job's pass runs within the interval only when no other live job of the app
+    will pass soon; then a job for work that came in meanwhile is submitted at once."""
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, force=True, only=("work",))
+        stages.mark_app_scaled(conn, app)  # a pass moments ago
+        conn.commit()
+        [job] = live(pg_dsn, app)["work"]
+        slurm.jobs[job] = SlurmState.RUNNING
+        conn.execute("UPDATE sbx_stage_jobs SET state = 'RUNNING' WHERE slurm_job_id = %s", (job,))  # as seen
+        add(pg_dsn, app, 20, start=5)
+        assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True).elected is False
+        stages.mark_draining(conn, job)  # it leaves: the app's last live job
+        conn.commit()
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True)
+    assert report.elected and report.urgent and len(report.submitted["work"]) == 3
+
+
+def test_idle_warm_jobs_give_their_nodes_to_a_starved_module(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """`idle` keeps one warm job (min_jobs 1) and has no work; `work` has READY tasks and its job
+    waits (Reason=Resources): the warm job drains, and `idle` gets no new one while `work`
+    starves; once `work`'s job runs, `idle` has its min_jobs again."""
+    slurm = FakeSlurm()
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("idle",))
+        [warm] = live(pg_dsn, app)["idle"]
+        slurm.jobs[warm] = SlurmState.RUNNING
+        add(pg_dsn, app, 5)
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True, only=("work",))
+        [starved] = live(pg_dsn, app)["work"]
+        slurm.reasons[starved] = "Priority"  # behind other users' jobs: nothing of ours to give up
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app).yielded == []
+        slurm.reasons[starved] = "QOSMaxJobsPerUserLimit"
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+        assert report.yielded == [warm] and report.submitted == {}
+        conn.commit()
+        assert stages.is_draining(conn, warm)
+        assert scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app).submitted == {}  # still starved: no new warm job
+        slurm.jobs[warm] = SlurmState.COMPLETED
+        slurm.jobs[starved] = SlurmState.RUNNING
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
+    assert list(report.submitted) == ["idle"] and report.yielded == []

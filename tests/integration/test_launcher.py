@@ -306,3 +306,56 @@ def test_setup_timeout_ends_the_slot(pg_dsn: str, tmp_path: Path) -> None:
     [slot] = slots(pg_dsn, app_id)
     assert slot["status"] == "ERROR"
     assert [t["status"] for t in tasks(pg_dsn, app_id)] == [-1]
+
+
+def test_a_finished_upstream_stage_idles_out_while_its_downstream_has_work(pg_dsn: str, tmp_path: Path) -> None:
+    """Idle by reachability: `up`'s slots end after max_idle_polls although `down` still has READY
+    tasks (they will never become `up`'s; holding its nodes would starve `down`'s stage job),
+    while `down`'s slot stays up as long as `up` has work that may still reach it."""
+    app_id = create(pg_dsn, tmp_path / "app", f"""
+        name: reach
+        modules:
+          up:
+            sink_modules: [down]
+            slots: [".*:2"]
+            {FAST}
+          down:
+            {FAST}
+    """, {"up/run.sh": 'send-message "from-$1"\n', "down/run.sh": "true\n"})
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "up", [Message("u1")])
+        apps.add_tasks(conn, app_id, "down", [Message("queued")])
+    try:
+        _reachability(pg_dsn, app_id, tmp_path)
+    finally:  # a wedged slot thread ends with its app
+        with connect(pg_dsn) as conn:
+            apps.finish_app(conn, app_id, "test over")
+
+
+def _reachability(pg_dsn: str, app_id: int, tmp_path: Path) -> None:
+    import threading
+
+    upstream = threading.Thread(target=launch, args=(pg_dsn, app_id, tmp_path / "work"),
+                                kwargs={"modules": ("up",)})
+    upstream.start()
+    upstream.join(30)  # it did not wedge: 3 idle polls of 0.2 s once u1 is done
+    assert not upstream.is_alive(), "the upstream slots stayed up for the downstream's work"
+    by = {(t["module"], t["body"]): t["status"] for t in tasks(pg_dsn, app_id)}
+    assert by == {("up", "u1"): 0, ("down", "from-u1"): -1, ("down", "queued"): -1}
+    up_slots = slots(pg_dsn, app_id)
+    assert len(up_slots) == 2 and {s["status"] for s in up_slots} == {"EXITED"}
+
+    # the other way round: a READY upstream task keeps the downstream slot polling
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "up", [Message("u2")])
+    downstream = threading.Thread(target=launch, args=(pg_dsn, app_id, tmp_path / "work"),
+                                  kwargs={"modules": ("down",)})
+    downstream.start()
+    time.sleep(3)  # five idle timeouts of `down` (3 polls x 0.2 s) after its two tasks
+    assert downstream.is_alive(), "the downstream slot ended while its upstream still had work"
+    with connect(pg_dsn) as conn:  # `up` gets done (no launcher of it runs here)
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND body = 'u2'", (app_id,))
+        conn.commit()
+    downstream.join(30)
+    assert not downstream.is_alive()
+    assert {t["status"] for t in tasks(pg_dsn, app_id, module="down")} == {0}

@@ -285,3 +285,55 @@ def test_host_and_slot_bound_dispatch(pg_dsn: str, tmp_path: Path) -> None:
     other = q.create_slot(refs["h"].id, host="n8", seq=0, pid=1, work_dir="/tmp")
     assert q.claim(app_id, refs["h"].id, host="n8", slot_id=other, slot_seq=0, limit=5) == []
     q.close()
+
+
+GRAPH = """
+name: graph
+modules:
+  a:
+    sink_modules: [b, x]
+  b:
+    sink_modules: [c]
+  c:
+    sink_modules: [b]
+  x: {}
+  lone: {}
+"""
+
+
+def test_module_activity_follows_upstream_modules_only(pg_dsn: str, tmp_path: Path) -> None:
+    """a -> b <-> c (a cycle), a -> x, and lone: a module is active while it or a module upstream
+    of it (transitively) has READY or RUNNING tasks; downstream and unrelated work does not count."""
+    spec = load_pipeline(write_app(tmp_path / "g", GRAPH, {f"{m}/run.sh": "true\n" for m in ("a", "b", "c", "x",
+                                                                                              "lone")}))
+    with connect(pg_dsn) as conn:
+        app = apps.create_app(conn, spec)
+    q = PgQueue(pg_dsn)
+    try:
+        ids = {name: ref.id for name, ref in q.modules(app).items()}
+
+        def active() -> dict[str, bool]:
+            out = {}
+            for name, module_id in ids.items():
+                status, on = q.module_activity(app, module_id)
+                assert status == "RUNNING"
+                out[name] = on
+            return out
+
+        assert active() == dict.fromkeys(ids, False)
+        with connect(pg_dsn) as conn:  # work for c only: c and b (its upstream, through the cycle)
+            apps.add_tasks(conn, app, "c", [Message("c1")])
+        assert active() == {"a": False, "b": True, "c": True, "x": False, "lone": False}
+        with connect(pg_dsn) as conn:  # work for a: everything downstream of a, not lone
+            apps.add_tasks(conn, app, "a", [Message("a1")])
+        assert active() == {"a": True, "b": True, "c": True, "x": True, "lone": False}
+        slot = _slot(q, app, "a")
+        [task] = _claim(q, app, "a", slot)  # RUNNING counts as READY does
+        assert active()["x"] is True
+        q.complete(task, _result(), slot_id=slot, host="h1", sender=q.modules(app)["a"], modules=q.modules(app))
+        with connect(pg_dsn) as conn:
+            conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s", (app,))
+        assert active() == dict.fromkeys(ids, False)
+        assert q.app_activity(app) == ("RUNNING", False)
+    finally:
+        q.close()

@@ -73,7 +73,7 @@ class EmptyQueue(DownQueue):
         self.claims += 1
         return []
 
-    def app_activity(self, app_id: int) -> tuple[str, bool]:
+    def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
         return "RUNNING", False
 
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:

@@ -12,12 +12,15 @@ from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, StageScriptError, default_template, directives, read_template, render
 from scalebox_hpc.stages import (
     FAILURE_LIMIT,
+    STARVED_REASON,
     LaunchCommand,
     ModuleView,
+    active_modules,
     decide,
     failing,
     place_jobs,
     stage_job,
+    starved_modules,
 )
 from tests.helpers import write_app
 
@@ -181,3 +184,32 @@ def test_locality_is_nodelist_or_off() -> None:
     assert SlurmSpec(locality="off").locality == "off"
     with pytest.raises(ValueError, match="locality"):
         SlurmSpec(locality="features")  # type: ignore[arg-type]
+
+
+def _row(id_: int, name: str, sinks: list[str], ready: int = 0, running: int = 0) -> dict[str, object]:
+    return {"id": id_, "name": name, "spec": {"sink_modules": sinks}, "ready": ready, "running": running}
+
+
+def test_active_modules_follow_the_sinks_downstream() -> None:
+    rows = [_row(1, "a", ["b"]), _row(2, "b", ["c"]), _row(3, "c", ["b"]), _row(4, "x", [])]
+    assert active_modules(rows) == set()
+    rows[1]["running"] = 1
+    assert active_modules(rows) == {"b", "c"}  # a is upstream of b: its work does not come from b
+    rows[0]["ready"] = 3
+    assert active_modules(rows) == {"a", "b", "c"}
+
+
+def test_starved_modules_need_ready_tasks_and_a_job_waiting_for_nodes_or_limits() -> None:
+    rows = [_row(1, "w", [], ready=5), _row(2, "s", [])]
+
+    def job(module_id: int, reason: str, state: str = "PENDING", draining: bool = False) -> dict[str, object]:
+        return {"module_id": module_id, "reason": reason, "state": state, "draining": draining, "ended_at": None}
+
+    assert starved_modules(rows, [job(1, "Resources")]) == {"w": "Resources"}
+    assert starved_modules(rows, [job(1, "AssocGrpCpuLimit")]) == {"w": "AssocGrpCpuLimit"}
+    assert starved_modules(rows, [job(2, "Resources")]) == {}  # s has nothing READY
+    assert starved_modules(rows, [job(1, "Resources", state="RUNNING")]) == {}
+    assert starved_modules(rows, [job(1, "Resources", draining=True)]) == {}
+    assert starved_modules(rows, [job(1, "Priority"), job(1, "BeginTime")]) == {}
+    assert all(STARVED_REASON.match(r) for r in ("QOSMaxJobsPerUserLimit", "QOSGrpCpuLimit", "Resources"))
+    assert not any(STARVED_REASON.match(r) for r in ("InvalidQOS", "QOSNotAllowed", "ResourcesX", ""))
