@@ -53,10 +53,12 @@ def _one_line(text: str) -> str:
 
 @contextmanager
 def _db(create_schema: bool = False) -> Iterator[Connection]:
-    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
     from scalebox_hpc.node import resolve_dsn
 
-    dsn = resolve_dsn(create_schema=create_schema)
+    # the private embedded database gets its schema on first use: a new user's first
+    # `scalebox app list` says "no apps yet", not "run db init"
+    dsn = resolve_dsn(create_schema=create_schema or configured_dsn() is None)
     with connect(dsn) as conn, translate_errors(dsn):
         yield conn
 
@@ -300,6 +302,10 @@ def app_list(as_json: bool) -> None:
     if as_json:
         _dump(rows)
         return
+    if not rows:
+        click.echo(NO_APPS, err=True)
+        return
+    click.echo(f"{'id':>5}  {'name':<20} {'status':<9} {'tasks':>7}        result")
     for r in rows:
         click.echo(f"{r['id']:>5}  {_one_line(r['name']):<20} {r['status']:<9} {r['tasks']:>7} tasks  "
                    f"{_one_line(r['result'] or '')}")
@@ -309,16 +315,27 @@ def app_list(as_json: bool) -> None:
 @JSON_OPTION
 @click.argument("app_id", type=ID, required=False)
 def app_show(as_json: bool, app_id: int | None) -> None:
-    """Show one app (default: the newest)."""
-    from scalebox_hpc.db import apps
+    """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
+    RUNNING and no live slot; WAITING: READY tasks but no live slot) and its failed tasks.
 
+    \b
+    Examples:
+      scalebox app show
+      scalebox app show 3 --json
+    """
     with _db() as conn:
-        row = apps.get_app(conn, _app_id(conn, app_id))
-    if as_json:
-        _dump(row)
-        return
-    for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
-        click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
+        app_id = _app_id(conn, app_id)
+        row, state, slots = _app_state(conn, app_id)
+        rows = _status_rows(conn, app_id, slots)
+        if as_json:
+            _dump({**row, "state": state})
+            return
+        for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
+            click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
+        click.echo(f"state: {_one_line(_state_line(row, state, rows))}")
+        failed = sum(r["failed"] for r in rows)
+        if failed:
+            _print_failures(conn, app_id, failed, err=False)
 
 
 @app.command("set-finished")
@@ -966,7 +983,7 @@ def _print_failures(conn: Connection, app_id: int, failed: int, *, err: bool = T
                f"`scalebox task retry --failed --app {app_id}`", err=err)
 
 
-def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+def _status_rows(conn: Connection, app_id: int, slots: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     from scalebox_hpc.db import apps
 
     with conn.transaction():
@@ -975,32 +992,82 @@ def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
         "module": mc.name, "total": mc.total, "ready": mc.count(-1), "running": mc.count(-3),
         "initial": mc.count(-9), "ok": mc.count(0), "failed": mc.failed,
         "per_minute": mc.last_minute,
+        "slots": sum(1 for s in slots or [] if s["module"] == mc.name and s["live"]),
         "by_status": {str(k): v for k, v in sorted(mc.by_status.items())},
     } for mc in counts]
 
 
+def _app_state(conn: Connection, app_id: int) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The app row, its honest state (:func:`apps.app_state`) and its slots."""
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        row = apps.get_app(conn, app_id)
+        counts = apps.module_counts(conn, app_id)
+        slots = apps.list_slots(conn, app_id)
+    return row, apps.app_state(row["status"], counts, slots), slots
+
+
+def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> str:
+    """``IDLE: nothing READY or RUNNING, no live slot; 10 ok, 2 failed`` and the like."""
+    ok = sum(r["ok"] for r in rows)
+    failed = sum(r["failed"] for r in rows)
+    ready = sum(r["ready"] for r in rows)
+    tally = f"{ok} ok, {failed} failed"
+    if state == "IDLE":
+        return f"IDLE: nothing READY or RUNNING and no live slot; {tally}"
+    if state == "WAITING":
+        return (f"WAITING: {ready} task(s) READY but no live slot — start one with "
+                f"`scalebox run --app {row['id']}` or `scalebox launcher --app {row['id']}`; {tally}")
+    return f"{state}: {tally}"
+
+
 @cli.command("status")
 @click.argument("app_id", type=ID, required=False)
-@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C or the app finishes.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C, or until the app is FINISHED or IDLE.")
 @JSON_OPTION
 def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
-    """Per-module task counts by status, rates, and each stage's Slurm jobs (scaled first)."""
+    """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
+    first), the app's state and its failed tasks.
+
+    The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
+    no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
+
+    \b
+    Examples:
+      scalebox status               # the newest app
+      scalebox status 3 --watch     # refresh until app 3 is FINISHED or IDLE
+      scalebox status --json
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
         app_id = _app_id(conn, app_id)
         while True:
             jobs = _stage_jobs(conn, app_id)
-            with conn.transaction():
-                row = apps.get_app(conn, app_id)
-            rows = _status_rows(conn, app_id)
+            row, state, slots = _app_state(conn, app_id)
+            rows = _status_rows(conn, app_id, slots)
             for r in rows:
                 r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
+            failed = sum(r["failed"] for r in rows)
             if as_json:
-                _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows})
+                with conn.transaction():
+                    failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if failed else []
+                _dump({"app": {**{k: row[k] for k in ("id", "name", "status", "result")}, "state": state},
+                       "modules": rows,
+                       "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
+                                     "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
+                                    for f in failures]})
             else:
-                _print_status(row, rows, clear=watch)
-            if not watch or row["status"] == "FINISHED":
+                _print_status(row, rows, clear=watch, state=state)
+                click.echo(_one_line(_state_line(row, state, rows)))
+                with conn.transaction():
+                    counts = apps.module_counts(conn, app_id)
+                for stuck in apps.stuck_modules(counts, slots):
+                    click.echo(f"  {_one_line(stuck.describe())} (`scalebox slot list --app {app_id}`)")
+                if failed:
+                    _print_failures(conn, app_id, failed, err=False)
+            if not watch or state in ("FINISHED", "IDLE"):
                 return
             time.sleep(1.0)
 
@@ -1020,15 +1087,15 @@ def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
     return stage_rows(conn, app_id, include_ended=False)
 
 
-def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
+def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool, state: str) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     # Text, not markup: a task's result such as "[/] done" is shown as written, never parsed
-    title = f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}"
+    title = f"app {app_row['id']} {app_row['name']}: {state.partition(':')[0]} {app_row['result'] or ''}"
     table = Table(title=Text(_one_line(title)))
-    columns = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    columns = ("module", "total", "ready", "running", "ok", "failed", "slots", "per_minute")
     for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
     with_jobs = any(r.get("jobs") for r in rows)
@@ -1044,6 +1111,7 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
 
 
 # the Slurm commands (submit, stage, autoscale) live in their own module and register on `cli`
+from scalebox_hpc.cli import slots as _slots  # noqa: E402, F401
 from scalebox_hpc.cli import stage as _stage  # noqa: E402, F401
 
 
