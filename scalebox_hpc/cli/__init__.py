@@ -137,7 +137,8 @@ class StatusType(click.ParamType[int | str, Any]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
         if isinstance(value, int):
             return value
-        text = str(value).strip().lower().replace("-", "_")
+        text = str(value).strip().lower()
+        text = text if text.lstrip("-").isdigit() else text.replace("-", "_")
         if text == self.FAILED:
             return self.FAILED
         if text in self.NAMES:
@@ -817,6 +818,8 @@ class _RunWatcher:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.quiet_ticks = 0
         self.timed_out = False
+        self.ending = False  # the watcher itself ended the run (not a signal)
+        self.interrupted = False
         self.stuck: list[Any] = []
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
@@ -880,6 +883,10 @@ class _RunWatcher:
 
     def tick(self) -> bool:
         """Update the progress; True when the run should end."""
+        self.ending = self.ending or self._tick()
+        return self.ending
+
+    def _tick(self) -> bool:
         from scalebox_hpc.db import apps
 
         counts = self._counts()
@@ -889,6 +896,8 @@ class _RunWatcher:
             extra = f"running {mc.count(-3)}" + (f", failed {mc.failed}" if mc.failed else "")
             self.progress.update(self.bars[mc.name], total=mc.total, completed=mc.done, extra=extra)
         self._progress_line(counts)
+        if self.interrupted:  # draining on a signal: the slots end because we asked them to
+            return True
         if self._status() == "FINISHED":
             return True
         stuck = apps.stuck_modules(counts, self._slots())
@@ -914,12 +923,13 @@ class _RunWatcher:
             click.echo(f"[{time.monotonic() - self.started:6.0f}s] {line}", err=True)
 
     def draining(self) -> None:
-        """Called once when the run drains: say why and for how long."""
-        if self.stuck or self.timed_out:
+        """Called once when the run drains: on a signal (Ctrl-C), say so and for how long."""
+        if self.ending:
             return
+        self.interrupted = True
         running = sum(mc.count(-3) for mc in self._counts())
-        self.console.print(f"scalebox: stopping: no new tasks; {running} running task(s) get up to "
-                           f"{self.grace:g} s to finish, then are stopped and put back READY", markup=False)
+        click.echo(f"scalebox: stopping: no new tasks; {running} running task(s) get up to {self.grace:g} s "
+                   "to finish, then are stopped and put back READY", err=True)
 
     def _status(self) -> str:
         with self.conn.transaction():
@@ -945,13 +955,16 @@ class _RunWatcher:
             click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
         again = f"scalebox run --app {self.app_id}"
-        stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending else [])
+        stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending and not self.interrupted else [])
         if stuck:
             for s in stuck:
                 click.echo(f"scalebox: {_one_line(s.describe())}; fix it, then `{again}`", err=True)
         elif self.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
                        f"continue with `{again}`", err=True)
+        elif pending and self.interrupted:
+            click.echo(f"scalebox: stopped; {pending} task(s) left unfinished; continue with `{again}` "
+                       f"(or `scalebox launcher --app {self.app_id}`)", err=True)
         elif pending:
             click.echo(f"scalebox: {pending} task(s) left unfinished; continue with `{again}` "
                        f"(`scalebox slot list --app {self.app_id}` shows the slots)", err=True)
@@ -1087,22 +1100,25 @@ def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
     return stage_rows(conn, app_id, include_ended=False)
 
 
-def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool, state: str) -> None:
+def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool,
+                  state: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     # Text, not markup: a task's result such as "[/] done" is shown as written, never parsed
-    title = f"app {app_row['id']} {app_row['name']}: {state.partition(':')[0]} {app_row['result'] or ''}"
+    title = f"app {app_row['id']} {app_row['name']}: {state or app_row['status']} {app_row['result'] or ''}"
     table = Table(title=Text(_one_line(title)))
-    columns = ("module", "total", "ready", "running", "ok", "failed", "slots", "per_minute")
+    columns: tuple[str, ...] = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    if rows and "slots" in rows[0]:  # live slots per module
+        columns = (*columns[:-1], "slots", columns[-1])
     for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
     with_jobs = any(r.get("jobs") for r in rows)
     if with_jobs:
         table.add_column("slurm jobs")
     for r in rows:
-        cells = [str(r[c]) for c in columns] + ([" ".join(r["jobs"])] if with_jobs else [])
+        cells = [str(r.get(c, "")) for c in columns] + ([" ".join(r["jobs"])] if with_jobs else [])
         table.add_row(*(Text(_one_line(cell)) for cell in cells))
     console = Console()
     if clear:
