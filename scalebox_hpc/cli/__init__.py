@@ -661,15 +661,25 @@ def task_show(as_json: bool, task_id: int) -> None:
 @task.command("retry")
 @APP_OPTION
 @click.option("--failed", is_flag=True, help="Every failed task of the app (exit codes, timeouts, errors).")
-@click.option("--status", "status", type=INT32, default=None, help="Every task of the app with this status.")
+@click.option("-s", "--status", "status", type=STATUS, default=None,
+              help="Every task of the app with this status: a code or a name (timeout, stalled, ...).")
 @click.option("-m", "--module", default=None, help="With --failed/--status: only this module.")
 @click.argument("task_ids", type=ID, nargs=-1)
-def task_retry(app: int | None, failed: bool, status: int | None, module: str | None,
+def task_retry(app: int | None, failed: bool, status: int | str | None, module: str | None,
                task_ids: tuple[int, ...]) -> None:
-    """Make finished tasks READY again: by id, or all --failed, or all with --status CODE."""
+    """Make finished tasks READY again: by id, or all --failed, or all with --status CODE.
+
+    \b
+    Examples:
+      scalebox task retry 17 18
+      scalebox task retry --failed -m calc
+      scalebox task retry --status timeout
+    """
     from scalebox_hpc.db import apps
     from scalebox_hpc.models import TaskStatus
 
+    if status == StatusType.FAILED:
+        failed, status = True, None
     if not task_ids and not failed and status is None:
         raise click.UsageError("give TASK_IDS, --failed or --status CODE")
     with _db() as conn:
@@ -677,7 +687,8 @@ def task_retry(app: int | None, failed: bool, status: int | None, module: str | 
         if failed or status is not None:
             app_id = _app_id(conn, app)
             _check_module(conn, app_id, module)
-            rows = apps.list_tasks(conn, app_id, module=module, status=status, limit=10_000_000)
+            code = status if isinstance(status, int) else None
+            rows = apps.list_tasks(conn, app_id, module=module, status=code, limit=10_000_000)
             ids += [r["id"] for r in rows if not failed or TaskStatus.is_failure(r["status"])]
         done = apps.retry_tasks(conn, ids)
     click.echo(f"requeued {len(done)} task(s)")

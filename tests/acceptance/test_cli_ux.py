@@ -226,3 +226,36 @@ def test_run_off_a_terminal_prints_progress_lines(cli_env: dict[str, str], tmp_p
     progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     assert progress and "work 0/1 (1 running)" in progress[0], proc.stderr
     assert "\x1b[" not in proc.stderr  # no bars, no cursor moves in a log
+
+
+def test_ctrl_c_drains_says_so_and_says_how_to_continue(cli_env: dict[str, str], tmp_path: Path) -> None:
+    app = write_app(tmp_path / "c", f"""
+        name: interrupted
+        parameters: {{start_task: "FILE:list.txt"}}
+        modules:
+          work:
+            slots: [".*:2"]
+            arguments: {QUICK}
+    """, {"work/run.sh": "sleep 2\n"})
+    (app.parent / "list.txt").write_text("".join(f"t{i}\n" for i in range(8)))
+    proc = subprocess.Popen([*SCALEBOX, "run", "--grace", "20", str(app)], env=cli_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = sbx(cli_env, "task", "list", "-s", "running", "--json", check=False)
+            if listed.returncode == 0 and json.loads(listed.stdout):
+                break
+            time.sleep(0.2)
+        proc.send_signal(2)  # Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "scalebox: stopping: no new tasks; " in err and "get up to 20 s to finish" in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("scalebox: stopped; ") and "continue with `scalebox run --app 1`" in last, err
+    rows = json.loads(sbx(cli_env, "task", "list", "--json").stdout)
+    assert {r["status"] for r in rows} <= {0, -1} and any(r["status"] == -1 for r in rows), rows  # drained, not lost
+    retried = sbx(cli_env, "task", "retry", "--status", "ok")
+    assert retried.stdout.strip() == f"requeued {sum(r['status'] == 0 for r in rows)} task(s)"
