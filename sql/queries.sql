@@ -458,8 +458,9 @@ SELECT s.id, m.name AS module, m.seq AS module_seq, s.host, s.seq, s.status, s.m
        extract(epoch FROM now() - t.started_at)::double precision AS task_seconds
 FROM sbx_slots s
 JOIN sbx_modules m ON m.id = s.module_id
-LEFT JOIN LATERAL (SELECT id, body, started_at FROM sbx_tasks
-                   WHERE slot_id = s.id AND status = -3 ORDER BY id LIMIT 1) t ON true
+LEFT JOIN LATERAL (SELECT id, body, started_at FROM sbx_tasks  -- sbx_tasks_app_status_idx: running ones only
+                   WHERE app_id = m.app_id AND module_id = s.module_id AND status = -3 AND slot_id = s.id
+                   ORDER BY id LIMIT 1) t ON true
 WHERE m.app_id = %(app_id)s
 ORDER BY m.seq, s.host, s.seq, s.id;
 
