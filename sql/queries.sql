@@ -493,3 +493,10 @@ SELECT EXISTS (SELECT 1 FROM sbx_apps) AS any;
 
 -- name: module_names
 SELECT name FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY seq;
+
+-- name: running_task
+-- Where a RUNNING task runs and for how long (the database's clock); no row when it does not run.
+SELECT t.host, s.seq, s.status AS slot_status,
+       extract(epoch FROM now() - t.started_at)::double precision AS seconds
+FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
+WHERE t.id = %(task_id)s AND t.status = -3;

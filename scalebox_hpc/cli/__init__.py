@@ -643,6 +643,7 @@ def task_show(as_json: bool, task_id: int) -> None:
 
     with _db() as conn:
         row = apps.get_task(conn, task_id)
+        running = apps.running_task(conn, task_id) if row["status"] == TaskStatus.RUNNING else None
     if as_json:
         _dump(row)
         return
@@ -650,6 +651,13 @@ def task_show(as_json: bool, task_id: int) -> None:
     click.echo(f"task {row['id']} ({row['module']}): {TaskStatus.describe(row['status'])}, "
                f"{row['attempts']} attempt(s)\nbody: {terminal_safe(row['body'])}\n"
                f"headers: {json.dumps(row['headers'])}")  # ASCII JSON: control characters as \u escapes
+    if running is not None:
+        from scalebox_hpc.cli.slots import elapsed
+
+        where = _one_line(str(running["host"])) + (f" slot {running['seq']}" if running["seq"] is not None else "")
+        ended = running["slot_status"] in ("ERROR", "EXITED", "LOST")  # back in the queue once its lease ends
+        click.echo(f"running on {where} for {elapsed(running['seconds'])}"
+                   + (f" (its slot is {running['slot_status']})" if ended else ""))
     for ex in row["execs"]:
         click.echo(f"- attempt {ex['attempt']} on {_one_line(str(ex['host']))}: status {ex['status']}, "
                    f"{(ex['finished_at'] - ex['started_at']).total_seconds():.3f}s")

@@ -14,7 +14,7 @@ def slot() -> None:
     """Inspect the slots (workers) of an app."""
 
 
-def _elapsed(seconds: float | None) -> str:
+def elapsed(seconds: float | None) -> str:
     """``75.2`` -> ``1m15s``; '' for no value."""
     if seconds is None:
         return ""
@@ -67,7 +67,7 @@ def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
     for r in shown:
         task = str(r["task_id"]) if r["task_id"] is not None else ""
         click.echo(f"{_one_line(r['host']):<12} {_one_line(r['module']):<14} {r['seq']:>4}  {r['state']:<8} "
-                   f"{r['tasks_done']:>6}  {task:>8} {_elapsed(r['task_seconds']):>7}  "
+                   f"{r['tasks_done']:>6}  {task:>8} {elapsed(r['task_seconds']):>7}  "
                    f"{_one_line(r['message'] or '')}")
     hidden = len(rows) - len(shown)
     if hidden:

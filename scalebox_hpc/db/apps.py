@@ -334,3 +334,9 @@ def app_state(status: str, counts: Sequence[ModuleCounts], slots: Sequence[dict[
     if running or live:
         return status
     return "WAITING" if ready else "IDLE"
+
+
+def running_task(conn: Connection, task_id: int) -> dict[str, Any] | None:
+    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status`` and elapsed ``seconds``; else None."""
+    row = conn.execute(query("running_task"), {"task_id": task_id}).fetchone()
+    return dict(row) if row else None

@@ -5,6 +5,7 @@ summarised with their stderr, slots are visible, app states are honest, user mis
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -247,6 +248,8 @@ def test_ctrl_c_drains_says_so_and_says_how_to_continue(cli_env: dict[str, str],
             if listed.returncode == 0 and json.loads(listed.stdout):
                 break
             time.sleep(0.2)
+        shown = sbx(cli_env, "task", "show", str(json.loads(listed.stdout)[0]["id"])).stdout
+        assert re.search(r"^running on \S+ slot [01] for \ds$", shown, re.M), shown
         proc.send_signal(2)  # Ctrl-C
         _, err = proc.communicate(timeout=60)
     finally:
