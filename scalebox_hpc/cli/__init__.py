@@ -872,7 +872,7 @@ class _RunWatcher:
         if not self.tty:
             configure_logging(verbose)
             return
-        console = self.progress.console
+        console = self.console  # the progress bars' console: printing through it keeps the bars below
 
         class _AboveBars(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
