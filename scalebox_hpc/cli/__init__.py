@@ -159,9 +159,23 @@ class StatusType(click.ParamType[int | str, Any]):
 STATUS = StatusType()
 
 
-ID = click.IntRange(1, 2**63 - 1)
+class _DatabaseInt(click.types.IntParamType):
+    """An integer bounded by its database column: the bounds are checked (a usage error, not a
+    database error), but not printed in ``--help`` (``1<=x<=9223372036854775807`` is noise)."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = int(super().convert(value, param, ctx))
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is not in the range {self.low}<=x<={self.high}.", param, ctx)
+        return number
+
+
+ID = _DatabaseInt(1, 2**63 - 1)
 """A database id (bigint): out-of-range values are a usage error, not a database error."""
-INT32 = click.IntRange(-(2**31), 2**31 - 1)
+INT32 = _DatabaseInt(-(2**31), 2**31 - 1)
 """A status code, count or semaphore value (PostgreSQL integer)."""
 APP_OPTION = click.option("--app", "app", type=ID, default=None, help="App id (default: the newest app).")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -590,7 +604,7 @@ def task_add(
               help="Only this status: a code (-1, 0, 124, ...) or a name: failed, ready, running, initial, ok, "
                    "timeout, stalled, system_error, emit_failed, output_invalid.")
 @click.option("--failed", is_flag=True, help="Only failed tasks (exit codes, timeouts, system errors); = -s failed.")
-@click.option("-n", "--limit", type=click.IntRange(1, 2**63 - 1), default=100, show_default=True,
+@click.option("-n", "--limit", type=ID, default=100, show_default=True,
               help="At most this many tasks.")
 @JSON_OPTION
 def task_list(app: int | None, module: str | None, status: int | str | None, failed: bool, limit: int,
