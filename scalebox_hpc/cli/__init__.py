@@ -836,6 +836,8 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
 
 PROGRESS_SECONDS = 5.0
 """Off a terminal, ``scalebox run`` prints a progress line this often (when something changed)."""
+UNSTARTED_GRACE_SECONDS = 5.0
+"""After this long, a module with READY tasks and no slot at all in ``scalebox run`` is stuck."""
 FAILURES_SHOWN = 5
 """Failed tasks listed in a failure summary."""
 
@@ -933,7 +935,10 @@ class _RunWatcher:
             return True
         if self._status() == "FINISHED":
             return True
-        stuck = apps.stuck_modules(counts, self._slots())
+        # a module this run started no slot for (an MPI collective one) strands its tasks too,
+        # once the slots had time to register
+        started = time.monotonic() - self.started > UNSTARTED_GRACE_SECONDS
+        stuck = apps.stuck_modules(counts, self._slots(), without_slots=started)
         if apps.all_work_stuck(counts, stuck):
             self.stuck = stuck
             return True
@@ -991,7 +996,9 @@ class _RunWatcher:
         stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending and not self.interrupted else [])
         if stuck:
             for s in stuck:
-                click.echo(f"scalebox: {_one_line(s.describe())}; fix it, then `{again}`", err=True)
+                stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
+                todo = f"fix it, then `{again}`" if s.slots else f"start it with `{stage}`"
+                click.echo(f"scalebox: {_one_line(s.describe())}; {_one_line(todo)}", err=True)
         elif self.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
                        f"continue with `{again}`", err=True)

@@ -286,7 +286,9 @@ class StuckModule:
 
     def describe(self) -> str:
         """One line: the module, what became of its slots, the first error, the READY count."""
-        if self.errors == self.slots:
+        if not self.slots:
+            what = "no slot runs it here (an MPI collective module runs only as an MPI stage)"
+        elif self.errors == self.slots:
             what = f"all {self.slots} slot(s) failed"
         elif self.errors:
             what = f"no live slot ({self.errors} of {self.slots} failed, the others ended)"
@@ -296,13 +298,16 @@ class StuckModule:
             f" — {self.ready} task(s) left READY"
 
 
-def stuck_modules(counts: Sequence[ModuleCounts], slots: Sequence[dict[str, Any]]) -> list[StuckModule]:
-    """The modules whose READY tasks no slot can take: they had slots, and none is live any more."""
+def stuck_modules(
+    counts: Sequence[ModuleCounts], slots: Sequence[dict[str, Any]], *, without_slots: bool = False,
+) -> list[StuckModule]:
+    """The modules whose READY tasks no slot can take: they had slots, and none is live any more
+    (``without_slots``: also those that never had one, for a run whose slots have all started)."""
     found = []
     for mc in counts:
         ready = mc.count(TaskStatus.READY)
         mine = [s for s in slots if s["module"] == mc.name]
-        if not ready or not mine or any(s["live"] for s in mine):
+        if not ready or (not mine and not without_slots) or any(s["live"] for s in mine):
             continue
         errors = [s for s in mine if s["status"] == "ERROR"]
         message = next((str(s["message"]) for s in errors if s["message"]), "")

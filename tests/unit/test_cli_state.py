@@ -46,6 +46,15 @@ def test_not_stuck_while_a_slot_lives_or_before_any_slot_started() -> None:
     assert mixed[0].describe().startswith("hasher: no live slot (1 of 2 failed, the others ended): boom")
 
 
+def test_a_module_without_any_slot_is_stuck_only_when_asked() -> None:
+    c = [counts("total", ready=1), counts("calc", ok=4)]
+    s = [slot("calc", "EXITED")]
+    assert stuck_modules(c, s) == []
+    [stuck] = stuck_modules(c, s, without_slots=True)
+    assert stuck.describe().startswith("total: no slot runs it here (an MPI collective module runs only as ")
+    assert all_work_stuck(c, [stuck])
+
+
 def test_a_run_waits_while_other_work_can_still_go_on() -> None:
     s = [slot("hasher", "ERROR", message="m"), slot("prep", "READY")]
     stuck = stuck_modules([counts("hasher", ready=3)], s)
