@@ -51,6 +51,11 @@ def _one_line(text: str) -> str:
     return terminal_safe(text).replace("\n", " ").replace("\t", " ")
 
 
+def _squeezed(text: str) -> str:
+    """:func:`_one_line` with runs of white space as one space: a multi-line message on one line."""
+    return " ".join(_one_line(text).split())
+
+
 @contextmanager
 def _db(create_schema: bool = False) -> Iterator[Connection]:
     from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
@@ -998,7 +1003,7 @@ class _RunWatcher:
             for s in stuck:
                 stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
                 todo = f"fix it, then `{again}`" if s.slots else f"start it with `{stage}`"
-                click.echo(f"scalebox: {_one_line(s.describe())}; {_one_line(todo)}", err=True)
+                click.echo(f"scalebox: {_squeezed(s.describe())}; {_one_line(todo)}", err=True)
         elif self.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
                        f"continue with `{again}`", err=True)
@@ -1117,7 +1122,7 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
                 with conn.transaction():
                     counts = apps.module_counts(conn, app_id)
                 for stuck in apps.stuck_modules(counts, slots):
-                    click.echo(f"  {_one_line(stuck.describe())} (`scalebox slot list --app {app_id}`)")
+                    click.echo(f"  {_squeezed(stuck.describe())} (`scalebox slot list --app {app_id}`)")
                 if failed:
                     _print_failures(conn, app_id, failed, err=False)
             if not watch or state in ("FINISHED", "IDLE"):

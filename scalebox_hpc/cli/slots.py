@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _one_line, cli
+from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed, cli
 
 
 @cli.group()
@@ -68,7 +68,7 @@ def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
         task = str(r["task_id"]) if r["task_id"] is not None else ""
         click.echo(f"{_one_line(r['host']):<12} {_one_line(r['module']):<14} {r['seq']:>4}  {r['state']:<8} "
                    f"{r['tasks_done']:>6}  {task:>8} {elapsed(r['task_seconds']):>7}  "
-                   f"{_one_line(r['message'] or '')}")
+                   f"{_squeezed(r['message'] or '')}")
     hidden = len(rows) - len(shown)
     if hidden:
         click.echo(f"({hidden} slot(s) that ended normally not shown; --all shows them)", err=True)
