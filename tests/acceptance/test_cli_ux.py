@@ -237,8 +237,8 @@ def test_ctrl_c_drains_says_so_and_says_how_to_continue(cli_env: dict[str, str],
           work:
             slots: [".*:2"]
             arguments: {QUICK}
-    """, {"work/run.sh": "sleep 2\n"})
-    (app.parent / "list.txt").write_text("".join(f"t{i}\n" for i in range(8)))
+    """, {"work/run.sh": "sleep 6\n"})  # long enough to be seen running by two slow CLI calls
+    (app.parent / "list.txt").write_text("".join(f"t{i}\n" for i in range(6)))
     proc = subprocess.Popen([*SCALEBOX, "run", "--grace", "20", str(app)], env=cli_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
