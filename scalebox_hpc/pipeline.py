@@ -795,11 +795,28 @@ def _within(child: yaml.Node, parent: yaml.Node) -> bool:
 
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader whose composer refuses to nest deeper than MAX_YAML_DEPTH: it recurses once per
-    level, and thousands of ``[`` would end in a RecursionError instead of a PipelineError."""
+    level, and thousands of ``[`` would end in a RecursionError instead of a PipelineError.
+
+    Its scanner also takes a TAB between tokens on a line as white space, as YAML 1.2 does (and
+    Scalebox's Go loader did): ``key:<TAB>value``. A TAB in indentation (before the first token of
+    a line) is still an error; quoted and block scalars are scanned as before."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+
+    def scan_to_next_token(self) -> None:
+        while True:
+            super().scan_to_next_token()
+            if self.peek() != "\t" or not self._after_content():
+                return
+            while self.peek() in " \t":
+                self.forward()
+
+    def _after_content(self) -> bool:
+        """Whether something other than white space precedes the reading position on its line."""
+        line_start = self.pointer - self.column  # the whole text is the buffer (a str stream)
+        return bool(self.buffer[max(0, line_start):self.pointer].strip())
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self._depth >= MAX_YAML_DEPTH:

@@ -493,3 +493,57 @@ SELECT uid::text AS uid FROM sbx_apps WHERE id = %(app_id)s;
 
 -- name: db_now
 SELECT now() AS now;
+
+-- name: list_slots
+-- Every slot of an app (newest first within module order), with the task it runs now.
+-- `live`: not ended and heard from within two of its own heartbeats.
+SELECT s.id, m.name AS module, m.seq AS module_seq, s.host, s.seq, s.status, s.message,
+       s.tasks_done, s.started_at, s.heartbeat_at, s.ended_at,
+       (s.status IN ('STARTING', 'READY', 'RUNNING')
+        AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds)) AS live,
+       t.id AS task_id, t.body AS task_body,
+       extract(epoch FROM now() - t.started_at)::double precision AS task_seconds
+FROM sbx_slots s
+JOIN sbx_modules m ON m.id = s.module_id
+LEFT JOIN LATERAL (SELECT id, body, started_at FROM sbx_tasks  -- sbx_tasks_app_status_idx: running ones only
+                   WHERE app_id = m.app_id AND module_id = s.module_id AND status = -3 AND slot_id = s.id
+                   ORDER BY id LIMIT 1) t ON true
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq, s.host, s.seq, s.id;
+
+-- name: failed_tasks
+-- Up to %(limit)s failed tasks of an app (exit codes, timeouts, system errors), oldest first,
+-- with the stderr of their last execution (its last 4 KiB: enough for a last line).
+SELECT t.id, m.name AS module, t.body, t.status, t.attempts,
+       right(e.stderr, 4096) AS stderr, right(e.stdout, 4096) AS stdout
+FROM sbx_tasks t
+JOIN sbx_modules m ON m.id = t.module_id
+LEFT JOIN LATERAL (SELECT stderr, stdout FROM sbx_task_execs
+                   WHERE task_id = t.id ORDER BY id DESC LIMIT 1) e ON true
+WHERE t.app_id = %(app_id)s AND (t.status > 0 OR t.status < -100)
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: list_tasks_failed
+-- Like list_tasks, only failed tasks (exit codes, timeouts, system errors).
+SELECT t.id, m.name AS module, t.body, t.headers, t.status, t.attempts, t.host,
+       t.created_at, t.started_at, t.finished_at
+FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id
+WHERE t.app_id = %(app_id)s
+  AND (%(module)s::text IS NULL OR m.name = %(module)s)
+  AND (t.status > 0 OR t.status < -100)
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: any_app
+SELECT EXISTS (SELECT 1 FROM sbx_apps) AS any;
+
+-- name: module_names
+SELECT name FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY seq;
+
+-- name: running_task
+-- Where a RUNNING task runs and for how long (the database's clock); no row when it does not run.
+SELECT t.host, s.seq, s.status AS slot_status,
+       extract(epoch FROM now() - t.started_at)::double precision AS seconds
+FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
+WHERE t.id = %(task_id)s AND t.status = -3;

@@ -51,12 +51,19 @@ def _one_line(text: str) -> str:
     return terminal_safe(text).replace("\n", " ").replace("\t", " ")
 
 
+def _squeezed(text: str) -> str:
+    """:func:`_one_line` with runs of white space as one space: a multi-line message on one line."""
+    return " ".join(_one_line(text).split())
+
+
 @contextmanager
 def _db(create_schema: bool = False) -> Iterator[Connection]:
-    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
     from scalebox_hpc.node import resolve_dsn
 
-    dsn = resolve_dsn(create_schema=create_schema)
+    # the private embedded database gets its schema on first use: a new user's first
+    # `scalebox app list` says "no apps yet", not "run db init"
+    dsn = resolve_dsn(create_schema=create_schema or configured_dsn() is None)
     with connect(dsn) as conn, translate_errors(dsn):
         yield conn
 
@@ -71,13 +78,109 @@ def _app_id(conn: Connection, app: int | None) -> int:
         return int(os.environ["SCALEBOX_APP_ID"])
     row = conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
     if not row or row["id"] is None:
-        raise NotFoundError("app", "(any)")
+        raise ScaleboxError(NO_APPS)
     return int(row["id"])
 
 
-ID = click.IntRange(1, 2**63 - 1)
+NO_APPS = "no apps yet — `scalebox run app.yaml` (or `scalebox app create app.yaml`) makes one"
+"""What every command that needs an app says on an empty database."""
+
+
+def _check_module(conn: Connection, app_id: int, module: str | None) -> None:
+    """An unknown ``-m MODULE`` is an error naming the app's modules, with a did-you-mean."""
+    if module is None:
+        return
+    from scalebox_hpc.db import apps
+
+    names = apps.module_names(conn, app_id)
+    if module in names:
+        return
+    import difflib
+
+    err = NotFoundError("module", module)
+    close = difflib.get_close_matches(module, names, n=1)
+    err.hint = (f"did you mean {close[0]!r}? " if close else "") + \
+        f"the modules of app {app_id}: {', '.join(names) or '(none)'}"
+    raise err
+
+
+def _check_dsn() -> None:
+    """A SCALEBOX_DSN that is not a connection string is one line with a hint, not a traceback
+    (the password, if any, is not repeated)."""
+    dsn = os.environ.get("SCALEBOX_DSN")
+    if not dsn:
+        return
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from scalebox_hpc.errors import DatabaseError
+
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
+        for secret in re.findall(r"://[^@/]*:([^@/]+)@|password\s*=\s*(\S+)", dsn):
+            for part in secret:
+                if part:
+                    reason = reason.replace(part, "***")
+        raise DatabaseError(
+            f"SCALEBOX_DSN is not a PostgreSQL connection string: {reason}",
+            hint="use postgresql://USER@HOST:5432/DBNAME or 'host=HOST dbname=DBNAME' "
+                 "(password in ~/.pgpass), or unset it for the embedded database",
+        ) from None
+
+
+class StatusType(click.ParamType[int | str, Any]):
+    """A task status: a number, or a name (ready, running, initial, ok, timeout, stalled,
+    system_error, emit_failed, output_invalid; ``failed`` = every failure)."""
+
+    name = "STATUS"
+    NAMES = {"initial": -9, "ready": -1, "running": -3, "ok": 0, "stalled": 123, "timeout": 124,
+             "system_error": -101, "emit_failed": -102, "output_invalid": -103}
+    FAILED = "failed"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        text = text if text.lstrip("-").isdigit() else text.replace("-", "_")
+        if text == self.FAILED:
+            return self.FAILED
+        if text in self.NAMES:
+            return self.NAMES[text]
+        try:
+            code = int(text)
+        except ValueError:
+            import difflib
+
+            close = difflib.get_close_matches(text, [*self.NAMES, self.FAILED], n=1)
+            self.fail(f"{value!r} is not a status code or name" + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + f"; names: {', '.join([self.FAILED, *self.NAMES])}", param, ctx)
+        if not -(2**31) <= code < 2**31:
+            self.fail(f"{code} is out of range", param, ctx)
+        return code
+
+
+STATUS = StatusType()
+
+
+class _DatabaseInt(click.types.IntParamType):
+    """An integer bounded by its database column: the bounds are checked (a usage error, not a
+    database error), but not printed in ``--help`` (``1<=x<=9223372036854775807`` is noise)."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = int(super().convert(value, param, ctx))
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is not in the range {self.low}<=x<={self.high}.", param, ctx)
+        return number
+
+
+ID = _DatabaseInt(1, 2**63 - 1)
 """A database id (bigint): out-of-range values are a usage error, not a database error."""
-INT32 = click.IntRange(-(2**31), 2**31 - 1)
+INT32 = _DatabaseInt(-(2**31), 2**31 - 1)
 """A status code, count or semaphore value (PostgreSQL integer)."""
 APP_OPTION = click.option("--app", "app", type=ID, default=None, help="App id (default: the newest app).")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -96,6 +199,9 @@ def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback
+    ctx.obj["verbose"] = verbose
+    if not os.environ.get(EMIT_BUFFER_ENV) and ctx.invoked_subcommand is not None:
+        _check_dsn()  # not inside run.sh: `task add` there only buffers, and must start fast
     if verbose:
         from scalebox_hpc.node import configure_logging
 
@@ -216,6 +322,10 @@ def app_list(as_json: bool) -> None:
     if as_json:
         _dump(rows)
         return
+    if not rows:
+        click.echo(NO_APPS, err=True)
+        return
+    click.echo(f"{'id':>5}  {'name':<20} {'status':<9} {'tasks':>7}        result")
     for r in rows:
         click.echo(f"{r['id']:>5}  {_one_line(r['name']):<20} {r['status']:<9} {r['tasks']:>7} tasks  "
                    f"{_one_line(r['result'] or '')}")
@@ -225,16 +335,27 @@ def app_list(as_json: bool) -> None:
 @JSON_OPTION
 @click.argument("app_id", type=ID, required=False)
 def app_show(as_json: bool, app_id: int | None) -> None:
-    """Show one app (default: the newest)."""
-    from scalebox_hpc.db import apps
+    """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
+    RUNNING and no live slot; WAITING: READY tasks but no live slot) and its failed tasks.
 
+    \b
+    Examples:
+      scalebox app show
+      scalebox app show 3 --json
+    """
     with _db() as conn:
-        row = apps.get_app(conn, _app_id(conn, app_id))
-    if as_json:
-        _dump(row)
-        return
-    for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
-        click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
+        app_id = _app_id(conn, app_id)
+        row, state, slots = _app_state(conn, app_id)
+        rows = _status_rows(conn, app_id, slots)
+        if as_json:
+            _dump({**row, "state": state})
+            return
+        for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
+            click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
+        click.echo(f"state: {_one_line(_state_line(row, state, rows))}")
+        failed = sum(r["failed"] for r in rows)
+        if failed:
+            _print_failures(conn, app_id, failed, err=False)
 
 
 @app.command("set-finished")
@@ -475,30 +596,60 @@ def task_add(
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        written = apps.add_tasks(conn, _app_id(conn, app), module, messages, initial=initial)
+        app_id = _app_id(conn, app)
+        _check_module(conn, app_id, module)
+        written = apps.add_tasks(conn, app_id, module, messages, initial=initial)
     click.echo(f"added {written} task(s)")
 
 
 @task.command("list")
 @APP_OPTION
-@click.option("-m", "--module", default=None)
-@click.option("-s", "--status", type=INT32, default=None, help="Only this status code.")
-@click.option("-n", "--limit", type=click.IntRange(1, 2**63 - 1), default=100, show_default=True)
+@click.option("-m", "--module", default=None, help="Only this module.")
+@click.option("-s", "--status", type=STATUS, default=None,
+              help="Only this status: a code (-1, 0, 124, ...) or a name: failed, ready, running, initial, ok, "
+                   "timeout, stalled, system_error, emit_failed, output_invalid.")
+@click.option("--failed", is_flag=True, help="Only failed tasks (exit codes, timeouts, system errors); = -s failed.")
+@click.option("-n", "--limit", type=ID, default=100, show_default=True,
+              help="At most this many tasks.")
 @JSON_OPTION
-def task_list(app: int | None, module: str | None, status: int | None, limit: int, as_json: bool) -> None:
-    """List tasks."""
+def task_list(app: int | None, module: str | None, status: int | str | None, failed: bool, limit: int,
+              as_json: bool) -> None:
+    """List tasks, oldest first.
+
+    \b
+    Examples:
+      scalebox task list --failed          # what went wrong (then: scalebox task show ID)
+      scalebox task list -m calc -s ready  # what calc has still to do
+      scalebox task list -s 124 --json     # timed-out tasks, as JSON
+    """
     from scalebox_hpc.db import apps
     from scalebox_hpc.models import TaskStatus
 
+    failed = failed or status == StatusType.FAILED
     with _db() as conn:
-        rows = apps.list_tasks(conn, _app_id(conn, app), module=module, status=status, limit=limit)
+        app_id = _app_id(conn, app)
+        _check_module(conn, app_id, module)
+        if failed:
+            rows = apps.list_failed_tasks(conn, app_id, module=module, limit=limit + 1)
+        else:
+            code = status if isinstance(status, int) else None
+            rows = apps.list_tasks(conn, app_id, module=module, status=code, limit=limit + 1)
+    truncated = len(rows) > limit
+    rows = rows[:limit]
     if as_json:
         _dump(rows)
         return
+    if rows:
+        click.echo(f"{'id':>7}  {'module':<14} {'status':<14} {'tries':>5}  body")
     for r in rows:
         body = _one_line(r["body"])
         body = body if len(body) <= 60 else body[:57] + "..."
-        click.echo(f"{r['id']:>7}  {r['module']:<14} {TaskStatus.describe(r['status']):<10} {body}")
+        click.echo(f"{r['id']:>7}  {_one_line(r['module']):<14} {TaskStatus.describe(r['status']):<14} "
+                   f"{r['attempts']:>5}  {body}")
+    if truncated:
+        click.echo(f"(the first {limit} shown; -n N shows more)", err=True)
+    elif not rows:
+        click.echo("no tasks" + (" failed" if failed else "") + " match", err=True)
 
 
 @task.command("show")
@@ -511,6 +662,7 @@ def task_show(as_json: bool, task_id: int) -> None:
 
     with _db() as conn:
         row = apps.get_task(conn, task_id)
+        running = apps.running_task(conn, task_id) if row["status"] == TaskStatus.RUNNING else None
     if as_json:
         _dump(row)
         return
@@ -518,6 +670,13 @@ def task_show(as_json: bool, task_id: int) -> None:
     click.echo(f"task {row['id']} ({row['module']}): {TaskStatus.describe(row['status'])}, "
                f"{row['attempts']} attempt(s)\nbody: {terminal_safe(row['body'])}\n"
                f"headers: {json.dumps(row['headers'])}")  # ASCII JSON: control characters as \u escapes
+    if running is not None:
+        from scalebox_hpc.cli.slots import elapsed
+
+        where = _one_line(str(running["host"])) + (f" slot {running['seq']}" if running["seq"] is not None else "")
+        ended = running["slot_status"] in ("ERROR", "EXITED", "LOST")  # back in the queue once its lease ends
+        click.echo(f"running on {where} for {elapsed(running['seconds'])}"
+                   + (f" (its slot is {running['slot_status']})" if ended else ""))
     for ex in row["execs"]:
         click.echo(f"- attempt {ex['attempt']} on {_one_line(str(ex['host']))}: status {ex['status']}, "
                    f"{(ex['finished_at'] - ex['started_at']).total_seconds():.3f}s")
@@ -529,21 +688,34 @@ def task_show(as_json: bool, task_id: int) -> None:
 @task.command("retry")
 @APP_OPTION
 @click.option("--failed", is_flag=True, help="Every failed task of the app (exit codes, timeouts, errors).")
-@click.option("--status", "status", type=INT32, default=None, help="Every task of the app with this status.")
+@click.option("-s", "--status", "status", type=STATUS, default=None,
+              help="Every task of the app with this status: a code or a name (timeout, stalled, ...).")
 @click.option("-m", "--module", default=None, help="With --failed/--status: only this module.")
 @click.argument("task_ids", type=ID, nargs=-1)
-def task_retry(app: int | None, failed: bool, status: int | None, module: str | None,
+def task_retry(app: int | None, failed: bool, status: int | str | None, module: str | None,
                task_ids: tuple[int, ...]) -> None:
-    """Make finished tasks READY again: by id, or all --failed, or all with --status CODE."""
+    """Make finished tasks READY again: by id, or all --failed, or all with --status CODE.
+
+    \b
+    Examples:
+      scalebox task retry 17 18
+      scalebox task retry --failed -m calc
+      scalebox task retry --status timeout
+    """
     from scalebox_hpc.db import apps
     from scalebox_hpc.models import TaskStatus
 
+    if status == StatusType.FAILED:
+        failed, status = True, None
     if not task_ids and not failed and status is None:
         raise click.UsageError("give TASK_IDS, --failed or --status CODE")
     with _db() as conn:
         ids = list(task_ids)
         if failed or status is not None:
-            rows = apps.list_tasks(conn, _app_id(conn, app), module=module, status=status, limit=10_000_000)
+            app_id = _app_id(conn, app)
+            _check_module(conn, app_id, module)
+            code = status if isinstance(status, int) else None
+            rows = apps.list_tasks(conn, app_id, module=module, status=code, limit=10_000_000)
             ids += [r["id"] for r in rows if not failed or TaskStatus.is_failure(r["status"])]
         done = apps.retry_tasks(conn, ids)
     click.echo(f"requeued {len(done)} task(s)")
@@ -615,57 +787,127 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
 
 @cli.command("run")
 @click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@APP_OPTION
 @click.option("--work-root", default=None, help="Root of the slots' work dirs.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.argument("file", type=click.Path(dir_okay=False))
-def run_cmd(env_files: tuple[str, ...], work_root: str | None, timeout: float | None, quiet: bool,
-            file: str) -> None:
-    """Create the app and run every module here until it is finished or idle.
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="On Ctrl-C (or when the run cannot go on): seconds running tasks get to finish.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.pass_context
+def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, work_root: str | None,
+            timeout: float | None, grace: float, quiet: bool, file: str | None) -> None:
+    """Create the app from FILE (or take --app N) and run every module here until it is
+    finished or idle.
 
-    Exit code 0 when no task failed, 1 otherwise (or when work was left undone)."""
+    Exit code 0 when no task failed, 1 otherwise (or when work was left undone). It ends, with
+    the reason, when a module's READY tasks can no longer be taken (all its slots failed).
+    Progress bars on a terminal; elsewhere a progress line every few seconds.
+
+    \b
+    Examples:
+      scalebox run examples/app-primes/app.yaml
+      scalebox run -e containers examples/app-copy/app.yaml
+      scalebox run --app 3          # continue app 3 here (after fixing what stopped it)
+    """
     from scalebox_hpc.db import apps
-    from scalebox_hpc.db.connection import connect
+    from scalebox_hpc.db.connection import connect, translate_errors
     from scalebox_hpc.node import resolve_dsn, run_launcher
 
-    spec = _load(file, env_files)
+    if (file is None) == (app is None):
+        raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
+    spec = _load(file, env_files) if file is not None else None
     dsn = resolve_dsn(create_schema=True)
-    with connect(dsn) as conn:
-        app_id = apps.create_app(conn, spec)
-        click.echo(f"app {app_id} ({spec.name}) created", err=True)
-        watcher = _RunWatcher(conn, app_id, timeout, quiet)
+    with connect(dsn) as conn, translate_errors(dsn):
+        if spec is not None:
+            app_id = apps.create_app(conn, spec)
+            click.echo(f"app {app_id} ({spec.name}) created", err=True)
+        else:
+            app_id = _app_id(conn, app)
+            with conn.transaction():
+                row = apps.get_app(conn, app_id)
+            if row["status"] == "FINISHED":
+                click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
+                sys.exit(0)
+            click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+        watcher = _RunWatcher(conn, app_id, timeout, quiet, grace)
         with watcher:
-            run_launcher(dsn, _config(app_id, work_root=work_root, local=True), on_tick=watcher.tick)
+            watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
+            run_launcher(dsn, _config(app_id, work_root=work_root, local=True), grace=grace,
+                         on_tick=watcher.tick, on_drain=watcher.draining)
         final = watcher.summary()
     sys.exit(final)
 
 
-class _RunWatcher:
-    """Progress bars for ``scalebox run``, and the decision that the app is done."""
+PROGRESS_SECONDS = 5.0
+"""Off a terminal, ``scalebox run`` prints a progress line this often (when something changed)."""
+UNSTARTED_GRACE_SECONDS = 5.0
+"""After this long, a module with READY tasks and no slot at all in ``scalebox run`` is stuck."""
+FAILURES_SHOWN = 5
+"""Failed tasks listed in a failure summary."""
 
-    def __init__(self, conn: Connection, app_id: int, timeout: float | None, quiet: bool) -> None:
+
+class _RunWatcher:
+    """Progress for ``scalebox run``, and the decision that the app is done (or cannot go on)."""
+
+    def __init__(self, conn: Connection, app_id: int, timeout: float | None, quiet: bool, grace: float) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.conn, self.app_id = conn, app_id
+        self.conn, self.app_id, self.grace, self.quiet = conn, app_id, grace, quiet
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.quiet_ticks = 0
         self.timed_out = False
-        console = Console(stderr=True)
+        self.ending = False  # the watcher itself ended the run (not a signal)
+        self.interrupted = False
+        self.stuck: list[Any] = []
+        self.console = Console(stderr=True)
+        self.tty = self.console.is_terminal
         self.progress = Progress(
             TextColumn("{task.description:<14}", markup=False), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[extra]}", markup=False), TimeElapsedColumn(), console=console,
-            disable=quiet or not console.is_terminal,
+            TextColumn("{task.fields[extra]}", markup=False), TimeElapsedColumn(), console=self.console,
+            disable=quiet or not self.tty,
         )
         self.bars: dict[str, Any] = {}
+        self.next_line = time.monotonic() + PROGRESS_SECONDS
+        self.last_line = ""
+        self.started = time.monotonic()
 
     def __enter__(self) -> _RunWatcher:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.tick()
-        self.progress.stop()
+        try:
+            self.tick()
+        finally:
+            self.progress.stop()
+
+    def configure_logging(self, verbose: int) -> None:
+        """The launcher's log (slot errors first of all) on stderr, as ``scalebox launcher``
+        shows it; on a terminal printed above the progress bars instead of through them."""
+        import logging
+
+        from scalebox_hpc.node import configure_logging
+
+        if not self.tty:
+            configure_logging(verbose)
+            return
+        console = self.console  # the progress bars' console: printing through it keeps the bars below
+
+        class _AboveBars(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                from rich.text import Text
+
+                try:
+                    console.print(Text(terminal_safe(self.format(record)), style="red"
+                                       if record.levelno >= logging.ERROR else ""))
+                except Exception:  # a log line must never break the run
+                    self.handleError(record)
+
+        handler = _AboveBars()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), handlers=[handler], force=True)
 
     def _counts(self) -> list[ModuleCounts]:
         from scalebox_hpc.db import apps
@@ -673,15 +915,37 @@ class _RunWatcher:
         with self.conn.transaction():
             return apps.module_counts(self.conn, self.app_id)
 
+    def _slots(self) -> list[dict[str, Any]]:
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            return apps.list_slots(self.conn, self.app_id)
+
     def tick(self) -> bool:
-        """Update the bars; True when the run should end."""
+        """Update the progress; True when the run should end."""
+        self.ending = self.ending or self._tick()
+        return self.ending
+
+    def _tick(self) -> bool:
+        from scalebox_hpc.db import apps
+
         counts = self._counts()
         for mc in counts:
             if mc.name not in self.bars:
-                self.bars[mc.name] = self.progress.add_task(mc.name, total=0, extra="")
+                self.bars[mc.name] = self.progress.add_task(_one_line(mc.name), total=0, extra="")
             extra = f"running {mc.count(-3)}" + (f", failed {mc.failed}" if mc.failed else "")
             self.progress.update(self.bars[mc.name], total=mc.total, completed=mc.done, extra=extra)
+        self._progress_line(counts)
+        if self.interrupted:  # draining on a signal: the slots end because we asked them to
+            return True
         if self._status() == "FINISHED":
+            return True
+        # a module this run started no slot for (an MPI collective one) strands its tasks too,
+        # once the slots had time to register
+        started = time.monotonic() - self.started > UNSTARTED_GRACE_SECONDS
+        stuck = apps.stuck_modules(counts, self._slots(), without_slots=started)
+        if apps.all_work_stuck(counts, stuck):
+            self.stuck = stuck
             return True
         pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
         self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 else 0
@@ -689,6 +953,26 @@ class _RunWatcher:
             self.timed_out = True
             return True
         return self.quiet_ticks >= 3
+
+    def _progress_line(self, counts: list[ModuleCounts]) -> None:
+        """Off a terminal (a batch log): one line every PROGRESS_SECONDS, when something changed."""
+        if self.quiet or self.tty or time.monotonic() < self.next_line:
+            return
+        self.next_line = time.monotonic() + PROGRESS_SECONDS
+        line = ", ".join(f"{_one_line(mc.name)} {mc.done}/{mc.total}" + (f" ({mc.count(-3)} running)"
+                         if mc.count(-3) else "") + (f" {mc.failed} failed" if mc.failed else "") for mc in counts)
+        if line != self.last_line:
+            self.last_line = line
+            click.echo(f"[{time.monotonic() - self.started:6.0f}s] {line}", err=True)
+
+    def draining(self) -> None:
+        """Called once when the run drains: on a signal (Ctrl-C), say so and for how long."""
+        if self.ending:
+            return
+        self.interrupted = True
+        running = sum(mc.count(-3) for mc in self._counts())
+        click.echo(f"scalebox: stopping: no new tasks; {running} running task(s) get up to {self.grace:g} s "
+                   "to finish, then are stopped and put back READY", err=True)
 
     def _status(self) -> str:
         with self.conn.transaction():
@@ -702,22 +986,62 @@ class _RunWatcher:
         with self.conn.transaction():
             row = apps.get_app(self.conn, self.app_id)
         counts = self._counts()
+        slots = self._slots()
         failed = sum(mc.failed for mc in counts)
         pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
         for mc in counts:
-            click.echo(f"{mc.name}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
+            click.echo(f"{_one_line(mc.name)}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
+        if failed:
+            _print_failures(self.conn, self.app_id, failed)
         sys.stderr.flush()
         if row["result"]:
             click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
-        if self.timed_out:
-            click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished", err=True)
+        again = f"scalebox run --app {self.app_id}"
+        stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending and not self.interrupted else [])
+        if stuck:
+            for s in stuck:
+                stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
+                todo = f"fix it, then `{again}`" if s.slots else f"start it with `{stage}`"
+                click.echo(f"scalebox: {_squeezed(s.describe())}; {_one_line(todo)}", err=True)
+        elif self.timed_out:
+            click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
+                       f"continue with `{again}`", err=True)
+        elif pending and self.interrupted:
+            click.echo(f"scalebox: stopped; {pending} task(s) left unfinished; continue with `{again}` "
+                       f"(or `scalebox launcher --app {self.app_id}`)", err=True)
         elif pending:
-            click.echo(f"scalebox: {pending} task(s) left unfinished (slots ended)", err=True)
-        return 1 if failed or pending or self.timed_out else 0
+            click.echo(f"scalebox: {pending} task(s) left unfinished; continue with `{again}` "
+                       f"(`scalebox slot list --app {self.app_id}` shows the slots)", err=True)
+        elif row["status"] != "FINISHED" and not failed and not row["result"]:
+            click.echo(f"scalebox: app {self.app_id} ended idle without a result "
+                       "(no task called `scalebox app set-finished`)", err=True)
+        return 1 if failed or pending or self.timed_out or stuck else 0
 
 
-def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+def _print_failures(conn: Connection, app_id: int, failed: int, *, err: bool = True) -> None:
+    """Up to FAILURES_SHOWN failed tasks as ``id module status body → last stderr line``, and
+    the commands to dig further."""
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
+
+    with conn.transaction():
+        rows = apps.failed_tasks(conn, app_id, FAILURES_SHOWN)
+    click.echo(f"failed tasks ({failed}" + (f", the first {len(rows)}" if failed > len(rows) else "") + "):", err=err)
+    for r in rows:
+        body = _one_line(r["body"])
+        body = body if len(body) <= 40 else body[:37] + "..."
+        why = apps.last_line(r["stderr"]) or apps.last_line(r["stdout"]) or "(no output)"
+        why = _one_line(why)
+        why = why if len(why) <= 100 else why[:97] + "..."
+        click.echo(f"  {r['id']:>6} {_one_line(r['module'])} {TaskStatus.describe(r['status'])} {body} → {why}",
+                   err=err)
+    first = rows[0]["id"] if rows else "ID"
+    click.echo(f"  more: `scalebox task show {first}`, `scalebox task list --failed --app {app_id}`, "
+               f"`scalebox task retry --failed --app {app_id}`", err=err)
+
+
+def _status_rows(conn: Connection, app_id: int, slots: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     from scalebox_hpc.db import apps
 
     with conn.transaction():
@@ -726,37 +1050,87 @@ def _status_rows(conn: Connection, app_id: int) -> list[dict[str, Any]]:
         "module": mc.name, "total": mc.total, "ready": mc.count(-1), "running": mc.count(-3),
         "initial": mc.count(-9), "ok": mc.count(0), "failed": mc.failed,
         "per_minute": mc.last_minute,
+        "slots": sum(1 for s in slots or [] if s["module"] == mc.name and s["live"]),
         "by_status": {str(k): v for k, v in sorted(mc.by_status.items())},
     } for mc in counts]
 
 
+def _app_state(conn: Connection, app_id: int) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The app row, its honest state (:func:`apps.app_state`) and its slots."""
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        row = apps.get_app(conn, app_id)
+        counts = apps.module_counts(conn, app_id)
+        slots = apps.list_slots(conn, app_id)
+    return row, apps.app_state(row["status"], counts, slots), slots
+
+
+def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> str:
+    """``IDLE: nothing READY or RUNNING, no live slot; 10 ok, 2 failed`` and the like."""
+    ok = sum(r["ok"] for r in rows)
+    failed = sum(r["failed"] for r in rows)
+    ready = sum(r["ready"] for r in rows)
+    tally = f"{ok} ok, {failed} failed"
+    if state == "IDLE":
+        return f"IDLE: nothing READY or RUNNING and no live slot; {tally}"
+    if state == "WAITING":
+        return (f"WAITING: {ready} task(s) READY but no live slot — start one with "
+                f"`scalebox run --app {row['id']}` or `scalebox launcher --app {row['id']}`; {tally}")
+    return f"{state}: {tally}"
+
+
 @cli.command("status")
 @click.argument("app_id", type=ID, required=False)
-@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C or the app finishes.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C, or until the app is FINISHED or IDLE.")
 @JSON_OPTION
 def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
-    """Per-module task counts by status, rates, and each stage's Slurm jobs (scaled first)."""
+    """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
+    first), the app's state and its failed tasks.
+
+    The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
+    no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
+
+    \b
+    Examples:
+      scalebox status               # the newest app
+      scalebox status 3 --watch     # refresh until app 3 is FINISHED or IDLE
+      scalebox status --json
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
         app_id = _app_id(conn, app_id)
         while True:
             jobs = _stage_jobs(conn, app_id)
-            with conn.transaction():
-                row = apps.get_app(conn, app_id)
-            rows = _status_rows(conn, app_id)
+            row, state, slots = _app_state(conn, app_id)
+            rows = _status_rows(conn, app_id, slots)
             for r in rows:
                 r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
                 _pending_reasons(r, jobs)
             calls = _slurm_calls(conn, app_id)
+            failed = sum(r["failed"] for r in rows)
             if as_json:
-                _dump({"app": {k: row[k] for k in ("id", "name", "status", "result")}, "modules": rows,
+                with conn.transaction():
+                    failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if failed else []
+                _dump({"app": {**{k: row[k] for k in ("id", "name", "status", "result")}, "state": state},
+                       "modules": rows,
+                       "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
+                                     "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
+                                    for f in failures],
                        **({"slurm_calls_last_minute": calls} if calls is not None else {})})
             else:
-                _print_status(row, rows, clear=watch)
+                _print_status(row, rows, clear=watch, state=state)
+                click.echo(_one_line(_state_line(row, state, rows)))
+                with conn.transaction():
+                    counts = apps.module_counts(conn, app_id)
+                for stuck in apps.stuck_modules(counts, slots):
+                    click.echo(f"  {_squeezed(stuck.describe())} (`scalebox slot list --app {app_id}`)")
+                if failed:
+                    _print_failures(conn, app_id, failed, err=False)
                 if calls is not None:
                     click.echo(f"slurm: {calls} calls in the last minute")
-            if not watch or row["status"] == "FINISHED":
+            if not watch or state in ("FINISHED", "IDLE"):
                 return
             time.sleep(1.0)
 
@@ -790,15 +1164,18 @@ def _slurm_calls(conn: Connection, app_id: int) -> int | None:
     return slurm_calls(conn, app_id)
 
 
-def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool) -> None:
+def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool,
+                  state: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     # Text, not markup: a task's result such as "[/] done" is shown as written, never parsed
-    title = f"app {app_row['id']} {app_row['name']}: {app_row['status']} {app_row['result'] or ''}"
+    title = f"app {app_row['id']} {app_row['name']}: {state or app_row['status']} {app_row['result'] or ''}"
     table = Table(title=Text(_one_line(title)))
-    columns = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    columns: tuple[str, ...] = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    if rows and "slots" in rows[0]:  # live slots per module
+        columns = (*columns[:-1], "slots", columns[-1])
     for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
     with_jobs = any(r.get("jobs") for r in rows)
@@ -807,7 +1184,7 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
     for r in rows:
         reasons = r.get("pending_reasons", {})
         jobs = [f"{j}({reasons[j.split(':')[0]]})" if j.split(":")[0] in reasons else j for j in r.get("jobs", [])]
-        cells = [str(r[c]) for c in columns] + ([" ".join(jobs)] if with_jobs else [])
+        cells = [str(r.get(c, "")) for c in columns] + ([" ".join(jobs)] if with_jobs else [])
         table.add_row(*(Text(_one_line(cell)) for cell in cells))
     console = Console()
     if clear:
@@ -816,6 +1193,7 @@ def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear:
 
 
 # the Slurm commands (submit, stage, autoscale) live in their own module and register on `cli`
+from scalebox_hpc.cli import slots as _slots  # noqa: E402, F401
 from scalebox_hpc.cli import stage as _stage  # noqa: E402, F401
 
 

@@ -234,3 +234,114 @@ def module_counts(conn: Connection, app_id: int) -> list[ModuleCounts]:
             mc.by_status[int(r["status"])] = int(r["n"])
             mc.last_minute += int(r["last_minute"])
     return list(out.values())
+
+
+def any_app(conn: Connection) -> bool:
+    """True when the database holds at least one app."""
+    row = conn.execute(query("any_app")).fetchone()
+    return bool(row and row["any"])
+
+
+def module_names(conn: Connection, app_id: int) -> list[str]:
+    """The app's module names, in pipeline order."""
+    return [str(r["name"]) for r in conn.execute(query("module_names"), {"app_id": app_id}).fetchall()]
+
+
+def list_failed_tasks(
+    conn: Connection, app_id: int, *, module: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Failed tasks of an app (exit codes, timeouts, system errors), oldest first."""
+    params = {"app_id": app_id, "module": module, "limit": limit}
+    return [dict(r) for r in conn.execute(query("list_tasks_failed"), params).fetchall()]
+
+
+def failed_tasks(conn: Connection, app_id: int, limit: int = 5) -> list[dict[str, Any]]:
+    """Up to ``limit`` failed tasks with the stderr/stdout tails of their last execution."""
+    return [dict(r) for r in conn.execute(query("failed_tasks"), {"app_id": app_id, "limit": limit}).fetchall()]
+
+
+def list_slots(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """Every slot of an app with its state, last message, and the task it runs now
+    (``task_id``, ``task_body``, ``task_seconds``); ``live`` = not ended and heart-beating."""
+    return [dict(r) for r in conn.execute(query("list_slots"), {"app_id": app_id}).fetchall()]
+
+
+def last_line(text: str | None) -> str:
+    """The last non-blank line of ``text`` (stripped), or ''."""
+    for line in reversed((text or "").splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+@dataclass(frozen=True)
+class StuckModule:
+    """A module with READY tasks that no live slot can take: each of its slots ended."""
+
+    module: str
+    ready: int
+    slots: int
+    errors: int
+    message: str
+
+    def describe(self) -> str:
+        """One line: the module, what became of its slots, the first error, the READY count."""
+        if not self.slots:
+            what = "no slot runs it here (an MPI collective module runs only as an MPI stage)"
+        elif self.errors == self.slots:
+            what = f"all {self.slots} slot(s) failed"
+        elif self.errors:
+            what = f"no live slot ({self.errors} of {self.slots} failed, the others ended)"
+        else:
+            what = f"no live slot (all {self.slots} ended)"
+        return f"{self.module}: {what}" + (f": {self.message}" if self.message else "") + \
+            f" — {self.ready} task(s) left READY"
+
+
+def stuck_modules(
+    counts: Sequence[ModuleCounts], slots: Sequence[dict[str, Any]], *, without_slots: bool = False,
+) -> list[StuckModule]:
+    """The modules whose READY tasks no slot can take: they had slots, and none is live any more
+    (``without_slots``: also those that never had one, for a run whose slots have all started)."""
+    found = []
+    for mc in counts:
+        ready = mc.count(TaskStatus.READY)
+        mine = [s for s in slots if s["module"] == mc.name]
+        if not ready or (not mine and not without_slots) or any(s["live"] for s in mine):
+            continue
+        errors = [s for s in mine if s["status"] == "ERROR"]
+        message = next((str(s["message"]) for s in errors if s["message"]), "")
+        found.append(StuckModule(mc.name, ready, len(mine), len(errors), message))
+    return found
+
+
+def all_work_stuck(counts: Sequence[ModuleCounts], stuck: Sequence[StuckModule]) -> bool:
+    """True when there is work left and all of it waits in stuck modules (nothing RUNNING
+    anywhere, nothing READY that a live slot could take): a run waiting longer waits for ever."""
+    names = {s.module for s in stuck}
+    if not names:
+        return False
+    for mc in counts:
+        if mc.count(TaskStatus.RUNNING) or (mc.name not in names and mc.count(TaskStatus.READY)):
+            return False
+    return True
+
+
+def app_state(status: str, counts: Sequence[ModuleCounts], slots: Sequence[dict[str, Any]]) -> str:
+    """The app's state as a user should see it: the stored status, except that a RUNNING app
+    with nothing READY or RUNNING and no live slot is ``IDLE``, and one with READY tasks but no
+    live slot (and nothing running) is ``WAITING`` (for a launcher or a stage job)."""
+    if status != AppStatus.RUNNING:
+        return status
+    ready = sum(mc.count(TaskStatus.READY) for mc in counts)
+    running = sum(mc.count(TaskStatus.RUNNING) for mc in counts)
+    live = any(s["live"] for s in slots)
+    if running or live:
+        return status
+    return "WAITING" if ready else "IDLE"
+
+
+def running_task(conn: Connection, task_id: int) -> dict[str, Any] | None:
+    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status`` and elapsed ``seconds``; else None."""
+    row = conn.execute(query("running_task"), {"task_id": task_id}).fetchone()
+    return dict(row) if row else None

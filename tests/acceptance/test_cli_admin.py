@@ -442,7 +442,7 @@ def test_task_list_filters(cli_env: dict[str, str], tmp_path: Path) -> None:
     launcher(cli_env, app_id)
 
     queries: list[tuple[str, ...]] = [(), ("-s", "0"), ("--status", "7"), ("--status", "-9"), ("--status=-9",),
-                                      ("-m", "second"), ("--module", "first", "-s", "0"), ("-n", "2"), ("-m", "nope")]
+                                      ("-m", "second"), ("--module", "first", "-s", "0"), ("-n", "2")]
     *found, text_proc, shown = sbx_all(cli_env, *[("task", "list", "--app", app_id, "--json", *q) for q in queries],
                                        ("task", "list", "--app", app_id), ("app", "show", app_id, "--json"))
     assert as_json(shown)["status"] == "RUNNING"
@@ -456,12 +456,14 @@ def test_task_list_filters(cli_env: dict[str, str], tmp_path: Path) -> None:
         ("-m", "second"): ["s1"],
         ("--module", "first", "-s", "0"): ["ok1", "ok2"],
         ("-n", "2"): ["ok1", "bad1"],
-        ("-m", "nope"): [],
     }
-    text = ok(text_proc).stdout.splitlines()
-    assert len(text) == 5
-    assert re.search(r"\bfirst\s+OK\s+ok1$", text[0]) and re.search(r"\bfirst\s+EXIT_7\s+bad1$", text[1])
-    assert re.search(r"\bsecond\s+OK\s+s1$", text[3]) and re.search(r"\bfirst\s+INITIAL\s+later$", text[4])
+    # an unknown module is an error naming the app's modules, not an empty list
+    assert_one_line_error(sbx(cli_env, "task", "list", "--app", app_id, "-m", "nope", check=False),
+                          "module 'nope' not found", "first, second")
+    header, *text = ok(text_proc).stdout.splitlines()
+    assert header.split() == ["id", "module", "status", "tries", "body"] and len(text) == 5
+    assert re.search(r"\bfirst\s+OK\s+1\s+ok1$", text[0]) and re.search(r"\bfirst\s+EXIT_7\s+1\s+bad1$", text[1])
+    assert re.search(r"\bsecond\s+OK\s+1\s+s1$", text[3]) and re.search(r"\bfirst\s+INITIAL\s+0\s+later$", text[4])
 
 
 def test_task_show_and_retry(cli_env: dict[str, str], tmp_path: Path) -> None:

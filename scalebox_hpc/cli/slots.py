@@ -1,0 +1,74 @@
+"""``scalebox slot list``: where an app's slots are, what they do, and why one ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed, cli
+
+
+@cli.group()
+def slot() -> None:
+    """Inspect the slots (workers) of an app."""
+
+
+def elapsed(seconds: float | None) -> str:
+    """``75.2`` -> ``1m15s``; '' for no value."""
+    if seconds is None:
+        return ""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def slot_rows(conn: Any, app_id: int) -> list[dict[str, Any]]:
+    """The app's slots as shown: ``state`` is LOST for a slot that stopped heart-beating
+    but was not marked yet (its launcher died)."""
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        rows = apps.list_slots(conn, app_id)
+    for r in rows:
+        r["state"] = r["status"] if r["live"] or r["status"] not in ("STARTING", "READY", "RUNNING") else "LOST"
+    return rows
+
+
+@slot.command("list")
+@APP_OPTION
+@click.option("--all", "show_all", is_flag=True, help="Also the slots that ended normally (EXITED).")
+@JSON_OPTION
+def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
+    """The app's slots: host, module, slot number, state, the task it runs now and for how
+    long, and its last message (why an ERROR slot ended).
+
+    \b
+    Examples:
+      scalebox slot list              # the newest app's slots
+      scalebox slot list --app 3 --all
+      scalebox slot list --json
+    """
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+        rows = slot_rows(conn, app_id)
+    if as_json:
+        _dump(rows)
+        return
+    shown = [r for r in rows if show_all or r["state"] != "EXITED"]
+    if not rows:
+        click.echo(f"app {app_id} has no slots yet — start them with `scalebox run --app {app_id}`, "
+                   f"`scalebox launcher --app {app_id}` or `scalebox submit`", err=True)
+        return
+    click.echo(f"{'host':<12} {'module':<14} {'slot':>4}  {'state':<8} {'done':>6}  {'task':>8} {'for':>7}  message")
+    for r in shown:
+        task = str(r["task_id"]) if r["task_id"] is not None else ""
+        click.echo(f"{_one_line(r['host']):<12} {_one_line(r['module']):<14} {r['seq']:>4}  {r['state']:<8} "
+                   f"{r['tasks_done']:>6}  {task:>8} {elapsed(r['task_seconds']):>7}  "
+                   f"{_squeezed(r['message'] or '')}")
+    hidden = len(rows) - len(shown)
+    if hidden:
+        click.echo(f"({hidden} slot(s) that ended normally not shown; --all shows them)", err=True)
