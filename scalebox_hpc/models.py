@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +71,16 @@ class ConflictAction(enum.StrEnum):
     FAIL = "FAIL"
     IGNORE = "IGNORE"
     OVERWRITE = "OVERWRITE"
+
+
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""What PostgreSQL cannot store in text or jsonb: NUL and lone surrogates."""
+
+
+def storable_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates replaced by U+FFFD, so PostgreSQL can store it
+    (jsonb and text refuse both)."""
+    return UNSTORABLE.sub("\ufffd", text)
 
 
 def validate_body(body: str) -> str:

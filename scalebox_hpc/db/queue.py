@@ -16,7 +16,15 @@ from psycopg.types.json import Jsonb
 from scalebox_hpc.db.connection import Connection, connect, is_retryable, translate_errors
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
-from scalebox_hpc.models import ConflictAction, Message, Task, TaskResult, TaskStatus, validate_headers
+from scalebox_hpc.models import (
+    ConflictAction,
+    Message,
+    Task,
+    TaskResult,
+    TaskStatus,
+    storable_text,
+    validate_headers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -462,18 +470,14 @@ def storable(value: Any) -> Any:
     """``value`` (JSON data) with every string PostgreSQL can store: NUL and lone surrogates
     become U+FFFD, in keys too."""
     if isinstance(value, str):
-        return _clean(value)
+        return storable_text(value)
     if isinstance(value, dict):
-        return {_clean(str(k)): storable(v) for k, v in value.items()}
+        return {storable_text(str(k)): storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [storable(v) for v in value]
     return value
 
 
-def _clean(text: str) -> str:
-    if text.isascii():
-        return text.replace("\x00", "\ufffd") if "\x00" in text else text
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str, from_slot: int) -> dict[str, Any]:

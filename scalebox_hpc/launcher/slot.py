@@ -306,6 +306,7 @@ class Slot:
         """Hand the result off; while the database is away keep it and retry (a result is never
         dropped, unless the lease was lost meanwhile: then the task ran again elsewhere)."""
         self._index_outputs(result)
+        fallback = False  # the small -103 record that replaces a result the database refused
         while True:
             try:
                 written = self.queue.complete(
@@ -323,7 +324,7 @@ class Slot:
                 self._backoff(exc)
                 continue
             except Exception as exc:  # refused for good (too large, a bad value): record why instead
-                if result.status == TaskStatus.OUTPUT_INVALID and not result.messages and not result.stdout:
+                if fallback:
                     logger.exception("task %s: not even its failure could be recorded; left to lease expiry",
                                      task.id)
                     return
@@ -331,6 +332,7 @@ class Slot:
                                task.id, exc, TaskStatus.OUTPUT_INVALID)
                 result = unrecordable(result, f"{type(exc).__name__}: {exc}")
                 requeue = self._requeue(task, result.status)
+                fallback = True
                 continue
             self.db_failures = 0
             self.tasks_done += 1
@@ -389,9 +391,6 @@ class Slot:
         report = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys(),
                                   host_path=self.session.host_path if self.session is not None else None,
                                   max_messages=ctx.module.arguments.max_messages)
-        if report.status is not None and not 0 <= report.status <= 255:  # -1 would re-run it for ever
-            report.invalid.append(f"{taskexec.TASK_EXEC}: statusCode {report.status} is outside 0..255")
-            report.status = None
         return self._result(task, outcome, report, started, finished)
 
     def _result(

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Collection, Iterator
@@ -35,7 +34,7 @@ from typing import IO, Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from scalebox_hpc.errors import InvalidMessageError
-from scalebox_hpc.models import MAX_BODY_BYTES, MAX_HEADERS_BYTES, Message
+from scalebox_hpc.models import MAX_BODY_BYTES, MAX_HEADERS_BYTES, UNSTORABLE, Message, storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +76,6 @@ MAX_NOTE_BYTES = 500
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_INT64 = 2**63 - 1
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-"""What PostgreSQL text cannot hold: NUL, and UTF-16 surrogates (no UTF-8 encoding exists)."""
 
 
 @dataclass
@@ -112,11 +109,6 @@ class ExecReport:
 
 
 # -- text and JSON ------------------------------------------------------------------------------
-
-def clean_text(text: str) -> str:
-    """``text`` with NUL and lone surrogates replaced by U+FFFD, so PostgreSQL can store it."""
-    return _UNSTORABLE.sub("\ufffd", text)
-
 
 def _decode(raw: bytes) -> str:
     # invalid UTF-8 becomes U+FFFD (never a surrogate), which leaves NUL to replace
@@ -167,7 +159,7 @@ class _Unstorable(ValueError):
 def _clean_json(value: Any, depth: int = 1) -> Any:
     """A parsed JSON value with its texts cleaned; _Unstorable when too deep or not finite."""
     if isinstance(value, str):
-        return clean_text(value)
+        return storable_text(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise _Unstorable("number out of range")  # 1e999 parses as inf, which jsonb refuses
     if isinstance(value, dict | list):
@@ -175,7 +167,7 @@ def _clean_json(value: Any, depth: int = 1) -> Any:
             raise _Unstorable(f"nested deeper than {MAX_JSON_DEPTH}")
         if isinstance(value, list):
             return [_clean_json(v, depth + 1) for v in value]
-        return {clean_text(k): _clean_json(v, depth + 1) for k, v in value.items()}
+        return {storable_text(k): _clean_json(v, depth + 1) for k, v in value.items()}
     return value
 
 
@@ -249,7 +241,7 @@ def _emitted_task(item: object) -> Message:
         raise InvalidMessageError(f"headers must be a JSON object, not {_describe(headers)}")
     if module is not None and not isinstance(module, str):
         raise InvalidMessageError(f"module must be a string or null, not {_describe(module)}")
-    if module is not None and _UNSTORABLE.search(module):
+    if module is not None and UNSTORABLE.search(module):
         raise InvalidMessageError("module name contains NUL or an invalid character")
     _check_headers(headers)
     return Message(body=body, headers=headers, module=module)
@@ -261,7 +253,7 @@ def _finish_text(item: dict[str, Any]) -> str:
     text = item.get("text")
     if not isinstance(text, str):
         raise InvalidMessageError(f"finish text must be a string, not {_describe(text)}")
-    return clean_text(text)
+    return storable_text(text)
 
 
 # -- task-exec.json -----------------------------------------------------------------------------
@@ -451,7 +443,7 @@ class _Collector:
         if len(into) >= MAX_NOTES:
             self.dropped[kind] += 1
             return
-        into.append(_cap_text(clean_text(" ".join(note.split())), MAX_NOTE_BYTES))
+        into.append(_cap_text(storable_text(" ".join(note.split())), MAX_NOTE_BYTES))
 
     def problem(self, note: str) -> None:
         self._note("problems", self.report.problems, note)
@@ -522,8 +514,8 @@ class _Collector:
         report.status = fields.status_code
         raw_inputs, raw_outputs = fields.input_files or [], fields.output_files or []
         # extended, not replaced: output-files.txt is read into the same list later
-        report.input_files.extend(clean_text(f) for f in raw_inputs)
-        report.output_files.extend(clean_text(f) for f in raw_outputs)
+        report.input_files.extend(storable_text(f) for f in raw_inputs)
+        report.output_files.extend(storable_text(f) for f in raw_outputs)
         report.input_bytes = fields.input_bytes
         if report.input_bytes is None:
             report.input_bytes = _sizes(self.work_dir, raw_inputs, self.host_path) or None
@@ -531,7 +523,7 @@ class _Collector:
         if report.output_bytes is None:
             report.output_bytes = _sizes(self.work_dir, raw_outputs, self.host_path) or None
         if fields.user_text is not None:
-            report.user_text = _cap_text(clean_text(fields.user_text), MAX_USER_TEXT_BYTES)
+            report.user_text = _cap_text(storable_text(fields.user_text), MAX_USER_TEXT_BYTES)
         for n, stamp in enumerate(fields.timestamps or []):
             self._json_stamp(n, stamp)
         if fields.message_body is not None:
@@ -545,7 +537,7 @@ class _Collector:
             except _Unstorable as exc:
                 self.invalid(f"{where}: {exc}; ignored")
         elif isinstance(stamp, str | int | float):
-            self.report.timestamps.append({"time": clean_text(str(stamp))})
+            self.report.timestamps.append({"time": storable_text(str(stamp))})
         else:
             self.invalid(f"{where}: a {_describe(stamp)}, not an object, text or number; ignored")
 
@@ -553,7 +545,7 @@ class _Collector:
         if not self._count(len(body)):
             return
         try:
-            if sink_job is not None and _UNSTORABLE.search(sink_job):
+            if sink_job is not None and UNSTORABLE.search(sink_job):
                 raise InvalidMessageError("sinkJob contains NUL or an invalid character")
             self.report.messages.append(Message(body=body, module=sink_job or None))
         except InvalidMessageError as exc:
