@@ -5,12 +5,12 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from scalebox_hpc.errors import InvalidMessageError
+from scalebox_hpc.errors import InvalidMessageError, ScaleboxError
 
 # A body is passed to run.sh as ONE argv element; Linux caps one argument at 128 KiB
 # (MAX_ARG_STRLEN), so larger bodies could be stored but never delivered.
@@ -224,3 +224,74 @@ def stall_retries(rules: list[str]) -> int:
     """Extra attempts for status 123 (slot died): the rules' answer, else DEFAULT_STALL_RETRIES."""
     named = any(parse_retry_rule(r)[0] in (None, TaskStatus.STALLED) for r in rules)
     return extra_attempts(rules, TaskStatus.STALLED) if named else DEFAULT_STALL_RETRIES
+
+
+# -- routing: what the queue and the launcher share ------------------------------------------
+@dataclass(frozen=True)
+class ModuleRef:
+    """What the queue needs to know of a module to route messages to it."""
+
+    id: int
+    name: str
+    sink_modules: tuple[str, ...]
+    conflict_action: ConflictAction
+    dist_mode: str | None = None
+    """HOST-BOUND / SLOT-BOUND: messages to this module go to the sender's host / slot."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished task of a batch hand-off (the MPI farm records many at once)."""
+
+    task: Task
+    result: TaskResult
+    host: str
+    requeue: bool = False
+
+
+class LeaseLostError(ScaleboxError):
+    """The slot no longer holds the task (its lease expired and someone else took it, or its
+    result was recorded already); ``task_id`` names the task."""
+
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id}: lease lost")
+
+
+def route(
+    modules: dict[str, ModuleRef], sender: ModuleRef | None, messages: Sequence[Message]
+) -> list[tuple[ModuleRef, Message]]:
+    """Resolve each message's target module (None = the sender's first sink)."""
+    routed = []
+    for msg in messages:
+        name = msg.module
+        if name is None:
+            if sender is None or not sender.sink_modules:
+                raise InvalidMessageError(
+                    f"module {sender.name if sender else '?'} has no sink_modules to send to"
+                )
+            name = sender.sink_modules[0]
+        target = modules.get(name)
+        if target is None:
+            raise InvalidMessageError(f"unknown sink module {name!r}")
+        routed.append((target, bind(target, msg)))
+    return routed
+
+
+def bind(target: ModuleRef, msg: Message) -> Message:
+    """Scalebox's HOST-BOUND / SLOT-BOUND dispatch: pin the message to the host (and slot) it
+    came from, unless it names its own ``to_host`` / ``to_slot``."""
+    headers = dict(msg.headers)
+    if target.dist_mode in ("HOST-BOUND", "SLOT-BOUND") and "from_host" in headers:
+        headers.setdefault("to_host", headers["from_host"])
+    if target.dist_mode == "SLOT-BOUND" and "from_slot" in headers:
+        headers.setdefault("to_slot", headers["from_slot"])
+    return msg if headers == msg.headers else Message(body=msg.body, headers=headers, module=msg.module)
+
+
+def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str, from_slot: int) -> dict[str, Any]:
+    """Headers of an emitted message: the sender's, plus where it came from (for HOST-BOUND routing)."""
+    # stamped last: a message cannot pass itself off as another host's or slot's (it may still
+    # name its own to_host / to_slot)
+    merged = {**msg_headers, "from_module": from_module, "from_host": from_host, "from_slot": from_slot}
+    return validate_headers(merged)

@@ -9,10 +9,10 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from scalebox_hpc.db.connection import Connection
-from scalebox_hpc.db.queue import ModuleRef, insert_messages, module_refs, route
+from scalebox_hpc.db.queue import insert_messages, module_refs
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
-from scalebox_hpc.models import AppStatus, ConflictAction, Message, TaskStatus, stall_retries
+from scalebox_hpc.models import AppStatus, ConflictAction, Message, ModuleRef, TaskStatus, route, stall_retries
 from scalebox_hpc.pipeline import AppSpec
 
 START_ANY = "ANY"

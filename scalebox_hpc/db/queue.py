@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,12 +15,18 @@ from psycopg.types.json import Jsonb
 from scalebox_hpc.db.connection import Connection, connect, is_retryable, translate_errors
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
-from scalebox_hpc.models import (
+from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
+    Completion,
     ConflictAction,
+    LeaseLostError,
     Message,
+    ModuleRef,
     Task,
     TaskResult,
     TaskStatus,
+    bind,
+    headers_for,
+    route,
     storable_text,
     validate_headers,
 )
@@ -33,32 +38,6 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 QUEUE_STATEMENT_TIMEOUT = 120.0
 """Seconds any one queue statement may take (a hand-off of 100 000 messages takes a few)."""
 INERROR = TransactionStatus.INERROR
-
-
-@dataclass(frozen=True)
-class ModuleRef:
-    """What the queue needs to know of a module to route messages to it."""
-
-    id: int
-    name: str
-    sink_modules: tuple[str, ...]
-    conflict_action: ConflictAction
-    dist_mode: str | None = None
-    """HOST-BOUND / SLOT-BOUND: messages to this module go to the sender's host / slot."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One finished task of a batch hand-off (the MPI farm records many at once)."""
-
-    task: Task
-    result: TaskResult
-    host: str
-    requeue: bool = False
-
-
-class LeaseLostError(Exception):
-    """The slot no longer holds the task (its lease expired and someone else took it)."""
 
 
 def _tail(text: str) -> str:
@@ -112,37 +91,6 @@ def insert_messages(
     with _duplicates_as_invalid():
         row = conn.execute(query("insert_messages"), params).fetchone()
     return int(row["written"]) if row else 0
-
-
-def route(
-    modules: dict[str, ModuleRef], sender: ModuleRef | None, messages: Sequence[Message]
-) -> list[tuple[ModuleRef, Message]]:
-    """Resolve each message's target module (None = the sender's first sink)."""
-    routed = []
-    for msg in messages:
-        name = msg.module
-        if name is None:
-            if sender is None or not sender.sink_modules:
-                raise InvalidMessageError(
-                    f"module {sender.name if sender else '?'} has no sink_modules to send to"
-                )
-            name = sender.sink_modules[0]
-        target = modules.get(name)
-        if target is None:
-            raise InvalidMessageError(f"unknown sink module {name!r}")
-        routed.append((target, bind(target, msg)))
-    return routed
-
-
-def bind(target: ModuleRef, msg: Message) -> Message:
-    """Scalebox's HOST-BOUND / SLOT-BOUND dispatch: pin the message to the host (and slot) it
-    came from, unless it names its own ``to_host`` / ``to_slot``."""
-    headers = dict(msg.headers)
-    if target.dist_mode in ("HOST-BOUND", "SLOT-BOUND") and "from_host" in headers:
-        headers.setdefault("to_host", headers["from_host"])
-    if target.dist_mode == "SLOT-BOUND" and "from_slot" in headers:
-        headers.setdefault("to_slot", headers["from_slot"])
-    return msg if headers == msg.headers else Message(body=msg.body, headers=headers, module=msg.module)
 
 
 def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
@@ -476,13 +424,3 @@ def storable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [storable(v) for v in value]
     return value
-
-
-
-
-def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str, from_slot: int) -> dict[str, Any]:
-    """Headers of an emitted message: the sender's, plus where it came from (for HOST-BOUND routing)."""
-    # stamped last: a message cannot pass itself off as another host's or slot's (it may still
-    # name its own to_host / to_slot)
-    merged = {**msg_headers, "from_module": from_module, "from_host": from_host, "from_slot": from_slot}
-    return validate_headers(merged)

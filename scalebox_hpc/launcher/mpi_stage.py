@@ -37,7 +37,6 @@ from types import FrameType
 from typing import Any, cast
 
 from scalebox_hpc import mpi
-from scalebox_hpc.db.queue import Completion, ModuleRef, headers_for
 from scalebox_hpc.errors import DatabaseError, MpiError, ScaleboxError
 from scalebox_hpc.launcher.launcher import host_name
 from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
@@ -45,7 +44,16 @@ from scalebox_hpc.launcher.ports import BatchQueue, NoStageHooks, StageHooks, Ta
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.launcher.workdirs import claim_app_dir
-from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
+from scalebox_hpc.models import (
+    Completion,
+    Message,
+    ModuleRef,
+    Task,
+    TaskResult,
+    TaskStatus,
+    extra_attempts,
+    headers_for,
+)
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from scalebox_hpc.db.queue import Completion, ModuleRef
-from scalebox_hpc.models import Task, TaskResult
+from scalebox_hpc.models import Completion, ModuleRef, Task, TaskResult
 
 
 class TaskQueue(Protocol):

@@ -19,14 +19,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from scalebox_hpc import mpi
-from scalebox_hpc.db.queue import LeaseLostError, ModuleRef, headers_for
 from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, ScriptError, SlotError
 from scalebox_hpc.launcher import mpirun, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.outputs import CappedOutputs
 from scalebox_hpc.launcher.ports import TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus, extra_attempts
+from scalebox_hpc.models import (
+    LeaseLostError,
+    Message,
+    ModuleRef,
+    Task,
+    TaskResult,
+    TaskStatus,
+    extra_attempts,
+    headers_for,
+)
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Session, SessionSpec
 
