@@ -295,3 +295,25 @@ def headers_for(msg_headers: dict[str, Any], *, from_module: str, from_host: str
     # name its own to_host / to_slot)
     merged = {**msg_headers, "from_module": from_module, "from_host": from_host, "from_slot": from_slot}
     return validate_headers(merged)
+
+
+@dataclass(frozen=True)
+class SlotWant:
+    """One slot's share of a batched claim: up to ``want`` tasks for the slot ``slot_id``
+    (its ``slot_seq`` decides which SLOT-BOUND tasks it may take)."""
+
+    slot_id: int
+    slot_seq: int
+    want: int
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One slot's part of the node's single heartbeat statement: the slot's status, and the
+    tasks it holds (running or prefetched) whose leases are renewed; ``task_ids`` None: all of
+    the slot's RUNNING tasks."""
+
+    slot_id: int
+    status: str
+    lease_seconds: float
+    task_ids: tuple[int, ...] | None = None

@@ -44,7 +44,8 @@ RETURNING id;
 SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
 
 -- name: claim_tasks
--- The claim, in one statement:
+-- The claim for one or several slots of a module on one host (the node's dispatcher claims for
+-- all its idle slots at once), in one statement:
 --  1. candidates: READY tasks of this module, oldest first, that this host/slot may take
 --     (to_host / to_slot implement HOST-BOUND and SLOT-BOUND dispatch);
 --     the partial indexes sbx_tasks_local_idx, _waited_idx and _free_idx serve the scans;
@@ -54,7 +55,10 @@ SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(ro
 --  5. back-pressure: nothing while a sink module with max_pending has that many READY tasks
 --     (counted up to the limit only, on the same partial index).
 --  6. locality: first the tasks preferring this host (inputs in its scratch), then those
---     preferring another host that did not take them in time, then those preferring none.
+--     preferring another host that did not take them in time, then those preferring none;
+--  7. dealt to the slots: a task addressed to a slot's seq (to_slot, SLOT-BOUND) goes to that
+--     slot; the others round-robin over the slots' seats (slot_ids/slot_seqs/wants: up to
+--     `want` each), best first, so every slot gets its first task before any gets a second.
 WITH app AS (
     SELECT 1 FROM sbx_apps WHERE id = %(app_id)s AND status = 'RUNNING'
 ), full_sinks AS (
@@ -68,12 +72,12 @@ WITH app AS (
 ), local AS (
     -- tasks preferring this host (sbx_tasks_local_idx): bound to it, or their inputs are in its
     -- scratch; those with all of their inputs here first
-    SELECT t.id
+    SELECT t.id, t.to_slot
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
       AND t.pref_host = %(host)s
-      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
+      AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.pref_partial, t.id
@@ -84,7 +88,7 @@ WITH app AS (
     -- or busy holder strands nothing), longest expired first (sbx_tasks_waited_idx); they have
     -- waited already, so they come before the free ones. Bound tasks are their host's
     -- (`local`) until sbx_release_bound_v1 unbinds those of a dead host.
-    SELECT t.id
+    SELECT t.id, t.to_slot
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
@@ -92,7 +96,7 @@ WITH app AS (
       AND t.pref_host IS NOT NULL
       AND t.pref_until <= now()
       AND t.pref_host <> %(host)s
-      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
+      AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.pref_until, t.id
@@ -100,13 +104,13 @@ WITH app AS (
     FOR UPDATE OF t SKIP LOCKED
 ), free AS (
     -- the tasks bound to and preferring no host, oldest first (sbx_tasks_free_idx)
-    SELECT t.id
+    SELECT t.id, t.to_slot
     FROM sbx_tasks t
     WHERE t.module_id = %(module_id)s
       AND t.status = -1
       AND t.to_host IS NULL
       AND t.pref_host IS NULL
-      AND (t.to_slot IS NULL OR t.to_slot = %(slot_seq)s)
+      AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
     ORDER BY t.id
@@ -114,20 +118,36 @@ WITH app AS (
     FOR UPDATE OF t SKIP LOCKED
 ), candidates AS (
     -- read lazily: `waited` only when `local` did not fill the limit, `free` only after both
-    SELECT id FROM local
+    SELECT id, to_slot FROM local
     UNION ALL
-    SELECT id FROM waited
+    SELECT id, to_slot FROM waited
     UNION ALL
-    SELECT id FROM free
+    SELECT id, to_slot FROM free
     LIMIT %(limit)s
+), ranked AS (
+    SELECT id, to_slot, row_number() OVER () AS r FROM candidates
+), slots AS (
+    SELECT * FROM unnest(%(slot_ids)s::bigint[], %(slot_seqs)s::integer[], %(wants)s::integer[])
+                  WITH ORDINALITY AS s (slot_id, seq, want, ord)
+), seats AS (
+    SELECT s.slot_id, row_number() OVER (ORDER BY k.k, s.ord) AS seat
+    FROM slots s, generate_series(1, s.want) AS k (k)
+), dealt AS (
+    SELECT f.id, st.slot_id
+    FROM (SELECT id, row_number() OVER (ORDER BY r) AS seat FROM ranked WHERE to_slot IS NULL) f
+    JOIN seats st ON st.seat = f.seat
+    UNION ALL
+    SELECT r.id, (SELECT s.slot_id FROM slots s WHERE s.seq = r.to_slot ORDER BY s.ord LIMIT 1)
+    FROM ranked r WHERE r.to_slot IS NOT NULL
 )
 UPDATE sbx_tasks t
-SET status = -3, slot_id = %(slot_id)s, host = %(host)s, attempts = t.attempts + 1,
+SET status = -3, slot_id = d.slot_id, host = %(host)s, attempts = t.attempts + 1,
     started_at = now(), finished_at = NULL, heartbeat_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-FROM candidates c
-WHERE t.id = c.id
-RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base;
+FROM dealt d
+WHERE t.id = d.id
+RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base,
+          t.slot_id AS claimed_by;
 
 -- name: complete_task
 -- The hand-off in one round trip (see sbx_complete_task_v2); written is NULL on a lost lease.
@@ -202,6 +222,34 @@ WITH s AS (
       AND %(task_ids)s::bigint[] IS NOT NULL AND NOT (id = ANY (%(task_ids)s::bigint[]))
       AND started_at < now() - make_interval(secs => %(lease_seconds)s)
     RETURNING id
+)
+SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS released;
+
+-- name: heartbeat_slots
+-- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
+-- lease_seconds, task_ids) is renewed with its tasks' leases as heartbeat_slot does for one;
+-- returns the ids of the stray tasks released (claimed over a lease ago, unknown to their slot).
+WITH b AS (
+    SELECT * FROM jsonb_to_recordset(%(beats)s::jsonb)
+                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[])
+), s AS (
+    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status
+    FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
+), renewed AS (
+    UPDATE sbx_tasks t
+    SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => b.lease_seconds)
+    FROM b
+    WHERE t.slot_id = b.slot_id AND t.status = -3 AND (b.task_ids IS NULL OR t.id = ANY (b.task_ids))
+    RETURNING t.id
+), stray AS (
+    UPDATE sbx_tasks t
+    SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+        attempts = greatest(t.attempts - 1, 0), started_at = NULL
+    FROM b
+    WHERE t.slot_id = b.slot_id AND t.status = -3
+      AND b.task_ids IS NOT NULL AND NOT (t.id = ANY (b.task_ids))
+      AND t.started_at < now() - make_interval(secs => b.lease_seconds)
+    RETURNING t.id
 )
 SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS released;
 
@@ -320,6 +368,17 @@ RETURNING value;
 UPDATE sbx_semaphores SET value = value - 1
 WHERE app_id = %(app_id)s AND name = %(name)s AND value > 0
 RETURNING value;
+
+-- name: semaphore_take_many
+-- Takes up to `n` units while the value is positive (a batched claim's gate); returns how many.
+WITH old AS (
+    SELECT app_id, name, value FROM sbx_semaphores
+    WHERE app_id = %(app_id)s AND name = %(name)s AND value > 0
+    FOR UPDATE
+)
+UPDATE sbx_semaphores s SET value = s.value - least(o.value, %(n)s)
+FROM old o WHERE s.app_id = o.app_id AND s.name = o.name
+RETURNING least(o.value, %(n)s) AS taken;
 
 -- name: semaphore_list
 SELECT name, value FROM sbx_semaphores WHERE app_id = %(app_id)s ORDER BY name;

@@ -16,11 +16,13 @@ from scalebox_hpc.db.connection import Connection, connect, is_retryable, transl
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
 from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
+    Beat,
     Completion,
     ConflictAction,
     LeaseLostError,
     Message,
     ModuleRef,
+    SlotWant,
     Task,
     TaskResult,
     TaskStatus,
@@ -176,28 +178,43 @@ class PgQueue:
         limit: int = 1, lease_seconds: float = 30.0, semaphore: str | None = None,
     ) -> list[Task]:
         """Claim up to ``limit`` READY tasks for this slot (empty list: nothing to do). With a
-        ``semaphore``, one unit of it is taken per claim, in the same transaction, and only
-        while it is positive."""
-        params = {
-            "app_id": app_id, "module_id": module_id, "host": host, "slot_id": slot_id,
-            "slot_seq": slot_seq, "limit": limit, "lease_seconds": lease_seconds,
-        }
+        ``semaphore``, one unit of it is taken per claimed task, in the same transaction, and
+        only while it is positive."""
+        claimed = self.claim_for_slots(app_id, module_id, host=host, slots=[SlotWant(slot_id, slot_seq, limit)],
+                                       lease_seconds=lease_seconds, semaphore=semaphore)
+        return claimed.get(slot_id, [])
+
+    def claim_for_slots(
+        self, app_id: int, module_id: int, *, host: str, slots: Sequence[SlotWant],
+        lease_seconds: float = 30.0, semaphore: str | None = None,
+    ) -> dict[int, list[Task]]:
+        """One statement claims for several slots of one module on ``host``: a task addressed
+        to a slot's seq goes to it, the others round-robin, at most ``want`` each (every rule of
+        the claim kept: locality, bound tasks, back-pressure, the app RUNNING). With a
+        ``semaphore``, one unit per claimed task, taken in the same transaction; the units not
+        used are given back. Returns the tasks per slot id (a slot absent: none for it)."""
+        slots = [s for s in slots if s.want > 0]
+        limit = sum(s.want for s in slots)
+        if not limit:
+            return {}
+        params = claim_params(app_id, module_id, host, slots, lease_seconds)
         if semaphore is None:
-            return [Task.from_row(r) for r in self._run("claim_tasks", params)]
+            return _by_slot(self._run("claim_tasks", params))
         with translate_errors(self.dsn):
             try:
-                with self.conn.transaction() as tx:
+                with self.conn.transaction():
                     sem = {"app_id": app_id, "name": semaphore}
-                    if self.conn.execute(query("semaphore_take"), sem).fetchone() is None:
-                        return []
-                    rows = self.conn.execute(query("claim_tasks"), params).fetchall()
-                    if not rows:
-                        raise psycopg.Rollback(tx)  # nothing claimed: give the unit back
-                    return [Task.from_row(r) for r in rows]
+                    row = self.conn.execute(query("semaphore_take_many"), {**sem, "n": limit}).fetchone()
+                    if row is None:
+                        return {}
+                    taken = int(row["taken"])
+                    rows = self.conn.execute(query("claim_tasks"), {**params, "limit": taken}).fetchall()
+                    if len(rows) < taken:  # units not used go back, in the same transaction
+                        self.conn.execute(query("semaphore_add"), {**sem, "delta": taken - len(rows)})
+                    return _by_slot(rows)
             except psycopg.Error as exc:
                 self._drop_if_broken(exc)
                 raise
-        return []
 
     def app_cancelled(self, app_id: int) -> bool:
         """True once `scalebox app cancel` was called."""
@@ -337,6 +354,16 @@ class PgQueue:
         })
         return [int(i) for i in rows[0]["released"]] if rows else []
 
+    def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
+        """One statement renews every slot in ``beats`` and its tasks' leases (see
+        :meth:`heartbeat`); returns the ids of the stray tasks released."""
+        if not beats:
+            return []
+        rows = self._run("heartbeat_slots", {"beats": Jsonb([
+            {"slot_id": b.slot_id, "status": b.status, "lease_seconds": b.lease_seconds,
+             "task_ids": None if b.task_ids is None else list(b.task_ids)} for b in beats])})
+        return [int(i) for i in rows[0]["released"]] if rows else []
+
     def release(self, slot_id: int) -> int:
         """Give the slot's running tasks back to READY (drain); returns how many."""
         return len(self._run("release_tasks", {"slot_id": slot_id}))
@@ -383,6 +410,25 @@ class PgQueue:
         self._run("set_slot_status", {
             "slot_id": slot_id, "status": status, "message": message, "tasks_done": tasks_done,
         })
+
+
+def claim_params(
+    app_id: int, module_id: int, host: str, slots: Sequence[SlotWant], lease_seconds: float,
+) -> dict[str, Any]:
+    """The parameters of the ``claim_tasks`` statement."""
+    return {
+        "app_id": app_id, "module_id": module_id, "host": host, "lease_seconds": lease_seconds,
+        "slot_ids": [s.slot_id for s in slots], "slot_seqs": [s.slot_seq for s in slots],
+        "wants": [s.want for s in slots], "limit": sum(s.want for s in slots),
+    }
+
+
+def _by_slot(rows: Iterable[dict[str, Any]]) -> dict[int, list[Task]]:
+    """Claimed rows as tasks per slot id, in claim order."""
+    out: dict[int, list[Task]] = {}
+    for r in rows:
+        out.setdefault(int(r["claimed_by"]), []).append(Task.from_row(r))
+    return out
 
 
 def _emit_failed(result: TaskResult, reason: str) -> TaskResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from scalebox_hpc.models import Completion, ModuleRef, Task, TaskResult
+from scalebox_hpc.models import Beat, Completion, ModuleRef, SlotWant, Task, TaskResult
 
 
 class TaskQueue(Protocol):
@@ -17,6 +17,15 @@ class TaskQueue(Protocol):
         self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
         limit: int = 1, lease_seconds: float = 30.0, semaphore: str | None = None,
     ) -> list[Task]: ...
+    def claim_for_slots(
+        self, app_id: int, module_id: int, *, host: str, slots: Sequence[SlotWant],
+        lease_seconds: float = 30.0, semaphore: str | None = None,
+    ) -> dict[int, list[Task]]:
+        """One statement claims for several slots of one module (every rule of :meth:`claim`);
+        returns the tasks per slot id (a slot absent: none for it). A task addressed to a
+        slot's seq (``to_slot``) goes to that slot; the others are dealt round-robin, at most
+        ``want`` each. With a ``semaphore``, one unit per claimed task, taken atomically."""
+        ...
     def app_cancelled(self, app_id: int) -> bool: ...
     def complete(
         self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
@@ -26,6 +35,10 @@ class TaskQueue(Protocol):
     def heartbeat(
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]: ...
+    def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
+        """One statement renews every slot of the node and its tasks' leases (as
+        :meth:`heartbeat` does for one); returns the ids of stray tasks released."""
+        ...
     def app_uid(self, app_id: int) -> str: ...
     def index_scratch(
         self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,

@@ -201,8 +201,8 @@ def claim_scans(conn: Any, app_id: int, module_id: int, host: str) -> dict[tuple
     """The sbx_tasks scans that ran (nodes of never-needed branches, e.g. the max_pending check
     of an app without sinks, have no loops) in EXPLAIN ANALYZE of a 1-task claim by ``host``
     (rolled back), with the rows each read and filtered out."""
-    params = {"app_id": app_id, "module_id": module_id, "host": host, "slot_id": None, "slot_seq": 0,
-              "limit": 1, "lease_seconds": 30}
+    params = {"app_id": app_id, "module_id": module_id, "host": host, "slot_ids": [None], "slot_seqs": [0],
+              "wants": [1], "limit": 1, "lease_seconds": 30}
     with psycopg.ClientCursor(conn) as cur:
         plan: Any = cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_tasks"), params).fetchone()
     conn.rollback()

@@ -207,8 +207,8 @@ def test_claim_uses_the_free_index(pg_dsn: str, app_id: int) -> None:
             conn.execute("UPDATE sbx_tasks SET status = 0 WHERE body LIKE 'm%' AND id % 50 <> 0")
         conn.execute("ANALYZE sbx_tasks")
         module_id = PgQueue(pg_dsn).modules(app_id)["c"].id
-        params = {"app_id": app_id, "module_id": module_id, "host": "h1", "slot_id": None, "slot_seq": 0,
-                  "limit": 10, "lease_seconds": 30}
+        params = {"app_id": app_id, "module_id": module_id, "host": "h1", "slot_ids": [None], "slot_seqs": [0],
+                  "wants": [10], "limit": 10, "lease_seconds": 30}
         with psycopg.ClientCursor(conn) as cur:
             row = cur.execute("EXPLAIN (FORMAT JSON) " + query("claim_tasks"), params).fetchone()
         conn.rollback()
@@ -337,3 +337,81 @@ def test_module_activity_follows_upstream_modules_only(pg_dsn: str, tmp_path: Pa
         assert q.app_activity(app) == ("RUNNING", False)
     finally:
         q.close()
+
+
+def _slots(q: PgQueue, app_id: int, module: str, n: int, host: str = "h1") -> list[int]:
+    mid = q.modules(app_id)[module].id
+    return [q.create_slot(mid, host=host, seq=seq, pid=1, work_dir="/tmp") for seq in range(n)]
+
+
+def test_one_claim_deals_tasks_to_several_slots(pg_dsn: str, app_id: int) -> None:
+    """The dispatcher's batched claim: every slot gets its first task before any gets a second,
+    oldest first; a task addressed to a slot's seq goes to that slot whatever its want."""
+    from scalebox_hpc.models import SlotWant
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message("for-seq-2", {"to_slot": 2})])
+        apps.add_tasks(conn, app_id, "b", [Message(f"t{i}") for i in range(6)])
+    q = PgQueue(pg_dsn)
+    s0, s1, s2 = _slots(q, app_id, "b", 3)
+    mid = q.modules(app_id)["b"].id
+    got = q.claim_for_slots(app_id, mid, host="h1", lease_seconds=30,
+                            slots=[SlotWant(s0, 0, 2), SlotWant(s1, 1, 1), SlotWant(s2, 2, 1)])
+    bodies = {slot: [t.body for t in tasks] for slot, tasks in got.items()}
+    # 4 seats, oldest first: for-seq-2 is its slot's; t0..t2 are dealt s0, s1, s2
+    assert bodies == {s0: ["t0"], s1: ["t1"], s2: ["for-seq-2", "t2"]} or bodies == {
+        s0: ["t0"], s1: ["t1"], s2: ["t2", "for-seq-2"]}
+    got = q.claim_for_slots(app_id, mid, host="h1", slots=[SlotWant(s0, 0, 2)])
+    assert [t.body for t in got[s0]] == ["t3", "t4"]
+    bodies[s0] += ["t3", "t4"]
+    with connect(pg_dsn) as conn:
+        owners = conn.execute("SELECT body, slot_id FROM sbx_tasks WHERE status = -3").fetchall()
+    assert {r["body"]: r["slot_id"] for r in owners} == {b: s for s, bs in bodies.items() for b in bs}
+
+
+def test_batched_claim_takes_one_semaphore_unit_per_task(pg_dsn: str, app_id: int) -> None:
+    from scalebox_hpc.models import SlotWant
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message(f"t{i}") for i in range(3)])
+        apps.semaphore_create(conn, app_id, "gpu", 2)
+        conn.commit()
+    q = PgQueue(pg_dsn)
+    s0, s1, s2 = _slots(q, app_id, "b", 3)
+    mid = q.modules(app_id)["b"].id
+    wants = [SlotWant(s0, 0, 1), SlotWant(s1, 1, 1), SlotWant(s2, 2, 1)]
+    got = q.claim_for_slots(app_id, mid, host="h1", slots=wants, semaphore="gpu")
+    assert sum(len(v) for v in got.values()) == 2
+    assert q.claim_for_slots(app_id, mid, host="h1", slots=wants, semaphore="gpu") == {}
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_semaphores SET value = 5 WHERE app_id = %s", (app_id,))
+        conn.commit()
+    got = q.claim_for_slots(app_id, mid, host="h1", slots=wants, semaphore="gpu")
+    assert sum(len(v) for v in got.values()) == 1  # one task was left: 4 units go back
+    with connect(pg_dsn) as conn:
+        [row] = conn.execute("SELECT value FROM sbx_semaphores WHERE app_id = %s", (app_id,)).fetchall()
+    assert row["value"] == 4
+
+
+def test_one_heartbeat_statement_renews_every_slot_and_releases_strays(pg_dsn: str, app_id: int) -> None:
+    from scalebox_hpc.models import Beat
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message(f"t{i}") for i in range(3)])
+    q = PgQueue(pg_dsn)
+    s0, s1 = _slots(q, app_id, "b", 2)
+    [t0] = _claim(q, app_id, "b", s0)
+    [t1, t2] = _claim(q, app_id, "b", s1, limit=2)
+    with connect(pg_dsn) as conn:  # t2's claim reply was "lost" over a lease ago
+        conn.execute("UPDATE sbx_tasks SET started_at = now() - interval '1 hour', "
+                     "lease_expires_at = now() WHERE id = ANY(%s)", ([t0.id, t1.id, t2.id],))
+        conn.commit()
+    released = q.heartbeat_slots([Beat(s0, "RUNNING", 60.0, (t0.id,)), Beat(s1, "RUNNING", 60.0, (t1.id,))])
+    assert released == [t2.id]
+    with connect(pg_dsn) as conn:
+        rows = {r["id"]: r for r in conn.execute(
+            "SELECT id, status, lease_expires_at > now() + interval '50 s' AS fresh FROM sbx_tasks "
+            "WHERE id = ANY(%s)", ([t0.id, t1.id, t2.id],)).fetchall()}
+        slots = conn.execute("SELECT status FROM sbx_slots WHERE id = ANY(%s)", ([s0, s1],)).fetchall()
+    assert rows[t0.id]["fresh"] and rows[t1.id]["fresh"] and rows[t2.id]["status"] == -1
+    assert {r["status"] for r in slots} == {"RUNNING"}
