@@ -241,12 +241,16 @@ class ModuleRef:
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished task of a batch hand-off (the MPI farm records many at once)."""
+    """One finished task of a batch hand-off (the MPI farm and the node's dispatcher record
+    many at once); ``slot_id`` and ``sender``, when set, override the batch's for this item
+    (a dispatcher's batch mixes the slots and modules of one node)."""
 
     task: Task
     result: TaskResult
     host: str
     requeue: bool = False
+    slot_id: int | None = None
+    sender: ModuleRef | None = None
 
 
 class LeaseLostError(ScaleboxError):

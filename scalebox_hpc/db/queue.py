@@ -271,11 +271,12 @@ class PgQueue:
         for ord_, item in enumerate(items):
             result, requeue = item.result, item.requeue
             try:
-                routed = route(modules, sender, result.messages)
+                routed = route(modules, item.sender or sender, result.messages)
             except InvalidMessageError as exc:
                 result, requeue, routed = _emit_failed(result, str(exc)), False, []
             rows.append({
-                "ord": ord_, "task_id": item.task.id, "slot_id": slot_id, "attempt": item.task.attempts,
+                "ord": ord_, "task_id": item.task.id, "slot_id": item.slot_id or slot_id,
+                "attempt": item.task.attempts,
                 "status": result.status, "requeue": requeue,
                 "exec": _exec_record(result, item.host, self.clock_offset),
                 "messages": _message_rows(routed, TaskStatus.READY, None), "finish_text": result.finish_text,
@@ -296,8 +297,8 @@ class PgQueue:
         self, item: Completion, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef]
     ) -> int | None:
         try:
-            return self.complete(item.task, item.result, slot_id=slot_id, host=item.host, sender=sender,
-                                 modules=modules, requeue=item.requeue)
+            return self.complete(item.task, item.result, slot_id=item.slot_id or slot_id, host=item.host,
+                                 sender=item.sender or sender, modules=modules, requeue=item.requeue)
         except LeaseLostError:
             return None
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher import scratch
+from scalebox_hpc.launcher.dispatcher import Dispatcher
 from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.launcher.workdirs import claim_app_dir
+from scalebox_hpc.models import Beat
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
 
@@ -59,7 +61,9 @@ class LauncherConfig:
 
 
 class Launcher:
-    """Starts the slots of this host as threads; ``stop()`` drains them."""
+    """Starts the slots of this host as threads; ``stop()`` drains them. Every database call
+    of the slots, the heartbeat and the plan goes through one :class:`Dispatcher`, which owns
+    the node's one connection (``queue_factory`` is called once)."""
 
     def __init__(
         self, config: LauncherConfig, queue_factory: QueueFactory, runtime: ContainerRuntime, wakeups: Wakeups,
@@ -70,27 +74,28 @@ class Launcher:
         self.runtime = runtime
         self.wakeups = wakeups
         self.control = SlotControl() if may_idle_exit is None else SlotControl(may_idle_exit=_once_true(may_idle_exit))
+        self.dispatcher = Dispatcher(queue_factory)
         self.slots: list[Slot] = []
         self._threads: list[threading.Thread] = []
+        self._heartbeat: threading.Thread | None = None
+        self._specs: dict[str, ModuleSpec] = {}
         self._stopped = threading.Event()
 
     def plan(self) -> list[SlotContext]:
         """The slots this host runs, from the app's stored module specs."""
         cfg = self.config
-        queue = self.queue_factory()
-        try:
-            refs = queue.modules(cfg.app_id)
-            uid = queue.app_uid(cfg.app_id)
-            specs = {name: ModuleSpec.model_validate(raw) for name, raw in queue.module_specs(cfg.app_id).items()}
-            queue.register_host(cfg.host, {"pid": os.getpid()})
-            if cfg.local_scratch is not None:
-                files = scratch.scan(cfg.local_scratch)
-                queue.index_scratch(cfg.host, files, [], replace=True)
-                adopted = queue.adopt_tasks(cfg.app_id, cfg.host) if files else 0
-                logger.info("scratch %s: %d files indexed, %d queued task(s) now prefer a holder",
-                            cfg.local_scratch, len(files), adopted)
-        finally:
-            queue.close()
+        queue = self.dispatcher.port()
+        refs = queue.modules(cfg.app_id)
+        uid = queue.app_uid(cfg.app_id)
+        specs = {name: ModuleSpec.model_validate(raw) for name, raw in queue.module_specs(cfg.app_id).items()}
+        self._specs = specs
+        queue.register_host(cfg.host, {"pid": os.getpid()})
+        if cfg.local_scratch is not None:
+            files = scratch.scan(cfg.local_scratch)
+            queue.index_scratch(cfg.host, files, [], replace=True)
+            adopted = queue.adopt_tasks(cfg.app_id, cfg.host) if files else 0
+            logger.info("scratch %s: %d files indexed, %d queued task(s) now prefer a holder",
+                        cfg.local_scratch, len(files), adopted)
         for name in cfg.modules:
             if name not in specs:
                 raise NotFoundError("module", name)
@@ -117,14 +122,16 @@ class Launcher:
     def start(self) -> int:
         """Start every planned slot; returns how many."""
         for ctx in self.plan():
-            slot = Slot(ctx, self.queue_factory())
+            slot = Slot(ctx, self.dispatcher.port(prefetch=may_prefetch(ctx.module, self._specs)))
             thread = threading.Thread(target=slot.run, name=f"slot-{ctx.module.name}-{ctx.seq}", daemon=True)
             self.slots.append(slot)
             self._threads.append(thread)
             thread.start()
         if self.slots:
-            hb = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
-            hb.start()
+            self._heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+            self._heartbeat.start()
+        else:
+            self.dispatcher.close()
         logger.info("launcher on %s: %d slots", self.config.host, len(self.slots))
         return len(self.slots)
 
@@ -140,7 +147,7 @@ class Launcher:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         done = self.alive() == 0
         if done:
-            self._stopped.set()
+            self._shutdown()
         return done
 
     def exit_code(self) -> int:
@@ -160,7 +167,15 @@ class Launcher:
             logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace)
             self.control.abort.set()
             self.wait(10.0)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """The slots are gone (or given up on): stop the heartbeat, then close the node's session."""
         self._stopped.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(15.0)
+        if self.alive() == 0:
+            self.dispatcher.close()
 
     def _heartbeats(self) -> None:
         """Every half heartbeat renew each live slot and its task leases; every quarter heartbeat
@@ -168,7 +183,7 @@ class Launcher:
         a dead slot's tasks are back within 1.5 + 0.25 heartbeats. The thread never dies of an
         error. After its own connection was away it beats at once and recovers nothing for a
         lease: the others' launchers, cut off as well, must get to renew their leases first."""
-        queue = self.queue_factory()
+        queue = self.dispatcher.port()
         hb = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots)
         lease = max(lease_for(s.ctx.module.arguments.heartbeat_seconds) for s in self.slots)
         tick, connects, quiet_until, failed = 0, 0, 0.0, False
@@ -180,7 +195,7 @@ class Launcher:
                         self._beat(queue)
                         if queue.app_cancelled(self.config.app_id):
                             self._cancel()
-                    seen = getattr(queue, "connects", 0)
+                    seen = self.dispatcher.connects
                     if seen > max(connects, 1):  # reconnected after an outage
                         quiet_until = time.monotonic() + lease
                     connects, failed = seen, False
@@ -205,16 +220,28 @@ class Launcher:
         self.wakeups.notify_all()
 
     def _beat(self, queue: TaskQueue) -> None:
+        """One statement renews every live slot of the node and the leases of the tasks each
+        runs (the dispatcher adds those it prefetched)."""
+        beats = []
         for slot in self.slots:
             if slot.slot_id and slot.running:
-                hb = slot.ctx.module.arguments.heartbeat_seconds
                 current = slot.current
-                status = "RUNNING" if current is not None else "READY"
-                released = queue.heartbeat(slot.slot_id, status=status, lease_seconds=lease_for(hb),
-                                           task_ids=[] if current is None else [current.id])
-                for task_id in released:
-                    logger.warning("task %s: held by slot %s, which does not run it (a lost claim reply): "
-                                   "released", task_id, slot.slot_id)
+                beats.append(Beat(slot.slot_id, "RUNNING" if current is not None else "READY",
+                                  lease_for(slot.ctx.module.arguments.heartbeat_seconds),
+                                  () if current is None else (current.id,)))
+        for task_id in queue.heartbeat_slots(beats):
+            logger.warning("task %s: held by a slot of %s that does not run it (a lost claim reply): released",
+                           task_id, self.config.host)
+
+
+def may_prefetch(module: ModuleSpec, specs: Mapping[str, ModuleSpec]) -> bool:
+    """Whether a slot of ``module`` may hold a task it does not run yet: not when something
+    decides, claim by claim, whether it may take one — a gate (check.sh, disk gates), a
+    semaphore, or back-pressure (a sink with ``max_pending``)."""
+    args = module.arguments
+    gated = module.script("check.sh") is not None or args.free_space_gb is not None or bool(args.dir_limit_gb)
+    pressed = any(specs[s].arguments.max_pending is not None for s in module.sink_modules if s in specs)
+    return not gated and not pressed and args.semaphore is None
 
 
 def _once_true(ask: Callable[[], bool]) -> Callable[[], bool]:

@@ -56,9 +56,6 @@ class TaskQueue(Protocol):
     def close(self) -> None: ...
 
 
-QueueFactory = Callable[[], TaskQueue]
-
-
 class BatchQueue(TaskQueue, Protocol):
     """The MPI stage's rank 0: a TaskQueue that also records and releases tasks in batches."""
 
@@ -66,6 +63,10 @@ class BatchQueue(TaskQueue, Protocol):
         self, items: Sequence[Completion], *, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef],
     ) -> list[int | None]: ...
     def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int: ...
+
+
+QueueFactory = Callable[[], BatchQueue]
+"""Opens the node's queue session (called once per launcher, by its dispatcher)."""
 
 
 class StageHooks(Protocol):

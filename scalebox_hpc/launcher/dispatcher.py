@@ -1,0 +1,550 @@
+"""The node's one database session: every slot's claims, hand-offs and heartbeats go through it.
+
+A launcher runs many slots (threads that run tasks); none of them talks to PostgreSQL. Each
+holds a :class:`SlotPort` (a :class:`~scalebox_hpc.launcher.ports.TaskQueue`) whose calls are
+served by one dispatcher thread owning one queue object (one connection, reopened after an
+outage). The thread takes every call waiting when it wakes and serves them together:
+
+- **claims** of the same module become one statement for all asking slots
+  (``claim_for_slots``), with a small **prefetch** per slot: a slot finishing a short task
+  finds its next one already claimed, and its refill joins the next batch;
+- **hand-offs** that finished close together are recorded in one statement
+  (``complete_many``: each task still atomic, only while its lease is held); a batch the
+  database refuses is recorded task by task, so only the culprit gets the error;
+- everything else (heartbeats — one statement for the node —, status, scratch index ...) is
+  passed through in order.
+
+Prefetched tasks are RUNNING in the database, held by their slot with a lease like the task it
+runs; the dispatcher adds them to the slot's heartbeat, and gives them back (READY, the attempt
+not counted) when the slot drains, ends or is told to release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue as stdqueue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from scalebox_hpc.errors import DatabaseError, ScaleboxError
+from scalebox_hpc.launcher.ports import BatchQueue
+from scalebox_hpc.models import Beat, Completion, LeaseLostError, ModuleRef, SlotWant, Task, TaskResult
+
+logger = logging.getLogger(__name__)
+
+PREFETCH = 1
+"""Tasks a slot holds claimed beyond the one it runs, for modules whose tasks are short."""
+PREFETCH_TASK_SECONDS = 2.0
+"""Prefetch only while a module's tasks take less than this on average (a task prefetched
+behind a long one would wait, held, while other nodes idle)."""
+FINAL_SLOT_STATES = frozenset({"EXITED", "ERROR", "LOST"})
+
+
+@dataclass
+class _Call:
+    """One slot's request, answered by the dispatcher thread."""
+
+    kind: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    wait: bool = True
+
+    def answer(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+@dataclass
+class DispatcherStats:
+    """Counters for benchmarks and tests: statements by kind and tasks they carried."""
+
+    batches: int = 0
+    claim_statements: int = 0
+    tasks_claimed: int = 0
+    prefetch_hits: int = 0
+    complete_statements: int = 0
+    tasks_completed: int = 0
+    other_statements: int = 0
+    largest_batch: int = 0
+
+
+@dataclass
+class _SlotState:
+    """What the dispatcher keeps per slot: its prefetched tasks and whether it may prefetch."""
+
+    buffer: deque[Task] = field(default_factory=deque)
+    prefetch: int = 0
+    closed: bool = False
+    """The slot ended or released its tasks: nothing more is prefetched for it."""
+    claimed_at: dict[int, float] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Serves every slot of a launcher through one queue object (one database session).
+
+    ``queue_factory`` is called once, in the dispatcher thread (a connection is used by the
+    thread that opened it). Calls after :meth:`close` raise DatabaseError."""
+
+    def __init__(self, queue_factory: Callable[[], BatchQueue], *, prefetch: int = PREFETCH,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._factory = queue_factory
+        self._queue: BatchQueue | None = None
+        self._prefetch = prefetch
+        self._clock = clock
+        self._inbox: stdqueue.SimpleQueue[_Call | None] = stdqueue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._slots: dict[int, _SlotState] = {}
+        self._task_seconds: dict[int, float] = {}
+        """Per module id: a moving average of claim-to-hand-off seconds (decides prefetch)."""
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = DispatcherStats()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the dispatcher thread (idempotent)."""
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._serve_forever, name="dispatcher", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Serve what is queued, close the queue, stop the thread; later calls fail."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        self._inbox.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    def port(self, *, prefetch: bool = True) -> SlotPort:
+        """A TaskQueue for one slot (or the launcher's own calls); ``prefetch`` False: this
+        slot never holds a task it does not run (check.sh, disk gates, semaphores)."""
+        return SlotPort(self, prefetch=prefetch)
+
+    @property
+    def connects(self) -> int:
+        """How often the dispatcher's connection was (re)opened (0 before the first call)."""
+        return int(getattr(self._queue, "connects", 0))
+
+    def call(self, kind: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``kind`` on the queue in the dispatcher thread and return its result (or raise)."""
+        call = _Call(kind, args, kwargs)
+        self._submit(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _submit(self, call: _Call) -> None:
+        if self._closed:
+            raise DatabaseError("the launcher's database session is closed (it is shutting down)")
+        self.start()
+        self._inbox.put(call)
+
+    # -- the fast path: a slot's next task from its prefetch, without a round trip ----------------
+    def take_prefetched(self, slot_id: int) -> Task | None:
+        """The slot's next prefetched task, if any; a refill is queued without waiting."""
+        with self._lock:
+            state = self._slots.get(slot_id)
+            if state is None or not state.buffer:
+                return None
+            task = state.buffer.popleft()
+            state.claimed_at[task.id] = self._clock()
+            self.stats.prefetch_hits += 1
+        return task
+
+    def register_slot(self, slot_id: int, *, prefetch: bool) -> None:
+        """Start keeping state for a slot (its prefetch buffer)."""
+        with self._lock:
+            self._slots.setdefault(slot_id, _SlotState()).prefetch = self._prefetch if prefetch else 0
+
+    def held(self, slot_id: int) -> tuple[int, ...]:
+        """The prefetched tasks the slot holds (they are renewed with its heartbeat)."""
+        with self._lock:
+            state = self._slots.get(slot_id)
+            return tuple(t.id for t in state.buffer) if state else ()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _serve_forever(self) -> None:
+        try:
+            while True:
+                first = self._inbox.get()
+                batch: list[_Call] = [] if first is None else [first]
+                stop = first is None
+                while True:  # everything else already waiting joins this batch
+                    try:
+                        more = self._inbox.get_nowait()
+                    except stdqueue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                    else:
+                        batch.append(more)
+                if batch:
+                    self._serve(batch)
+                if stop:
+                    return
+        finally:
+            self._release_all_prefetched()
+            if self._queue is not None:
+                try:
+                    self._queue.close()
+                except Exception as exc:  # closing a broken connection must not hide the real end
+                    logger.warning("dispatcher: closing its database connection failed: %s", exc)
+            while True:  # whoever still waits learns the session is gone
+                try:
+                    left = self._inbox.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if left is not None:
+                    left.answer(error=DatabaseError("the launcher's database session is closed"))
+
+    def _q(self) -> BatchQueue:
+        if self._queue is None:
+            self._queue = self._factory()
+        return self._queue
+
+    def _serve(self, batch: list[_Call]) -> None:
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        completes = [c for c in batch if c.kind == "complete"]
+        claims = [c for c in batch if c.kind == "claim"]
+        others = [c for c in batch if c.kind not in ("complete", "claim")]
+        if completes:  # first: they free capacity downstream and upstream's back-pressure
+            self._complete_all(completes)
+        if claims:
+            self._claim_all(claims)
+        for call in others:
+            self._pass_through(call)
+
+    def _pass_through(self, call: _Call) -> None:
+        try:
+            handler = getattr(self, f"_do_{call.kind}", None)
+            if handler is not None:
+                call.answer(handler(*call.args, **call.kwargs))
+            else:
+                call.answer(getattr(self._q(), call.kind)(*call.args, **call.kwargs))
+            self.stats.other_statements += 1
+        except Exception as exc:
+            call.answer(error=exc)
+
+    # -- claims ---------------------------------------------------------------------------------
+    def _claim_all(self, calls: list[_Call]) -> None:
+        groups: dict[tuple[Any, ...], list[_Call]] = {}
+        for call in calls:
+            kw = call.kwargs
+            key = (call.args[0], call.args[1], kw["host"], kw.get("lease_seconds", 30.0), kw.get("semaphore"))
+            groups.setdefault(key, []).append(call)
+        for (app_id, module_id, host, lease, semaphore), group in groups.items():
+            self._claim_group(app_id, module_id, host, lease, semaphore, group)
+
+    def _claim_group(
+        self, app_id: int, module_id: int, host: str, lease: float, semaphore: str | None, group: list[_Call],
+    ) -> None:
+        wants: dict[int, SlotWant] = {}
+        asking: dict[int, _Call] = {}
+        with self._lock:
+            for call in group:
+                kw = call.kwargs
+                slot_id, limit = kw["slot_id"], kw.get("limit", 1)
+                state = self._slots.setdefault(slot_id, _SlotState())
+                if state.closed and not call.wait:
+                    call.answer([])
+                    continue
+                extra = state.prefetch if self._short(module_id) and semaphore is None else 0
+                missing = (limit if call.wait else 0) + max(0, extra - len(state.buffer))
+                if missing > 0:
+                    wants[slot_id] = SlotWant(slot_id, kw["slot_seq"], missing)
+                if call.wait:
+                    asking[slot_id] = call
+                else:
+                    call.answer([])
+        if not wants:
+            return
+        try:
+            got = self._q().claim_for_slots(app_id, module_id, host=host, slots=list(wants.values()),
+                                            lease_seconds=lease, semaphore=semaphore)
+        except Exception as exc:
+            for call in asking.values():
+                call.answer(error=exc)
+            return
+        self.stats.claim_statements += 1
+        for slot_id in self._deal(got, asking):
+            self._give_back(slot_id, [t.id for t in got[slot_id]])
+
+    def _deal(self, got: dict[int, list[Task]], asking: dict[int, _Call]) -> list[int]:
+        """Answer each asking slot with its first task(s), buffer the rest; returns the slots
+        that ended while their refill was queued (their tasks must go back)."""
+        now = self._clock()
+        ended: list[int] = []
+        with self._lock:
+            for slot_id, tasks in got.items():
+                self.stats.tasks_claimed += len(tasks)
+                state = self._slots.setdefault(slot_id, _SlotState())
+                waiting = asking.pop(slot_id, None)
+                if state.closed:
+                    ended.append(slot_id)
+                    tasks = []
+                limit = waiting.kwargs.get("limit", 1) if waiting is not None else 0
+                mine, rest = tasks[:limit], tasks[limit:]
+                for t in mine:
+                    state.claimed_at[t.id] = now
+                state.buffer.extend(rest)
+                if waiting is not None:
+                    waiting.answer(mine)
+        for waiting in asking.values():  # nothing for them
+            waiting.answer([])
+        return ended
+
+    def _give_back(self, slot_id: int, ids: list[int]) -> None:
+        try:
+            self._q().release_ids(slot_id, ids)
+        except Exception as exc:  # the leases expire and recovery hands them out again
+            logger.warning("dispatcher: could not give back tasks %s of ended slot %s: %s", ids, slot_id, exc)
+
+    def _short(self, module_id: int) -> bool:
+        seconds = self._task_seconds.get(module_id)
+        return seconds is not None and seconds < PREFETCH_TASK_SECONDS
+
+    def _learn(self, task: Task, slot_id: int) -> None:
+        """Fold one task's claim-to-hand-off time into its module's average."""
+        with self._lock:
+            state = self._slots.get(slot_id)
+            started = state.claimed_at.pop(task.id, None) if state else None
+        if started is None:
+            return
+        took = self._clock() - started
+        old = self._task_seconds.get(task.module_id)
+        self._task_seconds[task.module_id] = took if old is None else 0.8 * old + 0.2 * took
+
+    # -- hand-offs ------------------------------------------------------------------------------
+    def _complete_all(self, calls: list[_Call]) -> None:
+        by_modules: dict[int, list[_Call]] = {}
+        for call in calls:
+            by_modules.setdefault(id(call.kwargs["modules"]), []).append(call)
+        for group in by_modules.values():
+            self._complete_group(group)
+
+    def _complete_group(self, group: list[_Call]) -> None:
+        for call in group:
+            self._learn(call.args[0], call.kwargs["slot_id"])
+        if len(group) == 1:
+            self._complete_one(group[0])
+            return
+        items = [Completion(task=c.args[0], result=c.args[1], host=c.kwargs["host"],
+                            requeue=c.kwargs.get("requeue", False), slot_id=c.kwargs["slot_id"],
+                            sender=c.kwargs["sender"]) for c in group]
+        first = group[0].kwargs
+        try:
+            written = self._q().complete_many(items, slot_id=first["slot_id"], sender=first["sender"],
+                                              modules=first["modules"])
+        except DatabaseError as exc:  # an outage: every slot keeps its result and retries
+            for call in group:
+                call.answer(error=exc)
+            return
+        except Exception as exc:  # refused (a value PostgreSQL will not store): find the culprit
+            logger.warning("dispatcher: a batch of %d hand-offs was refused (%s); recording them one by one",
+                           len(group), exc)
+            for call in group:
+                self._complete_one(call)
+            return
+        self.stats.complete_statements += 1
+        self.stats.tasks_completed += len(group)
+        for call, n in zip(group, written, strict=True):
+            if n is None:
+                call.answer(error=LeaseLostError(call.args[0].id))
+            else:
+                call.answer(n)
+
+    def _complete_one(self, call: _Call) -> None:
+        try:
+            call.answer(self._q().complete(*call.args, **call.kwargs))
+            self.stats.complete_statements += 1
+            self.stats.tasks_completed += 1
+        except Exception as exc:
+            call.answer(error=exc)
+
+    # -- calls that must know the prefetch buffers ------------------------------------------------
+    def _do_heartbeat(
+        self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
+    ) -> list[int]:
+        ids = None if task_ids is None else [*task_ids, *self.held(slot_id)]
+        return self._q().heartbeat(slot_id, status=status, lease_seconds=lease_seconds, task_ids=ids)
+
+    def _do_heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
+        full = [b if b.task_ids is None else Beat(b.slot_id, b.status, b.lease_seconds,
+                                                   (*b.task_ids, *self.held(b.slot_id))) for b in beats]
+        return self._q().heartbeat_slots(full)
+
+    def _do_release(self, slot_id: int) -> int:
+        self._forget(slot_id, close=True)
+        return self._q().release(slot_id)  # every RUNNING task of the slot: prefetched ones too
+
+    def _do_set_slot_status(
+        self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0,
+    ) -> None:
+        if status in FINAL_SLOT_STATES:
+            self._release_prefetched(slot_id, close=True)
+        self._q().set_slot_status(slot_id, status, message=message, tasks_done=tasks_done)
+
+    def _do_release_prefetched(self, slot_id: int) -> int:
+        return self._release_prefetched(slot_id)
+
+    def _release_prefetched(self, slot_id: int, *, close: bool = False) -> int:
+        ids = list(self._forget(slot_id, close=close))
+        if not ids:
+            return 0
+        return int(self._q().release_ids(slot_id, ids))
+
+    def _forget(self, slot_id: int, *, close: bool = False) -> tuple[int, ...]:
+        with self._lock:
+            state = self._slots.get(slot_id)
+            if state is None:
+                return ()
+            state.closed = state.closed or close
+            ids = tuple(t.id for t in state.buffer)
+            state.buffer.clear()
+            return ids
+
+    def _release_all_prefetched(self) -> None:
+        """At the end: hand back what was prefetched and never run (best effort: else the
+        leases expire and the tasks are recovered)."""
+        if self._queue is None:
+            return
+        for slot_id in list(self._slots):
+            try:
+                n = self._release_prefetched(slot_id, close=True)
+            except Exception as exc:
+                logger.warning("dispatcher: could not release the prefetched tasks of slot %s: %s", slot_id, exc)
+                continue
+            if n:
+                logger.info("dispatcher: released %d prefetched task(s) of slot %s", n, slot_id)
+
+    def refill(self, slot_id: int, slot_seq: int, app_id: int, module_id: int, **kwargs: Any) -> None:
+        """Queue a claim that only tops up the slot's prefetch (nobody waits for it)."""
+        call = _Call("claim", (app_id, module_id), {**kwargs, "slot_id": slot_id, "slot_seq": slot_seq},
+                     wait=False)
+        with contextlib.suppress(ScaleboxError):  # shutting down: nothing to top up
+            self._submit(call)
+
+
+class SlotPort:
+    """One slot's TaskQueue, served by the node's :class:`Dispatcher` (never a connection)."""
+
+    def __init__(self, dispatcher: Dispatcher, *, prefetch: bool = True) -> None:
+        self._d = dispatcher
+        self._prefetch = prefetch
+
+    @property
+    def connects(self) -> int:
+        """How often the node's connection was (re)opened."""
+        return self._d.connects
+
+    def close(self) -> None:
+        """Nothing to close: the dispatcher owns the connection (the launcher closes it)."""
+
+    # -- the slot's hot path --------------------------------------------------------------------
+    def create_slot(
+        self, module_id: int, *, host: str, seq: int, pid: int, work_dir: str, heartbeat_seconds: float = 10.0,
+    ) -> int:
+        slot_id = int(self._d.call("create_slot", module_id, host=host, seq=seq, pid=pid, work_dir=work_dir,
+                                   heartbeat_seconds=heartbeat_seconds))
+        self._d.register_slot(slot_id, prefetch=self._prefetch)
+        return slot_id
+
+    def claim(
+        self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int,
+        limit: int = 1, lease_seconds: float = 30.0, semaphore: str | None = None,
+    ) -> list[Task]:
+        kwargs = {"host": host, "lease_seconds": lease_seconds, "semaphore": semaphore}
+        if limit == 1:
+            task = self._d.take_prefetched(slot_id)
+            if task is not None:
+                self._d.refill(slot_id, slot_seq, app_id, module_id, **kwargs)
+                return [task]
+        tasks: list[Task] = self._d.call("claim", app_id, module_id, slot_id=slot_id, slot_seq=slot_seq,
+                                         limit=limit, **kwargs)
+        return tasks
+
+    def complete(
+        self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
+        modules: dict[str, ModuleRef], requeue: bool = False,
+    ) -> int:
+        return int(self._d.call("complete", task, result, slot_id=slot_id, host=host, sender=sender,
+                                modules=modules, requeue=requeue))
+
+    # -- everything else, passed through in order ---------------------------------------------
+    def claim_for_slots(
+        self, app_id: int, module_id: int, *, host: str, slots: Sequence[SlotWant],
+        lease_seconds: float = 30.0, semaphore: str | None = None,
+    ) -> dict[int, list[Task]]:
+        got: dict[int, list[Task]] = self._d.call("claim_for_slots", app_id, module_id, host=host, slots=slots,
+                                                  lease_seconds=lease_seconds, semaphore=semaphore)
+        return got
+
+    def modules(self, app_id: int) -> dict[str, ModuleRef]:
+        got: dict[str, ModuleRef] = self._d.call("modules", app_id)
+        return got
+
+    def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]:
+        got: dict[str, dict[str, Any]] = self._d.call("module_specs", app_id)
+        return got
+
+    def app_cancelled(self, app_id: int) -> bool:
+        return bool(self._d.call("app_cancelled", app_id))
+
+    def recover_expired(self) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = self._d.call("recover_expired")
+        return got
+
+    def heartbeat(
+        self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
+    ) -> list[int]:
+        got: list[int] = self._d.call("heartbeat", slot_id, status=status, lease_seconds=lease_seconds,
+                                      task_ids=task_ids)
+        return got
+
+    def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
+        got: list[int] = self._d.call("heartbeat_slots", beats)
+        return got
+
+    def app_uid(self, app_id: int) -> str:
+        return str(self._d.call("app_uid", app_id))
+
+    def index_scratch(
+        self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
+    ) -> None:
+        self._d.call("index_scratch", host, added, removed, replace=replace)
+
+    def adopt_tasks(self, app_id: int, host: str, *, limit: int = 100_000) -> int:
+        return int(self._d.call("adopt_tasks", app_id, host, limit=limit))
+
+    def release(self, slot_id: int) -> int:
+        return int(self._d.call("release", slot_id))
+
+    def release_prefetched(self, slot_id: int) -> int:
+        """Give back the tasks prefetched for the slot (it drains, or waits on a gate)."""
+        return int(self._d.call("release_prefetched", slot_id))
+
+    def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
+        got: tuple[str, bool] = self._d.call("module_activity", app_id, module_id)
+        return got
+
+    def register_host(self, name: str, info: dict[str, Any]) -> None:
+        self._d.call("register_host", name, info)
+
+    def set_slot_status(
+        self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0
+    ) -> None:
+        self._d.call("set_slot_status", slot_id, status, message=message, tasks_done=tasks_done)
