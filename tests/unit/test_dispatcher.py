@@ -1,0 +1,228 @@
+"""The dispatcher's batching rules, in-process: calls waiting together are served together."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.launcher.dispatcher import Dispatcher, SlotPort
+from scalebox_hpc.models import (
+    Beat,
+    Completion,
+    ConflictAction,
+    LeaseLostError,
+    ModuleRef,
+    SlotWant,
+    Task,
+    TaskResult,
+)
+
+REF = ModuleRef(1, "a", (), ConflictAction.IGNORE)
+MODULES = {"a": REF}
+
+
+class Recorder:
+    """A BatchQueue double that records each statement and hands out numbered tasks; ``gate``
+    blocks the dispatcher thread inside ``app_uid`` so that calls pile up behind it."""
+
+    def __init__(self, tasks: int = 100) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.free = list(range(1, tasks + 1))
+        self.gate = threading.Event()
+        self.refuse: set[int] = set()
+        self.lost: set[int] = set()
+        self.down = False
+        self.released: list[int] = []
+        self.slot_seq = 0
+
+    def app_uid(self, app_id: int) -> str:
+        self.gate.wait(10)
+        return "uid"
+
+    def create_slot(self, module_id: int, **kw: Any) -> int:
+        self.slot_seq += 1
+        return self.slot_seq
+
+    def claim_for_slots(self, app_id: int, module_id: int, *, host: str, slots: Sequence[SlotWant],
+                        lease_seconds: float = 30.0, semaphore: str | None = None) -> dict[int, list[Task]]:
+        self.calls.append(("claim", [(s.slot_id, s.want) for s in slots]))
+        out: dict[int, list[Task]] = {}
+        for s in slots:
+            for _ in range(s.want):
+                if self.free:
+                    out.setdefault(s.slot_id, []).append(Task(self.free.pop(0), app_id, module_id, "b", {}, -3))
+        return out
+
+    def complete(self, task: Task, result: TaskResult, **kw: Any) -> int:
+        self.calls.append(("complete", task.id))
+        if self.down:
+            raise DatabaseError("down")
+        if task.id in self.refuse:
+            raise ValueError("refused")
+        if task.id in self.lost:
+            raise LeaseLostError(task.id)
+        return 1
+
+    def complete_many(self, items: Sequence[Completion], **kw: Any) -> list[int | None]:
+        self.calls.append(("complete_many", [i.task.id for i in items]))
+        if self.down:
+            raise DatabaseError("down")
+        if any(i.task.id in self.refuse for i in items):
+            raise ValueError("refused")
+        return [None if i.task.id in self.lost else 1 for i in items]
+
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
+        self.released += list(task_ids)
+        return len(task_ids)
+
+    def release(self, slot_id: int) -> int:
+        return 0
+
+    def set_slot_status(self, slot_id: int, status: str, **kw: Any) -> None:
+        self.calls.append(("status", (slot_id, status)))
+
+    def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
+        self.calls.append(("beat", [(b.slot_id, b.task_ids) for b in beats]))
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def result() -> TaskResult:
+    now = datetime.now(UTC)
+    return TaskResult(status=0, started_at=now, finished_at=now)
+
+
+def dispatcher(q: Recorder, **kw: Any) -> Dispatcher:
+    return Dispatcher(lambda: q, **kw)  # type: ignore[arg-type, return-value]
+
+
+def together(d: Dispatcher, q: Recorder, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` from threads while the dispatcher is held busy, so they form one batch."""
+    blocker = threading.Thread(target=lambda: d.call("app_uid", 1))
+    blocker.start()
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for _ in range(500):  # all queued behind the blocker (or failed before)
+        if d._inbox.qsize() >= sum(t.is_alive() for t in threads):
+            break
+        threading.Event().wait(0.01)
+    q.gate.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    q.gate.clear()
+    return out
+
+
+def claim(port: SlotPort, slot_id: int) -> list[Task]:
+    return port.claim(1, 1, host="h", slot_id=slot_id, slot_seq=slot_id)
+
+
+def test_claims_waiting_together_are_one_statement() -> None:
+    q = Recorder()
+    d = dispatcher(q)
+    ports = [d.port() for _ in range(4)]
+    ids = [p.create_slot(1, host="h", seq=i, pid=1, work_dir="/") for i, p in enumerate(ports)]
+    got = together(d, q, [lambda p=p, s=s: claim(p, s) for p, s in zip(ports, ids, strict=True)])
+    assert sorted(t.id for tasks in got for t in tasks) == [1, 2, 3, 4]
+    assert [c for c in q.calls if c[0] == "claim"] == [("claim", [(s, 1) for s in ids])]
+    d.close()
+
+
+def test_hand_offs_finishing_together_are_one_statement_and_lost_leases_are_told_apart() -> None:
+    q = Recorder()
+    q.lost = {2}
+    d = dispatcher(q)
+    port = d.port()
+    tasks = [Task(i, 1, 1, "b", {}, -3) for i in (1, 2, 3)]
+    got = together(d, q, [lambda t=t: port.complete(t, result(), slot_id=7, host="h", sender=REF,
+                                                      modules=MODULES) for t in tasks])
+    assert got[0] == 1 and got[2] == 1 and isinstance(got[1], LeaseLostError) and got[1].task_id == 2
+    assert [c for c in q.calls if c[0].startswith("complete")] == [("complete_many", [1, 2, 3])]
+    d.close()
+
+
+def test_a_refused_batch_is_recorded_task_by_task_so_only_the_culprit_fails() -> None:
+    q = Recorder()
+    q.refuse = {2}
+    d = dispatcher(q)
+    port = d.port()
+    tasks = [Task(i, 1, 1, "b", {}, -3) for i in (1, 2, 3)]
+    got = together(d, q, [lambda t=t: port.complete(t, result(), slot_id=7, host="h", sender=REF,
+                                                      modules=MODULES) for t in tasks])
+    assert got[0] == 1 and got[2] == 1 and isinstance(got[1], ValueError)
+    assert ("complete", 1) in q.calls and ("complete", 3) in q.calls
+    d.close()
+
+
+def test_an_outage_reaches_every_waiting_hand_off() -> None:
+    q = Recorder()
+    q.down = True
+    d = dispatcher(q)
+    port = d.port()
+    got = together(d, q, [lambda i=i: port.complete(Task(i, 1, 1, "b", {}, -3), result(), slot_id=7, host="h",
+                                                      sender=REF, modules=MODULES) for i in (1, 2)])
+    assert all(isinstance(g, DatabaseError) for g in got)
+    d.close()
+
+
+def _learn_short_tasks(d: Dispatcher, port: SlotPort, slot_id: int) -> None:
+    [task] = claim(port, slot_id)
+    port.complete(task, result(), slot_id=slot_id, host="h", sender=REF, modules=MODULES)
+
+
+def test_short_tasks_are_prefetched_and_go_back_when_the_slot_ends() -> None:
+    q = Recorder()
+    d = dispatcher(q)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    _learn_short_tasks(d, port, slot)  # no prefetch before the module's task time is known
+    assert q.calls[-2:][0] == ("claim", [(slot, 1)])
+    [task] = claim(port, slot)  # one for now, one prefetched
+    assert ("claim", [(slot, 2)]) in q.calls and d.held(slot) == (3,)
+    [nxt] = claim(port, slot)  # served from the buffer; a refill is queued
+    assert nxt.id == 3 and d.stats.prefetch_hits == 1
+    d.call("heartbeat_slots", [Beat(slot, "RUNNING", 30.0, (nxt.id,))])
+    [beat] = [c for c in q.calls if c[0] == "beat"]
+    assert beat == ("beat", [(slot, (nxt.id, *d.held(slot)))])  # prefetched leases renewed too
+    held = d.held(slot)
+    port.set_slot_status(slot, "EXITED")
+    assert q.released == list(held) and d.held(slot) == ()
+    assert task.id == 2
+    d.close()
+
+
+def test_no_prefetch_for_a_gated_slot() -> None:
+    q = Recorder()
+    d = dispatcher(q)
+    port = d.port(prefetch=False)
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    _learn_short_tasks(d, port, slot)
+    claim(port, slot)
+    assert [c for c in q.calls if c[0] == "claim"] == [("claim", [(slot, 1)])] * 2
+    assert d.held(slot) == ()
+    d.close()
+
+
+def test_calls_after_close_fail_as_an_outage() -> None:
+    q = Recorder()
+    d = dispatcher(q)
+    port = d.port()
+    d.close()
+    with pytest.raises(DatabaseError, match="closed"):
+        port.app_cancelled(1)
