@@ -200,7 +200,7 @@ class _Task:
 
     def as_task(self) -> Task:
         return Task(id=self.id, app_id=self.app_id, module_id=self.module_id, body=self.body,
-                    headers=dict(self.headers), status=self.status, attempts=self.attempts,
+                    headers=dict(self.headers), status=int(self.status), attempts=self.attempts,
                     retry_base=self.retry_base)
 
     def release(self) -> None:
@@ -380,7 +380,7 @@ class InMemoryQueue:
             rows = []
             for t in sorted(self._s.tasks.values(), key=lambda t: t.id):
                 if (app_id is None or t.app_id == app_id) and (module is None or names[t.module_id] == module):
-                    rows.append({**copy.deepcopy(asdict(t)), "module": names[t.module_id]})
+                    rows.append({**copy.deepcopy(asdict(t)), "status": int(t.status), "module": names[t.module_id]})
             return rows
 
     def executions(self, task_id: int) -> list[dict[str, Any]]:
