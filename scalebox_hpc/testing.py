@@ -44,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from scalebox_hpc.errors import DatabaseError, InvalidMessageError, NotFoundError, PipelineError
+from scalebox_hpc.errors import DatabaseError, InvalidMessageError, InvalidValueError, NotFoundError, PipelineError
 from scalebox_hpc.models import (
     AppStatus,
     Beat,
@@ -594,6 +594,11 @@ class InMemoryQueue:
             limit = min(limit, sems[semaphore])
             sems[semaphore] -= limit
         picked = self._candidates(app_id, module_id, host, {s.slot_seq for s in slots}, limit)
+        if picked and (unknown := [s.slot_id for s in slots if s.slot_id not in self._s.slots]):
+            # the foreign key sbx_tasks.slot_id: checked only when a task would be written
+            if semaphore is not None:
+                sems[semaphore] += limit
+            raise NotFoundError("slot", unknown[0])
         if semaphore is not None:
             sems[semaphore] += limit - len(picked)
         return self._deal(picked, slots, host, lease_seconds)
@@ -962,7 +967,7 @@ def app_spec(data: Mapping[str, Any], app_dir: str | Path = "/nonexistent/scaleb
 
 def _check_slot_status(status: str) -> None:
     if status not in SLOT_STATUSES:  # the CHECK constraint of sbx_slots.status
-        raise ValueError(f"slot status {status!r} is not one of {sorted(SLOT_STATUSES)}")
+        raise InvalidValueError(f"slot status {status!r} is not one of {sorted(SLOT_STATUSES)}")
 
 
 def _inputs(headers: Mapping[str, Any], body: str, input_regex: str | None) -> list[str]:

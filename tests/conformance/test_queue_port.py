@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from scalebox_hpc.db.queue import PgQueue
-from scalebox_hpc.errors import NotFoundError
+from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue, TaskQueue
 from scalebox_hpc.models import (
     AppStatus,
@@ -355,6 +355,17 @@ def test_overwrite_resets_a_finished_task_but_not_a_running_one(queue_backend: B
     assert (rows["busy"]["status"], rows["busy"]["slot_id"]) == (-3, so)
 
 
+def _pg_bug(b: Backend, request: pytest.FixtureRequest, reason: str) -> None:
+    """A difference that is PgQueue's bug: its case fails on PostgreSQL until the bug is fixed
+    (strict: a fix makes the xfail fail, so the marker goes)."""
+    if b.name == "postgres":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"PgQueue bug: {reason}"))
+
+
+OVERWRITE_TWICE = ("one INSERT .. ON CONFLICT DO UPDATE meets the same body twice (CardinalityViolation 21000), "
+                   "which escapes as a raw psycopg error (the slot then records -103)")
+
+
 def _overwrite_twice_case(b: Backend, app: int) -> tuple[Task, int]:
     b.add_tasks(app, "a", ["go"])
     slot = _slot(b, app, "a")
@@ -366,10 +377,7 @@ def _overwrite_twice_case(b: Backend, app: int) -> tuple[Task, int]:
 def test_overwrite_takes_the_last_of_the_same_body_twice_in_one_hand_off(
     queue_backend: Backend, app: int, request: pytest.FixtureRequest,
 ) -> None:
-    if queue_backend.name == "postgres":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="PgQueue bug: INSERT .. ON CONFLICT DO UPDATE affects the row twice "
-            "(CardinalityViolation 21000), which escapes complete() as a raw psycopg error"))
+    _pg_bug(queue_backend, request, OVERWRITE_TWICE)
     b = queue_backend
     task, n = _overwrite_twice_case(b, app)
     assert n == 2
@@ -506,6 +514,19 @@ def test_complete_many_records_a_batch_and_names_the_lost_leases(queue_backend: 
     assert [e["status"] for e in b.executions(t1.id)] == [1]
     assert b.executions(t2.id) == []
     assert _batch(b, app, [], slot) == []
+
+
+def test_complete_many_overwrites_with_the_last_of_the_same_body(queue_backend: Backend, app: int) -> None:
+    """Two items of a batch emit the same body to an OVERWRITE module: each item's messages are
+    their own insert (in order), so the second overwrites the first."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["t0", "t1"])
+    slot = _slot(b, app, "a")
+    t0, t1 = _claim(b, app, "a", slot, limit=2)
+    out = _batch(b, app, [Completion(t0, _result(messages=[Message("same", {"v": 1}, "o")]), "h1"),
+                          Completion(t1, _result(messages=[Message("same", {"v": 2}, "o")]), "h1")], slot)
+    assert out == [1, 1]
+    assert [(r["body"], r["headers"]) for r in b.tasks(app, "o")] == [("same", {"v": 2})]
 
 
 def test_complete_many_rejects_only_the_item_with_a_bad_message(queue_backend: Backend, app: int) -> None:
@@ -697,6 +718,46 @@ def test_a_task_bound_to_a_dead_host_is_unbound_after_its_wait(queue_backend: Ba
     assert (row["to_host"], row["to_slot"], row["pref_host"]) == (None, None, None)
     assert [t.body for t in _claim(b, app, "m", here, seq=4)] == ["bound"]
     assert {s["id"]: s["status"] for s in b.slots(app)}[gone] == "LOST"
+
+
+def test_text_the_database_cannot_store_is_made_storable(queue_backend: Backend, app: int) -> None:
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0"])
+    slot = _slot(b, app, "c")
+    [task] = _claim(b, app, "c", slot)
+    result = _result()
+    result.stdout, result.stderr, result.user_text = "a\x00b", "lone \ud800", "u\x00"
+    _complete(b, app, task, slot, result)
+    [ex] = b.executions(task.id)
+    assert (ex["stdout"], ex["stderr"], ex["user_text"]) == ("a\ufffdb", "lone \ufffd", "u\ufffd")
+
+
+# -- errors: the ports raise only the ScaleboxError tree ---------------------------------------
+def test_a_slot_of_an_unknown_module_is_not_found(
+    queue_backend: Backend, app: int, request: pytest.FixtureRequest,
+) -> None:
+    _pg_bug(queue_backend, request, "the foreign key violation escapes create_slot as a raw psycopg error")
+    with pytest.raises(ScaleboxError):
+        queue_backend.queue.create_slot(app + 10_000, host="h1", seq=0, pid=1, work_dir="/tmp")
+
+
+def test_a_claim_for_an_unknown_slot_is_not_found_and_takes_nothing(
+    queue_backend: Backend, app: int, request: pytest.FixtureRequest,
+) -> None:
+    _pg_bug(queue_backend, request, "the foreign key violation escapes claim as a raw psycopg error")
+    b = queue_backend
+    assert _claim(b, app, "c", 4242) == []  # nothing to claim: nothing to check
+    b.add_tasks(app, "c", ["t0"])
+    with pytest.raises(ScaleboxError):
+        _claim(b, app, "c", 4242)
+    assert _bodies(b, app) == {"t0": -1}
+
+
+def test_an_unknown_slot_status_is_refused(queue_backend: Backend, app: int, request: pytest.FixtureRequest) -> None:
+    _pg_bug(queue_backend, request, "the check violation escapes heartbeat as a raw psycopg error")
+    slot = _slot(queue_backend, app, "c")
+    with pytest.raises(ScaleboxError):
+        queue_backend.queue.heartbeat(slot, status="BOGUS", lease_seconds=1)
 
 
 # -- the app, its modules -------------------------------------------------------------------------------
