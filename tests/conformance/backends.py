@@ -39,6 +39,9 @@ class Backend(Protocol):
     def semaphore_get(self, app_id: int, name: str) -> int: ...
     def retry(self, task_ids: Sequence[int]) -> list[int]: ...
     def advance(self, seconds: float) -> None: ...
+    def other_queue(self) -> BatchQueue:
+        """A handle for another thread (a PgQueue owns one connection; InMemoryQueue is shared)."""
+        ...
     def close(self) -> None: ...
 
 
@@ -99,6 +102,9 @@ class MemoryBackend:
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
+    def other_queue(self) -> BatchQueue:
+        return self.mem
+
     def close(self) -> None:
         self.mem.close()
 
@@ -107,6 +113,7 @@ class PgBackend:
     name = "postgres"
 
     def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
         self.pg = PgQueue(dsn)
         self.queue: BatchQueue = self.pg
         self.conn: Connection = connect(dsn, autocommit=True)
@@ -163,6 +170,9 @@ class PgBackend:
             self.conn.execute(
                 "UPDATE sbx_slots SET started_at = started_at - %(s)s::interval, "
                 "heartbeat_at = heartbeat_at - %(s)s::interval, ended_at = ended_at - %(s)s::interval", shift)
+
+    def other_queue(self) -> BatchQueue:
+        return PgQueue(self.dsn)
 
     def close(self) -> None:
         self.pg.close()

@@ -4,6 +4,7 @@ expose the same methods and pass the same scenarios (pgqueuer's test_port_confor
 from __future__ import annotations
 
 import inspect
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,31 @@ def test_one_claim_deals_tasks_round_robin_and_bound_ones_to_their_slot(queue_ba
     assert owners == {"for-seq-2": s2, "t0": s0, "t1": s1, "t2": s2, "t3": s0, "t4": s0}
     assert b.queue.claim_for_slots(app, mid, host="h1", slots=[SlotWant(s0, 0, 0)]) == {}
     assert b.queue.claim_for_slots(app, mid, host="h1", slots=[]) == {}
+
+
+def test_concurrent_claims_never_double_claim(queue_backend: Backend, app: int) -> None:
+    b = queue_backend
+    b.add_tasks(app, "c", [f"m{i}" for i in range(120)])
+    mid = _mid(b, app, "c")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        q = b.other_queue()
+        slot = q.create_slot(mid, host=f"h{i}", seq=0, pid=1, work_dir="/tmp")
+        while got := q.claim(app, mid, host=f"h{i}", slot_id=slot, slot_seq=0, limit=7):
+            with lock:
+                claimed.extend(t.id for t in got)
+        if q is not b.queue:
+            q.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 120
+    assert len(set(claimed)) == 120
 
 
 def test_batched_claim_takes_one_semaphore_unit_per_task(queue_backend: Backend, app: int) -> None:
