@@ -63,6 +63,8 @@ from scalebox_hpc.models import (
 )
 from scalebox_hpc.pipeline import AppSpec
 
+__all__ = ["FakeClock", "InMemoryQueue", "QueueClock", "SystemClock", "app_spec"]
+
 OUTPUT_TAIL_BYTES = 64 * 1024
 """Stdout/stderr kept per execution (as PgQueue keeps them)."""
 SLOT_STATUSES = frozenset({"STARTING", "READY", "RUNNING", "ERROR", "EXITED", "LOST"})

@@ -86,3 +86,10 @@ def test_add_tasks_names_unknown_modules_and_takes_plain_bodies() -> None:
     with pytest.raises(NotFoundError):
         q.add_tasks(app, "a", [Message("x", module="zz")])
     assert [r["body"] for r in q.tasks(app, module="a")] == ["s0", "s1", "s2"]
+
+
+def test_fail_next_knows_every_port_method_but_close() -> None:
+    from scalebox_hpc.testing import _PORT_METHODS
+    from tests.conformance.test_queue_port import _port_members
+
+    assert sorted(_PORT_METHODS) == [m for m in _port_members() if m != "close"]
