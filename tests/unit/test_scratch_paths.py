@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from scalebox_hpc.db.queue import ModuleRef
 from scalebox_hpc.launcher import scratch, taskexec
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import ConflictAction, TaskResult
+from scalebox_hpc.models import TaskResult
 from scalebox_hpc.node import make_runtime
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import SessionSpec
@@ -20,6 +18,7 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import Bind, HostDirs, PathMap, PerTaskSession, binds_for
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.runtime.podman import EngineCli
+from scalebox_hpc.testing import InMemoryQueue
 
 BINDS = [Bind(Path("/h/work"), "/work"), Bind(Path("/h/scratch/n1"), "/local"),
          Bind(Path("/h/scratch/n1/big"), "/big"), Bind(Path("/h/code"), "/app/bin", read_only=True)]
@@ -67,26 +66,18 @@ def test_the_launchers_scratch_is_the_containers_local(tmp_path: Path) -> None:
     assert isinstance(fallback, RuntimeChooser) and fallback.host.local_dir == Path("/elsewhere")
 
 
-class IndexQueue:
-    """Records what the slot indexes."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[tuple[str, int]], list[str]]] = []
-
-    def index_scratch(self, host: str, added: list[tuple[str, int]], removed: list[str], **_: Any) -> None:
-        self.calls.append((host, added, removed))
-
-
 def test_a_container_runs_reported_paths_are_indexed_as_host_keys(tmp_path: Path) -> None:
     scratch, work = tmp_path / "scratch", tmp_path / "w"
     (tmp_path / "code").mkdir()
     spec = ModuleSpec.model_validate({"name": "m", "code_path": str(tmp_path / "code"), "base_image": "img"})
-    ref = ModuleRef(1, "m", (), ConflictAction.FAIL)
-    ctx = SlotContext(app_id=1, module=spec, ref=ref, modules={"m": ref}, host="n1", seq=0, work_dir=work,
+    queue = InMemoryQueue()
+    app = queue.create_app({"name": "t", "modules": {"m": {}}})
+    refs = queue.modules(app)
+    ctx = SlotContext(app_id=app, module=spec, ref=refs["m"], modules=refs, host="n1", seq=0, work_dir=work,
                       runtime=LocalRuntime(), wakeups=Wakeups(), control=SlotControl(), base_env={},
                       scratch=scratch)
-    queue = IndexQueue()
-    slot = Slot(ctx, queue)  # type: ignore[arg-type]
+    queue.index_scratch("n1", [("old/y.dat", 3), ("kept", 1)], [])
+    slot = Slot(ctx, queue)
     slot.session = session(tmp_path, scratch)
     (scratch / "out").mkdir(parents=True)
     (scratch / "out" / "x.dat").write_bytes(b"x" * 7)
@@ -96,7 +87,8 @@ def test_a_container_runs_reported_paths_are_indexed_as_host_keys(tmp_path: Path
                         removed_files=["/local/old/y.dat", str(scratch / "host-path-unmapped")])
     slot._index_outputs(result)
     # the host path of the scratch means nothing inside a container: not mapped, not indexed
-    assert queue.calls == [("n1", [("out/x.dat", 7)], ["old/y.dat"])]
+    assert queue.scratch("n1") == {"kept": 1, "out/x.dat": 7}
+    assert queue.calls["index_scratch"] == 2  # one call for the run
 
 
 def test_sizes_of_container_paths_are_read_on_the_host(tmp_path: Path) -> None:

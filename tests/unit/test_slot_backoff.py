@@ -5,55 +5,40 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from scalebox_hpc.db.queue import ModuleRef
-from scalebox_hpc.errors import DatabaseError
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import ConflictAction
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.local import LocalRuntime
+from scalebox_hpc.testing import InMemoryQueue
 
 
-class DownQueue:
-    """A queue port whose database is away: every claim fails."""
-
-    def __init__(self) -> None:
-        self.claims = 0
-
-    def claim(self, *args: Any, **kwargs: Any) -> list[Any]:
-        self.claims += 1
-        raise DatabaseError("cannot reach PostgreSQL: connection refused")
-
-    def create_slot(self, *args: Any, **kwargs: Any) -> int:
-        return 1
-
-    def set_slot_status(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
+def quiet_queue() -> InMemoryQueue:
+    """A reachable queue with nothing to do: app 1 runs, its module `a` (id 1) has no tasks."""
+    queue = InMemoryQueue()
+    assert queue.create_app({"name": "t", "modules": {"a": {}}}) == 1
+    return queue
 
 
-def slot_context(tmp_path: Path, max_idle_polls: int, control: SlotControl) -> SlotContext:
-    """One slot of module `a` (run.sh: true) polling every 10 ms."""
+def slot_context(tmp_path: Path, queue: InMemoryQueue, max_idle_polls: int, control: SlotControl) -> SlotContext:
+    """One slot of module `a` (run.sh: true) of app 1 polling every 10 ms."""
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "run.sh").write_text("true\n")
     spec = ModuleSpec.model_validate({"name": "a", "code_path": str(tmp_path / "code"), "arguments": {
         "max_idle_polls": max_idle_polls, "sleep_interval_seconds": 0.01}})
-    ref = ModuleRef(1, "a", (), ConflictAction.FAIL)
-    return SlotContext(app_id=1, module=spec, ref=ref, modules={"a": ref}, host="h", seq=0,
+    refs = queue.modules(1)
+    return SlotContext(app_id=1, module=spec, ref=refs["a"], modules=refs, host="h", seq=0,
                        work_dir=tmp_path / "work", runtime=LocalRuntime(), wakeups=Wakeups(), control=control,
                        base_env={})
 
 
 def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> None:
     control = SlotControl()
-    ctx = slot_context(tmp_path, 1, control)
+    queue = quiet_queue()
+    queue.fail_next(10**9, methods={"claim"})  # the database is away: every claim fails
+    ctx = slot_context(tmp_path, queue, 1, control)
     wakeups = ctx.wakeups
-    queue = DownQueue()
-    slot = Slot(ctx, queue)  # type: ignore[arg-type]
+    slot = Slot(ctx, queue)
     thread = threading.Thread(target=slot.run)
     thread.start()
     wakeups.notify(1)  # a hint on the module channel must not cut the backoff short
@@ -63,27 +48,7 @@ def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> N
     wakeups.notify_all()
     thread.join(5)
     assert not thread.is_alive()
-    assert 2 <= queue.claims <= 4, queue.claims  # 0.5 s, 1 s, 2 s ... not a spin
-
-
-class EmptyQueue(DownQueue):
-    """A reachable queue with nothing to do: the app runs, quiet."""
-
-    def claim(self, *args: Any, **kwargs: Any) -> list[Any]:
-        self.claims += 1
-        return []
-
-    def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
-        return "RUNNING", False
-
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def recover_expired(self, **kwargs: Any) -> list[Any]:
-        return []
-
-    def app_cancelled(self, app_id: int) -> bool:
-        return False
+    assert 2 <= queue.calls["claim"] <= 4, queue.calls  # 0.5 s, 1 s, 2 s ... not a spin
 
 
 def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> None:
@@ -94,14 +59,14 @@ def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> 
         asked.append(answers[len(asked)])
         return asked[-1]
 
-    ctx = slot_context(tmp_path, 2, SlotControl(may_idle_exit=may_idle_exit))
-    queue = EmptyQueue()
-    thread = threading.Thread(target=Slot(ctx, queue).run)  # type: ignore[arg-type]
+    queue = quiet_queue()
+    ctx = slot_context(tmp_path, queue, 2, SlotControl(may_idle_exit=may_idle_exit))
+    thread = threading.Thread(target=Slot(ctx, queue).run)
     thread.start()
     thread.join(10)
     assert not thread.is_alive()
     assert asked == [False, False, True]
-    assert queue.claims == 6  # asked after every idle timeout (2 empty polls), not after every poll
+    assert queue.calls["claim"] == 6  # asked after every idle timeout (2 empty polls), not after every poll
 
 
 def test_once_one_slot_may_leave_the_others_do_not_ask_again() -> None:
