@@ -721,11 +721,12 @@ class InMemoryQueue:
                     for item in items:
                         result, requeue = item.result, item.requeue
                         try:
-                            routed = route(modules, sender, result.messages)
+                            routed = route(modules, item.sender or sender, result.messages)
                         except InvalidMessageError as exc:
                             result, requeue, routed = _emit_failed(result, str(exc)), False, []
                         try:
-                            out.append(self._complete(item.task, result, slot_id, item.host, routed, requeue))
+                            out.append(self._complete(item.task, result, item.slot_id or slot_id, item.host,
+                                                      routed, requeue))
                         except LeaseLostError:
                             out.append(None)
                     return out
@@ -733,8 +734,9 @@ class InMemoryQueue:
                 one_by_one: list[int | None] = []
                 for item in items:
                     try:
-                        one_by_one.append(self._complete_routed(item.task, item.result, slot_id, item.host, sender,
-                                                                modules, item.requeue))
+                        one_by_one.append(self._complete_routed(
+                            item.task, item.result, item.slot_id or slot_id, item.host, item.sender or sender,
+                            modules, item.requeue))
                     except LeaseLostError:
                         one_by_one.append(None)
                 return one_by_one

@@ -906,3 +906,25 @@ def test_the_scratch_index_forgets_removed_and_replaced_files(queue_backend: Bac
     b.queue.index_scratch("h4", [("f3", 5)], [], replace=True)  # f2 is gone from h4
     assert b.queue.adopt_tasks(app, "h4", limit=10) == 1
     assert {r["body"]: r["pref_host"] for r in b.tasks(app)} == {"t1": None, "t2": "h3"}
+
+
+def test_complete_many_mixes_the_slots_and_modules_of_a_node(queue_backend: Backend, app: int) -> None:
+    """The dispatcher's batch: each item names its own slot and sender (their leases are
+    checked per slot, their messages routed from their own module)."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["ta"])
+    b.add_tasks(app, "b", ["tb"])
+    sa, sb = _slot(b, app, "a"), _slot(b, app, "b", seq=1)
+    [ta] = _claim(b, app, "a", sa)
+    [tb] = _claim(b, app, "b", sb, seq=1)
+    refs = b.queue.modules(app)
+    out = b.queue.complete_many(
+        [Completion(ta, _result(messages=[Message("from-a")]), "h1", slot_id=sa, sender=refs["a"]),
+         Completion(tb, _result(messages=[Message("from-b")]), "h1", slot_id=sb, sender=refs["b"]),
+         Completion(tb, _result(), "h1", slot_id=sa, sender=refs["a"])],  # not sa's: lease lost
+        slot_id=0, sender=refs["a"], modules=refs)
+    assert out == [1, 1, None]
+    assert _bodies(b, app)["ta"] == 0 and _bodies(b, app)["tb"] == 0
+    # each routed from its own module: a's first sink is b, b's is c
+    assert "from-a" in {r["body"] for r in b.tasks(app, "b")}
+    assert "from-b" in {r["body"] for r in b.tasks(app, "c")}
