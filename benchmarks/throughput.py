@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""Throughput and latency of the whole path: claim → run.sh → record → hand-off.
+"""Throughput of the whole path, measured as the peers are: submit → claim → run → hand-off.
 
-Prints one JSON object:
-- tasks_per_s: N no-op tasks through 2 slots (first start → last finish, from the database);
-- claim_ms p50/p99: time of a successful claim call, measured in the slot;
-- handoff_ms p50/p99: emit (the sender's commit) → downstream task running (its claim);
-- reference_xargs_per_s: `xargs -P2 -n1 /bin/true` over N arguments on the same machine, same run;
-- reference_script_per_s: the same xargs running our no-op run.sh (process start cost of a script);
-- ratio: tasks_per_s / reference_xargs_per_s  (target ≥ 0.6); ratio_script likewise.
+For each N (default 2000 and 10000) and each workload, the clock starts before the submit
+and stops when the last task is recorded (polled from the database every 20 ms):
+- W2: a module whose run.sh is /bin/true (one process per task), 2 slots, one launcher;
+- W1: a module with an in-slot Python no-op handler, 2 slots (skipped when the build has no
+  handler support);
+with, in the same run, `xargs -P2 -n1 /bin/true` over N arguments and a raw
+`multiprocessing.Pool(2)` no-op loop as references. Also: hand-off latency (sender's
+finish → receiver's start, p50/p99, from the database) over a two-module pipeline, the
+dispatcher's statement counts, and the launcher's peak server connections.
 
-Usage: python benchmarks/throughput.py [--tasks N] [--handoff M]   (SCALEBOX_DSN, else the embedded DB)
+Prints one JSON object. Usage:
+    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500]   (SCALEBOX_DSN, else embedded)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import multiprocessing
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,142 +35,169 @@ from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import Message, Task
+from scalebox_hpc.models import Message
 from scalebox_hpc.node import resolve_dsn
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.runtime.local import LocalRuntime
 
-PIPELINE = """
-name: bench
+FAST = "arguments: {max_idle_polls: 100000, sleep_interval_seconds: 1, heartbeat_seconds: 10}"
+W2 = f"""
+name: bench-w2
 modules:
   noop:
     slots: [".*:2"]
-    arguments: {max_idle_polls: 100000, sleep_interval_seconds: 1}
+    {FAST}
+"""
+W1 = f"""
+name: bench-w1
+modules:
+  noop:
+    slots: [".*:2"]
+    handler: noop.py:noop
+    {FAST}
+"""
+HANDOFF = f"""
+name: bench-handoff
+modules:
   src:
     sink_modules: [dst]
-    arguments: {max_idle_polls: 100000, sleep_interval_seconds: 1}
+    {FAST}
   dst:
-    arguments: {max_idle_polls: 100000, sleep_interval_seconds: 1}
+    {FAST}
 """
-NOOP = "#!/bin/sh\nexit 0\n"
-SRC = '#!/bin/sh\nprintf "%s\\n" "$1" > sink-tasks.txt\n'
 
 
-class TimedQueue(PgQueue):
-    """PgQueue that records how long successful claims take."""
-
-    claims: list[float] = []
-
-    def claim(self, *args: Any, **kwargs: Any) -> list[Task]:
-        t0 = time.perf_counter()
-        got = super().claim(*args, **kwargs)
-        if got:
-            TimedQueue.claims.append(time.perf_counter() - t0)
-        return got
-
-
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
 
 
-def write_app(root: Path) -> Path:
-    for name, script in (("noop", NOOP), ("src", SRC), ("dst", NOOP)):
-        (root / name).mkdir(parents=True)
-        (root / name / "run.sh").write_text(script)
-        (root / name / "run.sh").chmod(0o755)
-    (root / "app.yaml").write_text(PIPELINE)
+def make_app(root: Path, text: str, scripts: dict[str, str]) -> Path:
+    root.mkdir(parents=True)
+    for rel, body in scripts.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if body == "/bin/true":
+            path.symlink_to("/bin/true")
+        else:
+            path.write_text(body)
+            path.chmod(0o755)
+    (root / "app.yaml").write_text(text)
     return root / "app.yaml"
 
 
-def run_until_done(dsn: str, app_id: int, modules: tuple[str, ...], total: int, work: Path) -> None:
+def done_count(conn: Any, app_id: int) -> int:
+    row = conn.execute("SELECT count(*) AS n FROM sbx_tasks WHERE app_id = %s AND status >= 0", (app_id,)).fetchone()
+    return int(row["n"])
+
+
+def connections(conn: Any) -> int:
+    row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchone()
+    return int(row["n"])
+
+
+def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: Path, expect: int) -> dict[str, Any]:
+    """Create the app, start a launcher, then (clock on) submit the bodies and wait for ``expect``
+    recorded tasks (clock off)."""
+    spec = load_pipeline(yaml_path)
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
     wakeups = Wakeups()
     listener = Listener(dsn, wakeups.notify).start()
     listener.ready.wait(5)
-    config = LauncherConfig(app_id=app_id, host="bench", work_root=work, modules=modules, local=True)
-    launcher = Launcher(config, lambda: TimedQueue(dsn), LocalRuntime(), wakeups)
+    config = LauncherConfig(app_id=app_id, host="bench", work_root=work, local=True)
+    launcher = Launcher(config, lambda: PgQueue(dsn), LocalRuntime(), wakeups)
     launcher.start()
-    with connect(dsn) as conn:
-        while True:
-            with conn.transaction():
-                done = conn.execute(
-                    "SELECT count(*) AS n FROM sbx_tasks WHERE app_id = %s AND status >= 0", (app_id,)
-                ).fetchone()["n"]  # type: ignore[index]
-            if done >= total:
-                break
-            time.sleep(0.05)
+    time.sleep(1.0)  # slots registered and idle: the window measures the tasks, not the start
+    peak = 0
+    with connect(dsn, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        with connect(dsn) as submit:
+            apps.add_tasks(submit, app_id, module, [Message(b) for b in bodies])
+        submitted = time.perf_counter() - t0
+        while done_count(conn, app_id) < expect:
+            peak = max(peak, connections(conn))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
     launcher.stop(5)
     listener.stop()
+    s = launcher.dispatcher.stats
+    return {
+        "app_id": app_id, "tasks_per_s": round(expect / seconds, 1), "seconds": round(seconds, 3),
+        "submit_s": round(submitted, 3), "peak_connections": peak,
+        "statements": {"claim": s.claim_statements, "prefetch_hits": s.prefetch_hits,
+                       "complete": s.complete_statements, "tasks_completed": s.tasks_completed,
+                       "largest_batch": s.largest_batch},
+    }
 
 
-def span_rate(dsn: str, app_id: int, module: str) -> float:
-    with connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) AS n, extract(epoch FROM max(t.finished_at) - min(t.started_at)) AS s "
-            "FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id WHERE t.app_id = %s AND m.name = %s",
-            (app_id, module),
-        ).fetchone()
-    assert row is not None
-    return float(row["n"]) / float(row["s"])
+def xargs_rate(n: int) -> float:
+    args = "\n".join(str(i) for i in range(n)).encode()
+    t0 = time.perf_counter()
+    subprocess.run(["xargs", "-P2", "-n1", "/bin/true"], input=args, check=True, stdout=subprocess.DEVNULL)
+    return n / (time.perf_counter() - t0)
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+def multiprocessing_rate(n: int) -> float:
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(2) as pool:
+        for _ in pool.imap_unordered(_noop, range(n), chunksize=1):
+            pass
+    return n / (time.perf_counter() - t0)
 
 
 def handoff_latencies(dsn: str, app_id: int) -> list[float]:
     with connect(dsn) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM d.started_at - s.finished_at) * 1000 AS ms "
-            "FROM sbx_tasks d JOIN sbx_tasks s ON s.id = d.from_task_id WHERE d.app_id = %s",
-            (app_id,),
+            "FROM sbx_tasks d JOIN sbx_tasks s ON s.id = d.from_task_id WHERE d.app_id = %s", (app_id,),
         ).fetchall()
     return [float(r["ms"]) for r in rows]
 
 
-def xargs_rate(n: int, command: str) -> float:
-    args = "\n".join(str(i) for i in range(n)).encode()
-    t0 = time.perf_counter()
-    subprocess.run(["xargs", "-P2", "-n1", command], input=args, check=True, stdout=subprocess.DEVNULL)
-    return n / (time.perf_counter() - t0)
+def handlers_supported() -> bool:
+    from scalebox_hpc.pipeline import ModuleSpec
+
+    return "handler" in ModuleSpec.model_fields
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--handoff", type=int, default=300)
+    parser.add_argument("--tasks", default="2000,10000")
+    parser.add_argument("--handoff", type=int, default=500)
     args = parser.parse_args()
+    sizes = [int(n) for n in args.tasks.split(",")]
     dsn = resolve_dsn(create_schema=True)
+    out: dict[str, Any] = {"slots": 2, "cpus": os.cpu_count(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         root = Path(tmp)
-        spec = load_pipeline(write_app(root / "app"))
-        with connect(dsn) as conn:
-            app_id = apps.create_app(conn, spec)
-            apps.add_tasks(conn, app_id, "noop", [Message(f"t{i}") for i in range(args.tasks)])
-        run_until_done(dsn, app_id, ("noop",), args.tasks, root / "work")
-        rate = span_rate(dsn, app_id, "noop")
-        claims = [c * 1000 for c in TimedQueue.claims]
-
-        with connect(dsn) as conn:
-            app2 = apps.create_app(conn, spec)
-        config_total = 2 * args.handoff
-        with connect(dsn) as conn:
-            apps.add_tasks(conn, app2, "src", [Message(f"h{i}") for i in range(args.handoff)])
-        run_until_done(dsn, app2, ("src", "dst"), config_total, root / "work2")
-        handoff = handoff_latencies(dsn, app2)
-
-        ref = xargs_rate(args.tasks, "/bin/true")
-        ref_script = xargs_rate(args.tasks, str(root / "app" / "noop" / "run.sh"))
-    result = {
-        "tasks": args.tasks, "slots": 2,
-        "tasks_per_s": round(rate, 1),
-        "claim_ms": {"p50": round(pct(claims, 0.5), 3), "p99": round(pct(claims, 0.99), 3), "n": len(claims)},
-        "handoff_ms": {"p50": round(pct(handoff, 0.5), 3), "p99": round(pct(handoff, 0.99), 3),
-                       "mean": round(statistics.fmean(handoff), 3) if handoff else None, "n": len(handoff)},
-        "reference_xargs_per_s": round(ref, 1),
-        "reference_script_per_s": round(ref_script, 1),
-        "ratio": round(rate / ref, 3),
-        "ratio_script": round(rate / ref_script, 3),
-    }
-    json.dump(result, sys.stdout, indent=2)
+        w2 = make_app(root / "w2", W2, {"noop/run.sh": "/bin/true"})
+        w1 = make_app(root / "w1", W1, {"noop/noop.py": "def noop(task):\n    return 0\n"}) \
+            if handlers_supported() else None
+        for n in sizes:
+            bodies = [f"t{i}" for i in range(n)]
+            row: dict[str, Any] = {"tasks": n}
+            row["xargs_P2_per_s"] = round(xargs_rate(n), 1)
+            row["multiprocessing_noop_per_s"] = round(multiprocessing_rate(n), 1)
+            row["W2"] = timed_run(dsn, w2, "noop", bodies, root / f"work-w2-{n}", n)
+            row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
+            if w1 is not None:
+                row["W1"] = timed_run(dsn, w1, "noop", bodies, root / f"work-w1-{n}", n)
+            out["runs"].append(row)
+        ho = make_app(root / "ho", HANDOFF, {"src/run.sh": '#!/bin/sh\nsend-message "$1"\n', "dst/run.sh": "/bin/true"})
+        run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho", 2 * args.handoff)
+        lat = handoff_latencies(dsn, run["app_id"])
+        out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
+                             "note": "sender finished (its run.sh exited) → receiver started (its claim)"}
+    json.dump(out, sys.stdout, indent=2)
     print()
 
 
 if __name__ == "__main__":
+    threading.stack_size(0)
     main()

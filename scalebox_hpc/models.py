@@ -321,3 +321,14 @@ class Beat:
     status: str
     lease_seconds: float
     task_ids: tuple[int, ...] | None = None
+
+
+def unrecordable(result: TaskResult, reason: str) -> TaskResult:
+    """What is recorded when the database refused a run's result: status -103, no messages,
+    a short tail of its output and the reason (small enough to be stored whatever happened)."""
+    tail = 4096
+    return TaskResult(
+        status=TaskStatus.OUTPUT_INVALID, started_at=result.started_at, finished_at=result.finished_at,
+        stdout=result.stdout[-tail:],
+        stderr=result.stderr[-tail:] + f"\nscalebox: the result could not be recorded: {reason[:2000]}\n",
+    )

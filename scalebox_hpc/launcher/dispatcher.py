@@ -33,12 +33,25 @@ from typing import Any
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
-from scalebox_hpc.models import Beat, Completion, LeaseLostError, ModuleRef, SlotWant, Task, TaskResult
+from scalebox_hpc.models import (
+    Beat,
+    Completion,
+    LeaseLostError,
+    ModuleRef,
+    SlotWant,
+    Task,
+    TaskResult,
+    TaskStatus,
+    unrecordable,
+)
 
 logger = logging.getLogger(__name__)
 
-PREFETCH = 1
-"""Tasks a slot holds claimed beyond the one it runs, for modules whose tasks are short."""
+PREFETCH = 16
+"""At most this many tasks a slot holds claimed beyond the one it runs."""
+PREFETCH_SECONDS = 0.1
+"""A slot's prefetch holds about this much work (tasks of 5 ms: 16; of 50 ms: 2; of 1 s: 1):
+enough that a claim serves many tasks, little enough that no other node waits for them."""
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
@@ -56,10 +69,22 @@ class _Call:
     result: Any = None
     error: BaseException | None = None
     wait: bool = True
+    settle: Callable[[_Call, Any, BaseException | None], None] | None = None
+    """For a call nobody waits for (an asynchronous hand-off): what to do with its outcome."""
+    tries: int = 0
+    requeue_for: Callable[[int], bool] | None = None
+    fallback: bool = False
 
     def answer(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.settle is not None:
+            self.settle(self, result, error)
+            return
         self.result, self.error = result, error
         self.done.set()
+
+
+_TICK = _Call("tick")
+"""Returned by the inbox wait when a retry is due and no call came."""
 
 
 @dataclass
@@ -84,6 +109,8 @@ class _SlotState:
     prefetch: int = 0
     closed: bool = False
     """The slot ended or released its tasks: nothing more is prefetched for it."""
+    recording: set[int] = field(default_factory=set)
+    """Tasks whose result the slot handed over and the dispatcher has not recorded yet."""
     claimed_at: dict[int, float] = field(default_factory=dict)
 
 
@@ -106,6 +133,8 @@ class Dispatcher:
         """Per module id: a moving average of claim-to-hand-off seconds (decides prefetch)."""
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._retry: list[tuple[float, _Call]] = []
+        """Hand-offs to try again (after an outage, or as -103 after a refusal), with when."""
         self.stats = DispatcherStats()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -170,17 +199,64 @@ class Dispatcher:
             self._slots.setdefault(slot_id, _SlotState()).prefetch = self._prefetch if prefetch else 0
 
     def held(self, slot_id: int) -> tuple[int, ...]:
-        """The prefetched tasks the slot holds (they are renewed with its heartbeat)."""
+        """The tasks the slot holds besides the one it runs: prefetched ones, and those whose
+        hand-off is still to be recorded (their leases are renewed with its heartbeat)."""
         with self._lock:
             state = self._slots.get(slot_id)
-            return tuple(t.id for t in state.buffer) if state else ()
+            return (*(t.id for t in state.buffer), *sorted(state.recording)) if state else ()
+
+    def hand_off(self, task: Task, result: TaskResult, *, requeue_for: Callable[[int], bool],
+                 **kwargs: Any) -> None:
+        """Record ``task``'s result in the background (see :meth:`SlotPort.hand_off`)."""
+        slot_id = kwargs["slot_id"]
+        with self._lock:
+            self._slots.setdefault(slot_id, _SlotState()).recording.add(task.id)
+        call = _Call("complete", (task, result), kwargs, wait=False, settle=self._settled, requeue_for=requeue_for)
+        self._submit(call)
+
+    def _settled(self, call: _Call, result: Any, error: BaseException | None) -> None:
+        """The outcome of an asynchronous hand-off, in the dispatcher thread: done, or retried
+        after an outage (the result is kept, its lease renewed), or recorded as -103 when the
+        database refused it for good — as the slot itself did before."""
+        task, res = call.args[0], call.args[1]
+        if isinstance(error, DatabaseError) and not self._closed:
+            call.tries += 1
+            delay = min(30.0, 0.5 * 2 ** (call.tries - 1))
+            logger.warning("task %s: result kept, the database is unavailable; retrying in %.1fs: %s",
+                           task.id, delay, error)
+            self._retry.append((self._clock() + delay, call))
+            return
+        if error is not None and not isinstance(error, LeaseLostError | DatabaseError) and not call.fallback:
+            logger.warning("task %s: the database refused its result (%s); recorded as %d",
+                           task.id, error, TaskStatus.OUTPUT_INVALID)
+            failed = unrecordable(res, f"{type(error).__name__}: {error}")
+            call.args = (task, failed)
+            call.kwargs = {**call.kwargs, "requeue": bool(call.requeue_for and call.requeue_for(failed.status))}
+            call.fallback = True
+            self._retry.append((self._clock(), call))
+            return
+        if isinstance(error, LeaseLostError):
+            logger.warning("task %s: lease lost, result discarded (the task was recovered, or its result was "
+                           "already recorded)", task.id)
+        elif isinstance(error, DatabaseError):
+            logger.error("task %s: result not recorded before shutdown: %s", task.id, error)
+        elif error is not None:
+            logger.error("task %s: not even its failure could be recorded (%s); left to lease expiry", task.id, error)
+        else:
+            logger.debug("task %s: status %s, %s messages", task.id, res.status, result)
+        with self._lock:
+            state = self._slots.get(call.kwargs["slot_id"])
+            if state is not None:
+                state.recording.discard(task.id)
 
     # -- the thread -----------------------------------------------------------------------------
     def _serve_forever(self) -> None:
         try:
             while True:
-                first = self._inbox.get()
-                batch: list[_Call] = [] if first is None else [first]
+                first = self._next(self._retry_timeout())
+                batch: list[_Call] = self._due_retries(final=first is None)
+                if first is not None and first is not _TICK:
+                    batch.append(first)
                 stop = first is None
                 while True:  # everything else already waiting joins this batch
                     try:
@@ -209,6 +285,24 @@ class Dispatcher:
                     break
                 if left is not None:
                     left.answer(error=DatabaseError("the launcher's database session is closed"))
+
+    def _next(self, timeout: float | None) -> _Call | None:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except stdqueue.Empty:
+            return _TICK
+
+    def _retry_timeout(self) -> float | None:
+        if not self._retry:
+            return None
+        return max(0.0, min(when for when, _ in self._retry) - self._clock())
+
+    def _due_retries(self, *, final: bool) -> list[_Call]:
+        """The hand-offs whose retry is due (all of them when shutting down: one last try)."""
+        now = self._clock()
+        due = [c for when, c in self._retry if final or when <= now]
+        self._retry = [(when, c) for when, c in self._retry if not (final or when <= now)]
+        return due
 
     def _q(self) -> BatchQueue:
         if self._queue is None:
@@ -262,8 +356,10 @@ class Dispatcher:
                 if state.closed and not call.wait:
                     call.answer([])
                     continue
-                extra = state.prefetch if self._short(module_id) and semaphore is None else 0
-                missing = (limit if call.wait else 0) + max(0, extra - len(state.buffer))
+                depth = min(state.prefetch, self._depth(module_id)) if semaphore is None else 0
+                # top up only once half is used: one claim then serves several tasks
+                refill = depth - len(state.buffer) if len(state.buffer) <= depth // 2 else 0
+                missing = (limit if call.wait else 0) + refill
                 if missing > 0:
                     wants[slot_id] = SlotWant(slot_id, kw["slot_seq"], missing)
                 if call.wait:
@@ -313,9 +409,13 @@ class Dispatcher:
         except Exception as exc:  # the leases expire and recovery hands them out again
             logger.warning("dispatcher: could not give back tasks %s of ended slot %s: %s", ids, slot_id, exc)
 
-    def _short(self, module_id: int) -> bool:
+    def _depth(self, module_id: int) -> int:
+        """How many tasks a slot of the module may hold beyond the one it runs: none until
+        its tasks' time is known, none for long tasks, about PREFETCH_SECONDS of work else."""
         seconds = self._task_seconds.get(module_id)
-        return seconds is not None and seconds < PREFETCH_TASK_SECONDS
+        if seconds is None or seconds >= PREFETCH_TASK_SECONDS:
+            return 0
+        return max(1, min(PREFETCH, int(PREFETCH_SECONDS / max(seconds, 1e-4))))
 
     def _learn(self, task: Task, slot_id: int) -> None:
         """Fold one task's claim-to-hand-off time into its module's average."""
@@ -483,6 +583,17 @@ class SlotPort:
     ) -> int:
         return int(self._d.call("complete", task, result, slot_id=slot_id, host=host, sender=sender,
                                 modules=modules, requeue=requeue))
+
+    def hand_off(
+        self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
+        modules: dict[str, ModuleRef], requeue: bool, requeue_for: Callable[[int], bool],
+    ) -> None:
+        """Hand the result over and return at once: the dispatcher records it with the next
+        batch (one transaction per task, only while its lease is held, which it keeps renewing
+        until then), retries through an outage, and records -103 instead of a result the
+        database refuses (``requeue_for(status)``: whether that status gets another attempt)."""
+        self._d.hand_off(task, result, slot_id=slot_id, host=host, sender=sender, modules=modules,
+                         requeue=requeue, requeue_for=requeue_for)
 
     # -- everything else, passed through in order ---------------------------------------------
     def claim_for_slots(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from scalebox_hpc.models import Beat, Completion, ModuleRef, SlotWant, Task, TaskResult
 
@@ -54,6 +54,17 @@ class TaskQueue(Protocol):
         self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0
     ) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HandsOff(Protocol):
+    """A queue that records hand-offs in the background (the node's dispatcher): the slot
+    goes on to its next task while its last result is being committed."""
+
+    def hand_off(
+        self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,
+        modules: dict[str, ModuleRef], requeue: bool, requeue_for: Callable[[int], bool],
+    ) -> None: ...
 
 
 class BatchQueue(TaskQueue, Protocol):

