@@ -45,7 +45,12 @@ from scalebox_hpc.runtime.base import Outcome
 
 logger = logging.getLogger(__name__)
 
-CHILD = "scalebox_hpc.launcher.pyworker_child"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+"""The directory holding this scalebox_hpc package: appended to the worker's sys.path, so that a
+launcher run from a source checkout (not installed) starts workers too; an installed copy,
+found first, is the same code."""
+_BOOT = ("import sys; sys.path.append(sys.argv.pop(1)); "
+         "from scalebox_hpc.launcher.pyworker_child import main; sys.exit(main(sys.argv[1:]))")
 MAX_FRAME_BYTES = taskexec.MAX_MESSAGE_BYTES + 16 * 2**20
 """Largest reply accepted: the messages one run may emit (128 MiB, as for run.sh) plus room for
 JSON quoting; a larger frame ends the worker and fails the task with -103."""
@@ -356,8 +361,10 @@ class Worker:
         req_r, self._req = os.pipe()
         self._rep, rep_w = os.pipe()
         self._buf.clear()
-        argv = [sys.executable, "-u", "-m", CHILD, str(req_r), str(rep_w), self.handler, str(self.code_path),
-                str(os.getpid())]
+        # -u: nothing waits in a buffer when the worker is killed; -P: the work dir (task data) is
+        # not put first on sys.path, where a file named like a module would shadow it
+        argv = [sys.executable, "-u", "-P", "-c", _BOOT, str(PACKAGE_ROOT), str(req_r), str(rep_w), self.handler,
+                str(self.code_path), str(os.getpid())]
         try:
             self.proc = subprocess.Popen(
                 argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,

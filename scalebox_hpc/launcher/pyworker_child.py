@@ -1,9 +1,9 @@
 """The worker process of an in-slot Python handler (``handler: file.py:function`` on a module).
 
-Started by :mod:`scalebox_hpc.launcher.pyworker` as
-``python -u -m scalebox_hpc.launcher.pyworker_child REQ_FD REPLY_FD HANDLER CODE_PATH PARENT_PID``
-with the slot's environment and its work dir as the current directory; it loads the handler
-once, then runs it for every task it is sent, in this one process::
+Started by :mod:`scalebox_hpc.launcher.pyworker` (``python -u -P -c BOOT PACKAGE_ROOT REQ_FD
+REPLY_FD HANDLER CODE_PATH PARENT_PID``, BOOT calling :func:`main`) with the slot's environment
+and its work dir as the current directory; it loads the handler once, then runs it for every
+task it is sent, in this one process::
 
     from scalebox_hpc.launcher.pyworker_child import HandlerTask
 

@@ -55,6 +55,10 @@ def handle(task):
         task.send_message("m1", headers={"k": "v"})
         task.send_message("m2")
         return None
+    if body == "emitfail":
+        task.send_message("never")
+        task.set_finished("never")
+        return 2
     if body == "finish":
         task.set_finished("done by handler")
         return 0
@@ -131,10 +135,13 @@ def test_set_finished_finishes_the_app(pg_dsn: str, tmp_path: Path) -> None:
 
 def test_failures_follow_retry_rules_and_emit_nothing(pg_dsn: str, tmp_path: Path) -> None:
     app_id = make_app(pg_dsn, tmp_path / "app", extra="parameters: {retry_rules: ['3']}")
-    add(pg_dsn, app_id, "flaky", "boom", "sysexit", "str")
+    add(pg_dsn, app_id, "flaky", "boom", "sysexit", "str", "emitfail")
     launch(pg_dsn, app_id, tmp_path / "work")
     rows = by_body(pg_dsn, app_id)
-    assert {b: r["status"] for (_, b), r in rows.items()} == {"flaky": 0, "boom": 1, "sysexit": 4, "str": -103}
+    assert {b: r["status"] for (_, b), r in rows.items()} == {
+        "flaky": 0, "boom": 1, "sysexit": 4, "str": -103, "emitfail": 2}  # nothing emitted by a failure
+    with connect(pg_dsn) as conn:
+        assert apps.get_app(conn, app_id)["status"] == "RUNNING"
     assert [e["status"] for e in sorted(execs(pg_dsn, rows[("a", "flaky")]["id"]), key=lambda e: e["id"])] == [3, 0]
     [boom] = execs(pg_dsn, rows[("a", "boom")]["id"])
     assert "Traceback" in boom["stderr"] and "ValueError: the handler failed on purpose" in boom["stderr"]
