@@ -7,6 +7,8 @@ Prints one JSON object:
   wall time until all were recorded;
 - worker_round_trip_us: one task through :class:`scalebox_hpc.launcher.pyworker.Worker` (request,
   the handler, reply, output bookkeeping), no database: mean µs over ``--raw`` tasks;
+- slot_execute_us: one task through ``Slot.execute`` (the slot's handler path: the round trip
+  plus building the result and its output tails), no database;
 - reference_multiprocessing_us: a bare ``multiprocessing.Pipe`` send/recv round trip to a
   child doing nothing, same machine, same run (the floor of any worker protocol in Python).
 
@@ -26,6 +28,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import cast
 
 from scalebox_hpc.db import apps
 from scalebox_hpc.db.connection import connect
@@ -33,8 +36,10 @@ from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.launcher import pyworker
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
+from scalebox_hpc.launcher.ports import TaskQueue
+from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import Message
+from scalebox_hpc.models import ConflictAction, Message, ModuleRef, Task
 from scalebox_hpc.node import resolve_dsn
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.runtime.local import LocalRuntime
@@ -99,6 +104,7 @@ def worker_round_trip(root: Path, n: int) -> float:
     try:
         emit = root / "emit.jsonl"
         worker.run(pyworker.request_for(0, "warm", {}, 1, emit), timeout=None, abort=abort)  # the start
+        time.sleep(0.1)  # the work dir's mtime settles (the worker then checks it with one stat)
         t0 = time.perf_counter()
         for i in range(n):
             run = worker.run(pyworker.request_for(i, f"t{i}", {}, 1, emit), timeout=60.0, abort=abort)
@@ -106,6 +112,32 @@ def worker_round_trip(root: Path, n: int) -> float:
         elapsed = time.perf_counter() - t0
     finally:
         worker.close()
+    return elapsed / n * 1e6
+
+
+def slot_execute(spec_path: Path, root: Path, n: int) -> float:
+    """µs per task of ``Slot.execute`` (the handler path of the slot: request, reply, result and
+    output tails), no database: what the launcher's thread spends per task besides its queries."""
+    module = load_pipeline(spec_path).modules[0]
+    ref = ModuleRef(id=1, name=module.name, sink_modules=(), conflict_action=ConflictAction.FAIL)
+    ctx = SlotContext(app_id=1, module=module, ref=ref, modules={module.name: ref}, host="bench", seq=0,
+                      work_dir=root / "slot-work" / "noop-0", runtime=LocalRuntime(), wakeups=Wakeups(),
+                      control=SlotControl(), base_env=dict(os.environ))
+    slot = Slot(ctx, cast(TaskQueue, None))
+    ctx.work_dir.mkdir(parents=True)
+    slot.private.mkdir(parents=True)
+    try:
+        def one(i: int) -> None:
+            result = slot.execute(Task(id=i, app_id=1, module_id=1, body=f"t{i}", headers={}, status=-3, attempts=1))
+            assert result is not None and result.status == 0, result
+        one(0)  # the worker's start
+        time.sleep(0.1)  # the work dir's mtime settles (the worker then checks it with one stat)
+        t0 = time.perf_counter()
+        for i in range(1, n + 1):
+            one(i)
+        elapsed = time.perf_counter() - t0
+    finally:
+        slot.close()
     return elapsed / n * 1e6
 
 
@@ -145,10 +177,12 @@ def main() -> None:
         spec_path = write_app(root / "app")
         launched = [through_launcher(dsn, spec_path, n, root / f"work-{n}") for n in args.tasks]
         raw = worker_round_trip(root / "app", args.raw)
+        slot_us = slot_execute(spec_path, root, args.raw)
         ref = multiprocessing_round_trip(args.raw)
     result = {
         "launcher": launched,
         "worker_round_trip_us": round(raw, 2),
+        "slot_execute_us": round(slot_us, 2),
         "reference_multiprocessing_us": round(ref, 2),
         "raw_tasks": args.raw,
         "cpus": os.cpu_count(),

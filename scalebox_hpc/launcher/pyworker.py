@@ -39,7 +39,7 @@ from typing import Any
 from scalebox_hpc.errors import InvalidMessageError, ScaleboxError
 from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.launcher.outputs import CappedOutputs
-from scalebox_hpc.launcher.pyworker_child import HEADER
+from scalebox_hpc.launcher.pyworker_child import HEADER, encode_request
 from scalebox_hpc.models import Message, storable_text
 from scalebox_hpc.runtime.base import Outcome
 
@@ -102,6 +102,8 @@ def _depth(value: Any, limit: int) -> bool:
 
 def decode_reply(data: bytes) -> Reply:
     """One reply frame's payload → Reply; ProtocolError for anything else. Total for any bytes."""
+    if len(data) == 1:  # the common case: only a status, as one byte
+        return _PLAIN[data[0]]
     try:
         obj = _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, MemoryError) as exc:
@@ -136,10 +138,7 @@ def decode_reply(data: bytes) -> Reply:
                  files=files, notes=[storable_text(n[:500]) for n in notes[:MAX_NOTES]])
 
 
-def encode_frame(obj: object) -> bytes:
-    """A frame of the protocol: length, then the JSON text."""
-    data = json.dumps(obj).encode()
-    return HEADER.pack(len(data)) + data
+_PLAIN = [Reply(status=code) for code in range(256)]
 
 
 def add_reply(report: taskexec.ExecReport, reply: Reply, max_messages: int) -> None:
@@ -254,16 +253,16 @@ class Worker:
         self._dirty = True  # output files may hold the previous worker's or task's output
 
     # -- one task --------------------------------------------------------------------------------
-    def run(self, request: dict[str, Any], *, timeout: float | None, abort: threading.Event) -> HandlerRun:
-        """Send one task (``id``, ``body``, ``headers``, ``attempt``, ``emit``) and wait for its
-        reply, at most ``timeout`` seconds (and the start, when the worker is not up, as long
-        again); never raises for what the handler does."""
+    def run(self, request: bytes, *, timeout: float | None, abort: threading.Event) -> HandlerRun:
+        """Send one task (:func:`request_for`) and wait for its reply, at most ``timeout``
+        seconds (and the start, when the worker is not up, as long again); never raises for
+        what the handler does."""
         if self.proc is None:
             failed = self._start(timeout, abort)
             if failed is not None:
                 return failed
         self._clear_outputs()
-        frame = encode_frame(request)
+        frame = HEADER.pack(len(request)) + request
         try:
             self._send(frame)
         except OSError:  # the worker died between tasks (a thread of the handler exiting it): a new one
@@ -468,6 +467,6 @@ def _death_note(code: int | None) -> str:
             "a new worker runs the next task")
 
 
-def request_for(task_id: int, body: str, headers: dict[str, Any], attempt: int, emit: Path) -> dict[str, Any]:
-    """The request for one task."""
-    return {"id": task_id, "body": body, "headers": headers, "attempt": attempt, "emit": str(emit)}
+def request_for(task_id: int, body: str, headers: dict[str, Any], attempt: int, emit: Path | str) -> bytes:
+    """The request for one task, as :meth:`Worker.run` takes it."""
+    return encode_request(task_id, body, headers, attempt, str(emit))

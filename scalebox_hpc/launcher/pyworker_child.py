@@ -26,10 +26,11 @@ tails (``python -u``: nothing waits in a buffer when the worker is killed).
 
 Wire protocol (both directions): a 4-byte big-endian length, then that many bytes of UTF-8
 JSON. After the start the worker sends ``{"ready": true}`` (or ``{"ready": false, "error":
-TEXT}`` when the handler cannot be loaded, then exits); per request ``{"id", "body", "headers",
-"attempt", "emit"}`` it replies ``{"status": int|null, "messages": [[body, module, headers],
-...], "finish": text, "files": bool, "notes": [text, ...]}`` (keys other than status omitted
-when empty). End of file on the request pipe ends the worker.
+TEXT}`` when the handler cannot be loaded, then exits); per request (``ID NUL ATTEMPT NUL
+EMIT_PATH NUL HEADERS_JSON NUL BODY``, see :func:`encode_request`) it replies ``{"status":
+int|null, "messages": [[body, module, headers], ...], "finish": text, "files": bool, "notes":
+[text, ...]}`` (keys other than status omitted when empty), or just the status as one byte
+when there is nothing else. End of file on the request pipe ends the worker.
 """
 
 from __future__ import annotations
@@ -136,15 +137,45 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    chunks = []
-    while size:
-        data = os.read(fd, size)
-        if not data:
-            return None
-        chunks.append(data)
-        size -= len(data)
-    return b"".join(chunks)
+class FrameReader:
+    """Frames from a descriptor, read in large chunks (one read per request, usually)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+
+    def next(self) -> bytes | None:
+        """The next frame's payload; None at end of file."""
+        buf = self.buf
+        while True:
+            if len(buf) >= HEADER.size:
+                end = HEADER.size + HEADER.unpack_from(buf)[0]
+                if len(buf) >= end:
+                    payload = bytes(buf[HEADER.size:end])
+                    del buf[:end]
+                    return payload
+            data = os.read(self.fd, 1 << 16)
+            if not data:
+                return None
+            buf += data
+
+
+def encode_request(task_id: int, body: str, headers: dict[str, Any], attempt: int, emit: str) -> bytes:
+    """A request's payload: id, attempt, emit path, headers (JSON) and body, NUL-separated
+    (none of them holds a NUL; cheaper than one JSON document: the common task is tiny)."""
+    head = json.dumps(headers) if headers else "{}"
+    return f"{task_id}\0{attempt}\0{emit}\0{head}\0{body}".encode("utf-8", "surrogatepass")
+
+
+def decode_request(payload: bytes) -> dict[str, Any]:
+    """The request :func:`encode_request` made (from the launcher: trusted)."""
+    task_id, attempt, emit, head, body = payload.decode("utf-8", "surrogatepass").split("\0", 4)
+    return {"id": int(task_id), "attempt": int(attempt), "emit": emit,
+            "headers": {} if head == "{}" else json.loads(head), "body": body}
+
+
+PLAIN_FRAMES = [HEADER.pack(1) + bytes([code]) for code in range(256)]
+"""The reply of a task that only has a status: a one-byte payload (a JSON reply is longer)."""
 
 
 def _send(fd: int, obj: object) -> None:
@@ -229,16 +260,18 @@ def main(argv: list[str]) -> int:
     work_dir = Path.cwd()
     module = os.environ.get("MODULE_NAME", "")
     watch = DirWatch(work_dir, TASK_EXEC_NAMES)
+    requests = FrameReader(req_fd)
     while True:
-        head = _read_exact(req_fd, HEADER.size)
-        if head is None:
-            return 0
-        payload = _read_exact(req_fd, HEADER.unpack(head)[0])
+        payload = requests.next()
         if payload is None:
             return 0
-        reply = run_one(handler, json.loads(payload), work_dir, module, watch)
+        reply = run_one(handler, decode_request(payload), work_dir, module, watch)
         try:
-            _send(reply_fd, reply)
+            status = reply["status"]
+            if len(reply) == 1 and status is not None:
+                os.write(reply_fd, PLAIN_FRAMES[status])  # 5 bytes: always written whole
+            else:
+                _send(reply_fd, reply)
         except (TypeError, ValueError) as exc:  # should not happen: every value was checked
             _send(reply_fd, {"status": None, "notes": [f"the reply could not be encoded: {exc}"]})
         except BrokenPipeError:

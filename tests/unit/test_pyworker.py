@@ -244,3 +244,18 @@ def test_the_dir_watch_sees_a_new_file_after_a_settled_check(tmp_path: Path) -> 
     assert not watch.any()  # a fresh mtime is not trusted yet: looked up again every time
     (tmp_path / "task-exec.json").write_text("{}")
     assert watch.any()
+
+
+@SETTINGS
+@given(task_id=st.integers(0, 2**62), attempt=st.integers(0, 1000),
+       body=st.text(st.characters(exclude_characters="\x00", exclude_categories=()), max_size=50),
+       headers=st.dictionaries(st.text(max_size=5), json_values, max_size=3))
+def test_requests_round_trip(task_id: int, attempt: int, body: str, headers: dict[str, Any]) -> None:
+    payload = pyworker.request_for(task_id, body, headers, attempt, "/p/emit-1.1.jsonl")
+    assert pyworker_child.decode_request(payload) == {
+        "id": task_id, "attempt": attempt, "emit": "/p/emit-1.1.jsonl", "headers": headers, "body": body}
+
+
+def test_a_status_only_reply_is_one_byte() -> None:
+    assert all(pyworker.decode_reply(frame[4:]) == pyworker.Reply(status=code)
+               for code, frame in enumerate(pyworker_child.PLAIN_FRAMES))
