@@ -1051,6 +1051,9 @@ class _Loader:
             if not (module.code_path / where).is_file():
                 raise self.error(f"no handler file {where} in {module.code_path}", key)
             return
+        top = where.partition(".")[0]
+        if (module.code_path / f"{top}.py").is_file() or (module.code_path / top).is_dir():
+            return  # the worker appends code_path to sys.path
         try:  # finds the module without running it (its parent packages are imported)
             found = importlib.util.find_spec(where)
         except (ImportError, ValueError) as exc:

@@ -325,6 +325,8 @@ class Worker:
                 self._buf += data
                 continue
             self.outputs.check()  # a handler printing without end must not fill the work root
+            if self.proc is not None and self.proc.poll() is not None:
+                return None  # exited, though a process it forked may still hold the pipe open
             if abort is not None and abort.is_set():
                 return b"abort"
             if deadline is not None and time.monotonic() >= deadline:

@@ -247,6 +247,8 @@ def main(argv: list[str]) -> int:
     """The worker's loop; returns its exit code."""
     req_fd, reply_fd, spec, code_path, parent = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), int(argv[4])
     _die_with_parent(parent)
+    for fd in (req_fd, reply_fd):  # not for the handler's own child processes
+        os.set_inheritable(fd, False)
     faulthandler.enable()  # a segfault prints the Python stack into the task's stderr
     sys.path.append(str(code_path))  # helper modules next to the handler's file (appended: shadows nothing)
     try:

@@ -33,6 +33,11 @@ def handle(task):
         os._exit(7)
     if body == "exit0":
         os._exit(0)
+    if body == "forkdie":  # the forked child keeps the reply pipe open: the death is seen anyway
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        os._exit(5)
     if body == "segv":
         ctypes.string_at(0)
     if body == "boom":
@@ -170,12 +175,12 @@ def test_a_dying_worker_fails_its_task_alone(pg_dsn: str, tmp_path: Path) -> Non
     app_id = make_app(pg_dsn, tmp_path / "app")
     add(pg_dsn, app_id, "one")
     launch(pg_dsn, app_id, tmp_path / "work")
-    for body in ("exit7", "segv", "exit0", "two"):  # one launch each: the order is known
+    for body in ("exit7", "segv", "exit0", "forkdie", "two"):  # one launch each: the order is known
         add(pg_dsn, app_id, body)
         launch(pg_dsn, app_id, tmp_path / "work")
     rows = by_body(pg_dsn, app_id)
     assert {b: r["status"] for (m, b), r in rows.items() if m == "a"} == {
-        "one": 0, "exit7": 7, "segv": 128 + signal.SIGSEGV, "exit0": -103, "two": 0}
+        "one": 0, "exit7": 7, "segv": 128 + signal.SIGSEGV, "exit0": -103, "forkdie": 5, "two": 0}
     [segv] = execs(pg_dsn, rows[("a", "segv")]["id"])
     assert "killed by SIGSEGV" in segv["stderr"] and "Fatal Python error" in segv["stderr"]
     [exit0] = execs(pg_dsn, rows[("a", "exit0")]["id"])

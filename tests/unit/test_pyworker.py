@@ -54,6 +54,11 @@ def test_a_package_handler_must_be_importable(tmp_path: Path) -> None:
     assert "app.yaml:4: modules.a.handler: handler module 'no_such_pkg_zz.mod' cannot be found" in message
 
 
+def test_a_module_in_code_path_is_accepted(tmp_path: Path) -> None:
+    spec = load_pipeline(app(tmp_path, "handler: helpers.work:go\n", {"a/helpers/work.py": ""}), environ={})
+    assert spec.modules[0].handler == "helpers.work:go"
+
+
 def test_a_missing_handler_file_is_located(tmp_path: Path) -> None:
     message = refused(app(tmp_path, "handler: nope.py:go\n", {"a/other.py": ""}))
     assert message.endswith(f"app.yaml:4: modules.a.handler: no handler file nope.py in {tmp_path / 'a'}")
@@ -259,3 +264,15 @@ def test_requests_round_trip(task_id: int, attempt: int, body: str, headers: dic
 def test_a_status_only_reply_is_one_byte() -> None:
     assert all(pyworker.decode_reply(frame[4:]) == pyworker.Reply(status=code)
                for code, frame in enumerate(pyworker_child.PLAIN_FRAMES))
+
+
+def test_a_package_handler_in_code_path_runs(tmp_path: Path) -> None:
+    (tmp_path / "pkg_in_code").mkdir()
+    (tmp_path / "pkg_in_code" / "__init__.py").write_text("")
+    (tmp_path / "pkg_in_code" / "mod.py").write_text("def go(task):\n    return len(task.body)\n")
+    w = pyworker.Worker("pkg_in_code.mod:go", tmp_path, cwd=tmp_path, env=dict(os.environ), private=tmp_path)
+    try:
+        run = w.run(pyworker.request_for(1, "abc", {}, 1, tmp_path / "e"), timeout=30, abort=threading.Event())
+        assert run.reply == pyworker.Reply(status=3)
+    finally:
+        w.close()
