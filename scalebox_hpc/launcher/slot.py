@@ -413,7 +413,8 @@ class Slot:
     def _execute_handler(self, task: Task) -> TaskResult | None:
         ctx = self.ctx
         started = datetime.now(UTC)
-        emit_file = self.private / f"emit-{task.id}.{task.attempts}.jsonl"  # per attempt, as for run.sh
+        # per attempt, as for run.sh; a text: a Path is only needed when there is something to collect
+        emit_file = f"{self.private}{os.sep}emit-{task.id}.{task.attempts}.jsonl"
         if self._worker is None:
             self._worker = pyworker.Worker(cast(str, ctx.module.handler), ctx.module.code_path, cwd=ctx.work_dir,
                                            env=self._env(None, None), private=self.private)
@@ -430,7 +431,7 @@ class Slot:
         finished = datetime.now(UTC)
         collected = None
         if run.reply is None or run.reply.files:
-            collected = taskexec.collect(ctx.work_dir, emit_file, ctx.modules.keys(),
+            collected = taskexec.collect(ctx.work_dir, Path(emit_file), ctx.modules.keys(),
                                          max_messages=ctx.module.arguments.max_messages)
         report = run.report(collected, ctx.module.arguments.max_messages)
         return self._result(task, run.outcome(), report, started, finished)

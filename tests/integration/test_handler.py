@@ -67,6 +67,10 @@ def handle(task):
     if body == "finish":
         task.set_finished("done by handler")
         return 0
+    if body == "cli":  # send-message from a child process: the emit buffer, as for run.sh
+        import subprocess
+        subprocess.run(["send-message", "via-cli", '{"c": 1}'], check=True)
+        return 0
     if body == "sinkfile":
         with open("sink-tasks.txt", "w") as fh:
             fh.write("from-file\\n")
@@ -112,11 +116,12 @@ def pid_of(ex: dict[str, Any]) -> int:
 
 def test_status_zero_emits_to_the_sink_in_the_hand_off(pg_dsn: str, tmp_path: Path) -> None:
     app_id = make_app(pg_dsn, tmp_path / "app")
-    add(pg_dsn, app_id, "emit", "plain", "sinkfile")
+    add(pg_dsn, app_id, "emit", "plain", "sinkfile", "cli")
     launch(pg_dsn, app_id, tmp_path / "work")
     rows = by_body(pg_dsn, app_id)
-    assert set(rows) == {("a", "emit"), ("a", "plain"), ("a", "sinkfile"), ("b", "m1"), ("b", "m2"),
-                         ("b", "from-file")}
+    assert set(rows) == {("a", "emit"), ("a", "plain"), ("a", "sinkfile"), ("a", "cli"), ("b", "m1"), ("b", "m2"),
+                         ("b", "from-file"), ("b", "via-cli")}
+    assert rows[("b", "via-cli")]["headers"]["c"] == 1
     assert all(r["status"] == 0 for r in rows.values()), rows
     assert rows[("b", "m1")]["headers"]["k"] == "v"
     assert rows[("b", "m1")]["headers"]["from_module"] == "a"
@@ -125,7 +130,7 @@ def test_status_zero_emits_to_the_sink_in_the_hand_off(pg_dsn: str, tmp_path: Pa
     [b_ex] = execs(pg_dsn, rows[("b", "m2")]["id"])
     assert b_ex["stdout"] == "b got m2\n"
     # one worker served all three tasks
-    assert len({pid_of(execs(pg_dsn, rows[("a", b)]["id"])[0]) for b in ("emit", "plain", "sinkfile")}) == 1
+    assert len({pid_of(execs(pg_dsn, rows[("a", b)]["id"])[0]) for b in ("emit", "plain", "sinkfile", "cli")}) == 1
     assert not list((tmp_path / "work").rglob("sink-tasks.txt"))
 
 

@@ -276,3 +276,24 @@ def test_a_package_handler_in_code_path_runs(tmp_path: Path) -> None:
         assert run.reply == pyworker.Reply(status=3)
     finally:
         w.close()
+
+
+def test_a_worker_that_does_not_start_in_time_is_101(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\ndef go(task):\n    return 0\n")
+    w = pyworker.Worker("slow.py:go", tmp_path, cwd=tmp_path, env=dict(os.environ), private=tmp_path)
+    try:
+        run = w.run(pyworker.request_for(1, "b", {}, 1, tmp_path / "e"), timeout=0.5, abort=threading.Event())
+        assert run.start_error is not None and "did not start within task_max_seconds (0.5 s)" in run.start_error
+        assert w.proc is None
+    finally:
+        w.close()
+
+
+def test_a_missing_function_is_101_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "h.py").write_text("def other(task):\n    return 0\n")
+    w = pyworker.Worker("h.py:go", tmp_path, cwd=tmp_path, env=dict(os.environ), private=tmp_path)
+    try:
+        run = w.run(pyworker.request_for(1, "b", {}, 1, tmp_path / "e"), timeout=30, abort=threading.Event())
+        assert run.start_error is not None and "h.py has no function 'go'" in run.start_error
+    finally:
+        w.close()
