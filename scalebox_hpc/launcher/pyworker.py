@@ -22,6 +22,7 @@ may write anything onto any descriptor it finds.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import math
@@ -61,6 +62,13 @@ KILL_GRACE = 2.0
 _POLL_SECONDS = 0.2
 """How often a waiting slot looks at its abort flag and the output files' sizes."""
 _MAX_DEPTH = taskexec.MAX_JSON_DEPTH
+
+
+class _Cut(enum.Enum):
+    """Why a wait for the worker ended without a frame."""
+
+    ABORT = "abort"
+    TIMEOUT = "timeout"
 
 
 class ProtocolError(ScaleboxError):
@@ -257,6 +265,9 @@ class Worker:
         """Send one task (:func:`request_for`) and wait for its reply, at most ``timeout``
         seconds (and the start, when the worker is not up, as long again); never raises for
         what the handler does."""
+        if self.proc is not None and self.proc.poll() is not None:  # it died between tasks
+            logger.warning("handler worker of %s exited between tasks; starting a new one", self.cwd.name)
+            self._reap(0.0)
         if self.proc is None:
             failed = self._start(timeout, abort)
             if failed is not None:
@@ -288,10 +299,10 @@ class Worker:
         except ProtocolError as exc:
             self._reap(0.0)
             return HandlerRun(notes=[f"{exc}; the worker was ended and is restarted for the next task"])
-        if frame == b"abort":
+        if frame is _Cut.ABORT:
             self._reap(KILL_GRACE)
             return HandlerRun(aborted=True)
-        if frame == b"timeout":
+        if frame is _Cut.TIMEOUT:
             self._reap(KILL_GRACE)
             return HandlerRun(timed_out=True, returncode=-signal.SIGKILL,
                               notes=[f"the handler ran over task_max_seconds ({timeout:g} s); its worker was "
@@ -305,9 +316,9 @@ class Worker:
             self._reap(0.0)
             return HandlerRun(notes=[f"{exc}; the worker was ended and is restarted for the next task"])
 
-    def _receive(self, deadline: float | None, abort: threading.Event | None) -> bytes | None:
-        """The next frame's payload; None at end of file; b"abort" / b"timeout" (never a valid
-        JSON payload) when the wait was cut short."""
+    def _receive(self, deadline: float | None, abort: threading.Event | None) -> bytes | _Cut | None:
+        """The next frame's payload; None at end of file (or the worker gone); a _Cut when the
+        wait was cut short."""
         while True:
             if len(self._buf) >= HEADER.size:
                 size = HEADER.unpack_from(self._buf)[0]
@@ -328,9 +339,9 @@ class Worker:
             if self.proc is not None and self.proc.poll() is not None:
                 return None  # exited, though a process it forked may still hold the pipe open
             if abort is not None and abort.is_set():
-                return b"abort"
+                return _Cut.ABORT
             if deadline is not None and time.monotonic() >= deadline:
-                return b"timeout"
+                return _Cut.TIMEOUT
 
     def _send(self, frame: bytes) -> None:
         view = memoryview(frame)
@@ -381,12 +392,13 @@ class Worker:
         self._poller = select.poll()
         self._poller.register(self._rep, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
+        frame: bytes | _Cut | None
         try:
             frame = self._receive(deadline, abort)
-            hello = None if frame in (None, b"abort", b"timeout") else _JSON.decode(frame.decode())
-        except (ProtocolError, ValueError, UnicodeDecodeError):
+            hello = _JSON.decode(frame.decode()) if isinstance(frame, bytes) else None
+        except (ProtocolError, ValueError, UnicodeDecodeError, RecursionError):
             frame, hello = b"", None
-        if frame == b"abort":
+        if frame is _Cut.ABORT:
             self._reap(KILL_GRACE)
             return HandlerRun(aborted=True)
         if isinstance(hello, dict) and hello.get("ready") is True:
@@ -394,7 +406,7 @@ class Worker:
             return None
         if isinstance(hello, dict) and isinstance(hello.get("error"), str):
             why = f"the handler cannot be loaded: {storable_text(hello['error'][:20000])}"
-        elif frame == b"timeout":
+        elif frame is _Cut.TIMEOUT:
             why = f"the handler's worker did not start within task_max_seconds ({timeout:g} s)"
         else:
             why = "the handler's worker did not start"

@@ -297,3 +297,20 @@ def test_a_missing_function_is_101_with_the_reason(tmp_path: Path) -> None:
         assert run.start_error is not None and "h.py has no function 'go'" in run.start_error
     finally:
         w.close()
+
+
+def test_garbage_on_the_reply_pipe_fails_the_task_not_the_slot(tmp_path: Path) -> None:
+    (tmp_path / "h.py").write_text(
+        "import os, struct, sys\n"
+        "def go(task):\n"
+        "    os.write(int(sys.argv[2]), struct.pack('>I', 5) + task.body.encode())  # forges a frame\n"
+        "    return 0\n")
+    w = pyworker.Worker("h.py:go", tmp_path, cwd=tmp_path, env=dict(os.environ), private=tmp_path)
+    try:
+        for body in ("abort", "[1,2"):
+            run = w.run(pyworker.request_for(1, body, {}, 1, tmp_path / "e"), timeout=30, abort=threading.Event())
+            assert not run.aborted and run.reply is None and "worker was ended" in run.notes[0]
+            assert run.outcome().returncode == 0 and run.report(None, 10).invalid  # → -103
+        assert w.starts == 2
+    finally:
+        w.close()
