@@ -26,13 +26,14 @@ stored specs with ``ModuleSpec.model_validate(data)``.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +58,8 @@ a few hundred bytes of nested anchors would otherwise expand to millions of node
 MAX_YAML_DEPTH = 100
 """How deeply mappings and lists may nest, aliases expanded (PyYAML composes recursively)."""
 
+_HANDLER = re.compile(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*")
+"""``file.py:function`` or ``package.module:function``."""
 _SLOT = re.compile(r"(?P<regex>.*):\s*(?P<count>[+-]?\w+)\s*", re.DOTALL)
 _RETRY_RULE = re.compile(r"(\*|-?\d+)(:\d+)?")
 
@@ -343,7 +346,7 @@ class MpiSpec(BaseModel):
             raise ValueError("mode collective needs a handler (file.py:function or package.module:function)")
         if self.handler is not None and self.mode != "collective":
             raise ValueError("handler is only used by mode collective")
-        if self.handler is not None and not re.fullmatch(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*", self.handler):
+        if self.handler is not None and not _HANDLER.fullmatch(self.handler):
             raise ValueError(f"handler {self.handler!r} is not file.py:function or package.module:function")
         if self.ranks is not None and self.mode is not None:
             raise ValueError(f"ranks is for MPI tasks of ordinary slots; mode {self.mode} runs one rank per slot")
@@ -377,6 +380,27 @@ class ModuleSpec(BaseModel):
     parameters: ModuleParameters = Field(default_factory=ModuleParameters)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     mpi: MpiSpec = Field(default_factory=MpiSpec)
+    handler: str | None = None
+    """In-slot Python task handler (``file.py:function`` relative to code_path, or
+    ``package.module:function``): each slot keeps one Python worker process that calls it per
+    task instead of running run.sh (see :mod:`scalebox_hpc.launcher.pyworker`)."""
+
+    @field_validator("handler", mode="before")
+    @classmethod
+    def _handler_spec(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip() or None
+        if isinstance(value, str) and not _HANDLER.fullmatch(value):
+            raise ValueError(f"handler {value!r} is not file.py:function or package.module:function")
+        return value
+
+    @model_validator(mode="after")
+    def _handler_alone(self) -> ModuleSpec:
+        if self.handler is None:
+            return self
+        if self.mpi.mode is not None or self.mpi.ranks is not None:
+            raise ValueError("handler runs in ordinary slots without MPI; a collective stage names mpi: {handler: ...}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -937,7 +961,8 @@ class _Loader:
         return {**item, "name": name}
 
     def resolve(self, module: dict[str, Any]) -> dict[str, Any]:
-        """Absolute code_path (default: ``<app dir>/<name>/``, else the app dir if it holds run.sh);
+        """Absolute code_path (default: ``<app dir>/<name>/``, else the app dir if it holds run.sh
+        or the module names a handler);
         ``schedule_mode: HEAD`` means one slot."""
         name = module["name"]
         code_path = module.get("code_path")
@@ -947,7 +972,8 @@ class _Loader:
             module["code_path"] = Path(os.path.normpath(self.app_dir / code_path))
         elif code_path is None:
             own = self.app_dir / name
-            use_app_dir = not own.is_dir() and (self.app_dir / "run.sh").is_file()
+            # a one-file app: run.sh (or the handler's file) next to app.yaml
+            use_app_dir = not own.is_dir() and ((self.app_dir / "run.sh").is_file() or bool(module.get("handler")))
             module["code_path"] = self.app_dir if use_app_dir else own
         defaults, own = self.data.get("slurm"), module.get("slurm")
         if isinstance(defaults, dict) and (own is None or isinstance(own, dict)):
@@ -1005,10 +1031,35 @@ class _Loader:
         for module in spec.modules:
             if module.mpi.mode == "collective":  # a Python handler instead of run.sh
                 continue
+            if module.handler is not None:  # an in-slot Python handler instead of run.sh
+                self._check_handler(module)
+                continue
             if module.script("run.sh") is None:
                 where: _Path = ("modules", module.name, "code_path")
                 raise self.reader.error(f"no run.sh in {module.code_path}", ("modules", module.name),
                                         self.line(where))
+
+    def _check_handler(self, module: ModuleSpec) -> None:
+        """A ``handler``: its file exists under code_path (or its module can be found), and
+        the module runs bare (the worker is the launcher's own Python)."""
+        key: _Path = ("modules", module.name, "handler")
+        where = cast(str, module.handler).rpartition(":")[0]
+        if module.base_image is not None or module.arguments.runtime not in (None, "local"):
+            raise self.error("handlers run bare (no base_image, runtime local) in this release; "
+                             "use run.sh for a containerised module", key)
+        if where.endswith(".py"):
+            if not (module.code_path / where).is_file():
+                raise self.error(f"no handler file {where} in {module.code_path}", key)
+            return
+        top = where.partition(".")[0]
+        if (module.code_path / f"{top}.py").is_file() or (module.code_path / top).is_dir():
+            return  # the worker appends code_path to sys.path
+        try:  # finds the module without running it (its parent packages are imported)
+            found = importlib.util.find_spec(where)
+        except (ImportError, ValueError) as exc:
+            raise self.error(f"handler module {where!r} cannot be found: {exc}", key) from None
+        if found is None:
+            raise self.error(f"handler module {where!r} is not importable (not on sys.path)", key)
 
 
 def _int_or(value: Any, default: int) -> int:

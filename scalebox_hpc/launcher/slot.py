@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from scalebox_hpc import mpi
 from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, ScriptError, SlotError
-from scalebox_hpc.launcher import mpirun, scratch, taskexec
+from scalebox_hpc.launcher import mpirun, pyworker, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.outputs import CappedOutputs
 from scalebox_hpc.launcher.ports import HandsOff, TaskQueue
@@ -142,6 +143,7 @@ class Slot:
     def _finish(self, status: str, message: str | None) -> None:
         self.running = False
         self.final_status = status
+        self._stop_worker()
         if self.session is not None:
             try:
                 self.session.close()
@@ -248,7 +250,8 @@ class Slot:
         return self._check_gate()
 
     def close(self) -> None:
-        """Close the runtime session, if open (no teardown.sh)."""
+        """Close the runtime session, if open (no teardown.sh), and end the handler worker."""
+        self._stop_worker()
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -379,6 +382,8 @@ class Slot:
         return [p for p in mapped if p is not None]
 
     def _execute(self, task: Task) -> TaskResult | None:
+        if self.ctx.module.handler is not None:
+            return self._execute_handler(task)
         ctx = self.ctx
         run_sh = ctx.module.script("run.sh")
         started = datetime.now(UTC)
@@ -408,6 +413,44 @@ class Slot:
                                   host_path=self.session.host_path if self.session is not None else None,
                                   max_messages=ctx.module.arguments.max_messages)
         return self._result(task, outcome, report, started, finished)
+
+    # -- in-slot Python handlers (pyworker): run.sh's semantics without a process per task -----
+    _worker: pyworker.Worker | None = None
+    """The slot's handler worker, started on its first task (modules with ``handler`` only)."""
+
+    def _execute_handler(self, task: Task) -> TaskResult | None:
+        ctx = self.ctx
+        started = datetime.now(UTC)
+        # per attempt, as for run.sh; a text: a Path is only needed when there is something to collect
+        emit_file = f"{self.private}{os.sep}emit-{task.id}.{task.attempts}.jsonl"
+        if self._worker is None:
+            self._worker = pyworker.Worker(cast(str, ctx.module.handler), ctx.module.code_path, cwd=ctx.work_dir,
+                                           env=self._env(None, None), private=self.private)
+        worker = self._worker
+        run = worker.run(pyworker.request_for(task.id, task.body, task.headers, task.attempts, emit_file),
+                         timeout=ctx.module.arguments.task_max_seconds, abort=ctx.control.abort)
+        self.outputs = worker.outputs
+        if run.aborted:
+            return None
+        if run.start_error is not None:
+            return _system_error(started, run.start_error)
+        if run.died and (run.returncode or 0) < 0 and ctx.control.draining.is_set():
+            return None  # killed while we drain (scancel, walltime): not the task's fault, give it back
+        finished = datetime.now(UTC)
+        collected = None
+        if run.reply is None or run.reply.files:
+            collected = taskexec.collect(ctx.work_dir, Path(emit_file), ctx.modules.keys(),
+                                         max_messages=ctx.module.arguments.max_messages)
+        report = run.report(collected, ctx.module.arguments.max_messages)
+        return self._result(task, run.outcome(), report, started, finished)
+
+    def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:
+                worker.close()
+            except Exception:  # the slot's end must still be recorded
+                logger.exception("slot %s/%s: ending its handler worker failed", self.ctx.module.name, self.ctx.seq)
 
     def _result(
         self, task: Task, outcome: Outcome, report: taskexec.ExecReport, started: datetime, finished: datetime
