@@ -548,14 +548,14 @@ SELECT t.host, s.seq, s.status AS slot_status,
 FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
 WHERE t.id = %(task_id)s AND t.status = -3;
 
+-- name: bulk_create
 -- bulk submit ---------------------------------------------------------------------------------
 -- Many tasks at once (db/apps.py `submit`, `add_tasks`): the rows are COPYed into sbx_bulk, then
 -- one INSERT ... SELECT per CONFLICT_ACTION writes them, with the columns and ON CONFLICT rules of
--- sbx_insert_messages_v1. %(groups)s is a JSON array of {grp, module_id, headers, to_host, to_slot,
+-- sbx_insert_messages_v1. The groups parameter is a JSON array of {grp, module_id, headers, to_host, to_slot,
 -- status, action}: what the rows of one group (one module, one set of headers) share. Rows go in
 -- in submit order (seq), so claims, which take the lowest id first, keep the file's order.
-
--- name: bulk_create
+--
 -- Lives in the caller's transaction only: dropped at the end of the submit, at the latest at
 -- COMMIT / ROLLBACK (so PgBouncer's transaction pooling never hands it to another client).
 CREATE TEMP TABLE sbx_bulk (seq bigint NOT NULL, grp integer NOT NULL, line bigint, body text NOT NULL)

@@ -22,9 +22,9 @@ from scalebox_hpc.models import (
     Message,
     ModuleRef,
     TaskStatus,
-    bind,
     stall_retries,
     validate_body,
+    validate_headers,
 )
 
 if TYPE_CHECKING:  # pydantic stays out of `scalebox task add` (its start time counts)
@@ -284,9 +284,9 @@ class _Bulk:
         ref = self.refs.get(name)
         if ref is None:
             raise NotFoundError("module", name)
-        # what route() and insert_messages do per message, once per group: HOST-/SLOT-BOUND
-        # binding, the header checks, to_host / to_slot as their own columns
-        hdrs = bind(ref, Message(body="", headers=dict(headers))).headers
+        # what insert_messages does per message, once per group: the header checks, to_host /
+        # to_slot as their own columns (no HOST-/SLOT-BOUND binding: that is for emitted messages)
+        hdrs = validate_headers(headers)
         to_slot = hdrs.get("to_slot")
         grp = len(self.groups)
         self.groups.append({
