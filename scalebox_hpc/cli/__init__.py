@@ -583,9 +583,9 @@ def task_add(
 
     \b
     --file FILE: one task per line that is not blank (the line as it stands is the body),
-    read as a stream and sent by COPY: 100 000 lines take about a second. A line that cannot
-    be a body (NUL, over 128 KiB, not UTF-8), or under CONFLICT_ACTION=FAIL a body that exists
-    or repeats, fails the whole command with its line number, and nothing is added.
+    read as a stream and sent by COPY, so a file of any length fits. A line that cannot be a
+    body (NUL, over 128 KiB, not UTF-8), or under CONFLICT_ACTION=FAIL a body that exists or
+    repeats, fails the whole command with its line number, and nothing is added.
     """
     from scalebox_hpc.models import validate_headers
 

@@ -183,8 +183,8 @@ def add_tasks(
     conn: Connection, app_id: int, module: str | None, messages: Iterable[Message], *, initial: bool = False
 ) -> int:
     """Add tasks to a module (default: the first module; a message's own ``module`` wins), each
-    by its module's CONFLICT_ACTION; one transaction, by COPY (see :func:`submit`). Returns
-    rows written."""
+    by its module's CONFLICT_ACTION; one transaction, by COPY when there are many (see
+    :func:`submit`). Returns rows written."""
     refs = module_refs(conn, app_id)
     target = module or next(iter(refs))
     if target not in refs:
@@ -220,6 +220,7 @@ milliseconds to create and drop, COPY takes a tenth of JSON's time a row)."""
 
 _Row = tuple[int, int, int | None, str]
 """(seq, group, line, body): one row of a bulk submit."""
+
 
 @dataclass(frozen=True)
 class Batch:
