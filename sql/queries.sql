@@ -606,3 +606,109 @@ SELECT t.host, s.seq, s.status AS slot_status,
        extract(epoch FROM now() - t.started_at)::double precision AS seconds
 FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
 WHERE t.id = %(task_id)s AND t.status = -3;
+
+-- name: bulk_create
+-- bulk submit ---------------------------------------------------------------------------------
+-- Many tasks at once (db/apps.py `submit`, `add_tasks`): the rows are COPYed into sbx_bulk, then
+-- one INSERT ... SELECT per CONFLICT_ACTION writes them, with the columns and ON CONFLICT rules of
+-- sbx_insert_messages_v1. The groups parameter is a JSON array of {grp, module_id, headers, to_host, to_slot,
+-- status, action}: what the rows of one group (one module, one set of headers) share. Rows go in
+-- in submit order (seq), so claims, which take the lowest id first, keep the file's order.
+--
+-- Lives in the caller's transaction only: dropped at the end of the submit, at the latest at
+-- COMMIT / ROLLBACK (so PgBouncer's transaction pooling never hands it to another client).
+CREATE TEMP TABLE sbx_bulk (seq bigint NOT NULL, grp integer NOT NULL, line bigint, body text NOT NULL)
+ON COMMIT DROP;
+
+-- name: bulk_copy
+COPY sbx_bulk (seq, grp, line, body) FROM STDIN;
+
+-- name: bulk_drop
+DROP TABLE sbx_bulk;
+
+-- name: bulk_insert_fail
+-- A body its module has already, or one given twice, raises unique_violation (see bulk_fail_culprit).
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status)
+SELECT %(app_id)s::bigint, g.module_id, b.body, g.headers, g.to_host, g.to_slot, g.status
+FROM sbx_bulk b
+JOIN jsonb_to_recordset(%(groups)s::jsonb) AS g (grp integer, module_id bigint, headers jsonb, to_host text,
+                                               to_slot integer, status integer, action text) USING (grp)
+WHERE g.action = 'FAIL'
+ORDER BY b.seq;
+
+-- name: bulk_insert_ignore
+-- A body that exists already (or came earlier in this submit) keeps its task.
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status)
+SELECT %(app_id)s::bigint, g.module_id, b.body, g.headers, g.to_host, g.to_slot, g.status
+FROM sbx_bulk b
+JOIN jsonb_to_recordset(%(groups)s::jsonb) AS g (grp integer, module_id bigint, headers jsonb, to_host text,
+                                               to_slot integer, status integer, action text) USING (grp)
+WHERE g.action = 'IGNORE'
+ORDER BY b.seq
+ON CONFLICT (module_id, body_sha) DO NOTHING;
+
+-- name: bulk_insert_overwrite
+-- A body that exists already resets its task to the new message, unless it is RUNNING right now.
+-- A body given twice raises cardinality_violation: then bulk_insert_overwrite_once.
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status)
+SELECT %(app_id)s::bigint, g.module_id, b.body, g.headers, g.to_host, g.to_slot, g.status
+FROM sbx_bulk b
+JOIN jsonb_to_recordset(%(groups)s::jsonb) AS g (grp integer, module_id bigint, headers jsonb, to_host text,
+                                               to_slot integer, status integer, action text) USING (grp)
+WHERE g.action = 'OVERWRITE'
+ORDER BY b.seq
+ON CONFLICT (module_id, body_sha) DO UPDATE
+SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+    pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,
+    status = EXCLUDED.status, attempts = 0, retry_base = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+    lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+    from_task_id = EXCLUDED.from_task_id, created_at = now()
+WHERE sbx_tasks.status <> -3;
+
+-- name: bulk_insert_overwrite_once
+-- bulk_insert_overwrite for a submit that gives a body twice: as if the rows went in one after
+-- another, each body is written once, with its last occurrence's headers, at its first one's place.
+INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status)
+SELECT %(app_id)s::bigint, x.module_id, x.body, x.headers, x.to_host, x.to_slot, x.status
+FROM (
+    SELECT DISTINCT ON (g.module_id, b.body) g.module_id, b.body, g.headers, g.to_host, g.to_slot, g.status,
+           min(b.seq) OVER (PARTITION BY g.module_id, b.body) AS first_seq
+    FROM sbx_bulk b
+    JOIN jsonb_to_recordset(%(groups)s::jsonb) AS g (grp integer, module_id bigint, headers jsonb, to_host text,
+                                                   to_slot integer, status integer, action text) USING (grp)
+    WHERE g.action = 'OVERWRITE'
+    ORDER BY g.module_id, b.body, b.seq DESC
+) AS x
+ORDER BY x.first_seq
+ON CONFLICT (module_id, body_sha) DO UPDATE
+SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
+    pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,
+    status = EXCLUDED.status, attempts = 0, retry_base = 0, slot_id = NULL, host = NULL, heartbeat_at = NULL,
+    lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+    from_task_id = EXCLUDED.from_task_id, created_at = now()
+WHERE sbx_tasks.status <> -3;
+
+-- name: bulk_fail_culprit
+-- After bulk_insert_fail failed: its first row (in submit order) whose body the module has
+-- already, or that repeats an earlier row of the same module (first_seq / first_line: that row).
+SELECT f.seq, f.grp, f.line, f.body, f.first_seq, f.first_line, m.name AS module
+FROM (
+    SELECT b.seq, b.grp, b.line, b.body, g.module_id,
+           first_value(b.seq) OVER w AS first_seq, first_value(b.line) OVER w AS first_line
+    FROM sbx_bulk b
+    JOIN jsonb_to_recordset(%(groups)s::jsonb) AS g (grp integer, module_id bigint, action text) USING (grp)
+    WHERE g.action = 'FAIL'
+    WINDOW w AS (PARTITION BY g.module_id, b.body ORDER BY b.seq)
+) AS f
+JOIN sbx_modules m ON m.id = f.module_id
+WHERE f.first_seq <> f.seq
+   OR EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.module_id = f.module_id AND t.body_sha = sbx_body_digest(f.body))
+ORDER BY f.seq
+LIMIT 1;
+
+-- name: bulk_rows_json
+-- A submit of few rows: sbx_bulk as a common table expression over one JSON parameter (rows:
+-- [{seq, grp, line, body}]) put before each statement above, instead of a temporary table.
+WITH sbx_bulk AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (seq bigint, grp integer, line bigint, body text)
+)

@@ -375,7 +375,7 @@ $$;
 -- On insert, each READY task gets the host it prefers until pref_until: a HOST-BOUND /
 -- SLOT-BOUND task its to_host (claimable elsewhere only once that host is dead, see
 -- claim_tasks); a task naming inputs the live host holding most of them (pref_partial when
--- that host holds only some).
+-- that host holds only some). The scratch index is asked only when the task names inputs.
 CREATE FUNCTION sbx_task_locality_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -386,11 +386,14 @@ BEGIN
     IF NEW.to_host IS NOT NULL THEN
         NEW.pref_host := NEW.to_host;
         NEW.pref_partial := false;
-    ELSE
+    ELSIF jsonb_typeof(NEW.headers -> 'inputs') = 'array' OR m.input_regex IS NOT NULL THEN
         SELECT b.host, b.partial INTO best
         FROM sbx_best_holder_v1(sbx_task_inputs_v1(NEW.headers, NEW.body, m.input_regex), NULL) AS b;
         NEW.pref_host := best.host;
         NEW.pref_partial := COALESCE(best.partial, false);
+    ELSE
+        NEW.pref_host := NULL;
+        NEW.pref_partial := false;
     END IF;
     IF NEW.pref_host IS NOT NULL THEN
         NEW.pref_until := now() + make_interval(secs => m.locality_wait_seconds);

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root, cli
-from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
+
+if TYPE_CHECKING:  # psycopg stays out of `scalebox --help` and the commands that need no database
+    from scalebox_hpc.db.connection import Connection
 
 WORK_ROOT_OPTION = click.option(
     "--work-root", default=None,
