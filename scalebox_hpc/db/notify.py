@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 import psycopg
 
-from scalebox_hpc.db.connection import behind_pooler, connect
+from scalebox_hpc.db.connection import behind_pooler, connect, known_pooler, redact
 from scalebox_hpc.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,22 @@ class Listener:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._listen()
+                if not self._listen():
+                    return
             except (DatabaseError, psycopg.Error) as exc:
                 logger.debug("listener reconnecting: %s", exc)
                 self._stop.wait(self.reconnect_seconds)
 
-    def _listen(self) -> None:
+    def _listen(self) -> bool:
+        """Listen until stopped (True) or, when the DSN turns out to lead to a pooler nobody
+        declared, not at all (False)."""
         assert self.dsn is not None  # start() runs no thread without one
         with connect(self.dsn, autocommit=True) as conn:
+            if known_pooler(self.dsn):  # a LISTEN through it would never hear anything
+                logger.info("no LISTEN: %s leads to a pooler (set %s to a direct DSN for hints); slots poll only",
+                            redact(self.dsn), LISTEN_DSN_ENV)
+                self.ready.set()
+                return False
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
             self.ready.set()
             while not self._stop.is_set():
@@ -86,3 +94,4 @@ class Listener:
                         self.on_hint(int(note.payload))
                     except ValueError:
                         continue
+        return True

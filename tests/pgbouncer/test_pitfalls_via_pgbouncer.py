@@ -168,3 +168,18 @@ def test_listen_is_off_behind_the_pooler_unless_a_direct_dsn_is_given(
     finally:
         listener.stop()
     assert module_id in hints
+
+
+def test_a_listener_sent_to_an_undeclared_pooler_gives_up_listening(
+    bouncer: Bouncer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nobody set SCALEBOX_DB_POOLER, so the listener gets the pooler's DSN: its connect
+    recognises PgBouncer, and it ends instead of holding a LISTEN that never hears anything."""
+    monkeypatch.delenv("SCALEBOX_DB_POOLER")
+    monkeypatch.setattr(connection, "_REFUSE_OPTIONS", set())
+    assert listen_dsn(bouncer.dsn) == bouncer.dsn
+    listener = Listener(bouncer.dsn, lambda _m: None).start()
+    assert listener.ready.wait(10)
+    listener._thread.join(10)
+    assert not listener._thread.is_alive()
+    listener.stop()

@@ -43,7 +43,9 @@ def test_app_primes_through_pgbouncer(bouncer: Bouncer, tmp_path: Path, setup: s
     # -v: the log is configured before the first connection, so the warning shows
     proc = sbx(env, "-v", "run", str(REPO / "examples/app-primes/app.yaml"))
     assert proc.stdout.strip().splitlines()[-1] == "Result is 1229"
-    assert ("refuses the `options` startup parameter" in proc.stderr) == (setup == "undeclared-pooler")
+    undeclared = setup == "undeclared-pooler"
+    assert ("refuses the `options` startup parameter" in proc.stderr) == undeclared
+    assert ("no LISTEN: postgresql://postgres@127.0.0.1" in proc.stderr) == undeclared  # the listener saw it too
     assert "Error" not in proc.stderr, proc.stderr
     status = json.loads(sbx(env, "status", "--json").stdout)
     by_module = {m["module"]: m for m in status["modules"]}
