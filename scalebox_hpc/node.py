@@ -23,7 +23,7 @@ from scalebox_hpc import embedded
 from scalebox_hpc.db import schema
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection, configured_dsn, connect, translate_errors
-from scalebox_hpc.db.notify import Listener
+from scalebox_hpc.db.notify import Listener, listen_dsn
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
@@ -99,7 +99,7 @@ def build(
 ) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
-    listener = Listener(dsn, wakeups.notify)
+    listener = Listener(listen_dsn(dsn), wakeups.notify)  # None: no LISTEN, the slots poll
     launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(local_scratch=config.local_scratch), wakeups,
                         may_idle_exit=may_idle_exit)
     return launcher, listener

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# THE test command: brings up the real test-bed (PostgreSQL, a 4-node Slurm cluster, rsync,
+# THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a 4-node Slurm cluster, rsync,
 # Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
 # checks and then pytest.
 #
@@ -12,7 +12,7 @@
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
 #   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
-#   plus the knobs of postgres.sh / slurm.sh / apptainer.sh / podman.sh / venv.sh
+#   plus the knobs of postgres.sh / pgbouncer.sh / slurm.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
 # a failure.
 set -euo pipefail
@@ -69,6 +69,11 @@ PG_OUT=$(bash "$HERE/postgres.sh" start)
 echo "$PG_OUT"
 phase_end
 
+# PgBouncer (transaction mode) in front of that server, for tests/pgbouncer. Not fatal (no
+# package reachable, say): without its DSN those tests skip with the reason, or fail under CI=true.
+phase_start pgbouncer
+if PGB_OUT=$(bash "$HERE/pgbouncer.sh" start); then echo "$PGB_OUT"; phase_end; else PGB_OUT=""; phase_end "FAILED (tests/pgbouncer will say why)"; fi
+
 phase_start slurm
 bash "$HERE/slurm.sh" start
 phase_end
@@ -87,6 +92,13 @@ phase_end
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")
 export SCALEBOX_TEST_DSN
+SCALEBOX_TEST_PGBOUNCER_DSN=$(sed -n 's/^export SCALEBOX_TEST_PGBOUNCER_DSN=//p' <<<"$PGB_OUT")
+SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN=$(sed -n 's/^export SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN=//p' <<<"$PGB_OUT")
+if [ -n "$SCALEBOX_TEST_PGBOUNCER_DSN" ]; then
+  export SCALEBOX_TEST_PGBOUNCER_DSN SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN
+else
+  unset SCALEBOX_TEST_PGBOUNCER_DSN SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN
+fi
 export SCALEBOX_TEST_SLURM_NODES
 SCALEBOX_TEST_SLURM_NODES=$(seq -f 'node%g' -s, 1 "${SCALEBOX_TESTBED_SLURM_NODES:-4}")
 SCALEBOX_TEST_APPTAINER=$(command -v apptainer)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -13,6 +15,8 @@ from psycopg.rows import DictRow, dict_row
 from scalebox_hpc.errors import DatabaseError
 
 Connection = psycopg.Connection[DictRow]
+
+logger = logging.getLogger(__name__)
 
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
@@ -94,23 +98,148 @@ KEEPALIVES = {
 """A half-open TCP connection (database host lost, a firewall dropping state) is noticed in
 about 30 s instead of the kernel's 15 minutes (libpq ignores these on unix sockets)."""
 
+POOLER_ENV = "SCALEBOX_DB_POOLER"
+"""``transaction``: the DSN leads to a connection pooler (PgBouncer) in transaction mode;
+``none`` (or unset): a PostgreSQL server, or a pooler in session mode that accepts ``options``."""
+
+
+def behind_pooler(environ: Mapping[str, str] | None = None) -> bool:
+    """True when SCALEBOX_DB_POOLER=transaction (see :data:`POOLER_ENV`)."""
+    from scalebox_hpc.errors import ScaleboxError
+
+    env = os.environ if environ is None else environ
+    value = env.get(POOLER_ENV, "").strip().lower()
+    if value in ("", "none"):
+        return False
+    if value == "transaction":
+        return True
+    raise ScaleboxError(f"{POOLER_ENV}={value!r} is not a pooler mode",
+                        hint=f"set {POOLER_ENV}=transaction behind PgBouncer in transaction mode, else unset it")
+
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+class PooledConnection(psycopg.Connection[DictRow]):
+    """A connection whose every transaction is bounded by ``SET LOCAL statement_timeout``.
+
+    Behind a pooler in transaction mode a session setting does not survive the transaction
+    (the next one may run on another server connection, and the setting leaks to whichever
+    client gets this one next), and PgBouncer refuses the ``options`` startup parameter (or,
+    with ``ignore_startup_parameters``, silently drops it). So the timeout is set inside each
+    transaction: when an explicit transaction begins, and around every statement an
+    autocommit connection runs outside one (BEGIN; SET LOCAL; the statement; COMMIT: three
+    round trips more than on a direct connection; measured, they cost less than doing without
+    prepared statements does, see README "PgBouncer").
+
+    Statements go through :meth:`execute` and :meth:`transaction` (all of scalebox's do);
+    a cursor from :meth:`cursor` used outside a transaction is not bounded. One re-entrant
+    lock spans each such multi-statement step, so a statement of another thread cannot land
+    inside it (and be rolled back with it)."""
+
+    timeout_ms: int = 0
+    _step_lock: threading.RLock
+
+    def _bound(self) -> None:
+        # inside the transaction just begun; an int, never user text
+        super().execute(f"SET LOCAL statement_timeout = {int(self.timeout_ms)}")
+
+    @contextlib.contextmanager
+    def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> Iterator[psycopg.Transaction]:
+        """As :meth:`psycopg.Connection.transaction`; the outermost one sets the timeout."""
+        with self._step_lock:
+            outermost = self.info.transaction_status == _IDLE
+            with super().transaction(savepoint_name, force_rollback) as tx:
+                if outermost:
+                    self._bound()
+                yield tx
+
+    def execute(  # one signature for both overloads (str or Template)
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool = False,
+    ) -> psycopg.Cursor[DictRow]:
+        """As :meth:`psycopg.Connection.execute`, in a bounded transaction."""
+        with self._step_lock:
+            if self.info.transaction_status != _IDLE:  # bounded when it began (or not ours to bound)
+                return super().execute(query, params, prepare=prepare, binary=binary)
+            if self.autocommit:  # the client-side cursor holds the rows after the COMMIT
+                with self.transaction():
+                    return super().execute(query, params, prepare=prepare, binary=binary)
+            self._bound()  # begins the implicit transaction
+            return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+def _unsupported_options(exc: psycopg.Error) -> bool:
+    return "unsupported startup parameter" in str(exc) and "options" in str(exc)
+
+
+_REFUSE_OPTIONS: set[str] = set()
+"""DSNs that refused the ``options`` startup parameter in this process: behind a pooler."""
+
+def known_pooler(dsn: str) -> bool:
+    """True when ``dsn`` refused the ``options`` startup parameter in this process (see :func:`connect`)."""
+    return dsn in _REFUSE_OPTIONS
+
+
+PROBE_OPTION = "-c scalebox.pooler_probe=on"
+"""Sent as ``options`` when there is no statement timeout to send: a no-op setting (a custom
+placeholder) for PostgreSQL, refused by PgBouncer ("unsupported startup parameter: options"), which is
+how a pooler nobody told us about is recognised."""
+
 
 def connect(
     dsn: str, *, autocommit: bool = False, timeout: float = 10.0, statement_timeout: float | None = None,
-    **kwargs: Any,
+    pooler: bool | None = None, **kwargs: Any,
 ) -> Connection:
     """Open one connection with dict rows, TCP keepalives and, when given, a statement timeout
-    (seconds) on every statement; errors become DatabaseError."""
+    (seconds) on every statement; errors become DatabaseError.
+
+    ``pooler`` (default: :func:`behind_pooler`, i.e. SCALEBOX_DB_POOLER=transaction): the DSN
+    leads to PgBouncer in transaction mode. Then nothing is prepared server-side (psycopg's
+    automatic prepare names statements on a server connection that other clients share and
+    this client may not get again) and the statement timeout is set in every transaction
+    (:class:`PooledConnection`) instead of once per session with the ``options`` startup
+    parameter, which PgBouncer refuses. A server that refuses ``options`` (always sent, as
+    the timeout or a no-op, unless the caller sets its own) is taken for such a pooler, with
+    a warning: the connection is reopened the pooler's way."""
+    ms = None if statement_timeout is None else int(statement_timeout * 1000)
+    pooled = (behind_pooler() if pooler is None else pooler) or dsn in _REFUSE_OPTIONS
     extra: dict[str, Any] = dict(KEEPALIVES)
-    if statement_timeout is not None and "options" not in kwargs and "options=" not in dsn:
-        extra["options"] = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    probing = not pooled and "options" not in kwargs and "options=" not in dsn
+    if probing:
+        extra["options"] = f"-c statement_timeout={ms}" if ms is not None else PROBE_OPTION
     extra.update(kwargs)
     with translate_errors(dsn):
-        return psycopg.connect(
-            dsn,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            connect_timeout=max(1, int(timeout)),
-            application_name="scalebox",
-            **extra,
-        )
+        try:
+            return _open(dsn, autocommit, timeout, extra, pooled, ms)
+        except psycopg.OperationalError as exc:
+            if not probing or not _unsupported_options(exc):
+                raise
+            if dsn not in _REFUSE_OPTIONS:
+                _REFUSE_OPTIONS.add(dsn)
+                logger.warning("%s refuses the `options` startup parameter: taken for PgBouncer in transaction "
+                               "mode (no prepared statements, the statement timeout set per transaction); "
+                               "set %s=transaction to say so", redact(dsn), POOLER_ENV)
+            del extra["options"]
+            return _open(dsn, autocommit, timeout, extra, True, ms)
+
+
+def _open(
+    dsn: str, autocommit: bool, timeout: float, extra: dict[str, Any], pooled: bool, ms: int | None,
+) -> Connection:
+    common: dict[str, Any] = {
+        "autocommit": autocommit, "row_factory": dict_row, "connect_timeout": max(1, int(timeout)),
+        "application_name": "scalebox", **extra,
+    }
+    if not pooled:
+        # psycopg's automatic prepare stays on: on a direct connection a prepared claim or
+        # heartbeat takes about two thirds of the time (planning; README "PgBouncer")
+        return psycopg.connect(dsn, **common)
+    common.setdefault("prepare_threshold", None)
+    if ms is None:
+        return psycopg.connect(dsn, **common)
+    conn = PooledConnection.connect(dsn, **common)
+    conn.timeout_ms = ms
+    conn._step_lock = threading.RLock()
+    return conn

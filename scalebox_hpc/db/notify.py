@@ -1,29 +1,50 @@
 """LISTEN for task wake-up hints on a dedicated autocommit connection, in a thread.
 
-A hint only shortens a slot's sleep: slots poll anyway, so lost hints (reconnects,
-overflow) cost latency, never correctness.
+A hint only shortens a slot's sleep: slots poll anyway (every ``sleep_interval_seconds``), so
+lost hints (reconnects, overflow) cost latency, never correctness. That is also why LISTEN is
+optional: through a pooler in transaction mode (PgBouncer) a LISTEN binds to whichever server
+connection ran it and nothing is ever delivered, so there the listener needs a direct DSN
+(SCALEBOX_LISTEN_DSN) or is left off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import psycopg
 
-from scalebox_hpc.db.connection import connect
+from scalebox_hpc.db.connection import behind_pooler, connect, known_pooler, redact
 from scalebox_hpc.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "sbx_tasks"
 
+LISTEN_DSN_ENV = "SCALEBOX_LISTEN_DSN"
+"""Where to LISTEN: a DSN (e.g. the PostgreSQL server behind the pooler), or ``off``."""
+
+
+def listen_dsn(dsn: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The DSN the listener uses, None for none: SCALEBOX_LISTEN_DSN (``off``/``none``: none);
+    unset, ``dsn`` itself, except behind a transaction pooler (SCALEBOX_DB_POOLER=transaction),
+    where a LISTEN hears nothing: none, the slots poll."""
+    env = os.environ if environ is None else environ
+    value = env.get(LISTEN_DSN_ENV, "").strip()
+    if value.lower() in ("off", "none"):
+        return None
+    if value:
+        return value
+    return None if behind_pooler(env) else dsn
+
 
 class Listener:
-    """Calls ``on_hint(module_id)`` for every NOTIFY on the task channel until stopped."""
+    """Calls ``on_hint(module_id)`` for every NOTIFY on the task channel until stopped; with
+    ``dsn`` None it does nothing (``ready`` is set at start: there is nothing to wait for)."""
 
-    def __init__(self, dsn: str, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0) -> None:
+    def __init__(self, dsn: str | None, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0) -> None:
         self.dsn = dsn
         self.on_hint = on_hint
         self.reconnect_seconds = reconnect_seconds
@@ -33,24 +54,38 @@ class Listener:
 
     def start(self) -> Listener:
         """Start listening in the background."""
+        if self.dsn is None:
+            logger.info("no LISTEN (%s=off, or behind a transaction pooler): slots poll only", LISTEN_DSN_ENV)
+            self.ready.set()
+            return self
         self._thread.start()
         return self
 
     def stop(self) -> None:
         """Stop (within about a second)."""
         self._stop.set()
-        self._thread.join(3.0)
+        if self._thread.is_alive():
+            self._thread.join(3.0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._listen()
+                if not self._listen():
+                    return
             except (DatabaseError, psycopg.Error) as exc:
                 logger.debug("listener reconnecting: %s", exc)
                 self._stop.wait(self.reconnect_seconds)
 
-    def _listen(self) -> None:
+    def _listen(self) -> bool:
+        """Listen until stopped (True) or, when the DSN turns out to lead to a pooler nobody
+        declared, not at all (False)."""
+        assert self.dsn is not None  # start() runs no thread without one
         with connect(self.dsn, autocommit=True) as conn:
+            if known_pooler(self.dsn):  # a LISTEN through it would never hear anything
+                logger.info("no LISTEN: %s leads to a pooler (set %s to a direct DSN for hints); slots poll only",
+                            redact(self.dsn), LISTEN_DSN_ENV)
+                self.ready.set()
+                return False
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
             self.ready.set()
             while not self._stop.is_set():
@@ -59,3 +94,4 @@ class Listener:
                         self.on_hint(int(note.payload))
                     except ValueError:
                         continue
+        return True
