@@ -467,6 +467,7 @@ class InMemoryQueue:
         # the SQL inserts the FAIL rows first, then IGNORE, then OVERWRITE (one statement each)
         order = {ConflictAction.FAIL: 0, ConflictAction.IGNORE: 1, ConflictAction.OVERWRITE: 2}
         rows.sort(key=lambda r: order[conflict or r[0].conflict_action])
+        overwritten: set[tuple[int, str]] = set()  # OVERWRITE writes a body once per call: the last wins
         for ref, msg in rows:
             action = conflict or ref.conflict_action
             key = (ref.id, msg.body)
@@ -494,6 +495,10 @@ class InMemoryQueue:
                     continue
                 new.id = old.id
                 s.tasks[old.id] = new
+                if key in overwritten:
+                    continue
+            if action == ConflictAction.OVERWRITE:
+                overwritten.add(key)
             written += 1
             if status == TaskStatus.READY:
                 self._ready.add(ref.id)

@@ -194,12 +194,21 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     written := written + n;
 
+    -- one statement may not update a row twice: the same body emitted twice to an OVERWRITE
+    -- module is written once, with the last one's headers, where the first one stood
     INSERT INTO sbx_tasks (app_id, module_id, body, headers, to_host, to_slot, status, from_task_id)
-    SELECT p_app_id, r.module_id, r.body, COALESCE(r.headers, '{}'), r.to_host, r.to_slot,
-           COALESCE(r.status, -1), p_from_task_id
-    FROM jsonb_to_recordset(p_rows) AS r (module_id bigint, body text, headers jsonb, to_host text,
-                                          to_slot integer, status integer, action text)
-    WHERE r.action = 'OVERWRITE'
+    SELECT p_app_id, d.module_id, d.body, COALESCE(d.headers, '{}'), d.to_host, d.to_slot,
+           COALESCE(d.status, -1), p_from_task_id
+    FROM (
+        SELECT DISTINCT ON (r.module_id, r.body) r.*,
+               min(r.ord) OVER (PARTITION BY r.module_id, r.body) AS first_ord
+        FROM ROWS FROM (jsonb_to_recordset(p_rows) AS (module_id bigint, body text, headers jsonb, to_host text,
+                                                       to_slot integer, status integer, action text))
+             WITH ORDINALITY AS r (module_id, body, headers, to_host, to_slot, status, action, ord)
+        WHERE r.action = 'OVERWRITE'
+        ORDER BY r.module_id, r.body, r.ord DESC
+    ) d
+    ORDER BY d.first_ord
     ON CONFLICT (module_id, body_sha) DO UPDATE
     SET headers = EXCLUDED.headers, to_host = EXCLUDED.to_host, to_slot = EXCLUDED.to_slot,
         pref_host = EXCLUDED.pref_host, pref_until = EXCLUDED.pref_until, pref_partial = EXCLUDED.pref_partial,

@@ -76,7 +76,8 @@ def is_retryable(exc: BaseException) -> bool:
 def translate_errors(dsn: str) -> Iterator[None]:
     """Turn psycopg errors into the ScaleboxError tree: an outage (see :func:`is_retryable`)
     becomes DatabaseError naming the redacted DSN; a value PostgreSQL refuses (22xxx) or a
-    program limit (54xxx: a jsonb over 256 MB) InvalidValueError, which retrying cannot cure."""
+    program limit (54xxx: a jsonb over 256 MB) or a broken reference or check (23xxx, but
+    unique violations) InvalidValueError, which retrying cannot cure."""
     from scalebox_hpc.errors import InvalidValueError, SchemaError
 
     try:
@@ -88,6 +89,11 @@ def translate_errors(dsn: str) -> Iterator[None]:
             raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
         if isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54"):
             raise InvalidValueError(f"invalid value: {exc.diag.message_primary or _one_line(exc)}") from exc
+        if isinstance(exc, psycopg.IntegrityError) and not isinstance(exc, psycopg.errors.UniqueViolation):
+            # a slot, module or app that does not exist (a foreign key), a status the schema does
+            # not know (a check): the caller's mistake, which no retry cures (duplicates are
+            # left to the callers that know what a duplicate means)
+            raise InvalidValueError(f"refused by the database: {exc.diag.message_primary or _one_line(exc)}") from exc
         raise
 
 
