@@ -133,21 +133,24 @@ WITH app AS (
     SELECT s.slot_id, row_number() OVER (ORDER BY k.k, s.ord) AS seat
     FROM slots s, generate_series(1, s.want) AS k (k)
 ), dealt AS (
-    SELECT f.id, st.slot_id
-    FROM (SELECT id, row_number() OVER (ORDER BY r) AS seat FROM ranked WHERE to_slot IS NULL) f
+    SELECT f.id, st.slot_id, f.r
+    FROM (SELECT id, r, row_number() OVER (ORDER BY r) AS seat FROM ranked WHERE to_slot IS NULL) f
     JOIN seats st ON st.seat = f.seat
     UNION ALL
-    SELECT r.id, (SELECT s.slot_id FROM slots s WHERE s.seq = r.to_slot ORDER BY s.ord LIMIT 1)
+    SELECT r.id, (SELECT s.slot_id FROM slots s WHERE s.seq = r.to_slot ORDER BY s.ord LIMIT 1), r.r
     FROM ranked r WHERE r.to_slot IS NOT NULL
+), claimed AS (
+    UPDATE sbx_tasks t
+    SET status = -3, slot_id = d.slot_id, host = %(host)s, attempts = t.attempts + 1,
+        started_at = now(), finished_at = NULL, heartbeat_at = now(),
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+    FROM dealt d
+    WHERE t.id = d.id
+    RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base,
+              t.slot_id AS claimed_by, d.r
 )
-UPDATE sbx_tasks t
-SET status = -3, slot_id = d.slot_id, host = %(host)s, attempts = t.attempts + 1,
-    started_at = now(), finished_at = NULL, heartbeat_at = now(),
-    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-FROM dealt d
-WHERE t.id = d.id
-RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base,
-          t.slot_id AS claimed_by;
+-- best first: a slot runs (and prefetches) its tasks in claim order
+SELECT * FROM claimed ORDER BY r;
 
 -- name: complete_task
 -- The hand-off in one round trip (see sbx_complete_task_v2); written is NULL on a lost lease.
