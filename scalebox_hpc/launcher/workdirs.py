@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 from scalebox_hpc.errors import SlotError
@@ -30,10 +31,8 @@ def claim_app_dir(work_root: Path, app_id: int, uid: str) -> Path:
     path = app_dir(work_root, app_id, uid)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / APP_MARKER
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(uid + "\n")
+    if not marker.exists():
+        _publish_marker(marker, uid)
     owner = _read_marker(marker)
     if owner != uid:
         raise SlotError(
@@ -41,6 +40,22 @@ def claim_app_dir(work_root: Path, app_id: int, uid: str) -> Path:
             hint=f"remove {path} if that app is gone, or use another SCALEBOX_WORK_ROOT",
         )
     return path
+
+
+def _publish_marker(marker: Path, uid: str) -> None:
+    """Write the marker whole, then link it into place: the launchers of many nodes start at
+    once on a shared work root, and one that read a marker another was still writing took the
+    dir for another app's (and ended its slots). ``link`` is atomic (on NFS too) and fails if
+    the marker exists: then the first writer's marker stands."""
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(uid + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, marker)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_marker(marker: Path) -> str:
