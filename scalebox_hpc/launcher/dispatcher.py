@@ -33,6 +33,7 @@ from typing import Any
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
+from scalebox_hpc.launcher.slot import outage_backoff
 from scalebox_hpc.models import (
     Beat,
     Completion,
@@ -221,7 +222,7 @@ class Dispatcher:
         task, res = call.args[0], call.args[1]
         if isinstance(error, DatabaseError) and not self._closed:
             call.tries += 1
-            delay = min(30.0, 0.5 * 2 ** (call.tries - 1))
+            delay = outage_backoff(call.tries)
             logger.warning("task %s: result kept, the database is unavailable; retrying in %.1fs: %s",
                            task.id, delay, error)
             self._retry.append((self._clock() + delay, call))
@@ -272,6 +273,8 @@ class Dispatcher:
                 if stop:
                     return
         finally:
+            if self._retry:  # a refused result turned -103 during the last batch: its one try
+                self._serve(self._due_retries(final=True))
             self._release_all_prefetched()
             if self._queue is not None:
                 try:
@@ -498,9 +501,6 @@ class Dispatcher:
             self._release_prefetched(slot_id, close=True)
         self._q().set_slot_status(slot_id, status, message=message, tasks_done=tasks_done)
 
-    def _do_release_prefetched(self, slot_id: int) -> int:
-        return self._release_prefetched(slot_id)
-
     def _release_prefetched(self, slot_id: int, *, close: bool = False) -> int:
         ids = list(self._forget(slot_id, close=close))
         if not ids:
@@ -643,10 +643,6 @@ class SlotPort:
 
     def release(self, slot_id: int) -> int:
         return int(self._d.call("release", slot_id))
-
-    def release_prefetched(self, slot_id: int) -> int:
-        """Give back the tasks prefetched for the slot (it drains, or waits on a gate)."""
-        return int(self._d.call("release_prefetched", slot_id))
 
     def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
         got: tuple[str, bool] = self._d.call("module_activity", app_id, module_id)

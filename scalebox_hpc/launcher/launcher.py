@@ -70,7 +70,6 @@ class Launcher:
         *, may_idle_exit: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
-        self.queue_factory = queue_factory
         self.runtime = runtime
         self.wakeups = wakeups
         self.control = SlotControl() if may_idle_exit is None else SlotControl(may_idle_exit=_once_true(may_idle_exit))

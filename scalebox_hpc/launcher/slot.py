@@ -218,7 +218,7 @@ class Slot:
         """Sleep 0.5 s, 1 s, 2 s ... up to 30 s between tries while the database is away."""
         seen = self.ctx.wakeups.generation(-2)
         self.db_failures += 1
-        delay = min(30.0, 0.5 * 2 ** (self.db_failures - 1))
+        delay = outage_backoff(self.db_failures)
         logger.warning("slot %s/%s: database unavailable, retrying in %.1fs: %s",
                        self.ctx.module.name, self.ctx.seq, delay, exc)
         self.ctx.wakeups.wait(-2, seen, delay)  # -2: a channel nobody notifies; notify_all ends it
@@ -553,6 +553,12 @@ class Slot:
         else:
             env.pop(taskexec.EMIT_BUFFER_ENV, None)
         return env
+
+
+def outage_backoff(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failed try while the database is away:
+    0.5, 1, 2 ... up to 30 (the slot's claims and the dispatcher's kept hand-offs alike)."""
+    return min(30.0, 0.5 * 2.0 ** (failures - 1))
 
 
 def lease_for(heartbeat_seconds: float) -> float:
