@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed, cli
+from scalebox_hpc.cli.common import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed
 
 
-@cli.group()
+@click.group()
 def slot() -> None:
     """Inspect the slots (workers) of an app."""
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from scalebox_hpc.cli import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root, cli
+from scalebox_hpc.cli.common import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 
 if TYPE_CHECKING:  # psycopg stays out of `scalebox --help` and the commands that need no database
@@ -53,7 +53,7 @@ def _raise_errors(report: Any, app_id: int) -> None:
         raise StageSubmitError(f"app {app_id}: " + "; ".join(report.errors))
 
 
-@cli.command("submit")
+@click.command("submit")
 @click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
 @WORK_ROOT_OPTION
 @JSON_OPTION
@@ -73,7 +73,7 @@ def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool,
     _raise_errors(report, app_id)
 
 
-@cli.command("autoscale")
+@click.command("autoscale")
 @APP_OPTION
 @WORK_ROOT_OPTION
 def autoscale_cmd(app: int | None, work_root: str | None) -> None:
@@ -93,7 +93,7 @@ def autoscale_cmd(app: int | None, work_root: str | None) -> None:
         _raise_errors(report, app_id)
 
 
-@cli.group()
+@click.group()
 def stage() -> None:
     """Stage jobs: list, scale, stop, and the job script."""
 
@@ -232,3 +232,7 @@ def stage_script(app: int | None, file: str | None, env_files: tuple[str, ...], 
         module_spec = ModuleSpec.model_validate(specs[module])
     click.echo(job_script(app_id, module_spec, command), nl=False)
 
+
+
+COMMANDS = (submit_cmd, autoscale_cmd, stage)
+"""The top-level commands this module adds to ``scalebox``."""

@@ -1,0 +1,148 @@
+"""``scalebox app``: create, list, show, finish, pause, resume and cancel apps."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    pass
+
+from scalebox_hpc.cli.common import (
+    APP_OPTION,
+    EMIT_BUFFER_ENV,
+    ID,
+    JSON_OPTION,
+    NO_APPS,
+    _app_id,
+    _buffer,
+    _db,
+    _dump,
+    _load,
+    _one_line,
+    terminal_safe,
+)
+from scalebox_hpc.cli.status import _app_state, _print_failures, _state_line, _status_rows
+
+
+@click.group()
+def app() -> None:
+    """Create and steer apps (pipelines)."""
+
+
+@app.command("create")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@click.option("--check", is_flag=True, help="Validate only; create nothing.")
+@JSON_OPTION
+@click.argument("file", type=click.Path(dir_okay=False))
+def app_create(env_files: tuple[str, ...], check: bool, as_json: bool, file: str) -> None:
+    """Create an app from a pipeline file (one transaction: a bad file creates nothing)."""
+    spec = _load(file, env_files)
+    if check:
+        click.echo(f"ok: {spec.name} ({len(spec.modules)} modules)")
+        return
+    from scalebox_hpc.db import apps
+
+    with _db(create_schema=True) as conn:
+        app_id = apps.create_app(conn, spec)
+    if as_json:
+        _dump({"app_id": app_id, "name": spec.name})
+    else:
+        click.echo(app_id)
+
+
+@app.command("list")
+@JSON_OPTION
+def app_list(as_json: bool) -> None:
+    """List apps."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        rows = apps.list_apps(conn)
+    if as_json:
+        _dump(rows)
+        return
+    if not rows:
+        click.echo(NO_APPS, err=True)
+        return
+    click.echo(f"{'id':>5}  {'name':<20} {'status':<9} {'tasks':>7}        result")
+    for r in rows:
+        click.echo(f"{r['id']:>5}  {_one_line(r['name']):<20} {r['status']:<9} {r['tasks']:>7} tasks  "
+                   f"{_one_line(r['result'] or '')}")
+
+
+@app.command("show")
+@JSON_OPTION
+@click.argument("app_id", type=ID, required=False)
+def app_show(as_json: bool, app_id: int | None) -> None:
+    """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
+    RUNNING and no live slot; WAITING: READY tasks but no live slot) and its failed tasks.
+
+    \b
+    Examples:
+      scalebox app show
+      scalebox app show 3 --json
+    """
+    with _db() as conn:
+        app_id = _app_id(conn, app_id)
+        row, state, slots = _app_state(conn, app_id)
+        rows = _status_rows(conn, app_id, slots)
+        if as_json:
+            _dump({**row, "state": state})
+            return
+        for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
+            click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
+        click.echo(f"state: {_one_line(_state_line(row, state, rows))}")
+        failed = sum(r["failed"] for r in rows)
+        if failed:
+            _print_failures(conn, app_id, failed, err=False)
+
+
+@app.command("set-finished")
+@APP_OPTION
+@click.option("--job-id", default=None, help="Accepted for Scalebox compatibility; ignored.")
+@click.argument("text")
+def app_set_finished(app: int | None, job_id: str | None, text: str) -> None:
+    """Set the app's result and FINISHED. Inside run.sh it is committed with the task's result."""
+    if os.environ.get(EMIT_BUFFER_ENV):
+        _buffer({"kind": "finish", "text": text})
+        return
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        apps.finish_app(conn, _app_id(conn, app), text)
+
+
+def _set_status(app_id: int | None, status: str) -> None:
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import AppStatus
+
+    with _db() as conn:
+        apps.set_status(conn, _app_id(conn, app_id), AppStatus(status))
+
+
+@app.command("pause")
+@click.argument("app_id", type=ID, required=False)
+def app_pause(app_id: int | None) -> None:
+    """Stop claiming new tasks (running ones finish)."""
+    _set_status(app_id, "PAUSED")
+
+
+@app.command("resume")
+@click.argument("app_id", type=ID, required=False)
+def app_resume(app_id: int | None) -> None:
+    """Claim again (also starts an app created with initial_status INITIAL)."""
+    _set_status(app_id, "RUNNING")
+
+
+@app.command("cancel")
+@click.argument("app_id", type=ID, required=False)
+def app_cancel(app_id: int | None) -> None:
+    """Finish the app now with the result ``cancelled``: nothing more is claimed, and launchers
+    kill the running tasks (within half a heartbeat) and give them back."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        apps.cancel_app(conn, _app_id(conn, app_id))

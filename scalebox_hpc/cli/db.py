@@ -1,0 +1,81 @@
+"""``scalebox db``: create, upgrade, inspect and stop the database."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    pass
+
+from scalebox_hpc.cli.common import JSON_OPTION, _dump
+
+
+@click.group()
+def db() -> None:
+    """Create, upgrade, inspect or stop the database."""
+
+
+@db.command("init")
+def db_init() -> None:
+    """Create the schema (starts the embedded server when no DSN is configured)."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, redact, translate_errors
+
+    dsn = _dsn_without_schema()
+    with connect(dsn) as conn, translate_errors(dsn):
+        created = schema.init(conn)
+    click.echo(f"{'created' if created else 'already initialised'}: {redact(dsn)}")
+
+
+def _dsn_without_schema() -> str:
+    from scalebox_hpc import embedded
+    from scalebox_hpc.db.connection import configured_dsn
+
+    dsn = configured_dsn()
+    return embedded.ensure_running() if dsn is None else dsn
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, translate_errors
+
+    dsn = _dsn_without_schema()
+    with connect(dsn) as conn, translate_errors(dsn):
+        applied = schema.upgrade(conn)
+    click.echo("applied: " + ", ".join(applied) if applied else "up to date")
+
+
+@db.command("status")
+@JSON_OPTION
+def db_status(as_json: bool) -> None:
+    """Where the database is and which schema version it has."""
+    from scalebox_hpc import embedded
+    from scalebox_hpc.db import schema, sql
+    from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
+
+    dsn = configured_dsn()
+    kind = "configured"
+    if dsn is None:
+        kind, dsn = "embedded", embedded.running_dsn()
+    info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
+    if dsn is not None:
+        info["dsn"] = redact(dsn)
+        with connect(dsn) as conn, translate_errors(dsn):
+            info["version"] = schema.current_version(conn)
+    if as_json:
+        _dump(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (a configured server is left alone)."""
+    from scalebox_hpc import embedded
+
+    click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")

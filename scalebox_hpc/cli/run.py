@@ -1,0 +1,307 @@
+"""``scalebox launcher`` and ``scalebox run``: run an app's slots on this host, with progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from scalebox_hpc.db.apps import ModuleCounts
+    from scalebox_hpc.db.connection import Connection
+
+from scalebox_hpc.cli.common import APP_OPTION, _app_id, _db, _load, _one_line, _squeezed, _work_root, terminal_safe
+from scalebox_hpc.cli.status import _print_failures
+
+
+def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = None, host: str | None = None,
+            work_root: str | None = None, local: bool = False, local_scratch: str | None = None) -> Any:
+    from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
+
+    name = host or host_name()
+    scratch = local_scratch or os.environ.get("SCALEBOX_LOCAL_SCRATCH")
+    return LauncherConfig(app_id=app_id, host=name, work_root=_work_root(work_root),
+                          modules=modules, slots=slots, local=local,
+                          local_scratch=Path(scratch.replace("${HOST}", name)).absolute() if scratch else None)
+
+
+@click.command("launcher")
+@APP_OPTION
+@click.option("-m", "--module", "modules", multiple=True, help="Only these modules (repeatable).")
+@click.option("--slots", type=click.IntRange(0, 4096), default=None,
+              help="Slots per module here (default: from the pipeline).")
+@click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
+@click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+@click.option("--local-scratch", default=None,
+              help="This node's local scratch root, '${HOST}' allowed (env SCALEBOX_LOCAL_SCRATCH): "
+                   "indexed for location-aware dispatch.")
+@click.option("--stage-job", is_flag=True,
+              help="Run as one node of a Slurm stage job (what the job script's srun starts).")
+@click.option("--mpi", "mpi_stage", is_flag=True,
+              help="Run ONE module (-m) as an MPI stage: every rank of `srun --mpi=pmi2` runs this.")
+@click.option("--ranks", type=int, default=None,
+              help="With --mpi: the expected communicator size (default: SCALEBOX_MPI_RANKS / SLURM_NTASKS).")
+def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
+                 work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool,
+                 mpi_stage: bool, ranks: int | None) -> None:
+    """Run this host's slots of an app until they go idle or a signal drains them."""
+    from scalebox_hpc.node import configure_logging, resolve_dsn, run_launcher, run_stage_launcher
+
+    # a no-op after -v; otherwise warnings (and, in a stage job's log, INFO) still show
+    configure_logging(1 if stage_job else 0)
+    if mpi_stage:
+        from scalebox_hpc.launcher.mpi_stage import StageConfig
+        from scalebox_hpc.node import run_mpi_stage
+
+        if len(modules) != 1:
+            raise click.UsageError("--mpi runs exactly one module: give -m MODULE")
+        env_app = os.environ.get("SCALEBOX_APP_ID")
+        config = StageConfig(module=modules[0], work_root=_config(0, work_root=work_root).work_root,
+                             app_id=app if app is not None else (int(env_app) if env_app else None),
+                             grace=grace, expected_ranks=ranks, stage_job=stage_job)
+        sys.exit(run_mpi_stage(config))
+    dsn = resolve_dsn(create_schema=False)
+    with _db() as conn:
+        app_id = _app_id(conn, app)
+    config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root,
+                     local_scratch=local_scratch)
+    if stage_job:
+        sys.exit(run_stage_launcher(dsn, config))
+    sys.exit(run_launcher(dsn, config, grace=grace))
+
+
+@click.command("run")
+@click.option("-e", "--env-file", "env_files", multiple=True, help="Env file (NAME or NAME.env path).")
+@APP_OPTION
+@click.option("--work-root", default=None, help="Root of the slots' work dirs.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="On Ctrl-C (or when the run cannot go on): seconds running tasks get to finish.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.pass_context
+def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, work_root: str | None,
+            timeout: float | None, grace: float, quiet: bool, file: str | None) -> None:
+    """Create the app from FILE (or take --app N) and run every module here until it is
+    finished or idle.
+
+    Exit code 0 when no task failed, 1 otherwise (or when work was left undone). It ends, with
+    the reason, when a module's READY tasks can no longer be taken (all its slots failed).
+    Progress bars on a terminal; elsewhere a progress line every few seconds.
+
+    \b
+    Examples:
+      scalebox run examples/app-primes/app.yaml
+      scalebox run -e containers examples/app-copy/app.yaml
+      scalebox run --app 3          # continue app 3 here (after fixing what stopped it)
+    """
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.node import resolve_dsn, run_launcher
+
+    if (file is None) == (app is None):
+        raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
+    spec = _load(file, env_files) if file is not None else None
+    dsn = resolve_dsn(create_schema=True)
+    with connect(dsn) as conn, translate_errors(dsn):
+        if spec is not None:
+            app_id = apps.create_app(conn, spec)
+            click.echo(f"app {app_id} ({spec.name}) created", err=True)
+        else:
+            app_id = _app_id(conn, app)
+            with conn.transaction():
+                row = apps.get_app(conn, app_id)
+            if row["status"] == "FINISHED":
+                click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
+                sys.exit(0)
+            click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+        watcher = _RunWatcher(conn, app_id, timeout, quiet, grace)
+        with watcher:
+            watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
+            run_launcher(dsn, _config(app_id, work_root=work_root, local=True), grace=grace,
+                         on_tick=watcher.tick, on_drain=watcher.draining)
+        final = watcher.summary()
+    sys.exit(final)
+
+
+PROGRESS_SECONDS = 5.0
+"""Off a terminal, ``scalebox run`` prints a progress line this often (when something changed)."""
+UNSTARTED_GRACE_SECONDS = 5.0
+"""After this long, a module with READY tasks and no slot at all in ``scalebox run`` is stuck."""
+
+
+class _RunWatcher:
+    """Progress for ``scalebox run``, and the decision that the app is done (or cannot go on)."""
+
+    def __init__(self, conn: Connection, app_id: int, timeout: float | None, quiet: bool, grace: float) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.conn, self.app_id, self.grace, self.quiet = conn, app_id, grace, quiet
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.quiet_ticks = 0
+        self.timed_out = False
+        self.ending = False  # the watcher itself ended the run (not a signal)
+        self.interrupted = False
+        self.stuck: list[Any] = []
+        self.console = Console(stderr=True)
+        self.tty = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description:<14}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}", markup=False), TimeElapsedColumn(), console=self.console,
+            disable=quiet or not self.tty,
+        )
+        self.bars: dict[str, Any] = {}
+        self.next_line = time.monotonic() + PROGRESS_SECONDS
+        self.last_line = ""
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _RunWatcher:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.tick()
+        finally:
+            self.progress.stop()
+
+    def configure_logging(self, verbose: int) -> None:
+        """The launcher's log (slot errors first of all) on stderr, as ``scalebox launcher``
+        shows it; on a terminal printed above the progress bars instead of through them."""
+        import logging
+
+        from scalebox_hpc.node import configure_logging
+
+        if not self.tty:
+            configure_logging(verbose)
+            return
+        console = self.console  # the progress bars' console: printing through it keeps the bars below
+
+        class _AboveBars(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                from rich.text import Text
+
+                try:
+                    console.print(Text(terminal_safe(self.format(record)), style="red"
+                                       if record.levelno >= logging.ERROR else ""))
+                except Exception:  # a log line must never break the run
+                    self.handleError(record)
+
+        handler = _AboveBars()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), handlers=[handler], force=True)
+
+    def _counts(self) -> list[ModuleCounts]:
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            return apps.module_counts(self.conn, self.app_id)
+
+    def _slots(self) -> list[dict[str, Any]]:
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            return apps.list_slots(self.conn, self.app_id)
+
+    def tick(self) -> bool:
+        """Update the progress; True when the run should end."""
+        self.ending = self.ending or self._tick()
+        return self.ending
+
+    def _tick(self) -> bool:
+        from scalebox_hpc.db import apps
+
+        counts = self._counts()
+        for mc in counts:
+            if mc.name not in self.bars:
+                self.bars[mc.name] = self.progress.add_task(_one_line(mc.name), total=0, extra="")
+            extra = f"running {mc.count(-3)}" + (f", failed {mc.failed}" if mc.failed else "")
+            self.progress.update(self.bars[mc.name], total=mc.total, completed=mc.done, extra=extra)
+        self._progress_line(counts)
+        if self.interrupted:  # draining on a signal: the slots end because we asked them to
+            return True
+        if self._status() == "FINISHED":
+            return True
+        # a module this run started no slot for (an MPI collective one) strands its tasks too,
+        # once the slots had time to register
+        started = time.monotonic() - self.started > UNSTARTED_GRACE_SECONDS
+        stuck = apps.stuck_modules(counts, self._slots(), without_slots=started)
+        if apps.all_work_stuck(counts, stuck):
+            self.stuck = stuck
+            return True
+        pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
+        self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 else 0
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+            return True
+        return self.quiet_ticks >= 3
+
+    def _progress_line(self, counts: list[ModuleCounts]) -> None:
+        """Off a terminal (a batch log): one line every PROGRESS_SECONDS, when something changed."""
+        if self.quiet or self.tty or time.monotonic() < self.next_line:
+            return
+        self.next_line = time.monotonic() + PROGRESS_SECONDS
+        line = ", ".join(f"{_one_line(mc.name)} {mc.done}/{mc.total}" + (f" ({mc.count(-3)} running)"
+                         if mc.count(-3) else "") + (f" {mc.failed} failed" if mc.failed else "") for mc in counts)
+        if line != self.last_line:
+            self.last_line = line
+            click.echo(f"[{time.monotonic() - self.started:6.0f}s] {line}", err=True)
+
+    def draining(self) -> None:
+        """Called once when the run drains: on a signal (Ctrl-C), say so and for how long."""
+        if self.ending:
+            return
+        self.interrupted = True
+        running = sum(mc.count(-3) for mc in self._counts())
+        click.echo(f"scalebox: stopping: no new tasks; {running} running task(s) get up to {self.grace:g} s "
+                   "to finish, then are stopped and put back READY", err=True)
+
+    def _status(self) -> str:
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT status FROM sbx_apps WHERE id = %s", (self.app_id,)).fetchone()
+        return str(row["status"]) if row else "?"
+
+    def summary(self) -> int:
+        """Print the outcome; the exit code of ``scalebox run``."""
+        from scalebox_hpc.db import apps
+
+        with self.conn.transaction():
+            row = apps.get_app(self.conn, self.app_id)
+        counts = self._counts()
+        slots = self._slots()
+        failed = sum(mc.failed for mc in counts)
+        pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
+        for mc in counts:
+            click.echo(f"{_one_line(mc.name)}: {mc.done}/{mc.total} done, {mc.failed} failed", err=True)
+        if failed:
+            _print_failures(self.conn, self.app_id, failed)
+        sys.stderr.flush()
+        if row["result"]:
+            click.echo(terminal_safe(row["result"]))
+            sys.stdout.flush()
+        again = f"scalebox run --app {self.app_id}"
+        stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending and not self.interrupted else [])
+        if stuck:
+            for s in stuck:
+                stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
+                todo = f"fix it, then `{again}`" if s.slots else f"start it with `{stage}`"
+                click.echo(f"scalebox: {_squeezed(s.describe())}; {_one_line(todo)}", err=True)
+        elif self.timed_out:
+            click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
+                       f"continue with `{again}`", err=True)
+        elif pending and self.interrupted:
+            click.echo(f"scalebox: stopped; {pending} task(s) left unfinished; continue with `{again}` "
+                       f"(or `scalebox launcher --app {self.app_id}`)", err=True)
+        elif pending:
+            click.echo(f"scalebox: {pending} task(s) left unfinished; continue with `{again}` "
+                       f"(`scalebox slot list --app {self.app_id}` shows the slots)", err=True)
+        elif row["status"] != "FINISHED" and not failed and not row["result"]:
+            click.echo(f"scalebox: app {self.app_id} ended idle without a result "
+                       "(no task called `scalebox app set-finished`)", err=True)
+        return 1 if failed or pending or self.timed_out or stuck else 0

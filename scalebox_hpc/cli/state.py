@@ -1,0 +1,125 @@
+"""``scalebox semaphore`` and ``scalebox variable``: an app's shared counters and values."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    pass
+
+from scalebox_hpc.cli.common import APP_OPTION, INT32, JSON_OPTION, _app_id, _db, _dump, _one_line
+
+
+def _print_mapping(values: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _dump(values)
+        return
+    for name, value in values.items():  # values may come from run.sh (`variable set`)
+        click.echo(f"{_one_line(str(name))}\t{_one_line(str(value))}")
+
+
+@click.group()
+def semaphore() -> None:
+    """Counters shared by every slot of an app (atomic in PostgreSQL); usable from run.sh.
+
+    A module with ``arguments: {semaphore: NAME}`` claims only while NAME is positive, and each
+    claim takes one unit; scripts give units back with ``scalebox semaphore increment NAME``."""
+
+
+@semaphore.command("create")
+@APP_OPTION
+@click.argument("name")
+@click.argument("value", type=INT32, default=0)
+def semaphore_create(app: int | None, name: str, value: int) -> None:
+    """Create (or reset) NAME with VALUE."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        click.echo(apps.semaphore_create(conn, _app_id(conn, app), name, value))
+
+
+@semaphore.command("get")
+@APP_OPTION
+@click.argument("name")
+def semaphore_get(app: int | None, name: str) -> None:
+    """Print NAME's value."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        click.echo(apps.semaphore_get(conn, _app_id(conn, app), name))
+
+
+@semaphore.command("increment")
+@APP_OPTION
+@click.argument("name")
+@click.argument("delta", type=INT32, default=1)
+def semaphore_increment(app: int | None, name: str, delta: int) -> None:
+    """Add DELTA (default 1); prints the new value."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, delta))
+
+
+@semaphore.command("decrement")
+@APP_OPTION
+@click.argument("name")
+@click.argument("delta", type=INT32, default=1)
+def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
+    """Subtract DELTA (default 1); prints the new value."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, -delta))
+
+
+@semaphore.command("list")
+@APP_OPTION
+@JSON_OPTION
+def semaphore_list(app: int | None, as_json: bool) -> None:
+    """Every semaphore of the app."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        _print_mapping(apps.semaphore_list(conn, _app_id(conn, app)), as_json)
+
+
+@click.group()
+def variable() -> None:
+    """Named text values shared by an app's scripts."""
+
+
+@variable.command("set")
+@APP_OPTION
+@click.argument("name")
+@click.argument("value")
+def variable_set(app: int | None, name: str, value: str) -> None:
+    """Set NAME to VALUE."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        apps.variable_set(conn, _app_id(conn, app), name, value)
+
+
+@variable.command("get")
+@APP_OPTION
+@click.argument("name")
+def variable_get(app: int | None, name: str) -> None:
+    """Print NAME's value."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        click.echo(apps.variable_get(conn, _app_id(conn, app), name))
+
+
+@variable.command("list")
+@APP_OPTION
+@JSON_OPTION
+def variable_list(app: int | None, as_json: bool) -> None:
+    """Every variable of the app."""
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        _print_mapping(apps.variable_list(conn, _app_id(conn, app)), as_json)

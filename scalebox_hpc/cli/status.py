@@ -1,0 +1,190 @@
+"""``scalebox status``: an app's state, its modules, slots, stage jobs and failures."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from scalebox_hpc.errors import ScaleboxError
+
+if TYPE_CHECKING:
+    from scalebox_hpc.db.connection import Connection
+
+from scalebox_hpc.cli.common import ID, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed, _work_root
+
+FAILURES_SHOWN = 5
+"""Failed tasks listed in a failure summary."""
+
+def _print_failures(conn: Connection, app_id: int, failed: int, *, err: bool = True) -> None:
+    """Up to FAILURES_SHOWN failed tasks as ``id module status body → last stderr line``, and
+    the commands to dig further."""
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
+
+    with conn.transaction():
+        rows = apps.failed_tasks(conn, app_id, FAILURES_SHOWN)
+    click.echo(f"failed tasks ({failed}" + (f", the first {len(rows)}" if failed > len(rows) else "") + "):", err=err)
+    for r in rows:
+        body = _one_line(r["body"])
+        body = body if len(body) <= 40 else body[:37] + "..."
+        why = apps.last_line(r["stderr"]) or apps.last_line(r["stdout"]) or "(no output)"
+        why = _one_line(why)
+        why = why if len(why) <= 100 else why[:97] + "..."
+        click.echo(f"  {r['id']:>6} {_one_line(r['module'])} {TaskStatus.describe(r['status'])} {body} → {why}",
+                   err=err)
+    first = rows[0]["id"] if rows else "ID"
+    click.echo(f"  more: `scalebox task show {first}`, `scalebox task list --failed --app {app_id}`, "
+               f"`scalebox task retry --failed --app {app_id}`", err=err)
+
+
+def _status_rows(conn: Connection, app_id: int, slots: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        counts = apps.module_counts(conn, app_id)
+    return [{
+        "module": mc.name, "total": mc.total, "ready": mc.count(-1), "running": mc.count(-3),
+        "initial": mc.count(-9), "ok": mc.count(0), "failed": mc.failed,
+        "per_minute": mc.last_minute,
+        "slots": sum(1 for s in slots or [] if s["module"] == mc.name and s["live"]),
+        "by_status": {str(k): v for k, v in sorted(mc.by_status.items())},
+    } for mc in counts]
+
+
+def _app_state(conn: Connection, app_id: int) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The app row, its honest state (:func:`apps.app_state`) and its slots."""
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        row = apps.get_app(conn, app_id)
+        counts = apps.module_counts(conn, app_id)
+        slots = apps.list_slots(conn, app_id)
+    return row, apps.app_state(row["status"], counts, slots), slots
+
+
+def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> str:
+    """``IDLE: nothing READY or RUNNING, no live slot; 10 ok, 2 failed`` and the like."""
+    ok = sum(r["ok"] for r in rows)
+    failed = sum(r["failed"] for r in rows)
+    ready = sum(r["ready"] for r in rows)
+    tally = f"{ok} ok, {failed} failed"
+    if state == "IDLE":
+        return f"IDLE: nothing READY or RUNNING and no live slot; {tally}"
+    if state == "WAITING":
+        return (f"WAITING: {ready} task(s) READY but no live slot — start one with "
+                f"`scalebox run --app {row['id']}` or `scalebox launcher --app {row['id']}`; {tally}")
+    return f"{state}: {tally}"
+
+
+@click.command("status")
+@click.argument("app_id", type=ID, required=False)
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C, or until the app is FINISHED or IDLE.")
+@JSON_OPTION
+def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
+    """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
+    first), the app's state and its failed tasks.
+
+    The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
+    no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
+
+    \b
+    Examples:
+      scalebox status               # the newest app
+      scalebox status 3 --watch     # refresh until app 3 is FINISHED or IDLE
+      scalebox status --json
+    """
+    from scalebox_hpc.db import apps
+
+    with _db() as conn:
+        app_id = _app_id(conn, app_id)
+        while True:
+            jobs = _stage_jobs(conn, app_id)
+            row, state, slots = _app_state(conn, app_id)
+            rows = _status_rows(conn, app_id, slots)
+            for r in rows:
+                r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
+                _pending_reasons(r, jobs)
+            calls = _slurm_calls(conn, app_id)
+            failed = sum(r["failed"] for r in rows)
+            if as_json:
+                with conn.transaction():
+                    failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if failed else []
+                _dump({"app": {**{k: row[k] for k in ("id", "name", "status", "result")}, "state": state},
+                       "modules": rows,
+                       "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
+                                     "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
+                                    for f in failures],
+                       **({"slurm_calls_last_minute": calls} if calls is not None else {})})
+            else:
+                _print_status(row, rows, clear=watch, state=state)
+                click.echo(_one_line(_state_line(row, state, rows)))
+                with conn.transaction():
+                    counts = apps.module_counts(conn, app_id)
+                for stuck in apps.stuck_modules(counts, slots):
+                    click.echo(f"  {_squeezed(stuck.describe())} (`scalebox slot list --app {app_id}`)")
+                if failed:
+                    _print_failures(conn, app_id, failed, err=False)
+                if calls is not None:
+                    click.echo(f"slurm: {calls} calls in the last minute")
+            if not watch or state in ("FINISHED", "IDLE"):
+                return
+            time.sleep(1.0)
+
+
+def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """The app's live stage jobs, after an autoscale pass (none, quietly, for apps never submitted)."""
+    from scalebox_hpc.cli.stage import stage_rows
+
+    if not stage_rows(conn, app_id, include_ended=True):
+        return []
+    from scalebox_hpc.node import resolve_dsn, stage_autoscaler
+
+    try:
+        stage_autoscaler(resolve_dsn(create_schema=False), _work_root(None))(app_id)
+    except ScaleboxError as exc:
+        click.echo(f"scalebox: warning: stage jobs not refreshed: {exc}", err=True)
+    return stage_rows(conn, app_id, include_ended=False)
+
+
+def _pending_reasons(row: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+    """Slurm's reason for each PENDING job of the row's module (Resources, QOSMaxJobsPerUserLimit...)."""
+    reasons = {j["slurm_job_id"]: j["reason"] for j in jobs
+               if j["module"] == row["module"] and j["state"] == "PENDING" and j["reason"]}
+    if reasons:
+        row["pending_reasons"] = reasons
+
+
+def _slurm_calls(conn: Connection, app_id: int) -> int | None:
+    from scalebox_hpc.cli.stage import slurm_calls
+
+    return slurm_calls(conn, app_id)
+
+
+def _print_status(app_row: dict[str, Any], rows: list[dict[str, Any]], *, clear: bool,
+                  state: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    # Text, not markup: a task's result such as "[/] done" is shown as written, never parsed
+    title = f"app {app_row['id']} {app_row['name']}: {state or app_row['status']} {app_row['result'] or ''}"
+    table = Table(title=Text(_one_line(title)))
+    columns: tuple[str, ...] = ("module", "total", "ready", "running", "ok", "failed", "per_minute")
+    if rows and "slots" in rows[0]:  # live slots per module
+        columns = (*columns[:-1], "slots", columns[-1])
+    for col in columns:
+        table.add_column(col, justify="left" if col == "module" else "right")
+    with_jobs = any(r.get("jobs") for r in rows)
+    if with_jobs:
+        table.add_column("slurm jobs")
+    for r in rows:
+        reasons = r.get("pending_reasons", {})
+        jobs = [f"{j}({reasons[j.split(':')[0]]})" if j.split(":")[0] in reasons else j for j in r.get("jobs", [])]
+        cells = [str(r.get(c, "")) for c in columns] + ([" ".join(jobs)] if with_jobs else [])
+        table.add_row(*(Text(_one_line(cell)) for cell in cells))
+    console = Console()
+    if clear:
+        console.clear()
+    console.print(table)
