@@ -469,3 +469,62 @@ def test_stage_stop_drains_an_mpi_stage_job(env: dict[str, str], shared: Path) -
     assert "asked to drain" in job_log(shared, app_id, job)
     statuses = [t["status"] for t in tasks(env, app_id)]
     assert len(statuses) == 30 and set(statuses) <= {0, -1} and statuses.count(-1) >= 10, statuses
+
+
+def test_a_finished_stage_releases_the_nodes_its_downstream_waits_for(env: dict[str, str], shared: Path) -> None:
+    """Issue 20's pipeline scaled down: four exclusive `w` jobs take all four nodes, `s`'s one job
+    waits (Reason=Resources) with every `s` task READY. Idle by reachability: `w`'s jobs end once
+    `w` is done, although `s` has work, so `s`'s job gets the nodes (before: a deadlock until the
+    `w` jobs' walltime)."""
+    exclusive = {"time": "10", "extra_sbatch_args": ["--exclusive"]}
+    path = write_pipeline(shared / "ws", {
+        "w": {"run": 'sleep 0.5; send-message "s-$1"\n', "arguments": FAST, "sink_modules": ["s"],
+              "slurm": {**exclusive, "max_jobs": 4, "tasks_per_job": 5},
+              "parameters": {"start_task": "FILE:bodies.txt"}},
+        "s": {"run": 'sleep 0.1\n', "arguments": FAST, "slurm": {**exclusive, "max_jobs": 1}}})
+    (path.parent / "bodies.txt").write_text("".join(f"t{i}\n" for i in range(40)))
+    started = time.monotonic()
+    app_id = submit(env, path)
+    assert [j["module"] for j in db_jobs(env, app_id)] == ["w"] * 4
+    wait_until("all 80 tasks to succeed", all_ok(env, app_id, 80), 180, every=2)
+    span = time.monotonic() - started
+    ended = wait_until("every stage job to end", all_ended(env, app_id), 60, every=2)
+    elapsed = time.monotonic() - started
+    assert {j["module"] for j in ended} == {"w", "s"}
+    w_jobs = [j for j in ended if j["module"] == "w"]
+    assert len(w_jobs) == 4 and {j["state"] for j in w_jobs} == {"COMPLETED"}, ended
+
+    # one autoscale pass per app per interval (2 s here) however many jobs ask, plus the forced
+    # one of `submit` and the leaving passes of the app's last jobs: each job's first node
+    # passing on its own would make about 4 times as many
+    with connect(env["SCALEBOX_DSN"]) as conn:
+        passes = conn.execute("SELECT calls FROM sbx_slurm_calls WHERE app_id = %s ORDER BY id",
+                              (int(app_id),)).fetchall()
+    calls = [p["calls"] for p in passes]
+    print(f"w -> s make-span {span:.1f} s; {len(calls)} passes with Slurm calls in {elapsed:.0f} s, "
+          f"{sum(calls)} calls: {calls}")
+    assert len(calls) <= elapsed / 2 + 6, calls
+
+
+def test_warm_jobs_of_an_idle_module_give_their_nodes_to_a_starved_one(env: dict[str, str], shared: Path) -> None:
+    """`warm` keeps four exclusive jobs up (min_jobs 4: all four nodes) without work; tasks for
+    `work` come in, its job waits (Reason=Resources): the warm jobs drain, `work` runs."""
+    exclusive = {"time": "10", "extra_sbatch_args": ["--exclusive"]}
+    path = write_pipeline(shared / "yield", {
+        "warm": {"run": "true\n", "arguments": FAST, "slurm": {**exclusive, "min_jobs": 4, "max_jobs": 4}},
+        "work": {"run": "sleep 0.2\n", "arguments": FAST, "slurm": {**exclusive, "max_jobs": 1}}})
+    app_id = submit(env, path)
+
+    def running(module: str) -> list[dict[str, Any]]:
+        return [j for j in db_jobs(env, app_id) if j["module"] == module and j["state"] == "RUNNING"
+                and not j["ended_at"]]
+
+    wait_until("four warm jobs to run", lambda: len(running("warm")) == 4, 60)
+    sbx(env, "task", "add", "--app", app_id, "-m", "work", *(f"k{i}" for i in range(10)))
+    wait_until("the 10 tasks to succeed", all_ok(env, app_id, 10), 120, every=2)
+    # marked draining by the autoscaler (min_jobs alone would keep all four up), then gone
+    drained = [j for j in db_jobs(env, app_id) if j["module"] == "warm" and j["draining"]]
+    assert drained, db_jobs(env, app_id)
+    log = job_log(shared, app_id, drained[-1])
+    assert "asked to drain" in log or "idle, exiting" in log, log
+    sbx(env, "stage", "stop", "--app", app_id, "warm", "--now")
