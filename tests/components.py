@@ -50,6 +50,30 @@ def slurm_available() -> str | None:
     return None
 
 
+def slurm_mc_conf() -> str | None:
+    """The accounting test-bed's client slurm.conf (SCALEBOX_TEST_SLURM_MC_CONF), if set."""
+    return os.environ.get("SCALEBOX_TEST_SLURM_MC_CONF") or None
+
+
+def slurm_mc_available() -> str | None:
+    """None when the multi-cluster Slurm with accounting (launchers/testbed/slurm-mc.sh: clusters
+    c1 and c2, QOS limits enforced by slurmdbd) is usable, else the reason why not."""
+    conf = slurm_mc_conf()
+    if conf is None:
+        return "SCALEBOX_TEST_SLURM_MC_CONF is not set (launchers/testbed/run-tests.sh sets it)"
+    env = {**os.environ, "SLURM_CONF": conf}
+    try:
+        proc = subprocess.run(["sinfo", "-M", "c1", "-h", "-o", "%T"], capture_output=True, text=True,
+                              timeout=15, check=False, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`sinfo -M c1` did not run: {exc}"
+    if proc.returncode != 0:
+        return f"`sinfo -M c1` failed (exit {proc.returncode}): {proc.stderr.strip()}"
+    if not any(s.strip() in ("idle", "mixed") for s in proc.stdout.splitlines()):
+        return f"no idle node on cluster c1: {proc.stdout.strip() or 'none'}"
+    return None
+
+
 def apptainer_binary() -> str | None:
     """SCALEBOX_TEST_APPTAINER, else `apptainer` from PATH."""
     return os.environ.get("SCALEBOX_TEST_APPTAINER") or shutil.which("apptainer")

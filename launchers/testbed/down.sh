@@ -7,6 +7,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rc=0
 bash "$HERE/slurm.sh" stop || rc=1
+bash "$HERE/slurm-mc.sh" stop "${1:-}" || rc=1
 bash "$HERE/pgbouncer.sh" stop "${1:-}" || rc=1  # before its backend
 bash "$HERE/postgres.sh" stop "${1:-}" || rc=1
 bash "$HERE/netns.sh" down || rc=1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a 4-node Slurm cluster, rsync,
+# THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a 4-node Slurm cluster, a second
+# Slurm with slurmdbd accounting (two clusters, QOS limits), rsync,
 # Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
 # checks and then pytest.
 #
@@ -12,7 +13,7 @@
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
 #   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
-#   plus the knobs of postgres.sh / pgbouncer.sh / slurm.sh / apptainer.sh / podman.sh / venv.sh
+#   plus the knobs of postgres.sh / pgbouncer.sh / slurm.sh / slurm-mc.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
 # a failure.
 set -euo pipefail
@@ -78,6 +79,11 @@ phase_start slurm
 bash "$HERE/slurm.sh" start
 phase_end
 
+# the second Slurm, with accounting (slurmdbd + MariaDB): QOS limits and two clusters. Not fatal:
+# without its client config those tests skip with the reason, or fail under CI=true.
+phase_start slurm-mc
+if MC_OUT=$(bash "$HERE/slurm-mc.sh" start); then echo "$MC_OUT"; phase_end; else MC_OUT=""; phase_end "FAILED (the QOS tests will say why)"; fi
+
 phase_start apptainer
 bash "$HERE/apptainer.sh" install
 phase_end
@@ -99,6 +105,8 @@ if [ -n "$SCALEBOX_TEST_PGBOUNCER_DSN" ]; then
 else
   unset SCALEBOX_TEST_PGBOUNCER_DSN SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN
 fi
+SCALEBOX_TEST_SLURM_MC_CONF=$(sed -n 's/^export SCALEBOX_TEST_SLURM_MC_CONF=//p' <<<"$MC_OUT")
+if [ -n "$SCALEBOX_TEST_SLURM_MC_CONF" ]; then export SCALEBOX_TEST_SLURM_MC_CONF; else unset SCALEBOX_TEST_SLURM_MC_CONF; fi
 export SCALEBOX_TEST_SLURM_NODES
 SCALEBOX_TEST_SLURM_NODES=$(seq -f 'node%g' -s, 1 "${SCALEBOX_TESTBED_SLURM_NODES:-4}")
 SCALEBOX_TEST_APPTAINER=$(command -v apptainer)
