@@ -12,10 +12,19 @@ Prints one JSON object:
 - ``pipeline``: ``w`` (``--jobs`` exclusive jobs, 5 tasks per job) -> ``s`` (one exclusive job),
   ``--tasks`` tasks of ``--task-seconds`` each; the make-span from submit until every task is
   OK (or ``null`` after ``--timeout``: the stages wedged) against the ideal (the work spread
-  over the nodes), and the Slurm commands per minute meanwhile.
+  over the nodes), and the Slurm commands per minute meanwhile;
+- ``chain``: a 4-stage pipeline ``a -> b -> c -> d`` over all the nodes (each stage up to
+  ``--jobs`` jobs, ``--chain-tasks`` tasks of ``--chain-task-seconds`` per stage, every task of a
+  stage emitting one to the next) for several minutes: the make-span against the ideal (all the
+  work spread over every CPU, plus one task per stage of pipeline latency), the stage jobs
+  used, and the controller's RPCs per minute from ``sdiag`` deltas, split into status and
+  scaling (job/partition/node info: what the target of 6 per minute per cluster is about) and
+  the rest (submits, job steps, completions: these grow with the jobs by nature), beside the
+  commands the app's processes ran (wrappers).
 
 Usage: python benchmarks/stages.py [--jobs 4] [--seconds 60] [--interval 10] [--tasks 40]
-       [--task-seconds 0.5] [--timeout 300] [--only rpc|pipeline]
+       [--task-seconds 0.5] [--timeout 300] [--chain-tasks 60] [--chain-task-seconds 2]
+       [--only rpc|pipeline|chain]
 Needs SCALEBOX_DSN (or SCALEBOX_TEST_DSN) for a server where it may create a scratch database,
 and Slurm. Run it with PYTHONPATH=<another checkout> to measure that code (the jobs inherit it).
 """
@@ -168,6 +177,66 @@ def pipeline_mode(env: dict[str, str], dsn: str, tmp: Path, log: Path, args: arg
             sbx(env, "stage", "stop", "--app", app_id, module, "--now")
 
 
+STATUS_RPCS = ("REQUEST_JOB_INFO", "REQUEST_JOB_INFO_SINGLE", "REQUEST_JOB_USER_INFO", "REQUEST_PARTITION_INFO",
+               "REQUEST_NODE_INFO", "REQUEST_NODE_INFO_SINGLE", "REQUEST_JOB_STATE")
+"""The sdiag RPC types that status and scaling passes cause (squeue, sinfo, scontrol show)."""
+
+
+def cluster_cpus() -> tuple[int, int]:
+    """(nodes, CPUs) of the default cluster."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], capture_output=True, text=True, check=False).stdout
+    nodes = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2}
+    return len(nodes), sum(nodes.values())
+
+
+def chain_mode(env: dict[str, str], dsn: str, tmp: Path, log: Path, args: argparse.Namespace) -> dict[str, Any]:
+    stages = ["a", "b", "c", "d"]
+    modules: dict[str, Any] = {}
+    for i, name in enumerate(stages):
+        emit = f'; send-message "{stages[i + 1]}-$1"' if i + 1 < len(stages) else ""
+        modules[name] = {"run": f"sleep {args.chain_task_seconds}{emit}\n", "arguments": FAST,
+                         "slurm": {"time": "30", "max_jobs": args.jobs, "tasks_per_job": 5}}
+        if i + 1 < len(stages):
+            modules[name]["sink_modules"] = [stages[i + 1]]
+    modules["a"]["parameters"] = {"start_task": "FILE:bodies.txt"}
+    path = write_app(tmp / "chain", modules)
+    (path.parent / "bodies.txt").write_text("".join(f"t{i}\n" for i in range(args.chain_tasks)))
+    total = len(stages) * args.chain_tasks
+    start, before = time.time(), sdiag()
+    app_id = str(json.loads(sbx(env, "submit", str(path), "--json"))["app_id"])
+    try:
+        done = wait("every task of the chain to succeed", lambda: query(
+            dsn, "SELECT count(*) FROM sbx_tasks WHERE app_id = %s AND status = 0", int(app_id))[0][0] == total,
+            args.timeout * 4)
+        end, after = time.time(), sdiag()
+        minutes = (end - start) / 60
+        delta = {k: after[k] - before[k] for k in after if after[k] - before[k] > 0}
+        status_rpcs = sum(v for k, v in delta.items() if k in STATUS_RPCS)
+        calls = calls_between(log, start, end)
+        jobs = query(dsn, "SELECT m.name, count(*) FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id "
+                          "WHERE m.app_id = %s GROUP BY m.name ORDER BY m.name", int(app_id))
+        nodes, cpus = cluster_cpus()
+        work = total * args.chain_task_seconds
+        ideal = work / max(1, cpus) + len(stages) * args.chain_task_seconds
+        span = end - start
+        return {"stages": len(stages), "tasks_per_stage": args.chain_tasks, "task_seconds": args.chain_task_seconds,
+                "nodes": nodes, "cpus": cpus, "autoscale_interval_s": args.interval,
+                "make_span_s": round(span, 1) if done else None, "ideal_s": round(ideal, 1),
+                "make_span_over_ideal": round(span / ideal, 2) if done else None,
+                "stage_jobs": {str(name): int(n) for name, n in jobs},
+                "sdiag_status_and_scaling_rpc_per_minute": round(status_rpcs / minutes, 1),
+                "sdiag_other_rpc_per_minute": round((sum(delta.values()) - status_rpcs) / minutes, 1),
+                "sdiag_delta": delta,
+                "app_slurm_calls": dict(calls),
+                "app_status_calls_per_minute": round(sum(v for k, v in calls.items() if k in ("squeue", "sinfo",
+                                                                                           "sacct", "scontrol"))
+                                                     / minutes, 1)}
+    finally:
+        sbx(env, "app", "cancel", app_id)
+        for module in stages:
+            sbx(env, "stage", "stop", "--app", app_id, module, "--now")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=4)
@@ -176,7 +245,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=40, help="pipeline: tasks per module")
     ap.add_argument("--task-seconds", type=float, default=0.5)
     ap.add_argument("--timeout", type=float, default=300.0, help="pipeline: give up (wedged) after this")
-    ap.add_argument("--only", choices=("rpc", "pipeline"))
+    ap.add_argument("--chain-tasks", type=int, default=60, help="chain: tasks per stage")
+    ap.add_argument("--chain-task-seconds", type=float, default=2.0)
+    ap.add_argument("--only", choices=("rpc", "pipeline", "chain"))
     args = ap.parse_args()
     server = os.environ.get("SCALEBOX_DSN") or os.environ.get("SCALEBOX_TEST_DSN")
     if not server:
@@ -201,6 +272,8 @@ def main() -> None:
             out["rpc"] = rpc_mode(env, dsn, tmp, log, args)
         if args.only in (None, "pipeline"):
             out["pipeline"] = pipeline_mode(env, dsn, tmp, log, args)
+        if args.only in (None, "chain"):
+            out["chain"] = chain_mode(env, dsn, tmp, log, args)
         print(json.dumps(out, indent=2))
     finally:
         with psycopg.connect(server, autocommit=True) as admin:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -191,14 +191,19 @@ def stage_autoscaler(
 ) -> Callable[..., ScaleReport]:
     """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=False)``
     (see :meth:`Autoscaler.reconcile`)."""
-    client = SlurmClient(SubprocessRunner(base_env=submit_environment(dsn, environ)))
+    runner = SubprocessRunner(base_env=submit_environment(dsn, environ))
+    client = SlurmClient(runner)
+
+    def cluster_client(cluster: str, submit_via: Sequence[str]) -> SlurmClient:
+        return SlurmClient(runner, cluster=cluster, prefix=submit_via)
+
     command = LaunchCommand(python=sys.executable, work_root=work_root)
     open_session = session or dsn_session(dsn)
 
     def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: bool = False) -> ScaleReport:
         with open_session() as conn:
             report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS,
-                                rpc_per_minute=SLURM_RPC_PER_MINUTE).reconcile(
+                                rpc_per_minute=SLURM_RPC_PER_MINUTE, clusters=cluster_client).reconcile(
                 app_id, force=force, only=only, leaving=leaving)
             for error in report.errors:
                 logger.error("autoscale: %s", error)
@@ -227,6 +232,7 @@ class StageLifecycle:
         wait_for_budget: bool = True,
     ) -> None:
         self.job, self.app_id, self.session, self.scale, self.end = job, app_id, session, scale, end
+        self.cluster = spec.slurm.cluster or ""  # with the job id, the key of the job's row
         self.budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
         self.first_node = job.nodeid == 0
         self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
@@ -244,6 +250,8 @@ class StageLifecycle:
         if self._asked_to_drain():
             logger.warning("stage job %s asked to drain (`scalebox stage stop`)", self.job.job_id)
             return True
+        if self.end is None:
+            self._learn_end()
         if self.first_node:
             self._autoscale()
         return False
@@ -251,7 +259,7 @@ class StageLifecycle:
     def may_idle_exit(self) -> bool:
         try:
             with self.session() as conn:
-                leave = may_leave_idle(conn, self.job.job_id)
+                leave = may_leave_idle(conn, self.job.job_id, self.cluster)
         except ScaleboxError as exc:
             logger.warning("cannot check min_jobs (%s): staying up", exc)
             return False
@@ -262,7 +270,7 @@ class StageLifecycle:
     def leaving(self) -> None:
         try:
             with self.session() as conn:
-                db_stages.mark_draining(conn, self.job.job_id)
+                db_stages.mark_draining(conn, self.job.job_id, self.cluster)
         except ScaleboxError as exc:
             logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
         if not self.first_node:
@@ -283,12 +291,24 @@ class StageLifecycle:
             logger.warning("autoscale failed: %s", exc)
             return None
 
+    def _learn_end(self) -> None:
+        """The job's end time as the app's autoscale pass stored it from its one squeue: every
+        job's launchers asking scontrol themselves made Slurm RPCs grow with the jobs."""
+        try:
+            with self.session() as conn:
+                self.end = db_stages.job_end_time(conn, self.job.job_id, self.cluster)
+        except ScaleboxError as exc:
+            logger.warning("cannot read job %s's end time: %s", self.job.job_id, exc)
+            return
+        if self.end is not None:
+            logger.info("stage job %s ends %s", self.job.job_id, self.end)
+
     def _asked_to_drain(self) -> bool:
         """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
         still starting up, before its handlers exist, and kill it)."""
         try:
             with self.session() as conn:
-                return db_stages.is_draining(conn, self.job.job_id)
+                return db_stages.is_draining(conn, self.job.job_id, self.cluster)
         except ScaleboxError as exc:
             logger.warning("cannot check whether job %s should drain: %s", self.job.job_id, exc)
             return False
@@ -330,14 +350,10 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
 
 
 def _job_end(job: JobEnvironment) -> datetime | None:
-    """When the job's time limit expires: from the environment, else asked of scontrol."""
-    if job.end_time is not None:
-        return job.end_time
-    try:
-        return SlurmClient(SubprocessRunner()).job_end_time(job.job_id)
-    except ScaleboxError as exc:
-        logger.warning("cannot learn the job's end time (%s): no walltime-aware claims", exc)
-        return None
+    """When the job's time limit expires, from the environment (newer Slurm releases); else None,
+    and :class:`StageLifecycle` reads it from the database once the app's autoscale pass has
+    seen the job run (its squeue carries every job's EndTime)."""
+    return job.end_time
 
 
 def run_mpi_stage(config: StageConfig) -> int:

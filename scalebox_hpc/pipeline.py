@@ -284,6 +284,15 @@ class SlurmSpec(BaseModel):
     """``nodelist``: a new stage job asks (``sbatch --nodelist``) for the available nodes whose
     scratch holds most input of the module's READY tasks, the rest left to Slurm; ``off``:
     any nodes (a site that forbids --nodelist, or inputs not in node-local scratch)."""
+    cluster: str | None = None
+    """The Slurm cluster of the stage jobs (the module's ``cluster:``, declared under ``clusters:``);
+    None: the submitting host's default cluster."""
+    submit_via: list[str] = Field(default_factory=list)
+    """Argv put before every Slurm command for this cluster (``[ssh, login2]``); empty: ``-M cluster``."""
+    local_scratch: str | None = None
+    """The cluster's node-local scratch root (``${HOST}`` allowed), given to its launchers."""
+    data_root: str | None = None
+    """The cluster's data root (SCALEBOX_DATA_ROOT of its launchers)."""
 
     @field_validator("extra_sbatch_args", mode="before")
     @classmethod
@@ -307,6 +316,27 @@ class SlurmSpec(BaseModel):
     def time_seconds(self) -> int | None:
         """The time limit in seconds, None when unset (the partition's default)."""
         return None if self.time is None else walltime_seconds(self.time)
+
+
+class ClusterSpec(BaseModel):
+    """A Slurm cluster an app's modules may run on (``clusters: {NAME: ...}``)."""
+
+    model_config = _CONFIG
+
+    slurm: dict[str, Any] = Field(default_factory=dict)
+    """Defaults for the ``slurm:`` of the modules on this cluster (over the app's, under the module's)."""
+    submit_via: list[str] = Field(default_factory=list)
+    """Argv before every Slurm command (``[ssh, login2]``: only that login node can submit); empty:
+    the clusters share a slurmdbd and commands reach this one with ``-M NAME``."""
+    local_scratch: str | None = None
+    """Node-local scratch on this cluster's nodes (``${HOST}`` allowed)."""
+    data_root: str | None = None
+    """The data root on this cluster (SCALEBOX_DATA_ROOT of its launchers)."""
+
+    @field_validator("submit_via", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
 
 
 class MpiSpec(BaseModel):
@@ -381,6 +411,9 @@ class ModuleSpec(BaseModel):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     mpi: MpiSpec = Field(default_factory=MpiSpec)
     handler: str | None = None
+    cluster: str | None = None
+    """The cluster (declared under ``clusters:``) whose Slurm runs this module's stage jobs;
+    default: the app's ``cluster`` when declared there, else the submitting host's."""
     """In-slot Python task handler (``file.py:function`` relative to code_path, or
     ``package.module:function``): each slot keeps one Python worker process that calls it per
     task instead of running run.sh (see :mod:`scalebox_hpc.launcher.pyworker`)."""
@@ -489,6 +522,8 @@ class AppSpec(BaseModel):
     name: str
     label: str | None = None
     cluster: str | None = None
+    clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
+    """The Slurm clusters modules may name (one database, several clusters)."""
     parameters: AppParameters = Field(default_factory=AppParameters)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """Defaults for every module's ``slurm:`` (each module's keys win)."""
@@ -643,16 +678,20 @@ _Path = tuple[_Key, ...]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TYPED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "null"))
 
-_TOP_KEYS = frozenset({"name", "label", "cluster", "parameters", "modules", "slurm"})
+_CLUSTER_SLURM_KEYS = frozenset({"cluster", "submit_via", "local_scratch", "data_root"})
+"""Set from ``clusters:`` and the module's ``cluster:``, not under a ``slurm:``."""
+_TOP_KEYS = frozenset({"name", "label", "cluster", "clusters", "parameters", "modules", "slurm"})
 _ALLOWED: dict[str, frozenset[str]] = {
     "app": _TOP_KEYS,
     "app.parameters": frozenset(AppParameters.model_fields),
     "module": frozenset(ModuleSpec.model_fields),
     "module.parameters": frozenset(ModuleParameters.model_fields),
     "module.arguments": frozenset(ModuleArguments.model_fields),
-    "app.slurm": frozenset(SlurmSpec.model_fields),
-    "module.slurm": frozenset(SlurmSpec.model_fields),
+    "app.slurm": frozenset(SlurmSpec.model_fields) - _CLUSTER_SLURM_KEYS,
+    "module.slurm": frozenset(SlurmSpec.model_fields) - _CLUSTER_SLURM_KEYS,
     "module.mpi": frozenset(MpiSpec.model_fields),
+    "cluster": frozenset(ClusterSpec.model_fields),
+    "cluster.slurm": frozenset(SlurmSpec.model_fields) - _CLUSTER_SLURM_KEYS,
 }
 _ALIASES: dict[str, dict[str, str]] = {
     "app": {"jobs": "modules"},
@@ -674,6 +713,10 @@ def _level(path: _Path) -> str | None:
             return "module"
         case ("modules", _, "parameters" | "arguments" | "slurm" | "mpi" as sub):
             return f"module.{sub}"
+        case ("clusters", _):
+            return "cluster"
+        case ("clusters", _, "slurm"):
+            return "cluster.slurm"
     return None
 
 
@@ -976,8 +1019,12 @@ class _Loader:
             use_app_dir = not own.is_dir() and ((self.app_dir / "run.sh").is_file() or bool(module.get("handler")))
             module["code_path"] = self.app_dir if use_app_dir else own
         defaults, own = self.data.get("slurm"), module.get("slurm")
-        if isinstance(defaults, dict) and (own is None or isinstance(own, dict)):
-            module["slurm"] = {**defaults, **(own or {})}
+        base, access = self._cluster(module)
+        if own is None or isinstance(own, dict):
+            # app defaults < the cluster's defaults < the module's own keys; then how to reach the cluster
+            app = defaults if isinstance(defaults, dict) else {}
+            if app or base or access:
+                module["slurm"] = {**app, **base, **(own or {}), **access}
         mode = module.get("schedule_mode")
         if isinstance(mode, str) and mode.strip().upper() == "HEAD":
             if "slots" in module:
@@ -989,6 +1036,30 @@ class _Loader:
             module["slurm"] = {**slurm, "nodes": 1, "slots_per_node": 1, "max_jobs": 1,
                                "min_jobs": min(_int_or(slurm.get("min_jobs"), 0), 1)}
         return module
+
+    def _cluster(self, module: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The module's cluster (its ``cluster:``, else the app's when declared under ``clusters:``):
+        (that cluster's ``slurm:`` defaults, how to reach it: ``cluster``, ``submit_via``, scratch and
+        data root for the module's ``slurm``). Both empty without a declared cluster: the app's
+        ``cluster`` alone only labels the app (its Slurm call budget), as before."""
+        clusters = self.data.get("clusters")
+        declared = clusters if isinstance(clusters, dict) else {}
+        name = module.get("cluster")
+        if name is None:
+            name = self.data.get("cluster")
+            if name is None or str(name) not in declared:
+                return {}, {}
+        elif str(name) not in declared:
+            raise self.error(f"unknown cluster {name!r}{did_you_mean(str(name), list(declared))}; declare it "
+                             "under clusters: (clusters: {NAME: {slurm: {...}}})",
+                             ("modules", module["name"], "cluster"))
+        cluster = declared[str(name)]
+        if not isinstance(cluster, dict):
+            return {}, {}  # pydantic reports the bad clusters entry
+        base = cluster.get("slurm")
+        return (base if isinstance(base, dict) else {}), {
+            "cluster": str(name), "submit_via": cluster.get("submit_via") or [],
+            "local_scratch": cluster.get("local_scratch"), "data_root": cluster.get("data_root")}
 
     def _standard(self, module: str, name: str) -> Path:
         """``code_path: scalebox:NAME``: the standard module shipped in ``scalebox_hpc/modules/NAME``."""

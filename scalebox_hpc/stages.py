@@ -185,11 +185,17 @@ class LaunchCommand:
     python: str
     work_root: Path
 
-    def argv(self, app_id: int, module: str, *, mpi: bool = False) -> list[str]:
+    def argv(
+        self, app_id: int, module: str, *, mpi: bool = False, local_scratch: str | None = None,
+        data_root: str | None = None,
+    ) -> list[str]:
         """``python -m scalebox_hpc launcher --stage-job --app N --module M`` (``--mpi --stage-job``
-        for an MPI stage)."""
-        return [self.python, "-m", "scalebox_hpc", "launcher", *(["--mpi"] if mpi else []), "--stage-job",
-                "--app", str(app_id), "--module", module, "--work-root", str(self.work_root)]
+        for an MPI stage), with the module's cluster's scratch (``--local-scratch``) and data root
+        (``SCALEBOX_DATA_ROOT``, through ``env``) when it names them."""
+        env = ["env", f"SCALEBOX_DATA_ROOT={data_root}"] if data_root else []
+        scratch = ["--local-scratch", local_scratch] if local_scratch and not mpi else []
+        return [*env, self.python, "-m", "scalebox_hpc", "launcher", *(["--mpi"] if mpi else []), "--stage-job",
+                "--app", str(app_id), "--module", module, "--work-root", str(self.work_root), *scratch]
 
 
 def stage_job(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> StageJob:
@@ -200,7 +206,9 @@ def stage_job(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> StageJob
     default_ranks = slots + 1 if spec.slurm.nodes == 1 else slots
     ranks = (spec.mpi.ranks_per_node or default_ranks) if mpi else None
     return StageJob(app_id=app_id, module=spec.name, slurm=spec.slurm, slots_per_node=slots,
-                    work_root=command.work_root, launcher=command.argv(app_id, spec.name, mpi=mpi),
+                    work_root=command.work_root,
+                    launcher=command.argv(app_id, spec.name, mpi=mpi, local_scratch=spec.slurm.local_scratch,
+                                          data_root=spec.slurm.data_root),
                     ranks_per_node=ranks)
 
 
@@ -243,6 +251,44 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
         return True
 
 
+ClientFactory = Callable[[str, Sequence[str]], SlurmClient]
+"""Builds the SlurmClient of a named cluster: (cluster, submit_via argv) -> client."""
+
+
+class ClusterClients:
+    """The Slurm clients of one pass: ``default`` for modules that name no cluster (the submitting
+    host's Slurm), and one per named cluster, built by ``make`` on first use (``-M NAME``, or the
+    cluster's ``submit_via`` prefix). Counts each cluster's commands for its budget."""
+
+    def __init__(self, default: SlurmClient, make: ClientFactory | None = None) -> None:
+        self.default = default
+        self._make = make
+        self._named: dict[str, SlurmClient] = {}
+        self._via: dict[str, tuple[str, ...]] = {}
+
+    def learn(self, spec: ModuleSpec) -> None:
+        """Remember how to reach the module's cluster (jobs are refreshed per cluster, by name)."""
+        if spec.slurm.cluster:
+            self._via.setdefault(spec.slurm.cluster, tuple(spec.slurm.submit_via))
+
+    def get(self, cluster: str | None) -> SlurmClient:
+        """The client of ``cluster`` ('' or None: the default one)."""
+        if not cluster:
+            return self.default
+        if cluster not in self._named:
+            if self._make is None:
+                raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
+                                    hint="this command runs one cluster only; use `scalebox autoscale`")
+            self._named[cluster] = self._make(cluster, self._via.get(cluster, ()))
+        return self._named[cluster]
+
+    def counts(self) -> dict[str, int]:
+        """Commands run so far, by cluster ('' = the default client)."""
+        out = {"": self.default.commands_run}
+        out.update({name: client.commands_run for name, client in self._named.items()})
+        return out
+
+
 DEFAULT_RPC_PER_MINUTE = 30
 """Slurm commands per minute and cluster that autoscale passes may run (SCALEBOX_SLURM_RPC_PER_MINUTE)."""
 
@@ -259,10 +305,13 @@ class Autoscaler:
     def __init__(
         self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
         interval: float = 10.0, now: Callable[[], datetime] | None = None,
-        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE, clusters: ClientFactory | None = None,
     ) -> None:
         self.conn = conn
         self.client = client
+        self.clients = ClusterClients(client, clusters)
+        self.spent: dict[str, int] = {}
+        """Slurm commands of the last minute per named cluster, at the start of the pass."""
         self.command = command
         self.interval = timedelta(seconds=interval)
         self.rpc_per_minute = rpc_per_minute
@@ -275,13 +324,21 @@ class Autoscaler:
         Slurm, with one batched status query; returns those still live."""
         if not live:
             return live
-        try:
-            infos = self.client.status(j["slurm_job_id"] for j in live)
-        except SlurmCommandError as exc:
-            logger.warning("cannot query Slurm for stage jobs: %s", exc)
-            return live
+        infos: dict[tuple[str, str], Any] = {}
+        for cluster in sorted({str(j.get("cluster") or "") for j in live}):
+            ids = [j["slurm_job_id"] for j in live if str(j.get("cluster") or "") == cluster]
+            if cluster and self._over_budget(cluster):
+                continue  # its jobs keep their last known state until the cluster's budget allows a query
+            try:
+                found = self.clients.get(cluster).status(ids)
+            except (SlurmCommandError, ScaleboxError) as exc:
+                logger.warning("cannot query Slurm%s for stage jobs: %s", f" cluster {cluster}" if cluster else "", exc)
+                return live
+            infos.update({(cluster, i): info for i, info in found.items()})
         for job in live:
-            info = infos.get(job["slurm_job_id"])
+            info = infos.get((str(job.get("cluster") or ""), job["slurm_job_id"]))
+            if info is None and str(job.get("cluster") or "") and self._over_budget(str(job["cluster"])):
+                continue
             if info is None:
                 if self.now() - job["submitted_at"] > VANISHED_AFTER:
                     db_stages.update_job(self.conn, job["id"], state="UNKNOWN", ended=True,
@@ -290,8 +347,11 @@ class Autoscaler:
                 continue
             ended = info.state.is_terminal
             nodes = ",".join(info.nodes) if info.nodes else None
+            # a PENDING job's EndTime is Slurm's guess; a RUNNING one's is its walltime, which the
+            # job's launchers read from here (no scontrol per job)
+            end = info.end_time if info.state is SlurmState.RUNNING else None
             db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
-                                 exit_code=info.exit_code, reason=info.reason)
+                                 exit_code=info.exit_code, reason=info.reason, end_time=end)
             job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"],
                        reason=info.reason or job["reason"])
         return [j for j in live if j["ended_at"] is None]
@@ -327,11 +387,14 @@ class Autoscaler:
                 return report
             if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
                 db_stages.mark_app_scaled(self.conn, app_id)
-            before = self.client.commands_run
+            self.spent = {} if force else db_stages.slurm_calls_by_cluster(self.conn)
+            before = self.clients.counts()
             self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
-            report.slurm_calls = self.client.commands_run - before
-            if report.slurm_calls:
-                db_stages.record_slurm_calls(self.conn, gate["cluster"], app_id, report.slurm_calls)
+            for cluster, count in self.clients.counts().items():
+                calls = count - before.get(cluster, 0)
+                report.slurm_calls += calls
+                if calls:  # the default client's calls count against the app's own cluster label
+                    db_stages.record_slurm_calls(self.conn, cluster or gate["cluster"], app_id, calls)
             logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
 
@@ -347,12 +410,21 @@ class Autoscaler:
         # one read of the app's jobs: refresh() updates the live rows in place, so `history`
         # sees their new states too
         history = db_stages.jobs(self.conn, app_id, include_ended=True)
+        rows = db_stages.modules(self.conn, app_id)
+        for row in rows:
+            self.clients.learn(ModuleSpec.model_validate(row["spec"]))
         self.refresh([j for j in history if j["ended_at"] is None])
         command = self._command(app_id, stored)
-        rows = db_stages.modules(self.conn, app_id)
         yielding = self._yield_nodes(rows, history, report)
         for row in rows:
             if only and row["name"] not in only:
+                continue
+            cluster = str((row["spec"].get("slurm") or {}).get("cluster") or "")
+            if cluster and not force and self._over_budget(cluster):
+                report.rate_limited.append(row["name"])
+                logger.warning("autoscale of %s skipped: %d Slurm calls in the last minute on cluster %r, the "
+                               "ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", row["name"], self.spent[cluster],
+                               cluster, self.rpc_per_minute)
                 continue
             if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
                 report.rate_limited.append(row["name"])
@@ -378,12 +450,16 @@ class Autoscaler:
             module = names.get(job["module_id"])
             if (module in yielding and job["ended_at"] is None and not job["draining"]
                     and job["state"] == SlurmState.RUNNING.value):
-                db_stages.mark_draining(self.conn, job["slurm_job_id"])
+                db_stages.mark_draining(self.conn, job["slurm_job_id"], str(job.get("cluster") or ""))
                 job["draining"] = True
                 report.yielded.append(job["slurm_job_id"])
                 logger.warning("stage job %s of %s drains: it has no work, and %s waits for nodes",
                                job["slurm_job_id"], module, waiting)
         return yielding
+
+    def _over_budget(self, cluster: str) -> bool:
+        """True when the named cluster's Slurm commands of the last minute reached the ceiling."""
+        return self.spent.get(cluster, 0) >= self.rpc_per_minute
 
     def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
         """The launch command the app's first stage job used (kept so that every later job,
@@ -413,8 +489,9 @@ class Autoscaler:
         decision = decide(view)
         report.decisions.append(decision)
         db_stages.mark_scaled(self.conn, row["id"])
+        client = self.clients.get(spec.slurm.cluster)
         if decision.cancel:
-            self.client.cancel(decision.cancel)
+            client.cancel(decision.cancel)
             for job in mine:
                 if job["slurm_job_id"] in decision.cancel:
                     db_stages.update_job(self.conn, job["id"], state=SlurmState.CANCELLED.value, ended=True,
@@ -422,14 +499,15 @@ class Autoscaler:
             report.cancelled += decision.cancel
         if decision.submit:
             busy = {n for j in mine if j["nodes"] for n in str(j["nodes"]).split(",")}
-            self._submit(app_id, row["id"], spec, command, decision, report, busy)
+            self._submit(app_id, row["id"], spec, command, decision, report, busy, client)
 
     def _submit(
         self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
-        report: ScaleReport, busy: set[str],
+        report: ScaleReport, busy: set[str], client: SlurmClient,
     ) -> None:
-        """``decision.submit`` jobs of the module: one script, rendered once, submitted N times,
-        each asking for the nodes holding the module's pending inputs (when any are free)."""
+        """``decision.submit`` jobs of the module (through its cluster's ``client``): one script,
+        rendered once, submitted N times, each asking for the nodes holding the module's pending
+        inputs (when any are free)."""
         try:
             job = stage_job(app_id, spec, command)
             prepare_log_dir(job)
@@ -438,23 +516,26 @@ class Autoscaler:
             report.errors.append(f"{spec.name}: {exc}")
             logger.error("stage job of %s not submitted: %s", spec.name, exc)
             return
-        placements = self._placements(module_id, job, decision.submit, busy)
+        placements = self._placements(module_id, job, decision.submit, busy, client)
         for i in range(decision.submit):
             nodes = placements[i] if i < len(placements) else []
             try:
-                job_id = self._submit_one(script, nodes)
+                job_id = self._submit_one(script, nodes, client)
             except ScaleboxError as exc:  # sbatch refused, timed out, or printed no job id
                 report.errors.append(f"{spec.name}: {exc}")
                 logger.error("stage job of %s not submitted: %s", spec.name, exc)
                 break
-            db_stages.record_job(self.conn, app_id, module_id, job_id, nodes=",".join(nodes))
+            db_stages.record_job(self.conn, app_id, module_id, job_id, cluster=spec.slurm.cluster or "",
+                                 nodes=",".join(nodes))
             report.submitted.setdefault(spec.name, []).append(job_id)
             if nodes:
                 report.placed[job_id] = nodes
             logger.info("stage %s: submitted job %s (%s)%s", spec.name, job_id, decision.reason,
                         f" on {','.join(nodes)}, which hold its inputs" if nodes else "")
 
-    def _placements(self, module_id: int, job: StageJob, count: int, busy: set[str]) -> list[list[str]]:
+    def _placements(
+        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SlurmClient,
+    ) -> list[list[str]]:
         """The nodes each new job of the module asks for (see :func:`place_jobs`); none when the
         module's ``slurm.locality`` is off, no READY task names inputs, or sinfo fails."""
         if job.slurm.locality == "off":
@@ -463,7 +544,7 @@ class Autoscaler:
         if not holders:
             return []
         try:
-            nodes = self.client.nodes([h for h, _ in holders], job.slurm.partition)
+            nodes = client.nodes([h for h, _ in holders], job.slurm.partition)
         except (SlurmCommandError, SlurmParseError) as exc:
             logger.warning("cannot ask Slurm which nodes are free (%s): stage jobs go anywhere", exc)
             return []
@@ -471,16 +552,16 @@ class Autoscaler:
         return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
                           busy=busy)
 
-    def _submit_one(self, script: str, nodes: list[str]) -> str:
+    def _submit_one(self, script: str, nodes: list[str], client: SlurmClient) -> str:
         """sbatch the script, asking for ``nodes``; when sbatch refuses the node list (a site that
         forbids it, a node the partition lacks), once more without it."""
         if not nodes:
-            return self.client.submit(script)
+            return client.submit(script)
         try:
-            return self.client.submit(script, [f"--nodelist={','.join(nodes)}"])
+            return client.submit(script, [f"--nodelist={','.join(nodes)}"])
         except SlurmCommandError as exc:
             logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc)
-            return self.client.submit(script)
+            return client.submit(script)
 
 
 def submit_environment(dsn: str, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -422,6 +422,12 @@ WITH pruned AS (
 )
 INSERT INTO sbx_slurm_calls (cluster, app_id, calls) VALUES (%(cluster)s, %(app_id)s, %(calls)s);
 
+-- name: slurm_calls_by_cluster
+-- The Slurm commands autoscale passes ran in the last minute, per cluster (all apps): the budget of
+-- each cluster a multi-cluster app's modules name.
+SELECT cluster, sum(calls)::bigint AS calls FROM sbx_slurm_calls
+WHERE at > now() - interval '60 seconds' GROUP BY cluster;
+
 -- name: slurm_calls_last_minute
 -- The Slurm commands autoscale passes ran on the app's cluster in the last minute (all apps).
 SELECT COALESCE(sum(c.calls), 0) AS calls, count(c.id) AS passes
@@ -464,7 +470,7 @@ RETURNING id;
 
 -- name: stage_jobs
 -- The app's stage jobs: the live ones, plus (with include_ended) the ended ones, newest first.
-SELECT j.*, m.name AS module
+SELECT j.*, m.name AS module, COALESCE(m.spec->'slurm'->'submit_via', '[]'::jsonb) AS submit_via
 FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
 WHERE j.app_id = %(app_id)s AND (%(include_ended)s OR j.ended_at IS NULL)
 ORDER BY j.id DESC;
@@ -472,7 +478,7 @@ ORDER BY j.id DESC;
 -- name: update_stage_job
 UPDATE sbx_stage_jobs
 SET state = %(state)s, nodes = COALESCE(%(nodes)s, nodes), exit_code = COALESCE(%(exit_code)s, exit_code),
-    reason = COALESCE(%(reason)s, reason), updated_at = now(),
+    reason = COALESCE(%(reason)s, reason), updated_at = now(), end_time = COALESCE(%(end_time)s, end_time),
     ended_at = CASE WHEN %(ended)s THEN COALESCE(ended_at, now()) ELSE ended_at END
 WHERE id = %(id)s;
 
@@ -508,7 +514,7 @@ RETURNING id;
 
 -- name: stage_job_draining
 -- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
-SELECT draining FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
+SELECT draining, end_time FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
 
 -- name: scratch_add
 -- Files now in a host's scratch (a launcher's start-up scan, a task's outputFiles).

@@ -317,7 +317,9 @@ CREATE TABLE sbx_stage_jobs (
     submitted_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     ended_at timestamptz,
-    UNIQUE (cluster, slurm_job_id)
+    UNIQUE (cluster, slurm_job_id),
+    -- Slurm's EndTime while the job runs (the launchers' walltime), from the app's shared squeue
+    end_time timestamptz
 );
 
 CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;

@@ -104,8 +104,8 @@ def stage_rows(conn: Connection, app_id: int, *, include_ended: bool) -> list[di
 
     with conn.transaction():
         jobs = stages.jobs(conn, app_id, include_ended=include_ended)
-    return [{k: j[k] for k in ("module", "slurm_job_id", "state", "draining", "nodes", "exit_code", "reason",
-                               "submitted_at", "ended_at")} for j in jobs]
+    return [{k: j[k] for k in ("module", "cluster", "slurm_job_id", "state", "draining", "nodes", "exit_code",
+                               "reason", "submitted_at", "ended_at", "end_time")} for j in jobs]
 
 
 def slurm_calls(conn: Connection, app_id: int) -> int | None:
@@ -134,9 +134,11 @@ def stage_list(app: int | None, include_ended: bool, work_root: str | None, as_j
     if as_json:
         _dump(rows)
         return
+    clusters = any(r["cluster"] for r in rows)
     for r in rows:
         flag = " draining" if r["draining"] else ""
-        click.echo(f"{r['module']:<14} {r['slurm_job_id']:>8} {r['state']:<11}{flag} {r['nodes']}")
+        where = f"{r['cluster'] or '-':<8} " if clusters else ""  # a column only for multi-cluster apps
+        click.echo(f"{r['module']:<14} {where}{r['slurm_job_id']:>8} {r['state']:<11}{flag} {r['nodes']}")
 
 
 @stage.command("scale")
@@ -177,6 +179,14 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
     _raise_errors(report, app_id)
 
 
+def _clusters_of(jobs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(cluster, its submit_via) of each cluster the jobs run on ('' = the local Slurm)."""
+    out: dict[str, list[str]] = {}
+    for job in jobs:
+        out.setdefault(str(job["cluster"]), [str(a) for a in job.get("submit_via") or []])
+    return sorted(out.items())
+
+
 @stage.command("stop")
 @APP_OPTION
 @click.option("--now", is_flag=True, help="Cancel the jobs (running tasks are recovered) instead of draining.")
@@ -198,7 +208,9 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
         conn.commit()
     ids = [j["slurm_job_id"] for j in live]
     if now:
-        SlurmClient(SubprocessRunner()).cancel(ids)
+        for cluster, via in _clusters_of(live):
+            SlurmClient(SubprocessRunner(), cluster=cluster or None, prefix=via).cancel(
+                j["slurm_job_id"] for j in live if j["cluster"] == cluster)
     click.echo(f"{module}: {'cancelled' if now else 'draining'} {', '.join(ids) or 'no jobs'}")
 
 

@@ -45,12 +45,13 @@ def record_job(
 
 def update_job(
     conn: Connection, job_row_id: int, *, state: str, ended: bool, nodes: str | None = None,
-    exit_code: int | None = None, reason: str | None = None,
+    exit_code: int | None = None, reason: str | None = None, end_time: datetime | None = None,
 ) -> None:
-    """Store what Slurm last said of a job; ``ended`` stamps ``ended_at`` once."""
+    """Store what Slurm last said of a job; ``ended`` stamps ``ended_at`` once; ``end_time``
+    (Slurm's, while it runs) is what its launchers take as their walltime."""
     conn.execute(query("update_stage_job"), {
         "id": job_row_id, "state": state, "ended": ended, "nodes": nodes, "exit_code": exit_code,
-        "reason": reason,
+        "reason": reason, "end_time": end_time,
     })
 
 
@@ -126,6 +127,12 @@ def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
     return bool(row and row["draining"])
 
 
+def job_end_time(conn: Connection, slurm_job_id: str, cluster: str = "") -> datetime | None:
+    """When the job's time limit expires, as the app's last autoscale pass saw it (None: not yet)."""
+    row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return None if row is None else row["end_time"]
+
+
 def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
     """What decides whether an autoscale pass runs (read under the app's lock): ``autoscaled_at``
     (the app's last pass), ``now``, ``cluster``, ``calls_last_minute`` (Slurm commands of passes on
@@ -139,6 +146,11 @@ def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
 def mark_app_scaled(conn: Connection, app_id: int) -> None:
     """Stamp the app's autoscale pass: the other stage jobs of the app skip theirs for an interval."""
     conn.execute(query("set_app_autoscaled"), {"app_id": app_id})
+
+
+def slurm_calls_by_cluster(conn: Connection) -> dict[str, int]:
+    """Slurm commands of the autoscale passes of the last minute, per cluster (every app's)."""
+    return {str(r["cluster"]): int(r["calls"]) for r in conn.execute(query("slurm_calls_by_cluster")).fetchall()}
 
 
 def record_slurm_calls(conn: Connection, cluster: str, app_id: int, calls: int) -> None:

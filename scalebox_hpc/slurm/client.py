@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shlex
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -65,12 +66,24 @@ class SlurmClient:
     probes ``squeue --help`` once and uses JSON when offered. ``sacct`` always uses the
     delimited format: ``sacct --json`` needs slurmdbd, and in 22.05 (openapi v0.0.38) it
     reports any normal exit as return code 0. ``timeout`` bounds every command (seconds).
+
+    ``cluster``: every command gets ``-M CLUSTER`` (Slurm multi-cluster: the clusters share a
+    slurmdbd, and any of their client configs reaches all of them). ``prefix``: argv put before
+    every command, for a cluster whose commands must run elsewhere (``["ssh", "login2"]``: its
+    own login node); with a prefix the cluster is that host's local one, so no ``-M``.
     """
 
-    def __init__(self, runner: CommandRunner, *, use_json: bool | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, runner: CommandRunner, *, use_json: bool | None = None, timeout: float = 30.0,
+        cluster: str | None = None, prefix: Sequence[str] = (),
+    ) -> None:
         self._runner = runner
         self._use_json = use_json
         self._timeout = timeout
+        self._prefix = [str(a) for a in prefix]
+        self._cluster_args = ["-M", cluster] if cluster and not self._prefix else []
+        self.cluster = cluster or ""
+        """The cluster this client talks to ('' for the local default), as stage jobs record it."""
         self._accounting = _Accounting.UNPROBED
         self.commands_run = 0
         """Slurm commands run so far that reach the controller (or slurmdbd): every one but the
@@ -161,7 +174,14 @@ class SlurmClient:
     def _run(self, argv: Sequence[str], *, input: str | None = None, counted: bool = True) -> CommandResult:
         if counted:
             self.commands_run += 1
-        return self._runner.run(argv, timeout=self._timeout, input=input)
+        # -M right after the command name: before any option taken from data, and before sbatch's script
+        full = [argv[0], *self._cluster_args, *argv[1:]]
+        if self._prefix:
+            # ssh joins its arguments into one remote shell command: quote each, so a value from
+            # the pipeline file (a partition, a node list) stays one argument there
+            remote = Path(self._prefix[0]).name == "ssh"
+            full = [*self._prefix, *([shlex.quote(a) for a in full] if remote else full)]
+        return self._runner.run(full, timeout=self._timeout, input=input)
 
     def _squeue(self, ids: list[str]) -> list[JobInfo]:
         jobs = f"--jobs={','.join(ids)}"

@@ -427,3 +427,61 @@ def test_idle_warm_jobs_give_their_nodes_to_a_starved_module(pg_dsn: str, app: i
         slurm.jobs[starved] = SlurmState.RUNNING
         report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
     assert list(report.submitted) == ["idle"] and report.yielded == []
+
+
+MULTI = """
+name: multi
+cluster: c1
+clusters:
+  c1: {}
+  c2: {slurm: {partition: far}}
+modules:
+  near:
+    slurm: {max_jobs: 2, tasks_per_job: 10}
+  away:
+    cluster: c2
+    slurm: {max_jobs: 2, tasks_per_job: 10}
+"""
+
+
+def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tmp_path: Path) -> None:
+    """One database, two clusters: `away`'s jobs are submitted, refreshed and cancelled through
+    c2's client and recorded as c2's; each cluster's Slurm calls are counted apart, and a spent c2
+    budget holds back only c2's module."""
+    spec = load_pipeline(write_app(tmp_path / "multi", MULTI, {"near/run.sh": "true\n", "away/run.sh": "true\n"}))
+    fakes = {"c1": FakeSlurm(), "c2": FakeSlurm()}
+    fakes["c2"].ids = itertools.count(100_001)
+    default = FakeSlurm()
+    made: list[tuple[str, tuple[str, ...]]] = []
+
+    def clients(cluster: str, via: Sequence[str]) -> Any:
+        made.append((cluster, tuple(via)))
+        return fakes[cluster]
+
+    with connect(pg_dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+        apps.add_tasks(conn, app_id, "near", [Message(body=f"n{i}") for i in range(5)])
+        apps.add_tasks(conn, app_id, "away", [Message(body=f"a{i}") for i in range(15)])
+
+        def autoscale(force: bool = False) -> Any:
+            return Autoscaler(conn, default, LaunchCommand(python="/p", work_root=tmp_path / "w"),  # type: ignore[arg-type]
+                              interval=0.0, clusters=clients).reconcile(app_id, force=force)
+
+        report = autoscale(force=True)
+        assert {m: len(ids) for m, ids in report.submitted.items()} == {"near": 1, "away": 2}
+        assert default.calls == [] and fakes["c1"].calls == ["sbatch"] and fakes["c2"].calls == ["sbatch", "sbatch"]
+        assert sorted(made) == [("c1", ()), ("c2", ())]
+        rows = {(j["module"], j["cluster"], j["slurm_job_id"]) for j in stages.jobs(conn, app_id)}
+        assert rows == {("near", "c1", "100"), ("away", "c2", "100001"), ("away", "c2", "100002")}
+        calls = {r["cluster"]: r["n"] for r in conn.execute(
+            "SELECT cluster, sum(calls) AS n FROM sbx_slurm_calls WHERE app_id = %s GROUP BY 1", (app_id,))}
+        assert calls == {"c1": 1, "c2": 2}
+
+        # c2 spent its minute (another app, say): the next pass leaves c2 alone, scales c1
+        conn.execute("INSERT INTO sbx_slurm_calls (cluster, app_id, calls) VALUES ('c2', %s, 1000)", (app_id,))
+        conn.commit()
+        fakes["c1"].calls.clear()
+        fakes["c2"].calls.clear()
+        report = autoscale()
+        assert "away" in report.rate_limited and "near" not in report.rate_limited
+        assert fakes["c2"].calls == [] and fakes["c1"].calls == ["squeue"]

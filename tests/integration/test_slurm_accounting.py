@@ -1,8 +1,10 @@
-"""Stage jobs under a real QOS limit: the accounting test-bed (launchers/testbed/slurm-mc.sh), cluster
-c1 (nodes mc1, mc2), partition `capped` whose QOS `sbxcap` lets a user run 2 jobs at once
-(MaxJobsPerUser, enforced by slurmctld through slurmdbd). The issue-20 shape: every stage job the
-user may run is held by an upstream stage; the downstream stage's job pends with
-QOSMaxJobsPerUserLimit although nodes are free.
+"""Stage jobs on the accounting test-bed (launchers/testbed/slurm-mc.sh): two Slurm clusters, c1
+(nodes mc1, mc2) and c2 (mc3, mc4), sharing one slurmdbd, so `sbatch -M c2` from c1's config is real.
+
+- A real QOS limit: partition `capped` carries QOS `sbxcap` (MaxJobsPerUser=2, enforced through
+  slurmdbd). The issue-20 shape: every stage job the user may run is held by an upstream stage; the
+  downstream stage's job pends with QOSMaxJobsPerUserLimit although nodes are free.
+- One database, two clusters: a module's `cluster:` sends its stage jobs to that cluster.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.components import need, slurm_mc_available, slurm_mc_conf
-from tests.integration.test_stage_slurm import FAST, all_ended, all_ok, sbx_json, submit, wait_until, write_pipeline
+from tests.integration.test_stage_slurm import (
+    FAST,
+    REPO,
+    all_ended,
+    all_ok,
+    finished,
+    sbx_json,
+    submit,
+    tasks,
+    wait_until,
+    write_pipeline,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.pg]
 
@@ -93,3 +107,39 @@ def test_a_stage_waiting_on_a_qos_limit_gets_the_jobs_of_a_finished_stage(
     # the work is 30 x 0.5 s on 2 jobs, then 30 x 0.1 s; the bound leaves room for Slurm's scheduling and
     # the idle polls, far below the 10-minute walltime the old code waited for
     assert span < 150, span
+
+
+def test_app_primes_across_two_clusters_with_one_database(qos_env: dict[str, str], shared: Path) -> None:
+    """app-primes with `calc` on cluster c2 and scatter/gather on c1 (the app's default), one
+    PostgreSQL: each module's stage jobs go to its cluster (`sbatch -M`), the jobs' launchers scale
+    the other cluster's stages too, and the result is the one of a single cluster."""
+    app_dir = shared / "app-primes"
+    shutil.copytree(REPO / "examples/app-primes", app_dir)
+    spec = yaml.safe_load((app_dir / "app.yaml").read_text())
+    for module in spec["modules"].values():
+        module["arguments"] = dict(FAST)
+    spec["cluster"] = "c1"
+    spec["clusters"] = {"c1": {}, "c2": {"slurm": {"nodes": 2}, "local_scratch": str(shared / "scratch-$${HOST}")}}
+    spec["modules"]["calc"]["cluster"] = "c2"
+    spec["slurm"] = {"time": "10"}
+    (app_dir / "app.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    subprocess.run(["chmod", "-R", "a+rX", str(app_dir)], check=True)
+
+    app_id = submit(qos_env, app_dir / "app.yaml")
+    status = wait_until("app-primes to finish", finished(qos_env, app_id), 180, every=2)
+    assert status["app"]["result"] == "Result is 1229"
+    hosts = {t["module"]: set() for t in tasks(qos_env, app_id)}
+    for t in tasks(qos_env, app_id):
+        hosts[t["module"]].add(t["host"])
+    assert hosts["calc"] == {"mc3", "mc4"}, hosts  # c2's two nodes, one job of nodes: 2
+    assert hosts["scatter"] <= {"mc1", "mc2"} and hosts["gather"] <= {"mc1", "mc2"}, hosts
+    ended: list[dict[str, Any]] = wait_until("every stage job to end", all_ended(qos_env, app_id), 90, every=2)
+    by_cluster = {(j["module"], j["cluster"]) for j in ended}
+    assert by_cluster == {("scatter", "c1"), ("calc", "c2"), ("gather", "c1")}, ended
+    assert {j["state"] for j in ended} == {"COMPLETED"}, ended
+    calc = [j for j in ended if j["module"] == "calc"]
+    assert all(int(j["slurm_job_id"]) > 100_000 for j in calc), calc  # c2's job ids
+    # Slurm agrees: the calc job ran on c2
+    out = subprocess.run(["sacct", "-M", "c2", "-X", "-n", "-P", "-j", calc[0]["slurm_job_id"], "-o", "state"],
+                         capture_output=True, text=True, check=True, env=qos_env).stdout.split()
+    assert out == ["COMPLETED"], out
