@@ -387,6 +387,9 @@ class Autoscaler:
                 return report
             if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
                 db_stages.mark_app_scaled(self.conn, app_id)
+            # module rows before job rows, the order of an idle job's may_leave_idle (else the two
+            # can deadlock: seen as `stage scale` failing while a job decided to leave)
+            db_stages.lock_modules(self.conn, app_id)
             self.spent = {} if force else db_stages.slurm_calls_by_cluster(self.conn)
             before = self.clients.counts()
             self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)

@@ -488,6 +488,12 @@ UPDATE sbx_stage_jobs SET draining = true, updated_at = now()
 WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s AND NOT draining
 RETURNING id;
 
+-- name: lock_app_modules
+-- An elected autoscale pass locks the app's module rows first, in id order, as an idle job's
+-- may-I-leave check does (module row, then its job row): a pass that updated job rows first and
+-- then a module row could deadlock with that check.
+SELECT id FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY id FOR NO KEY UPDATE;
+
 -- name: lock_stage_job_module
 -- An idle stage job asks whether it may end: its module row is locked for the rest of the
 -- transaction (NO KEY UPDATE: task inserts, which check the foreign key, are not held up) so

@@ -85,6 +85,10 @@ def translate_errors(dsn: str) -> Iterator[None]:
     except psycopg.errors.UndefinedTable as exc:
         raise SchemaError(f"schema missing: {_one_line(exc)}", dsn=redact(dsn)) from exc
     except psycopg.Error as exc:
+        if (exc.sqlstate or "").startswith("40"):  # deadlock or serialization failure: the server is fine
+            raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {_one_line(exc)}); "
+                                "it can simply be run again", dsn=redact(dsn),
+                                hint="run the command again") from exc
         if is_retryable(exc):
             raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
         if isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54"):

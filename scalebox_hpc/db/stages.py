@@ -16,6 +16,11 @@ def try_lock(conn: Connection, app_id: int) -> bool:
     return bool(row and row["got"])
 
 
+def lock_modules(conn: Connection, app_id: int) -> None:
+    """Lock the app's module rows (id order) until the transaction ends: before any job row."""
+    conn.execute(query("lock_app_modules"), {"app_id": app_id}).fetchall()
+
+
 def modules(conn: Connection, app_id: int) -> list[dict[str, Any]]:
     """Per module: spec, bounds, READY/RUNNING counts, live (non-draining) jobs, app status."""
     return list(conn.execute(query("stage_modules"), {"app_id": app_id}).fetchall())
