@@ -17,7 +17,7 @@ def test_a_deadlock_says_run_it_again_not_cannot_reach(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as setup:
         setup.execute("CREATE TABLE dl (id int PRIMARY KEY, v int); INSERT INTO dl VALUES (1, 0), (2, 0)")
     a, b = psycopg.connect(pg_dsn), psycopg.connect(pg_dsn)
-    errors: list[BaseException] = []
+    errors: list[DatabaseError] = []
     both = threading.Barrier(2)
 
     def cross(conn: psycopg.Connection, first: int, second: int) -> None:
