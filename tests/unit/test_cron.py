@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -28,7 +32,7 @@ from scalebox_hpc.modules.cron.schedule import (
     parse_cron_file,
     parse_duration,
 )
-from scalebox_hpc.pipeline import STANDARD_MODULES
+from scalebox_hpc.pipeline import STANDARD_MODULES, load_pipeline
 
 T0 = datetime(2026, 3, 28, 23, 59, 0, 250_000, tzinfo=UTC)  # the night of the EU's spring DST change
 
@@ -338,7 +342,7 @@ def test_targets_must_be_sinks_of_the_cron_module() -> None:
         check_targets(entries, refs("cron", "a", "bb", sinks=("a", "bb")), "cron", "cron.txt")
 
 
-def test_the_table_comes_from_a_file_or_the_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_table_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "cron.txt"
     path.write_text("@every 1m,a\n")
     assert read_table({"CRON_FILE": str(path)}) == ("@every 1m,a\n", str(path))
@@ -355,3 +359,36 @@ def test_the_table_comes_from_a_file_or_the_environment(tmp_path) -> None:  # ty
 def test_cron_is_a_standard_module() -> None:
     run_sh = STANDARD_MODULES / "cron" / "run.sh"
     assert run_sh.is_file() and run_sh.stat().st_mode & 0o111
+
+
+def test_code_path_scalebox_cron_resolves(tmp_path: Path) -> None:
+    app = tmp_path / "app.yaml"
+    app.write_text("name: x\nmodules:\n  tick:\n    code_path: scalebox:cron\n    sink_modules: [a]\n"
+                   "  a: {code_path: 'scalebox:list-dir'}\n")
+    spec = load_pipeline(app, environ={})
+    assert spec.modules[0].code_path == STANDARD_MODULES / "cron"
+
+
+def program(env: dict[str, str], argv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "PG", "CRON_"))}
+    return subprocess.run(argv or [sys.executable, "-P", "-m", "scalebox_hpc.modules.cron"], env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("env", "code", "says"), [
+    ({"CRON_TABLE": "@every 1m,a\n\n61 * * * *,b"}, 14, "CRON_TABLE:3: not a valid cron expression"),
+    ({"CRON_TABLE": "# nothing\n"}, 14, "has no schedule line"),
+    ({"CRON_FILE": "/nonexistent/cron.txt"}, 10, "cannot read CRON_FILE '/nonexistent/cron.txt'"),
+    ({"CRON_TABLE": "@every 1m,a", "CRON_DURATION": "soon"}, 14, "CRON_DURATION: 'soon' is not a duration"),
+    ({"CRON_TABLE": "@every 1m,a"}, 14, "no SCALEBOX_DSN or APP_ID"),
+])
+def test_the_program_fails_in_one_line_with_a_hint(env: dict[str, str], code: int, says: str) -> None:
+    proc = program(env)
+    assert proc.returncode == code, proc.stderr
+    first, hint = proc.stderr.splitlines()
+    assert first.startswith("cron: ") and says in first and hint.startswith("  hint: "), proc.stderr
+
+
+def test_run_sh_needs_the_launchers_python() -> None:
+    proc = program({"CRON_TABLE": "@every 1m,a"}, [str(STANDARD_MODULES / "cron" / "run.sh"), "ANY", "{}"])
+    assert proc.returncode == 14 and "SCALEBOX_PYTHON" in proc.stderr
