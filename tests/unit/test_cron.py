@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -367,6 +368,25 @@ def test_code_path_scalebox_cron_resolves(tmp_path: Path) -> None:
                    "  a: {code_path: 'scalebox:list-dir'}\n")
     spec = load_pipeline(app, environ={})
     assert spec.modules[0].code_path == STANDARD_MODULES / "cron"
+
+
+def test_cron_table_as_a_yaml_block(tmp_path: Path) -> None:
+    app = tmp_path / "app.yaml"
+    app.write_text(textwrap.dedent("""\
+        name: x
+        modules:
+          cron:
+            code_path: scalebox:cron
+            sink_modules: [a]
+            environments:
+              CRON_TABLE: |
+                # every minute and at 9:30 UTC
+                @every 1m,a
+                30 9 * * *,a
+          a: {code_path: 'scalebox:list-dir'}
+    """))
+    table = load_pipeline(app, environ={}).modules[0].environments["CRON_TABLE"]
+    assert [(e.line, e.schedule.text) for e in parse_cron_file(table)] == [(2, "@every 1m"), (3, "30 9 * * *")]
 
 
 def program(env: dict[str, str], argv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
