@@ -97,18 +97,29 @@ def test_line_numbers_count_newlines_only() -> None:
         parse_cron_file("@every 1m,a\r\n@every 1m,b\x0c\r\nbad\r\n")
 
 
-@given(st.text(max_size=300))
-@settings(max_examples=400, deadline=None)
-def test_any_text_parses_or_raises_cron_file_error(text: str) -> None:
+CRONISH = "0123456789*/,-? \t\n#@everyminthsdalwkLWHR.µjanfebsunmon"
+"""Characters of near-valid lines: arbitrary text rarely gets past the field count to croniter."""
+
+
+FIVE_FIELDS = st.lists(st.text(alphabet="0123456789012345*/,-*LW#?", min_size=1, max_size=3),
+                       min_size=5, max_size=5).map(lambda fields: " ".join(fields) + ",m")
+"""Lines of five fields: what croniter itself gets to judge."""
+
+
+@given(st.one_of(st.text(max_size=300), st.text(alphabet=CRONISH, max_size=80), FIVE_FIELDS),
+       st.integers(min_value=0, max_value=10**9))
+@settings(max_examples=800, deadline=None)
+def test_any_text_parses_or_raises_cron_file_error(text: str, offset: int) -> None:
     try:
         entries = parse_cron_file(text)
     except CronFileError as exc:
         assert re.match(r"cron\.txt:\d+: ", str(exc))
         assert "\n" not in str(exc)
         return
-    for e in entries:
+    at = T0 + timedelta(seconds=offset)
+    for e in entries:  # and what parses, computes
         assert e.module and "," not in e.module
-        e.schedule.next_after(T0)
+        assert e.schedule.latest_at_or_before(at) <= at < e.schedule.next_after(at)
 
 
 @given(st.lists(st.sampled_from([
