@@ -480,4 +480,4 @@ def test_code_path_scalebox_unknown_is_a_located_error(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as info:
         load_pipeline(app, environ={})
     assert "unknown standard module scalebox:nope" in str(info.value)
-    assert "available: file-copy, list-dir" in str(info.value)
+    assert "available: cron, file-copy, list-dir" in str(info.value)
