@@ -85,8 +85,10 @@ def sdiag() -> Counter[str]:
 
 
 def sbx(env: dict[str, str], *args: str) -> str:
+    # run outside any checkout: `python -m` puts the cwd first on sys.path (before PYTHONPATH), and
+    # the stage jobs inherit the submitter's cwd, so a PYTHONPATH=<other checkout> run measures that code
     proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", *args], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=120, check=False, cwd=Path(env["SCALEBOX_WORK_ROOT"]).parent)
     if proc.returncode != 0:
         raise SystemExit(f"scalebox {' '.join(args)}: exit {proc.returncode}: {proc.stderr[-2000:]}")
     return proc.stdout
