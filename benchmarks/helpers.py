@@ -10,6 +10,9 @@ launcher's helper dir first on PATH), and the records written (a check that ever
 - ``python``: the Python CLI itself (``python -m scalebox_hpc task add``), what every bare call cost
   before the sh fast path.
 
+``spawn_floor_ms`` is the same loop running ``/bin/true``: the cost of starting any process on
+this machine, which the sh helpers cannot go below (on a loaded machine it dominates).
+
 Usage: python benchmarks/helpers.py [--calls N]
 """
 
@@ -60,6 +63,7 @@ def main() -> None:
     result: dict[str, object] = {"calls": args.calls}
     with tempfile.TemporaryDirectory(prefix="sbx-helpers-") as tmp:
         work = Path(tmp)
+        result["spawn_floor_ms"] = measure(Path("/bin"), "/bin/true", args.calls, work)["ms_per_call"]
         for name, call in CALLS.items():
             result[name] = {
                 "bare": measure(HELPER_BIN, call, args.calls, work),
