@@ -8,7 +8,10 @@
 - ``output-files.txt`` / ``removed-files.txt``: one path per line, files the run created in /
   removed from the node-local scratch (kept in the scratch index for location-aware dispatch);
 - the emit buffer (JSON lines) that ``scalebox task add`` / ``send-message`` /
-  ``scalebox app set-finished`` write while run.sh runs.
+  ``scalebox app set-finished`` write while run.sh runs: ``{"kind": "task", "body", "headers",
+  "module"}`` and ``{"kind": "finish", "text"}``, written by the Python CLI or, for the same
+  calls, by the POSIX-sh helper (``runtime/container_bin/scalebox``, in containers and bare runs
+  alike), which passes ``--headers-json`` on unparsed as a string, ``"headers_json"``.
 
 Everything in these files is written by user code (or by whatever it unpacked into its work dir),
 so the collector trusts nothing: it opens only regular files, never follows a symlink, never
@@ -24,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Collection, Iterator
@@ -213,8 +217,10 @@ def parse_sink_line(line: str, modules: Collection[str]) -> Message:
 
 # -- emit-buffer records ------------------------------------------------------------------------
 
-_TASK_KEYS = frozenset({"kind", "body", "headers", "module"})
+_TASK_KEYS = frozenset({"kind", "body", "headers", "module", "headers_json"})
 _FINISH_KEYS = frozenset({"kind", "text"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""In a decoded emit record: a byte that was not UTF-8 (kept by surrogateescape), or an escaped lone surrogate."""
 
 
 def _unknown_keys(item: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -224,9 +230,26 @@ def _unknown_keys(item: dict[str, Any], allowed: frozenset[str]) -> None:
         raise InvalidMessageError(f"unknown key(s) {shown}")
 
 
+def _headers_json(text: object, pairs: dict[str, Any]) -> dict[str, Any]:
+    """The headers of ``--headers-json TEXT`` under the ``-H`` ``pairs``, as the Python CLI makes
+    them (cli.tasks._parse_headers): the in-run sh helper cannot parse JSON, so it passes the
+    text on as a string and the host judges it here, its errors becoming the run's problems."""
+    if not isinstance(text, str):
+        raise InvalidMessageError(f"headers_json must be a string, not {_describe(text)}")
+    try:
+        loaded = _JSON.decode(text)  # json.loads: white space around, a repeated key's last value
+    except RecursionError:
+        raise InvalidMessageError("--headers-json is nested too deeply") from None
+    except _JSON_ERRORS as exc:
+        raise InvalidMessageError(f"--headers-json is not JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise InvalidMessageError("--headers-json must be a JSON object")
+    return {**loaded, **pairs}
+
+
 def _emitted_task(item: object) -> Message:
-    """``{"kind": "task", "body": str, "headers": {...}?, "module": str|null?}`` → Message;
-    a parse error (an InvalidMessageError in place of the item) is raised."""
+    """``{"kind": "task", "body": str, "headers": {...}?, "module": str|null?, "headers_json": str?}``
+    → Message; a parse error (an InvalidMessageError in place of the item) is raised."""
     if isinstance(item, InvalidMessageError):
         raise item
     if not isinstance(item, dict):
@@ -243,6 +266,8 @@ def _emitted_task(item: object) -> Message:
         raise InvalidMessageError(f"module must be a string or null, not {_describe(module)}")
     if module is not None and UNSTORABLE.search(module):
         raise InvalidMessageError("module name contains NUL or an invalid character")
+    if "headers_json" in item:
+        headers = _headers_json(item["headers_json"], headers)
     _check_headers(headers)
     return Message(body=body, headers=headers, module=module)
 
@@ -253,6 +278,8 @@ def _finish_text(item: dict[str, Any]) -> str:
     text = item.get("text")
     if not isinstance(text, str):
         raise InvalidMessageError(f"finish text must be a string, not {_describe(text)}")
+    if _SURROGATE.search(text):
+        raise InvalidMessageError("finish text is not valid UTF-8")
     return storable_text(text)
 
 
@@ -600,8 +627,11 @@ class _Collector:
                 self._emit_record(n, raw)
 
     def _emit_record(self, n: int, raw: bytes) -> None:
+        # surrogateescape, not replace: a byte that is not UTF-8 (the sh helper writes argv
+        # bytes as they are) stays visible, and the body, module or text it is in is refused
+        # as the Python CLI refuses it, never turned into U+FFFD silently
         try:
-            item: object = _STRICT_JSON.decode(raw.decode("utf-8", "replace"))
+            item: object = _STRICT_JSON.decode(raw.decode("utf-8", "surrogateescape"))
         except RecursionError:
             item = InvalidMessageError("nested too deeply")
         except _JSON_ERRORS as exc:

@@ -310,35 +310,67 @@ def test_an_internal_error_costs_the_run_not_the_slot(tmp_path: Path, monkeypatc
 
 # -- F15: emit-buffer injection through send-message HEADERS ---------------------------------------
 
-def send_message(emit: Path, *args: str) -> None:
-    subprocess.run(["/bin/sh", str(CONTAINER_BIN / "send-message"), *args], check=True,
-                   env={"SCALEBOX_EMIT_FILE": str(emit), "PATH": "/usr/bin:/bin"})
+def send_message(emit: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", str(CONTAINER_BIN / "send-message"), *args], capture_output=True, text=True,
+                          env={"SCALEBOX_EMIT_FILE": str(emit), "PATH": "/usr/bin:/bin"}, check=False)
 
 
 def test_duplicate_key_injection_is_refused(tmp_path: Path) -> None:
     emit = tmp_path / "emit.jsonl"
-    send_message(emit, "body1", '{"a":1},"kind":"finish","text":"pwned-dupkey"')
+    done = send_message(emit, "body1", '{"a":1},"kind":"finish","text":"pwned-dupkey"')
+    # not an object: refused at the call, as the Python CLI refuses it; nothing is written
+    assert (done.returncode, done.stderr) == (1, "scalebox: error: --headers-json must be a JSON object\n")
+    assert not emit.exists()
+
+
+def test_a_key_named_kind_inside_the_headers_is_only_a_header(tmp_path: Path) -> None:
+    emit = tmp_path / "emit.jsonl"
+    assert send_message(emit, "body1", '{"a":1,"kind":"finish","text":"pwned"}').returncode == 0
     report = run(tmp_path)
-    assert report.finish_text is None and report.messages == []
-    assert report.problems == ["emitted message 1: not JSON (duplicate key 'kind')"]
+    assert report.finish_text is None and report.problems == []
+    assert report.messages == [Message("body1", {"a": 1, "kind": "finish", "text": "pwned"})]
 
 
-@pytest.mark.xfail(strict=True, reason="both lines the helper writes are well formed: only the in-container "
-                   "helper (runtime/container_bin/scalebox) can refuse a newline in HEADERS (audit F15)")
 def test_newline_injection_through_the_helper(tmp_path: Path) -> None:
     emit = tmp_path / "emit.jsonl"
     send_message(emit, "body2", '{}}\n{"kind":"task","body":"injected","module":null,"headers":{}')
+    assert len(emit.read_bytes().splitlines()) == 1
     report = run(tmp_path)
     assert "injected" not in [m.body for m in report.messages] or report.problems
+    # the HEADERS text is one string of one record, which the host judges as the CLI would
+    assert report.messages == []
+    assert report.problems == ["emitted message 1: --headers-json is not JSON: Extra data: line 1 column 3 (char 2)"]
 
 
 def test_newline_injection_that_breaks_a_line_fails_the_run(tmp_path: Path) -> None:
     emit = tmp_path / "emit.jsonl"
-    send_message(emit, "body2", '{}}\n{"kind":"task","body":"injected","module":null,"headers":{}}')
+    assert send_message(emit, "body2", '{}}\n{"kind":"task","body":"injected","module":null,"headers":{}}',
+                        ).returncode == 0
     report = run(tmp_path)
-    # the injected line is well formed, but the one it broke is a problem: the slot fails the
-    # run (-102) and commits none of its messages
-    assert report.problems == ["emitted message 2: not JSON (Extra data: line 1 column 61 (char 60))"]
+    # the slot fails the run (-102) and commits none of its messages
+    assert report.messages == [] and report.finish_text is None
+    assert report.problems == ["emitted message 1: --headers-json is not JSON: Extra data: line 1 column 3 (char 2)"]
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["b\xff"], "task body is not valid UTF-8"),
+    (["-m", "calc\xfe", "--", "b"], "module name contains NUL or an invalid character"),
+    (["-H", "k=v\xfe", "--", "b"], "task headers are not valid JSON text"),
+    (["--headers-json", '{"k": "\xfe"}', "--", "b"], "task headers are not valid JSON text"),
+])
+def test_bytes_that_are_not_utf8_are_refused_not_replaced(tmp_path: Path, args: list[str], why: str) -> None:
+    argv = [os.fsencode(a).replace(b"\xc3\xbf", b"\xff").replace(b"\xc3\xbe", b"\xfe") for a in args]
+    subprocess.run([b"/bin/sh", os.fsencode(CONTAINER_BIN / "scalebox"), b"task", b"add", *argv], check=True,
+                   env={"SCALEBOX_EMIT_FILE": str(tmp_path / "emit.jsonl"), "PATH": "/usr/bin:/bin"})
+    report = run(tmp_path)
+    assert report.messages == [] and len(report.problems) == 1 and why in report.problems[0], report.problems
+
+
+def test_finish_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    subprocess.run([b"/bin/sh", os.fsencode(CONTAINER_BIN / "scalebox"), b"app", b"set-finished", b"r\xffr"],
+                   check=True, env={"SCALEBOX_EMIT_FILE": str(tmp_path / "emit.jsonl"), "PATH": "/usr/bin:/bin"})
+    report = run(tmp_path)
+    assert report.finish_text is None and report.problems == ["emitted message 1: finish text is not valid UTF-8"]
 
 
 @pytest.mark.parametrize(("record", "why"), [
