@@ -230,13 +230,17 @@ SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS
 
 -- name: heartbeat_slots
 -- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
--- lease_seconds, task_ids) is renewed with its tasks' leases as heartbeat_slot does for one;
--- returns the ids of the stray tasks released (claimed over a lease ago, unknown to their slot).
+-- lease_seconds, task_ids, waiting, output) is renewed with its tasks' leases as heartbeat_slot
+-- does for one; the slot's row takes why it waits (NULL: its gates are open) and, when sent, the
+-- live tail of its running task's output (NULL: unchanged, kept). Returns the ids of the stray
+-- tasks released (claimed over a lease ago, unknown to their slot).
 WITH b AS (
     SELECT * FROM jsonb_to_recordset(%(beats)s::jsonb)
-                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[])
+                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[], waiting text,
+                        output jsonb)
 ), s AS (
-    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status
+    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
+                            live_output = COALESCE(b.output, sl.live_output)
     FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
 ), renewed AS (
     UPDATE sbx_tasks t
