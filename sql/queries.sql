@@ -609,11 +609,21 @@ SELECT EXISTS (SELECT 1 FROM sbx_apps) AS any;
 SELECT name FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY seq;
 
 -- name: running_task
--- Where a RUNNING task runs and for how long (the database's clock); no row when it does not run.
+-- Where a RUNNING task runs and for how long (the database's clock), and the live tail of its
+-- output its node's heartbeat last stored (`output`; NULL when there is none of this task);
+-- no row when it does not run.
 SELECT t.host, s.seq, s.status AS slot_status,
-       extract(epoch FROM now() - t.started_at)::double precision AS seconds
+       extract(epoch FROM now() - t.started_at)::double precision AS seconds,
+       CASE WHEN s.live_output ->> 'task_id' = t.id::text THEN s.live_output END AS output
 FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
 WHERE t.id = %(task_id)s AND t.status = -3;
+
+-- name: task_state
+-- What `task show --follow` polls: the task's status, and while it runs its live output.
+SELECT t.status, t.attempts,
+       CASE WHEN t.status = -3 AND s.live_output ->> 'task_id' = t.id::text THEN s.live_output END AS output
+FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
+WHERE t.id = %(task_id)s;
 
 -- name: bulk_create
 -- bulk submit ---------------------------------------------------------------------------------

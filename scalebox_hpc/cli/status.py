@@ -120,6 +120,7 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
     with _db() as conn:
         app_id = _app_id(conn, app_id)
         while True:
+            conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
             jobs = _stage_jobs(conn, app_id)
             row, state, slots = _app_state(conn, app_id)
             rows = _status_rows(conn, app_id, slots)

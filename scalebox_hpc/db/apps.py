@@ -572,9 +572,20 @@ def app_state(status: str, counts: Sequence[ModuleCounts], slots: Sequence[dict[
 
 
 def running_task(conn: Connection, task_id: int) -> dict[str, Any] | None:
-    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status`` and elapsed ``seconds``; else None."""
+    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status``, elapsed ``seconds`` and the
+    live tail of its ``output`` (None when its node sent none yet); else None."""
     row = conn.execute(query("running_task"), {"task_id": task_id}).fetchone()
     return dict(row) if row else None
+
+
+def task_state(conn: Connection, task_id: int) -> dict[str, Any]:
+    """A task's ``status`` and ``attempts``, and while it runs the live tail of its ``output``
+    (see :mod:`scalebox_hpc.launcher.livetail`); NotFoundError when there is no such task."""
+    with conn.transaction():
+        row = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
+    if row is None:
+        raise NotFoundError("task", task_id)
+    return dict(row)
 
 
 # -- why READY tasks do not move ----------------------------------------------------------------
