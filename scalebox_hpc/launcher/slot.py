@@ -38,7 +38,7 @@ from scalebox_hpc.models import (
     unrecordable,
 )
 from scalebox_hpc.pipeline import ModuleSpec
-from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Session, SessionSpec
+from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, Run, RunSpec, Session, SessionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ MAX_HANDOFF_BYTES = 64 * 2**20
 """Bodies and headers one task may emit in all: one hand-off is one transaction, and jsonb
 values stop at 256 MB (over that PostgreSQL refuses the statement, for good)."""
 CRASH_LOOP_LIMIT = 5
+"""Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
 SCRIPT_SAID_CHARS = 300
 """What a slot's message quotes of a failed script's stderr (its last lines), at most."""
-"""Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
 
 
 @dataclass
@@ -434,11 +434,8 @@ class Slot:
         if wrapped is not argv:
             mpi.remove_stale_segments()
             argv = wrapped
-        self._live = task.id
-        try:
-            outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
-        finally:
-            self._live = None
+        outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True,
+                                   live=task.id)
         if outcome is None:
             return None
         killed = outcome.returncode < 0 or 128 < outcome.returncode < 160  # by a signal (or its shell's 128+N)
@@ -552,8 +549,11 @@ class Slot:
         return _status_of(outcome) if outcome else None
 
     def _run_script(
-        self, argv: list[str], env: dict[str, str], label: str, timeout: float | None, *, abortable: bool
+        self, argv: list[str], env: dict[str, str], label: str, timeout: float | None, *, abortable: bool,
+        live: int | None = None,
     ) -> Outcome | None:
+        """Run a script to its end (or its timeout; None when aborted). ``live``: the task it
+        runs, whose output the heartbeat then carries (from when its files were opened anew)."""
         spec = RunSpec(
             argv=argv, cwd=self.ctx.work_dir, env=env, image=self.ctx.module.base_image,
             stdout_path=self.private / f"{label}.out", stderr_path=self.private / f"{label}.err",
@@ -561,6 +561,13 @@ class Slot:
         assert self.session is not None
         self.outputs = CappedOutputs((spec.stdout_path, spec.stderr_path))
         run = self.session.start(spec)
+        self._live = live
+        try:
+            return self._wait_run(run, timeout, abortable)
+        finally:
+            self._live = None
+
+    def _wait_run(self, run: Run, timeout: float | None, abortable: bool) -> Outcome | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outcome = run.wait(0.2)
