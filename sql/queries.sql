@@ -738,7 +738,8 @@ WITH sbx_bulk AS (
 -- those wait (their `waiting`, from the node: check.sh, disk gates), its sinks that are full
 -- (back-pressure: READY >= max_pending, counted up to the limit as the claim does), and the
 -- hosts its READY tasks wait for that run no live slot of the module (bound by to_host, or
--- preferred for their inputs within their locality wait; at most 10000 such tasks looked at).
+-- preferred for their inputs within their locality wait; of at most 10000 READY tasks that
+-- prefer a host: the status of a queue of millions stays cheap).
 SELECT m.id AS module_id, m.name, m.seq, a.status AS app_status,
        m.spec -> 'arguments' ->> 'semaphore' AS semaphore,
        (SELECT sem.value FROM sbx_semaphores sem
@@ -759,11 +760,11 @@ SELECT m.id AS module_id, m.name, m.seq, a.status AS app_status,
         FROM (SELECT w.pref_host, count(*) AS n, bool_or(w.to_host IS NOT NULL) AS bound,
                      max(extract(epoch FROM w.pref_until - now()))::double precision AS wait_seconds
               FROM (SELECT t.pref_host, t.to_host, t.pref_until
-                    FROM sbx_tasks t
+                    FROM sbx_tasks t  -- sbx_tasks_local_idx; a bounded look, also on a queue of millions
                     WHERE t.module_id = m.id AND t.status = -1 AND t.pref_host IS NOT NULL
-                      AND (t.to_host IS NOT NULL OR t.pref_until > now())
                     LIMIT 10000) AS w
-              WHERE NOT EXISTS (SELECT 1 FROM sbx_slots s
+              WHERE (w.to_host IS NOT NULL OR w.pref_until > now())
+                AND NOT EXISTS (SELECT 1 FROM sbx_slots s
                                 WHERE s.module_id = m.id AND s.host = w.pref_host
                                   AND s.status IN ('STARTING', 'READY', 'RUNNING')
                                   AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds))

@@ -206,7 +206,7 @@ def test_the_heartbeat_carries_why_a_slot_waits_and_the_output_of_its_task(
         parameters: {{start_task: only}}
         modules:
           work:
-            {FAST}
+            arguments: {{sleep_interval_seconds: 0.05, heartbeat_seconds: 0.4, slot_options: [always_running]}}
     """, {
         "work/check.sh": f'[ -e {gate} ] || {{ echo "not yet" >&2; exit 1; }}\n',
         "work/run.sh": f'echo "started $1"\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho done >&2\n',
@@ -223,10 +223,10 @@ def test_the_heartbeat_carries_why_a_slot_waits_and_the_output_of_its_task(
     stop_launchers.append(h.launcher)
 
     def slot() -> dict[str, Any]:
-        [row] = h.queue.slots(h.app)
-        return row
+        rows = h.queue.slots(h.app)
+        return rows[0] if rows else {}  # {}: not registered yet
 
-    h.until("the slot says why it waits", lambda: slot()["waiting"] == "check.sh exited 1: not yet (not now)")
+    h.until("the slot says why it waits", lambda: slot().get("waiting") == "check.sh exited 1: not yet (not now)")
     gate.touch()
     h.until("the task's output reaches the slot's row",
             lambda: ((slot()["live_output"] or {}).get("stdout") or {}).get("text") == "started only\n")
