@@ -321,6 +321,13 @@ class Beat:
     status: str
     lease_seconds: float
     task_ids: tuple[int, ...] | None = None
+    waiting: str | None = None
+    """Why the slot claims nothing now (check.sh said "not now", a disk gate is closed); None:
+    its gates are open. Stored in the slot's row with every beat (no write of its own)."""
+    output: Mapping[str, Any] | None = None
+    """A bounded tail of the running task's output (``{"task_id", "stdout": {"end", "text"},
+    "stderr": ...}``, see :mod:`scalebox_hpc.launcher.livetail`); None: unchanged since the last
+    beat (the row keeps what it has)."""
 
 
 def unrecordable(result: TaskResult, reason: str) -> TaskResult:

@@ -174,6 +174,8 @@ class _Slot:
     message: str | None = None
     tasks_done: int = 0
     ended_at: datetime | None = None
+    waiting: str | None = None
+    live_output: dict[str, Any] | None = None
 
 
 @dataclass
@@ -786,7 +788,9 @@ class InMemoryQueue:
             slot = s.slots.get(b.slot_id)
             if slot is not None and slot.status not in ("ERROR", "EXITED"):
                 _check_slot_status(b.status)
-                slot.heartbeat_at, slot.status = now, b.status
+                slot.heartbeat_at, slot.status, slot.waiting = now, b.status, b.waiting
+                if b.output is not None:  # None: unchanged
+                    slot.live_output = dict(b.output)
             known = None if b.task_ids is None else set(b.task_ids)
             for t in s.tasks.values():
                 if t.slot_id != b.slot_id or t.status != TaskStatus.RUNNING:

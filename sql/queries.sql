@@ -230,13 +230,17 @@ SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS
 
 -- name: heartbeat_slots
 -- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
--- lease_seconds, task_ids) is renewed with its tasks' leases as heartbeat_slot does for one;
--- returns the ids of the stray tasks released (claimed over a lease ago, unknown to their slot).
+-- lease_seconds, task_ids, waiting, output) is renewed with its tasks' leases as heartbeat_slot
+-- does for one; the slot's row takes why it waits (NULL: its gates are open) and, when sent, the
+-- live tail of its running task's output (NULL: unchanged, kept). Returns the ids of the stray
+-- tasks released (claimed over a lease ago, unknown to their slot).
 WITH b AS (
     SELECT * FROM jsonb_to_recordset(%(beats)s::jsonb)
-                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[])
+                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[], waiting text,
+                        output jsonb)
 ), s AS (
-    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status
+    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
+                            live_output = COALESCE(b.output, sl.live_output)
     FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
 ), renewed AS (
     UPDATE sbx_tasks t
@@ -570,8 +574,9 @@ SELECT now() AS now;
 
 -- name: list_slots
 -- Every slot of an app (newest first within module order), with the task it runs now.
--- `live`: not ended and heard from within two of its own heartbeats.
-SELECT s.id, m.name AS module, m.seq AS module_seq, s.host, s.seq, s.status, s.message,
+-- `live`: not ended and heard from within two of its own heartbeats; `waiting`: why a live
+-- slot claims nothing now (check.sh, a disk gate), as its node last said.
+SELECT s.id, m.name AS module, m.seq AS module_seq, s.host, s.seq, s.status, s.message, s.waiting,
        s.tasks_done, s.started_at, s.heartbeat_at, s.ended_at,
        (s.status IN ('STARTING', 'READY', 'RUNNING')
         AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds)) AS live,
@@ -616,11 +621,21 @@ SELECT EXISTS (SELECT 1 FROM sbx_apps) AS any;
 SELECT name FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY seq;
 
 -- name: running_task
--- Where a RUNNING task runs and for how long (the database's clock); no row when it does not run.
+-- Where a RUNNING task runs and for how long (the database's clock), and the live tail of its
+-- output its node's heartbeat last stored (`output`; NULL when there is none of this task);
+-- no row when it does not run.
 SELECT t.host, s.seq, s.status AS slot_status,
-       extract(epoch FROM now() - t.started_at)::double precision AS seconds
+       extract(epoch FROM now() - t.started_at)::double precision AS seconds,
+       CASE WHEN s.live_output ->> 'task_id' = t.id::text THEN s.live_output END AS output
 FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
 WHERE t.id = %(task_id)s AND t.status = -3;
+
+-- name: task_state
+-- What `task show --follow` polls: the task's status, and while it runs its live output.
+SELECT t.status, t.attempts,
+       CASE WHEN t.status = -3 AND s.live_output ->> 'task_id' = t.id::text THEN s.live_output END AS output
+FROM sbx_tasks t LEFT JOIN sbx_slots s ON s.id = t.slot_id
+WHERE t.id = %(task_id)s;
 
 -- name: bulk_create
 -- bulk submit ---------------------------------------------------------------------------------
@@ -727,3 +742,54 @@ LIMIT 1;
 WITH sbx_bulk AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (seq bigint, grp integer, line bigint, body text)
 )
+
+-- name: module_why
+-- Per module of an app, what the claim (claim_tasks) waits on, so a user can be told why READY
+-- tasks do not move: the app's status (only RUNNING claims), the module's semaphore and its
+-- value (a claim takes one unit a task, none while it is 0 or absent), its live slots and why
+-- those wait (their `waiting`, from the node: check.sh, disk gates), its sinks that are full
+-- (back-pressure: READY >= max_pending, counted up to the limit as the claim does), and the
+-- hosts its READY tasks wait for that run no live slot of the module (bound by to_host, or
+-- preferred for their inputs within their locality wait; of at most 10000 READY tasks that
+-- prefer a host: the status of a queue of millions stays cheap).
+SELECT m.id AS module_id, m.name, m.seq, a.status AS app_status,
+       m.spec -> 'arguments' ->> 'semaphore' AS semaphore,
+       (SELECT sem.value FROM sbx_semaphores sem
+        WHERE sem.app_id = m.app_id AND sem.name = m.spec -> 'arguments' ->> 'semaphore') AS semaphore_value,
+       (SELECT count(*) FROM sbx_slots s WHERE s.module_id = m.id) AS slots,
+       COALESCE(l.live, 0) AS live_slots,
+       COALESCE(l.waiting, '[]'::jsonb) AS waiting,
+       (SELECT COALESCE(jsonb_agg(jsonb_build_object('sink', s.name, 'max_pending', s.max_pending) ORDER BY s.seq),
+                        '[]'::jsonb)
+        FROM sbx_modules s
+        WHERE s.app_id = m.app_id AND s.name = ANY (m.sink_modules) AND s.max_pending IS NOT NULL
+          AND (SELECT count(*) FROM (SELECT 1 FROM sbx_tasks r
+                                     WHERE r.module_id = s.id AND r.status = -1
+                                     LIMIT s.max_pending) AS lim) >= s.max_pending) AS full_sinks,
+       (SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                   'host', h.pref_host, 'tasks', h.n, 'bound', h.bound,
+                   'wait_seconds', h.wait_seconds) ORDER BY h.n DESC, h.pref_host), '[]'::jsonb)
+        FROM (SELECT w.pref_host, count(*) AS n, bool_or(w.to_host IS NOT NULL) AS bound,
+                     max(extract(epoch FROM w.pref_until - now()))::double precision AS wait_seconds
+              FROM (SELECT t.pref_host, t.to_host, t.pref_until
+                    FROM sbx_tasks t  -- sbx_tasks_local_idx; a bounded look, also on a queue of millions
+                    WHERE t.module_id = m.id AND t.status = -1 AND t.pref_host IS NOT NULL
+                    LIMIT 10000) AS w
+              WHERE (w.to_host IS NOT NULL OR w.pref_until > now())
+                AND NOT EXISTS (SELECT 1 FROM sbx_slots s
+                                WHERE s.module_id = m.id AND s.host = w.pref_host
+                                  AND s.status IN ('STARTING', 'READY', 'RUNNING')
+                                  AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds))
+              GROUP BY w.pref_host) AS h) AS host_waits
+FROM sbx_modules m
+JOIN sbx_apps a ON a.id = m.app_id
+LEFT JOIN LATERAL (
+    SELECT count(*) AS live,
+           COALESCE(jsonb_agg(jsonb_build_object('host', s.host, 'seq', s.seq, 'waiting', s.waiting)
+                              ORDER BY s.host, s.seq) FILTER (WHERE s.waiting IS NOT NULL), '[]'::jsonb) AS waiting
+    FROM sbx_slots s
+    WHERE s.module_id = m.id AND s.status IN ('STARTING', 'READY', 'RUNNING')
+      AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds)
+) l ON true
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq;

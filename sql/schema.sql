@@ -78,7 +78,11 @@ CREATE TABLE sbx_slots (
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     ended_at timestamptz,
     -- the slot's own heartbeat interval: it is LOST (and its host dead) after two without a beat
-    heartbeat_seconds double precision NOT NULL DEFAULT 10
+    heartbeat_seconds double precision NOT NULL DEFAULT 10,
+    -- why a live slot claims nothing (check.sh "not now", a disk gate closed); NULL: its gates are open
+    waiting text,
+    -- a bounded tail of the running task's output (see migration 0010), from the heartbeat
+    live_output jsonb
 );
 CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
 CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('STARTING', 'READY', 'RUNNING');

@@ -24,7 +24,7 @@ from scalebox_hpc.cli.common import (
     _one_line,
     terminal_safe,
 )
-from scalebox_hpc.cli.status import _app_state, _print_failures, _state_line, _status_rows
+from scalebox_hpc.cli.status import _app_state, _print_failures, _print_why, _state_line, _status_rows
 
 
 @click.group()
@@ -78,7 +78,8 @@ def app_list(as_json: bool) -> None:
 @click.argument("app_id", type=ID, required=False)
 def app_show(as_json: bool, app_id: int | None) -> None:
     """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
-    RUNNING and no live slot; WAITING: READY tasks but no live slot) and its failed tasks.
+    RUNNING and no live slot; WAITING: READY tasks but no live slot), why tasks wait (as in
+    `scalebox status`) and its failed tasks.
 
     \b
     Examples:
@@ -90,11 +91,12 @@ def app_show(as_json: bool, app_id: int | None) -> None:
         row, state, slots = _app_state(conn, app_id)
         rows = _status_rows(conn, app_id, slots)
         if as_json:
-            _dump({**row, "state": state})
+            _dump({**row, "state": state, "why": {r["module"]: r["why"] for r in rows if r["why"]}})
             return
         for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
             click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
         click.echo(f"state: {_one_line(_state_line(row, state, rows))}")
+        _print_why(rows, app_id)
         failed = sum(r["failed"] for r in rows)
         if failed:
             _print_failures(conn, app_id, failed, err=False)

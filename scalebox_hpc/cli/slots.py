@@ -35,7 +35,16 @@ def slot_rows(conn: Any, app_id: int) -> list[dict[str, Any]]:
         rows = apps.list_slots(conn, app_id)
     for r in rows:
         r["state"] = r["status"] if r["live"] or r["status"] not in ("STARTING", "READY", "RUNNING") else "LOST"
+        if not r["live"]:
+            r["waiting"] = None  # what an ended slot last waited for is no reason any more
     return rows
+
+
+def slot_message(row: dict[str, Any]) -> str:
+    """What a listing says of a slot: why a live one waits (``waits: ...``), else its message."""
+    if row.get("waiting"):
+        return f"waits: {row['waiting']}"
+    return str(row["message"] or "")
 
 
 @slot.command("list")
@@ -44,7 +53,9 @@ def slot_rows(conn: Any, app_id: int) -> list[dict[str, Any]]:
 @JSON_OPTION
 def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
     """The app's slots: host, module, slot number, state, the task it runs now and for how
-    long, and its last message (why an ERROR slot ended).
+    long, and its message: why a live slot claims nothing now (``waits: check.sh exited 1:
+    ... (not now)``, a closed disk gate), or why an ERROR slot ended (``setup.sh exited 3:
+    <its last stderr lines>``). Then, as in `scalebox status`, why each module's tasks wait.
 
     \b
     Examples:
@@ -52,9 +63,12 @@ def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
       scalebox slot list --app 3 --all
       scalebox slot list --json
     """
+    from scalebox_hpc.cli.status import _print_why, _status_rows
+
     with _db() as conn:
         app_id = _app_id(conn, app)
         rows = slot_rows(conn, app_id)
+        modules = [] if as_json or not rows else _status_rows(conn, app_id, rows)
     if as_json:
         _dump(rows)
         return
@@ -68,7 +82,8 @@ def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
         task = str(r["task_id"]) if r["task_id"] is not None else ""
         click.echo(f"{_one_line(r['host']):<12} {_one_line(r['module']):<14} {r['seq']:>4}  {r['state']:<8} "
                    f"{r['tasks_done']:>6}  {task:>8} {elapsed(r['task_seconds']):>7}  "
-                   f"{_squeezed(r['message'] or '')}")
+                   f"{_squeezed(slot_message(r))}")
     hidden = len(rows) - len(shown)
     if hidden:
         click.echo(f"({hidden} slot(s) that ended normally not shown; --all shows them)", err=True)
+    _print_why(modules, app_id, footer=False)

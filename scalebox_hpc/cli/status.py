@@ -44,13 +44,28 @@ def _status_rows(conn: Connection, app_id: int, slots: list[dict[str, Any]] | No
 
     with conn.transaction():
         counts = apps.module_counts(conn, app_id)
+        why = apps.module_why(conn, app_id, counts, slots or [])
     return [{
         "module": mc.name, "total": mc.total, "ready": mc.count(-1), "running": mc.count(-3),
         "initial": mc.count(-9), "ok": mc.count(0), "failed": mc.failed,
         "per_minute": mc.last_minute,
         "slots": sum(1 for s in slots or [] if s["module"] == mc.name and s["live"]),
         "by_status": {str(k): v for k, v in sorted(mc.by_status.items())},
+        "why": [w.as_json() for w in why.get(mc.name, [])],
     } for mc in counts]
+
+
+def _print_why(rows: list[dict[str, Any]], app_id: int, *, err: bool = False, footer: bool = True) -> None:
+    """``why tasks wait:`` and one line per reason a module's READY (or INITIAL) tasks are not
+    claimed (``module: reason``); nothing when none is held."""
+    held = [(r["module"], w["text"]) for r in rows for w in r.get("why", [])]
+    if not held:
+        return
+    click.echo("why tasks wait:", err=err)
+    for module, text in held:
+        click.echo(f"  {_squeezed(module)}: {_squeezed(text)}", err=err)
+    if footer:
+        click.echo(f"  (the slots: `scalebox slot list --app {app_id}`)", err=err)
 
 
 def _app_state(conn: Connection, app_id: int) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
@@ -84,7 +99,12 @@ def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> 
 @JSON_OPTION
 def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
     """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
-    first), the app's state and its failed tasks.
+    first), the app's state, why tasks wait, and its failed tasks.
+
+    Why tasks wait names, per module, each rule of the claim that holds its READY tasks now:
+    the app PAUSED or INITIAL, no live slot, its slots' check.sh or disk gates closed, its
+    semaphore at 0, back-pressure (a sink at its max_pending), tasks held for a host that runs
+    no live slot of the module; and its INITIAL tasks (``why`` in --json).
 
     The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
     no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
@@ -100,6 +120,7 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
     with _db() as conn:
         app_id = _app_id(conn, app_id)
         while True:
+            conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
             jobs = _stage_jobs(conn, app_id)
             row, state, slots = _app_state(conn, app_id)
             rows = _status_rows(conn, app_id, slots)
@@ -120,10 +141,7 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
             else:
                 _print_status(row, rows, clear=watch, state=state)
                 click.echo(_one_line(_state_line(row, state, rows)))
-                with conn.transaction():
-                    counts = apps.module_counts(conn, app_id)
-                for stuck in apps.stuck_modules(counts, slots):
-                    click.echo(f"  {_squeezed(stuck.describe())} (`scalebox slot list --app {app_id}`)")
+                _print_why(rows, app_id)
                 if failed:
                     _print_failures(conn, app_id, failed, err=False)
                 if calls is not None:

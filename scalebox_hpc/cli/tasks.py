@@ -187,20 +187,50 @@ def task_list(app: int | None, module: str | None, status: int | str | None, fai
         click.echo("no tasks" + (" failed" if failed else "") + " match", err=True)
 
 
+FOLLOW_POLL_SECONDS = 0.5
+"""How often `task show --follow` asks (the node refreshes the tail every half heartbeat)."""
+STREAMS = ("stdout", "stderr")
+
+
 @task.command("show")
 @JSON_OPTION
+@click.option("-f", "--follow", is_flag=True,
+              help="For a RUNNING task: keep printing what it prints until it ends, then its final status.")
 @click.argument("task_id", type=ID)
-def task_show(as_json: bool, task_id: int) -> None:
-    """Show a task and its executions."""
+def task_show(as_json: bool, follow: bool, task_id: int) -> None:
+    """Show a task and its executions; for a RUNNING task also where it runs (host, slot), for
+    how long, and the tail of its output so far (its node sends the last 2 KiB of each stream
+    with every heartbeat, when it changed).
+
+    \b
+    --follow: then print what the running task prints as it comes (its stdout on stdout, its
+    stderr on stderr; at the pace of its node's heartbeat), until it ends, and then its final
+    status. A task that is not running is said so.
+
+    \b
+    Examples:
+      scalebox task show 17
+      scalebox task show --follow 17
+    """
     from scalebox_hpc.db import apps
     from scalebox_hpc.models import TaskStatus
 
+    if follow and as_json:
+        raise click.UsageError("--follow prints the output as text; leave out --json")
     with _db() as conn:
         row = apps.get_task(conn, task_id)
         running = apps.running_task(conn, task_id) if row["status"] == TaskStatus.RUNNING else None
-    if as_json:
-        _dump(row)
-        return
+        if as_json:
+            _dump({**row, **({"running": running} if running is not None else {})})
+            return
+        _print_task(row, running, live=not follow)
+        if follow:
+            _follow(conn, task_id)
+
+
+def _print_task(row: dict[str, Any], running: dict[str, Any] | None, *, live: bool) -> None:
+    from scalebox_hpc.models import TaskStatus
+
     # everything but the numbers is the task's (or another user's) text: shown without escapes
     click.echo(f"task {row['id']} ({row['module']}): {TaskStatus.describe(row['status'])}, "
                f"{row['attempts']} attempt(s)\nbody: {terminal_safe(row['body'])}\n"
@@ -218,6 +248,93 @@ def task_show(as_json: bool, task_id: int) -> None:
         for name in ("stdout", "stderr", "user_text"):
             if ex[name]:
                 click.echo(f"  {name}: " + terminal_safe(ex[name]).rstrip().replace("\n", "\n    "))
+    output = (running or {}).get("output") or {}
+    if live and any((output.get(name) or {}).get("text") for name in STREAMS):
+        click.echo(f"output so far (attempt {row['attempts']}, its last KiB; `scalebox task show --follow "
+                   f"{row['id']}` follows it):")
+        for name in STREAMS:
+            text = (output.get(name) or {}).get("text")
+            if text:
+                click.echo(f"  {name}: " + terminal_safe(str(text)).rstrip().replace("\n", "\n    "))
+
+
+class _Follower:
+    """What `--follow` printed of each stream: the offset printed up to, and its last characters
+    (to find the rest in the execution record once the task has ended)."""
+
+    def __init__(self) -> None:
+        self.printed = dict.fromkeys(STREAMS, 0)
+        self.seen = dict.fromkeys(STREAMS, "")
+
+    def show(self, output: dict[str, Any] | None) -> None:
+        """Print what is new in one snapshot of the live output."""
+        from scalebox_hpc.launcher.livetail import new_text
+
+        for name in STREAMS:
+            new = new_text((output or {}).get(name), self.printed[name])
+            err = name == "stderr"
+            if new.skipped > 0:
+                click.echo(f"[scalebox: {new.skipped} byte(s) of its {name} not shown]", err=err)
+            elif new.skipped < 0:
+                click.echo(f"[scalebox: its {name} began anew]", err=err)
+            self._echo(name, new.text)
+            self.printed[name] = new.printed
+
+    def finish(self, ex: dict[str, Any] | None) -> None:
+        """Print the end of the recorded output that the live tail had not shown yet."""
+        from scalebox_hpc.launcher.livetail import sanitize
+
+        for name in STREAMS:
+            final = sanitize(str((ex or {}).get(name) or "").encode("utf-8"))
+            key = self.seen[name]
+            at = final.rfind(key) if key else 0
+            if at < 0:
+                click.echo(f"[scalebox: the end of its {name}:]", err=name == "stderr")
+                at = 0
+            else:
+                at += len(key)
+            self._echo(name, final[at:])
+
+    def _echo(self, name: str, text: str) -> None:
+        if text:
+            click.echo(terminal_safe(text), nl=False, err=name == "stderr")
+            self.seen[name] = (self.seen[name] + text)[-200:]
+
+
+def _follow(conn: Any, task_id: int) -> None:
+    """Print the running task's output as its node sends it, until the task is not RUNNING
+    (or runs again as another attempt); then the rest of its output and its final status."""
+    import time
+
+    from scalebox_hpc.db import apps
+    from scalebox_hpc.models import TaskStatus
+
+    conn.commit()  # every poll in a transaction of its own (not one snapshot of now() for ever)
+    state = apps.task_state(conn, task_id)
+    if state["status"] != TaskStatus.RUNNING:
+        click.echo(f"task {task_id} is not running ({TaskStatus.describe(state['status'])}): nothing to follow",
+                   err=True)
+        return
+    attempt, follower = state["attempts"], _Follower()
+    click.echo(f"following the output of task {task_id} (attempt {attempt}; Ctrl-C stops following):")
+    try:
+        while state["status"] == TaskStatus.RUNNING and state["attempts"] == attempt:
+            follower.show(state["output"])
+            time.sleep(FOLLOW_POLL_SECONDS)
+            state = apps.task_state(conn, task_id)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        raise SystemExit(130) from None
+    with conn.transaction():
+        row = apps.get_task(conn, task_id)
+    ex = next((e for e in reversed(row["execs"]) if e["attempt"] == attempt), None)
+    follower.finish(ex)
+    status = row["status"]
+    if status == TaskStatus.OK or TaskStatus.is_failure(status):
+        click.echo(f"task {task_id} ended: {TaskStatus.describe(status)}")
+    else:
+        click.echo(f"task {task_id} is {TaskStatus.describe(status)} again: attempt {attempt} did not end here"
+                   + (f" (status {ex['status']})" if ex else " (its run was given back or lost)"))
 
 
 @task.command("retry")

@@ -572,6 +572,124 @@ def app_state(status: str, counts: Sequence[ModuleCounts], slots: Sequence[dict[
 
 
 def running_task(conn: Connection, task_id: int) -> dict[str, Any] | None:
-    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status`` and elapsed ``seconds``; else None."""
+    """For a RUNNING task: ``host``, slot ``seq``, ``slot_status``, elapsed ``seconds`` and the
+    live tail of its ``output`` (None when its node sent none yet); else None."""
     row = conn.execute(query("running_task"), {"task_id": task_id}).fetchone()
     return dict(row) if row else None
+
+
+def task_state(conn: Connection, task_id: int) -> dict[str, Any]:
+    """A task's ``status`` and ``attempts``, and while it runs the live tail of its ``output``
+    (see :mod:`scalebox_hpc.launcher.livetail`); NotFoundError when there is no such task."""
+    with conn.transaction():
+        row = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
+    if row is None:
+        raise NotFoundError("task", task_id)
+    return dict(row)
+
+
+# -- why READY tasks do not move ----------------------------------------------------------------
+WHY_SLOTS_NAMED = 3
+"""Slot gate reasons named per module (the others are counted)."""
+
+
+@dataclass(frozen=True)
+class Why:
+    """One reason a module's READY tasks are not claimed, matching one rule of claim_tasks.
+
+    ``kind``: ``app_paused``, ``app_initial``, ``app_finished``, ``tasks_initial``, ``no_slot``,
+    ``check_sh``, ``disk_gate``, ``semaphore``, ``back_pressure`` or ``host``."""
+
+    kind: str
+    text: str
+
+    def as_json(self) -> dict[str, str]:
+        """``{"kind", "text"}``."""
+        return {"kind": self.kind, "text": self.text}
+
+
+def module_why(
+    conn: Connection, app_id: int, counts: Sequence[ModuleCounts], slots: Sequence[dict[str, Any]],
+) -> dict[str, list[Why]]:
+    """Per module, why its READY (or INITIAL) tasks wait (:func:`why_waiting`); modules with
+    nothing waiting, or nothing keeping it, have an empty list."""
+    by_name = {mc.name: mc for mc in counts}
+    out: dict[str, list[Why]] = {}
+    for r in conn.execute(query("module_why"), {"app_id": app_id}).fetchall():
+        mc = by_name.get(r["name"]) or ModuleCounts(r["name"], {}, 0)
+        mine = [s for s in slots if s["module"] == r["name"]]
+        out[r["name"]] = why_waiting(dict(r), mc, mine, app_id)
+    return out
+
+
+def why_waiting(
+    row: Mapping[str, Any], counts: ModuleCounts, slots: Sequence[Mapping[str, Any]], app_id: int,
+) -> list[Why]:
+    """The reasons (one row of the ``module_why`` query, the module's counts and slots) the
+    claim takes none of the module's READY tasks now, each the rule of claim_tasks that holds
+    them; INITIAL tasks are named too (they are not claimable at all until activated)."""
+    ready, initial = counts.count(TaskStatus.READY), counts.count(TaskStatus.INITIAL)
+    found: list[Why] = []
+    if initial:
+        found.append(Why("tasks_initial", f"{initial} task(s) INITIAL: not claimable until activated "
+                                          f"(`scalebox task retry --status initial --app {app_id}`)"))
+    if not ready:
+        return found
+    found += _app_why(str(row["app_status"]), app_id)
+    found += _slot_why(row, ready, slots, app_id)
+    semaphore = row.get("semaphore")
+    value = row.get("semaphore_value")
+    if semaphore and (value is None or int(value) <= 0):
+        said = "does not exist" if value is None else f"is {value}"
+        found.append(Why("semaphore", f"semaphore {semaphore!r} {said}: a claim takes one unit a task "
+                                      f"(`scalebox semaphore increment --app {app_id} {semaphore}`)"))
+    for sink in row.get("full_sinks") or []:
+        found.append(Why("back_pressure", f"back-pressure: its sink {sink['sink']} has {sink['max_pending']} or "
+                                          f"more READY tasks (max_pending {sink['max_pending']})"))
+    for h in row.get("host_waits") or []:
+        found.append(Why("host", _host_wait(h)))
+    return found
+
+
+def _app_why(status: str, app_id: int) -> list[Why]:
+    """The claim takes tasks of RUNNING apps only."""
+    if status == AppStatus.PAUSED:
+        return [Why("app_paused", f"the app is PAUSED: nothing is claimed (`scalebox app resume {app_id}`)")]
+    if status == AppStatus.INITIAL:
+        return [Why("app_initial", f"the app is INITIAL: nothing is claimed until `scalebox app resume {app_id}`")]
+    if status == AppStatus.FINISHED:
+        return [Why("app_finished", "the app is FINISHED: nothing more is claimed")]
+    return []
+
+
+def _slot_why(row: Mapping[str, Any], ready: int, slots: Sequence[Mapping[str, Any]], app_id: int) -> list[Why]:
+    """No live slot of the module, or live slots whose gates are closed (check.sh, disk)."""
+    if not row["live_slots"]:
+        if not slots:
+            return [Why("no_slot", f"no slot has run it yet — start one with `scalebox run --app {app_id}`, "
+                                   f"`scalebox launcher --app {app_id}` or `scalebox submit`")]
+        errors = [s for s in slots if s["status"] == "ERROR"]
+        message = next((str(s["message"]) for s in errors if s["message"]), "")
+        stuck = StuckModule(str(row["name"]), ready, len(slots), len(errors), message).describe()
+        return [Why("no_slot", stuck.removeprefix(f"{row['name']}: "))]
+    groups: dict[str, list[str]] = {}
+    for w in row.get("waiting") or []:
+        groups.setdefault(str(w["waiting"]), []).append(f"{w['host']} slot {w['seq']}")
+    found = []
+    for reason, where in list(groups.items())[:WHY_SLOTS_NAMED]:
+        kind = "check_sh" if reason.startswith("check.sh") else "disk_gate"
+        whom = ", ".join(where[:WHY_SLOTS_NAMED]) + (f" and {len(where) - WHY_SLOTS_NAMED} more"
+                                                     if len(where) > WHY_SLOTS_NAMED else "")
+        found.append(Why(kind, f"{len(where)} of its {row['live_slots']} live slot(s) wait ({whom}): {reason}"))
+    return found
+
+
+def _host_wait(h: Mapping[str, Any]) -> str:
+    """Tasks held for a host that runs no live slot of their module."""
+    n = f"{h['tasks']}{'+' if int(h['tasks']) >= 10000 else ''} task(s)"
+    if h["bound"]:
+        return (f"{n} bound to host {h['host']} (to_host), which runs no live slot of this module "
+                "(released to any host once it is dead past their locality wait)")
+    wait = max(0.0, float(h["wait_seconds"] or 0.0))
+    return (f"{n} wait for host {h['host']}, which holds their inputs but runs no live slot of this "
+            f"module, for up to {wait:.0f}s more (locality_wait_seconds)")

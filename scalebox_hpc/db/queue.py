@@ -357,12 +357,14 @@ class PgQueue:
 
     def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
         """One statement renews every slot in ``beats`` and its tasks' leases (see
-        :meth:`heartbeat`); returns the ids of the stray tasks released."""
+        :meth:`heartbeat`), and stores why each waits and its live output (when sent); returns
+        the ids of the stray tasks released."""
         if not beats:
             return []
         rows = self._run("heartbeat_slots", {"beats": Jsonb([
             {"slot_id": b.slot_id, "status": b.status, "lease_seconds": b.lease_seconds,
-             "task_ids": None if b.task_ids is None else list(b.task_ids)} for b in beats])})
+             "task_ids": None if b.task_ids is None else list(b.task_ids),
+             "waiting": b.waiting, "output": None if b.output is None else dict(b.output)} for b in beats])})
         return [int(i) for i in rows[0]["released"]] if rows else []
 
     def release(self, slot_id: int) -> int:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
@@ -486,8 +486,8 @@ class Dispatcher:
         return self._q().heartbeat(slot_id, status=status, lease_seconds=lease_seconds, task_ids=ids)
 
     def _do_heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
-        full = [b if b.task_ids is None else Beat(b.slot_id, b.status, b.lease_seconds,
-                                                   (*b.task_ids, *self.held(b.slot_id))) for b in beats]
+        full = [b if b.task_ids is None else replace(b, task_ids=(*b.task_ids, *self.held(b.slot_id)))
+                for b in beats]
         return self._q().heartbeat_slots(full)
 
     def _do_release(self, slot_id: int) -> int:

@@ -79,6 +79,8 @@ class Launcher:
         self._heartbeat: threading.Thread | None = None
         self._specs: dict[str, ModuleSpec] = {}
         self._stopped = threading.Event()
+        self._sent_output: dict[int, object] = {}
+        """The live output each slot's row holds (as last sent): a beat sends only what changed."""
 
     def plan(self) -> list[SlotContext]:
         """The slots this host runs, from the app's stored module specs."""
@@ -220,15 +222,24 @@ class Launcher:
 
     def _beat(self, queue: TaskQueue) -> None:
         """One statement renews every live slot of the node and the leases of the tasks each
-        runs (the dispatcher adds those it prefetched)."""
+        runs (the dispatcher adds those it prefetched). It also carries why a slot waits (its
+        gates) and the tail of each running task's output, when that changed since the last beat."""
         beats = []
+        sending: dict[int, object] = {}
         for slot in self.slots:
             if slot.slot_id and slot.running:
                 current = slot.current
+                output = slot.live_output() or {"task_id": None}
+                changed = output != self._sent_output.get(slot.slot_id)
+                if changed:
+                    sending[slot.slot_id] = output
                 beats.append(Beat(slot.slot_id, "RUNNING" if current is not None else "READY",
                                   lease_for(slot.ctx.module.arguments.heartbeat_seconds),
-                                  () if current is None else (current.id,)))
-        for task_id in queue.heartbeat_slots(beats):
+                                  () if current is None else (current.id,),
+                                  waiting=slot.waiting, output=output if changed else None))
+        released = queue.heartbeat_slots(beats)
+        self._sent_output.update(sending)  # only once stored: a failed beat sends it again
+        for task_id in released:
             logger.warning("task %s: held by a slot of %s that does not run it (a lost claim reply): released",
                            task_id, self.config.host)
 

@@ -21,7 +21,7 @@ from typing import cast
 
 from scalebox_hpc import mpi
 from scalebox_hpc.errors import ContainerError, DatabaseError, ScaleboxError, ScriptError, SlotError
-from scalebox_hpc.launcher import mpirun, pyworker, scratch, taskexec
+from scalebox_hpc.launcher import livetail, mpirun, pyworker, scratch, taskexec
 from scalebox_hpc.launcher.gates import closed_gate
 from scalebox_hpc.launcher.outputs import CappedOutputs
 from scalebox_hpc.launcher.ports import HandsOff, TaskQueue
@@ -38,7 +38,7 @@ from scalebox_hpc.models import (
     unrecordable,
 )
 from scalebox_hpc.pipeline import ModuleSpec
-from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, RunSpec, Session, SessionSpec
+from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, Run, RunSpec, Session, SessionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ MAX_HANDOFF_BYTES = 64 * 2**20
 values stop at 256 MB (over that PostgreSQL refuses the statement, for good)."""
 CRASH_LOOP_LIMIT = 5
 """Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
+SCRIPT_SAID_CHARS = 300
+"""What a slot's message quotes of a failed script's stderr (its last lines), at most."""
 
 
 @dataclass
@@ -98,6 +100,10 @@ class Slot:
         self._fatal: ScaleboxError | None = None
         self.outputs = CappedOutputs(())
         """The output files of the run going on (or that just ended)."""
+        self.waiting: str | None = None
+        """Why the slot claims nothing now (a gate closed); the heartbeat stores it in its row."""
+        self._live: int | None = None
+        """The task whose run.sh (or handler) runs now: its output is the heartbeat's live tail."""
 
     @property
     def lease_seconds(self) -> float:
@@ -125,8 +131,9 @@ class Slot:
         status, message = "EXITED", None
         try:
             self.session = ctx.runtime.open(session_spec(ctx, self.private))
-            if not self._setup():
-                status, message = "ERROR", "setup.sh failed"
+            failed = self._setup_failure()
+            if failed is not None:
+                status, message = "ERROR", failed
                 return
             self.queue.set_slot_status(self.slot_id, "READY")
             self._loop()
@@ -159,11 +166,30 @@ class Slot:
             self.queue.close()
 
     def _setup(self) -> bool:
+        return self._setup_failure() is None
+
+    def _setup_failure(self) -> str | None:
+        """Run setup.sh; None when it went well, else why not (its exit code, its last stderr
+        lines): the message of the slot's ERROR, where `slot list` and `scalebox run` show it."""
         code = self._script("setup.sh")
-        if code not in (None, 0):
-            logger.error("slot %s/%s: setup.sh exited %s", self.ctx.module.name, self.ctx.seq, code)
-            return False
-        return True
+        if code in (None, 0):
+            return None
+        why = self._script_failure("setup.sh", code)
+        logger.error("slot %s/%s: %s", self.ctx.module.name, self.ctx.seq, why)
+        return why
+
+    def _script_failure(self, name: str, code: int) -> str:
+        """``setup.sh exited 3: <its last stderr lines>`` (bounded, terminal-safe, one line)."""
+        what = "timed out" if code == TaskStatus.TIMEOUT else f"exited {code}"
+        said = script_said(self.private / f"{name.removesuffix('.sh')}.err")
+        return f"{name} {what}" + (f": {said}" if said else "")
+
+    def live_output(self) -> dict[str, object] | None:
+        """The live tail of the task running now (for the heartbeat), or None."""
+        task_id = self._live
+        if task_id is None:
+            return None
+        return livetail.live_output(task_id, self.private / "run.out", self.private / "run.err")
 
     def _loop(self) -> None:
         args = self.ctx.module.arguments
@@ -198,13 +224,20 @@ class Slot:
             self.ctx.wakeups.wait(self.ctx.ref.id, seen, args.sleep_interval_seconds)
 
     def _check_gate(self) -> bool:
-        """Built-in disk gates, then check.sh (Scalebox's ACTION_CHECK): all must say go."""
+        """Built-in disk gates, then check.sh (Scalebox's ACTION_CHECK): all must say go. Why
+        one said no is kept in ``waiting`` (the next heartbeat stores it; logged when it changes)."""
         reason = closed_gate(self.ctx.module.arguments, self.ctx.work_dir)
-        if reason is not None:
-            logger.info("slot %s/%s waits: %s", self.ctx.module.name, self.ctx.seq, reason)
-            return False
-        code = self._script("check.sh")
-        return code in (None, 0)
+        if reason is None:
+            code = self._script("check.sh")
+            if code not in (None, 0):
+                reason = self._script_failure("check.sh", code) + " (not now)"
+        if reason != self.waiting:
+            if reason is not None:
+                logger.info("slot %s/%s waits: %s", self.ctx.module.name, self.ctx.seq, reason)
+            elif self.waiting is not None:
+                logger.info("slot %s/%s: its gates are open again", self.ctx.module.name, self.ctx.seq)
+            self.waiting = reason
+        return reason is None
 
     def _claim(self) -> Task | None:
         tasks = self.queue.claim(
@@ -401,7 +434,8 @@ class Slot:
         if wrapped is not argv:
             mpi.remove_stale_segments()
             argv = wrapped
-        outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True)
+        outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True,
+                                   live=task.id)
         if outcome is None:
             return None
         killed = outcome.returncode < 0 or 128 < outcome.returncode < 160  # by a signal (or its shell's 128+N)
@@ -427,8 +461,12 @@ class Slot:
             self._worker = pyworker.Worker(cast(str, ctx.module.handler), ctx.module.code_path, cwd=ctx.work_dir,
                                            env=self._env(None, None), private=self.private)
         worker = self._worker
-        run = worker.run(pyworker.request_for(task.id, task.body, task.headers, task.attempts, emit_file),
-                         timeout=ctx.module.arguments.task_max_seconds, abort=ctx.control.abort)
+        self._live = task.id
+        try:
+            run = worker.run(pyworker.request_for(task.id, task.body, task.headers, task.attempts, emit_file),
+                             timeout=ctx.module.arguments.task_max_seconds, abort=ctx.control.abort)
+        finally:
+            self._live = None
         self.outputs = worker.outputs
         if run.aborted:
             return None
@@ -511,8 +549,11 @@ class Slot:
         return _status_of(outcome) if outcome else None
 
     def _run_script(
-        self, argv: list[str], env: dict[str, str], label: str, timeout: float | None, *, abortable: bool
+        self, argv: list[str], env: dict[str, str], label: str, timeout: float | None, *, abortable: bool,
+        live: int | None = None,
     ) -> Outcome | None:
+        """Run a script to its end (or its timeout; None when aborted). ``live``: the task it
+        runs, whose output the heartbeat then carries (from when its files were opened anew)."""
         spec = RunSpec(
             argv=argv, cwd=self.ctx.work_dir, env=env, image=self.ctx.module.base_image,
             stdout_path=self.private / f"{label}.out", stderr_path=self.private / f"{label}.err",
@@ -520,6 +561,13 @@ class Slot:
         assert self.session is not None
         self.outputs = CappedOutputs((spec.stdout_path, spec.stderr_path))
         run = self.session.start(spec)
+        self._live = live
+        try:
+            return self._wait_run(run, timeout, abortable)
+        finally:
+            self._live = None
+
+    def _wait_run(self, run: Run, timeout: float | None, abortable: bool) -> Outcome | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outcome = run.wait(0.2)
@@ -553,6 +601,22 @@ class Slot:
         else:
             env.pop(taskexec.EMIT_BUFFER_ENV, None)
         return env
+
+
+def script_said(path: Path, limit: int = SCRIPT_SAID_CHARS) -> str:
+    """The last non-blank lines of a script's stderr file, joined with `` / ``, terminal-safe and
+    at most ``limit`` characters (the end kept: the last line says most); '' when there are none."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - 4 * limit))
+            data = fh.read(4 * limit)
+    except OSError:
+        return ""
+    lines = [" ".join(line.split()) for line in livetail.sanitize(data).splitlines()]
+    lines = [line for line in lines if line and set(line) != {"?"}][-2:]
+    said = " / ".join(lines)
+    return said if len(said) <= limit else "..." + said[-(limit - 3):]
 
 
 def outage_backoff(failures: int) -> float:

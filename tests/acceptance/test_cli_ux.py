@@ -102,12 +102,16 @@ def test_slot_list_shows_an_error_slot_with_its_message(cli_env: dict[str, str],
         modules:
           work:
             arguments: {QUICK}
-    """, {"work/run.sh": "true\n", "work/setup.sh": "exit 1\n"})
+    """, {"work/run.sh": "true\n",
+          "work/setup.sh": 'echo "loading the model" >&2\nprintf "model.bin: \\033[31mno such file\\n" >&2\nexit 3\n'})
     proc, took = timed_run(cli_env, str(app))
     assert proc.returncode == 1 and took < RUN_BOUND
+    said = "setup.sh exited 3: loading the model / model.bin: ?[31mno such file"  # terminal-safe
+    assert said in proc.stderr.strip().splitlines()[-1], proc.stderr  # `scalebox run`'s error line
     out = sbx(cli_env, "slot", "list", "--app", "1").stdout.splitlines()
     [row] = [line for line in out[1:] if line.split()[1] == "work"]
-    assert row.split()[3] == "ERROR" and "setup.sh failed" in row, out
+    assert row.split()[3] == "ERROR" and row.endswith(said), out
+    assert f"work: all 1 slot(s) failed: {said}" in sbx(cli_env, "status").stdout
     [shown] = json.loads(sbx(cli_env, "slot", "list", "--json").stdout)
     assert (shown["state"], shown["module"], shown["seq"], shown["live"]) == ("ERROR", "work", 0, False)
 

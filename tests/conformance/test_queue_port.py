@@ -687,6 +687,23 @@ def test_one_heartbeat_statement_renews_every_slot_and_releases_strays(queue_bac
     assert [s["status"] for s in b.slots(app)] == ["RUNNING", "READY"]
 
 
+def test_the_heartbeat_stores_why_a_slot_waits_and_the_live_output_sent(queue_backend: Backend, app: int) -> None:
+    b = queue_backend
+    b.add_tasks(app, "b", ["t0"])
+    s0, s1 = _slot(b, app, "b", seq=0), _slot(b, app, "b", seq=1)
+    [t0] = _claim(b, app, "b", s0)
+    out = {"task_id": t0.id, "stdout": {"end": 3, "text": "hi\n"}, "stderr": None}
+    b.queue.heartbeat_slots([Beat(s0, "RUNNING", 60.0, (t0.id,), output=out),
+                             Beat(s1, "READY", 60.0, (), waiting="check.sh exited 1 (not now)")])
+    slots = {s["id"]: s for s in b.slots(app)}
+    assert (slots[s0]["waiting"], slots[s0]["live_output"]) == (None, out)
+    assert (slots[s1]["waiting"], slots[s1]["live_output"]) == ("check.sh exited 1 (not now)", None)
+    # output None: unchanged (kept); waiting None: the gates are open again
+    b.queue.heartbeat_slots([Beat(s0, "RUNNING", 60.0, (t0.id,)), Beat(s1, "READY", 60.0, ())])
+    slots = {s["id"]: s for s in b.slots(app)}
+    assert (slots[s0]["live_output"], slots[s1]["waiting"]) == (out, None)
+
+
 def test_a_silent_slot_is_lost_and_an_ended_one_stays_ended(queue_backend: Backend, app: int) -> None:
     b = queue_backend
     quiet, ended, beating = (_slot(b, app, "c", seq=i, hb=2) for i in range(3))

@@ -196,3 +196,46 @@ def test_the_launcher_recovers_a_dead_slots_task_and_runs_it(tmp_path: Path,
     assert h.tasks()["orphan"]["status"] == 0
     assert [(e["status"], e["host"]) for e in h.queue.executions(orphan.id)] == [(123, "gone"), (0, "testhost")]
     assert {s["host"]: s["status"] for s in h.queue.slots(h.app)} == {"gone": "LOST", "testhost": "EXITED"}
+
+
+def test_the_heartbeat_carries_why_a_slot_waits_and_the_output_of_its_task(
+        tmp_path: Path, stop_launchers: list[Launcher]) -> None:
+    gate, go = tmp_path / "open", tmp_path / "go"
+    h = Harness(tmp_path, f"""
+        name: beats
+        parameters: {{start_task: only}}
+        modules:
+          work:
+            arguments: {{sleep_interval_seconds: 0.05, heartbeat_seconds: 0.4, slot_options: [always_running]}}
+    """, {
+        "work/check.sh": f'[ -e {gate} ] || {{ echo "not yet" >&2; exit 1; }}\n',
+        "work/run.sh": f'echo "started $1"\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho done >&2\n',
+    })
+    sent: list[Any] = []
+    beat = h.queue.heartbeat_slots
+
+    def recording(beats: Any) -> list[int]:
+        sent.extend(b.output for b in beats)
+        return beat(beats)
+
+    h.queue.heartbeat_slots = recording  # type: ignore[method-assign]
+    h.launcher.start()
+    stop_launchers.append(h.launcher)
+
+    def slot() -> dict[str, Any]:
+        rows = h.queue.slots(h.app)
+        return rows[0] if rows else {}  # {}: not registered yet
+
+    h.until("the slot says why it waits", lambda: slot().get("waiting") == "check.sh exited 1: not yet (not now)")
+    gate.touch()
+    h.until("the task's output reaches the slot's row",
+            lambda: ((slot()["live_output"] or {}).get("stdout") or {}).get("text") == "started only\n")
+    assert slot()["waiting"] is None  # the gate is open again
+    [task] = h.tasks().values()
+    assert slot()["live_output"]["task_id"] == task["id"]
+    beats_before = len(sent)
+    h.until("more beats", lambda: len(sent) > beats_before + 2)
+    assert sent[-1] is None  # unchanged output is not sent again
+    go.touch()
+    h.until("the task done", lambda: h.tasks()["only"]["status"] == 0)
+    h.until("the tail cleared", lambda: slot()["live_output"] == {"task_id": None})
