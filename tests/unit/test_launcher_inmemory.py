@@ -201,12 +201,12 @@ def test_the_launcher_recovers_a_dead_slots_task_and_runs_it(tmp_path: Path,
 def test_the_heartbeat_carries_why_a_slot_waits_and_the_output_of_its_task(
         tmp_path: Path, stop_launchers: list[Launcher]) -> None:
     gate, go = tmp_path / "open", tmp_path / "go"
-    h = Harness(tmp_path, f"""
+    h = Harness(tmp_path, """
         name: beats
-        parameters: {{start_task: only}}
+        parameters: {start_task: only}
         modules:
           work:
-            arguments: {{sleep_interval_seconds: 0.05, heartbeat_seconds: 0.4, slot_options: [always_running]}}
+            arguments: {sleep_interval_seconds: 0.05, heartbeat_seconds: 0.4, slot_options: [always_running]}
     """, {
         "work/check.sh": f'[ -e {gate} ] || {{ echo "not yet" >&2; exit 1; }}\n',
         "work/run.sh": f'echo "started $1"\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho done >&2\n',
