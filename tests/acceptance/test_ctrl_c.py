@@ -33,8 +33,23 @@ def sbx(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def long_tasks(root: Path, count: int = 4) -> Path:
-    """``count`` tasks on 2 slots, each a `sleep 30` whose pid run.sh writes into the work dir."""
+SLOW_HANDLER = """
+import os
+import time
+
+
+def slow(task):
+    with open(f"sleep-{task.body}.pid", "w") as fh:  # the worker's cwd is the slot's work dir
+        fh.write(str(os.getpid()))
+    time.sleep(30)
+    return 0
+"""
+
+
+def long_tasks(root: Path, count: int = 4, *, handler: bool = False) -> Path:
+    """``count`` tasks on 2 slots, each a `sleep 30` whose pid run.sh writes into the work dir
+    (``handler``: an in-slot Python handler sleeping 30 s, its worker's pid written)."""
+    how = "handler: slow.py:slow" if handler else ""
     app = write_app(root, f"""
         name: long
         parameters: {{start_task: "FILE:list.txt"}}
@@ -42,7 +57,11 @@ def long_tasks(root: Path, count: int = 4) -> Path:
           work:
             slots: [".*:2"]
             arguments: {QUICK}
-    """, {"work/run.sh": 'sleep 30 &\necho $! > "$WORK_DIR/sleep-$1.pid"\nwait\n'})
+            {how}
+    """, {} if handler else {"work/run.sh": 'sleep 30 &\necho $! > "$WORK_DIR/sleep-$1.pid"\nwait\n'})
+    if handler:
+        (root / "work").mkdir()
+        (root / "work" / "slow.py").write_text(SLOW_HANDLER)
     (root / "list.txt").write_text("".join(f"t{i}\n" for i in range(count)))
     return app
 
@@ -108,13 +127,13 @@ def sleeps(work: Path, count: int, timeout: float = 30.0) -> list[int]:
         time.sleep(0.1)
 
 
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still a live `sleep`."""
+def alive(pids: list[int], name: str = "sleep") -> list[int]:
+    """Those of ``pids`` still a live process called ``name``."""
     left = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.name() == "sleep":
+            if proc.status() != psutil.STATUS_ZOMBIE and name in proc.name():
                 left.append(pid)
         except psutil.NoSuchProcess:
             pass
@@ -127,13 +146,15 @@ def tasks(env: dict[str, str]) -> dict[int, tuple[int, int]]:
     return {int(r["id"]): (int(r["status"]), int(r["attempts"])) for r in rows}
 
 
-def stop_twice(env: dict[str, str], work: Path, *args: str, second: int = signal.SIGINT,
-               third: bool = False) -> tuple[Command, int, list[int], dict[int, tuple[int, int]]]:
-    """Run ``scalebox ARGS`` until 2 tasks run, Ctrl-C, wait for the drain's line, signal again."""
+def stop_twice(env: dict[str, str], work: Path, *args: str, second: int = signal.SIGINT, third: bool = False,
+               runs: str = "sleep") -> tuple[Command, int, list[int], dict[int, tuple[int, int]]]:
+    """Run ``scalebox ARGS`` until 2 tasks run (their ``runs`` processes), Ctrl-C, wait for the
+    drain's line, signal again."""
     cmd = Command(env, *args)
     try:
         running(env, 2)
         pids = sleeps(work, 2)
+        assert sorted(alive(pids, runs)) == sorted(pids), pids
         before = tasks(env)
         cmd.proc.send_signal(signal.SIGINT)
         cmd.wait_for("stopping: no new tasks; 2 running task(s) get up to 600 s")
@@ -181,3 +202,14 @@ def test_the_launcher_stops_now_on_a_second_signal(
     assert alive(pids) == []
     after = tasks(cli_env)
     assert after == {tid: (-1, 0) for tid in before}, (before, after)  # attempts as before the run
+
+
+def test_a_second_ctrl_c_kills_python_handler_workers_too(cli_env: dict[str, str], tmp_path: Path) -> None:
+    app = long_tasks(tmp_path / "app", handler=True)
+    cmd, code, pids, before = stop_twice(cli_env, tmp_path / "work", "run", "--grace", "600", str(app),
+                                         runs="python")
+    assert code == 1, cmd.err
+    assert f"scalebox: {STOP_NOW}" in cmd.err and "Traceback" not in cmd.err, cmd.err
+    assert alive(pids, "python") == [], "a handler worker outlived the stop"
+    after = tasks(cli_env)
+    assert after == {tid: (-1, 0) for tid in before}, (before, after)
