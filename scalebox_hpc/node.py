@@ -108,19 +108,22 @@ def build(
 def run_launcher(
     dsn: str, config: LauncherConfig, *, grace: float = 30.0, on_tick: Callable[[], bool] | None = None,
     tick_seconds: float = 0.5, on_drain: Callable[[], None] | None = None,
-    may_idle_exit: Callable[[], bool] | None = None,
+    may_idle_exit: Callable[[], bool] | None = None, signals: SignalPolicy | None = None,
 ) -> int:
     """Run this host's slots until they end. SIGTERM/SIGINT/SIGUSR1 drain (no new claims; running
-    tasks get ``grace`` seconds). ``on_tick`` is called periodically; returning True drains too.
-    ``on_drain`` is called once when a drain begins (not when the slots end by themselves);
-    ``may_idle_exit`` is asked before idle slots end (False keeps them up)."""
+    tasks get ``grace`` seconds); a second signal of ``signals.stop_now_on`` stops the running
+    tasks at once (see :class:`SignalPolicy`). ``on_tick`` is called periodically; returning True
+    drains too. ``on_drain`` is called once when a drain begins (not when the slots end by
+    themselves); ``may_idle_exit`` is asked before idle slots end (False keeps them up)."""
     if "SCALEBOX_DSN" not in config.script_env:
         config = dataclasses.replace(config, script_env={**config.script_env, "SCALEBOX_DSN": dsn})
+    policy = signals or SignalPolicy()
     launcher, listener = build(dsn, config, may_idle_exit=may_idle_exit)
     listener.start()
     listener.ready.wait(5.0)
     stop = threading.Event()
-    previous = _install_signals(stop, launcher.control.draining)
+    interrupts = Interrupts(launcher, stop, grace, policy)
+    previous = interrupts.install()
     try:
         if launcher.start() == 0:
             logger.warning("no slots for host %s", config.host)
@@ -132,25 +135,92 @@ def run_launcher(
             on_drain()
         launcher.stop(grace)
     finally:
-        _restore_signals(previous)
+        interrupts.ended = True
         listener.stop()
+        if policy.restore:
+            _restore_signals(previous)
     code = launcher.exit_code()
     if code:
         logger.error("every slot on %s ended in error (see `scalebox slot` messages / the log above)", config.host)
+    if interrupts.received and policy.resume_hint:
+        policy.say(policy.resume_hint)
     return code
 
 
-def _install_signals(stop: threading.Event, draining: threading.Event) -> dict[int, object]:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        logger.warning("signal %s: draining", signal.Signals(signum).name)
-        draining.set()  # at once: a run killed by the same signal (scancel) is then given back
-        stop.set()
+def _warn(text: str) -> None:
+    logger.warning("%s", text)  # the default SignalPolicy.say: `scalebox launcher` shows warnings
 
-    previous: dict[int, object] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            previous[sig] = signal.signal(sig, handler)
-    return previous
+
+@dataclasses.dataclass(frozen=True)
+class SignalPolicy:
+    """How a launcher answers SIGINT, SIGTERM and SIGUSR1. The first of them drains. A second
+    one of ``stop_now_on`` (while draining) stops now: running tasks are killed (their process
+    groups, containers, handler workers) and given back READY, the attempt not counted. Others
+    are only said. A stage job stops now only on a second SIGINT: Slurm sends TERM twice (to the
+    step and, forwarded by the job script, through srun) and USR1 at the walltime warning, and
+    none of those may turn its drain into a kill."""
+
+    stop_now_on: frozenset[int] = frozenset({signal.SIGINT, signal.SIGTERM})
+    say: Callable[[str], None] = _warn
+    """Where the one-line messages go (default: the log, as warnings)."""
+    resume_hint: str | None = None
+    """Said last after a signal stopped the launcher (how to continue)."""
+    restore: bool = True
+    """Put the previous handlers back at the end. A command (False) keeps them: a signal after
+    the slots ended (a third Ctrl-C during the summary) then ends it quietly with 130, not a
+    KeyboardInterrupt traceback from wherever it lands."""
+
+
+class Interrupts:
+    """The launcher's signal handler (main thread only) and what it has seen."""
+
+    def __init__(self, launcher: Launcher, stop: threading.Event, grace: float, policy: SignalPolicy) -> None:
+        self.launcher, self.stop, self.grace, self.policy = launcher, stop, grace, policy
+        self.received = 0
+        self.stopped_now = False
+        self.ended = False
+        """The slots are gone: a signal now ends the process (exit 130)."""
+
+    def install(self) -> dict[int, object]:
+        """Handle SIGTERM, SIGINT and SIGUSR1; returns the previous handlers (none off the main thread)."""
+        previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                previous[sig] = signal.signal(sig, self.handle)
+        return previous
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        """First signal: drain; a second one of ``stop_now_on``: stop now; later ones: said only."""
+        if self.ended:
+            raise SystemExit(130)
+        name = signal.Signals(signum).name
+        self.received += 1
+        try:
+            if self.received == 1:
+                # at once: a run killed by the same signal (scancel) is then given back
+                self.launcher.control.draining.set()
+                self.stop.set()
+                self.policy.say(self._drain_message(name))
+            elif not self.stopped_now and signum in self.policy.stop_now_on:
+                self.stopped_now = True
+                killed = self.launcher.stop_now()
+                self.policy.say(f"stopping now: {killed} running task(s) killed and given back ({name})")
+            elif self.stopped_now:
+                self.policy.say(f"already stopping now ({name} ignored)")
+            else:
+                self.policy.say(f"still draining ({name} ignored; {self._stop_now_hint()})")
+        except Exception:  # a message must not turn the signal into a traceback
+            logger.debug("signal %s: could not say so", name, exc_info=True)
+
+    def _drain_message(self, name: str) -> str:
+        running = self.launcher.running_tasks()
+        return (f"stopping: no new tasks; {running} running task(s) get up to {self.grace:g} s to finish, "
+                f"then are killed and put back READY ({name}; {self._stop_now_hint()})")
+
+    def _stop_now_hint(self) -> str:
+        if signal.SIGINT in self.policy.stop_now_on:
+            return "Ctrl-C again stops them now"
+        return "a signal does not stop them at once"
 
 
 def _restore_signals(previous: dict[int, object]) -> None:
@@ -340,8 +410,10 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
                            stage_autoscaler(dsn, config.work_root, environ=environ), end=_job_end(job))
     logger.info("stage job %s node %s: module %s, ends %s", job.job_id, config.host, module, hooks.end or "unknown")
     grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
+    # Slurm's TERMs (twice on scancel) and USR1 only drain; a second Ctrl-C of a user stops now
+    interactive_only = SignalPolicy(stop_now_on=frozenset({signal.SIGINT}))
     rc = run_launcher(dsn, config, grace=grace, on_tick=hooks.tick, on_drain=hooks.leaving,
-                      may_idle_exit=hooks.may_idle_exit)
+                      may_idle_exit=hooks.may_idle_exit, signals=interactive_only)
     if threading.current_thread() is threading.main_thread():
         # the slots are gone: a late drain signal (walltime, `stage stop`) must not kill us now
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -36,7 +36,9 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
               help="Slots per module here (default: from the pipeline).")
 @click.option("--host", default=None, help="Host name (default: SLURMD_NODENAME, else the hostname).")
 @click.option("--work-root", default=None, help="Root of the slots' work dirs (env SCALEBOX_WORK_ROOT).")
-@click.option("--grace", type=float, default=30.0, show_default=True, help="Drain grace on SIGTERM.")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="Drain grace on SIGTERM/SIGINT/SIGUSR1 (a second Ctrl-C or SIGTERM stops the tasks now; "
+                   "in a stage job only a second Ctrl-C).")
 @click.option("--local-scratch", default=None,
               help="This node's local scratch root, '${HOST}' allowed (env SCALEBOX_LOCAL_SCRATCH): "
                    "indexed for location-aware dispatch.")
@@ -50,7 +52,7 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
                  work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool,
                  mpi_stage: bool, ranks: int | None) -> None:
     """Run this host's slots of an app until they go idle or a signal drains them."""
-    from scalebox_hpc.node import configure_logging, resolve_dsn, run_launcher, run_stage_launcher
+    from scalebox_hpc.node import SignalPolicy, configure_logging, resolve_dsn, run_launcher, run_stage_launcher
 
     # a no-op after -v; otherwise warnings (and, in a stage job's log, INFO) still show
     configure_logging(1 if stage_job else 0)
@@ -72,7 +74,9 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
                      local_scratch=local_scratch)
     if stage_job:
         sys.exit(run_stage_launcher(dsn, config))
-    sys.exit(run_launcher(dsn, config, grace=grace))
+    again = (f"stopped; continue with `scalebox launcher --app {app_id}` "
+             f"(or `scalebox run --app {app_id}`)")
+    sys.exit(run_launcher(dsn, config, grace=grace, signals=SignalPolicy(resume_hint=again, restore=False)))
 
 
 @click.command("run")
@@ -81,7 +85,8 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
 @click.option("--work-root", default=None, help="Root of the slots' work dirs.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @click.option("--grace", type=float, default=30.0, show_default=True,
-              help="On Ctrl-C (or when the run cannot go on): seconds running tasks get to finish.")
+              help="On Ctrl-C (or when the run cannot go on): seconds running tasks get to finish "
+                   "(a second Ctrl-C stops them now, putting them back READY).")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 @click.argument("file", type=click.Path(dir_okay=False), required=False)
 @click.pass_context
@@ -102,7 +107,7 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
     """
     from scalebox_hpc.db import apps
     from scalebox_hpc.db.connection import connect, translate_errors
-    from scalebox_hpc.node import resolve_dsn, run_launcher
+    from scalebox_hpc.node import SignalPolicy, resolve_dsn, run_launcher
 
     if (file is None) == (app is None):
         raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
@@ -124,7 +129,8 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
         with watcher:
             watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
             run_launcher(dsn, _config(app_id, work_root=work_root, local=True), grace=grace,
-                         on_tick=watcher.tick, on_drain=watcher.draining)
+                         on_tick=watcher.tick, on_drain=watcher.draining,
+                         signals=SignalPolicy(say=watcher.say, restore=False))
         final = watcher.summary()
     sys.exit(final)
 
@@ -254,13 +260,21 @@ class _RunWatcher:
             click.echo(f"[{time.monotonic() - self.started:6.0f}s] {line}", err=True)
 
     def draining(self) -> None:
-        """Called once when the run drains: on a signal (Ctrl-C), say so and for how long."""
-        if self.ending:
-            return
-        self.interrupted = True
-        running = sum(mc.count(-3) for mc in self._counts())
-        click.echo(f"scalebox: stopping: no new tasks; {running} running task(s) get up to {self.grace:g} s "
-                   "to finish, then are stopped and put back READY", err=True)
+        """Called once when the run drains: on a signal (Ctrl-C, said by the launcher's handler),
+        unless the watcher itself ended the run."""
+        if not self.ending:
+            self.interrupted = True
+
+    def say(self, text: str) -> None:
+        """One line of the launcher's signal handling (draining, stopping now) for the user: on a
+        terminal printed above the progress bars."""
+        line = f"scalebox: {terminal_safe(text)}"
+        if self.tty:
+            from rich.text import Text
+
+            self.console.print(Text(line))
+        else:
+            click.echo(line, err=True)
 
     def _status(self) -> str:
         with self.conn.transaction():

@@ -25,6 +25,12 @@ from scalebox_hpc.runtime.base import ContainerRuntime
 
 logger = logging.getLogger(__name__)
 
+ABORT_WAIT_SECONDS = 10.0
+"""After an abort (the grace over, a stop now, a cancel), how long the slots get to kill their
+runs and give the tasks back (a run gets TERM, then KILL 2 s later)."""
+ABORT_POLL_SECONDS = 0.1
+"""How often a drain's wait looks whether it has been turned into a stop now."""
+
 
 def host_name(environ: Mapping[str, str] | None = None) -> str:
     """This node's name: SLURMD_NODENAME inside Slurm, else the hostname."""
@@ -160,15 +166,45 @@ class Launcher:
             return 1
         return 0
 
+    def running_tasks(self) -> int:
+        """How many tasks this host's slots run now (no database call: safe in a signal handler)."""
+        return sum(slot.current is not None for slot in self.slots)
+
+    def stop_now(self) -> int:
+        """Claim nothing more and kill what runs now (process groups, containers, handler
+        workers); the slots give the tasks back READY, the attempt not counted. Returns how many
+        tasks ran. Only sets flags: :meth:`stop` (running or called next) waits for the slots."""
+        running = self.running_tasks()
+        self.control.draining.set()
+        self.control.abort.set()
+        self.wakeups.notify_all()
+        return running
+
     def stop(self, grace: float = 30.0) -> None:
-        """Drain: claim nothing more; running tasks get ``grace`` seconds, then are killed and released."""
+        """Drain: claim nothing more; running tasks get ``grace`` seconds, then are killed and
+        released. A :meth:`stop_now` meanwhile (a second Ctrl-C) ends the grace at once."""
         self.control.draining.set()
         self.wakeups.notify_all()
-        if not self.wait(grace):
-            logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace)
+        if not self._wait_unless_aborted(grace):
+            if not self.control.abort.is_set():
+                logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace)
             self.control.abort.set()
-            self.wait(10.0)
+            self.wakeups.notify_all()
+            self.wait(ABORT_WAIT_SECONDS)
         self._shutdown()
+
+    def _wait_unless_aborted(self, timeout: float) -> bool:
+        """:meth:`wait` up to ``timeout``, cut short when ``control.abort`` is set; True when
+        every slot has ended."""
+        deadline = time.monotonic() + timeout
+        abort = self.control.abort
+        for thread in self._threads:
+            while thread.is_alive() and not abort.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return self.alive() == 0
+                thread.join(min(left, ABORT_POLL_SECONDS))
+        return self.alive() == 0
 
     def _shutdown(self) -> None:
         """The slots are gone (or given up on): stop the heartbeat, then close the node's session."""
