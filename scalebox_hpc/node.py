@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from scalebox_hpc import embedded
+from scalebox_hpc import early_signals, embedded
 from scalebox_hpc.db import schema
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection, configured_dsn, connect, translate_errors
@@ -187,6 +187,9 @@ class Interrupts:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 previous[sig] = signal.signal(sig, self.handle)
+            for early in early_signals.take():  # a walltime warning that came while we were starting
+                logger.warning("signal %s arrived while the launcher started", signal.Signals(early).name)
+                self.handle(early, None)
         return previous
 
     def handle(self, signum: int, _frame: FrameType | None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a 4-node Slurm cluster, a second
-# Slurm with slurmdbd accounting (two clusters, QOS limits), rsync,
+# Slurm with slurmdbd accounting (two clusters, QOS limits), rsync, tmux,
 # Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
 # checks and then pytest.
 #
@@ -94,6 +94,10 @@ phase_end
 
 phase_start rsync
 bash "$HERE/rsync.sh" install
+phase_end
+
+phase_start tmux
+bash "$HERE/tmux.sh" install
 phase_end
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")

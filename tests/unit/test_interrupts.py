@@ -5,11 +5,16 @@ scancel) never turn its drain into a kill; after the slots ended a signal exits 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 from typing import cast
 
 import pytest
 
+from scalebox_hpc import early_signals
 from scalebox_hpc.launcher.launcher import Launcher
 from scalebox_hpc.launcher.slot import SlotControl
 from scalebox_hpc.node import Interrupts, SignalPolicy
@@ -98,3 +103,30 @@ def test_a_failing_message_does_not_escape_the_handler() -> None:
     interrupts.handle(signal.SIGINT, None)
     interrupts.handle(signal.SIGINT, None)
     assert fake.control.abort.is_set()
+
+
+
+def test_a_walltime_warning_before_the_launcher_was_up_drains_it(tmp_path: Path) -> None:
+    """`python -m scalebox_hpc launcher --stage-job` records a SIGUSR1 from its first line (Python's
+    default ends the process: the job FAILED with 138 when Slurm's warning came 2 s into a short
+    job); once the launcher's own handlers are installed it drains for it."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        import os, signal
+        from scalebox_hpc import early_signals
+        early_signals.install()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the warning, while the launcher still imports
+        print("alive", early_signals.received == [signal.SIGUSR1])
+    """))
+    out = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["alive", "True"], out
+
+    early_signals.received[:] = [signal.SIGUSR1]
+    interrupts, fake, said = handler(SignalPolicy())
+    previous = interrupts.install()
+    try:
+        assert fake.control.draining.is_set() and not fake.control.abort.is_set()
+        assert said and said[0].startswith("stopping: no new tasks") and early_signals.received == []
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
