@@ -22,6 +22,7 @@ from scalebox_hpc.cli.common import (
     _dump,
     _load,
     _one_line,
+    app_or_id,
     terminal_safe,
 )
 from scalebox_hpc.cli.status import _app_state, _print_failures, _print_why, _state_line, _status_rows
@@ -38,7 +39,14 @@ def app() -> None:
 @JSON_OPTION
 @click.argument("file", type=click.Path(dir_okay=False))
 def app_create(env_files: tuple[str, ...], check: bool, as_json: bool, file: str) -> None:
-    """Create an app from a pipeline file (one transaction: a bad file creates nothing)."""
+    """Create an app from a pipeline file (one transaction: a bad file creates nothing).
+
+    \b
+    Examples:
+      scalebox app create examples/app-primes/app.yaml
+      scalebox app create --check app.yaml   # validate only
+      scalebox app create -e containers app.yaml
+    """
     spec = _load(file, env_files)
     if check:
         click.echo(f"ok: {spec.name} ({len(spec.modules)} modules)")
@@ -56,7 +64,13 @@ def app_create(env_files: tuple[str, ...], check: bool, as_json: bool, file: str
 @app.command("list")
 @JSON_OPTION
 def app_list(as_json: bool) -> None:
-    """List apps."""
+    """List apps.
+
+    \b
+    Examples:
+      scalebox app list
+      scalebox app list --json
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -74,9 +88,10 @@ def app_list(as_json: bool) -> None:
 
 
 @app.command("show")
+@APP_OPTION
 @JSON_OPTION
 @click.argument("app_id", type=ID, required=False)
-def app_show(as_json: bool, app_id: int | None) -> None:
+def app_show(app: int | None, as_json: bool, app_id: int | None) -> None:
     """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
     RUNNING and no live slot; WAITING: READY tasks but no live slot), why tasks wait (as in
     `scalebox status`) and its failed tasks.
@@ -84,10 +99,10 @@ def app_show(as_json: bool, app_id: int | None) -> None:
     \b
     Examples:
       scalebox app show
-      scalebox app show 3 --json
+      scalebox app show --app 3 --json
     """
     with _db() as conn:
-        app_id = _app_id(conn, app_id)
+        app_id = _app_id(conn, app_or_id(app, app_id))
         row, state, slots = _app_state(conn, app_id)
         rows = _status_rows(conn, app_id, slots)
         if as_json:
@@ -107,7 +122,13 @@ def app_show(as_json: bool, app_id: int | None) -> None:
 @click.option("--job-id", default=None, help="Accepted for Scalebox compatibility; ignored.")
 @click.argument("text")
 def app_set_finished(app: int | None, job_id: str | None, text: str) -> None:
-    """Set the app's result and FINISHED. Inside run.sh it is committed with the task's result."""
+    """Set the app's result and FINISHED. Inside run.sh it is committed with the task's result.
+
+    \b
+    Examples:
+      scalebox app set-finished 'Result is 1229'   # inside run.sh: with the task
+      scalebox app set-finished --app 3 done
+    """
     if os.environ.get(EMIT_BUFFER_ENV):
         _buffer({"kind": "finish", "text": text})
         return
@@ -126,25 +147,45 @@ def _set_status(app_id: int | None, status: str) -> None:
 
 
 @app.command("pause")
+@APP_OPTION
 @click.argument("app_id", type=ID, required=False)
-def app_pause(app_id: int | None) -> None:
-    """Stop claiming new tasks (running ones finish)."""
-    _set_status(app_id, "PAUSED")
+def app_pause(app: int | None, app_id: int | None) -> None:
+    """Stop claiming new tasks (running ones finish).
+
+    \b
+    Examples:
+      scalebox app pause --app 3
+      scalebox app resume --app 3
+    """
+    _set_status(app_or_id(app, app_id), "PAUSED")
 
 
 @app.command("resume")
+@APP_OPTION
 @click.argument("app_id", type=ID, required=False)
-def app_resume(app_id: int | None) -> None:
-    """Claim again (also starts an app created with initial_status INITIAL)."""
-    _set_status(app_id, "RUNNING")
+def app_resume(app: int | None, app_id: int | None) -> None:
+    """Claim again (also starts an app created with initial_status INITIAL).
+
+    \b
+    Examples:
+      scalebox app resume            # the newest app
+      scalebox app resume --app 3
+    """
+    _set_status(app_or_id(app, app_id), "RUNNING")
 
 
 @app.command("cancel")
+@APP_OPTION
 @click.argument("app_id", type=ID, required=False)
-def app_cancel(app_id: int | None) -> None:
-    """Finish the app now with the result ``cancelled``: nothing more is claimed, and launchers
-    kill the running tasks (within half a heartbeat) and give them back."""
+def app_cancel(app: int | None, app_id: int | None) -> None:
+    """Finish the app now with the result `cancelled`: nothing more is claimed, and launchers
+    kill the running tasks (within half a heartbeat) and give them back.
+
+    \b
+    Examples:
+      scalebox app cancel --app 3
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        apps.cancel_app(conn, _app_id(conn, app_id))
+        apps.cancel_app(conn, _app_id(conn, app_or_id(app, app_id)))

@@ -191,6 +191,14 @@ APP_OPTION = click.option("--app", "app", type=ID, default=None, help="App id (d
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
+def app_or_id(app: int | None, app_id: int | None) -> int | None:
+    """The app named by ``--app N`` (every command's way) or by the positional ID the older
+    commands (`status 3`, `app show 3`) also take; both given must agree."""
+    if app is not None and app_id is not None and app != app_id:
+        raise click.UsageError(f"--app {app} and the ID {app_id} name different apps: give one")
+    return app if app is not None else app_id
+
+
 def _load(file: str, env_files: tuple[str, ...]) -> Any:
     from scalebox_hpc.pipeline import load_pipeline
 

@@ -19,7 +19,13 @@ def db() -> None:
 
 @db.command("init")
 def db_init() -> None:
-    """Create the schema (starts the embedded server when no DSN is configured)."""
+    """Create the schema (starts the embedded server when no DSN is configured).
+
+    \b
+    Examples:
+      scalebox db init
+      SCALEBOX_DSN=postgresql://me@dbhost/sbx scalebox db init
+    """
     from scalebox_hpc.db import schema
     from scalebox_hpc.db.connection import connect, redact, translate_errors
 
@@ -39,7 +45,12 @@ def _dsn_without_schema() -> str:
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Apply pending migrations."""
+    """Apply pending migrations.
+
+    \b
+    Examples:
+      scalebox db upgrade
+    """
     from scalebox_hpc.db import schema
     from scalebox_hpc.db.connection import connect, translate_errors
 
@@ -52,7 +63,13 @@ def db_upgrade() -> None:
 @db.command("status")
 @JSON_OPTION
 def db_status(as_json: bool) -> None:
-    """Where the database is and which schema version it has."""
+    """Where the database is and which schema version it has.
+
+    \b
+    Examples:
+      scalebox db status
+      scalebox db status --json
+    """
     from scalebox_hpc import embedded
     from scalebox_hpc.db import schema, sql
     from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
@@ -75,7 +92,12 @@ def db_status(as_json: bool) -> None:
 
 @db.command("stop")
 def db_stop() -> None:
-    """Stop the embedded PostgreSQL (a configured server is left alone)."""
+    """Stop the embedded PostgreSQL (a configured server is left alone).
+
+    \b
+    Examples:
+      scalebox db stop            # the embedded server only
+    """
     from scalebox_hpc import embedded
 
     click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")

@@ -51,7 +51,14 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
 def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, host: str | None,
                  work_root: str | None, grace: float, local_scratch: str | None, stage_job: bool,
                  mpi_stage: bool, ranks: int | None) -> None:
-    """Run this host's slots of an app until they go idle or a signal drains them."""
+    """Run this host's slots of an app until they go idle or a signal drains them.
+
+    \b
+    Examples:
+      scalebox launcher --app 3                   # this host's slots of app 3
+      scalebox launcher --app 3 -m calc --slots 8
+      scalebox launcher --app 3 --local-scratch '/local/${HOST}'
+    """
     from scalebox_hpc.node import SignalPolicy, configure_logging, resolve_dsn, run_launcher, run_stage_launcher
 
     # a no-op after -v; otherwise warnings (and, in a stage job's log, INFO) still show

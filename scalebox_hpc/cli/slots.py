@@ -53,9 +53,9 @@ def slot_message(row: dict[str, Any]) -> str:
 @JSON_OPTION
 def slot_list(app: int | None, show_all: bool, as_json: bool) -> None:
     """The app's slots: host, module, slot number, state, the task it runs now and for how
-    long, and its message: why a live slot claims nothing now (``waits: check.sh exited 1:
-    ... (not now)``, a closed disk gate), or why an ERROR slot ended (``setup.sh exited 3:
-    <its last stderr lines>``). Then, as in `scalebox status`, why each module's tasks wait.
+    long, and its message: why a live slot claims nothing now (`waits: check.sh exited 1:
+    ... (not now)`, a closed disk gate), or why an ERROR slot ended (`setup.sh exited 3:
+    <its last stderr lines>`). Then, as in `scalebox status`, why each module's tasks wait.
 
     \b
     Examples:

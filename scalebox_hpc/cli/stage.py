@@ -59,7 +59,13 @@ def _raise_errors(report: Any, app_id: int) -> None:
 @JSON_OPTION
 @click.argument("file", type=click.Path(dir_okay=False))
 def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool, file: str) -> None:
-    """Create the app and submit its stage jobs to Slurm (then they scale with the queue)."""
+    """Create the app and submit its stage jobs to Slurm (then they scale with the queue).
+
+    \b
+    Examples:
+      scalebox submit examples/app-primes/app.yaml
+      scalebox submit --work-root /shared/$USER/sbx app.yaml
+    """
     from scalebox_hpc.db import apps
 
     spec = _load(file, env_files)
@@ -78,7 +84,14 @@ def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool,
 @WORK_ROOT_OPTION
 def autoscale_cmd(app: int | None, work_root: str | None) -> None:
     """One scaling pass: the app's stage jobs follow its queues (every RUNNING app without --app).
-    Cheap and idempotent, e.g. from scrontab every few minutes."""
+    Cheap and idempotent, e.g. from scrontab every few minutes.
+
+    \b
+    Examples:
+      scalebox autoscale                          # every submitted RUNNING app
+      scalebox autoscale --app 3
+      */5 * * * * scalebox autoscale              # scrontab
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -125,7 +138,13 @@ def slurm_calls(conn: Connection, app_id: int) -> int | None:
 @WORK_ROOT_OPTION
 @JSON_OPTION
 def stage_list(app: int | None, include_ended: bool, work_root: str | None, as_json: bool) -> None:
-    """The app's stage jobs and their Slurm state (refreshed, and scaled, first)."""
+    """The app's stage jobs and their Slurm state (refreshed, and scaled, first).
+
+    \b
+    Examples:
+      scalebox stage list
+      scalebox stage list --app 3 --all --json
+    """
     with _db() as conn:
         app_id = _app_id(conn, app)
     _scaler(work_root)(app_id)
@@ -151,7 +170,14 @@ def stage_list(app: int | None, include_ended: bool, work_root: str | None, as_j
 @click.argument("module")
 def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, jobs: int | None, reset: bool,
                 work_root: str | None, module: str) -> None:
-    """Set a stage's job bounds and apply them now."""
+    """Set a stage's job bounds and apply them now.
+
+    \b
+    Examples:
+      scalebox stage scale calc --jobs 4
+      scalebox stage scale calc --min 1 --max 8
+      scalebox stage scale calc --reset
+    """
     from scalebox_hpc.db import stages
     from scalebox_hpc.pipeline import ModuleSpec
     from scalebox_hpc.stages import effective_bounds
@@ -195,7 +221,13 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
     """Stop a stage: no new jobs; its jobs drain (running tasks finish) and exit.
 
     The drain request goes through the database (the launchers look every few seconds);
-    --now cancels the jobs instead."""
+    --now cancels the jobs instead.
+
+    \b
+    Examples:
+      scalebox stage stop calc
+      scalebox stage stop calc --now        # cancel the jobs
+    """
     from scalebox_hpc.db import stages
     from scalebox_hpc.slurm import SlurmClient, SubprocessRunner
 
@@ -223,7 +255,13 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
 @click.argument("module")
 def stage_script(app: int | None, file: str | None, env_files: tuple[str, ...], work_root: str | None,
                  module: str) -> None:
-    """Print the sbatch script of MODULE's stage jobs."""
+    """Print the sbatch script of MODULE's stage jobs.
+
+    \b
+    Examples:
+      scalebox stage script -f app.yaml calc   # before submitting
+      scalebox stage script --app 3 calc
+    """
     from scalebox_hpc.db import stages as db_stages
     from scalebox_hpc.pipeline import ModuleSpec
     from scalebox_hpc.stages import LaunchCommand, job_script

@@ -33,7 +33,12 @@ def semaphore() -> None:
 @click.argument("name")
 @click.argument("value", type=INT32, default=0)
 def semaphore_create(app: int | None, name: str, value: int) -> None:
-    """Create (or reset) NAME with VALUE."""
+    """Create (or reset) NAME with VALUE.
+
+    \b
+    Examples:
+      scalebox semaphore create tokens 4
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -44,7 +49,12 @@ def semaphore_create(app: int | None, name: str, value: int) -> None:
 @APP_OPTION
 @click.argument("name")
 def semaphore_get(app: int | None, name: str) -> None:
-    """Print NAME's value."""
+    """Print NAME's value.
+
+    \b
+    Examples:
+      scalebox semaphore get tokens
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -56,7 +66,13 @@ def semaphore_get(app: int | None, name: str) -> None:
 @click.argument("name")
 @click.argument("delta", type=INT32, default=1)
 def semaphore_increment(app: int | None, name: str, delta: int) -> None:
-    """Add DELTA (default 1); prints the new value."""
+    """Add DELTA (default 1); prints the new value.
+
+    \b
+    Examples:
+      scalebox semaphore increment tokens
+      scalebox semaphore increment --app 3 tokens 10
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -68,7 +84,12 @@ def semaphore_increment(app: int | None, name: str, delta: int) -> None:
 @click.argument("name")
 @click.argument("delta", type=INT32, default=1)
 def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
-    """Subtract DELTA (default 1); prints the new value."""
+    """Subtract DELTA (default 1); prints the new value.
+
+    \b
+    Examples:
+      scalebox semaphore decrement tokens
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -79,7 +100,12 @@ def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
 @APP_OPTION
 @JSON_OPTION
 def semaphore_list(app: int | None, as_json: bool) -> None:
-    """Every semaphore of the app."""
+    """Every semaphore of the app.
+
+    \b
+    Examples:
+      scalebox semaphore list --json
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -96,7 +122,12 @@ def variable() -> None:
 @click.argument("name")
 @click.argument("value")
 def variable_set(app: int | None, name: str, value: str) -> None:
-    """Set NAME to VALUE."""
+    """Set NAME to VALUE.
+
+    \b
+    Examples:
+      scalebox variable set threshold 0.5
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -107,7 +138,12 @@ def variable_set(app: int | None, name: str, value: str) -> None:
 @APP_OPTION
 @click.argument("name")
 def variable_get(app: int | None, name: str) -> None:
-    """Print NAME's value."""
+    """Print NAME's value.
+
+    \b
+    Examples:
+      scalebox variable get threshold
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -118,7 +154,12 @@ def variable_get(app: int | None, name: str) -> None:
 @APP_OPTION
 @JSON_OPTION
 def variable_list(app: int | None, as_json: bool) -> None:
-    """Every variable of the app."""
+    """Every variable of the app.
+
+    \b
+    Examples:
+      scalebox variable list
+    """
     from scalebox_hpc.db import apps
 
     with _db() as conn:

@@ -12,7 +12,18 @@ from scalebox_hpc.errors import ScaleboxError
 if TYPE_CHECKING:
     from scalebox_hpc.db.connection import Connection
 
-from scalebox_hpc.cli.common import ID, JSON_OPTION, _app_id, _db, _dump, _one_line, _squeezed, _work_root
+from scalebox_hpc.cli.common import (
+    APP_OPTION,
+    ID,
+    JSON_OPTION,
+    _app_id,
+    _db,
+    _dump,
+    _one_line,
+    _squeezed,
+    _work_root,
+    app_or_id,
+)
 
 FAILURES_SHOWN = 5
 """Failed tasks listed in a failure summary."""
@@ -94,17 +105,18 @@ def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> 
 
 
 @click.command("status")
+@APP_OPTION
 @click.argument("app_id", type=ID, required=False)
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C, or until the app is FINISHED or IDLE.")
 @JSON_OPTION
-def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
+def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) -> None:
     """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
     first), the app's state, why tasks wait, and its failed tasks.
 
     Why tasks wait names, per module, each rule of the claim that holds its READY tasks now:
     the app PAUSED or INITIAL, no live slot, its slots' check.sh or disk gates closed, its
     semaphore at 0, back-pressure (a sink at its max_pending), tasks held for a host that runs
-    no live slot of the module; and its INITIAL tasks (``why`` in --json).
+    no live slot of the module; and its INITIAL tasks (`why` in --json).
 
     The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
     no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
@@ -112,13 +124,13 @@ def status_cmd(app_id: int | None, watch: bool, as_json: bool) -> None:
     \b
     Examples:
       scalebox status               # the newest app
-      scalebox status 3 --watch     # refresh until app 3 is FINISHED or IDLE
+      scalebox status --app 3 --watch   # refresh until app 3 is FINISHED or IDLE
       scalebox status --json
     """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        app_id = _app_id(conn, app_id)
+        app_id = _app_id(conn, app_or_id(app, app_id))
         while True:
             conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
             jobs = _stage_jobs(conn, app_id)

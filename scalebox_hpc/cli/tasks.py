@@ -85,6 +85,13 @@ def task_add(
     read as a stream and sent by COPY, so a file of any length fits. A line that cannot be a
     body (NUL, over 128 KiB, not UTF-8), or under CONFLICT_ACTION=FAIL a body that exists or
     repeats, fails the whole command with its line number, and nothing is added.
+
+    \b
+    Examples:
+      scalebox task add -m calc 1 2 3
+      scalebox task add -m calc -H priority=5 -- -starts-with-dash
+      scalebox task add -m calc --file bodies.txt   # one task per line, by COPY
+      send-message BODY                          # inside run.sh: to the first sink
     """
     from scalebox_hpc.models import validate_headers
 
