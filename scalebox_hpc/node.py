@@ -20,6 +20,14 @@ from pathlib import Path
 from types import FrameType
 
 from scalebox_hpc import early_signals, embedded
+from scalebox_hpc.autoscaler import (
+    DEFAULT_RPC_PER_MINUTE,
+    Autoscaler,
+    LaunchCommand,
+    ScaleReport,
+    may_leave_idle,
+    submit_environment,
+)
 from scalebox_hpc.db import schema
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection, configured_dsn, connect, translate_errors
@@ -35,14 +43,6 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
-from scalebox_hpc.stages import (
-    DEFAULT_RPC_PER_MINUTE,
-    Autoscaler,
-    LaunchCommand,
-    ScaleReport,
-    may_leave_idle,
-    submit_environment,
-)
 
 logger = logging.getLogger(__name__)
 

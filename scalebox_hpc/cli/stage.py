@@ -178,9 +178,9 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
       scalebox stage scale calc --min 1 --max 8
       scalebox stage scale calc --reset
     """
+    from scalebox_hpc.autoscaler import effective_bounds
     from scalebox_hpc.db import stages
     from scalebox_hpc.pipeline import ModuleSpec
-    from scalebox_hpc.stages import effective_bounds
 
     if jobs is not None:
         min_jobs = max_jobs = jobs
@@ -262,9 +262,9 @@ def stage_script(app: int | None, file: str | None, env_files: tuple[str, ...], 
       scalebox stage script -f app.yaml calc   # before submitting
       scalebox stage script --app 3 calc
     """
+    from scalebox_hpc.autoscaler import LaunchCommand, job_script
     from scalebox_hpc.db import stages as db_stages
     from scalebox_hpc.pipeline import ModuleSpec
-    from scalebox_hpc.stages import LaunchCommand, job_script
 
     command = LaunchCommand(python=sys.executable, work_root=_work_root(work_root))
     if file is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, LaunchCommand, may_leave_idle
 from scalebox_hpc.db import apps, stages
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
@@ -17,7 +18,6 @@ from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm import JobInfo, SlurmCommandError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
-from scalebox_hpc.stages import FAILURE_LIMIT, Autoscaler, LaunchCommand, may_leave_idle
 from tests.helpers import write_app
 
 pytestmark = pytest.mark.pg

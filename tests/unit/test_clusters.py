@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from scalebox_hpc.autoscaler import ClusterClients, LaunchCommand, stage_job
 from scalebox_hpc.errors import PipelineError
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm.client import SlurmClient
 from scalebox_hpc.slurm.commands import CommandResult
-from scalebox_hpc.stages import ClusterClients, LaunchCommand, stage_job
 from tests.helpers import write_app
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from scalebox_hpc import node
+from scalebox_hpc.autoscaler import ScaleReport
 from scalebox_hpc.errors import DatabaseError
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.slurm import JobEnvironment
-from scalebox_hpc.stages import ScaleReport
 
 
 @contextlib.contextmanager

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scalebox_hpc.errors import PipelineError
-from scalebox_hpc.pipeline import SlurmSpec, load_pipeline, walltime_seconds
-from scalebox_hpc.slurm.parse import NodeInfo
-from scalebox_hpc.slurm.script import StageJob, StageScriptError, default_template, directives, read_template, render
-from scalebox_hpc.stages import (
+from scalebox_hpc.autoscaler import (
     FAILURE_LIMIT,
     STARVED_REASON,
     LaunchCommand,
@@ -22,6 +18,10 @@ from scalebox_hpc.stages import (
     stage_job,
     starved_modules,
 )
+from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.pipeline import SlurmSpec, load_pipeline, walltime_seconds
+from scalebox_hpc.slurm.parse import NodeInfo
+from scalebox_hpc.slurm.script import StageJob, StageScriptError, default_template, directives, read_template, render
 from tests.helpers import write_app
 
 GOLDEN = Path(__file__).parent / "slurm_fixtures" / "stage.sbatch.golden"

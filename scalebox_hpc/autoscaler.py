@@ -1,0 +1,578 @@
+"""Stage jobs and elastic scaling, without a daemon.
+
+Every module of an app runs as zero or more long-lived Slurm jobs. How many follows its READY
+queue (``ceil(ready / tasks_per_job)`` within ``min_jobs..max_jobs``); whoever touches the queue
+applies it — ``scalebox submit`` / ``status`` / ``autoscale`` and the launchers inside the jobs
+(periodically, and when they drain or exit). One PostgreSQL advisory lock per app serialises
+them, the app's ``autoscaled_at`` elects one pass per interval however many jobs ask (so the
+Slurm calls do not grow with the jobs), each pass's Slurm commands are counted per cluster
+against ``SCALEBOX_SLURM_RPC_PER_MINUTE``, and the decision is computed from the stored state,
+so a repeated call changes nothing: the scaler is idempotent.
+
+While a module with READY tasks has a job waiting for nodes (Reason=Resources, or a QOS /
+association limit), the running jobs of modules without work are drained (see
+:meth:`Autoscaler._yield_nodes`).
+
+Scaling up submits jobs; scaling down cancels surplus jobs that have not started yet. A running
+job is never killed to scale down: its launchers exit by themselves when idle.
+
+A new job asks for the nodes whose scratch holds most input of the module's READY tasks
+(``sbatch --nodelist``, only nodes that are up with enough idle CPUs, the rest left to Slurm;
+resubmitted without the list when sbatch refuses it): see :func:`place_jobs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from scalebox_hpc.db import stages as db_stages
+from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.models import AppStatus
+from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmParseError, SlurmState
+from scalebox_hpc.slurm.parse import NodeInfo
+from scalebox_hpc.slurm.script import StageJob, read_template, render
+
+logger = logging.getLogger(__name__)
+
+FAILURE_LIMIT = 3
+"""After this many stage jobs of a module failed in a row, the scaler stops resubmitting it."""
+VANISHED_AFTER = timedelta(seconds=60)
+"""A job neither squeue nor sacct knows this long after its submission is taken as ended."""
+_FAILED_STATES = frozenset({SlurmState.FAILED.value, SlurmState.OUT_OF_MEMORY.value, SlurmState.BOOT_FAIL.value})
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+STARVED_REASON = re.compile(r"(Resources|(QOS|Assoc)\w*Limit)\Z")
+"""Slurm's reasons for a pending job that other jobs of the same user hold back: no free nodes,
+or a QOS / association limit (QOSMaxJobsPerUserLimit, AssocGrpCpuLimit, ...)."""
+
+
+@dataclass(frozen=True)
+class ModuleView:
+    """What the scaling decision for one module depends on."""
+
+    name: str
+    min_jobs: int
+    max_jobs: int
+    tasks_per_job: int
+    ready: int
+    live_jobs: int
+    pending_jobs: Sequence[str] = ()
+    """Live jobs still PENDING in Slurm, newest first (the ones a scale-down may cancel)."""
+    app_status: str = AppStatus.RUNNING
+    failing: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do for one module: submit ``submit`` jobs, cancel ``cancel`` (pending) ones."""
+
+    module: str
+    target: int
+    submit: int = 0
+    cancel: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def decide(view: ModuleView) -> Decision:
+    """The number of jobs the module should have, and how to get there from ``live_jobs``."""
+    if view.app_status == AppStatus.FINISHED:
+        return Decision(view.name, 0, cancel=tuple(view.pending_jobs), reason="app finished")
+    wanted = math.ceil(view.ready / view.tasks_per_job) if view.ready else 0
+    target = max(view.min_jobs, min(view.max_jobs, wanted))
+    if view.app_status != AppStatus.RUNNING:
+        return Decision(view.name, view.live_jobs, reason=f"app {view.app_status.lower()}")
+    if target > view.live_jobs:
+        if view.failing:
+            return Decision(view.name, target, reason=f"{FAILURE_LIMIT} jobs failed in a row; not resubmitting")
+        return Decision(view.name, target, submit=target - view.live_jobs, reason=f"{view.ready} ready")
+    surplus = tuple(view.pending_jobs[: view.live_jobs - target])
+    return Decision(view.name, target, cancel=surplus, reason=f"{view.ready} ready")
+
+
+def failing(ended_states: Iterable[str]) -> bool:
+    """True when the newest ``FAILURE_LIMIT`` ended jobs (newest first) all failed."""
+    recent = list(ended_states)[:FAILURE_LIMIT]
+    return len(recent) == FAILURE_LIMIT and all(state in _FAILED_STATES for state in recent)
+
+
+def active_modules(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The modules (``stage_modules`` rows: name, spec, ready, running) that have work READY or
+    RUNNING, or a module upstream of them (transitively along ``sink_modules``) has: as an idle
+    slot judges (the ``module_activity`` query)."""
+    sinks = {str(r["name"]): list((r["spec"] or {}).get("sink_modules") or []) for r in rows}
+    active = {str(r["name"]) for r in rows if int(r["ready"]) or int(r["running"])}
+    frontier = list(active)
+    while frontier:
+        for sink in sinks.get(frontier.pop(), []):
+            if sink not in active:
+                active.add(sink)
+                frontier.append(sink)
+    return active
+
+
+def starved_modules(rows: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Module -> Slurm's reason, for the modules with READY tasks one of whose live jobs is
+    PENDING on resources or a QOS / association limit (:data:`STARVED_REASON`)."""
+    ready = {r["id"]: str(r["name"]) for r in rows if int(r["ready"])}
+    out: dict[str, str] = {}
+    for job in live:
+        reason = str(job.get("reason") or "")
+        if (job["module_id"] in ready and job["ended_at"] is None and not job["draining"]
+                and job["state"] == SlurmState.PENDING.value and STARVED_REASON.match(reason)):
+            out.setdefault(ready[job["module_id"]], reason)
+    return out
+
+
+@dataclass
+class ScaleReport:
+    """What one ``reconcile`` did."""
+
+    locked: bool = True
+    managed: bool = True
+    decisions: list[Decision] = field(default_factory=list)
+    submitted: dict[str, list[str]] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    rate_limited: list[str] = field(default_factory=list)
+    """Modules scaled less than ``interval`` ago, left alone this time."""
+    placed: dict[str, list[str]] = field(default_factory=dict)
+    """Job id -> the nodes it asked for (``--nodelist``) because their scratch holds its inputs."""
+    elected: bool = True
+    """False: the app had a pass less than an interval ago (by another of its jobs, or a CLI
+    call); this one ran no Slurm command."""
+    budget_spent: bool = False
+    """True: skipped, the cluster's Slurm commands of the last minute reached the ceiling."""
+    yielded: list[str] = field(default_factory=list)
+    """Running jobs of modules without work, drained because another module's job waits for nodes."""
+    urgent: bool = False
+    """The pass was due whatever the interval (forced, or the app's last live job leaving)."""
+    slurm_calls: int = 0
+    """Slurm commands this pass ran (squeue, sacct, sinfo, sbatch, scancel)."""
+
+
+def place_jobs(
+    holders: Sequence[tuple[str, int]], nodes: Mapping[str, NodeInfo], *, jobs: int, nodes_per_job: int,
+    cpus_per_node: int, busy: Iterable[str] = (),
+) -> list[list[str]]:
+    """For each of ``jobs`` new stage jobs, the nodes to ask for: the ``holders`` (host, inputs
+    held, most first) that are up with ``cpus_per_node`` idle CPUs and run no job of the module
+    yet (``busy``), at most ``nodes_per_job`` per job, none twice. A job may get fewer nodes
+    than it needs, or none: Slurm picks the rest."""
+    taken = set(busy)
+    usable = []
+    for host, _count in holders:
+        info = nodes.get(host)
+        if host in taken or info is None or not info.available or info.idle_cpus < cpus_per_node:
+            continue
+        usable.append(host)
+        taken.add(host)
+    return [usable[i * nodes_per_job:(i + 1) * nodes_per_job] for i in range(jobs)]
+
+
+@dataclass(frozen=True)
+class LaunchCommand:
+    """How the stage job's srun starts the launcher on each node."""
+
+    python: str
+    work_root: Path
+
+    def argv(
+        self, app_id: int, module: str, *, mpi: bool = False, local_scratch: str | None = None,
+        data_root: str | None = None,
+    ) -> list[str]:
+        """``python -m scalebox_hpc launcher --stage-job --app N --module M`` (``--mpi --stage-job``
+        for an MPI stage), with the module's cluster's scratch (``--local-scratch``) and data root
+        (``SCALEBOX_DATA_ROOT``, through ``env``) when it names them."""
+        env = ["env", f"SCALEBOX_DATA_ROOT={data_root}"] if data_root else []
+        scratch = ["--local-scratch", local_scratch] if local_scratch and not mpi else []
+        return [*env, self.python, "-m", "scalebox_hpc", "launcher", *(["--mpi"] if mpi else []), "--stage-job",
+                "--app", str(app_id), "--module", module, "--work-root", str(self.work_root), *scratch]
+
+
+def stage_job(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> StageJob:
+    """The stage job of ``spec``: its resources, slots per node and launcher command."""
+    slots = spec.slurm.slots_per_node or sum(s.count for s in spec.slots)
+    mpi = spec.mpi.mode is not None
+    # an MPI stage needs 2 ranks at least (rank 0 dispatches): one node gets one more rank than slots
+    default_ranks = slots + 1 if spec.slurm.nodes == 1 else slots
+    ranks = (spec.mpi.ranks_per_node or default_ranks) if mpi else None
+    return StageJob(app_id=app_id, module=spec.name, slurm=spec.slurm, slots_per_node=slots,
+                    work_root=command.work_root,
+                    launcher=command.argv(app_id, spec.name, mpi=mpi, local_scratch=spec.slurm.local_scratch,
+                                          data_root=spec.slurm.data_root),
+                    ranks_per_node=ranks)
+
+
+def job_script(app_id: int, spec: ModuleSpec, command: LaunchCommand) -> str:
+    """The rendered sbatch script of one stage job of ``spec``."""
+    return render(read_template(spec.slurm.template), stage_job(app_id, spec, command))
+
+
+def prepare_log_dir(job: StageJob) -> None:
+    """sbatch does not create the --output directory: a job writing there would fail at once."""
+    path = job.log_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScaleboxError(f"cannot create the job log directory {path}: {exc}",
+                            hint="pass a writable --work-root (a shared file system on a cluster)") from exc
+
+
+def effective_bounds(row: Mapping[str, Any], spec: ModuleSpec) -> tuple[int, int]:
+    """(min_jobs, max_jobs) of a module: the `scalebox stage scale` overrides stored in its
+    ``sbx_modules`` row where set, else the pipeline file's ``slurm:`` values."""
+    lo = row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs
+    hi = row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs
+    return lo, hi
+
+
+def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """Whether an idle stage job may end. It may when the database does not know it, when it
+    already drains, or when enough other jobs of its module run to keep ``min_jobs`` (it is
+    then marked draining, in the same transaction); otherwise it stays up as warm capacity,
+    rather than ending and being resubmitted (another trip through the Slurm queue) at once."""
+    with conn.transaction():
+        row = db_stages.lock_job_module(conn, slurm_job_id, cluster)
+        if row is None or row["draining"]:
+            return True
+        min_jobs, _ = effective_bounds(row, ModuleSpec.model_validate(row["spec"]))
+        if db_stages.running_jobs(conn, row["id"], slurm_job_id, cluster) <= min_jobs:
+            return False
+        db_stages.mark_draining(conn, slurm_job_id, cluster)
+        return True
+
+
+ClientFactory = Callable[[str, Sequence[str]], SlurmClient]
+"""Builds the SlurmClient of a named cluster: (cluster, submit_via argv) -> client."""
+
+
+class ClusterClients:
+    """The Slurm clients of one pass: ``default`` for modules that name no cluster (the submitting
+    host's Slurm), and one per named cluster, built by ``make`` on first use (``-M NAME``, or the
+    cluster's ``submit_via`` prefix). Counts each cluster's commands for its budget."""
+
+    def __init__(self, default: SlurmClient, make: ClientFactory | None = None) -> None:
+        self.default = default
+        self._make = make
+        self._named: dict[str, SlurmClient] = {}
+        self._via: dict[str, tuple[str, ...]] = {}
+
+    def learn(self, spec: ModuleSpec) -> None:
+        """Remember how to reach the module's cluster (jobs are refreshed per cluster, by name)."""
+        if spec.slurm.cluster:
+            self._via.setdefault(spec.slurm.cluster, tuple(spec.slurm.submit_via))
+
+    def get(self, cluster: str | None) -> SlurmClient:
+        """The client of ``cluster`` ('' or None: the default one)."""
+        if not cluster:
+            return self.default
+        if cluster not in self._named:
+            if self._make is None:
+                raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
+                                    hint="this command runs one cluster only; use `scalebox autoscale`")
+            self._named[cluster] = self._make(cluster, self._via.get(cluster, ()))
+        return self._named[cluster]
+
+    def counts(self) -> dict[str, int]:
+        """Commands run so far, by cluster ('' = the default client)."""
+        out = {"": self.default.commands_run}
+        out.update({name: client.commands_run for name, client in self._named.items()})
+        return out
+
+
+DEFAULT_RPC_PER_MINUTE = 30
+"""Slurm commands per minute and cluster that autoscale passes may run (SCALEBOX_SLURM_RPC_PER_MINUTE)."""
+
+
+class Autoscaler:
+    """Applies :func:`decide` to every module of an app, holding the app's advisory lock.
+
+    One pass per app per ``interval``, whoever asks (the first node of each of its stage jobs,
+    `scalebox status`, scrontab): the pass is elected under the lock by the app's
+    ``autoscaled_at``, so N stage jobs make the Slurm calls of one. Each pass counts the Slurm
+    commands it ran against its cluster; a pass is skipped while the last minute's count has
+    reached ``rpc_per_minute`` (forced passes, the user's own commands, run and are counted)."""
+
+    def __init__(
+        self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
+        interval: float = 10.0, now: Callable[[], datetime] | None = None,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE, clusters: ClientFactory | None = None,
+    ) -> None:
+        self.conn = conn
+        self.client = client
+        self.clients = ClusterClients(client, clusters)
+        self.spent: dict[str, int] = {}
+        """Slurm commands of the last minute per named cluster, at the start of the pass."""
+        self.command = command
+        self.interval = timedelta(seconds=interval)
+        self.rpc_per_minute = rpc_per_minute
+        # the database's clock by default: submitted_at is the database's, and a login node
+        # whose clock runs ahead must not take a just-submitted job for vanished
+        self.now = now if now is not None else (lambda: db_stages.db_now(conn))
+
+    def refresh(self, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Update ``live`` (rows of not yet ended stage jobs) in the database and in place from
+        Slurm, with one batched status query; returns those still live."""
+        if not live:
+            return live
+        infos: dict[tuple[str, str], Any] = {}
+        for cluster in sorted({str(j.get("cluster") or "") for j in live}):
+            ids = [j["slurm_job_id"] for j in live if str(j.get("cluster") or "") == cluster]
+            if cluster and self._over_budget(cluster):
+                continue  # its jobs keep their last known state until the cluster's budget allows a query
+            try:
+                found = self.clients.get(cluster).status(ids)
+            except (SlurmCommandError, ScaleboxError) as exc:
+                logger.warning("cannot query Slurm%s for stage jobs: %s", f" cluster {cluster}" if cluster else "", exc)
+                return live
+            infos.update({(cluster, i): info for i, info in found.items()})
+        for job in live:
+            info = infos.get((str(job.get("cluster") or ""), job["slurm_job_id"]))
+            if info is None and str(job.get("cluster") or "") and self._over_budget(str(job["cluster"])):
+                continue
+            if info is None:
+                if self.now() - job["submitted_at"] > VANISHED_AFTER:
+                    db_stages.update_job(self.conn, job["id"], state="UNKNOWN", ended=True,
+                                         reason="no longer known to squeue or sacct")
+                    job.update(state="UNKNOWN", ended_at=self.now())
+                continue
+            ended = info.state.is_terminal
+            nodes = ",".join(info.nodes) if info.nodes else None
+            # a PENDING job's EndTime is Slurm's guess; a RUNNING one's is its walltime, which the
+            # job's launchers read from here (no scontrol per job)
+            end = info.end_time if info.state is SlurmState.RUNNING else None
+            db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
+                                 exit_code=info.exit_code, reason=info.reason, end_time=end)
+            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"],
+                       reason=info.reason or job["reason"])
+        return [j for j in live if j["ended_at"] is None]
+
+    def reconcile(
+        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
+    ) -> ScaleReport:
+        """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
+        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: asked by a
+        stage job that drains or ends; when it was the app's last live job (nobody else will
+        pass soon) the pass runs whatever the interval, within the budget."""
+        report = ScaleReport()
+        with self.conn.transaction():
+            if not db_stages.try_lock(self.conn, app_id):
+                report.locked = False
+                return report
+            stored = db_stages.launch_settings(self.conn, app_id)
+            if not force and stored is None:
+                report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
+                return report
+            gate = db_stages.autoscale_gate(self.conn, app_id)
+            urgent = report.urgent = force or (leaving and int(gate["running_jobs"]) == 0)
+            last = gate["autoscaled_at"]
+            if not urgent and last is not None and gate["now"] - last < self.interval:
+                report.elected = False  # another job (or command) of the app passed moments ago
+                return report
+            spent = int(gate["calls_last_minute"])
+            if not force and spent >= self.rpc_per_minute:
+                report.budget_spent = True
+                logger.warning("autoscale of app %d skipped: %d Slurm calls in the last minute on cluster %r, "
+                               "the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, spent,
+                               gate["cluster"], self.rpc_per_minute)
+                return report
+            if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
+                db_stages.mark_app_scaled(self.conn, app_id)
+            # module rows before job rows, the order of an idle job's may_leave_idle (else the two
+            # can deadlock: seen as `stage scale` failing while a job decided to leave)
+            db_stages.lock_modules(self.conn, app_id)
+            self.spent = {} if force else db_stages.slurm_calls_by_cluster(self.conn)
+            before = self.clients.counts()
+            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
+            for cluster, count in self.clients.counts().items():
+                calls = count - before.get(cluster, 0)
+                report.slurm_calls += calls
+                if calls:  # the default client's calls count against the app's own cluster label
+                    db_stages.record_slurm_calls(self.conn, cluster or gate["cluster"], app_id, calls)
+            logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
+        return report
+
+    def _pass(
+        self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
+        only: Sequence[str],
+    ) -> None:
+        """One elected pass (under the app's lock): recover leases, refresh the jobs (one squeue),
+        scale each module not scaled within the interval (all of them when ``urgent``)."""
+        recovered = db_stages.recover_expired(self.conn)
+        if recovered:
+            logger.warning("%d task(s) of dead launchers are READY again", recovered)
+        # one read of the app's jobs: refresh() updates the live rows in place, so `history`
+        # sees their new states too
+        history = db_stages.jobs(self.conn, app_id, include_ended=True)
+        rows = db_stages.modules(self.conn, app_id)
+        for row in rows:
+            self.clients.learn(ModuleSpec.model_validate(row["spec"]))
+        self.refresh([j for j in history if j["ended_at"] is None])
+        command = self._command(app_id, stored)
+        yielding = self._yield_nodes(rows, history, report)
+        for row in rows:
+            if only and row["name"] not in only:
+                continue
+            cluster = str((row["spec"].get("slurm") or {}).get("cluster") or "")
+            if cluster and not force and self._over_budget(cluster):
+                report.rate_limited.append(row["name"])
+                logger.warning("autoscale of %s skipped: %d Slurm calls in the last minute on cluster %r, the "
+                               "ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", row["name"], self.spent[cluster],
+                               cluster, self.rpc_per_minute)
+                continue
+            if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
+                report.rate_limited.append(row["name"])
+                continue
+            self._scale(app_id, row, history, force, report, command, yielding=row["name"] in yielding)
+
+    def _yield_nodes(
+        self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,
+    ) -> set[str]:
+        """While a module with READY tasks has a job waiting for nodes (or for a QOS /
+        association limit), the modules without work (their own or upstream) give theirs up:
+        their running jobs — those kept up as ``min_jobs`` — are marked draining (their
+        launchers drain within SCALEBOX_AUTOSCALE_SECONDS), and they count ``min_jobs`` 0 until
+        no module starves. Returns those modules."""
+        starved = starved_modules(rows, history)
+        if not starved:
+            return set()
+        active = active_modules(rows)
+        yielding = {str(r["name"]) for r in rows if r["name"] not in active}
+        names = {r["id"]: str(r["name"]) for r in rows}
+        waiting = ", ".join(f"{m} ({why})" for m, why in sorted(starved.items()))
+        for job in history:
+            module = names.get(job["module_id"])
+            if (module in yielding and job["ended_at"] is None and not job["draining"]
+                    and job["state"] == SlurmState.RUNNING.value):
+                db_stages.mark_draining(self.conn, job["slurm_job_id"], str(job.get("cluster") or ""))
+                job["draining"] = True
+                report.yielded.append(job["slurm_job_id"])
+                logger.warning("stage job %s of %s drains: it has no work, and %s waits for nodes",
+                               job["slurm_job_id"], module, waiting)
+        return yielding
+
+    def _over_budget(self, cluster: str) -> bool:
+        """True when the named cluster's Slurm commands of the last minute reached the ceiling."""
+        return self.spent.get(cluster, 0) >= self.rpc_per_minute
+
+    def _command(self, app_id: int, stored: tuple[str, str] | None) -> LaunchCommand:
+        """The launch command the app's first stage job used (kept so that every later job,
+        whoever submits it, runs the same Python in the same work root)."""
+        if stored is not None:
+            return LaunchCommand(python=stored[0], work_root=Path(stored[1]))
+        db_stages.save_launch_settings(self.conn, app_id, self.command.python, str(self.command.work_root))
+        return self.command
+
+    def _scale(
+        self, app_id: int, row: dict[str, Any], history: list[dict[str, Any]], force: bool, report: ScaleReport,
+        command: LaunchCommand, *, yielding: bool = False,
+    ) -> None:
+        spec = ModuleSpec.model_validate(row["spec"])
+        own = [j for j in history if j["module_id"] == row["id"]]  # newest first
+        mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
+        ended = [j["state"] for j in own if j["ended_at"] is not None]
+        min_jobs, max_jobs = effective_bounds(row, spec)
+        if yielding:  # another module waits for the nodes: no warm capacity for this one now
+            min_jobs = 0
+        view = ModuleView(
+            name=spec.name, min_jobs=min_jobs, max_jobs=max_jobs,
+            tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),
+            pending_jobs=[j["slurm_job_id"] for j in mine if j["state"] == SlurmState.PENDING.value],
+            app_status=row["app_status"], failing=failing(ended) and not force,
+        )
+        decision = decide(view)
+        report.decisions.append(decision)
+        db_stages.mark_scaled(self.conn, row["id"])
+        client = self.clients.get(spec.slurm.cluster)
+        if decision.cancel:
+            client.cancel(decision.cancel)
+            for job in mine:
+                if job["slurm_job_id"] in decision.cancel:
+                    db_stages.update_job(self.conn, job["id"], state=SlurmState.CANCELLED.value, ended=True,
+                                         reason="scaled down")
+            report.cancelled += decision.cancel
+        if decision.submit:
+            busy = {n for j in mine if j["nodes"] for n in str(j["nodes"]).split(",")}
+            self._submit(app_id, row["id"], spec, command, decision, report, busy, client)
+
+    def _submit(
+        self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
+        report: ScaleReport, busy: set[str], client: SlurmClient,
+    ) -> None:
+        """``decision.submit`` jobs of the module (through its cluster's ``client``): one script,
+        rendered once, submitted N times, each asking for the nodes holding the module's pending
+        inputs (when any are free)."""
+        try:
+            job = stage_job(app_id, spec, command)
+            prepare_log_dir(job)
+            script = render(read_template(spec.slurm.template), job)
+        except ScaleboxError as exc:
+            report.errors.append(f"{spec.name}: {exc}")
+            logger.error("stage job of %s not submitted: %s", spec.name, exc)
+            return
+        placements = self._placements(module_id, job, decision.submit, busy, client)
+        for i in range(decision.submit):
+            nodes = placements[i] if i < len(placements) else []
+            try:
+                job_id = self._submit_one(script, nodes, client)
+            except ScaleboxError as exc:  # sbatch refused, timed out, or printed no job id
+                report.errors.append(f"{spec.name}: {exc}")
+                logger.error("stage job of %s not submitted: %s", spec.name, exc)
+                break
+            db_stages.record_job(self.conn, app_id, module_id, job_id, cluster=spec.slurm.cluster or "",
+                                 nodes=",".join(nodes))
+            report.submitted.setdefault(spec.name, []).append(job_id)
+            if nodes:
+                report.placed[job_id] = nodes
+            logger.info("stage %s: submitted job %s (%s)%s", spec.name, job_id, decision.reason,
+                        f" on {','.join(nodes)}, which hold its inputs" if nodes else "")
+
+    def _placements(
+        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SlurmClient,
+    ) -> list[list[str]]:
+        """The nodes each new job of the module asks for (see :func:`place_jobs`); none when the
+        module's ``slurm.locality`` is off, no READY task names inputs, or sinfo fails."""
+        if job.slurm.locality == "off":
+            return []
+        holders = [(h, n) for h, n in db_stages.input_holders(self.conn, module_id) if _NODE_NAME.match(h)]
+        if not holders:
+            return []
+        try:
+            nodes = client.nodes([h for h, _ in holders], job.slurm.partition)
+        except (SlurmCommandError, SlurmParseError) as exc:
+            logger.warning("cannot ask Slurm which nodes are free (%s): stage jobs go anywhere", exc)
+            return []
+        per_node = (job.ranks_per_node or job.slots_per_node) * job.slurm.cpus_per_slot
+        return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
+                          busy=busy)
+
+    def _submit_one(self, script: str, nodes: list[str], client: SlurmClient) -> str:
+        """sbatch the script, asking for ``nodes``; when sbatch refuses the node list (a site that
+        forbids it, a node the partition lacks), once more without it."""
+        if not nodes:
+            return client.submit(script)
+        try:
+            return client.submit(script, [f"--nodelist={','.join(nodes)}"])
+        except SlurmCommandError as exc:
+            logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc)
+            return client.submit(script)
+
+
+def submit_environment(dsn: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What sbatch should see: the caller's environment without the SLURM_* variables of an
+    enclosing job (a job submitted from inside a job would inherit them), plus the DSN the
+    launchers must use."""
+    env = dict(os.environ if environ is None else environ)
+    keep = {"SLURM_CONF", "SLURM_TIME_FORMAT"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k in keep}
+    env["SCALEBOX_DSN"] = dsn
+    return env
