@@ -33,6 +33,7 @@ from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection, configured_dsn, connect, translate_errors
 from scalebox_hpc.db.notify import Listener, listen_dsn
 from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.mpi_stage import StageConfig
@@ -455,7 +456,7 @@ def run_mpi_stage(config: StageConfig) -> int:
         with translate_errors(dsn):
             schema.ensure(queue.conn, create=False)
             if app_id is None:
-                row = queue.conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
+                row = queue.conn.execute(query("newest_app")).fetchone()
                 if not row or row["id"] is None:
                     raise NotFoundError("app", "(any)")
                 app_id = int(row["id"])

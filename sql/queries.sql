@@ -286,12 +286,6 @@ WHERE m.app_id = %(app_id)s
 GROUP BY m.id, m.name, m.seq, t.status
 ORDER BY m.seq, t.status;
 
--- name: active_slots
-SELECT m.name AS module, s.host, count(*) AS n
-FROM sbx_slots s JOIN sbx_modules m ON m.id = s.module_id
-WHERE m.app_id = %(app_id)s AND s.status IN ('STARTING', 'READY', 'RUNNING')
-GROUP BY m.name, s.host ORDER BY m.name, s.host;
-
 -- name: list_tasks
 SELECT t.id, m.name AS module, t.body, t.headers, t.status, t.attempts, t.host,
        t.created_at, t.started_at, t.finished_at
@@ -368,12 +362,6 @@ SELECT value FROM sbx_semaphores WHERE app_id = %(app_id)s AND name = %(name)s;
 -- Atomic increment/decrement (row lock); returns the new value.
 UPDATE sbx_semaphores SET value = value + %(delta)s
 WHERE app_id = %(app_id)s AND name = %(name)s
-RETURNING value;
-
--- name: semaphore_take
--- Takes one unit only while the value is positive (the gate before a claim).
-UPDATE sbx_semaphores SET value = value - 1
-WHERE app_id = %(app_id)s AND name = %(name)s AND value > 0
 RETURNING value;
 
 -- name: semaphore_take_many
@@ -793,3 +781,13 @@ LEFT JOIN LATERAL (
 ) l ON true
 WHERE m.app_id = %(app_id)s
 ORDER BY m.seq;
+
+-- name: app_exists
+SELECT 1 AS one FROM sbx_apps WHERE id = %(app_id)s;
+
+-- name: newest_app
+-- The default --app: the highest id (NULL on an empty database).
+SELECT max(id) AS id FROM sbx_apps;
+
+-- name: app_status
+SELECT status FROM sbx_apps WHERE id = %(app_id)s;

@@ -75,13 +75,15 @@ def _db(create_schema: bool = False) -> Iterator[Connection]:
 
 def _app_id(conn: Connection, app: int | None) -> int:
     """The app named by --app / SCALEBOX_APP_ID, else the newest app."""
+    from scalebox_hpc.db.sql import query
+
     if app is not None:
-        if conn.execute("SELECT 1 FROM sbx_apps WHERE id = %s", (app,)).fetchone() is None:
+        if conn.execute(query("app_exists"), {"app_id": app}).fetchone() is None:
             raise NotFoundError("app", app)
         return app
     if os.environ.get("SCALEBOX_APP_ID"):
         return int(os.environ["SCALEBOX_APP_ID"])
-    row = conn.execute("SELECT max(id) AS id FROM sbx_apps").fetchone()
+    row = conn.execute(query("newest_app")).fetchone()
     if not row or row["id"] is None:
         raise ScaleboxError(NO_APPS)
     return int(row["id"])

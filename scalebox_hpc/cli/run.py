@@ -285,7 +285,9 @@ class _RunWatcher:
 
     def _status(self) -> str:
         with self.conn.transaction():
-            row = self.conn.execute("SELECT status FROM sbx_apps WHERE id = %s", (self.app_id,)).fetchone()
+            from scalebox_hpc.db.sql import query
+
+            row = self.conn.execute(query("app_status"), {"app_id": self.app_id}).fetchone()
         return str(row["status"]) if row else "?"
 
     def summary(self) -> int:

@@ -339,33 +339,6 @@ def parse_squeue_json(text: str) -> list[JobInfo]:
         raise SlurmParseError("squeue --json job", text) from exc
 
 
-def _sacct_json_job(job: Mapping[str, Any]) -> JobInfo:
-    state_obj = job.get("state") or {}
-    state = translate_state(state_obj.get("current"))
-    times = job.get("time") or {}
-    array = job.get("array") or {}
-    code, sig = _final_exit(state, *_json_exit(job.get("exit_code")))
-    status = (job.get("exit_code") or {}).get("status")
-    if status == "SUCCESS" and state is not SlurmState.COMPLETED:
-        code = None  # v0.0.38 reports every normal exit as SUCCESS/return_code 0, even exit 3
-    array_id, task = _number(array.get("job_id")), _number(array.get("task_id"))
-    return JobInfo(
-        job_id=f"{array_id}_{task}" if array_id and task is not None else str(job["job_id"]),
-        name=str(job.get("name") or ""), state=state, nodes=expand_hostlist(job.get("nodes")),
-        exit_code=code, signal=sig, end_time=_epoch(times.get("end")), time_limit=_minutes(times.get("limit")),
-        reason=None if _is_none(state_obj.get("reason")) else str(state_obj["reason"]),
-        raw_id=str(job["job_id"]), native_state=str(state_obj.get("current")),
-    )
-
-
-def parse_sacct_json(text: str) -> list[JobInfo]:
-    """Parse ``sacct --json`` (needs slurmdbd; ``sacct -c --json`` fails in 22.05)."""
-    try:
-        return [_sacct_json_job(job) for job in _load_jobs(text, "sacct --json output")]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise SlurmParseError("sacct --json job", text) from exc
-
-
 # ---------------------------------------------------------------- delimited squeue / sacct
 
 SQUEUE_FIELDS = ("JobArrayID", "JobID", "State", "NodeList", "Reason", "EndTime", "TimeLimit", "exit_code", "Name")

@@ -20,7 +20,6 @@ from scalebox_hpc.slurm.parse import (
     parse_duration,
     parse_exit_code,
     parse_sacct_delimited,
-    parse_sacct_json,
     parse_sbatch_parsable,
     parse_scontrol_record,
     parse_scontrol_show_job,
@@ -155,27 +154,6 @@ def test_squeue_json_empty_job_list() -> None:
 
 
 # ---------------------------------------------------------------- sacct --json
-
-
-def test_sacct_json_v0038() -> None:
-    jobs = by_id(parse_sacct_json(fixture("sacct_json_v0.0.38_handwritten.json")))
-    assert sorted(jobs) == ["41", "42", "43", "44_2"]
-    assert (jobs["41"].state, jobs["41"].exit_code, jobs["41"].nodes) == (SlurmState.COMPLETED, 0, ["node1", "node2"])
-    assert jobs["41"].end_time == datetime.fromtimestamp(1795595712, tz=UTC)
-    assert jobs["41"].time_limit == timedelta(minutes=5)
-    # v0.0.38 dumps every normal exit as SUCCESS/0: for a FAILED job the code is unknown, not 0
-    assert (jobs["42"].state, jobs["42"].exit_code, jobs["42"].time_limit) == (SlurmState.FAILED, None, None)
-    assert (jobs["43"].state, jobs["43"].signal) == (SlurmState.CANCELLED, 15)
-    assert (jobs["44_2"].state, jobs["44_2"].raw_id) == (SlurmState.TIMEOUT, "46")
-    assert jobs["44_2"].state.is_resubmittable
-
-
-def test_sacct_json_garbage() -> None:
-    with pytest.raises(SlurmParseError, match="sacct --json"):
-        parse_sacct_json('{"jobs": [{"state": "not an object"}]}')
-
-
-# ---------------------------------------------------------------- delimited squeue
 
 
 def test_squeue_format_matches_fields() -> None:
