@@ -23,7 +23,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 pytestmark = pytest.mark.pg
 
@@ -146,14 +146,6 @@ def background(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen[str
                 proc.communicate()
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 # -- 1. the embedded default database ----------------------------------------------------------
 def _postmaster_pid(pgdata: Path) -> int | None:
     try:
@@ -223,7 +215,7 @@ def test_embedded_database_lifecycle(embedded_env: dict[str, str]) -> None:
     server = [postmaster, *postmaster.children(recursive=True)]
     assert sbx(env, "db", "stop").stdout.strip() == "stopped"
     assert sbx_json(env, "db", "status")["running"] is False
-    wait_for(lambda: not any(p.is_running() for p in server), 10, "the embedded server's processes to exit")
+    wait_until(lambda: not any(p.is_running() for p in server), 10, "the embedded server's processes to exit")
     assert _processes_using(pgdata) == []
 
     # the next command starts the server again on the same data: the app is still there
@@ -336,7 +328,7 @@ def test_cancel_kills_and_releases_a_running_task(cli_env: dict[str, str], tmp_p
         arguments="{max_idle_polls: 2, sleep_interval_seconds: 0.2, heartbeat_seconds: 1}"))
     work = Path(cli_env["SCALEBOX_WORK_ROOT"])
     with background(cli_env, "launcher", "--app", app_id, "--slots", "1") as proc:
-        wait_for(lambda: any(work.rglob("started")), 20, "the task to start")
+        wait_until(lambda: any(work.rglob("started")), 20, "the task to start")
         run = psutil.Process(int(next(work.rglob("started")).read_text()))  # run.sh, now `sleep 60`
         sbx(cli_env, "app", "cancel", app_id)
         start = time.monotonic()

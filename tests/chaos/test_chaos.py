@@ -24,7 +24,7 @@ from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from tests.components import need
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 pytestmark = pytest.mark.pg
 
@@ -51,14 +51,6 @@ def launcher(env: dict[str, str], app_id: int, host: str, *extra: str) -> subpro
     )
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def count(dsn: str, app_id: int, status: int, module: str | None = None) -> int:
     with connect(dsn) as conn:
         return sum(1 for t in apps.list_tasks(conn, app_id, module=module, limit=10000) if t["status"] == status)
@@ -81,16 +73,16 @@ def test_kill_9_launcher_mid_app_primes(pg_dsn: str, cli_env: dict[str, str], tm
     with connect(pg_dsn) as conn:
         app_id = apps.create_app(conn, spec)
     first = launcher(cli_env, app_id, "h1")
-    wait_for(lambda: count(pg_dsn, app_id, -3, "calc") >= 2, 60, "calc tasks running")
+    wait_until(lambda: count(pg_dsn, app_id, -3, "calc") >= 2, 60, "calc tasks running")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     assert count(pg_dsn, app_id, -3, "calc") >= 2  # orphaned leases
     t_kill = time.monotonic()
     second = launcher(cli_env, app_id, "h1")  # the node comes back: same host, same work dirs
-    wait_for(lambda: count(pg_dsn, app_id, -3, "calc") == 0 or count(pg_dsn, app_id, -1, "calc") > 0, 30,
+    wait_until(lambda: count(pg_dsn, app_id, -3, "calc") == 0 or count(pg_dsn, app_id, -1, "calc") > 0, 30,
              "recovery")
     recovery = time.monotonic() - t_kill
-    wait_for(lambda: app_row(pg_dsn, app_id)["status"] == "FINISHED", 90, "app-primes to finish")
+    wait_until(lambda: app_row(pg_dsn, app_id)["status"] == "FINISHED", 90, "app-primes to finish")
     second.send_signal(signal.SIGTERM)
     second.wait(30)
     assert app_row(pg_dsn, app_id)["result"] == "Result is 1229"
@@ -106,11 +98,11 @@ def test_kill_9_launcher_mid_app_primes(pg_dsn: str, cli_env: dict[str, str], tm
 def test_kill_9_launcher_other_host_takes_over(pg_dsn: str, cli_env: dict[str, str], tmp_path: Path) -> None:
     app_id = _chain_app(pg_dsn, tmp_path, n=12)
     first = launcher(cli_env, app_id, "h1", "--slots", "2")
-    wait_for(lambda: count(pg_dsn, app_id, -3, "a") >= 2, 60, "tasks running")
+    wait_until(lambda: count(pg_dsn, app_id, -3, "a") >= 2, 60, "tasks running")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     second = launcher(cli_env, app_id, "h2", "--slots", "2")
-    wait_for(lambda: count(pg_dsn, app_id, 0, "b") == 12, 90, "all 12 downstream tasks")
+    wait_until(lambda: count(pg_dsn, app_id, 0, "b") == 12, 90, "all 12 downstream tasks")
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 0
     with connect(pg_dsn) as conn:
@@ -189,12 +181,12 @@ def test_postgres_restart_mid_app_primes(private_pg: tuple[str, dict[str, str]],
         app_id = apps.create_app(conn, spec)
     env = dict(cli_env, SCALEBOX_DSN=dsn)
     proc = launcher(env, app_id, "h1")
-    wait_for(lambda: count(dsn, app_id, -3, "calc") >= 1, 60, "calc running")
+    wait_until(lambda: count(dsn, app_id, -3, "calc") >= 1, 60, "calc running")
     script = str(REPO / "launchers/testbed/postgres.sh")
     subprocess.run(["bash", script, "stop"], env=pg_env, check=True, capture_output=True, timeout=120)
     time.sleep(3)  # tasks finish while the database is away; their results must wait, not vanish
     subprocess.run(["bash", script, "start"], env=pg_env, check=True, capture_output=True, timeout=120)
-    wait_for(lambda: app_row(dsn, app_id)["status"] == "FINISHED", 120, "app-primes to finish after the restart")
+    wait_until(lambda: app_row(dsn, app_id)["status"] == "FINISHED", 120, "app-primes to finish after the restart")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
     assert app_row(dsn, app_id)["result"] == "Result is 1229"
@@ -232,14 +224,14 @@ def test_a_task_runs_to_the_end_through_three_restarts_longer_than_its_lease(
     with connect(dsn) as conn:
         apps.add_tasks(conn, app_id, "a", [Message("t")])
     proc = launcher(dict(os.environ, SCALEBOX_DSN=dsn), app_id, "h1", "--work-root", str(tmp_path / "work"))
-    wait_for(lambda: count(dsn, app_id, -3) == 1, 30, "the task to run")
+    wait_until(lambda: count(dsn, app_id, -3) == 1, 30, "the task to run")
     script = str(REPO / "launchers/testbed/postgres.sh")
     for _ in range(3):
         subprocess.run(["bash", script, "stop"], env=pg_env, check=True, capture_output=True, timeout=120)
         time.sleep(2.0)
         subprocess.run(["bash", script, "start"], env=pg_env, check=True, capture_output=True, timeout=120)
         time.sleep(0.5)
-    wait_for(lambda: count(dsn, app_id, 0) == 1, 60, "the task to end")
+    wait_until(lambda: count(dsn, app_id, 0) == 1, 60, "the task to end")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
     with connect(dsn) as conn:

@@ -25,7 +25,7 @@ from scalebox_hpc.node import run_launcher
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.runtime.images import SifCache
 from tests.components import apptainer_available, need, podman_available
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 pytestmark = [pytest.mark.pg, pytest.mark.apptainer]
 
@@ -471,13 +471,6 @@ def test_warm_container_ends_with_a_killed_launcher(apptainer: None, tmp_path: P
     proc.kill()
     proc.wait()
     agent.wait(10)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 # -- images and errors -----------------------------------------------------------------------------

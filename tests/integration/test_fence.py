@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -20,6 +20,7 @@ import pytest
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import RunSpec, Session, SessionSpec
 from scalebox_hpc.runtime.local import LocalRuntime
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,13 +58,6 @@ def running(pid: int) -> bool:
 def named(pid: int, log: str) -> bool:
     """Whether the log names ``pid`` (as ``PID NAME``, or ``PID`` alone when its name was gone)."""
     return re.search(rf"(?<![0-9]){pid}(?![0-9])", log) is not None
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def records(slot: SessionSpec) -> list[Path]:
@@ -118,7 +112,7 @@ def test_a_child_in_another_process_group_ends_too(slot: SessionSpec, cleanup: l
 def test_a_timed_out_run_ends_its_whole_session(slot: SessionSpec, cleanup: list[int]) -> None:
     session = LocalRuntime().open(slot)
     run = session.start(run_spec(slot, script(slot, "timeout 60 sleep 61 &\necho $! > bg.pid\nsleep 62\n")))
-    wait_for(lambda: (slot.work_dir / "bg.pid").exists())
+    wait_until(lambda: (slot.work_dir / "bg.pid").exists())
     bg = int((slot.work_dir / "bg.pid").read_text())
     cleanup.append(bg)
     assert run.wait(0.3) is None
@@ -130,7 +124,7 @@ def test_a_timed_out_run_ends_its_whole_session(slot: SessionSpec, cleanup: list
 def test_record_names_the_live_run(slot: SessionSpec) -> None:
     session = LocalRuntime().open(slot)
     run = session.start(run_spec(slot, script(slot, "touch started; sleep 30\n")))
-    wait_for(lambda: (slot.work_dir / "started").exists())
+    wait_until(lambda: (slot.work_dir / "started").exists())
     [path] = records(slot)
     assert path.stat().st_mode & 0o777 == 0o600
     record = fence.read_record(path)
@@ -172,7 +166,7 @@ def test_orphans_of_a_killed_launcher_end_before_the_next_session_opens(
     assert launcher.stdout is not None
     main = int(launcher.stdout.readline())
     cleanup.append(main)
-    wait_for(lambda: (slot.work_dir / "started").exists())
+    wait_until(lambda: (slot.work_dir / "started").exists())
     bg = int((slot.work_dir / "bg.pid").read_text())
     cleanup.append(bg)
     (slot.private_dir / "emit-7.1.jsonl").write_text('{"body": "from the killed run"}\n')
@@ -197,10 +191,10 @@ def test_a_dropped_session_is_fenced_by_the_next_one(slot: SessionSpec, cleanup:
     run = old.start(run_spec(slot, script(slot, "touch started\nsleep 300\n")))
     pid = run.proc.pid  # type: ignore[attr-defined]
     cleanup.append(pid)
-    wait_for(lambda: (slot.work_dir / "started").exists())
+    wait_until(lambda: (slot.work_dir / "started").exists())
     del old, run  # never closed, never waited
     LocalRuntime().open(slot)
-    wait_for(lambda: not running(pid), timeout=3)
+    wait_until(lambda: not running(pid), timeout=3)
 
 
 def test_a_live_foreign_owner_is_not_fenced(slot: SessionSpec, caplog: pytest.LogCaptureFixture,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from scalebox_hpc.launcher.launcher import LauncherConfig
 from scalebox_hpc.models import Message
 from scalebox_hpc.node import run_launcher
 from scalebox_hpc.pipeline import load_pipeline
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 pytestmark = pytest.mark.pg
 
@@ -50,13 +49,6 @@ class Background:
         self.stop_now.set()
         self.thread.join(30)
         assert not self.thread.is_alive()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_semaphore_gates_claims(pg_dsn: str, tmp_path: Path) -> None:

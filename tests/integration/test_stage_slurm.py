@@ -26,6 +26,7 @@ from scalebox_hpc.db import apps
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.models import Message
+from tests import helpers
 from tests.components import need, slurm_available
 
 pytestmark = [pytest.mark.slurm, pytest.mark.pg]
@@ -80,13 +81,8 @@ def sbx_json(env: dict[str, str], *args: str) -> Any:
 
 
 def wait_until(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """The suite's poll (tests.helpers.wait_until), what first: these waits read best that way."""
+    return helpers.wait_until(predicate, timeout, what, every)
 
 
 def finished(env: dict[str, str], app_id: str) -> Callable[[], dict[str, Any] | None]:
