@@ -12,7 +12,8 @@ finish → receiver's start, p50/p99, from the database) over a two-module pipel
 dispatcher's statement counts, and the launcher's peak server connections.
 
 Prints one JSON object. Usage:
-    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500]   (SCALEBOX_DSN, else embedded)
+    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500] [--only W2,W1,handoff]
+    (SCALEBOX_DSN, else embedded)
 """
 
 from __future__ import annotations
@@ -126,9 +127,12 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
     return {
         "app_id": app_id, "tasks_per_s": round(expect / seconds, 1), "seconds": round(seconds, 3),
         "submit_s": round(submitted, 3), "peak_connections": peak,
-        "statements": {"claim": s.claim_statements, "prefetch_hits": s.prefetch_hits,
+        "statements": {"claim": s.claim_statements, "empty_claims": s.empty_claims,
+                       "claims_skipped": s.claims_skipped, "prefetch_hits": s.prefetch_hits,
                        "complete": s.complete_statements, "tasks_completed": s.tasks_completed,
-                       "largest_batch": s.largest_batch},
+                       "other": s.other_statements, "batches": s.batches, "largest_batch": s.largest_batch,
+                       "per_task": round((s.claim_statements + s.complete_statements + s.other_statements)
+                                         / max(1, s.tasks_completed), 3)},
     }
 
 
@@ -170,7 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="2000,10000")
     parser.add_argument("--handoff", type=int, default=500)
+    parser.add_argument("--only", default="W2,W1,handoff", help="workloads to run (comma-separated)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     sizes = [int(n) for n in args.tasks.split(",")]
     dsn = resolve_dsn(create_schema=True)
     out: dict[str, Any] = {"slots": 2, "cpus": os.cpu_count(), "runs": []}
@@ -184,16 +190,21 @@ def main() -> None:
             row: dict[str, Any] = {"tasks": n}
             row["xargs_P2_per_s"] = round(xargs_rate(n), 1)
             row["multiprocessing_noop_per_s"] = round(multiprocessing_rate(n), 1)
-            row["W2"] = timed_run(dsn, w2, "noop", bodies, root / f"work-w2-{n}", n)
-            row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
-            if w1 is not None:
+            if "W2" in only:
+                row["W2"] = timed_run(dsn, w2, "noop", bodies, root / f"work-w2-{n}", n)
+                row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
+            if w1 is not None and "W1" in only:
                 row["W1"] = timed_run(dsn, w1, "noop", bodies, root / f"work-w1-{n}", n)
             out["runs"].append(row)
-        ho = make_app(root / "ho", HANDOFF, {"src/run.sh": '#!/bin/sh\nsend-message "$1"\n', "dst/run.sh": "/bin/true"})
-        run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho", 2 * args.handoff)
-        lat = handoff_latencies(dsn, run["app_id"])
-        out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
-                             "note": "sender finished (its run.sh exited) → receiver started (its claim)"}
+        if "handoff" in only:
+            ho = make_app(root / "ho", HANDOFF,
+                          {"src/run.sh": '#!/bin/sh\nsend-message "$1"\n', "dst/run.sh": "/bin/true"})
+            run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho",
+                            2 * args.handoff)
+            lat = handoff_latencies(dsn, run["app_id"])
+            out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
+                                 "note": "sender finished (its run.sh exited) → receiver started (its claim)",
+                                 "run": run}
     json.dump(out, sys.stdout, indent=2)
     print()
 

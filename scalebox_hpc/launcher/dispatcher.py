@@ -94,6 +94,10 @@ class DispatcherStats:
 
     batches: int = 0
     claim_statements: int = 0
+    empty_claims: int = 0
+    """Claim statements that found nothing."""
+    claims_skipped: int = 0
+    """Claims not sent: the module had no work at its last claim and nothing woke it since."""
     tasks_claimed: int = 0
     prefetch_hits: int = 0
     complete_statements: int = 0
@@ -379,6 +383,8 @@ class Dispatcher:
                 call.answer(error=exc)
             return
         self.stats.claim_statements += 1
+        if not got:
+            self.stats.empty_claims += 1
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
 
