@@ -19,6 +19,7 @@ Prints one JSON object. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -127,10 +128,7 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
     return {
         "app_id": app_id, "tasks_per_s": round(expect / seconds, 1), "seconds": round(seconds, 3),
         "submit_s": round(submitted, 3), "peak_connections": peak,
-        "statements": {"claim": s.claim_statements, "empty_claims": s.empty_claims,
-                       "claims_skipped": s.claims_skipped, "prefetch_hits": s.prefetch_hits,
-                       "complete": s.complete_statements, "tasks_completed": s.tasks_completed,
-                       "other": s.other_statements, "batches": s.batches, "largest_batch": s.largest_batch,
+        "statements": {**dataclasses.asdict(s),
                        "per_task": round((s.claim_statements + s.complete_statements + s.other_statements)
                                          / max(1, s.tasks_completed), 3)},
     }

@@ -17,6 +17,12 @@ outage). The thread takes every call waiting when it wakes and serves them toget
 Prefetched tasks are RUNNING in the database, held by their slot with a lease like the task it
 runs; the dispatcher adds them to the slot's heartbeat, and gives them back (READY, the attempt
 not counted) when the slot drains, ends or is told to release.
+
+A hand-off that wrote messages wakes the local slots of the modules they went to at once (they
+need not wait for the NOTIFY to come back), and, in the same batch, claims one task for each
+of those slots that is idle (its last claim found nothing): the slot then finds its task in its
+prefetch when it wakes, without another round trip — the node's own pipeline hands over in one
+batch.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
 from scalebox_hpc.launcher.slot import outage_backoff
+from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     Beat,
     Completion,
@@ -56,6 +63,8 @@ enough that a claim serves many tasks, little enough that no other node waits fo
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
+DRY_SECONDS = 0.5
+"""After a claim of a module came back short, its prefetch top-ups wait this long (see _dry)."""
 FINAL_SLOT_STATES = frozenset({"EXITED", "ERROR", "LOST"})
 
 
@@ -97,13 +106,15 @@ class DispatcherStats:
     empty_claims: int = 0
     """Claim statements that found nothing."""
     claims_skipped: int = 0
-    """Claims not sent: the module had no work at its last claim and nothing woke it since."""
+    """Prefetch top-ups not sent: the module's last claim came back short and nothing woke it since."""
     tasks_claimed: int = 0
     prefetch_hits: int = 0
     complete_statements: int = 0
     tasks_completed: int = 0
     other_statements: int = 0
     largest_batch: int = 0
+    eager_claims: int = 0
+    """Claims for idle slots made right after a local hand-off wrote messages to their module."""
 
 
 @dataclass
@@ -117,7 +128,14 @@ class _SlotState:
     recording: set[int] = field(default_factory=set)
     """Tasks whose result the slot handed over and the dispatcher has not recorded yet."""
     claimed_at: dict[int, float] = field(default_factory=dict)
+    idle: _ClaimKey | None = None
+    """The claim the slot last made and that found nothing (it waits for a wake-up); None while
+    it has work. A hand-off writing to that module claims for it at once."""
+    seq: int = 0
 
+
+_ClaimKey = tuple[int, int, str, float, str | None]
+"""(app id, module id, host, lease seconds, semaphore): the claims that one statement serves."""
 
 class Dispatcher:
     """Serves every slot of a launcher through one queue object (one database session).
@@ -126,11 +144,20 @@ class Dispatcher:
     thread that opened it). Calls after :meth:`close` raise DatabaseError."""
 
     def __init__(self, queue_factory: Callable[[], BatchQueue], *, prefetch: int = PREFETCH,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wakeups: Wakeups | None = None) -> None:
         self._factory = queue_factory
         self._queue: BatchQueue | None = None
         self._prefetch = prefetch
         self._clock = clock
+        self._wakeups = wakeups
+        """The launcher's wake-ups: a local hand-off that wrote messages wakes the module's slots."""
+        self._woken: set[int] = set()
+        """Module ids a hand-off of the current batch wrote messages to."""
+        self._dry: dict[_ClaimKey, float] = {}
+        """Claims whose last statement found fewer tasks than asked, and when: their prefetch
+        top-ups are not sent for DRY_SECONDS, or until a local hand-off writes to the module or a
+        slot's own claim (always sent) finds all it asked for. A top-up only saves a round trip;
+        the NOTIFY wake-ups are not used here, as our own writes echo back through them."""
         self._inbox: stdqueue.SimpleQueue[_Call | None] = stdqueue.SimpleQueue()
         self._lock = threading.Lock()
         self._slots: dict[int, _SlotState] = {}
@@ -324,6 +351,7 @@ class Dispatcher:
         others = [c for c in batch if c.kind not in ("complete", "claim")]
         if completes:  # first: they free capacity downstream and upstream's back-pressure
             self._complete_all(completes)
+            claims.extend(self._eager_claims())
         if claims:
             self._claim_all(claims)
         for call in others:
@@ -342,31 +370,38 @@ class Dispatcher:
 
     # -- claims ---------------------------------------------------------------------------------
     def _claim_all(self, calls: list[_Call]) -> None:
-        groups: dict[tuple[Any, ...], list[_Call]] = {}
+        groups: dict[_ClaimKey, list[_Call]] = {}
         for call in calls:
             kw = call.kwargs
-            key = (call.args[0], call.args[1], kw["host"], kw.get("lease_seconds", 30.0), kw.get("semaphore"))
+            key: _ClaimKey = (call.args[0], call.args[1], kw["host"], kw.get("lease_seconds", 30.0),
+                              kw.get("semaphore"))
             groups.setdefault(key, []).append(call)
-        for (app_id, module_id, host, lease, semaphore), group in groups.items():
-            self._claim_group(app_id, module_id, host, lease, semaphore, group)
+        for key, group in groups.items():
+            self._claim_group(key, group)
 
-    def _claim_group(
-        self, app_id: int, module_id: int, host: str, lease: float, semaphore: str | None, group: list[_Call],
-    ) -> None:
+    def _claim_group(self, key: _ClaimKey, group: list[_Call]) -> None:
+        app_id, module_id, host, lease, semaphore = key
         wants: dict[int, SlotWant] = {}
         asking: dict[int, _Call] = {}
+        dry = self._clock() - self._dry.get(key, -DRY_SECONDS) < DRY_SECONDS
         with self._lock:
             for call in group:
                 kw = call.kwargs
                 slot_id, limit = kw["slot_id"], kw.get("limit", 1)
                 state = self._slots.setdefault(slot_id, _SlotState())
-                if state.closed and not call.wait:
+                state.seq = kw["slot_seq"]
+                if not call.wait and (state.closed or (dry and not kw.get("eager"))):
+                    self.stats.claims_skipped += int(not state.closed)
                     call.answer([])
                     continue
                 depth = min(state.prefetch, self._depth(module_id)) if semaphore is None else 0
                 # top up only once half is used: one claim then serves several tasks
                 refill = depth - len(state.buffer) if len(state.buffer) <= depth // 2 else 0
                 missing = (limit if call.wait else 0) + refill
+                if kw.get("eager") and not state.buffer:
+                    missing = max(missing, 1)
+                # a slot's waiting claim and its refill in one batch: one want, the larger
+                missing = max(missing, wants[slot_id].want if slot_id in wants else 0)
                 if missing > 0:
                     wants[slot_id] = SlotWant(slot_id, kw["slot_seq"], missing)
                 if call.wait:
@@ -385,8 +420,58 @@ class Dispatcher:
         self.stats.claim_statements += 1
         if not got:
             self.stats.empty_claims += 1
+        if sum(len(t) for t in got.values()) < sum(w.want for w in wants.values()):
+            self._dry[key] = self._clock()
+        else:
+            self._dry.pop(key, None)
+        self._mark_idle(key, got, asking)
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
+
+    def _mark_idle(self, key: _ClaimKey, got: dict[int, list[Task]], asking: dict[int, _Call]) -> None:
+        """Remember which waiting slots found nothing (idle until woken), and which have work."""
+        with self._lock:
+            for slot_id in asking:
+                state = self._slots.setdefault(slot_id, _SlotState())
+                state.idle = None if got.get(slot_id) else key
+            for slot_id in got:
+                self._slots.setdefault(slot_id, _SlotState()).idle = None
+
+    def _eager_claims(self) -> list[_Call]:
+        """After this batch's hand-offs: wake the local slots of the modules they wrote to, and
+        claim one task for each of those slots that is idle, with the batch's claims (the slot
+        finds it in its prefetch when it wakes). Not for slots that never prefetch (a check.sh,
+        a disk gate, a semaphore decides before each of their claims)."""
+        woken, self._woken = self._woken, set()
+        if not woken:
+            return []
+        for key in [k for k in self._dry if k[1] in woken]:
+            del self._dry[key]
+        calls = []
+        with self._lock:
+            for slot_id, state in self._slots.items():
+                idle = state.idle
+                if idle is None or idle[1] not in woken or state.closed or state.prefetch == 0 or key[4] is not None:
+                    continue
+                state.idle = None  # one eager claim per wake-up: if it finds nothing, the slot's own claim will
+                app_id, module_id, host, lease, _sem = idle
+                calls.append(_Call("claim", (app_id, module_id), {
+                    "host": host, "lease_seconds": lease, "semaphore": None, "slot_id": slot_id,
+                    "slot_seq": state.seq, "eager": True}, wait=False))
+        self.stats.eager_claims += len(calls)
+        if self._wakeups is not None:
+            for module_id in woken:
+                self._wakeups.notify(module_id)
+        return calls
+
+    def _wrote(self, call: _Call, written: int) -> None:
+        """A hand-off wrote ``written`` messages: note the modules they may have gone to."""
+        if written <= 0:
+            return
+        sender: ModuleRef = call.kwargs["sender"]
+        modules: dict[str, ModuleRef] = call.kwargs["modules"]
+        names = {*sender.sink_modules, *(m.module for m in call.args[1].messages if m.module)}
+        self._woken.update(modules[n].id for n in names if n in modules)
 
     def _deal(self, got: dict[int, list[Task]], asking: dict[int, _Call]) -> list[int]:
         """Answer each asking slot with its first task(s), buffer the rest; returns the slots
@@ -474,15 +559,19 @@ class Dispatcher:
             if n is None:
                 call.answer(error=LeaseLostError(call.args[0].id))
             else:
+                self._wrote(call, n)
                 call.answer(n)
 
     def _complete_one(self, call: _Call) -> None:
         try:
-            call.answer(self._q().complete(*call.args, **call.kwargs))
-            self.stats.complete_statements += 1
-            self.stats.tasks_completed += 1
+            written = self._q().complete(*call.args, **call.kwargs)
         except Exception as exc:
             call.answer(error=exc)
+            return
+        self.stats.complete_statements += 1
+        self.stats.tasks_completed += 1
+        self._wrote(call, written)
+        call.answer(written)
 
     # -- calls that must know the prefetch buffers ------------------------------------------------
     def _do_heartbeat(

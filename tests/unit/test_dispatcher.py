@@ -283,3 +283,75 @@ def test_calls_after_close_fail_as_an_outage() -> None:
     d.close()
     with pytest.raises(DatabaseError, match="closed"):
         port.app_cancelled(1)
+
+
+SINK = ModuleRef(2, "b", (), ConflictAction.IGNORE)
+SENDER = ModuleRef(1, "a", ("b",), ConflictAction.IGNORE)
+
+
+def test_a_hand_off_writing_to_a_module_claims_for_its_idle_slot_and_wakes_it() -> None:
+    """The node's own pipeline: the idle downstream slot's task is claimed in the batch of the
+    upstream hand-off, and the slot is woken; its next claim is a prefetch hit (no statement)."""
+    from scalebox_hpc.launcher.wakeups import Wakeups
+
+    q = Recorder(tasks=0)
+    wakeups = Wakeups()
+    d = dispatcher(q, wakeups=wakeups)
+    port = d.port()
+    down = port.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    assert port.claim(1, 2, host="h", slot_id=down, slot_seq=0) == []  # idle: nothing yet
+    seen = wakeups.generation(2)
+    q.free = [41]  # the hand-off's message
+    up = Task(9, 1, 1, "b", {}, -3)
+    assert port.complete(up, result(), slot_id=99, host="h", sender=SENDER, modules={"a": SENDER, "b": SINK}) == 1
+    q.gate.set()
+    d.call("app_uid", 1)  # the batch of the hand-off is over
+    assert wakeups.generation(2) != seen
+    assert d.stats.eager_claims == 1
+    assert q.calls[-2:] == [("complete", 9), ("claim", [(down, 1)])]
+    assert [t.id for t in port.claim(1, 2, host="h", slot_id=down, slot_seq=0)] == [41]
+    assert d.stats.prefetch_hits == 1
+    d.close()
+
+
+def test_no_eager_claim_for_a_busy_slot_nor_one_that_never_prefetches() -> None:
+    q = Recorder(tasks=0)
+    d = dispatcher(q)
+    busy, gated = d.port(), d.port(prefetch=False)
+    b_id = busy.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    g_id = gated.create_slot(2, host="h", seq=1, pid=1, work_dir="/")
+    q.free = [5]
+    assert [t.id for t in busy.claim(1, 2, host="h", slot_id=b_id, slot_seq=0)] == [5]  # has work
+    assert gated.claim(1, 2, host="h", slot_id=g_id, slot_seq=1) == []  # idle, but never prefetches
+    q.free = [6, 7]
+    busy.complete(Task(9, 1, 1, "b", {}, -3), result(), slot_id=99, host="h", sender=SENDER,
+                  modules={"a": SENDER, "b": SINK})
+    q.gate.set()
+    d.call("app_uid", 1)
+    assert d.stats.eager_claims == 0 and q.free == [6, 7]
+    d.close()
+
+
+def test_top_ups_wait_after_a_short_claim_but_a_slots_own_claim_is_always_sent() -> None:
+    now = [100.0]
+    q = Recorder(tasks=3)
+    q.gate.set()
+    d = dispatcher(q, clock=lambda: now[0])
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    d._task_seconds[1] = 0.01  # short tasks: the slot prefetches
+    got = claim(port, slot)  # asks 1 + a top-up, finds 3 of them: short
+    assert [t.id for t in got] == [1]
+    n = len([c for c in q.calls if c[0] == "claim"])
+    assert [t.id for t in claim(port, slot)] == [2]  # a prefetch hit; its top-up is not sent
+    assert [t.id for t in claim(port, slot)] == [3]
+    assert claim(port, slot) == []  # the slot's own claim: sent
+    d.call("app_uid", 1)  # the top-ups queued before have been served (or skipped)
+    assert len([c for c in q.calls if c[0] == "claim"]) == n + 1
+    assert d.stats.claims_skipped == 2
+    now[0] += 1.0  # DRY_SECONDS later, top-ups are sent again
+    q.free = [8, 9]
+    d.refill(slot, 0, 1, 1, host="h", lease_seconds=30.0, semaphore=None)
+    d.call("app_uid", 1)
+    assert len([c for c in q.calls if c[0] == "claim"]) == n + 2
+    d.close()
