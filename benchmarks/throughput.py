@@ -99,6 +99,22 @@ def connections(conn: Any) -> int:
     return int(row["n"])
 
 
+def backend_cpu(conn: Any) -> dict[int, float]:
+    """CPU seconds used so far by each server process of this database (but the caller's), when
+    the server runs on this machine (/proc readable); empty otherwise."""
+    rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()").fetchall()
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for r in rows:
+        try:
+            fields = Path(f"/proc/{r['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(r["pid"])] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: Path, expect: int) -> dict[str, Any]:
     """Create the app, start a launcher, then (clock on) submit the bodies and wait for ``expect``
     recorded tasks (clock off)."""
@@ -114,6 +130,8 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
     time.sleep(1.0)  # slots registered and idle: the window measures the tasks, not the start
     peak = 0
     with connect(dsn, autocommit=True) as conn:
+        pg0 = backend_cpu(conn)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         with connect(dsn) as submit:
             apps.add_tasks(submit, app_id, module, [Message(b) for b in bodies])
@@ -122,12 +140,18 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
             peak = max(peak, connections(conn))
             time.sleep(0.02)
         seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        pg1 = backend_cpu(conn)
     launcher.stop(5)
     listener.stop()
     s = launcher.dispatcher.stats
     return {
         "app_id": app_id, "tasks_per_s": round(expect / seconds, 1), "seconds": round(seconds, 3),
         "submit_s": round(submitted, 3), "peak_connections": peak,
+        # CPU per task, steadier than the rate on a shared machine: this process (the launcher's
+        # threads, the submit and the 20 ms poll) and the database's processes (0 when remote)
+        "cpu_ms_per_task": {"launcher": round(1000 * cpu / expect, 3),
+                            "postgres": round(1000 * sum(v - pg0.get(k, 0.0) for k, v in pg1.items()) / expect, 3)},
         "statements": {**dataclasses.asdict(s),
                        "per_task": round((s.claim_statements + s.complete_statements + s.other_statements)
                                          / max(1, s.tasks_completed), 3)},

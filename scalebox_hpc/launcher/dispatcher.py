@@ -32,7 +32,7 @@ import logging
 import queue as stdqueue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,8 +151,9 @@ class Dispatcher:
         self._clock = clock
         self._wakeups = wakeups
         """The launcher's wake-ups: a local hand-off that wrote messages wakes the module's slots."""
-        self._woken: set[int] = set()
-        """Module ids a hand-off of the current batch wrote messages to."""
+        self._woken: Counter[int] = Counter()
+        """Module ids the hand-offs of the current batch wrote messages to, with how many of
+        their transactions did (one NOTIFY echo each)."""
         self._dry: dict[_ClaimKey, float] = {}
         """Claims whose last statement found fewer tasks than asked, and when: their prefetch
         top-ups are not sent for DRY_SECONDS, or until a local hand-off writes to the module or a
@@ -442,7 +443,7 @@ class Dispatcher:
         claim one task for each of those slots that is idle, with the batch's claims (the slot
         finds it in its prefetch when it wakes). Not for slots that never prefetch (a check.sh,
         a disk gate, a semaphore decides before each of their claims)."""
-        woken, self._woken = self._woken, set()
+        woken, self._woken = self._woken, Counter()
         if not woken:
             return []
         for key in [k for k in self._dry if k[1] in woken]:
@@ -460,18 +461,22 @@ class Dispatcher:
                     "slot_seq": state.seq, "eager": True}, wait=False))
         self.stats.eager_claims += len(calls)
         if self._wakeups is not None:
-            for module_id in woken:
-                self._wakeups.notify(module_id)
+            for module_id, transactions in woken.items():
+                self._wakeups.notify_local(module_id, transactions)
         return calls
 
-    def _wrote(self, call: _Call, written: int) -> None:
-        """A hand-off wrote ``written`` messages: note the modules they may have gone to."""
-        if written <= 0:
-            return
-        sender: ModuleRef = call.kwargs["sender"]
-        modules: dict[str, ModuleRef] = call.kwargs["modules"]
-        names = {*sender.sink_modules, *(m.module for m in call.args[1].messages if m.module)}
-        self._woken.update(modules[n].id for n in names if n in modules)
+    def _wrote(self, calls: Sequence[_Call], written: Sequence[int | None]) -> None:
+        """The hand-offs of one transaction wrote messages: note the modules they went to."""
+        ids: set[int] = set()
+        for call, n in zip(calls, written, strict=True):
+            if not n:
+                continue
+            sender: ModuleRef = call.kwargs["sender"]
+            modules: dict[str, ModuleRef] = call.kwargs["modules"]
+            names = {m.module or (sender.sink_modules[0] if sender.sink_modules else "")
+                     for m in call.args[1].messages}
+            ids.update(modules[n].id for n in names if n in modules)
+        self._woken.update(ids)
 
     def _deal(self, got: dict[int, list[Task]], asking: dict[int, _Call]) -> list[int]:
         """Answer each asking slot with its first task(s), buffer the rest; returns the slots
@@ -555,11 +560,11 @@ class Dispatcher:
             return
         self.stats.complete_statements += 1
         self.stats.tasks_completed += len(group)
+        self._wrote(group, written)
         for call, n in zip(group, written, strict=True):
             if n is None:
                 call.answer(error=LeaseLostError(call.args[0].id))
             else:
-                self._wrote(call, n)
                 call.answer(n)
 
     def _complete_one(self, call: _Call) -> None:
@@ -570,7 +575,7 @@ class Dispatcher:
             return
         self.stats.complete_statements += 1
         self.stats.tasks_completed += 1
-        self._wrote(call, written)
+        self._wrote([call], [written])
         call.answer(written)
 
     # -- calls that must know the prefetch buffers ------------------------------------------------

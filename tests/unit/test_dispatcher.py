@@ -16,6 +16,7 @@ from scalebox_hpc.models import (
     Completion,
     ConflictAction,
     LeaseLostError,
+    Message,
     ModuleRef,
     SlotWant,
     Task,
@@ -303,10 +304,15 @@ def test_a_hand_off_writing_to_a_module_claims_for_its_idle_slot_and_wakes_it() 
     seen = wakeups.generation(2)
     q.free = [41]  # the hand-off's message
     up = Task(9, 1, 1, "b", {}, -3)
-    assert port.complete(up, result(), slot_id=99, host="h", sender=SENDER, modules={"a": SENDER, "b": SINK}) == 1
+    sent = TaskResult(status=0, started_at=datetime.now(UTC), finished_at=datetime.now(UTC), messages=[Message("m")])
+    assert port.complete(up, sent, slot_id=99, host="h", sender=SENDER, modules={"a": SENDER, "b": SINK}) == 1
     q.gate.set()
     d.call("app_uid", 1)  # the batch of the hand-off is over
-    assert wakeups.generation(2) != seen
+    assert wakeups.generation(2) == seen + 1
+    wakeups.notify(2)  # the hand-off's NOTIFY comes back: its slots were woken already
+    assert wakeups.generation(2) == seen + 1
+    wakeups.notify(2)  # anyone else's
+    assert wakeups.generation(2) == seen + 2
     assert d.stats.eager_claims == 1
     assert q.calls[-2:] == [("complete", 9), ("claim", [(down, 1)])]
     assert [t.id for t in port.claim(1, 2, host="h", slot_id=down, slot_seq=0)] == [41]
@@ -324,7 +330,8 @@ def test_no_eager_claim_for_a_busy_slot_nor_one_that_never_prefetches() -> None:
     assert [t.id for t in busy.claim(1, 2, host="h", slot_id=b_id, slot_seq=0)] == [5]  # has work
     assert gated.claim(1, 2, host="h", slot_id=g_id, slot_seq=1) == []  # idle, but never prefetches
     q.free = [6, 7]
-    busy.complete(Task(9, 1, 1, "b", {}, -3), result(), slot_id=99, host="h", sender=SENDER,
+    sent = TaskResult(status=0, started_at=datetime.now(UTC), finished_at=datetime.now(UTC), messages=[Message("m")])
+    busy.complete(Task(9, 1, 1, "b", {}, -3), sent, slot_id=99, host="h", sender=SENDER,
                   modules={"a": SENDER, "b": SINK})
     q.gate.set()
     d.call("app_uid", 1)
@@ -355,3 +362,18 @@ def test_top_ups_wait_after_a_short_claim_but_a_slots_own_claim_is_always_sent()
     d.call("app_uid", 1)
     assert len([c for c in q.calls if c[0] == "claim"]) == n + 2
     d.close()
+
+
+def test_a_local_wake_up_whose_echo_never_comes_does_not_swallow_a_later_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalebox_hpc.launcher import wakeups as w
+
+    now = [10.0]
+    monkeypatch.setattr(w.time, "monotonic", lambda: now[0])
+    wk = w.Wakeups()
+    wk.notify_local(3, 2)  # two transactions wrote to module 3
+    assert wk.generation(3) == 1
+    wk.notify(3)
+    assert wk.generation(3) == 1  # one echo swallowed, one still expected
+    now[0] += w.ECHO_SECONDS + 0.01  # it never came (no LISTEN, a reconnect)
+    wk.notify(3)
+    assert wk.generation(3) == 2
