@@ -22,7 +22,8 @@ A hand-off that wrote messages wakes the local slots of the modules they went to
 need not wait for the NOTIFY to come back), and, in the same batch, claims one task for each
 of those slots that is idle (its last claim found nothing): the slot then finds its task in its
 prefetch when it wakes, without another round trip — the node's own pipeline hands over in one
-batch.
+batch. After a claim of a module came back short, nothing more is claimed for it for
+DRY_SECONDS unless the module is woken (see ``Dispatcher._dry``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
 DRY_SECONDS = 0.5
-"""After a claim of a module came back short, its prefetch top-ups wait this long (see _dry)."""
+"""After a claim of a module came back short, claims of it wait this long (see _dry)."""
 FINAL_SLOT_STATES = frozenset({"EXITED", "ERROR", "LOST"})
 
 
@@ -154,11 +155,14 @@ class Dispatcher:
         self._woken: Counter[int] = Counter()
         """Module ids the hand-offs of the current batch wrote messages to, with how many of
         their transactions did (one NOTIFY echo each)."""
-        self._dry: dict[_ClaimKey, float] = {}
-        """Claims whose last statement found fewer tasks than asked, and when: their prefetch
-        top-ups are not sent for DRY_SECONDS, or until a local hand-off writes to the module or a
-        slot's own claim (always sent) finds all it asked for. A top-up only saves a round trip;
-        the NOTIFY wake-ups are not used here, as our own writes echo back through them."""
+        self._dry: dict[_ClaimKey, tuple[float, int | None]] = {}
+        """Claims whose last statement found fewer tasks than asked: when, and the module's
+        wake-up generation before it. For DRY_SECONDS after, unless the module was woken since
+        (a NOTIFY from anyone, or a local hand-off writing to it — its own echo is swallowed),
+        nothing more is claimed for it: prefetch top-ups are not sent, and a slot's own claim
+        is answered "nothing" (only with wake-ups to rely on; never with a semaphore). Work that
+        comes without a NOTIFY (a locality wait running out, a sink draining) is then found at
+        the slot's next poll, as when it arrives just after a claim."""
         self._inbox: stdqueue.SimpleQueue[_Call | None] = stdqueue.SimpleQueue()
         self._lock = threading.Lock()
         self._slots: dict[int, _SlotState] = {}
@@ -384,7 +388,11 @@ class Dispatcher:
         app_id, module_id, host, lease, semaphore = key
         wants: dict[int, SlotWant] = {}
         asking: dict[int, _Call] = {}
-        dry = self._clock() - self._dry.get(key, -DRY_SECONDS) < DRY_SECONDS
+        generation = self._wakeups.generation(module_id) if self._wakeups is not None else None
+        mark = self._dry.get(key)
+        dry = mark is not None and self._clock() - mark[0] < DRY_SECONDS and mark[1] == generation
+        # a slot's own claim is skipped only when a wake-up would have told us of new work
+        own_dry = dry and generation is not None and semaphore is None
         with self._lock:
             for call in group:
                 kw = call.kwargs
@@ -393,6 +401,11 @@ class Dispatcher:
                 state.seq = kw["slot_seq"]
                 if not call.wait and (state.closed or (dry and not kw.get("eager"))):
                     self.stats.claims_skipped += int(not state.closed)
+                    call.answer([])
+                    continue
+                if call.wait and own_dry:
+                    self.stats.claims_skipped += 1
+                    state.idle = key
                     call.answer([])
                     continue
                 depth = min(state.prefetch, self._depth(module_id)) if semaphore is None else 0
@@ -422,7 +435,7 @@ class Dispatcher:
         if not got:
             self.stats.empty_claims += 1
         if sum(len(t) for t in got.values()) < sum(w.want for w in wants.values()):
-            self._dry[key] = self._clock()
+            self._dry[key] = (self._clock(), generation)
         else:
             self._dry.pop(key, None)
         self._mark_idle(key, got, asking)

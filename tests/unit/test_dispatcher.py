@@ -377,3 +377,36 @@ def test_a_local_wake_up_whose_echo_never_comes_does_not_swallow_a_later_hint(mo
     now[0] += w.ECHO_SECONDS + 0.01  # it never came (no LISTEN, a reconnect)
     wk.notify(3)
     assert wk.generation(3) == 2
+
+
+def test_a_slots_own_claim_after_a_short_one_waits_for_a_wake_up_when_there_are_wake_ups() -> None:
+    from scalebox_hpc.launcher.wakeups import Wakeups
+
+    now = [100.0]
+    q = Recorder(tasks=1)
+    wakeups = Wakeups()
+    d = dispatcher(q, clock=lambda: now[0], wakeups=wakeups)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    other = d.port().create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    assert [t.id for t in claim(port, slot)] == [1]  # asked 1, got 1: not short
+    assert claim(port, slot) == []  # short: sent, found nothing
+    sent = len([c for c in q.calls if c[0] == "claim"])
+    assert claim(port, slot) == [] and claim(port, other) == []  # nothing woke the module: not sent
+    assert len([c for c in q.calls if c[0] == "claim"]) == sent and d.stats.claims_skipped == 2
+    q.free = [7]
+    wakeups.notify(1)  # new work (anyone's NOTIFY)
+    assert [t.id for t in claim(port, other)] == [7]
+    assert claim(port, slot) == []  # sent: the claim just before found all it asked
+    assert claim(port, slot) == []  # short again, nothing since: not sent
+    now[0] += 1.0
+    q.free = [8]  # came without a wake-up (a locality wait ran out): found at the next poll
+    assert [t.id for t in claim(port, slot)] == [8]
+    d.close()
+    with_sem = Dispatcher(lambda: q, wakeups=wakeups)  # type: ignore[arg-type, return-value]
+    sp = with_sem.port()
+    s2 = sp.create_slot(1, host="h", seq=2, pid=1, work_dir="/")
+    for _ in range(2):  # a semaphore's units come back without a NOTIFY: always asked
+        assert sp.claim(1, 1, host="h", slot_id=s2, slot_seq=2, semaphore="gpu") == []
+    assert with_sem.stats.claims_skipped == 0
+    with_sem.close()
