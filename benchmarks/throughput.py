@@ -12,12 +12,14 @@ finish → receiver's start, p50/p99, from the database) over a two-module pipel
 dispatcher's statement counts, and the launcher's peak server connections.
 
 Prints one JSON object. Usage:
-    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500]   (SCALEBOX_DSN, else embedded)
+    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500] [--only W2,W1,handoff]
+    (SCALEBOX_DSN, else embedded)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -97,6 +99,22 @@ def connections(conn: Any) -> int:
     return int(row["n"])
 
 
+def backend_cpu(conn: Any) -> dict[int, float]:
+    """CPU seconds used so far by each server process of this database (but the caller's), when
+    the server runs on this machine (/proc readable); empty otherwise."""
+    rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()").fetchall()
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for r in rows:
+        try:
+            fields = Path(f"/proc/{r['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(r["pid"])] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: Path, expect: int) -> dict[str, Any]:
     """Create the app, start a launcher, then (clock on) submit the bodies and wait for ``expect``
     recorded tasks (clock off)."""
@@ -112,6 +130,8 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
     time.sleep(1.0)  # slots registered and idle: the window measures the tasks, not the start
     peak = 0
     with connect(dsn, autocommit=True) as conn:
+        pg0 = backend_cpu(conn)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         with connect(dsn) as submit:
             apps.add_tasks(submit, app_id, module, [Message(b) for b in bodies])
@@ -120,15 +140,21 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
             peak = max(peak, connections(conn))
             time.sleep(0.02)
         seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        pg1 = backend_cpu(conn)
     launcher.stop(5)
     listener.stop()
     s = launcher.dispatcher.stats
     return {
         "app_id": app_id, "tasks_per_s": round(expect / seconds, 1), "seconds": round(seconds, 3),
         "submit_s": round(submitted, 3), "peak_connections": peak,
-        "statements": {"claim": s.claim_statements, "prefetch_hits": s.prefetch_hits,
-                       "complete": s.complete_statements, "tasks_completed": s.tasks_completed,
-                       "largest_batch": s.largest_batch},
+        # CPU per task, steadier than the rate on a shared machine: this process (the launcher's
+        # threads, the submit and the 20 ms poll) and the database's processes (0 when remote)
+        "cpu_ms_per_task": {"launcher": round(1000 * cpu / expect, 3),
+                            "postgres": round(1000 * sum(v - pg0.get(k, 0.0) for k, v in pg1.items()) / expect, 3)},
+        "statements": {**dataclasses.asdict(s),
+                       "per_task": round((s.claim_statements + s.complete_statements + s.other_statements)
+                                         / max(1, s.tasks_completed), 3)},
     }
 
 
@@ -170,7 +196,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="2000,10000")
     parser.add_argument("--handoff", type=int, default=500)
+    parser.add_argument("--only", default="W2,W1,handoff", help="workloads to run (comma-separated)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     sizes = [int(n) for n in args.tasks.split(",")]
     dsn = resolve_dsn(create_schema=True)
     out: dict[str, Any] = {"slots": 2, "cpus": os.cpu_count(), "runs": []}
@@ -184,16 +212,21 @@ def main() -> None:
             row: dict[str, Any] = {"tasks": n}
             row["xargs_P2_per_s"] = round(xargs_rate(n), 1)
             row["multiprocessing_noop_per_s"] = round(multiprocessing_rate(n), 1)
-            row["W2"] = timed_run(dsn, w2, "noop", bodies, root / f"work-w2-{n}", n)
-            row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
-            if w1 is not None:
+            if "W2" in only:
+                row["W2"] = timed_run(dsn, w2, "noop", bodies, root / f"work-w2-{n}", n)
+                row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
+            if w1 is not None and "W1" in only:
                 row["W1"] = timed_run(dsn, w1, "noop", bodies, root / f"work-w1-{n}", n)
             out["runs"].append(row)
-        ho = make_app(root / "ho", HANDOFF, {"src/run.sh": '#!/bin/sh\nsend-message "$1"\n', "dst/run.sh": "/bin/true"})
-        run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho", 2 * args.handoff)
-        lat = handoff_latencies(dsn, run["app_id"])
-        out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
-                             "note": "sender finished (its run.sh exited) → receiver started (its claim)"}
+        if "handoff" in only:
+            ho = make_app(root / "ho", HANDOFF,
+                          {"src/run.sh": '#!/bin/sh\nsend-message "$1"\n', "dst/run.sh": "/bin/true"})
+            run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho",
+                            2 * args.handoff)
+            lat = handoff_latencies(dsn, run["app_id"])
+            out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
+                                 "note": "sender finished (its run.sh exited) → receiver started (its claim)",
+                                 "run": run}
     json.dump(out, sys.stdout, indent=2)
     print()
 

@@ -536,14 +536,10 @@ SELECT sbx_adopt_tasks_v1(%(app_id)s, %(host)s, %(limit)s) AS adopted;
 DELETE FROM sbx_scratch WHERE host = %(host)s;
 
 -- name: complete_tasks_batch
--- The MPI farm's hand-off of a whole batch in one statement (one transaction, one round trip):
--- sbx_complete_task_v2 per row; written is NULL for a row whose lease was lost.
-SELECT c.ord, sbx_complete_task_v2(c.task_id, c.slot_id, c.attempt, c.status, c.requeue, c.exec,
-                                   c.messages, c.finish_text) AS written
-FROM jsonb_to_recordset(%(rows)s::jsonb)
-     AS c (ord integer, task_id bigint, slot_id bigint, attempt integer, status integer, requeue boolean,
-           exec jsonb, messages jsonb, finish_text text)
-ORDER BY c.ord;
+-- The hand-off of a whole batch (the node's dispatcher, the MPI farm) in one statement (one
+-- transaction, one round trip), see sbx_complete_tasks_v1: a row per task recorded; a task whose
+-- lease was lost has no row.
+SELECT item AS ord, written FROM sbx_complete_tasks_v1(%(rows)s::jsonb);
 
 -- name: release_task_ids
 -- Gives some RUNNING tasks of a slot back (an MPI stage's undistributed or aborted tasks).

@@ -17,6 +17,13 @@ outage). The thread takes every call waiting when it wakes and serves them toget
 Prefetched tasks are RUNNING in the database, held by their slot with a lease like the task it
 runs; the dispatcher adds them to the slot's heartbeat, and gives them back (READY, the attempt
 not counted) when the slot drains, ends or is told to release.
+
+A hand-off that wrote messages wakes the local slots of the modules they went to at once (they
+need not wait for the NOTIFY to come back), and, in the same batch, claims one task for each
+of those slots that is idle (its last claim found nothing): the slot then finds its task in its
+prefetch when it wakes, without another round trip — the node's own pipeline hands over in one
+batch. After a claim of a module came back short, nothing more is claimed for it for
+DRY_SECONDS unless the module is woken (see ``Dispatcher._dry``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 import queue as stdqueue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +41,7 @@ from typing import Any
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
 from scalebox_hpc.launcher.slot import outage_backoff
+from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     Beat,
     Completion,
@@ -56,6 +64,8 @@ enough that a claim serves many tasks, little enough that no other node waits fo
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
+DRY_SECONDS = 0.5
+"""After a claim of a module came back short, claims of it wait this long (see _dry)."""
 FINAL_SLOT_STATES = frozenset({"EXITED", "ERROR", "LOST"})
 
 
@@ -94,12 +104,18 @@ class DispatcherStats:
 
     batches: int = 0
     claim_statements: int = 0
+    empty_claims: int = 0
+    """Claim statements that found nothing."""
+    claims_skipped: int = 0
+    """Prefetch top-ups not sent: the module's last claim came back short and nothing woke it since."""
     tasks_claimed: int = 0
     prefetch_hits: int = 0
     complete_statements: int = 0
     tasks_completed: int = 0
     other_statements: int = 0
     largest_batch: int = 0
+    eager_claims: int = 0
+    """Claims for idle slots made right after a local hand-off wrote messages to their module."""
 
 
 @dataclass
@@ -113,7 +129,14 @@ class _SlotState:
     recording: set[int] = field(default_factory=set)
     """Tasks whose result the slot handed over and the dispatcher has not recorded yet."""
     claimed_at: dict[int, float] = field(default_factory=dict)
+    idle: _ClaimKey | None = None
+    """The claim the slot last made and that found nothing (it waits for a wake-up); None while
+    it has work. A hand-off writing to that module claims for it at once."""
+    seq: int = 0
 
+
+_ClaimKey = tuple[int, int, str, float, str | None]
+"""(app id, module id, host, lease seconds, semaphore): the claims that one statement serves."""
 
 class Dispatcher:
     """Serves every slot of a launcher through one queue object (one database session).
@@ -122,11 +145,24 @@ class Dispatcher:
     thread that opened it). Calls after :meth:`close` raise DatabaseError."""
 
     def __init__(self, queue_factory: Callable[[], BatchQueue], *, prefetch: int = PREFETCH,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wakeups: Wakeups | None = None) -> None:
         self._factory = queue_factory
         self._queue: BatchQueue | None = None
         self._prefetch = prefetch
         self._clock = clock
+        self._wakeups = wakeups
+        """The launcher's wake-ups: a local hand-off that wrote messages wakes the module's slots."""
+        self._woken: Counter[int] = Counter()
+        """Module ids the hand-offs of the current batch wrote messages to, with how many of
+        their transactions did (one NOTIFY echo each)."""
+        self._dry: dict[_ClaimKey, tuple[float, int | None]] = {}
+        """Claims whose last statement found fewer tasks than asked: when, and the module's
+        wake-up generation before it. For DRY_SECONDS after, unless the module was woken since
+        (a NOTIFY from anyone, or a local hand-off writing to it — its own echo is swallowed),
+        nothing more is claimed for it: prefetch top-ups are not sent, and a slot's own claim
+        is answered "nothing" (only with wake-ups to rely on; never with a semaphore). Work that
+        comes without a NOTIFY (a locality wait running out, a sink draining) is then found at
+        the slot's next poll, as when it arrives just after a claim."""
         self._inbox: stdqueue.SimpleQueue[_Call | None] = stdqueue.SimpleQueue()
         self._lock = threading.Lock()
         self._slots: dict[int, _SlotState] = {}
@@ -320,6 +356,7 @@ class Dispatcher:
         others = [c for c in batch if c.kind not in ("complete", "claim")]
         if completes:  # first: they free capacity downstream and upstream's back-pressure
             self._complete_all(completes)
+            claims.extend(self._eager_claims())
         if claims:
             self._claim_all(claims)
         for call in others:
@@ -338,31 +375,47 @@ class Dispatcher:
 
     # -- claims ---------------------------------------------------------------------------------
     def _claim_all(self, calls: list[_Call]) -> None:
-        groups: dict[tuple[Any, ...], list[_Call]] = {}
+        groups: dict[_ClaimKey, list[_Call]] = {}
         for call in calls:
             kw = call.kwargs
-            key = (call.args[0], call.args[1], kw["host"], kw.get("lease_seconds", 30.0), kw.get("semaphore"))
+            key: _ClaimKey = (call.args[0], call.args[1], kw["host"], kw.get("lease_seconds", 30.0),
+                              kw.get("semaphore"))
             groups.setdefault(key, []).append(call)
-        for (app_id, module_id, host, lease, semaphore), group in groups.items():
-            self._claim_group(app_id, module_id, host, lease, semaphore, group)
+        for key, group in groups.items():
+            self._claim_group(key, group)
 
-    def _claim_group(
-        self, app_id: int, module_id: int, host: str, lease: float, semaphore: str | None, group: list[_Call],
-    ) -> None:
+    def _claim_group(self, key: _ClaimKey, group: list[_Call]) -> None:
+        app_id, module_id, host, lease, semaphore = key
         wants: dict[int, SlotWant] = {}
         asking: dict[int, _Call] = {}
+        generation = self._wakeups.generation(module_id) if self._wakeups is not None else None
+        mark = self._dry.get(key)
+        dry = mark is not None and self._clock() - mark[0] < DRY_SECONDS and mark[1] == generation
+        # a slot's own claim is skipped only when a wake-up would have told us of new work
+        own_dry = dry and generation is not None and semaphore is None
         with self._lock:
             for call in group:
                 kw = call.kwargs
                 slot_id, limit = kw["slot_id"], kw.get("limit", 1)
                 state = self._slots.setdefault(slot_id, _SlotState())
-                if state.closed and not call.wait:
+                state.seq = kw["slot_seq"]
+                if not call.wait and (state.closed or (dry and not kw.get("eager"))):
+                    self.stats.claims_skipped += int(not state.closed)
+                    call.answer([])
+                    continue
+                if call.wait and own_dry:
+                    self.stats.claims_skipped += 1
+                    state.idle = key
                     call.answer([])
                     continue
                 depth = min(state.prefetch, self._depth(module_id)) if semaphore is None else 0
                 # top up only once half is used: one claim then serves several tasks
                 refill = depth - len(state.buffer) if len(state.buffer) <= depth // 2 else 0
                 missing = (limit if call.wait else 0) + refill
+                if kw.get("eager") and not state.buffer:
+                    missing = max(missing, 1)
+                # a slot's waiting claim and its refill in one batch: one want, the larger
+                missing = max(missing, wants[slot_id].want if slot_id in wants else 0)
                 if missing > 0:
                     wants[slot_id] = SlotWant(slot_id, kw["slot_seq"], missing)
                 if call.wait:
@@ -379,8 +432,64 @@ class Dispatcher:
                 call.answer(error=exc)
             return
         self.stats.claim_statements += 1
+        if not got:
+            self.stats.empty_claims += 1
+        if sum(len(t) for t in got.values()) < sum(w.want for w in wants.values()):
+            self._dry[key] = (self._clock(), generation)
+        else:
+            self._dry.pop(key, None)
+        self._mark_idle(key, got, asking)
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
+
+    def _mark_idle(self, key: _ClaimKey, got: dict[int, list[Task]], asking: dict[int, _Call]) -> None:
+        """Remember which waiting slots found nothing (idle until woken), and which have work."""
+        with self._lock:
+            for slot_id in asking:
+                state = self._slots.setdefault(slot_id, _SlotState())
+                state.idle = None if got.get(slot_id) else key
+            for slot_id in got:
+                self._slots.setdefault(slot_id, _SlotState()).idle = None
+
+    def _eager_claims(self) -> list[_Call]:
+        """After this batch's hand-offs: wake the local slots of the modules they wrote to, and
+        claim one task for each of those slots that is idle, with the batch's claims (the slot
+        finds it in its prefetch when it wakes). Not for slots that never prefetch (a check.sh,
+        a disk gate, a semaphore decides before each of their claims)."""
+        woken, self._woken = self._woken, Counter()
+        if not woken:
+            return []
+        for key in [k for k in self._dry if k[1] in woken]:
+            del self._dry[key]
+        calls = []
+        with self._lock:
+            for slot_id, state in self._slots.items():
+                idle = state.idle
+                if idle is None or idle[1] not in woken or state.closed or state.prefetch == 0 or key[4] is not None:
+                    continue
+                state.idle = None  # one eager claim per wake-up: if it finds nothing, the slot's own claim will
+                app_id, module_id, host, lease, _sem = idle
+                calls.append(_Call("claim", (app_id, module_id), {
+                    "host": host, "lease_seconds": lease, "semaphore": None, "slot_id": slot_id,
+                    "slot_seq": state.seq, "eager": True}, wait=False))
+        self.stats.eager_claims += len(calls)
+        if self._wakeups is not None:
+            for module_id, transactions in woken.items():
+                self._wakeups.notify_local(module_id, transactions)
+        return calls
+
+    def _wrote(self, calls: Sequence[_Call], written: Sequence[int | None]) -> None:
+        """The hand-offs of one transaction wrote messages: note the modules they went to."""
+        ids: set[int] = set()
+        for call, n in zip(calls, written, strict=True):
+            if not n:
+                continue
+            sender: ModuleRef = call.kwargs["sender"]
+            modules: dict[str, ModuleRef] = call.kwargs["modules"]
+            names = {m.module or (sender.sink_modules[0] if sender.sink_modules else "")
+                     for m in call.args[1].messages}
+            ids.update(modules[n].id for n in names if n in modules)
+        self._woken.update(ids)
 
     def _deal(self, got: dict[int, list[Task]], asking: dict[int, _Call]) -> list[int]:
         """Answer each asking slot with its first task(s), buffer the rest; returns the slots
@@ -464,6 +573,7 @@ class Dispatcher:
             return
         self.stats.complete_statements += 1
         self.stats.tasks_completed += len(group)
+        self._wrote(group, written)
         for call, n in zip(group, written, strict=True):
             if n is None:
                 call.answer(error=LeaseLostError(call.args[0].id))
@@ -472,11 +582,14 @@ class Dispatcher:
 
     def _complete_one(self, call: _Call) -> None:
         try:
-            call.answer(self._q().complete(*call.args, **call.kwargs))
-            self.stats.complete_statements += 1
-            self.stats.tasks_completed += 1
+            written = self._q().complete(*call.args, **call.kwargs)
         except Exception as exc:
             call.answer(error=exc)
+            return
+        self.stats.complete_statements += 1
+        self.stats.tasks_completed += 1
+        self._wrote([call], [written])
+        call.answer(written)
 
     # -- calls that must know the prefetch buffers ------------------------------------------------
     def _do_heartbeat(

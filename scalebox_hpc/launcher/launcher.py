@@ -79,7 +79,7 @@ class Launcher:
         self.runtime = runtime
         self.wakeups = wakeups
         self.control = SlotControl() if may_idle_exit is None else SlotControl(may_idle_exit=_once_true(may_idle_exit))
-        self.dispatcher = Dispatcher(queue_factory)
+        self.dispatcher = Dispatcher(queue_factory, wakeups=wakeups)
         self.slots: list[Slot] = []
         self._threads: list[threading.Thread] = []
         self._heartbeat: threading.Thread | None = None

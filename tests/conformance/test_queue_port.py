@@ -566,6 +566,99 @@ def test_complete_many_rejects_only_the_item_with_a_bad_message(queue_backend: B
     assert _bodies(b, app, "c") == {"dup": -1}
 
 
+def test_complete_many_fences_each_silent_item_by_its_attempt(queue_backend: Backend, app: int) -> None:
+    """A batch of tasks that emit nothing (recorded set-based): an item of an older attempt of a
+    task the same slot claimed again, and an item of a task another slot holds, record nothing;
+    the others get their status, execution and requeue as one by one."""
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0", "t1", "t2", "t3"])
+    slot, other = _slot(b, app, "c"), _slot(b, app, "c", seq=1)
+    [old] = _claim(b, app, "c", slot)
+    _complete(b, app, old, slot, _result(status=1), requeue=True)
+    t1, t2 = _claim(b, app, "c", slot, limit=2)
+    [t3] = _claim(b, app, "c", other, seq=1)
+    again = next(t for t in (t1, t2) if t.id == old.id)
+    fresh = next(t for t in (t1, t2) if t.id != old.id)
+    assert again.attempts == 2
+    out = _batch(b, app, [Completion(old, _result(), "h1"),         # attempt 1: fenced off
+                          Completion(fresh, _result(status=3), "h1", requeue=True),
+                          Completion(t3, _result(), "h1"),          # the other slot's
+                          Completion(again, _result(status=5), "h2")], slot, module="c")
+    assert out == [None, 0, None, 0]
+    rows = {r["id"]: r for r in b.tasks(app, "c")}
+    assert (rows[old.id]["status"], rows[old.id]["attempts"]) == (5, 2)
+    assert (rows[fresh.id]["status"], rows[fresh.id]["slot_id"], rows[fresh.id]["attempts"]) == (-1, None, 1)
+    assert (rows[t3.id]["status"], rows[t3.id]["slot_id"]) == (-3, other)
+    assert [(e["attempt"], e["status"], e["host"]) for e in b.executions(old.id)] == [(1, 1, "h1"), (2, 5, "h2")]
+    assert [(e["attempt"], e["status"]) for e in b.executions(fresh.id)] == [(1, 3)]
+    assert b.executions(t3.id) == []
+
+
+def test_complete_many_records_a_task_given_twice_once(queue_backend: Backend, app: int) -> None:
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0"])
+    slot = _slot(b, app, "c")
+    [t0] = _claim(b, app, "c", slot)
+    assert _batch(b, app, [Completion(t0, _result(status=2), "h1"), Completion(t0, _result(), "h1")],
+                  slot, module="c") == [0, None]
+    assert _bodies(b, app, "c") == {"t0": 2}
+    assert [e["status"] for e in b.executions(t0.id)] == [2]
+
+
+def test_complete_many_finishes_the_app_with_the_first_text_of_a_held_item(
+    queue_backend: Backend, app: int,
+) -> None:
+    """The set-finished flag in a batch: an item whose lease is lost does not finish the app;
+    of the others, the first text is the result (as one by one)."""
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0", "t1", "t2"])
+    slot = _slot(b, app, "c")
+    t0, t1, t2 = _claim(b, app, "c", slot, limit=3)
+    b.queue.release_ids(slot, [t0.id])
+    out = _batch(b, app, [Completion(t0, _result(finish="lost"), "h1"),
+                          Completion(t1, _result(finish="first"), "h1"),
+                          Completion(t2, _result(finish="second"), "h1")], slot, module="c")
+    assert out == [None, 0, 0]
+    row = b.app(app)
+    assert (row["status"], row["result"]) == ("FINISHED", "first")
+    assert _bodies(b, app, "c") == {"t0": -1, "t1": 0, "t2": 0}
+
+
+def test_complete_many_mixes_silent_items_with_a_refused_and_a_lost_one(queue_backend: Backend, app: int) -> None:
+    """Silent items beside one whose message cannot be stored (a duplicate under FAIL: the batch
+    is refused and recorded one by one) and one whose lease was lost: only those two differ."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["t0", "t1", "t2", "t3"])
+    b.add_tasks(app, "c", ["dup"])
+    slot = _slot(b, app, "a")
+    t0, t1, t2, t3 = _claim(b, app, "a", slot, limit=4)
+    b.queue.release_ids(slot, [t3.id])
+    out = _batch(b, app, [Completion(t0, _result(), "h1"),
+                          Completion(t1, _result(messages=[Message("dup", {}, "c")]), "h1"),
+                          Completion(t2, _result(status=7), "h1"),
+                          Completion(t3, _result(), "h1")], slot)
+    assert out == [0, 0, 0, None]
+    assert _bodies(b, app, "a") == {"t0": 0, "t1": TaskStatus.EMIT_FAILED, "t2": 7, "t3": -1}
+    assert _bodies(b, app, "c") == {"dup": -1}
+    assert [e["status"] for e in b.executions(t2.id)] == [7]
+
+
+def test_complete_many_dedupes_overwrite_bodies_beside_silent_items(queue_backend: Backend, app: int) -> None:
+    """Duplicate OVERWRITE bodies in one item and across items, beside silent items: written once
+    each, with the last one's headers."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["t0", "t1", "t2"])
+    slot = _slot(b, app, "a")
+    t0, t1, t2 = _claim(b, app, "a", slot, limit=3)
+    out = _batch(b, app, [Completion(t0, _result(messages=[Message("same", {"v": 1}, "o"),
+                                                           Message("same", {"v": 2}, "o")]), "h1"),
+                          Completion(t1, _result(), "h1"),
+                          Completion(t2, _result(messages=[Message("same", {"v": 3}, "o")]), "h1")], slot)
+    assert out == [1, 0, 1]
+    assert [(r["body"], r["headers"]) for r in b.tasks(app, "o")] == [("same", {"v": 3})]
+    assert _bodies(b, app, "a") == {"t0": 0, "t1": 0, "t2": 0}
+
+
 def test_release_ids_gives_back_only_the_named_running_tasks(queue_backend: Backend, app: int) -> None:
     b = queue_backend
     b.add_tasks(app, "c", ["t0", "t1", "t2"])

@@ -16,6 +16,7 @@ from scalebox_hpc.models import (
     Completion,
     ConflictAction,
     LeaseLostError,
+    Message,
     ModuleRef,
     SlotWant,
     Task,
@@ -283,3 +284,129 @@ def test_calls_after_close_fail_as_an_outage() -> None:
     d.close()
     with pytest.raises(DatabaseError, match="closed"):
         port.app_cancelled(1)
+
+
+SINK = ModuleRef(2, "b", (), ConflictAction.IGNORE)
+SENDER = ModuleRef(1, "a", ("b",), ConflictAction.IGNORE)
+
+
+def test_a_hand_off_writing_to_a_module_claims_for_its_idle_slot_and_wakes_it() -> None:
+    """The node's own pipeline: the idle downstream slot's task is claimed in the batch of the
+    upstream hand-off, and the slot is woken; its next claim is a prefetch hit (no statement)."""
+    from scalebox_hpc.launcher.wakeups import Wakeups
+
+    q = Recorder(tasks=0)
+    wakeups = Wakeups()
+    d = dispatcher(q, wakeups=wakeups)
+    port = d.port()
+    down = port.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    assert port.claim(1, 2, host="h", slot_id=down, slot_seq=0) == []  # idle: nothing yet
+    seen = wakeups.generation(2)
+    q.free = [41]  # the hand-off's message
+    up = Task(9, 1, 1, "b", {}, -3)
+    sent = TaskResult(status=0, started_at=datetime.now(UTC), finished_at=datetime.now(UTC), messages=[Message("m")])
+    assert port.complete(up, sent, slot_id=99, host="h", sender=SENDER, modules={"a": SENDER, "b": SINK}) == 1
+    q.gate.set()
+    d.call("app_uid", 1)  # the batch of the hand-off is over
+    assert wakeups.generation(2) == seen + 1
+    wakeups.notify(2)  # the hand-off's NOTIFY comes back: its slots were woken already
+    assert wakeups.generation(2) == seen + 1
+    wakeups.notify(2)  # anyone else's
+    assert wakeups.generation(2) == seen + 2
+    assert d.stats.eager_claims == 1
+    assert q.calls[-2:] == [("complete", 9), ("claim", [(down, 1)])]
+    assert [t.id for t in port.claim(1, 2, host="h", slot_id=down, slot_seq=0)] == [41]
+    assert d.stats.prefetch_hits == 1
+    d.close()
+
+
+def test_no_eager_claim_for_a_busy_slot_nor_one_that_never_prefetches() -> None:
+    q = Recorder(tasks=0)
+    d = dispatcher(q)
+    busy, gated = d.port(), d.port(prefetch=False)
+    b_id = busy.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    g_id = gated.create_slot(2, host="h", seq=1, pid=1, work_dir="/")
+    q.free = [5]
+    assert [t.id for t in busy.claim(1, 2, host="h", slot_id=b_id, slot_seq=0)] == [5]  # has work
+    assert gated.claim(1, 2, host="h", slot_id=g_id, slot_seq=1) == []  # idle, but never prefetches
+    q.free = [6, 7]
+    sent = TaskResult(status=0, started_at=datetime.now(UTC), finished_at=datetime.now(UTC), messages=[Message("m")])
+    busy.complete(Task(9, 1, 1, "b", {}, -3), sent, slot_id=99, host="h", sender=SENDER,
+                  modules={"a": SENDER, "b": SINK})
+    q.gate.set()
+    d.call("app_uid", 1)
+    assert d.stats.eager_claims == 0 and q.free == [6, 7]
+    d.close()
+
+
+def test_top_ups_wait_after_a_short_claim_but_a_slots_own_claim_is_always_sent() -> None:
+    now = [100.0]
+    q = Recorder(tasks=3)
+    q.gate.set()
+    d = dispatcher(q, clock=lambda: now[0])
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    d._task_seconds[1] = 0.01  # short tasks: the slot prefetches
+    got = claim(port, slot)  # asks 1 + a top-up, finds 3 of them: short
+    assert [t.id for t in got] == [1]
+    n = len([c for c in q.calls if c[0] == "claim"])
+    assert [t.id for t in claim(port, slot)] == [2]  # a prefetch hit; its top-up is not sent
+    assert [t.id for t in claim(port, slot)] == [3]
+    assert claim(port, slot) == []  # the slot's own claim: sent
+    d.call("app_uid", 1)  # the top-ups queued before have been served (or skipped)
+    assert len([c for c in q.calls if c[0] == "claim"]) == n + 1
+    assert d.stats.claims_skipped == 2
+    now[0] += 1.0  # DRY_SECONDS later, top-ups are sent again
+    q.free = [8, 9]
+    d.refill(slot, 0, 1, 1, host="h", lease_seconds=30.0, semaphore=None)
+    d.call("app_uid", 1)
+    assert len([c for c in q.calls if c[0] == "claim"]) == n + 2
+    d.close()
+
+
+def test_a_local_wake_up_whose_echo_never_comes_does_not_swallow_a_later_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalebox_hpc.launcher import wakeups as w
+
+    now = [10.0]
+    monkeypatch.setattr(w.time, "monotonic", lambda: now[0])
+    wk = w.Wakeups()
+    wk.notify_local(3, 2)  # two transactions wrote to module 3
+    assert wk.generation(3) == 1
+    wk.notify(3)
+    assert wk.generation(3) == 1  # one echo swallowed, one still expected
+    now[0] += w.ECHO_SECONDS + 0.01  # it never came (no LISTEN, a reconnect)
+    wk.notify(3)
+    assert wk.generation(3) == 2
+
+
+def test_a_slots_own_claim_after_a_short_one_waits_for_a_wake_up_when_there_are_wake_ups() -> None:
+    from scalebox_hpc.launcher.wakeups import Wakeups
+
+    now = [100.0]
+    q = Recorder(tasks=1)
+    wakeups = Wakeups()
+    d = dispatcher(q, clock=lambda: now[0], wakeups=wakeups)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    other = d.port().create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    assert [t.id for t in claim(port, slot)] == [1]  # asked 1, got 1: not short
+    assert claim(port, slot) == []  # short: sent, found nothing
+    sent = len([c for c in q.calls if c[0] == "claim"])
+    assert claim(port, slot) == [] and claim(port, other) == []  # nothing woke the module: not sent
+    assert len([c for c in q.calls if c[0] == "claim"]) == sent and d.stats.claims_skipped == 2
+    q.free = [7]
+    wakeups.notify(1)  # new work (anyone's NOTIFY)
+    assert [t.id for t in claim(port, other)] == [7]
+    assert claim(port, slot) == []  # sent: the claim just before found all it asked
+    assert claim(port, slot) == []  # short again, nothing since: not sent
+    now[0] += 1.0
+    q.free = [8]  # came without a wake-up (a locality wait ran out): found at the next poll
+    assert [t.id for t in claim(port, slot)] == [8]
+    d.close()
+    with_sem = Dispatcher(lambda: q, wakeups=wakeups)  # type: ignore[arg-type, return-value]
+    sp = with_sem.port()
+    s2 = sp.create_slot(1, host="h", seq=2, pid=1, work_dir="/")
+    for _ in range(2):  # a semaphore's units come back without a NOTIFY: always asked
+        assert sp.claim(1, 1, host="h", slot_id=s2, slot_seq=2, semaphore="gpu") == []
+    assert with_sem.stats.claims_skipped == 0
+    with_sem.close()
