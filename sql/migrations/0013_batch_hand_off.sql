@@ -1,4 +1,4 @@
--- 0011: the hand-off of a batch set-based (issue 13): sbx_complete_tasks_v1 records the tasks of a
+-- 0013: the hand-off of a batch set-based (issue 13): sbx_complete_tasks_v1 records the tasks of a
 -- batch that emit nothing in three statements whatever the batch size, instead of one
 -- sbx_complete_task_v2 call (three statements) per task; the tasks that emit messages still go
 -- through sbx_complete_task_v2, in order. sbx_complete_task_v2 stays: launchers of the previous
