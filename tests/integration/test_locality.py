@@ -239,7 +239,9 @@ def test_claim_is_indexed_at_a_million_queued_tasks(pg_dsn: str, tmp_path: Path,
 def test_an_idle_host_skips_the_tasks_bound_to_others_by_index(pg_dsn: str, tmp_path: Path, queue: PgQueue) -> None:
     """HOST-BOUND at scale: 200k READY tasks bound to 7 live hosts, none to h7; h7's claim must
     not walk them (the free index holds unbound tasks only)."""
-    app_id = make_app(pg_dsn, tmp_path / "app")
+    # a wait far beyond the test's run time: on a loaded machine inserting and analysing 200k rows
+    # took over the default 30 s, and the sweep then rightly released a batch of them
+    app_id = make_app(pg_dsn, tmp_path / "app", wait=3600)
     mid = queue.modules(app_id)["use"].id
     with connect(pg_dsn) as conn:
         conn.execute("""
