@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
-from scalebox_hpc import mpi
+from scalebox_hpc import early_signals, mpi
 from scalebox_hpc.errors import DatabaseError, MpiError, ScaleboxError
 from scalebox_hpc.launcher.launcher import host_name
 from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
@@ -167,6 +167,8 @@ def _install_signals(stop: threading.Event, rank: int) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, handler)
+        for early in early_signals.take():  # a walltime warning that came while the rank started
+            handler(early, None)
 
 
 def _context(plan: Plan, config: StageConfig, rank: int, runtime: ContainerRuntime) -> SlotContext:

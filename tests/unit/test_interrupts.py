@@ -130,3 +130,17 @@ def test_a_walltime_warning_before_the_launcher_was_up_drains_it(tmp_path: Path)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+def test_an_mpi_stage_rank_drains_for_a_warning_that_came_while_it_started() -> None:
+    from scalebox_hpc.launcher import mpi_stage
+
+    early_signals.received[:] = [signal.SIGUSR1]
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        mpi_stage._install_signals(stop, rank=0)
+        assert stop.is_set() and early_signals.received == []
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
