@@ -112,8 +112,9 @@ def test_a_child_in_another_process_group_ends_too(slot: SessionSpec, cleanup: l
 def test_a_timed_out_run_ends_its_whole_session(slot: SessionSpec, cleanup: list[int]) -> None:
     session = LocalRuntime().open(slot)
     run = session.start(run_spec(slot, script(slot, "timeout 60 sleep 61 &\necho $! > bg.pid\nsleep 62\n")))
-    wait_until(lambda: (slot.work_dir / "bg.pid").exists())
-    bg = int((slot.work_dir / "bg.pid").read_text())
+    pid_file = slot.work_dir / "bg.pid"
+    # written, not just created: the shell opens the file before `echo` fills it
+    bg = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="bg.pid written"))
     cleanup.append(bg)
     assert run.wait(0.3) is None
     outcome = run.kill(grace=1.0)
