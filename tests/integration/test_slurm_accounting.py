@@ -131,7 +131,8 @@ def test_app_primes_across_two_clusters_with_one_database(qos_env: dict[str, str
     hosts = {t["module"]: set() for t in tasks(qos_env, app_id)}
     for t in tasks(qos_env, app_id):
         hosts[t["module"]].add(t["host"])
-    assert hosts["calc"] == {"mc3", "mc4"}, hosts  # c2's two nodes, one job of nodes: 2
+    # c2's nodes (which of its two nodes claims the few short tasks is the launchers' race)
+    assert hosts["calc"] and hosts["calc"] <= {"mc3", "mc4"}, hosts
     assert hosts["scatter"] <= {"mc1", "mc2"} and hosts["gather"] <= {"mc1", "mc2"}, hosts
     ended: list[dict[str, Any]] = wait_until("every stage job to end", all_ended(qos_env, app_id), 90, every=2)
     by_cluster = {(j["module"], j["cluster"]) for j in ended}
@@ -139,6 +140,7 @@ def test_app_primes_across_two_clusters_with_one_database(qos_env: dict[str, str
     assert {j["state"] for j in ended} == {"COMPLETED"}, ended
     calc = [j for j in ended if j["module"] == "calc"]
     assert all(int(j["slurm_job_id"]) > 100_000 for j in calc), calc  # c2's job ids
+    assert {n for j in calc for n in j["nodes"].split(",")} == {"mc3", "mc4"}, calc  # nodes: 2, both of c2
     # Slurm agrees: the calc job ran on c2
     out = subprocess.run(["sacct", "-M", "c2", "-X", "-n", "-P", "-j", calc[0]["slurm_job_id"], "-o", "state"],
                          capture_output=True, text=True, check=True, env=qos_env).stdout.split()

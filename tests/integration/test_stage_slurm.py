@@ -168,12 +168,14 @@ def test_app_primes_as_stage_jobs_across_nodes(env: dict[str, str], shared: Path
     assert status["app"]["result"] == "Result is 1229"
 
     calc_hosts = {t["host"] for t in tasks(env, app_id) if t["module"] == "calc"}
-    assert len(calc_hosts) == 2 and calc_hosts <= {f"node{i}" for i in range(1, 5)}, calc_hosts
+    # the job's nodes (both of them usually; with prefetching, the first launcher up may claim all
+    # ten short tasks, so one node is not a failure)
+    assert calc_hosts and calc_hosts <= {f"node{i}" for i in range(1, 5)}, calc_hosts
     ended = wait_until("every stage job to end", all_ended(env, app_id), 60, every=2)
     assert {j["state"] for j in ended} == {"COMPLETED"}, ended
     assert {j["module"] for j in ended} == {"scatter", "calc", "gather"}
     [calc_job] = [j for j in ended if j["module"] == "calc"]
-    assert len(calc_job["nodes"].split(",")) == 2
+    assert len(calc_job["nodes"].split(",")) == 2 and calc_hosts <= set(calc_job["nodes"].split(",")), calc_job
     log = job_log(shared, app_id, calc_job)
     assert "launchers exited with 0" in log, log
 
