@@ -324,21 +324,24 @@ class Autoscaler:
         Slurm, with one batched status query; returns those still live."""
         if not live:
             return live
+        by_cluster: dict[str, list[str]] = {}
+        for job in live:
+            by_cluster.setdefault(str(job.get("cluster") or ""), []).append(job["slurm_job_id"])
+        # a cluster whose budget is spent is not asked: its jobs keep their last known state
+        asked = {c for c in by_cluster if not (c and self._over_budget(c))}
         infos: dict[tuple[str, str], Any] = {}
-        for cluster in sorted({str(j.get("cluster") or "") for j in live}):
-            ids = [j["slurm_job_id"] for j in live if str(j.get("cluster") or "") == cluster]
-            if cluster and self._over_budget(cluster):
-                continue  # its jobs keep their last known state until the cluster's budget allows a query
+        for cluster in sorted(asked):
             try:
-                found = self.clients.get(cluster).status(ids)
+                found = self.clients.get(cluster).status(by_cluster[cluster])
             except (SlurmCommandError, ScaleboxError) as exc:
                 logger.warning("cannot query Slurm%s for stage jobs: %s", f" cluster {cluster}" if cluster else "", exc)
                 return live
             infos.update({(cluster, i): info for i, info in found.items()})
         for job in live:
-            info = infos.get((str(job.get("cluster") or ""), job["slurm_job_id"]))
-            if info is None and str(job.get("cluster") or "") and self._over_budget(str(job["cluster"])):
+            cluster = str(job.get("cluster") or "")
+            if cluster not in asked:
                 continue
+            info = infos.get((cluster, job["slurm_job_id"]))
             if info is None:
                 if self.now() - job["submitted_at"] > VANISHED_AFTER:
                     db_stages.update_job(self.conn, job["id"], state="UNKNOWN", ended=True,
@@ -414,15 +417,16 @@ class Autoscaler:
         # sees their new states too
         history = db_stages.jobs(self.conn, app_id, include_ended=True)
         rows = db_stages.modules(self.conn, app_id)
-        for row in rows:
-            self.clients.learn(ModuleSpec.model_validate(row["spec"]))
+        specs = {row["id"]: ModuleSpec.model_validate(row["spec"]) for row in rows}
+        for spec in specs.values():
+            self.clients.learn(spec)
         self.refresh([j for j in history if j["ended_at"] is None])
         command = self._command(app_id, stored)
         yielding = self._yield_nodes(rows, history, report)
         for row in rows:
             if only and row["name"] not in only:
                 continue
-            cluster = str((row["spec"].get("slurm") or {}).get("cluster") or "")
+            cluster = specs[row["id"]].slurm.cluster
             if cluster and not force and self._over_budget(cluster):
                 report.rate_limited.append(row["name"])
                 logger.warning("autoscale of %s skipped: %d Slurm calls in the last minute on cluster %r, the "
@@ -432,7 +436,8 @@ class Autoscaler:
             if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
                 report.rate_limited.append(row["name"])
                 continue
-            self._scale(app_id, row, history, force, report, command, yielding=row["name"] in yielding)
+            self._scale(app_id, row, specs[row["id"]], history, force, report, command,
+                        yielding=row["name"] in yielding)
 
     def _yield_nodes(
         self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,
@@ -473,10 +478,9 @@ class Autoscaler:
         return self.command
 
     def _scale(
-        self, app_id: int, row: dict[str, Any], history: list[dict[str, Any]], force: bool, report: ScaleReport,
-        command: LaunchCommand, *, yielding: bool = False,
+        self, app_id: int, row: dict[str, Any], spec: ModuleSpec, history: list[dict[str, Any]], force: bool,
+        report: ScaleReport, command: LaunchCommand, *, yielding: bool = False,
     ) -> None:
-        spec = ModuleSpec.model_validate(row["spec"])
         own = [j for j in history if j["module_id"] == row["id"]]  # newest first
         mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
         ended = [j["state"] for j in own if j["ended_at"] is not None]

@@ -321,11 +321,15 @@ class StageLifecycle:
         if time.monotonic() < self.next_scale:
             return False
         self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
-        if self._asked_to_drain():
+        asked, end = self._job_flags()
+        if asked:
             logger.warning("stage job %s asked to drain (`scalebox stage stop`)", self.job.job_id)
             return True
-        if self.end is None:
-            self._learn_end()
+        if self.end is None and end is not None:
+            # the end time as the app's autoscale pass stored it from its one squeue: every job's
+            # launchers asking scontrol themselves made Slurm RPCs grow with the jobs
+            self.end = end
+            logger.info("stage job %s ends %s", self.job.job_id, end)
         if self.first_node:
             self._autoscale()
         return False
@@ -365,27 +369,16 @@ class StageLifecycle:
             logger.warning("autoscale failed: %s", exc)
             return None
 
-    def _learn_end(self) -> None:
-        """The job's end time as the app's autoscale pass stored it from its one squeue: every
-        job's launchers asking scontrol themselves made Slurm RPCs grow with the jobs."""
+    def _job_flags(self) -> tuple[bool, datetime | None]:
+        """(asked to drain, end time) from the job's row, in one read. `scalebox stage stop` marks
+        the job in the database (a signal could reach a launcher still starting up, before its
+        handlers exist, and kill it)."""
         try:
             with self.session() as conn:
-                self.end = db_stages.job_end_time(conn, self.job.job_id, self.cluster)
+                return db_stages.job_flags(conn, self.job.job_id, self.cluster)
         except ScaleboxError as exc:
-            logger.warning("cannot read job %s's end time: %s", self.job.job_id, exc)
-            return
-        if self.end is not None:
-            logger.info("stage job %s ends %s", self.job.job_id, self.end)
-
-    def _asked_to_drain(self) -> bool:
-        """`scalebox stage stop` marks the job in the database (a signal could reach a launcher
-        still starting up, before its handlers exist, and kill it)."""
-        try:
-            with self.session() as conn:
-                return db_stages.is_draining(conn, self.job.job_id, self.cluster)
-        except ScaleboxError as exc:
-            logger.warning("cannot check whether job %s should drain: %s", self.job.job_id, exc)
-            return False
+            logger.warning("cannot read stage job %s's row (drain request, end time): %s", self.job.job_id, exc)
+            return False, None
 
 
 def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, str] | None = None) -> int:

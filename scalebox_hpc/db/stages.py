@@ -126,16 +126,16 @@ def save_launch_settings(conn: Connection, app_id: int, python: str, work_root: 
         conn.execute(query("variable_set"), {"app_id": app_id, "name": name, "value": value})
 
 
+def job_flags(conn: Connection, slurm_job_id: str, cluster: str = "") -> tuple[bool, datetime | None]:
+    """(asked to drain by `scalebox stage stop`, when its time limit expires as the app's last
+    autoscale pass saw it) of a stage job, in one read; (False, None) for an unknown job."""
+    row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return (False, None) if row is None else (bool(row["draining"]), row["end_time"])
+
+
 def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
     """Whether the job was asked to drain (`scalebox stage stop`); False for an unknown job."""
-    row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
-    return bool(row and row["draining"])
-
-
-def job_end_time(conn: Connection, slurm_job_id: str, cluster: str = "") -> datetime | None:
-    """When the job's time limit expires, as the app's last autoscale pass saw it (None: not yet)."""
-    row = conn.execute(query("stage_job_draining"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
-    return None if row is None else row["end_time"]
+    return job_flags(conn, slurm_job_id, cluster)[0]
 
 
 def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
