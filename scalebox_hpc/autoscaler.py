@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -371,6 +372,9 @@ class Autoscaler:
             if not db_stages.try_lock(self.conn, app_id):
                 report.locked = False
                 return report
+            if not db_stages.owned_by_caller(self.conn, app_id):
+                report.managed = False  # another user's app: their jobs, their account (audit F6)
+                return report
             stored = db_stages.launch_settings(self.conn, app_id)
             if not force and stored is None:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
@@ -473,6 +477,7 @@ class Autoscaler:
         """The launch command the app's first stage job used (kept so that every later job,
         whoever submits it, runs the same Python in the same work root)."""
         if stored is not None:
+            check_interpreter(stored[0])
             return LaunchCommand(python=stored[0], work_root=Path(stored[1]))
         db_stages.save_launch_settings(self.conn, app_id, self.command.python, str(self.command.work_root))
         return self.command
@@ -569,6 +574,32 @@ class Autoscaler:
         except SlurmCommandError as exc:
             logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc)
             return client.submit(script)
+
+
+def check_interpreter(path: str) -> None:
+    """Refuse to start stage jobs with a Python that someone else could have put there: the path
+    (and what a symlink points to) must be owned by this user or root and not writable by group
+    or others (audit F6: the interpreter is what every stage job of the app runs)."""
+    for where, info in _stats(path):
+        writable = info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode)  # a link's own mode means nothing
+        if info.st_uid not in (0, os.geteuid()) or writable:
+            raise ScaleboxError(
+                f"the app's stage Python {path} is not safe to run: {where} is owned by uid {info.st_uid} "
+                f"with mode {info.st_mode & 0o7777:o}",
+                hint="stage jobs run the interpreter the app was first submitted with; it must be yours (or "
+                     "root's) and writable by nobody else")
+
+
+def _stats(path: str) -> list[tuple[str, os.stat_result]]:
+    try:
+        found = [(path, os.lstat(path))]
+        if os.path.islink(path):
+            found.append((os.path.realpath(path), os.stat(path)))
+    except OSError as exc:
+        raise ScaleboxError(f"the app's stage Python {path} cannot be used: {exc.strerror}",
+                         hint="the interpreter the app was first submitted with must exist on the login node "
+                              "and the compute nodes") from None
+    return found
 
 
 def submit_environment(dsn: str, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -116,8 +116,6 @@ def run_launcher(
     tasks at once (see :class:`SignalPolicy`). ``on_tick`` is called periodically; returning True
     drains too. ``on_drain`` is called once when a drain begins (not when the slots end by
     themselves); ``may_idle_exit`` is asked before idle slots end (False keeps them up)."""
-    if "SCALEBOX_DSN" not in config.script_env:
-        config = dataclasses.replace(config, script_env={**config.script_env, "SCALEBOX_DSN": dsn})
     policy = signals or SignalPolicy()
     launcher, listener = build(dsn, config, may_idle_exit=may_idle_exit)
     listener.start()
@@ -453,7 +451,7 @@ def run_mpi_stage(config: StageConfig) -> int:
                 if not row or row["id"] is None:
                     raise NotFoundError("app", "(any)")
                 app_id = int(row["id"])
-        opened = mpi_stage.Opened(queue, app_id, {"SCALEBOX_DSN": dsn})
+        opened = mpi_stage.Opened(queue, app_id, {})  # no DSN for the scripts (audit F5)
         if config.stage_job:
             job = JobEnvironment.from_env()
 

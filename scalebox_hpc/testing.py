@@ -238,7 +238,7 @@ class _State:
 _PORT_METHODS = (
     "modules", "module_specs", "claim", "claim_for_slots", "app_cancelled", "complete", "recover_expired",
     "heartbeat", "heartbeat_slots", "app_uid", "index_scratch", "adopt_tasks", "release", "module_activity",
-    "register_host", "create_slot", "set_slot_status", "complete_many", "release_ids",
+    "register_host", "create_slot", "set_slot_status", "complete_many", "release_ids", "task_service",
 )
 """The port methods :meth:`InMemoryQueue.fail_next` can make fail (``close`` never fails)."""
 
@@ -862,6 +862,28 @@ class InMemoryQueue:
         """The app's uid; NotFoundError when there is no such app."""
         with self._call("app_uid"):
             return self._app(app_id).uid
+
+    def task_service(self, app_id: int, request: Any) -> Any:
+        """A running task's semaphore call or ``app.state`` (see :mod:`scalebox_hpc.taskapi`);
+        the in-memory queue keeps no variables and delivers nothing."""
+        with self._call("task_service"):
+            app = self._app(app_id)
+            op, name = request.op, request.name
+            if op == "app.state":
+                return {"status": app.status, "modules": {}}
+            if op in ("semaphore.create", "semaphore.add"):
+                if op == "semaphore.add" and name not in app.semaphores:
+                    raise NotFoundError("semaphore", name)
+                base = 0 if op == "semaphore.create" else app.semaphores[name]
+                app.semaphores[name] = base + int(request.value or 0)
+                return app.semaphores[name]
+            if op == "semaphore.get":
+                if name not in app.semaphores:
+                    raise NotFoundError("semaphore", name)
+                return app.semaphores[name]
+            if op == "semaphore.list":
+                return dict(app.semaphores)
+            raise NotImplementedError(f"the in-memory queue has no {op}")
 
     def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
         """(app status, active): active while the module, or any module upstream of it

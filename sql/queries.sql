@@ -17,7 +17,7 @@ RETURNING id;
 SELECT * FROM sbx_apps WHERE id = %(app_id)s;
 
 -- name: list_apps
-SELECT a.id, a.name, a.label, a.status, a.result, a.created_at, a.finished_at,
+SELECT a.id, a.name, a.label, a.status, a.result, a.created_at, a.finished_at, a.owner,
        (SELECT count(*) FROM sbx_tasks t WHERE t.app_id = a.id) AS tasks
 FROM sbx_apps a ORDER BY a.id;
 
@@ -782,8 +782,21 @@ ORDER BY m.seq;
 SELECT 1 AS one FROM sbx_apps WHERE id = %(app_id)s;
 
 -- name: newest_app
--- The default --app: the highest id (NULL on an empty database).
-SELECT max(id) AS id FROM sbx_apps;
+-- The default --app: the caller's newest app (NULL when they have none): never someone else's.
+SELECT max(id) AS id FROM sbx_apps WHERE owner = current_user;
+
+-- name: own_running_apps
+-- `scalebox autoscale` without --app: the caller's RUNNING apps only (audit F6).
+SELECT id FROM sbx_apps WHERE owner = current_user AND status = 'RUNNING' ORDER BY id;
+
+-- name: launch_settings
+SELECT stage_python, stage_work_root, owner, owner = current_user AS mine FROM sbx_apps WHERE id = %(app_id)s;
+
+-- name: save_launch_settings
+-- The first submission's settings; a later one never changes them (the same row lock as the
+-- autoscale pass: two first submissions at once keep one).
+UPDATE sbx_apps SET stage_python = %(python)s, stage_work_root = %(work_root)s
+WHERE id = %(app_id)s AND stage_python IS NULL;
 
 -- name: app_status
 SELECT status FROM sbx_apps WHERE id = %(app_id)s;

@@ -29,8 +29,14 @@ CREATE TABLE sbx_apps (
     autoscaled_at timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- the role that created the app: the CLI's defaults act on the caller's own apps only
+    owner text NOT NULL DEFAULT current_user,
+    -- what every stage job of the app runs: set by its first submission, no other writer (F6)
+    stage_python text,
+    stage_work_root text
 );
+CREATE INDEX sbx_apps_owner_idx ON sbx_apps (owner, id);
 
 CREATE TABLE sbx_modules (
     id bigserial PRIMARY KEY,

@@ -59,6 +59,12 @@ def _db(create_schema: bool = False) -> Iterator[Connection]:
     from scalebox_hpc.db import schema
     from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
 
+    if os.environ.get(EMIT_BUFFER_ENV):
+        from scalebox_hpc.taskapi import ServiceError
+
+        # a task has no database credentials (audit F5): without this, a call would start an
+        # embedded database of its own, or use a DSN the task found, and act outside its app
+        raise ServiceError("this command needs the database, and a running task has no access to it")
     dsn = configured_dsn()
     # the private embedded database gets its schema on first use: a new user's first
     # `scalebox app list` says "no apps yet", not "run db init"
@@ -123,7 +129,10 @@ def _check_dsn() -> None:
     from scalebox_hpc.errors import DatabaseError
 
     try:
-        conninfo_to_dict(dsn)
+        if conninfo_to_dict(dsn).get("password") and not os.environ.get("SCALEBOX_DSN_PASSWORD_OK"):
+            click.echo("warning: SCALEBOX_DSN holds a password; put it in ~/.pgpass (0600), PGPASSFILE or a "
+                       "service file instead: a DSN travels in stage jobs' environment (the password is not "
+                       "shown here; SCALEBOX_DSN_PASSWORD_OK=1 silences this)", err=True)
     except psycopg.ProgrammingError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
         for secret in re.findall(r"://[^@/]*:([^@/]+)@|password\s*=\s*(\S+)", dsn):

@@ -83,20 +83,20 @@ def submit_cmd(env_files: tuple[str, ...], work_root: str | None, as_json: bool,
 @APP_OPTION
 @WORK_ROOT_OPTION
 def autoscale_cmd(app: int | None, work_root: str | None) -> None:
-    """One scaling pass: the app's stage jobs follow its queues (every RUNNING app without --app).
+    """One scaling pass: the app's stage jobs follow its queues (without --app: each of your RUNNING apps).
     Cheap and idempotent, e.g. from scrontab every few minutes.
 
     \b
     Examples:
-      scalebox autoscale                          # every submitted RUNNING app
+      scalebox autoscale                          # every submitted RUNNING app of yours
       scalebox autoscale --app 3
       */5 * * * * scalebox autoscale              # scrontab
     """
-    from scalebox_hpc.db import apps
+    from scalebox_hpc.db.sql import query
 
     with _db() as conn:
-        ids = [_app_id(conn, app)] if app is not None else [
-            r["id"] for r in apps.list_apps(conn) if r["status"] == "RUNNING"]
+        ids = [_app_id(conn, app)] if app is not None else [  # only the caller's own apps (F6)
+            int(r["id"]) for r in conn.execute(query("own_running_apps"))]
     scale = _scaler(work_root)
     for app_id in ids:
         report = scale(app_id)

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any
 
 import click
 
-if TYPE_CHECKING:
-    pass
+from scalebox_hpc.cli.common import APP_OPTION, EMIT_BUFFER_ENV, INT32, JSON_OPTION, _app_id, _db, _dump, _one_line
 
-from scalebox_hpc.cli.common import APP_OPTION, INT32, JSON_OPTION, _app_id, _db, _dump, _one_line
+
+def _in_task(op: str, app: int | None, name: str = "", value: int | str | None = None) -> tuple[bool, Any]:
+    """Inside a running task (no database credentials there): (True, the value) from the
+    launcher's task services; else (False, None) and the caller uses the database."""
+    if not os.environ.get(EMIT_BUFFER_ENV):
+        return False, None
+    from scalebox_hpc import taskapi
+
+    path = os.environ.get(taskapi.SERVICES_ENV)
+    if not path:
+        raise taskapi.ServiceError("semaphores and variables are not available to this task (no launcher "
+                                   "task services: an MPI collective stage or a container)")
+    own = os.environ.get("APP_ID", "")
+    if app is not None and str(app) != own:
+        raise taskapi.ServiceError(f"a task may only use its own app's semaphores and variables (app {own})")
+    task_id = int(os.environ.get("TASK_ID") or 0)
+    request = taskapi.Request(op, task_id, name, value)  # type: ignore[arg-type]
+    return True, taskapi.call(path, request)
 
 
 def _print_mapping(values: dict[str, Any], as_json: bool) -> None:
@@ -41,6 +58,10 @@ def semaphore_create(app: int | None, name: str, value: int) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("semaphore.create", app, name, value)
+    if done:
+        click.echo(got)
+        return
     with _db() as conn:
         click.echo(apps.semaphore_create(conn, _app_id(conn, app), name, value))
 
@@ -57,6 +78,10 @@ def semaphore_get(app: int | None, name: str) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("semaphore.get", app, name)
+    if done:
+        click.echo(got)
+        return
     with _db() as conn:
         click.echo(apps.semaphore_get(conn, _app_id(conn, app), name))
 
@@ -75,6 +100,10 @@ def semaphore_increment(app: int | None, name: str, delta: int) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("semaphore.add", app, name, delta)
+    if done:
+        click.echo(got)
+        return
     with _db() as conn:
         click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, delta))
 
@@ -92,6 +121,10 @@ def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("semaphore.add", app, name, -delta)
+    if done:
+        click.echo(got)
+        return
     with _db() as conn:
         click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, -delta))
 
@@ -108,6 +141,10 @@ def semaphore_list(app: int | None, as_json: bool) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("semaphore.list", app)
+    if done:
+        _print_mapping(got, as_json)
+        return
     with _db() as conn:
         _print_mapping(apps.semaphore_list(conn, _app_id(conn, app)), as_json)
 
@@ -129,7 +166,11 @@ def variable_set(app: int | None, name: str, value: str) -> None:
       scalebox variable set threshold 0.5
     """
     from scalebox_hpc.db import apps
+    from scalebox_hpc.taskapi import check_variable_name
 
+    check_variable_name(name)  # `_stage.*` decide what stage jobs run: nobody sets them by hand (F6)
+    if _in_task("variable.set", app, name, value)[0]:
+        return
     with _db() as conn:
         apps.variable_set(conn, _app_id(conn, app), name, value)
 
@@ -146,6 +187,10 @@ def variable_get(app: int | None, name: str) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("variable.get", app, name)
+    if done:
+        click.echo(got)
+        return
     with _db() as conn:
         click.echo(apps.variable_get(conn, _app_id(conn, app), name))
 
@@ -162,5 +207,9 @@ def variable_list(app: int | None, as_json: bool) -> None:
     """
     from scalebox_hpc.db import apps
 
+    done, got = _in_task("variable.list", app)
+    if done:
+        _print_mapping(got, as_json)
+        return
     with _db() as conn:
         _print_mapping(apps.variable_list(conn, _app_id(conn, app)), as_json)

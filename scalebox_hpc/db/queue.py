@@ -378,6 +378,18 @@ class PgQueue:
             raise NotFoundError("app", app_id)
         return str(rows[0]["uid"])
 
+    def task_service(self, app_id: int, request: Any) -> Any:
+        """A running task's call (:class:`scalebox_hpc.taskapi.Request`) for ``app_id``, the
+        launcher's own app: see :func:`scalebox_hpc.db.services.serve`."""
+        from scalebox_hpc.db import services
+
+        with translate_errors(self.dsn):
+            try:
+                return services.serve(self.conn, app_id, request)
+            except psycopg.Error as exc:
+                self._drop_if_broken(exc)
+                raise
+
     def app_activity(self, app_id: int) -> tuple[str, bool]:
         """(status, active): the app's status, and whether any of its tasks is READY or RUNNING."""
         rows = self._run("app_activity", {"app_id": app_id})

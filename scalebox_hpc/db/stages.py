@@ -108,22 +108,26 @@ def recover_expired(conn: Connection) -> int:
     return recovered
 
 
-_LAUNCH_KEYS = ("_stage.python", "_stage.work_root")
-
-
 def launch_settings(conn: Connection, app_id: int) -> tuple[str, str] | None:
     """(python, work root) the app's first stage job was submitted with; None before that."""
-    values = [conn.execute(query("variable_get"), {"app_id": app_id, "name": k}).fetchone() for k in _LAUNCH_KEYS]
-    if any(v is None for v in values):
+    row = conn.execute(query("launch_settings"), {"app_id": app_id}).fetchone()
+    if row is None or row["stage_python"] is None or row["stage_work_root"] is None:
         return None
-    return str(values[0]["value"]), str(values[1]["value"])  # type: ignore[index]
+    return str(row["stage_python"]), str(row["stage_work_root"])
+
+
+def owned_by_caller(conn: Connection, app_id: int) -> bool:
+    """Whether the app was created by the role this connection is (its stage jobs run as its
+    owner: another user's `autoscale` or `status` must not submit them on their account)."""
+    row = conn.execute(query("launch_settings"), {"app_id": app_id}).fetchone()
+    return bool(row and row["mine"])
 
 
 def save_launch_settings(conn: Connection, app_id: int, python: str, work_root: str) -> None:
-    """Keep them as app variables: every later job of the app (submitted by a launcher, by
-    `scalebox status` elsewhere) uses the same interpreter and work root."""
-    for name, value in zip(_LAUNCH_KEYS, (python, work_root), strict=True):
-        conn.execute(query("variable_set"), {"app_id": app_id, "name": name, "value": value})
+    """Keep them with the app, once: every later job of the app (submitted by a launcher, by
+    `scalebox status` elsewhere) uses the same interpreter and work root; no task can change
+    them (they are not variables: audit F6)."""
+    conn.execute(query("save_launch_settings"), {"app_id": app_id, "python": python, "work_root": work_root})
 
 
 def job_flags(conn: Connection, slurm_job_id: str, cluster: str = "") -> tuple[bool, datetime | None]:

@@ -746,6 +746,9 @@ class SlotPort:
     def app_uid(self, app_id: int) -> str:
         return str(self._d.call("app_uid", app_id))
 
+    def task_service(self, app_id: int, request: Any) -> Any:
+        return self._d.call("task_service", app_id, request)
+
     def index_scratch(
         self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
     ) -> None:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scalebox_hpc import taskapi
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
-from scalebox_hpc.launcher import scratch
+from scalebox_hpc.launcher import scratch, taskenv
 from scalebox_hpc.launcher.dispatcher import Dispatcher
 from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
+from scalebox_hpc.launcher.services import TaskServices
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.launcher.workdirs import claim_app_dir
@@ -59,7 +63,8 @@ class LauncherConfig:
     slots: int | None = None
     local: bool = False
     script_env: Mapping[str, str] = field(default_factory=dict)
-    """Added to every script's environment (e.g. SCALEBOX_DSN for `scalebox semaphore` in run.sh)."""
+    """Added to every script's environment (after the allow-list of :mod:`taskenv`): never a
+    credential; run.sh reaches semaphores and variables through the task-services socket."""
     local_scratch: Path | None = None
     """This node's local scratch root: scanned into the scratch index at start, and the files
     tasks report there are indexed (location-aware dispatch). Containers see it at ``/local``
@@ -86,6 +91,7 @@ class Launcher:
         self._specs: dict[str, ModuleSpec] = {}
         self._stopped = threading.Event()
         self._sent_output: dict[int, object] = {}
+        self.services: TaskServices | None = None
         """The live output each slot's row holds (as last sent): a beat sends only what changed."""
 
     def plan(self) -> list[SlotContext]:
@@ -107,7 +113,9 @@ class Launcher:
             if name not in specs:
                 raise NotFoundError("module", name)
         root = claim_app_dir(cfg.work_root, cfg.app_id, uid)
-        env = {**os.environ, **cfg.script_env}
+        env = {**taskenv.script_base_env(os.environ), **cfg.script_env}
+        self.services = self._services(queue)
+        env[taskapi.SERVICES_ENV] = str(self.services.path)
         if cfg.local_scratch is not None:
             env["LOCAL_SCRATCH"] = str(cfg.local_scratch)
         contexts = []
@@ -126,9 +134,30 @@ class Launcher:
                 ))
         return contexts
 
+    def _services(self, queue: TaskQueue) -> TaskServices:
+        """The task-services socket (semaphores, variables... for run.sh: no DSN in a task), in
+        a fresh private directory: short (a socket path has 107 bytes at most), 0700, random."""
+        base = tempfile.gettempdir()
+        if len(base) > 60:  # a long TMPDIR (tests, some sites): the system's own
+            base = "/tmp"  # noqa: S108 (mkdtemp below: a fresh 0700 dir of a random name)
+        directory = Path(tempfile.mkdtemp(prefix="sbx-task-", dir=base))  # 0700, O_EXCL: never a planted one
+        app_id = self.config.app_id
+        return TaskServices(directory / "s", lambda req: queue.task_service(app_id, req), self._runs_task)
+
+    def _runs_task(self, task_id: int) -> bool:
+        """Whether one of this launcher's slots runs task ``task_id`` now."""
+        return any(slot.current is not None and slot.current.id == task_id for slot in self.slots)
+
     def start(self) -> int:
         """Start every planned slot; returns how many."""
-        for ctx in self.plan():
+        contexts = self.plan()
+        if self.services is not None:
+            if contexts:
+                self.services.start()
+            else:
+                self.services.path.parent.rmdir()
+                self.services = None
+        for ctx in contexts:
             slot = Slot(ctx, self.dispatcher.port(prefetch=may_prefetch(ctx.module, self._specs)))
             thread = threading.Thread(target=slot.run, name=f"slot-{ctx.module.name}-{ctx.seq}", daemon=True)
             self.slots.append(slot)
@@ -211,6 +240,10 @@ class Launcher:
         self._stopped.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(15.0)
+        if self.services is not None:
+            self.services.stop()
+            with contextlib.suppress(OSError):
+                self.services.path.parent.rmdir()
         if self.alive() == 0:
             self.dispatcher.close()
 

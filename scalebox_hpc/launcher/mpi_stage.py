@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from scalebox_hpc import early_signals, mpi
 from scalebox_hpc.errors import DatabaseError, MpiError, ScaleboxError
+from scalebox_hpc.launcher import taskenv
 from scalebox_hpc.launcher.launcher import host_name
 from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
 from scalebox_hpc.launcher.ports import BatchQueue, NoStageHooks, StageHooks, TaskQueue
@@ -177,7 +178,7 @@ def _context(plan: Plan, config: StageConfig, rank: int, runtime: ContainerRunti
     return SlotContext(
         app_id=plan.app_id, module=plan.spec, ref=plan.ref, modules=plan.modules, host=host, seq=rank,
         work_dir=work, runtime=runtime, wakeups=Wakeups(), control=SlotControl(),
-        base_env={**os.environ, **plan.script_env},
+        base_env={**taskenv.script_base_env(os.environ), **plan.script_env},
     )
 
 

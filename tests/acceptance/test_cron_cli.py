@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.errors import DatabaseError
-from scalebox_hpc.modules.cron.database import DatabaseSink, TaskIdentity
+from scalebox_hpc.launcher.services import TaskServices
+from scalebox_hpc.modules.cron.database import LauncherSink, TaskIdentity
 from scalebox_hpc.modules.cron.loop import AppState, Tick
 from scalebox_hpc.modules.cron.schedule import parse_cron_file
 from tests.acceptance.test_cli import SCALEBOX, sbx
@@ -163,12 +166,21 @@ def test_a_target_outside_sink_modules_is_refused(cli_env: dict[str, str], tmp_p
 
 
 def test_the_sink_writes_a_tick_once_and_reports_the_app_state(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The cron sink through a real task-services socket over the real database (the launcher's
+    side in-process: its queue, and which task it runs)."""
     app = make_app(tmp_path, "@every 1s,a\n")
     app_id = int(sbx(cli_env, "app", "create", str(app)).stdout.strip())
+    [cron] = tasks(cli_env, "cron")
     [entry] = parse_cron_file("@every 1s,a")
     tick = Tick(datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC), entry)
-    sink = DatabaseSink(cli_env["SCALEBOX_DSN"], app_id)
+    queue = PgQueue(cli_env["SCALEBOX_DSN"])
+    running = {cron["id"]}
+    sock_dir = Path(tempfile.mkdtemp(prefix="sbx-t-", dir="/tmp"))
+    server = TaskServices(sock_dir / "s", lambda req: queue.task_service(app_id, req), lambda t: t in running)
+    server.start()
+    sink = LauncherSink(str(sock_dir / "s"), TaskIdentity(cron["id"]))
     try:
+        assert set(sink.modules()) == {"cron", "a", "b"} and sink.modules()["cron"].sink_modules == ("a", "b")
         assert sink.deliver([tick]) == (AppState.RUNNING, 1)
         assert sink.deliver([tick]) == (AppState.RUNNING, 0)  # a restarted cron task: not sent twice
         [row] = tasks(cli_env, "a")
@@ -177,17 +189,13 @@ def test_the_sink_writes_a_tick_once_and_reports_the_app_state(cli_env: dict[str
         later = Tick(tick.time + timedelta(seconds=1), entry)
         assert sink.deliver([later]) == (AppState.PAUSED, 0)
         sbx(cli_env, "app", "resume", str(app_id))
-        # a task identity that is not RUNNING (the cron task READY, never claimed): an orphan, it stops
-        [cron] = tasks(cli_env, "cron")
-        orphan = DatabaseSink(cli_env["SCALEBOX_DSN"], app_id, TaskIdentity(cron["id"], "nowhere", 1))
-        try:
-            assert orphan.deliver([later]).state is AppState.ENDED
-        finally:
-            orphan.close()
-        # an outage of the sink's own connection (its backend terminated): DatabaseError, then a new one
+        # the launcher no longer runs this task (recovered elsewhere, cancelled): an orphan, it stops
+        running.clear()
+        assert sink.deliver([later]).state is AppState.ENDED
+        running.add(cron["id"])
+        # an outage of the launcher's connection (its backend terminated): DatabaseError, then a new one
         with psycopg.connect(cli_env["SCALEBOX_DSN"], autocommit=True) as admin:
-            assert sink._conn is not None
-            admin.execute("SELECT pg_terminate_backend(%s)", (sink._conn.info.backend_pid,))
+            admin.execute("SELECT pg_terminate_backend(%s)", (queue.conn.info.backend_pid,))
         with pytest.raises(DatabaseError):
             sink.deliver([later])
         assert sink.deliver([later]) == (AppState.RUNNING, 1)
@@ -195,4 +203,8 @@ def test_the_sink_writes_a_tick_once_and_reports_the_app_state(cli_env: dict[str
         assert sink.deliver([]).state is AppState.ENDED
         assert [t["body"] for t in tasks(cli_env, "a")] == ["2026-12-01T12:00:00", "2026-12-01T12:00:01"]
     finally:
-        sink.close()
+        server.stop()
+        queue.close()
+        sock_dir.rmdir()
+    # the launcher gone: the socket too; the cron process stops instead of waiting for ever
+    assert sink.deliver([later]).state is AppState.ENDED

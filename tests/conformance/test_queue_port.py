@@ -257,6 +257,21 @@ def test_a_claim_gated_by_a_missing_semaphore_takes_nothing(queue_backend: Backe
     assert b.semaphore_get(app, "one") == 0
 
 
+def test_a_tasks_semaphore_calls_act_on_its_app_atomically(queue_backend: Backend, app: int) -> None:
+    """What run.sh's `scalebox semaphore ...` asks the launcher (taskapi), on both backends."""
+    from scalebox_hpc.taskapi import Request
+
+    q = queue_backend.queue
+    assert q.task_service(app, Request("semaphore.create", 1, "n", 3)) == 3
+    assert q.task_service(app, Request("semaphore.add", 1, "n", -2)) == 1
+    assert q.task_service(app, Request("semaphore.get", 1, "n")) == 1
+    assert q.task_service(app, Request("semaphore.list", 1)) == {"n": 1}
+    assert q.task_service(app, Request("app.state", 1))["status"] == "RUNNING"
+    with pytest.raises(NotFoundError):
+        q.task_service(app, Request("semaphore.add", 1, "missing", 1))
+    assert queue_backend.semaphore_get(app, "n") == 1
+
+
 def test_back_pressure_holds_the_upstream_while_a_sink_is_full(queue_backend: Backend, tmp_path: Path) -> None:
     b = queue_backend
     app = b.create_app(_spec(tmp_path, """

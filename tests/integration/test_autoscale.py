@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,11 +15,14 @@ from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, LaunchCommand, ma
 from scalebox_hpc.db import apps, stages
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm import JobInfo, SlurmCommandError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
 from tests.helpers import write_app
+
+PYTHON = sys.executable  # a stage Python must pass check_interpreter: exist, be root's or ours
 
 pytestmark = pytest.mark.pg
 
@@ -95,7 +99,7 @@ def add(pg_dsn: str, app_id: int, n: int, start: int = 0) -> None:
 
 
 def scaler(pg_dsn: str, slurm: FakeSlurm, tmp_path: Path, conn: Any, interval: float = 0.0) -> Autoscaler:
-    return Autoscaler(conn, slurm, LaunchCommand(python="/venv/bin/python", work_root=tmp_path / "work"),  # type: ignore[arg-type]
+    return Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path / "work"),  # type: ignore[arg-type]
                       interval=interval)
 
 
@@ -204,7 +208,7 @@ def test_concurrent_scalers_never_overshoot(pg_dsn: str, app: int, tmp_path: Pat
                 scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app)
 
     with connect(pg_dsn) as conn:  # make it a Slurm app (as `scalebox submit` does), with no job yet
-        stages.save_launch_settings(conn, app, "/venv/bin/python", str(tmp_path))
+        stages.save_launch_settings(conn, app, PYTHON, str(tmp_path))
         conn.commit()
     threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:
@@ -336,7 +340,7 @@ def test_two_idle_jobs_asking_together_leave_one(pg_dsn: str, app: int, tmp_path
 def submitted_app(pg_dsn: str, app: int, tmp_path: Path) -> None:
     """Make it a Slurm app, as `scalebox submit` does (else a non-forced pass leaves it alone)."""
     with connect(pg_dsn) as conn:
-        stages.save_launch_settings(conn, app, "/venv/bin/python", str(tmp_path))
+        stages.save_launch_settings(conn, app, PYTHON, str(tmp_path))
         conn.commit()
 
 
@@ -370,7 +374,7 @@ def test_the_slurm_budget_skips_passes_but_not_the_users_commands(pg_dsn: str, a
         conn.commit()
     add(pg_dsn, app, 5)
     with connect(pg_dsn) as conn:
-        capped = Autoscaler(conn, slurm, LaunchCommand(python="/venv/bin/python", work_root=tmp_path),  # type: ignore[arg-type]
+        capped = Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path),  # type: ignore[arg-type]
                             interval=0, rpc_per_minute=5)
         skipped = capped.reconcile(app)
         assert skipped.budget_spent and skipped.submitted == {} and slurm.calls == []
@@ -464,7 +468,7 @@ def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tm
         apps.add_tasks(conn, app_id, "away", [Message(body=f"a{i}") for i in range(15)])
 
         def autoscale(force: bool = False) -> Any:
-            return Autoscaler(conn, default, LaunchCommand(python="/p", work_root=tmp_path / "w"),  # type: ignore[arg-type]
+            return Autoscaler(conn, default, LaunchCommand(python=PYTHON, work_root=tmp_path / "w"),  # type: ignore[arg-type]
                               interval=0.0, clusters=clients).reconcile(app_id, force=force)
 
         report = autoscale(force=True)
@@ -485,3 +489,31 @@ def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tm
         report = autoscale()
         assert "away" in report.rate_limited and "near" not in report.rate_limited
         assert fakes["c2"].calls == [] and fakes["c1"].calls == ["squeue"]
+
+
+def test_another_users_app_is_never_scaled_by_me(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """A scrontab `scalebox autoscale` (or a `status`) of user A must not submit user B's stage
+    jobs on A's account, running B's interpreter and scripts as A (audit F6)."""
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_apps SET owner = 'someone_else' WHERE id = %s", (app,))
+        conn.commit()
+        report = scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+    assert report.managed is False and report.submitted == {} and slurm.calls == []
+
+
+def test_a_stage_python_others_can_write_is_refused(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    add(pg_dsn, app, 5)
+    planted = tmp_path / "python"
+    planted.write_text("#!/bin/sh\n")
+    planted.chmod(0o777)
+    with connect(pg_dsn) as conn:
+        stages.save_launch_settings(conn, app, str(planted), str(tmp_path))
+        stages.save_launch_settings(conn, app, PYTHON, str(tmp_path))  # a later save changes nothing
+        conn.commit()
+        assert stages.launch_settings(conn, app) == (str(planted), str(tmp_path))
+        with pytest.raises(ScaleboxError, match=r"not safe to run.*mode 777"):
+            scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+    assert "sbatch" not in slurm.calls

@@ -411,7 +411,7 @@ def program(env: dict[str, str], argv: list[str] | None = None) -> subprocess.Co
     ({"CRON_TABLE": "# nothing\n"}, 14, "has no schedule line"),
     ({"CRON_FILE": "/nonexistent/cron.txt"}, 10, "cannot read CRON_FILE '/nonexistent/cron.txt'"),
     ({"CRON_TABLE": "@every 1m,a", "CRON_DURATION": "soon"}, 14, "CRON_DURATION: 'soon' is not a duration"),
-    ({"CRON_TABLE": "@every 1m,a"}, 14, "no SCALEBOX_DSN or APP_ID"),
+    ({"CRON_TABLE": "@every 1m,a"}, 14, "no SCALEBOX_SERVICES or TASK_ID"),
 ])
 def test_the_program_fails_in_one_line_with_a_hint(env: dict[str, str], code: int, says: str) -> None:
     proc = program(env)

@@ -21,10 +21,10 @@ import sys
 from datetime import timedelta
 from types import FrameType
 
-from scalebox_hpc.db.connection import configured_dsn
+from scalebox_hpc import taskapi
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.models import ModuleRef
-from scalebox_hpc.modules.cron.database import DatabaseSink, TaskIdentity
+from scalebox_hpc.modules.cron.database import LauncherSink, TaskIdentity
 from scalebox_hpc.modules.cron.loop import CronLoop, SystemClock, backoff
 from scalebox_hpc.modules.cron.schedule import CronFileError, Entry, parse_cron_file, parse_duration
 from scalebox_hpc.pipeline import did_you_mean
@@ -88,14 +88,7 @@ def _run_for(environ: dict[str, str]) -> timedelta | None:
     return timedelta(seconds=float(seconds))
 
 
-def _identity(environ: dict[str, str]) -> TaskIdentity | None:
-    try:
-        return TaskIdentity(int(environ["TASK_ID"]), environ["HOST"], int(environ["SLOT_SEQ"]))
-    except (KeyError, ValueError):
-        return None  # not run by a launcher (by hand): no orphan check
-
-
-def _modules(sink: DatabaseSink, clock: SystemClock) -> dict[str, ModuleRef]:
+def _modules(sink: LauncherSink, clock: SystemClock) -> dict[str, ModuleRef]:
     """The app's modules, waiting out an outage (logged once)."""
     failures = 0
     while True:
@@ -115,12 +108,12 @@ def main(environ: dict[str, str]) -> int:
     if not entries:
         raise ConfigError(f"{name} has no schedule line (only blank lines and # comments)")
     run_for = _run_for(environ)
-    dsn = configured_dsn(environ)
-    app_id = environ.get("APP_ID", "")
-    if dsn is None or not app_id.isdigit():
-        raise ConfigError("no SCALEBOX_DSN or APP_ID: the cron module runs as a task of a launcher")
+    path = environ.get(taskapi.SERVICES_ENV, "")
+    task_id = environ.get("TASK_ID", "")
+    if not path or not task_id.isdigit():
+        raise ConfigError(f"no {taskapi.SERVICES_ENV} or TASK_ID: the cron module runs as a task of a launcher")
     clock = SystemClock()
-    sink = DatabaseSink(dsn, int(app_id), _identity(environ))
+    sink = LauncherSink(path, TaskIdentity(int(task_id)))
     try:
         check_targets(entries, _modules(sink, clock), environ.get("MODULE_NAME", ""), os.path.basename(name))
         logger.info("%d schedule(s) from %s, times in UTC%s", len(entries), name,

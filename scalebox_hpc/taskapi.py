@@ -1,0 +1,233 @@
+"""What a running task may ask of the system, and how: the launcher's task-services socket.
+
+A task's scripts get no database credentials (audit F5). What they may still do beyond emitting
+messages (the emit buffer) goes through the launcher that runs them: semaphores, variables, an
+immediate delivery of messages (the cron module), the app's state. The launcher listens on a
+unix socket in its private directory (0700, the socket 0600, the peer's uid checked) whose path
+is ``$SCALEBOX_SERVICES``; a call is one JSON object on one line, the answer one JSON object on
+one line. Every call acts on the launcher's own app only, and only for a task that is running in
+one of its slots now (``TASK_ID``): a process left behind by an ended task is refused.
+
+This module is the protocol (requests and answers, parsed strictly: the socket is fed by user
+code) and the client (stdlib only: ``scalebox semaphore increment`` inside run.sh must start fast).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast
+
+from scalebox_hpc.errors import InvalidValueError, ScaleboxError
+
+SERVICES_ENV: Final = "SCALEBOX_SERVICES"
+"""The socket's path in a task's environment (absent: no launcher to ask)."""
+
+MAX_REQUEST_BYTES: Final = 1 << 20
+"""One call's line; a delivery's bodies are bounded by this (the emit buffer carries more)."""
+
+MAX_NAME_CHARS: Final = 200
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+Op = Literal[
+    "semaphore.create", "semaphore.get", "semaphore.add", "semaphore.list",
+    "variable.set", "variable.get", "variable.list", "tasks.deliver", "app.state",
+]
+OPS: Final[frozenset[str]] = frozenset(Op.__args__)  # type: ignore[attr-defined]
+
+RESERVED_PREFIX: Final = "_"
+"""Variable names the system keeps for itself (``_stage.*``): no task or user writes them."""
+
+
+class ServiceError(ScaleboxError):
+    """The launcher refused a task-services call (``kind`` says why, see :class:`Reply`), or
+    could not be reached (``kind`` ``unreachable``)."""
+
+    hint = "inside a task, only `task add`, `app set-finished`, semaphores and variables of the task's own app work"
+
+    def __init__(self, message: str, *, hint: str | None = None, kind: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call: ``op`` and its arguments (those it does not use are their defaults)."""
+
+    op: Op
+    task_id: int
+    name: str = ""
+    value: int | str | None = None
+    module: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    bodies: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        """The request's line (what :func:`parse_request` reads back)."""
+        doc: dict[str, Any] = {"op": self.op, "task_id": self.task_id}
+        if self.name:
+            doc["name"] = self.name
+        if self.value is not None:
+            doc["value"] = self.value
+        if self.module:
+            doc["module"] = self.module
+        if self.headers:
+            doc["headers"] = self.headers
+        if self.bodies:
+            doc["bodies"] = list(self.bodies)
+        return json.dumps(doc, ensure_ascii=False).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer: ``ok`` with a ``value`` (int, str, a mapping), else an ``error`` and a ``hint``."""
+
+    ok: bool
+    value: Any = None
+    error: str = ""
+    hint: str = ""
+    kind: str = ""
+    """What refused: ``outage`` (the database is away: try again), ``not-running`` (the task
+    does not run in this launcher), else the error's class name."""
+
+    def encode(self) -> bytes:
+        """The answer's line."""
+        doc: dict[str, Any] = {"ok": self.ok, "value": self.value} if self.ok else {
+            "ok": False, "error": self.error, "hint": self.hint, "kind": self.kind}
+        return json.dumps(doc, ensure_ascii=False, default=str).encode() + b"\n"
+
+
+def _text(doc: dict[str, Any], key: str, *, required: bool) -> str:
+    value = doc.get(key, "")
+    if not isinstance(value, str):
+        raise InvalidValueError(f"{key}: expected text, got {type(value).__name__}")
+    if required and not value:
+        raise InvalidValueError(f"{key}: missing")
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise InvalidValueError(f"{key}: longer than {MAX_NAME_CHARS} characters or with a NUL byte")
+    return value
+
+
+def _int32(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not INT32_MIN <= value <= INT32_MAX:
+        raise InvalidValueError(f"{key}: expected a 32-bit integer")
+    return value
+
+
+def check_variable_name(name: str) -> str:
+    """``name`` when a task or a user may write it; reserved names (``_stage.python``...) raise."""
+    if name.startswith(RESERVED_PREFIX):
+        raise InvalidValueError(
+            f"variable {name!r} is reserved (names starting with {RESERVED_PREFIX!r} belong to scalebox)",
+            hint="choose a name without the leading underscore")
+    return name
+
+
+def _value(op: str, doc: dict[str, Any]) -> int | str | None:
+    value = doc.get("value")
+    if op in ("semaphore.create", "semaphore.add"):
+        return _int32(value, "value")
+    if op == "variable.set":
+        if not isinstance(value, str) or "\x00" in value:
+            raise InvalidValueError("value: expected text without NUL bytes")
+        return value
+    if value is not None:
+        raise InvalidValueError(f"{op} takes no value")
+    return None
+
+
+def _delivery(doc: dict[str, Any]) -> tuple[dict[str, str], tuple[str, ...]]:
+    headers = doc.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in headers.items()):
+        raise InvalidValueError("headers: expected an object of texts")
+    bodies = doc.get("bodies", [])
+    if not isinstance(bodies, list) or not bodies or not all(isinstance(b, str) and b for b in bodies):
+        raise InvalidValueError("bodies: expected a non-empty list of non-empty texts")
+    return cast(dict[str, str], headers), tuple(bodies)
+
+
+def parse_request(line: bytes) -> Request:
+    """The request in ``line`` (one JSON object), checked field by field; anything else raises
+    :class:`~scalebox_hpc.errors.InvalidValueError` with a one-line reason."""
+    if len(line) > MAX_REQUEST_BYTES:
+        raise InvalidValueError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        doc = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidValueError(f"request is not one JSON object: {type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise InvalidValueError("request is not one JSON object")
+    op = doc.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise InvalidValueError(f"unknown op {str(op)[:40]!r}")
+    task_id = doc.get("task_id")
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id <= 0:
+        raise InvalidValueError("task_id: expected a positive integer")
+    name = _text(doc, "name", required=op not in ("semaphore.list", "variable.list", "tasks.deliver", "app.state"))
+    if op == "variable.set":
+        check_variable_name(name)
+    headers: dict[str, str] = {}
+    bodies: tuple[str, ...] = ()
+    module = ""
+    if op == "tasks.deliver":
+        module = _text(doc, "module", required=True)
+        headers, bodies = _delivery(doc)
+    return Request(cast(Op, op), task_id, name, _value(str(op), doc), module, headers, bodies)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_reply(line: bytes) -> Reply:
+    """The launcher's answer; a garbled one raises :class:`ServiceError`."""
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ServiceError("the launcher's task services gave an unreadable answer") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
+        raise ServiceError("the launcher's task services gave an unreadable answer")
+    if doc["ok"]:
+        return Reply(True, doc.get("value"))
+    return Reply(False, error=str(doc.get("error", "")), hint=str(doc.get("hint", "")), kind=str(doc.get("kind", "")))
+
+
+def call(path: str, request: Request, *, timeout: float = 60.0) -> Any:
+    """Send ``request`` to the launcher at ``path``; its value, or :class:`ServiceError`."""
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise InvalidValueError("timeout must be positive")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(request.encode())
+            sock.shutdown(socket.SHUT_WR)
+            data = read_line(sock)
+    except OSError as exc:
+        kind = "outage" if isinstance(exc, TimeoutError) else "unreachable"
+        raise ServiceError(f"cannot reach the launcher's task services at {path}: {exc.strerror or exc}",
+                           hint="the launcher that ran this task has ended; this call only works while the "
+                                "task runs", kind=kind) from None
+    reply = parse_reply(data)
+    if not reply.ok:
+        raise ServiceError(reply.error, hint=reply.hint or None, kind=reply.kind)
+    return reply.value
+
+
+def read_line(sock: socket.socket, limit: int = MAX_REQUEST_BYTES) -> bytes:
+    """The first line a peer sends (up to ``limit`` bytes), without its newline."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk or size > limit:
+            break
+    data = b"".join(chunks)
+    return data.split(b"\n", 1)[0]
