@@ -142,3 +142,21 @@ def test_variable_set_refuses_reserved_names_from_the_cli(pg_dsn: str, tmp_path:
     assert proc.returncode != 0 and "reserved" in proc.stderr, proc.stderr
     with connect(pg_dsn) as conn:
         assert apps.variable_list(conn, app_id) == {}
+
+
+def test_the_default_app_is_the_callers_newest_never_someone_elses(pg_dsn: str, tmp_path: Path) -> None:
+    mine = _create(pg_dsn, tmp_path / "mine", "name: mine\nmodules: {a: {}}\n", {"a/run.sh": "true\n"})
+    theirs = _create(pg_dsn, tmp_path / "theirs", "name: theirs\nmodules: {a: {}}\n", {"a/run.sh": "true\n"})
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_apps SET owner = 'someone_else' WHERE id = %s", (theirs,))
+        conn.commit()
+    env = {**os.environ, "SCALEBOX_DSN": pg_dsn}
+
+    def sbx(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "scalebox_hpc", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    shown = sbx("app", "cancel")  # the newest app is theirs; the default must be mine
+    assert shown.returncode == 0, shown.stderr
+    with connect(pg_dsn) as conn:
+        assert apps.get_app(conn, mine)["cancelled"] and not apps.get_app(conn, theirs)["cancelled"]
