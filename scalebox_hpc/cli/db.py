@@ -60,6 +60,28 @@ def db_upgrade() -> None:
     click.echo("applied: " + ", ".join(applied) if applied else "up to date")
 
 
+@db.command("grant")
+@click.argument("role")
+@click.option("--viewer", is_flag=True, help="Read every app (site monitoring) instead of acting on one's own.")
+def db_grant(role: str, viewer: bool) -> None:
+    """Let the database ROLE use scalebox: create, see and change its own apps only (row-level
+    security on the apps' owner), or with --viewer read every app. Run as the database admin.
+
+    \b
+    Examples:
+      scalebox db grant alice
+      scalebox db grant monitoring --viewer
+    """
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, translate_errors
+
+    dsn = _dsn_without_schema()
+    with connect(dsn) as conn, translate_errors(dsn):
+        schema.ensure(conn, create=False)
+        schema.grant(conn, role, viewer=viewer)
+    click.echo(f"{role}: {'reads every app (sbx_viewer)' if viewer else 'uses its own apps (sbx_user)'}")
+
+
 @db.command("status")
 @JSON_OPTION
 def db_status(as_json: bool) -> None:

@@ -49,7 +49,29 @@ def upgrade(conn: Connection) -> list[str]:
             conn.execute(text)
             conn.execute("INSERT INTO sbx_schema_version (version) VALUES (%s)", (version,))
             applied.append(name)
+        if applied:
+            grant_roles(conn)  # the objects the migrations made, to the roles (0016)
     return applied
+
+
+def grant_roles(conn: Connection) -> str:
+    """Make the group roles sbx_user / sbx_viewer (when this role may) and give them their
+    privileges on every scalebox object; returns what could not be done ('' when all was)."""
+    row = conn.execute("SELECT sbx_grant_roles_v1() AS missing").fetchone()
+    return str(row["missing"]) if row else ""
+
+
+def grant(conn: Connection, role: str, *, viewer: bool = False) -> None:
+    """Let the database role ``role`` use scalebox: its own apps (sbx_user), or every app read-only
+    (sbx_viewer). Needs the right to grant those roles (the admin that ran ``db init``)."""
+    from psycopg import sql as pgsql
+
+    with conn.transaction():
+        missing = grant_roles(conn)
+        if missing:
+            raise SchemaError(missing, hint="a role with CREATEROLE runs `scalebox db grant` once")
+        group = "sbx_viewer" if viewer else "sbx_user"
+        conn.execute(pgsql.SQL("GRANT {} TO {}").format(pgsql.Identifier(group), pgsql.Identifier(role)))
 
 
 def ensure(conn: Connection, *, create: bool) -> None:

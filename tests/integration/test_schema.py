@@ -25,6 +25,12 @@ SELECT 'trigger', tgrelid::regclass || '.' || tgname, pg_get_triggerdef(oid)
 FROM pg_trigger WHERE NOT tgisinternal
 UNION ALL
 SELECT 'function', proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'policy', tablename || '.' || policyname, concat_ws(' ', cmd, qual, with_check)
+FROM pg_policies WHERE schemaname = 'public'
+UNION ALL
+SELECT 'row security', relname, relrowsecurity::text FROM pg_class
+WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
 ORDER BY 1, 2
 """
 
