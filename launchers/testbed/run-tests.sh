@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a 4-node Slurm cluster, a second
+# THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a second PostgreSQL with TLS + scram
+# and two OS users (postgres-tls.sh), a 4-node Slurm cluster, a second
 # Slurm with slurmdbd accounting (two clusters, QOS limits), rsync, tmux,
 # Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
 # checks and then pytest.
@@ -13,7 +14,7 @@
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
 #   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
-#   plus the knobs of postgres.sh / pgbouncer.sh / slurm.sh / slurm-mc.sh / apptainer.sh / podman.sh / venv.sh
+#   plus the knobs of postgres.sh / postgres-tls.sh / pgbouncer.sh / slurm.sh / slurm-mc.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
 # a failure.
 set -euo pipefail
@@ -75,6 +76,10 @@ phase_end
 phase_start pgbouncer
 if PGB_OUT=$(bash "$HERE/pgbouncer.sh" start); then echo "$PGB_OUT"; phase_end; else PGB_OUT=""; phase_end "FAILED (tests/pgbouncer will say why)"; fi
 
+# the second PostgreSQL (TLS + scram, users sbx_alice/sbx_bob for root/sbxtest), for tests/security
+phase_start postgres-tls
+if TLS_OUT=$(bash "$HERE/postgres-tls.sh" start); then echo "$TLS_OUT"; phase_end; else TLS_OUT=""; phase_end "FAILED (tests/security will say why)"; fi
+
 phase_start slurm
 bash "$HERE/slurm.sh" start
 phase_end
@@ -109,6 +114,8 @@ if [ -n "$SCALEBOX_TEST_PGBOUNCER_DSN" ]; then
 else
   unset SCALEBOX_TEST_PGBOUNCER_DSN SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN
 fi
+SCALEBOX_TEST_PGTLS_DIR=$(sed -n 's/^export SCALEBOX_TEST_PGTLS_DIR=//p' <<<"$TLS_OUT")
+if [ -n "$SCALEBOX_TEST_PGTLS_DIR" ]; then export SCALEBOX_TEST_PGTLS_DIR; else unset SCALEBOX_TEST_PGTLS_DIR; fi
 SCALEBOX_TEST_SLURM_MC_CONF=$(sed -n 's/^export SCALEBOX_TEST_SLURM_MC_CONF=//p' <<<"$MC_OUT")
 if [ -n "$SCALEBOX_TEST_SLURM_MC_CONF" ]; then export SCALEBOX_TEST_SLURM_MC_CONF; else unset SCALEBOX_TEST_SLURM_MC_CONF; fi
 export SCALEBOX_TEST_SLURM_NODES
