@@ -81,17 +81,17 @@ def schema_check(version: int | None, expected: int) -> Check:
     return passed("db.schema", f"schema version {version} (current)")
 
 
-def clock_check(check_id: str, skew: float | None, where: str) -> Check:
+def clock_check(check_id: str, skew: float | None, where: str, target: str = "") -> Check:
     """The difference between the database's clock and ``where``'s."""
     if skew is None:
-        return skipped(check_id, "no clock reading (the database was not reached)")
+        return skipped(check_id, "no clock reading (the database was not reached)", target=target)
     text = f"{where}'s clock is {abs(skew):.3f} s {'behind' if skew > 0 else 'ahead of'} the database's"
     hint = ("run NTP (chrony) on both hosts: walltime draining and lease expiry compare the two clocks")
     if abs(skew) > CLOCK_FAIL_SECONDS:
-        return failed(check_id, text, hint)
+        return failed(check_id, text, hint, target=target)
     if abs(skew) > CLOCK_WARN_SECONDS:
-        return warned(check_id, text, hint)
-    return passed(check_id, text)
+        return warned(check_id, text, hint, target=target)
+    return passed(check_id, text, target=target)
 
 
 # -- Slurm -------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def partition_checks(wanted: Iterable[str], partitions: Mapping[str, str], targe
         where = f"{target}/{name}" if target else name
         state = partitions.get(name)
         if state is None:
-            out.append(failed("slurm.partition", f"partition {name!r} does not exist{did_you_mean(name, partitions)}",
+            out.append(failed("slurm.partition", f"partition {name!r} does not exist{did_you_mean(name, list(partitions))}",
                               "fix slurm.partition (or --partition); `sinfo -s` lists the partitions", target=where))
         elif state.lower() not in ("up", ""):
             out.append(warned("slurm.partition", f"partition {name!r} is {state}",
@@ -168,14 +168,14 @@ def account_checks(
             out.append(passed("slurm.account", f"account {name!r} is one of yours", target=where))
         else:
             out.append(failed("slurm.account", f"account {name!r} is not one of yours"
-                              f"{did_you_mean(name, assoc.accounts)} (yours: {', '.join(sorted(assoc.accounts))})",
+                              f"{did_you_mean(name, list(assoc.accounts))} (yours: {', '.join(sorted(assoc.accounts))})",
                               "fix slurm.account; `sacctmgr show assoc user=$USER format=account` lists yours",
                               target=where))
     allowed = frozenset().union(*assoc.accounts.values()) if assoc.accounts else frozenset()
     for name in wanted_qos:
         where = f"{target}/{name}" if target else name
         if assoc.qos and name not in assoc.qos:
-            out.append(failed("slurm.qos", f"QOS {name!r} does not exist{did_you_mean(name, assoc.qos)}",
+            out.append(failed("slurm.qos", f"QOS {name!r} does not exist{did_you_mean(name, sorted(assoc.qos))}",
                               "fix slurm.qos; `sacctmgr show qos format=name` lists them", target=where))
         elif allowed and name not in allowed:
             out.append(failed("slurm.qos", f"QOS {name!r} is not yours (allowed: {', '.join(sorted(allowed))})",
@@ -241,7 +241,7 @@ def probe_checks(report: ProbeReport, expect: Expectations, target: str = "") ->
     return [
         _python_check(report, expect, on, target),
         _db_check(report, on, target),
-        clock_check("probe.clock", report.db.skew_seconds, report.host or "the node"),
+        clock_check("probe.clock", report.db.skew_seconds, report.host or "the node", target),
         _engine_check(report, expect, on, target),
         path_check("probe.scratch", report.path("scratch"), expect.free_warn_bytes, on, target),
         path_check("probe.work_root", report.path("work_root"), expect.free_warn_bytes, on, target),
