@@ -31,7 +31,9 @@ FAKES = {
         for a in "$@"; do case "$a" in --jobs=*) ids="${a#--jobs=}";; esac; done
         for id in ${ids//,/ }; do
           f="$FAKE_DIR/state/$id"
-          [ -f "$f" ] && echo "$id|$id|$(cat "$f")|node1|$( [ "$(cat "$f")" = PENDING ] && echo Resources || echo None)|NONE|5:00|0|sbx-doctor|"
+          [ -f "$f" ] || continue
+          state=$(cat "$f"); reason=None; [ "$state" = PENDING ] && reason=Resources
+          echo "$id|$id|$state|node1|$reason|NONE|5:00|0|sbx-doctor|"
         done
         exit 0
     """,
@@ -71,7 +73,9 @@ FAKES = {
     """,
     "srun": r"""
         echo "srun $*" >> "$FAKE_LOG"
-        [ "${1:-}" = --mpi=list ] && { printf 'MPI plugin types are...\n\tnone\n\t%s\n' "${FAKE_MPI:-pmi2}" >&2; exit 0; }
+        if [ "${1:-}" = --mpi=list ]; then
+          printf 'MPI plugin types are...\n\tnone\n\t%s\n' "${FAKE_MPI:-pmi2}" >&2; exit 0
+        fi
         echo "srun: error: the fake srun runs nothing" >&2; exit 1
     """,
 }

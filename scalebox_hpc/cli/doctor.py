@@ -123,7 +123,11 @@ def _table(found: list[Check], source: str) -> None:
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
 
-@click.command("doctor-probe", hidden=True)
+@click.command("doctor-probe", hidden=True, epilog="""\b
+Examples:
+  scalebox doctor-probe --work-root /shared/sbx/work     # what a probe job runs, by hand on a node
+  scalebox doctor-probe --work-root W --engine apptainer --image docker://busybox
+""")
 @click.option("--work-root", required=True, type=click.Path(file_okay=False))
 @click.option("--scratch", default=None)
 @click.option("--engine", default=None)

@@ -127,7 +127,8 @@ def partition_checks(wanted: Iterable[str], partitions: Mapping[str, str], targe
         where = f"{target}/{name}" if target else name
         state = partitions.get(name)
         if state is None:
-            out.append(failed("slurm.partition", f"partition {name!r} does not exist{did_you_mean(name, list(partitions))}",
+            close = did_you_mean(name, list(partitions))
+            out.append(failed("slurm.partition", f"partition {name!r} does not exist{close}",
                               "fix slurm.partition (or --partition); `sinfo -s` lists the partitions", target=where))
         elif state.lower() not in ("up", ""):
             out.append(warned("slurm.partition", f"partition {name!r} is {state}",
@@ -167,8 +168,9 @@ def account_checks(
         if name in assoc.accounts:
             out.append(passed("slurm.account", f"account {name!r} is one of yours", target=where))
         else:
-            out.append(failed("slurm.account", f"account {name!r} is not one of yours"
-                              f"{did_you_mean(name, list(assoc.accounts))} (yours: {', '.join(sorted(assoc.accounts))})",
+            close = did_you_mean(name, list(assoc.accounts))
+            out.append(failed("slurm.account", f"account {name!r} is not one of yours{close} "
+                              f"(yours: {', '.join(sorted(assoc.accounts))})",
                               "fix slurm.account; `sacctmgr show assoc user=$USER format=account` lists yours",
                               target=where))
     allowed = frozenset().union(*assoc.accounts.values()) if assoc.accounts else frozenset()
