@@ -111,12 +111,13 @@ def _table(found: list[Check], source: str) -> None:
 
     style = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
     table = Table(title=f"scalebox doctor{': ' + source if source else ''}", title_justify="left")
-    for name in ("", "check", "target", "result", "hint"):
+    targets = any(c.target for c in found)  # a target column only when a check has one
+    for name in ("", "check", *(["target"] if targets else []), "result", "hint"):
         table.add_column(name, overflow="fold")
     for check in found:
         status = check.status.value
-        table.add_row(Text(_MARK[status], style=style[status]), Text(check.id), Text(_one_line(check.target)),
-                      Text(_one_line(check.summary)),
+        table.add_row(Text(_MARK[status], style=style[status]), Text(check.id),
+                      *([Text(_one_line(check.target))] if targets else []), Text(_one_line(check.summary)),
                       Text(_one_line(check.hint) if status in ("warn", "fail") else "", style="dim"))
     Console().print(table)
     counts = {s: sum(1 for c in found if c.status.value == s) for s in style}
