@@ -32,6 +32,12 @@ def _runner(env: Mapping[str, str] | None) -> CommandRunner:
     return SubprocessRunner(base_env=env)
 
 
+def _user_name() -> str:
+    import getpass
+
+    return getpass.getuser()  # USER/LOGNAME, else the password database
+
+
 def _start_embedded() -> str:
     from scalebox_hpc import embedded
 
@@ -48,7 +54,8 @@ class Settings:
     probe: bool = True
     probe_timeout: float = 300.0
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    user: str = field(default_factory=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "")
+    user: str = field(default_factory=_user_name)
+    """Whose Slurm associations are checked (sacctmgr ``user=``)."""
 
 
 @dataclass
