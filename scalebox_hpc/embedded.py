@@ -78,7 +78,8 @@ def ensure_running(home: Path | None = None) -> str:
     if dsn:
         return dsn
     home.mkdir(parents=True, exist_ok=True)
-    logger.info("starting the embedded PostgreSQL in %s", _pgdata(home))
+    logger.info("starting the embedded PostgreSQL in %s", _pgdata(home),
+                extra={"action": "embedded_start", "pgdata": str(_pgdata(home))})
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _START, str(_pgdata(home))],

@@ -1,20 +1,46 @@
-"""The one exception tree of scalebox_hpc.
+"""The one exception tree of scalebox_hpc: every error the library raises is a ScaleboxError.
 
 ::
 
-    ScaleboxError                 base; ``hint`` tells the user what to do next
-    ├── PipelineError             a pipeline file or env file is invalid (file, line, key)
-    ├── InvalidMessageError       a task body/headers cannot be stored or passed to run.sh
-    ├── NotFoundError             an app, module or task does not exist
-    ├── DatabaseError             PostgreSQL refused or is unreachable (DSN without password)
-    │   └── SchemaError           the schema is missing or from another version
-    ├── EmbeddedDatabaseError     the embedded PostgreSQL could not be started or stopped
-    ├── ScriptError               a module script is missing or not runnable
-    ├── CommandError              an external command failed (argv, returncode, stderr)
-    ├── ContainerError            a container engine or image is missing or unusable
-    └── SlotError                 a slot cannot run (setup.sh failed, ...)
+    class                       hint  defined in             raised when
+    ScaleboxError               -     errors                 base; ``hint`` says what to do next
+    ├── PipelineError           yes   errors                 a pipeline or env file is invalid (file, line, key)
+    │   └── CronFileError       yes   modules.cron.schedule  a line of the cron module's cron.txt is invalid
+    ├── InvalidMessageError     yes   errors                 a task body/headers cannot be stored or passed on
+    ├── NotFoundError           yes   errors                 an app, module or task does not exist (kind, ident)
+    ├── DatabaseError           yes   errors                 PostgreSQL refused or is unreachable (dsn)
+    │   └── SchemaError         yes   errors                 the schema is missing or from another version
+    ├── InvalidValueError       yes   errors                 PostgreSQL refused a value (out of range, malformed)
+    ├── EmbeddedDatabaseError   yes   errors                 the embedded PostgreSQL cannot be started/stopped
+    ├── ScriptError             yes   errors                 a module script is missing or not runnable
+    ├── CommandError            -     errors                 an external command failed (argv, returncode, stderr)
+    │   └── SlurmCommandError   yes   slurm.commands         a Slurm command failed, timed out or did not start
+    ├── SlotError               -     errors                 a slot cannot run (setup.sh failed, ...)
+    ├── MpiError                yes   errors                 an MPI stage cannot run (no mpi4py, bad launch, lost rank)
+    ├── ContainerError          yes   errors                 a container engine or image is missing or unusable
+    ├── LeaseLostError          -     models                 the slot lost the task (task_id): queue to slot only
+    ├── SlurmParseError         yes   slurm.parse            Slurm output the parsers do not understand (what, text)
+    ├── NotInSlurmJobError      yes   slurm.environment      not inside a Slurm job (SLURM_JOB_ID unset)
+    ├── SlurmEnvironmentError   -     slurm.environment      a SLURM_* variable cannot be parsed
+    ├── StageScriptError        yes   slurm.script           a stage job script cannot be rendered
+    ├── StageSubmitError        yes   cli.stage              some stage jobs could not be submitted
+    ├── ProtocolError           -     launcher.pyworker      a Python worker's reply breaks the pipe protocol
+    ├── ServiceError            yes   taskapi                the launcher refused a running task's call (kind)
+    ├── ProbeParseError         yes   doctor.report          a doctor probe job's output is not its report
+    └── ConfigError             yes   modules.cron.__main__  the cron module is misconfigured (code: its exit)
 
-Errors carry data as attributes; ``str(err)`` is one line for the CLI.
+"hint": the class has a default ``hint`` (any error may also be given one when raised). "defined
+in": the module under ``scalebox_hpc``; the classes outside this file live next to the only code
+that raises them. Errors carry their data as attributes (in parentheses above); ``str(err)`` is
+one line. Lower-layer errors (psycopg, subprocess, OSError) are translated where they happen, with
+``raise ... from exc``.
+
+Exit codes: the ``scalebox`` CLI prints every ScaleboxError as ``scalebox: error: MESSAGE (hint:
+HINT)`` (a traceback with ``--traceback`` / SCALEBOX_TRACEBACK=1) and exits 1, whatever the class;
+click's usage errors exit 2 and Ctrl-C 130. The cron standard module (``python -m
+scalebox_hpc.modules.cron``) exits with ``ConfigError.code`` (14 bad configuration,
+10 CRON_FILE unreadable), 14 for CronFileError and 1 for any other ScaleboxError.
+``tests/unit/test_error_tree.py`` fails when a subclass is missing here or drawn under the wrong parent.
 """
 
 from __future__ import annotations

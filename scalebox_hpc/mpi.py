@@ -232,5 +232,6 @@ def remove_stale_segments(shm_dir: Path = SHM_DIR, *, min_age: float = 10.0,
             continue
         removed.append(path)
     if removed:
-        logger.info("removed %d stale MPICH segment(s) from %s", len(removed), shm_dir)
+        logger.info("removed %d stale MPICH segment(s) from %s", len(removed), shm_dir,
+                    extra={"action": "mpich_shm_cleaned", "removed": len(removed), "dir": str(shm_dir)})
     return removed

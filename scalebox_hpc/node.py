@@ -49,12 +49,11 @@ logger = logging.getLogger(__name__)
 
 
 def configure_logging(verbose: int = 0) -> None:
-    """Entry points only: one stderr handler, INFO with -v, DEBUG with -vv."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
-    )
+    """Entry points only: one stderr handler, INFO with -v, DEBUG with -vv; text lines, or JSON
+    with ``--log-format json`` / SCALEBOX_LOG_FORMAT=json (:mod:`scalebox_hpc.logs`)."""
+    from scalebox_hpc import logs
+
+    logs.configure(verbose)
 
 
 def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> str:

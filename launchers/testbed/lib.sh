@@ -61,8 +61,10 @@ tb_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 # Emulated hosts (netns.sh): bridge sbxbr0 = the "head node" 10.77.0.1/24 in the root namespace,
 # host I = network namespace sbx-hI at 10.77.0.(10+I). Nothing outside 10.77.0.0/24 is targeted.
 TB_NETNS_BRIDGE=sbxbr0
+# shellcheck disable=SC2034  # used by netns.sh, which sources this file
 TB_NETNS_PREFIX=10.77.0
 TB_NETNS_HEAD=10.77.0.1
+# shellcheck disable=SC2034  # used by postgres.sh, which sources this file
 TB_NETNS_CIDR=10.77.0.0/24
 
 # true when the bridge carries the head address (the emulated hosts can reach this machine)

@@ -34,7 +34,7 @@ DSN="postgresql://postgres@127.0.0.1:$PORT/$DB"
 RESTART_WAIT=${SCALEBOX_TESTBED_PG_RESTART_WAIT:-60}
 HBA_MARK="# scalebox test-bed: emulated hosts (launchers/testbed/netns.sh)"
 
-pgbin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+pgbin() { local d; for d in /usr/lib/postgresql/*/bin; do [ -d "$d" ] && printf '%s\n' "$d"; done | sort -V | tail -1; }
 as_pg() { (cd / && runuser -u "$OSUSER" -- "$@"); }
 running() { [ -n "$PGBIN" ] && [ -f "$DIR/data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/data" status >/dev/null 2>&1; }
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }

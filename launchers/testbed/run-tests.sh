@@ -11,7 +11,7 @@
 # Debian 12, as root; needs no TTY and no stdin. Idempotent and incremental: a second run
 # skips what is already installed/running. The services are left running afterwards.
 # Env:
-#   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports (pytest only)
+#   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports/shellcheck (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
 #   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
 #   plus the knobs of postgres.sh / postgres-tls.sh / pgbouncer.sh / slurm.sh / slurm-mc.sh / apptainer.sh / podman.sh / venv.sh
@@ -140,6 +140,8 @@ if [ "${SCALEBOX_TESTBED_SKIP_LINT:-0}" != 1 ]; then
   if mypy; then phase_end; else phase_end FAILED; LINT_FAILED+=(mypy); fi
   phase_start lint-imports
   if lint-imports; then phase_end; else phase_end FAILED; LINT_FAILED+=(lint-imports); fi
+  phase_start shellcheck  # every tracked shell script (tests/unit/test_shell_lint.py checks the list)
+  if bash "$HERE/shellcheck.sh" --install; then phase_end; else phase_end FAILED; LINT_FAILED+=(shellcheck); fi
 fi
 
 phase_start pytest

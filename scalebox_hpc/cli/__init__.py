@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from scalebox_hpc import logs
 from scalebox_hpc.cli.common import EMIT_BUFFER_ENV, _check_dsn
 from scalebox_hpc.errors import ScaleboxError
 
@@ -18,9 +19,11 @@ from scalebox_hpc.errors import ScaleboxError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--traceback", is_flag=True, envvar="SCALEBOX_TRACEBACK", help="Show tracebacks on errors.")
+@click.option("--log-format", type=click.Choice(logs.FORMATS, case_sensitive=False), envvar=logs.LOG_FORMAT_ENV,
+              default=None, help="Log lines as text (default) or one JSON object per line (SCALEBOX_LOG_FORMAT).")
 @click.version_option(package_name="scalebox_hpc")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
+def cli(ctx: click.Context, verbose: int, traceback: bool, log_format: str | None) -> None:
     """scalebox: streaming batch pipelines on PostgreSQL, with per-node launchers.
 
     The database is SCALEBOX_DSN (or the PG* variables); without either, a private embedded
@@ -31,10 +34,9 @@ def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
     ctx.obj["verbose"] = verbose
     if not os.environ.get(EMIT_BUFFER_ENV) and ctx.invoked_subcommand is not None:
         _check_dsn()  # not inside run.sh: `task add` there only buffers, and must start fast
+    logs.use_format(log_format)  # also for the commands that configure logging themselves (launcher)
     if verbose:
-        from scalebox_hpc.node import configure_logging
-
-        configure_logging(verbose)
+        logs.configure(verbose)
 
 
 

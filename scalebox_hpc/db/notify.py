@@ -55,7 +55,8 @@ class Listener:
     def start(self) -> Listener:
         """Start listening in the background."""
         if self.dsn is None:
-            logger.info("no LISTEN (%s=off, or behind a transaction pooler): slots poll only", LISTEN_DSN_ENV)
+            logger.info("no LISTEN (%s=off, or behind a transaction pooler): slots poll only", LISTEN_DSN_ENV,
+                        extra={"action": "listen_off"})
             self.ready.set()
             return self
         self._thread.start()
@@ -73,7 +74,7 @@ class Listener:
                 if not self._listen():
                     return
             except (DatabaseError, psycopg.Error) as exc:
-                logger.debug("listener reconnecting: %s", exc)
+                logger.debug("listener reconnecting: %s", exc, extra={"action": "listen_reconnect", "error": str(exc)})
                 self._stop.wait(self.reconnect_seconds)
 
     def _listen(self) -> bool:
@@ -83,7 +84,8 @@ class Listener:
         with connect(self.dsn, autocommit=True) as conn:
             if known_pooler(self.dsn):  # a LISTEN through it would never hear anything
                 logger.info("no LISTEN: %s leads to a pooler (set %s to a direct DSN for hints); slots poll only",
-                            redact(self.dsn), LISTEN_DSN_ENV)
+                            redact(self.dsn), LISTEN_DSN_ENV,
+                            extra={"action": "listen_pooler", "dsn": redact(self.dsn)})
                 self.ready.set()
                 return False
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))

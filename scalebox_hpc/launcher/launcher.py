@@ -108,7 +108,9 @@ class Launcher:
             queue.index_scratch(cfg.host, files, [], replace=True)
             adopted = queue.adopt_tasks(cfg.app_id, cfg.host) if files else 0
             logger.info("scratch %s: %d files indexed, %d queued task(s) now prefer a holder",
-                        cfg.local_scratch, len(files), adopted)
+                        cfg.local_scratch, len(files), adopted,
+                        extra={"action": "scratch_indexed", "app_id": cfg.app_id, "host": cfg.host,
+                               "files": len(files), "adopted": adopted})
         for name in cfg.modules:
             if name not in specs:
                 raise NotFoundError("module", name)
@@ -168,7 +170,9 @@ class Launcher:
             self._heartbeat.start()
         else:
             self.dispatcher.close()
-        logger.info("launcher on %s: %d slots", self.config.host, len(self.slots))
+        logger.info("launcher on %s: %d slots", self.config.host, len(self.slots),
+                    extra={"action": "launcher_started", "app_id": self.config.app_id, "host": self.config.host,
+                           "slots": len(self.slots)})
         return len(self.slots)
 
     def alive(self) -> int:
@@ -216,7 +220,9 @@ class Launcher:
         self.wakeups.notify_all()
         if not self._wait_unless_aborted(grace):
             if not self.control.abort.is_set():
-                logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace)
+                logger.warning("drain grace of %ss over: killing running tasks and releasing them", grace,
+                               extra={"action": "drain_grace_over", "app_id": self.config.app_id,
+                                      "host": self.config.host, "grace_seconds": grace})
             self.control.abort.set()
             self.wakeups.notify_all()
             self.wait(ABORT_WAIT_SECONDS)
@@ -275,16 +281,19 @@ class Launcher:
                 except Exception as exc:
                     failed = True
                     log = logger.warning if isinstance(exc, ScaleboxError) else logger.exception
-                    log("heartbeat failed, will retry: %s", exc)
+                    log("heartbeat failed, will retry: %s", exc, extra={
+                        "action": "heartbeat_failed", "host": self.config.host, "error": str(exc)})
                     continue
                 for task_id, status in recovered:
-                    logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status)
+                    logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status,
+                                   extra={"action": "lease_expired", "task_id": task_id, "status": status})
         finally:
             queue.close()
 
     def _cancel(self) -> None:
         if not self.control.abort.is_set():
-            logger.warning("app %s cancelled: killing and releasing running tasks", self.config.app_id)
+            logger.warning("app %s cancelled: killing and releasing running tasks", self.config.app_id,
+                           extra={"action": "app_cancelled", "app_id": self.config.app_id, "host": self.config.host})
         self.control.draining.set()
         self.control.abort.set()
         self.wakeups.notify_all()
@@ -310,7 +319,8 @@ class Launcher:
         self._sent_output.update(sending)  # only once stored: a failed beat sends it again
         for task_id in released:
             logger.warning("task %s: held by a slot of %s that does not run it (a lost claim reply): released",
-                           task_id, self.config.host)
+                           task_id, self.config.host,
+                           extra={"action": "stray_released", "task_id": task_id, "host": self.config.host})
 
 
 def may_prefetch(module: ModuleSpec, specs: Mapping[str, ModuleSpec]) -> bool:

@@ -162,7 +162,8 @@ def _announce(comm: Any, message: Any) -> None:
 def _install_signals(stop: threading.Event, rank: int) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
         if rank == 0:
-            logger.warning("signal %s: draining the MPI stage", signal.Signals(signum).name)
+            logger.warning("signal %s: draining the MPI stage", signal.Signals(signum).name,
+                           extra={"action": "mpi_stage_signal", "signal": signal.Signals(signum).name})
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
@@ -228,7 +229,8 @@ class _Master:
                     status, message = "ERROR", self.lost_message
         except Exception as exc:  # the other ranks wait for word from rank 0: never leave them hanging
             status, message, code = "ERROR", f"{type(exc).__name__}: {exc}", 1
-            logger.exception("MPI stage %s failed on rank 0", plan.spec.name)
+            logger.exception("MPI stage %s failed on rank 0", plan.spec.name, extra={
+                "action": "mpi_stage_failed", "app_id": plan.app_id, "module_name": plan.spec.name, "host": self.host})
         finally:
             self.ended.set()
             beat.join(5.0)
@@ -237,7 +239,8 @@ class _Master:
             self._leaving()
             self.q.close()
         if code != 0:  # MPI_Finalize would wait for a lost rank (or a waiting one) forever
-            logger.error("MPI stage %s: %s; aborting the MPI job", plan.spec.name, message)
+            logger.error("MPI stage %s: %s; aborting the MPI job", plan.spec.name, message, extra={
+                "action": "mpi_stage_abort", "app_id": plan.app_id, "module_name": plan.spec.name, "error": message})
             self.comm.Abort(code)
         return code
 
@@ -285,7 +288,8 @@ class _Master:
                 logger.warning("MPI stage heartbeat failed, will retry: %s", exc)
                 continue
             for task_id, st in recovered:
-                logger.warning("task %s: lease expired, now %s", task_id, "READY" if st == -1 else st)
+                logger.warning("task %s: lease expired, now %s", task_id, "READY" if st == -1 else st,
+                               extra={"action": "lease_expired", "task_id": task_id, "status": st})
 
     def _claim(self, limit: int) -> list[Task]:
         try:
@@ -353,7 +357,8 @@ class _Master:
                 delay = min(30.0, delay * 2)
         for item, w in zip(items, written, strict=True):
             if w is None:
-                logger.warning("task %s: lease lost, result discarded (the task was recovered)", item.task.id)
+                logger.warning("task %s: lease lost, result discarded (the task was recovered)", item.task.id,
+                               extra={"action": "lease_lost", "task_id": item.task.id, "host": self.host})
             else:
                 self.tasks_done += 1
 
@@ -537,7 +542,8 @@ class _Master:
 
     def _collective_timeout(self, task_id: int, limit: float) -> None:
         logger.error("task %s: over task_max_seconds (%ss) in a collective stage; aborting the MPI job "
-                     "(the task comes back by lease expiry)", task_id, limit)
+                     "(the task comes back by lease expiry)", task_id, limit,
+                     extra={"action": "collective_timeout", "task_id": task_id, "task_max_seconds": limit})
         self.comm.Abort(TaskStatus.TIMEOUT)
 
 

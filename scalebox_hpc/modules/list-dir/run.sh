@@ -67,14 +67,14 @@ cap=${MAX_MESSAGES:-100000}
 
 # hex <-> bytes: the name-range bounds travel hex-encoded in the headers (any byte but NUL is safe)
 unhex() {  # unhex HEX -> $REPLY
-    local h=$1 esc= i
+    local h=$1 esc='' i
     for ((i = 0; i < ${#h}; i += 2)); do esc+="\\x${h:i:2}"; done
     printf -v REPLY '%b' "$esc"
 }
 hexof() { printf '%s' "$1" | LC_ALL=C od -An -v -tx1 | tr -d ' \n'; }
 
 # a part task (see MAX_MESSAGES) lists only the direct entries of BODY with lo <= name < hi (byte order)
-part=0 lo= hi=
+part=0 lo='' hi=''
 if [[ $headers =~ \"list_dir_from\":\ *\"([0-9a-f]*)\" ]]; then
     part=1
     (( ${#BASH_REMATCH[1]} % 2 == 0 )) || die 14 "bad list_dir_from header"

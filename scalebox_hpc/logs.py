@@ -1,0 +1,92 @@
+"""How the entry points print log records: the usual text line, or one JSON object per line.
+
+The library only logs (``getLogger(__name__)``, facts in the message, and the same facts as
+``extra={...}`` where a program reading the log wants them as fields); the composition roots
+(the ``scalebox`` group, the launcher) call :func:`configure`. ``--log-format json`` or
+``SCALEBOX_LOG_FORMAT=json`` prints each record as ``{"ts", "level", "logger", "msg", ...}`` with
+the record's extra fields, for sites that ship logs. Imports nothing of scalebox_hpc but its errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from scalebox_hpc.errors import InvalidValueError
+
+LOG_FORMAT_ENV = "SCALEBOX_LOG_FORMAT"
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+
+# what every LogRecord has; anything else on a record came from ``extra=``
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_chosen: str | None = None
+
+
+def record_extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a log call passed with ``extra={...}``."""
+    return {key: value for key, value in vars(record).items() if key not in _RECORD_ATTRS}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``,
+    ``thread``, the extra fields, and ``exc`` (the traceback) when there is one. Values JSON
+    cannot hold are printed with ``str``; an extra never replaces one of the fixed keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        fixed: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "thread": record.threadName,
+        }
+        line = {**fixed, **{key: value for key, value in record_extras(record).items() if key not in fixed}}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def use_format(name: str | None) -> None:
+    """The format later :func:`configure` calls use when not given one (the ``scalebox`` group
+    sets it from ``--log-format``: commands configure logging after the group ran)."""
+    global _chosen
+    _chosen = None if name is None else _checked(name)
+
+
+def chosen_format(environ: dict[str, str] | None = None) -> str:
+    """:func:`use_format`'s choice, else ``SCALEBOX_LOG_FORMAT``, else ``text``."""
+    if _chosen is not None:
+        return _chosen
+    value = (os.environ if environ is None else environ).get(LOG_FORMAT_ENV, "").strip().lower()
+    return _checked(value) if value else "text"
+
+
+def formatter(name: str) -> logging.Formatter:
+    """The formatter called ``name`` (``text`` or ``json``)."""
+    return JsonFormatter() if _checked(name) == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure(verbose: int = 0, fmt: str | None = None) -> None:
+    """Entry points only: one stderr handler, INFO with -v, DEBUG with -vv, in ``fmt`` (default
+    :func:`chosen_format`). A no-op when logging is configured already (``logging.basicConfig``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt or chosen_format()))
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), handlers=[handler])
+
+
+def _checked(name: str) -> str:
+    value = name.strip().lower()
+    if value not in FORMATS:
+        raise InvalidValueError(f"log format {name!r} is not one of {', '.join(FORMATS)}",
+                                hint=f"use --log-format text|json or {LOG_FORMAT_ENV}=text|json")
+    return value
