@@ -93,9 +93,11 @@ def test_unreachable_database_is_one_line_without_password(cli_env: dict[str, st
     env = dict(cli_env, SCALEBOX_DSN="postgresql://alice:topsecret@127.0.0.1:9/scalebox")
     proc = sbx(env, "app", "list", check=False)
     assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    warning, *lines = proc.stderr.strip().splitlines()
+    assert warning.startswith("warning: SCALEBOX_DSN holds a password") and len(lines) == 1, proc.stderr
     assert "127.0.0.1:9/scalebox" in lines[0] and "topsecret" not in proc.stderr and "hint:" in lines[0]
+    quiet = sbx(dict(env, SCALEBOX_DSN_PASSWORD_OK="1"), "app", "list", check=False)
+    assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
 
 
 def test_bad_task_bodies(cli_env: dict[str, str], tmp_path: Path) -> None:
