@@ -42,6 +42,7 @@ def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
 # does not import this module, so there is no import cycle and no registration by side effect
 from scalebox_hpc.cli import apps as _apps  # noqa: E402
 from scalebox_hpc.cli import db as _db_cmds  # noqa: E402
+from scalebox_hpc.cli import report as _report  # noqa: E402
 from scalebox_hpc.cli import run as _run  # noqa: E402
 from scalebox_hpc.cli import slots as _slots  # noqa: E402
 from scalebox_hpc.cli import stage as _stage  # noqa: E402
@@ -50,7 +51,7 @@ from scalebox_hpc.cli import status as _status  # noqa: E402
 from scalebox_hpc.cli import tasks as _tasks  # noqa: E402
 
 for _command in (_db_cmds.db, _apps.app, _state.semaphore, _state.variable, _tasks.task, _run.launcher_cmd,
-                 _run.run_cmd, _status.status_cmd, _slots.slot, *_stage.COMMANDS):
+                 _run.run_cmd, _status.status_cmd, _slots.slot, *_stage.COMMANDS, *_report.COMMANDS):
     cli.add_command(_command)
 
 # the names tests and callers import from here
