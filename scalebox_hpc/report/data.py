@@ -112,7 +112,14 @@ class Timeline:
 
     @property
     def sampled(self) -> bool:
-        return self.stride > 1
+        return self.stride > 1 or self.running_shown < self.running
+
+    running: int = 0
+    """tasks running now (drawn to the right edge, up to a fifth of the bars)"""
+
+    @property
+    def running_shown(self) -> int:
+        return sum(1 for b in self.bars if b.status == -3)
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,49 @@ def series(rows: list[dict[str, Any]], modules: tuple[str, ...], key: str, count
     return {m: tuple(v) for m, v in out.items()}
 
 
+@dataclass(frozen=True)
+class FineBin:
+    """A row of report_durations: bin k holds durations in [10^(k/21), 10^((k+1)/21)) s."""
+
+    k: int
+    n: int
+    seconds: float
+    longest: float
+
+
+FINE_PER_DECADE = 21
+SHOWN_PER_DECADE = 3  # the histograms drawn merge 7 fine bins into one
+
+
+def duration_stats(module: str, bins: list[FineBin]) -> DurationStats:
+    """Count, mean, maximum and slot-hours (exact) and percentiles (read off the fine bins,
+    interpolated geometrically inside a bin: within its width, about 11 %) of one module."""
+    bins = sorted(bins, key=lambda b: b.k)
+    n = sum(b.n for b in bins)
+    total = sum(b.seconds for b in bins)
+    longest = max((b.longest for b in bins), default=0.0)
+
+    def percentile(q: float) -> float:
+        rank, seen = q * n, 0
+        for b in bins:
+            if b.n and seen + b.n >= rank:
+                lo = 10 ** (b.k / FINE_PER_DECADE) if b.k > -3 * FINE_PER_DECADE else 0.0
+                hi = min(10 ** ((b.k + 1) / FINE_PER_DECADE), b.longest)
+                frac = (rank - seen) / b.n
+                value = lo * (hi / lo) ** frac if lo > 0 and hi > lo else lo + (hi - lo) * frac
+                return min(max(value, 0.0), longest)
+            seen += b.n
+        return longest
+
+    shown: dict[int, int] = {}
+    for b in bins:
+        coarse = b.k // (FINE_PER_DECADE // SHOWN_PER_DECADE)
+        shown[coarse] = shown.get(coarse, 0) + b.n
+    return DurationStats(module=module, n=n, mean=total / n if n else 0.0, p50=percentile(0.5), p90=percentile(0.9),
+                         p99=percentile(0.99), max=longest, slot_hours=total / 3600.0,
+                         bins=tuple(sorted(shown.items())))
+
+
 def stride_for(executions: int, limit: int = TIMELINE_LIMIT) -> int:
     """One execution in ``stride`` keeps at most about ``limit`` bars."""
     return max(1, math.ceil(executions / limit)) if limit > 0 else 1
@@ -236,6 +286,8 @@ def read(conn: Connection, app_id: int, *, buckets: int = BUCKETS, timeline_limi
     """Read the report of app ``app_id`` (a snapshot when it still runs), in one transaction, so
     every section shows the same moment (REPEATABLE READ: one snapshot for all the queries)."""
     with snapshot(conn):
+        # the aggregates hash and sort up to every execution: memory for that, in this transaction only
+        conn.execute("SET LOCAL work_mem = '64MB'")
         return _read(conn, app_id, buckets, timeline_limit)
 
 
@@ -269,22 +321,22 @@ def _read(conn: Connection, app_id: int, buckets: int, timeline_limit: int) -> R
             counts[int(r["status"])] = int(r["n"])
     modules = tuple(totals)
 
-    hist: dict[str, list[tuple[int, int]]] = {}
-    for r in _rows(conn, "report_duration_histogram", app_id=app_id):
-        hist.setdefault(r["module"], []).append((int(r["bin"]), int(r["n"])))
-    durations = tuple(
-        DurationStats(module=r["module"], n=int(r["n"]), mean=float(r["mean"]), p50=float(r["p50"]),
-                      p90=float(r["p90"]), p99=float(r["p99"]), max=float(r["max"]),
-                      slot_hours=float(r["slot_hours"]), bins=tuple(hist.get(r["module"], ())))
-        for r in _rows(conn, "report_durations", app_id=app_id))
+    fine: dict[str, list[FineBin]] = {}
+    for r in _rows(conn, "report_durations", app_id=app_id):
+        fine.setdefault(r["module"], []).append(
+            FineBin(int(r["bin"]), int(r["n"]), float(r["seconds"]), float(r["longest"])))
+    durations = tuple(duration_stats(module, bins) for module, bins in fine.items())
 
-    executions = int(_rows(conn, "report_exec_count", app_id=app_id)[0]["n"])
-    stride = stride_for(executions, timeline_limit)
+    executions = sum(d.n for d in durations)
+    # running tasks get at most a fifth of the bars, the sample of executions the rest
+    running = min(sum(c.get(-3, 0) for c in totals.values()), timeline_limit // 5)
+    stride = stride_for(executions, timeline_limit - running)
     bars = tuple(
         Bar(module=r["module"], host=r["host"], slot=f"{r['module']}#{r['slot_seq']}" if r["slot_seq"] is not None
             else f"slot {r['slot_id'] or '?'}", status=int(r["status"]), start=r["started_at"],
             end=max(r["finished_at"], r["started_at"]), task_id=int(r["task_id"]))
-        for r in _rows(conn, "report_timeline", app_id=app_id, stride=stride, limit=timeline_limit))
+        for r in _rows(conn, "report_timeline", app_id=app_id, stride=stride, limit=timeline_limit - running,
+                       running_limit=running))
 
     core_hours = None
     columns = {r["column_name"] for r in _rows(conn, "report_exec_columns")}
@@ -302,7 +354,8 @@ def _read(conn: Connection, app_id: int, buckets: int, timeline_limit: int) -> R
         throughput=series(_rows(conn, "report_throughput", **ax), modules, "n", axis.count, carry=False),
         queue_depth=series(_rows(conn, "report_queue_depth", **ax), modules, "depth", axis.count, carry=True),
         durations=durations,
-        timeline=Timeline(bars=bars, executions=executions, stride=stride),
+        timeline=Timeline(bars=bars, executions=executions, stride=stride,
+                          running=sum(c.get(-3, 0) for c in totals.values())),
         failures=tuple(Failure(module=r["module"], status=int(r["status"]), tasks=int(r["tasks"]),
                                execs=int(r["execs"])) for r in _rows(conn, "report_failures", app_id=app_id)),
         top_stderr=tuple(StderrLine(module=r["module"], status=int(r["status"]), line=r["line"], count=int(r["n"]),

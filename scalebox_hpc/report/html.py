@@ -9,6 +9,7 @@ neither scripts nor any fetch, so even a slip there could not run code or call o
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
 
 from scalebox_hpc.models import TaskStatus
@@ -109,7 +110,7 @@ def _timeline(data: ReportData) -> str:
     tl = data.timeline
     if not tl.bars:
         return _section("timeline", "Timeline of executions per host and slot", _none("No executions yet."))
-    lanes = sorted({b.lane for b in tl.bars})
+    lanes = sorted({b.lane for b in tl.bars}, key=natural)
     shown = lanes[:TIMELINE_LANES]
     index = {name: i for i, name in enumerate(shown)}
     colors = _colors(data)
@@ -119,9 +120,11 @@ def _timeline(data: ReportData) -> str:
                          title=_bar_title(b))
             for b in tl.bars if b.lane in index]
     notes = [f"{fmt_number(tl.executions)} executions"]
-    if tl.sampled:
+    if tl.stride > 1:
         notes.append(f"sampled: one execution in {tl.stride} is drawn ({fmt_number(len(tl.bars))} bars), "
                      "spread evenly over the run; counts elsewhere in this report are exact")
+    if tl.running_shown < tl.running:
+        notes.append(f"sampled: {fmt_number(tl.running_shown)} of the {fmt_number(tl.running)} running tasks drawn")
     if len(lanes) > len(shown):
         notes.append(f"{len(lanes) - len(shown)} of {len(lanes)} lanes left out (the first {len(shown)} shown)")
     notes.append("red: a failed execution; to the right edge: running now")
@@ -129,6 +132,11 @@ def _timeline(data: ReportData) -> str:
                     f'<p class="note">{esc("; ".join(notes))}.</p>',
                     svg.legend(list(data.modules), [colors[m] for m in data.modules]),
                     svg.gantt(shown, bars, span=span, label="timeline"))
+
+
+def natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key putting h2 before h10 (numbers compared as numbers)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text) if p)
 
 
 def _bar_fill(b: Bar, colors: dict[str, str]) -> str:
@@ -151,7 +159,9 @@ def _durations(data: ReportData) -> str:
     parts = [_table(("module", "executions", "mean", "p50", "p90", "p99", "max"),
                     [(d.module, fmt_number(d.n), fmt_seconds(d.mean), fmt_seconds(d.p50), fmt_seconds(d.p90),
                       fmt_seconds(d.p99), fmt_seconds(d.max)) for d in data.durations]),
-             '<p class="note">Every execution (attempt) counts; bins are logarithmic, three per decade.</p>']
+             '<p class="note">Every execution (attempt) counts. Counts, means and maxima are exact; percentiles '
+             "are read off a logarithmic histogram of 21 bins a decade (within about 11 %). The histograms below "
+             "have three bins a decade, each labelled by its lower edge.</p>"]
     for d in data.durations:
         if not d.bins:
             continue

@@ -19,12 +19,14 @@ from scalebox_hpc.report.data import (
     Bar,
     DurationStats,
     Failure,
+    FineBin,
     Locality,
     ReportData,
     Retries,
     StageJob,
     StderrLine,
     Timeline,
+    duration_stats,
     series,
     stride_for,
 )
@@ -162,6 +164,37 @@ def test_stride_keeps_the_bars_under_the_limit() -> None:
     assert stride_for(0) == 1 and stride_for(5000) == 1 and stride_for(5001) == 2
     for n in (1, 4999, 10_000, 1_000_000, 1_234_567):
         assert n // stride_for(n) <= 5000
+
+
+def test_duration_stats_from_fine_bins() -> None:
+    import math
+    import random
+
+    rng = random.Random(7)
+    values = [rng.lognormvariate(0, 1.2) for _ in range(20000)]
+    fine: dict[int, list[float]] = {}
+    for v in values:
+        fine.setdefault(math.floor(21 * math.log10(max(0.001, v)) + 1e-9), []).append(v)
+    stats = duration_stats("m", [FineBin(k, len(vs), sum(vs), max(vs)) for k, vs in fine.items()])
+    ordered = sorted(values)
+    assert stats.n == 20000 and stats.max == ordered[-1]
+    assert math.isclose(stats.mean, sum(values) / len(values)) and math.isclose(stats.slot_hours, sum(values) / 3600)
+    for q, got in ((0.5, stats.p50), (0.9, stats.p90), (0.99, stats.p99)):
+        exact = ordered[int(q * len(ordered))]
+        assert abs(got - exact) / exact < 0.11, (q, got, exact)
+    assert sum(n for _, n in stats.bins) == 20000  # the coarse bins hold every execution
+    assert all(k == math.floor(3 * math.log10(max(0.001, v)) + 1e-9) for k, _ in stats.bins[:1] for v in [ordered[0]])
+
+
+def test_running_bars_are_capped_and_said() -> None:
+    bars = tuple(Bar("calc", "h1", f"calc#{i}", -3, T0, T0 + 1, i) for i in range(3))
+    page = report_html.render(make(timeline=Timeline(bars=bars, executions=0, stride=1, running=40)))
+    assert "sampled: 3 of the 40 running tasks drawn" in page
+
+
+def test_lanes_sort_naturally() -> None:
+    assert sorted(["h10 · a#0", "h2 · a#0", "h1 · a#10", "h1 · a#9"], key=report_html.natural) == [
+        "h1 · a#9", "h1 · a#10", "h2 · a#0", "h10 · a#0"]
 
 
 def test_axis_and_formatting() -> None:
