@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from scalebox_hpc.cli.common import APP_OPTION, ID, _app_id, _db, app_or_id
+from scalebox_hpc.errors import ScaleboxError
 
 
 @click.command("report")
@@ -38,7 +39,10 @@ def report_cmd(app: int | None, app_id: int | None, output: str | None) -> None:
         sys.stdout.write(page)
         return
     path = Path(output or f"report-app-{app_id}.html")
-    path.write_text(page, encoding="utf-8")
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     click.echo(f"{path} ({len(page.encode()) / 1024:.0f} KiB)", err=True)
 
 
@@ -70,7 +74,15 @@ def metrics_cmd(app: int | None, output: str | None, recent: float) -> None:
     if output is None:
         sys.stdout.write(text)
     else:
-        metrics.write_atomically(Path(output), text)
+        try:
+            metrics.write_atomically(Path(output), text)
+        except OSError as exc:
+            raise _cannot_write(Path(output), exc) from None
+
+
+def _cannot_write(path: Path, exc: OSError) -> ScaleboxError:
+    return ScaleboxError(f"cannot write {path}: {exc.strerror or exc}",
+                         hint="give -o a file in a directory that exists and that you may write to")
 
 
 COMMANDS = (report_cmd, metrics_cmd)

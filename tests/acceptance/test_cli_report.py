@@ -117,9 +117,14 @@ def test_report_of_a_finished_app_and_defaults(cli_env: dict[str, str], tmp_path
     assert bad.returncode == 2 and "different apps" in bad.stderr
 
 
-def test_report_on_an_empty_database(cli_env: dict[str, str]) -> None:
+def test_report_on_an_empty_database(cli_env: dict[str, str], tmp_path: Path) -> None:
     proc = sbx(cli_env, "report", check=False)
     assert proc.returncode == 1 and "no apps yet" in proc.stderr and "Traceback" not in proc.stderr
+    # metrics of no app: still a valid exposition (only the timestamp)
+    families = list(text_string_to_metric_families(sbx(cli_env, "metrics").stdout))
+    assert [f.name for f in families if f.samples] == ["scalebox_metrics_generated_timestamp_seconds"]
+    proc = sbx(cli_env, "metrics", "-o", str(tmp_path / "missing" / "x.prom"), check=False)
+    assert proc.returncode == 1 and "cannot write" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _png_pixels(path: Path) -> tuple[int, int, bytes]:
