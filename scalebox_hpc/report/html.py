@@ -32,7 +32,7 @@ table{border-collapse:collapse;margin:6px 0}td,th{padding:2px 10px 2px 0;text-al
 th{font-weight:600;border-bottom:1px solid #ccc}td.l,th.l{text-align:left}
 .note{color:#666;font-size:13px}.snap{background:#fff4d6;border:1px solid #e8c55a;padding:6px 10px;margin:8px 0}
 .none{color:#888;font-style:italic}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-td.line{text-align:left;white-space:pre-wrap;word-break:break-all;max-width:560px}
+td.line,th.line{text-align:left;white-space:pre-wrap;word-break:break-all;max-width:560px}
 .legend{margin:2px 0 8px}.key{margin-right:14px;white-space:nowrap}
 .key i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 svg.chart{display:block;max-width:100%;height:auto}
@@ -84,7 +84,7 @@ def _summary(data: ReportData) -> str:
              ("result", a.result or ""), ("created", _when(a.created_at)), ("finished", _when(a.finished_at)),
              ("span", f"{_when(a.t0)} → {_when(a.t1)} ({fmt_seconds(a.t1 - a.t0)})"),
              ("report taken", _when(a.now))]
-    parts = [_table(("", ""), facts)]
+    parts = [_table(("", ""), facts, left=2)]
     if a.snapshot:
         parts.insert(0, '<p class="snap">Snapshot: the app is still running (or has tasks READY or RUNNING); '
                         f"this report shows it as of {esc(_when(a.now))} and will not change by itself.</p>")
