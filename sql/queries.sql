@@ -800,3 +800,330 @@ WHERE id = %(app_id)s AND stage_python IS NULL;
 
 -- name: app_status
 SELECT status FROM sbx_apps WHERE id = %(app_id)s;
+
+-- ---------------------------------------------------------------------------------------------
+-- `scalebox report` (issue 18): everything aggregated here, so a report of 1M tasks reads a few
+-- thousand rows. Times are epoch seconds (double precision); the time axis is `buckets`
+-- buckets of `width` seconds from `t0` (from report_app), a bucket being
+-- least(buckets - 1, floor((ts - t0) / width)).
+
+-- name: report_app
+-- The app, the database's now, and the span its tasks cover: from the app's creation to its
+-- last task's end (a finished app: a task's last execution ends with it), or to now (an app still running: the report is a snapshot).
+SELECT a.id, a.name, a.label, a.status, a.result, a.cancelled,
+       extract(epoch FROM a.created_at)::double precision AS created_at,
+       extract(epoch FROM a.finished_at)::double precision AS finished_at,
+       extract(epoch FROM now())::double precision AS now,
+       extract(epoch FROM least(a.created_at, s.first_created))::double precision AS t0,
+       extract(epoch FROM CASE WHEN a.status = 'FINISHED' AND NOT s.active
+                               THEN greatest(a.finished_at, s.last_finished)
+                               ELSE now() END)::double precision AS t1
+FROM sbx_apps a
+CROSS JOIN LATERAL (
+    SELECT min(t.created_at) AS first_created, max(t.finished_at) AS last_finished,
+           bool_or(t.status IN (-1, -3)) IS TRUE AS active
+    FROM sbx_tasks t WHERE t.app_id = a.id
+) s
+WHERE a.id = %(app_id)s;
+
+-- name: report_module_totals
+-- Tasks per module and status (every module, also those without tasks). Here and below the
+-- rows are counted per module id first and named after (a hash aggregate of a few groups, not
+-- a sort of every row by name).
+SELECT m.name AS module, m.seq, c.status, COALESCE(c.n, 0) AS n
+FROM sbx_modules m
+LEFT JOIN (SELECT t.module_id, t.status, count(*) AS n
+           FROM sbx_tasks t WHERE t.app_id = %(app_id)s
+           GROUP BY t.module_id, t.status) c ON c.module_id = m.id
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq, c.status;
+
+-- name: report_throughput
+-- Tasks reaching a final status (OK or failed) per module and time bucket.
+SELECT m.name AS module, c.bucket, c.n, c.failed
+FROM (SELECT t.module_id, b.bucket, count(*) AS n, count(*) FILTER (WHERE t.status <> 0) AS failed
+      FROM sbx_tasks t
+      CROSS JOIN LATERAL (SELECT least(%(buckets)s - 1, greatest(0, floor(
+          (extract(epoch FROM t.finished_at) - %(t0)s) / %(width)s)))::integer AS bucket) b
+      WHERE t.app_id = %(app_id)s AND t.finished_at IS NOT NULL AND (t.status >= 0 OR t.status < -100)
+      GROUP BY t.module_id, b.bucket) c
+JOIN sbx_modules m ON m.id = c.module_id
+ORDER BY m.name, c.bucket;
+
+-- name: report_queue_depth
+-- READY tasks per module at the end of each time bucket, rebuilt from the timestamps: a task
+-- enters the queue when created (+1), leaves it when an execution starts (-1), comes back when
+-- that execution was followed by another attempt or the task is READY again (+1 at its end),
+-- and a RUNNING task's current attempt, which has no execution record yet, left at started_at.
+-- INITIAL tasks count from their creation (their activation time is not recorded). The running
+-- sum of the deltas per module is the depth; at the last bucket it equals today's READY count.
+WITH ev AS (
+    SELECT t.module_id, t.created_at AS at, 1 AS d
+    FROM sbx_tasks t WHERE t.app_id = %(app_id)s
+    UNION ALL
+    SELECT t.module_id, v.at, v.d
+    FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id
+    CROSS JOIN LATERAL (VALUES (e.started_at, -1),
+                               (CASE WHEN e.attempt < t.attempts OR t.status = -1 THEN e.finished_at END, 1)) v (at, d)
+    WHERE t.app_id = %(app_id)s AND v.at IS NOT NULL
+    UNION ALL
+    SELECT t.module_id, t.started_at, -1
+    FROM sbx_tasks t
+    WHERE t.app_id = %(app_id)s AND t.status = -3 AND t.started_at IS NOT NULL
+), per_bucket AS (
+    SELECT ev.module_id,
+           least(%(buckets)s - 1, greatest(0, floor((extract(epoch FROM ev.at) - %(t0)s) / %(width)s)))::integer
+               AS bucket,
+           sum(ev.d) AS d
+    FROM ev
+    GROUP BY 1, 2
+)
+SELECT m.name AS module, p.bucket,
+       sum(p.d) OVER (PARTITION BY p.module_id ORDER BY p.bucket)::bigint AS depth
+FROM per_bucket p JOIN sbx_modules m ON m.id = p.module_id
+ORDER BY m.name, p.bucket;
+
+-- name: report_durations
+-- Execution durations per module (every attempt) in logarithmic bins, 21 a decade: bin k holds
+-- durations in [10^(k/21), 10^((k+1)/21)) seconds (everything under 1 ms in bin -63), with the
+-- bin's count, total and longest. One hash aggregate over the executions, no sort: counts,
+-- means, maxima and slot-hours are exact, percentiles are read off the bins (within a bin: about 11 per cent).
+SELECT m.name AS module, c.bin, c.n, c.seconds, c.longest
+FROM (SELECT t.module_id, b.bin, count(*) AS n, sum(d.s) AS seconds, max(d.s) AS longest
+      FROM sbx_task_execs e
+      JOIN sbx_tasks t ON t.id = e.task_id
+      CROSS JOIN LATERAL (SELECT greatest(0, extract(epoch FROM e.finished_at - e.started_at))::double precision
+                                 AS s) d
+      CROSS JOIN LATERAL (SELECT floor(21 * log(greatest(0.001::double precision, d.s)) + 1e-9)::integer AS bin) b
+      WHERE t.app_id = %(app_id)s
+      GROUP BY t.module_id, b.bin) c
+JOIN sbx_modules m ON m.id = c.module_id
+ORDER BY m.name, c.bin;
+
+-- name: report_timeline
+-- The timeline's bars: every `stride`-th execution (by id: spread evenly over time, hosts and
+-- slots), at most `limit`, and at most `running_limit` tasks running now (to now); lane = host
+-- and slot.
+(SELECT m.name AS module, COALESCE(e.host, s.host, '?') AS host, s.seq AS slot_seq, e.slot_id,
+        e.status, extract(epoch FROM e.started_at)::double precision AS started_at,
+        extract(epoch FROM e.finished_at)::double precision AS finished_at, e.task_id
+ FROM sbx_task_execs e
+ JOIN sbx_tasks t ON t.id = e.task_id
+ JOIN sbx_modules m ON m.id = t.module_id
+ LEFT JOIN sbx_slots s ON s.id = e.slot_id
+ WHERE t.app_id = %(app_id)s AND e.id %% %(stride)s = 0
+ ORDER BY e.id
+ LIMIT %(limit)s)
+UNION ALL
+(SELECT m.name, COALESCE(t.host, '?'), s.seq, t.slot_id, t.status,
+        extract(epoch FROM t.started_at)::double precision, extract(epoch FROM now())::double precision, t.id
+ FROM sbx_tasks t
+ JOIN sbx_modules m ON m.id = t.module_id
+ LEFT JOIN sbx_slots s ON s.id = t.slot_id
+ WHERE t.app_id = %(app_id)s AND t.status = -3 AND t.started_at IS NOT NULL
+ ORDER BY t.id
+ LIMIT %(running_limit)s);
+
+-- name: report_failures
+-- Failed tasks (final status) and failed executions (every attempt) per module and status.
+SELECT m.name AS module, x.status, sum(x.tasks)::bigint AS tasks, sum(x.execs)::bigint AS execs
+FROM (
+    SELECT t.module_id, t.status, count(*) AS tasks, 0 AS execs
+    FROM sbx_tasks t
+    WHERE t.app_id = %(app_id)s AND (t.status > 0 OR t.status < -100)
+    GROUP BY t.module_id, t.status
+    UNION ALL
+    SELECT t.module_id, e.status, 0, count(*)
+    FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id
+    WHERE t.app_id = %(app_id)s AND e.status <> 0
+    GROUP BY t.module_id, e.status
+) x JOIN sbx_modules m ON m.id = x.module_id
+GROUP BY m.name, x.status
+ORDER BY m.name, x.status;
+
+-- name: report_top_stderr
+-- The most frequent last stderr lines of failed executions (of the last 1 KiB, cut to 300
+-- characters), per module and status, with an example task.
+SELECT m.name AS module, c.status, c.line, c.n, c.example_task
+FROM (SELECT t.module_id, e.status, l.line, count(*) AS n, min(e.task_id) AS example_task
+      FROM sbx_task_execs e
+      JOIN sbx_tasks t ON t.id = e.task_id
+      CROSS JOIN LATERAL (SELECT left(COALESCE(substring(rtrim(right(e.stderr, 1024), E' \t\r\n')
+                                                         FROM '[^\n]*$'), ''), 300) AS line) l
+      WHERE t.app_id = %(app_id)s AND e.status <> 0
+      GROUP BY t.module_id, e.status, l.line) c
+JOIN sbx_modules m ON m.id = c.module_id
+ORDER BY c.n DESC, m.name, c.status, c.line
+LIMIT %(limit)s;
+
+-- name: report_retries
+-- Per module: tasks that needed more than one attempt, the attempts beyond the first, the
+-- stalls (executions recorded 123 by lease recovery: their slot died) and the slots LOST.
+WITH t AS (
+    SELECT t.module_id, count(*) AS retried_tasks, sum(t.attempts - 1) AS extra_attempts
+    FROM sbx_tasks t WHERE t.app_id = %(app_id)s AND t.attempts > 1
+    GROUP BY t.module_id
+), st AS (
+    SELECT t.module_id, count(*) AS stalls
+    FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id
+    WHERE t.app_id = %(app_id)s AND e.status = 123
+    GROUP BY t.module_id
+), lost AS (
+    SELECT s.module_id, count(*) AS lost_slots FROM sbx_slots s
+    JOIN sbx_modules m ON m.id = s.module_id
+    WHERE m.app_id = %(app_id)s AND s.status = 'LOST'
+    GROUP BY s.module_id
+)
+SELECT m.name AS module, COALESCE(t.retried_tasks, 0) AS retried_tasks,
+       COALESCE(t.extra_attempts, 0)::bigint AS extra_attempts, COALESCE(st.stalls, 0) AS stalls,
+       COALESCE(lost.lost_slots, 0) AS lost_slots
+FROM sbx_modules m
+LEFT JOIN t ON t.module_id = m.id
+LEFT JOIN st ON st.module_id = m.id
+LEFT JOIN lost ON lost.module_id = m.id
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq;
+
+-- name: report_stalls_by_host
+-- Where the stalls happened: executions recorded 123 per host.
+SELECT COALESCE(e.host, '?') AS host, count(*) AS n
+FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id
+WHERE t.app_id = %(app_id)s AND e.status = 123
+GROUP BY 1
+ORDER BY 2 DESC, 1
+LIMIT 50;
+
+-- name: report_locality
+-- Per module, the tasks that ran (a host claimed them): with a preferred host (their inputs'
+-- holder, or their HOST-BOUND host) that ran there or elsewhere; naming inputs that no live
+-- host held when they were queued; naming no inputs. And the bytes the executions read and
+-- wrote (task-exec input_bytes / output_bytes), the input bytes split by whether the execution
+-- ran on the task's preferred host.
+WITH t AS (
+    SELECT t.module_id,
+           count(*) FILTER (WHERE t.pref_host IS NOT NULL AND t.host = t.pref_host) AS local,
+           count(*) FILTER (WHERE t.pref_host IS NOT NULL AND t.host <> t.pref_host) AS remote,
+           count(*) FILTER (WHERE t.pref_host IS NULL AND n.names) AS no_holder,
+           count(*) FILTER (WHERE t.pref_host IS NULL AND NOT n.names) AS no_inputs
+    FROM sbx_tasks t
+    JOIN sbx_modules m ON m.id = t.module_id
+    CROSS JOIN LATERAL (SELECT jsonb_typeof(t.headers -> 'inputs') IS NOT DISTINCT FROM 'array'
+                               OR m.input_regex IS NOT NULL AS names) n
+    WHERE t.app_id = %(app_id)s AND t.host IS NOT NULL
+    GROUP BY t.module_id
+), b AS (
+    SELECT t.module_id,
+           sum(e.input_bytes) FILTER (WHERE t.pref_host IS NOT NULL AND e.host = t.pref_host) AS input_bytes_local,
+           sum(e.input_bytes) FILTER (WHERE t.pref_host IS NULL OR e.host IS DISTINCT FROM t.pref_host)
+               AS input_bytes_other,
+           sum(e.output_bytes) AS output_bytes
+    FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id
+    WHERE t.app_id = %(app_id)s
+    GROUP BY t.module_id
+)
+SELECT m.name AS module, COALESCE(t.local, 0) AS local, COALESCE(t.remote, 0) AS remote,
+       COALESCE(t.no_holder, 0) AS no_holder, COALESCE(t.no_inputs, 0) AS no_inputs,
+       COALESCE(b.input_bytes_local, 0)::bigint AS input_bytes_local,
+       COALESCE(b.input_bytes_other, 0)::bigint AS input_bytes_other,
+       COALESCE(b.output_bytes, 0)::bigint AS output_bytes
+FROM sbx_modules m
+LEFT JOIN t ON t.module_id = m.id
+LEFT JOIN b ON b.module_id = m.id
+WHERE m.app_id = %(app_id)s
+ORDER BY m.seq;
+
+-- name: report_stage_jobs
+-- The app's Slurm stage jobs (at most `limit`, oldest first), from submission to end (or now).
+SELECT m.name AS module, j.slurm_job_id, j.cluster, j.state, j.nodes, j.draining, j.exit_code,
+       extract(epoch FROM j.submitted_at)::double precision AS submitted_at,
+       extract(epoch FROM j.ended_at)::double precision AS ended_at
+FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+WHERE j.app_id = %(app_id)s
+ORDER BY j.id
+LIMIT %(limit)s;
+
+-- name: report_stage_job_states
+SELECT m.name AS module, j.state, count(*) AS n
+FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+WHERE j.app_id = %(app_id)s
+GROUP BY m.name, j.state
+ORDER BY m.name, j.state;
+
+-- name: report_exec_columns
+-- The columns sbx_task_execs has here: CPU accounting (core-hours) is reported only where the
+-- schema records it.
+SELECT column_name FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = 'sbx_task_execs';
+
+-- name: report_core_hours
+-- HOOK (issue 18): core-hours per module from the executions' CPU time. Run only when
+-- report_exec_columns lists every column named in scalebox_hpc.report.data.CPU_COLUMNS; adjust
+-- both to the columns migration 0014 adds.
+SELECT m.name AS module, sum(COALESCE(e.cpu_user_seconds, 0) + COALESCE(e.cpu_system_seconds, 0)) / 3600.0
+           AS core_hours,
+       count(*) FILTER (WHERE e.cpu_user_seconds IS NOT NULL) AS measured
+FROM sbx_task_execs e
+JOIN sbx_tasks t ON t.id = e.task_id
+JOIN sbx_modules m ON m.id = t.module_id
+WHERE t.app_id = %(app_id)s
+GROUP BY m.name
+ORDER BY m.name;
+
+-- ---------------------------------------------------------------------------------------------
+-- `scalebox metrics` (issue 18): Prometheus text exposition, for node_exporter's textfile
+-- collector. Counters come from rows that are never deleted (tasks, executions), so they only
+-- grow while the app exists.
+
+-- name: metrics_apps
+-- The apps to export: the one asked for, else those not FINISHED plus those finished within
+-- the last `recent_seconds` seconds (so a scrape still sees their final counts).
+SELECT a.id, a.name, a.status
+FROM sbx_apps a
+WHERE CASE WHEN %(app_id)s::bigint IS NOT NULL THEN a.id = %(app_id)s::bigint
+           ELSE a.status <> 'FINISHED'
+                OR a.finished_at > now() - make_interval(secs => %(recent_seconds)s::double precision) END
+ORDER BY a.id;
+
+-- name: metrics_tasks
+-- Tasks per app, module and status (sbx_tasks_app_status_idx), every module also without tasks;
+-- finished within the last minute too (a recent rate), and the oldest READY task's age
+-- (min id of the READY partial index: one probe per module).
+SELECT m.app_id, m.name AS module, t.status, count(t.id) AS n,
+       count(t.id) FILTER (WHERE t.finished_at > now() - interval '60 seconds') AS last_minute,
+       (SELECT extract(epoch FROM now() - r.created_at)::double precision
+        FROM sbx_tasks r WHERE r.module_id = m.id AND r.status = -1 ORDER BY r.id LIMIT 1) AS oldest_ready_age
+FROM sbx_modules m
+LEFT JOIN sbx_tasks t ON t.module_id = m.id AND t.app_id = m.app_id
+WHERE m.app_id = ANY (%(app_ids)s::bigint[])
+GROUP BY m.app_id, m.id, m.name, t.status
+ORDER BY m.app_id, m.name, t.status;
+
+-- name: metrics_execs
+-- Executions per app, module and status (every attempt), and the seconds they ran.
+SELECT t.app_id, m.name AS module, e.status, count(*) AS n,
+       sum(greatest(0, extract(epoch FROM e.finished_at - e.started_at)))::double precision AS seconds
+FROM sbx_task_execs e
+JOIN sbx_tasks t ON t.id = e.task_id
+JOIN sbx_modules m ON m.id = t.module_id
+WHERE t.app_id = ANY (%(app_ids)s::bigint[])
+GROUP BY t.app_id, m.name, e.status
+ORDER BY t.app_id, m.name, e.status;
+
+-- name: metrics_slots
+-- Slots per app, module, host and status; live: not ended and heard from within two of its
+-- own heartbeats (as list_slots).
+SELECT m.app_id, m.name AS module, s.host, s.status, count(*) AS n,
+       count(*) FILTER (WHERE s.status IN ('STARTING', 'READY', 'RUNNING')
+                          AND s.heartbeat_at > now() - make_interval(secs => 2 * s.heartbeat_seconds)) AS live
+FROM sbx_slots s JOIN sbx_modules m ON m.id = s.module_id
+WHERE m.app_id = ANY (%(app_ids)s::bigint[])
+GROUP BY m.app_id, m.name, s.host, s.status
+ORDER BY m.app_id, m.name, s.host, s.status;
+
+-- name: metrics_stage_jobs
+-- Stage jobs per app, module and Slurm state (as last seen).
+SELECT j.app_id, m.name AS module, j.state, count(*) AS n
+FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+WHERE j.app_id = ANY (%(app_ids)s::bigint[])
+GROUP BY j.app_id, m.name, j.state
+ORDER BY j.app_id, m.name, j.state;

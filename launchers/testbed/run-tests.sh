@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: brings up the real test-bed (PostgreSQL and PgBouncer, a second PostgreSQL with TLS + scram
 # and two OS users (postgres-tls.sh), a 4-node Slurm cluster, a second
-# Slurm with slurmdbd accounting (two clusters, QOS limits), rsync, tmux,
+# Slurm with slurmdbd accounting (two clusters, QOS limits), rsync, tmux, Chromium,
 # Apptainer, Podman, 3 emulated hosts in network namespaces, the project venv), runs the static
 # checks and then pytest.
 #
@@ -104,6 +104,11 @@ phase_end
 phase_start tmux
 bash "$HERE/tmux.sh" install
 phase_end
+
+# headless Chromium for the report's rendering test. Not fatal: without it that test skips with
+# the reason, or fails under CI=true.
+phase_start chromium
+if bash "$HERE/chromium.sh" install; then phase_end; else phase_end "FAILED (the report rendering test will say why)"; fi
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")
 export SCALEBOX_TEST_DSN
