@@ -60,6 +60,7 @@ from scalebox_hpc.models import (
     route,
     stall_retries,
     storable_text,
+    usage_columns,
 )
 from scalebox_hpc.pipeline import AppSpec
 
@@ -821,7 +822,8 @@ class InMemoryQueue:
                     "stderr": f"scalebox: lease expired (slot {t.slot_id if t.slot_id is not None else '?'} on "
                               f"{t.host or '?'} stopped heart-beating)",
                     "input_bytes": None, "output_bytes": None, "input_files": [], "output_files": [],
-                    "user_text": None, "timestamps": [],
+                    "user_text": None, "timestamps": [], "cpu_user_s": None, "cpu_system_s": None,
+                    "max_rss_kb": None,
                 })
                 again = t.attempts - t.retry_base <= s.modules[t.module_id].stall_retries
                 if again:
@@ -1017,7 +1019,7 @@ def _exec_record(exec_id: int, t: _Task, slot_id: int, host: str, result: TaskRe
         "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
         "input_files": list(result.input_files), "output_files": list(result.output_files),
         "user_text": None if result.user_text is None else storable_text(result.user_text),
-        "timestamps": copy.deepcopy(result.timestamps),
+        "timestamps": copy.deepcopy(result.timestamps), **usage_columns(result.usage),
     }
 
 
@@ -1028,7 +1030,7 @@ def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
         status=TaskStatus.EMIT_FAILED, started_at=result.started_at, finished_at=result.finished_at,
         stdout=result.stdout, stderr=stderr, input_bytes=result.input_bytes, output_bytes=result.output_bytes,
         input_files=result.input_files, output_files=result.output_files, user_text=result.user_text,
-        timestamps=result.timestamps,
+        timestamps=result.timestamps, usage=result.usage,
     )
 
 

@@ -25,6 +25,8 @@ SELECT 'trigger', tgrelid::regclass || '.' || tgname, pg_get_triggerdef(oid)
 FROM pg_trigger WHERE NOT tgisinternal
 UNION ALL
 SELECT 'function', proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'view', viewname, definition FROM pg_views WHERE schemaname = 'public'
 ORDER BY 1, 2
 """
 
