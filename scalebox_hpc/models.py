@@ -181,7 +181,8 @@ class Usage:
     """What one run used, as the kernel accounts it for the run's process tree: CPU seconds in
     user and kernel mode of the run's main process and every descendant that was waited for (a
     process that leaves the tree — ``setsid`` and a double fork, a daemon — is not counted), and
-    the peak resident set of the largest single process among them, in KiB (None: not measured)."""
+    the peak resident set of the largest single process among them, in KiB (None: not measured,
+    or not above the launcher's own peak, which the kernel counts in a forked child's)."""
 
     cpu_user_s: float
     cpu_system_s: float

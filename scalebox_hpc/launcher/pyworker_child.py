@@ -36,8 +36,8 @@ the request pipe ends the worker.
 
 The usage is what the task cost the worker (``getrusage`` of itself and of the children it
 reaped, before and after the handler): CPU exactly; the peak RSS only when the worker's (or its
-children's) high-water mark rose during this task, when it is this task's peak — otherwise
-unknown (-1), as a process's peak cannot be reset between tasks.
+children's, above the worker's) high-water mark rose during this task, when it is this task's
+peak — otherwise unknown (-1), as a process's peak cannot be reset between tasks.
 """
 
 from __future__ import annotations
@@ -207,8 +207,13 @@ class Meter:
                                                                     (self.children, before.children)))
         system = sum(after.ru_stime - was.ru_stime for after, was in ((self.own, before.own),
                                                                       (self.children, before.children)))
-        rose = [after.ru_maxrss for after, was in ((self.own, before.own), (self.children, before.children))
-                if after.ru_maxrss > was.ru_maxrss]
+        # a peak counts when it rose during the task (the worker's cannot be reset between tasks),
+        # a child's only above the worker's own peak: a forked child's ru_maxrss starts with its
+        # copy of the worker (see runtime.local.usage_of)
+        own, kids = self.own.ru_maxrss, self.children.ru_maxrss
+        rose = [own] if own > before.own.ru_maxrss else []
+        if kids > max(before.children.ru_maxrss, own):
+            rose.append(kids)
         return [max(0, round(user * 1e6)), max(0, round(system * 1e6)), max(rose) if rose else None]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import subprocess
 import time
@@ -29,12 +30,21 @@ Wait4 = Callable[[int, int], tuple[int, int, Any]]
 """``os.wait4``'s shape: (pid, options) -> (pid, wait status, struct rusage)."""
 
 
-def usage_of(rusage: Any) -> Usage:
-    """A ``struct rusage`` (of a reaped child: its own use plus that of every descendant it
-    waited for) as a Usage; ``ru_maxrss`` is in KiB on Linux (the largest single process)."""
+def own_peak_kb() -> int:
+    """This process's peak RSS so far (KiB): what a child it spawns shows as its own peak at
+    least (the kernel keeps the pre-exec copy of the parent in the child's ``ru_maxrss``)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def usage_of(rusage: Any, floor_kb: int = 0) -> Usage:
+    """A ``struct rusage`` of a reaped child (its own use plus that of every descendant it
+    waited for) as a Usage. ``ru_maxrss`` (KiB on Linux: the largest single process) is kept
+    only above ``floor_kb``, the spawning process's own peak: at exec the kernel records the
+    old address space's peak, which for a forked child is its parent's copy, so a peak not above
+    the parent's may be the parent's, not the run's (None: not known)."""
     rss = int(rusage.ru_maxrss)
     return Usage(cpu_user_s=max(0.0, float(rusage.ru_utime)), cpu_system_s=max(0.0, float(rusage.ru_stime)),
-                 max_rss_kb=rss if rss > 0 else None)
+                 max_rss_kb=rss if rss > max(0, floor_kb) else None)
 
 
 class LocalRun:
@@ -44,9 +54,11 @@ class LocalRun:
     """Whether the rusage of the reaped process is the run's (False for an engine client whose
     container runs elsewhere: Podman/Docker, where the client's own CPU is all wait4 sees)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], label: str = "", *, wait4: Wait4 = os.wait4) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], label: str = "", *, wait4: Wait4 = os.wait4,
+                 peak: Callable[[], int] = own_peak_kb) -> None:
         self.proc = proc
         self._wait4 = wait4
+        self._peak = peak
         self.label = label or str(proc.args[0] if isinstance(proc.args, list | tuple) else proc.args)
         self.record_file: Path | None = None
         self._outcome: Outcome | None = None
@@ -126,7 +138,7 @@ class LocalRun:
         except ChildProcessError:
             return self.proc.wait(), None
         self.proc.returncode = os.waitstatus_to_exitcode(status)
-        return self.proc.returncode, usage_of(rusage)
+        return self.proc.returncode, usage_of(rusage, floor_kb=self._peak())
 
     def _close(self) -> None:
         if self._pidfd >= 0:
