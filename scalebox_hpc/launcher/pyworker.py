@@ -87,8 +87,9 @@ class Reply:
     files: bool = False
     """Task-exec files (or an emit buffer) exist: the slot collects them."""
     notes: list[str] = field(default_factory=list)
-    usage: Usage | None = None
-    """What the task cost the worker (see :mod:`scalebox_hpc.launcher.pyworker_child`)."""
+    usage: Usage | None = field(default=None, compare=False)
+    """What the task cost the worker (see :mod:`scalebox_hpc.launcher.pyworker_child`); a
+    measurement, not what the handler said: two replies saying the same are equal."""
 
 
 _MAX_MICROS = 10**15
