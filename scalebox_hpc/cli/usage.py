@@ -12,7 +12,9 @@ NOT_KNOWN = "-"
 
 
 def _hours(value: float | None) -> str:
-    return NOT_KNOWN if value is None else f"{value:.3g}"
+    if value is None:
+        return NOT_KNOWN
+    return f"{value:.4f}" if value < 100 else f"{value:.0f}"
 
 
 def _rss(kb: int | None) -> str:

@@ -193,8 +193,8 @@ def test_the_usage_table_shows_measured_modules_and_says_what_is_missing() -> No
     lines = usage_lines(rows)
     assert lines[0].split() == ["module", "tasks", "execs", "cpu", "core-h", "wall", "h", "alloc", "core-h",
                                 "efficiency", "max", "RSS"]
-    assert lines[1].split() == ["calc", "10", "12", "0.5", "1", "2", "25.0%", "3.0", "GiB"]
-    assert lines[2].split() == ["ext", "1", "1", "-", "0.001", "-", "-", "-"]
+    assert lines[1].split() == ["calc", "10", "12", "0.5000", "1.0000", "2.0000", "25.0%", "3.0", "GiB"]
+    assert lines[2].split() == ["ext", "1", "1", "-", "0.0010", "-", "-", "-"]
     assert "3 execution(s) without a CPU measurement" in lines[3]
     assert usage_lines(rows[1:2]) == []
 
