@@ -609,26 +609,23 @@ CREATE TRIGGER sbx_tasks_locality
 -- `measured`), their wall time, the core-hours the module's stage jobs held (allocated CPUs x
 -- elapsed, a live job's up to now; NULL when no job recorded its allocation), the efficiency
 -- used / allocated (NULL without allocation), and the largest peak RSS of one process (KiB).
+-- LATERAL: a query of one app's rows reads that app's tasks and executions only (by index).
 CREATE VIEW sbx_usage AS
 SELECT m.app_id, m.id AS module_id, m.name AS module,
-       COALESCE(t.tasks, 0) AS tasks, COALESCE(e.executions, 0) AS executions,
-       COALESCE(e.measured, 0) AS measured,
-       e.cpu_core_hours, e.wall_hours, j.alloc_core_hours,
+       t.tasks, e.executions, e.measured, e.cpu_core_hours, e.wall_hours, j.alloc_core_hours,
        CASE WHEN j.alloc_core_hours > 0 THEN COALESCE(e.cpu_core_hours, 0) / j.alloc_core_hours END AS efficiency,
        e.max_rss_kb
 FROM sbx_modules m
-LEFT JOIN (SELECT module_id, count(*) AS tasks FROM sbx_tasks GROUP BY module_id) t ON t.module_id = m.id
-LEFT JOIN (
-    SELECT tk.module_id, count(*) AS executions,
-           count(x.cpu_user_s) AS measured,
+CROSS JOIN LATERAL (SELECT count(*) AS tasks FROM sbx_tasks tk WHERE tk.module_id = m.id) t
+CROSS JOIN LATERAL (
+    SELECT count(*) AS executions, count(x.cpu_user_s) AS measured,
            sum(x.cpu_user_s + x.cpu_system_s) / 3600.0 AS cpu_core_hours,
            sum(extract(epoch FROM x.finished_at - x.started_at)) / 3600.0 AS wall_hours,
            max(x.max_rss_kb) AS max_rss_kb
-    FROM sbx_task_execs x JOIN sbx_tasks tk ON tk.id = x.task_id
-    GROUP BY tk.module_id) e ON e.module_id = m.id
-LEFT JOIN (
-    SELECT module_id,
-           sum(alloc_cpus * extract(epoch FROM GREATEST(COALESCE(finished_at, ended_at, now()) - started_at,
-                                                        interval '0'))) / 3600.0 AS alloc_core_hours
-    FROM sbx_stage_jobs WHERE alloc_cpus IS NOT NULL AND started_at IS NOT NULL
-    GROUP BY module_id) j ON j.module_id = m.id;
+    FROM sbx_tasks tk JOIN sbx_task_execs x ON x.task_id = tk.id
+    WHERE tk.module_id = m.id) e
+CROSS JOIN LATERAL (
+    SELECT sum(s.alloc_cpus * extract(epoch FROM GREATEST(COALESCE(s.finished_at, s.ended_at, now()) - s.started_at,
+                                                          interval '0'))) / 3600.0 AS alloc_core_hours
+    FROM sbx_stage_jobs s
+    WHERE s.module_id = m.id AND s.alloc_cpus IS NOT NULL AND s.started_at IS NOT NULL) j;
