@@ -20,8 +20,8 @@ SCALEBOX = [sys.executable, "-m", "scalebox_hpc"]
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
 
 
-def sbx(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*SCALEBOX, *args], env=env, capture_output=True, text=True, timeout=120)
+def sbx(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*SCALEBOX, *args], env=environ, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"scalebox {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
