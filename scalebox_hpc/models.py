@@ -176,6 +176,33 @@ class Task:
         )
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What one run used, as the kernel accounts it for the run's process tree: CPU seconds in
+    user and kernel mode of the run's main process and every descendant that was waited for (a
+    process that leaves the tree — ``setsid`` and a double fork, a daemon — is not counted), and
+    the peak resident set of the largest single process among them, in KiB (None: not measured,
+    or not above the launcher's own peak, which the kernel counts in a forked child's)."""
+
+    cpu_user_s: float
+    cpu_system_s: float
+    max_rss_kb: int | None = None
+
+    @property
+    def cpu_s(self) -> float:
+        """User plus system CPU seconds."""
+        return self.cpu_user_s + self.cpu_system_s
+
+
+def usage_columns(usage: Usage | None) -> dict[str, float | int | None]:
+    """An execution's usage columns (``cpu_user_s``, ``cpu_system_s``, ``max_rss_kb``), each
+    None when not measured (a peak RSS a bigint cannot hold too)."""
+    if usage is None:
+        return {"cpu_user_s": None, "cpu_system_s": None, "max_rss_kb": None}
+    rss = usage.max_rss_kb if usage.max_rss_kb is not None and 0 < usage.max_rss_kb < 2**63 else None
+    return {"cpu_user_s": usage.cpu_user_s, "cpu_system_s": usage.cpu_system_s, "max_rss_kb": rss}
+
+
 @dataclass
 class TaskResult:
     """What one run of a task produced; recorded with its emitted messages in one transaction."""
@@ -195,6 +222,9 @@ class TaskResult:
     messages: list[Message] = field(default_factory=list)
     finish_text: str | None = None
     """Set when run.sh called ``scalebox app set-finished TEXT``."""
+    usage: Usage | None = None
+    """CPU time and peak RSS of the run's process tree; None where it cannot be measured (a
+    Podman/Docker container's processes, the remote ranks of an ``srun`` step)."""
 
 
 DEFAULT_STALL_RETRIES = 2
@@ -338,4 +368,5 @@ def unrecordable(result: TaskResult, reason: str) -> TaskResult:
         status=TaskStatus.OUTPUT_INVALID, started_at=result.started_at, finished_at=result.finished_at,
         stdout=result.stdout[-tail:],
         stderr=result.stderr[-tail:] + f"\nscalebox: the result could not be recorded: {reason[:2000]}\n",
+        usage=result.usage,
     )

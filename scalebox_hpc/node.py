@@ -331,6 +331,17 @@ class StageLifecycle:
             self._autoscale()
         return False
 
+    def started(self) -> None:
+        """The first node records the job's allocated CPUs and its start (for its core-hours in
+        sbx_usage); from the environment, no Slurm call."""
+        if not self.first_node:
+            return
+        try:
+            with self.session() as conn:
+                db_stages.job_started(conn, self.job.job_id, self.cluster, alloc_cpus=self.job.cpus)
+        except ScaleboxError as exc:
+            logger.warning("cannot record the start of stage job %s: %s", self.job.job_id, exc)
+
     def may_idle_exit(self) -> bool:
         try:
             with self.session() as conn:
@@ -346,6 +357,8 @@ class StageLifecycle:
         try:
             with self.session() as conn:
                 db_stages.mark_draining(conn, self.job.job_id, self.cluster)
+                if self.first_node:  # the end of its core-hours so far (the last call wins)
+                    db_stages.job_finished(conn, self.job.job_id, self.cluster)
         except ScaleboxError as exc:
             logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
         if not self.first_node:
@@ -402,7 +415,9 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
     config = dataclasses.replace(config, host=job.node_name or config.host, slots=spec.slurm.slots_per_node)
     hooks = StageLifecycle(job, spec, config.app_id, dsn_session(dsn),
                            stage_autoscaler(dsn, config.work_root, environ=environ), end=_job_end(job))
-    logger.info("stage job %s node %s: module %s, ends %s", job.job_id, config.host, module, hooks.end or "unknown")
+    logger.info("stage job %s node %s: module %s, %s CPUs, ends %s", job.job_id, config.host, module,
+                job.cpus or "?", hooks.end or "unknown")
+    hooks.started()
     grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
     # Slurm's TERMs (twice on scancel) and USR1 only drain; a second Ctrl-C of a user stops now
     interactive_only = SignalPolicy(stop_now_on=frozenset({signal.SIGINT}))
@@ -461,7 +476,9 @@ def run_mpi_stage(config: StageConfig) -> int:
 
             def hooks(spec: ModuleSpec) -> StageLifecycle:
                 scale = stage_autoscaler(dsn, config.work_root, session=lent)
-                return StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False)
+                lifecycle = StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False)
+                lifecycle.started()
+                return lifecycle
 
             opened.hooks = hooks
         return opened

@@ -1127,3 +1127,37 @@ FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
 WHERE j.app_id = ANY (%(app_ids)s::bigint[])
 GROUP BY j.app_id, m.name, j.state
 ORDER BY j.app_id, m.name, j.state;
+-- name: stage_job_started
+-- A stage job's first node's launcher starts: the job's allocated CPUs and the start of its
+-- core-hours (kept from the first start: a launcher of the job started again does not reset it).
+UPDATE sbx_stage_jobs
+SET alloc_cpus = COALESCE(%(alloc_cpus)s, alloc_cpus), started_at = COALESCE(started_at, now()),
+    updated_at = now()
+WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
+RETURNING id;
+
+-- name: stage_job_finished
+-- The first node's launcher leaves (drain, idle end, walltime): the end of the job's core-hours
+-- so far (the last call wins; a kill leaves ended_at, the autoscaler's, to the sbx_usage view).
+UPDATE sbx_stage_jobs SET finished_at = now(), updated_at = now()
+WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
+RETURNING id;
+
+-- name: app_usage
+-- Resources per module of an app (the sbx_usage view), in module order.
+SELECT u.* FROM sbx_usage u JOIN sbx_modules m ON m.id = u.module_id
+WHERE u.app_id = %(app_id)s
+ORDER BY m.seq, m.id;
+
+-- name: slurm_calls_summary
+-- The Slurm commands counted per cluster (autoscale passes, `stage stop --now`): in the last
+-- minute (the budget spent), in the last hour (what sbx_slurm_calls keeps), and this app's share.
+SELECT cluster,
+       COALESCE(sum(calls) FILTER (WHERE at > now() - interval '60 seconds'), 0)::bigint AS last_minute,
+       sum(calls)::bigint AS last_hour,
+       COALESCE(sum(calls) FILTER (WHERE app_id = %(app_id)s), 0)::bigint AS app_last_hour,
+       count(*) AS records
+FROM sbx_slurm_calls
+WHERE at > now() - interval '1 hour'
+GROUP BY cluster
+ORDER BY cluster;

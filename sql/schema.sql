@@ -155,7 +155,12 @@ CREATE TABLE sbx_task_execs (
     input_files jsonb NOT NULL DEFAULT '[]',
     output_files jsonb NOT NULL DEFAULT '[]',
     user_text text,
-    timestamps jsonb NOT NULL DEFAULT '[]'
+    timestamps jsonb NOT NULL DEFAULT '[]',
+    -- what the run's process tree used (NULL: not measured, see README "Core-hours"): CPU
+    -- seconds in user and kernel mode, the largest process's peak resident set in KiB
+    cpu_user_s double precision,
+    cpu_system_s double precision,
+    max_rss_kb bigint
 );
 CREATE INDEX sbx_task_execs_task_idx ON sbx_task_execs (task_id);
 
@@ -263,15 +268,17 @@ BEGIN
     END IF;
     INSERT INTO sbx_task_execs
         (task_id, attempt, slot_id, host, status, started_at, finished_at, stdout, stderr,
-         input_bytes, output_bytes, input_files, output_files, user_text, timestamps)
+         input_bytes, output_bytes, input_files, output_files, user_text, timestamps,
+         cpu_user_s, cpu_system_s, max_rss_kb)
     SELECT p_task_id, t.attempts, p_slot_id, e.host, p_status, e.started_at, e.finished_at,
            COALESCE(e.stdout, ''), COALESCE(e.stderr, ''), e.input_bytes, e.output_bytes,
            COALESCE(e.input_files, '[]'), COALESCE(e.output_files, '[]'), e.user_text,
-           COALESCE(e.timestamps, '[]')
+           COALESCE(e.timestamps, '[]'), e.cpu_user_s, e.cpu_system_s, e.max_rss_kb
     FROM jsonb_to_record(p_exec) AS e (host text, started_at timestamptz, finished_at timestamptz,
                                        stdout text, stderr text, input_bytes bigint, output_bytes bigint,
                                        input_files jsonb, output_files jsonb, user_text text,
-                                       timestamps jsonb);
+                                       timestamps jsonb, cpu_user_s double precision,
+                                       cpu_system_s double precision, max_rss_kb bigint);
     IF jsonb_array_length(p_messages) > 0 THEN
         written := sbx_insert_messages_v1(t.app_id, p_task_id, p_messages);
     END IF;
@@ -328,16 +335,18 @@ BEGIN
     ), execs AS (
         INSERT INTO sbx_task_execs
             (task_id, attempt, slot_id, host, status, started_at, finished_at, stdout, stderr,
-             input_bytes, output_bytes, input_files, output_files, user_text, timestamps)
+             input_bytes, output_bytes, input_files, output_files, user_text, timestamps,
+         cpu_user_s, cpu_system_s, max_rss_kb)
         SELECT d.id, d.attempts, d.slot_id, e.host, d.status, e.started_at, e.finished_at,
                COALESCE(e.stdout, ''), COALESCE(e.stderr, ''), e.input_bytes, e.output_bytes,
                COALESCE(e.input_files, '[]'), COALESCE(e.output_files, '[]'), e.user_text,
-               COALESCE(e.timestamps, '[]')
+               COALESCE(e.timestamps, '[]'), e.cpu_user_s, e.cpu_system_s, e.max_rss_kb
         FROM done d,
              jsonb_to_record(d.exec) AS e (host text, started_at timestamptz, finished_at timestamptz,
                                            stdout text, stderr text, input_bytes bigint, output_bytes bigint,
                                            input_files jsonb, output_files jsonb, user_text text,
-                                           timestamps jsonb)
+                                           timestamps jsonb, cpu_user_s double precision,
+                                           cpu_system_s double precision, max_rss_kb bigint)
         ORDER BY d.ord
     ), finished AS (
         -- the first finish text (in ord) is the app's result, as one by one
@@ -412,7 +421,13 @@ CREATE TABLE sbx_stage_jobs (
     ended_at timestamptz,
     UNIQUE (cluster, slurm_job_id),
     -- Slurm's EndTime while the job runs (the launchers' walltime), from the app's shared squeue
-    end_time timestamptz
+    end_time timestamptz,
+    -- the CPUs allocated to the job (all its nodes), as its first node's launcher read them
+    -- from SLURM_JOB_CPUS_PER_NODE at start, and when that launcher started and ended (NULL
+    -- after a kill: then ended_at, when an autoscale pass saw the job end)
+    alloc_cpus integer,
+    started_at timestamptz,
+    finished_at timestamptz
 );
 
 CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;
@@ -595,6 +610,32 @@ CREATE TRIGGER sbx_tasks_locality
     BEFORE INSERT ON sbx_tasks
     FOR EACH ROW EXECUTE FUNCTION sbx_task_locality_v1();
 
+-- Resources per app and module, for `scalebox app show` and psql: tasks and executions, the CPU
+-- the executions' process trees used (core-hours; only the executions that measured it count:
+-- `measured`), their wall time, the core-hours the module's stage jobs held (allocated CPUs x
+-- elapsed, a live job's up to now; NULL when no job recorded its allocation), the efficiency
+-- used / allocated (NULL without allocation), and the largest peak RSS of one process (KiB).
+-- LATERAL: a query of one app's rows reads that app's tasks and executions only (by index).
+CREATE VIEW sbx_usage AS
+SELECT m.app_id, m.id AS module_id, m.name AS module,
+       t.tasks, e.executions, e.measured, e.cpu_core_hours, e.wall_hours, j.alloc_core_hours,
+       CASE WHEN j.alloc_core_hours > 0 THEN COALESCE(e.cpu_core_hours, 0) / j.alloc_core_hours END AS efficiency,
+       e.max_rss_kb
+FROM sbx_modules m
+CROSS JOIN LATERAL (SELECT count(*) AS tasks FROM sbx_tasks tk WHERE tk.module_id = m.id) t
+CROSS JOIN LATERAL (
+    SELECT count(*) AS executions, count(x.cpu_user_s) AS measured,
+           sum(x.cpu_user_s + x.cpu_system_s) / 3600.0 AS cpu_core_hours,
+           sum(extract(epoch FROM x.finished_at - x.started_at)) / 3600.0 AS wall_hours,
+           max(x.max_rss_kb) AS max_rss_kb
+    FROM sbx_tasks tk JOIN sbx_task_execs x ON x.task_id = tk.id
+    WHERE tk.module_id = m.id) e
+CROSS JOIN LATERAL (
+    SELECT sum(s.alloc_cpus * extract(epoch FROM GREATEST(COALESCE(s.finished_at, s.ended_at, now()) - s.started_at,
+                                                          interval '0'))) / 3600.0 AS alloc_core_hours
+    FROM sbx_stage_jobs s
+    WHERE s.module_id = m.id AND s.alloc_cpus IS NOT NULL AND s.started_at IS NOT NULL) j;
+
 -- roles and row-level security (0016): see that migration for the model
 -- Whether the caller sees every app: a member of sbx_viewer (false when the role does not exist).
 CREATE FUNCTION sbx_sees_all_v1() RETURNS boolean
@@ -631,6 +672,8 @@ CREATE POLICY sbx_slots_own ON sbx_slots
 ALTER TABLE sbx_task_execs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY sbx_task_execs_own ON sbx_task_execs
     USING (EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.id = task_id));
+-- a view reads as its owner unless told otherwise, which would skip the policies above
+ALTER VIEW sbx_usage SET (security_invoker = on);
 
 -- The group roles, and their privileges on every sbx_ object there is now; `scalebox db grant`
 -- and `db upgrade` call it again (objects of later migrations). Returns what it could not do.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -94,24 +95,35 @@ def app_list(as_json: bool) -> None:
 def app_show(app: int | None, as_json: bool, app_id: int | None) -> None:
     """Show one app (default: the newest): its status, its state (IDLE: nothing READY or
     RUNNING and no live slot; WAITING: READY tasks but no live slot), why tasks wait (as in
-    `scalebox status`) and its failed tasks.
+    `scalebox status`), the resources per module (CPU core-hours the tasks used, the core-hours
+    its stage jobs were allocated, the efficiency, the largest peak RSS) and its failed tasks.
 
     \b
     Examples:
       scalebox app show
       scalebox app show --app 3 --json
     """
+    from scalebox_hpc.cli.usage import usage_lines
+    from scalebox_hpc.db.usage import app_usage
+
     with _db() as conn:
         app_id = _app_id(conn, app_or_id(app, app_id))
         row, state, slots = _app_state(conn, app_id)
         rows = _status_rows(conn, app_id, slots)
+        usage = app_usage(conn, app_id)
         if as_json:
-            _dump({**row, "state": state, "why": {r["module"]: r["why"] for r in rows if r["why"]}})
+            _dump({**row, "state": state, "why": {r["module"]: r["why"] for r in rows if r["why"]},
+                   "usage": [dataclasses.asdict(u) for u in usage]})
             return
         for key in ("id", "name", "label", "status", "result", "created_at", "finished_at"):
             click.echo(f"{key}: {terminal_safe(str(row[key])) if row[key] is not None else ''}")
         click.echo(f"state: {_one_line(_state_line(row, state, rows))}")
         _print_why(rows, app_id)
+        table = usage_lines(usage)
+        if table:
+            click.echo("resources:")
+            for line in table:
+                click.echo(line)
         failed = sum(r["failed"] for r in rows)
         if failed:
             _print_failures(conn, app_id, failed, err=False)

@@ -158,6 +158,20 @@ def stage_list(app: int | None, include_ended: bool, work_root: str | None, as_j
         flag = " draining" if r["draining"] else ""
         where = f"{r['cluster'] or '-':<8} " if clusters else ""  # a column only for multi-cluster apps
         click.echo(f"{r['module']:<14} {where}{r['slurm_job_id']:>8} {r['state']:<11}{flag} {r['nodes']}")
+    with _db() as conn, conn.transaction():
+        for line in slurm_call_lines(conn, app_id):
+            click.echo(line)
+
+
+def slurm_call_lines(conn: Connection, app_id: int) -> list[str]:
+    """``slurm calls on cluster C: N in the last minute (budget B/min), M in the last hour (this
+    app K)``, one line per cluster with calls counted in the last hour."""
+    from scalebox_hpc.db import stages
+    from scalebox_hpc.node import SLURM_RPC_PER_MINUTE
+
+    return [f"slurm calls on cluster {r['cluster'] or '(default)'}: {r['last_minute']} in the last minute "
+            f"(budget {SLURM_RPC_PER_MINUTE}/min, SCALEBOX_SLURM_RPC_PER_MINUTE), {r['last_hour']} in the last hour "
+            f"(this app {r['app_last_hour']})" for r in stages.slurm_call_summary(conn, app_id)]
 
 
 @stage.command("scale")
@@ -241,8 +255,13 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
     ids = [j["slurm_job_id"] for j in live]
     if now:
         for cluster, via in _clusters_of(live):
-            SlurmClient(SubprocessRunner(), cluster=cluster or None, prefix=via).cancel(
-                j["slurm_job_id"] for j in live if j["cluster"] == cluster)
+            client = SlurmClient(SubprocessRunner(), cluster=cluster or None, prefix=via)
+            try:
+                client.cancel(j["slurm_job_id"] for j in live if j["cluster"] == cluster)
+            finally:  # counted against the cluster's budget, as an autoscale pass's commands are
+                if client.commands_run:
+                    with _db() as conn:
+                        stages.record_slurm_calls(conn, cluster, app_id, client.commands_run)
     click.echo(f"{module}: {'cancelled' if now else 'draining'} {', '.join(ids) or 'no jobs'}")
 
 

@@ -30,6 +30,7 @@ from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in 
     headers_for,
     route,
     storable_text,
+    usage_columns,
     validate_headers,
 )
 
@@ -452,7 +453,7 @@ def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
         status=TaskStatus.EMIT_FAILED, started_at=result.started_at, finished_at=result.finished_at,
         stdout=result.stdout, stderr=stderr, input_bytes=result.input_bytes, output_bytes=result.output_bytes,
         input_files=result.input_files, output_files=result.output_files, user_text=result.user_text,
-        timestamps=result.timestamps,
+        timestamps=result.timestamps, usage=result.usage,
     )
 
 
@@ -465,9 +466,10 @@ def _exec_record(result: TaskResult, host: str, clock_offset: timedelta = timede
         "stdout": _tail(result.stdout), "stderr": _tail(result.stderr),
         "input_bytes": _bigint(result.input_bytes), "output_bytes": _bigint(result.output_bytes),
         "input_files": result.input_files, "output_files": result.output_files,
-        "user_text": result.user_text, "timestamps": result.timestamps,
+        "user_text": result.user_text, "timestamps": result.timestamps, **usage_columns(result.usage),
     })
     return record
+
 
 
 def _bigint(value: int | None) -> int | None:

@@ -173,3 +173,22 @@ def slurm_calls_last_minute(conn: Connection, app_id: int) -> tuple[int, int]:
     if row is None:
         raise NotFoundError("app", app_id)
     return int(row["calls"]), int(row["passes"])
+
+
+def job_started(conn: Connection, slurm_job_id: str, cluster: str = "", *, alloc_cpus: int | None) -> bool:
+    """Record a stage job's allocated CPUs and its start (kept from the first call); False for a
+    job the database does not know."""
+    return conn.execute(query("stage_job_started"), {
+        "slurm_job_id": slurm_job_id, "cluster": cluster, "alloc_cpus": alloc_cpus}).fetchone() is not None
+
+
+def job_finished(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """Record that a stage job's launcher left now (the end of its allocated core-hours)."""
+    return conn.execute(query("stage_job_finished"), {
+        "slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone() is not None
+
+
+def slurm_call_summary(conn: Connection, app_id: int) -> list[dict[str, Any]]:
+    """Per cluster ('' = unnamed): ``last_minute``, ``last_hour`` and ``app_last_hour`` (this
+    app's) Slurm commands counted, and the ``records`` (passes, cancels) they came in."""
+    return list(conn.execute(query("slurm_calls_summary"), {"app_id": app_id}).fetchall())

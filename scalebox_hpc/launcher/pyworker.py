@@ -40,8 +40,8 @@ from typing import Any
 from scalebox_hpc.errors import InvalidMessageError, ScaleboxError
 from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.launcher.outputs import CappedOutputs
-from scalebox_hpc.launcher.pyworker_child import HEADER, encode_request
-from scalebox_hpc.models import Message, storable_text
+from scalebox_hpc.launcher.pyworker_child import HEADER, USAGE_REPLY, encode_request
+from scalebox_hpc.models import Message, Usage, storable_text
 from scalebox_hpc.runtime.base import Outcome
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,32 @@ class Reply:
     files: bool = False
     """Task-exec files (or an emit buffer) exist: the slot collects them."""
     notes: list[str] = field(default_factory=list)
+    usage: Usage | None = field(default=None, compare=False)
+    """What the task cost the worker (see :mod:`scalebox_hpc.launcher.pyworker_child`); a
+    measurement, not what the handler said: two replies saying the same are equal."""
+
+
+_MAX_MICROS = 10**15
+"""More CPU microseconds than this (31 years) in one reply is not a measurement."""
+
+
+def _usage(user_us: object, system_us: object, rss_kb: object) -> Usage:
+    """The reply's usage fields → Usage; ProtocolError for anything but counts in range."""
+    if not (_count(user_us) and _count(system_us)):
+        raise ProtocolError("the worker's reply has no valid usage")
+    assert isinstance(user_us, int) and isinstance(system_us, int)
+    if rss_kb is None or rss_kb == -1:
+        rss = None
+    elif _count(rss_kb) and isinstance(rss_kb, int) and rss_kb > 0:
+        rss = rss_kb
+    else:
+        raise ProtocolError("the worker's reply has no valid peak RSS")
+    return Usage(cpu_user_s=user_us / 1e6, cpu_system_s=system_us / 1e6, max_rss_kb=rss)
+
+
+def _count(value: object) -> bool:
+    """An int (not a bool) in 0.._MAX_MICROS."""
+    return type(value) is int and 0 <= value <= _MAX_MICROS
 
 
 def _no_constant(name: str) -> Any:
@@ -110,15 +136,18 @@ def _depth(value: Any, limit: int) -> bool:
 
 def decode_reply(data: bytes) -> Reply:
     """One reply frame's payload → Reply; ProtocolError for anything else. Total for any bytes."""
-    if len(data) == 1:  # the common case: only a status, as one byte
+    if len(data) == 1:  # only a status, as one byte
         return _PLAIN[data[0]]
+    if len(data) == USAGE_REPLY.size:  # the common case: a status and the usage (never JSON: too short)
+        status, user_us, system_us, rss_kb = USAGE_REPLY.unpack(data)
+        return Reply(status=status, usage=_usage(user_us, system_us, rss_kb))
     try:
         obj = _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, MemoryError) as exc:
         raise ProtocolError(f"the worker's reply is not JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("the worker's reply is not a JSON object")
-    unknown = set(obj) - {"status", "messages", "finish", "files", "notes"}
+    unknown = set(obj) - {"status", "messages", "finish", "files", "notes", "usage"}
     if unknown:
         raise ProtocolError(f"the worker's reply has unknown keys {sorted(map(repr, unknown))[:3]}")
     status = obj.get("status")
@@ -142,8 +171,12 @@ def decode_reply(data: bytes) -> Reply:
     notes = obj.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise ProtocolError("the worker's reply: notes is not a list of texts")
+    usage = obj.get("usage")
+    if usage is not None and not (isinstance(usage, list) and len(usage) == 3):
+        raise ProtocolError("the worker's reply: usage is not [user_us, system_us, max_rss_kb]")
     return Reply(status=status, messages=checked, finish_text=None if finish is None else storable_text(finish),
-                 files=files, notes=[storable_text(n[:500]) for n in notes[:MAX_NOTES]])
+                 files=files, notes=[storable_text(n[:500]) for n in notes[:MAX_NOTES]],
+                 usage=None if usage is None else _usage(*usage))
 
 
 _PLAIN = [Reply(status=code) for code in range(256)]
@@ -222,7 +255,7 @@ class HandlerRun:
         if self.timed_out:
             return Outcome(returncode=-signal.SIGKILL, timed_out=True)
         if self.reply is not None:
-            return Outcome(returncode=self.reply.status or 0)
+            return Outcome(returncode=self.reply.status or 0, usage=self.reply.usage)
         return Outcome(returncode=self.returncode or 0)  # 0: the output note makes it -103
 
     def report(self, collected: taskexec.ExecReport | None, max_messages: int) -> taskexec.ExecReport:

@@ -29,8 +29,16 @@ JSON. After the start the worker sends ``{"ready": true}`` (or ``{"ready": false
 TEXT}`` when the handler cannot be loaded, then exits); per request (``ID NUL ATTEMPT NUL
 EMIT_PATH NUL HEADERS_JSON NUL BODY``, see :func:`encode_request`) it replies ``{"status":
 int|null, "messages": [[body, module, headers], ...], "finish": text, "files": bool, "notes":
-[text, ...]}`` (keys other than status omitted when empty), or just the status as one byte
-when there is nothing else. End of file on the request pipe ends the worker.
+[text, ...], "usage": [user_us, system_us, max_rss_kb|null]}`` (keys other than status omitted
+when empty), or, when there is nothing else, the status and the usage packed as
+:data:`USAGE_REPLY` (``>Bqqq``: status, user µs, system µs, peak RSS KiB or -1). End of file on
+the request pipe ends the worker.
+
+The usage is what the task cost the worker (``getrusage`` of itself and of the children it
+reaped, from the end of the previous task to the end of this one: the handler and the framing):
+CPU exactly; the peak RSS only when the worker's (or its children's, above the worker's)
+high-water mark rose during this task, when it is this task's peak — otherwise unknown (-1),
+as a process's peak cannot be reset between tasks.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import ctypes
 import faulthandler
 import json
 import os
+import resource
 import signal
 import struct
 import sys
@@ -176,6 +185,37 @@ def decode_request(payload: bytes) -> dict[str, Any]:
 
 PLAIN_FRAMES = [HEADER.pack(1) + bytes([code]) for code in range(256)]
 """The reply of a task that only has a status: a one-byte payload (a JSON reply is longer)."""
+USAGE_REPLY = struct.Struct(">Bqqq")
+"""A reply with only a status and the task's usage: status, user and system CPU in
+microseconds, peak RSS in KiB (-1: not known)."""
+
+
+@dataclass(frozen=True)
+class Meter:
+    """``getrusage`` of the worker and of its reaped children at one moment."""
+
+    own: Any
+    children: Any
+
+    @classmethod
+    def now(cls) -> Meter:
+        """The worker's counters now."""
+        return cls(resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+
+    def since(self, before: Meter) -> list[int | None]:
+        """[user µs, system µs, peak RSS KiB or None] used between ``before`` and this moment."""
+        user = sum(after.ru_utime - was.ru_utime for after, was in ((self.own, before.own),
+                                                                    (self.children, before.children)))
+        system = sum(after.ru_stime - was.ru_stime for after, was in ((self.own, before.own),
+                                                                      (self.children, before.children)))
+        # a peak counts when it rose during the task (the worker's cannot be reset between tasks),
+        # a child's only above the worker's own peak: a forked child's ru_maxrss starts with its
+        # copy of the worker (see runtime.local.usage_of)
+        own, kids = self.own.ru_maxrss, self.children.ru_maxrss
+        rose = [own] if own > before.own.ru_maxrss else []
+        if kids > max(before.children.ru_maxrss, own):
+            rose.append(kids)
+        return [max(0, round(user * 1e6)), max(0, round(system * 1e6)), max(rose) if rose else None]
 
 
 def _send(fd: int, obj: object) -> None:
@@ -263,17 +303,25 @@ def main(argv: list[str]) -> int:
     module = os.environ.get("MODULE_NAME", "")
     watch = DirWatch(work_dir, TASK_EXEC_NAMES)
     requests = FrameReader(req_fd)
+    # one reading per task: a task's usage runs from the previous task's end (so it includes
+    # the framing of the previous reply and of its own request: microseconds; the wait between
+    # tasks is a blocking read, no CPU), which halves the meter's cost (~3 us a reading)
+    before = Meter.now()
     while True:
         payload = requests.next()
         if payload is None:
             return 0
         reply = run_one(handler, decode_request(payload), work_dir, module, watch)
+        after = Meter.now()
+        usage, before = after.since(before), after
         try:
             status = reply["status"]
             if len(reply) == 1 and status is not None:
-                os.write(reply_fd, PLAIN_FRAMES[status])  # 5 bytes: always written whole
+                rss = usage[2]
+                frame = USAGE_REPLY.pack(status, usage[0] or 0, usage[1] or 0, -1 if rss is None else rss)
+                os.write(reply_fd, HEADER.pack(USAGE_REPLY.size) + frame)  # 29 bytes: always written whole
             else:
-                _send(reply_fd, reply)
+                _send(reply_fd, {**reply, "usage": usage})
         except (TypeError, ValueError) as exc:  # should not happen: every value was checked
             _send(reply_fd, {"status": None, "notes": [f"the reply could not be encoded: {exc}"]})
         except BrokenPipeError:

@@ -6,6 +6,7 @@ The slot's work dir persists across its tasks and is the cwd of every script.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -431,13 +432,19 @@ class Slot:
             wrapped = mpirun.wrap(ctx.module, task.headers, argv, env)
         except ScaleboxError as exc:
             return _system_error(started, str(exc))
+        remote = False
         if wrapped is not argv:
             mpi.remove_stale_segments()
+            # an srun step's ranks run under slurmstepd, not under us: wait4 of srun is srun's
+            # own CPU only (mpiexec's ranks are its descendants, so its rusage is theirs)
+            remote = wrapped[0] == "srun"
             argv = wrapped
         outcome = self._run_script(argv, env, "run", ctx.module.arguments.task_max_seconds, abortable=True,
                                    live=task.id)
         if outcome is None:
             return None
+        if remote:
+            outcome = dataclasses.replace(outcome, usage=None)
         killed = outcome.returncode < 0 or 128 < outcome.returncode < 160  # by a signal (or its shell's 128+N)
         if killed and not outcome.timed_out and ctx.control.draining.is_set():
             # killed while we drain (scancel, walltime, node shutdown): not the task's fault, give it back
@@ -515,7 +522,7 @@ class Slot:
             input_bytes=report.input_bytes, output_bytes=report.output_bytes,
             input_files=report.input_files, output_files=report.output_files, removed_files=report.removed_files,
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
-            finish_text=report.finish_text if status == 0 else None,
+            finish_text=report.finish_text if status == 0 else None, usage=outcome.usage,
         )
 
     def _messages(self, report: taskexec.ExecReport) -> tuple[list[Message], list[str]]:

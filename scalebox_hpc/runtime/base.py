@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from scalebox_hpc.models import Usage
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -52,6 +54,8 @@ class Outcome:
 
     returncode: int
     timed_out: bool = False
+    usage: Usage | None = None
+    """What the run's process tree used (None: not measured by this runtime)."""
 
 
 class Run(Protocol):

@@ -320,6 +320,10 @@ class PerTaskSession(ContainerSession):
         )
         proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
         run = ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        # apptainer's starter forks the container's processes and waits for them: its rusage is
+        # the run's. A podman/docker client's container runs under conmon, not under us: what
+        # wait4 sees is the client's own CPU, so nothing is reported rather than a wrong number
+        run.measures_usage = self.engine.name == "apptainer"
         run.record(self.spec.private_dir, f"{spec.stdout_path.stem} of {self.spec.name} in container {name}")
         return run
 

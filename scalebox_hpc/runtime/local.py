@@ -11,23 +11,54 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from scalebox_hpc.errors import ScriptError
+from scalebox_hpc.models import Usage
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 
 logger = logging.getLogger(__name__)
 
+Wait4 = Callable[[int, int], tuple[int, int, Any]]
+"""``os.wait4``'s shape: (pid, options) -> (pid, wait status, struct rusage)."""
+
+
+def own_peak_kb() -> int:
+    """This process's peak RSS so far (KiB): what a child it spawns shows as its own peak at
+    least (the kernel keeps the pre-exec copy of the parent in the child's ``ru_maxrss``)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def usage_of(rusage: Any, floor_kb: int = 0) -> Usage:
+    """A ``struct rusage`` of a reaped child (its own use plus that of every descendant it
+    waited for) as a Usage. ``ru_maxrss`` (KiB on Linux: the largest single process) is kept
+    only above ``floor_kb``, the spawning process's own peak: at exec the kernel records the
+    old address space's peak, which for a forked child is its parent's copy, so a peak not above
+    the parent's may be the parent's, not the run's (None: not known)."""
+    rss = int(rusage.ru_maxrss)
+    return Usage(cpu_user_s=max(0.0, float(rusage.ru_utime)), cpu_system_s=max(0.0, float(rusage.ru_stime)),
+                 max_rss_kb=rss if rss > max(0, floor_kb) else None)
+
 
 class LocalRun:
     """A script running as a local session (its own process group)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], label: str = "") -> None:
+    measures_usage = True
+    """Whether the rusage of the reaped process is the run's (False for an engine client whose
+    container runs elsewhere: Podman/Docker, where the client's own CPU is all wait4 sees)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], label: str = "", *, wait4: Wait4 = os.wait4,
+                 peak: Callable[[], int] = own_peak_kb) -> None:
         self.proc = proc
+        self._wait4 = wait4
+        self._peak = peak
         self.label = label or str(proc.args[0] if isinstance(proc.args, list | tuple) else proc.args)
         self.record_file: Path | None = None
         self._outcome: Outcome | None = None
@@ -90,11 +121,24 @@ class LocalRun:
             logger.warning("run %s (pid %d) ended leaving %d process(es) of its session running: %s; ended them "
                            "(a task's processes end with its run.sh)", self.label, self.proc.pid, len(left),
                            fence.describe(left))
-        code = self.proc.wait()
+        code, usage = self._reap()
         self._close()
         fence.remove_record(self.record_file)
         self.record_file = None
-        self._outcome = Outcome(code, timed_out=timed_out)
+        self._outcome = Outcome(code, timed_out=timed_out, usage=usage if self.measures_usage else None)
+
+    def _reap(self) -> tuple[int, Usage | None]:
+        """Reap the main process with ``wait4``: its exit code, and the CPU and peak RSS of its
+        tree (the main process and the descendants it, or they, waited for). Popen is told the
+        code, so it never waits for the pid again."""
+        if self.proc.returncode is not None:  # reaped by Popen already: the rusage is gone
+            return self.proc.returncode, None
+        try:
+            _, status, rusage = self._wait4(self.proc.pid, 0)
+        except ChildProcessError:
+            return self.proc.wait(), None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return self.proc.returncode, usage_of(rusage, floor_kb=self._peak())
 
     def _close(self) -> None:
         if self._pidfd >= 0:
@@ -111,7 +155,7 @@ class LocalRun:
             fence.end(doomed, grace, group=self.proc.pid)
             self._finish(timed_out=True)
         assert self._outcome is not None
-        return Outcome(self._outcome.returncode, timed_out=True)
+        return Outcome(self._outcome.returncode, timed_out=True, usage=self._outcome.usage)
 
 
 def popen(

@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 
 from scalebox_hpc.errors import ContainerError, ScriptError
+from scalebox_hpc.models import Usage
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.container import (
@@ -52,6 +53,24 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT = 120.0
 """Seconds a container may take to start its agent (a first SIF mount can be slow)."""
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+"""Clock ticks per second of /proc's times (USER_HZ: the kernel's, shared by every container)."""
+_TICKS = re.compile(r"[0-9]{1,15}\Z")
+
+
+def exit_reply(line: str, ticks_per_second: int = CLOCK_TICKS) -> tuple[int, Usage | None]:
+    """The agent's ``exit ID CODE [UTICKS STICKS]`` → (code, the run's CPU; None when the agent
+    could not read it). The container's shell answers: anything but two tick counts is no usage.
+    The peak RSS of a run inside a warm container is not measured (procfs has no children's
+    peak; only wait4 has it, and the run's processes are the agent's children, not ours)."""
+    fields = line.split()
+    code = int(fields[2])
+    if len(fields) != 5 or not all(_TICKS.match(f) for f in fields[3:]):
+        return code, None
+    user, system = (int(f) / ticks_per_second for f in fields[3:])
+    return code, Usage(cpu_user_s=user, cpu_system_s=system)
 
 
 def sh_quote(text: str) -> str:
@@ -201,7 +220,8 @@ class WarmSession(ContainerSession):
         line = self._line(deadline, expect=prefix)
         if line is not None:
             self._current = 0
-            return Outcome(int(line.split()[2]))
+            code, usage = exit_reply(line)
+            return Outcome(code, usage=usage)
         if not self._alive():
             self._current = 0
             logger.error("slot %s: container ended during a run", self.spec.name)
@@ -227,8 +247,8 @@ class WarmSession(ContainerSession):
         psutil.wait_procs(alive, timeout=grace)
         line = self._line(time.monotonic() + max(grace, 2.0), expect=f"exit {seq} ")
         self._current = 0
-        code = int(line.split()[2]) if line else -signal.SIGKILL
-        return Outcome(code, timed_out=True)
+        code, usage = exit_reply(line) if line else (-signal.SIGKILL, None)
+        return Outcome(code, timed_out=True, usage=usage)
 
     # -- end --------------------------------------------------------------------------------------
     def close(self) -> None:

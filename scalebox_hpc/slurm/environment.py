@@ -9,6 +9,7 @@ names are those Slurm 22.05 sets in batch scripts and ``srun`` tasks; ``SLURM_JO
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,36 @@ _ENV: dict[str, tuple[str, ...]] = {
     "partition": ("SLURM_JOB_PARTITION",),
 }
 """Each property and the variables it is read from, first one set wins."""
+
+
+_CPUS_GROUP = re.compile(r"([0-9]{1,7})(?:\(x([0-9]{1,7})\))?\Z")
+
+
+def cpus_per_node_total(text: str) -> int | None:
+    """The CPUs of ``SLURM_JOB_CPUS_PER_NODE`` (``72``, ``4(x2),2``: per node, ``(xN)`` for N
+    nodes alike) summed over the job's nodes; None for anything else. Total for any text."""
+    total = 0
+    for group in text.strip().split(","):
+        match = _CPUS_GROUP.match(group.strip())
+        if match is None:
+            return None
+        total += int(match.group(1)) * int(match.group(2) or 1)
+    return total or None
+
+
+def allocated_cpus(environ: Mapping[str, str] | None = None) -> int | None:
+    """The CPUs allocated to the job this process runs in, all its nodes: from
+    ``SLURM_JOB_CPUS_PER_NODE``, else ``SLURM_CPUS_ON_NODE`` x the node count; None when
+    neither says (no Slurm call: a stage job's core-hours must not cost RPCs)."""
+    env = os.environ if environ is None else environ
+    total = cpus_per_node_total(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+    if total is not None:
+        return total
+    per_node = env.get("SLURM_CPUS_ON_NODE", "").strip()
+    nodes = (_get(env, "num_nodes") or "1").strip()
+    if per_node.isascii() and per_node.isdigit() and nodes.isascii() and nodes.isdigit() and int(per_node) > 0:
+        return int(per_node) * max(1, int(nodes))
+    return None
 
 
 def in_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
@@ -91,6 +122,8 @@ class JobEnvironment:
     array_task_id: str | None = None
     job_name: str = ""
     partition: str = ""
+    cpus: int | None = None
+    """The CPUs allocated to the whole job (:func:`allocated_cpus`); None when not told."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JobEnvironment:
@@ -116,6 +149,7 @@ class JobEnvironment:
             array_task_id=_get(env, "array_task_id"),
             job_name=_get(env, "job_name") or "",
             partition=_get(env, "partition") or "",
+            cpus=allocated_cpus(env),
         )
 
     @property

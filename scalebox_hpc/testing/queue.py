@@ -193,7 +193,8 @@ class InMemoryQueue(_Claims):
                     "stderr": f"scalebox: lease expired (slot {t.slot_id if t.slot_id is not None else '?'} on "
                               f"{t.host or '?'} stopped heart-beating)",
                     "input_bytes": None, "output_bytes": None, "input_files": [], "output_files": [],
-                    "user_text": None, "timestamps": [],
+                    "user_text": None, "timestamps": [], "cpu_user_s": None, "cpu_system_s": None,
+                    "max_rss_kb": None,
                 })
                 again = t.attempts - t.retry_base <= s.modules[t.module_id].stall_retries
                 if again:

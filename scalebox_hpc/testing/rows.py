@@ -18,6 +18,7 @@ from scalebox_hpc.models import (
     TaskResult,
     TaskStatus,
     storable_text,
+    usage_columns,
 )
 
 OUTPUT_TAIL_BYTES = 64 * 1024
@@ -176,7 +177,7 @@ def _exec_record(exec_id: int, t: _Task, slot_id: int, host: str, result: TaskRe
         "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
         "input_files": list(result.input_files), "output_files": list(result.output_files),
         "user_text": None if result.user_text is None else storable_text(result.user_text),
-        "timestamps": copy.deepcopy(result.timestamps),
+        "timestamps": copy.deepcopy(result.timestamps), **usage_columns(result.usage),
     }
 
 
@@ -187,7 +188,7 @@ def _emit_failed(result: TaskResult, reason: str) -> TaskResult:
         status=TaskStatus.EMIT_FAILED, started_at=result.started_at, finished_at=result.finished_at,
         stdout=result.stdout, stderr=stderr, input_bytes=result.input_bytes, output_bytes=result.output_bytes,
         input_files=result.input_files, output_files=result.output_files, user_text=result.user_text,
-        timestamps=result.timestamps,
+        timestamps=result.timestamps, usage=result.usage,
     )
 
 

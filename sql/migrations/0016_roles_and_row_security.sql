@@ -44,6 +44,8 @@ CREATE POLICY sbx_slots_own ON sbx_slots
 ALTER TABLE sbx_task_execs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY sbx_task_execs_own ON sbx_task_execs
     USING (EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.id = task_id));
+-- a view reads as its owner unless told otherwise, which would skip the policies above
+ALTER VIEW sbx_usage SET (security_invoker = on);
 
 -- The group roles, and their privileges on every sbx_ object there is now; `scalebox db grant`
 -- and `db upgrade` call it again (objects of later migrations). Returns what it could not do.

@@ -25,6 +25,7 @@ from scalebox_hpc.models import (
     Task,
     TaskResult,
     TaskStatus,
+    Usage,
     headers_for,
 )
 from scalebox_hpc.pipeline import AppSpec, load_pipeline
@@ -1046,3 +1047,44 @@ def test_complete_many_mixes_the_slots_and_modules_of_a_node(queue_backend: Back
     # each routed from its own module: a's first sink is b, b's is c
     assert "from-a" in {r["body"] for r in b.tasks(app, "b")}
     assert "from-b" in {r["body"] for r in b.tasks(app, "c")}
+
+
+# -- usage ------------------------------------------------------------------------------------------
+USAGE_KEYS = ("cpu_user_s", "cpu_system_s", "max_rss_kb")
+
+
+def _used(b: Backend, task: Task) -> list[tuple[Any, ...]]:
+    return [tuple(e[k] for k in USAGE_KEYS) for e in b.executions(task.id)]
+
+
+def test_every_hand_off_records_the_runs_usage(queue_backend: Backend, app: int) -> None:
+    """One by one, in a batch of silent items, in a batch item that emits, and when the messages
+    are refused (-102): the execution keeps what the run used; a run that measured nothing, and
+    a lease recovery, record NULLs."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["t0", "t1", "t2", "t3", "t4"])
+    slot = _slot(b, app, "a")
+    t0, t1, t2, t3, t4 = _claim(b, app, "a", slot, limit=5)
+
+    def used(n: int, rss: int | None = 2048) -> TaskResult:
+        r = _result(messages=[Message(f"m{n}")] if n == 2 else None)
+        r.usage = Usage(cpu_user_s=n + 0.25, cpu_system_s=0.5, max_rss_kb=rss)
+        return r
+
+    _complete(b, app, t0, slot, used(0))
+    bad = used(3)
+    bad.messages = [Message("x", {}, "nope")]
+    out = _batch(b, app, [Completion(t1, used(1, rss=None), "h1"), Completion(t2, used(2), "h1"),
+                          Completion(t3, bad, "h1"), Completion(t4, _result(), "h1")], slot)
+    assert out == [0, 1, 0, 0]
+    assert _used(b, t0) == [(0.25, 0.5, 2048)]
+    assert _used(b, t1) == [(1.25, 0.5, None)]
+    assert _used(b, t2) == [(2.25, 0.5, 2048)]
+    assert _used(b, t3) == [(3.25, 0.5, 2048)]  # emit-failed: the run still used it
+    assert _used(b, t4) == [(None, None, None)]
+
+    b.add_tasks(app, "c", ["lost"])
+    [lost] = _claim(b, app, "c", _slot(b, app, "c"), lease=5)
+    b.advance(10)
+    assert b.queue.recover_expired() == [(lost.id, -1)]
+    assert _used(b, lost) == [(None, None, None)]

@@ -31,6 +31,11 @@ FROM pg_policies WHERE schemaname = 'public'
 UNION ALL
 SELECT 'row security', relname, relrowsecurity::text FROM pg_class
 WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
+UNION ALL
+SELECT 'view', viewname, definition FROM pg_views WHERE schemaname = 'public'
+UNION ALL
+SELECT 'view options', relname, array_to_string(reloptions, ',') FROM pg_class
+WHERE relnamespace = 'public'::regnamespace AND relkind = 'v'
 ORDER BY 1, 2
 """
 
