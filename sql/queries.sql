@@ -1056,12 +1056,12 @@ SELECT column_name FROM information_schema.columns
 WHERE table_schema = current_schema() AND table_name = 'sbx_task_execs';
 
 -- name: report_core_hours
--- HOOK (issue 18): core-hours per module from the executions' CPU time. Run only when
--- report_exec_columns lists every column named in scalebox_hpc.report.data.CPU_COLUMNS; adjust
--- both to the columns migration 0014 adds.
-SELECT m.name AS module, sum(COALESCE(e.cpu_user_seconds, 0) + COALESCE(e.cpu_system_seconds, 0)) / 3600.0
+-- Core-hours per module from the executions' CPU time (user + system, migration 0014; NULL
+-- where a runtime cannot measure it: see sbx_usage). Run when report_exec_columns lists the
+-- columns of scalebox_hpc.report.data.CPU_COLUMNS (a database before 0014 has none).
+SELECT m.name AS module, sum(COALESCE(e.cpu_user_s, 0) + COALESCE(e.cpu_system_s, 0)) / 3600.0
            AS core_hours,
-       count(*) FILTER (WHERE e.cpu_user_seconds IS NOT NULL) AS measured
+       count(*) FILTER (WHERE e.cpu_user_s IS NOT NULL) AS measured
 FROM sbx_task_execs e
 JOIN sbx_tasks t ON t.id = e.task_id
 JOIN sbx_modules m ON m.id = t.module_id

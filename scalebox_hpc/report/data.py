@@ -28,8 +28,8 @@ TIMELINE_LIMIT = 5000
 """The most execution bars in the timeline; beyond it the timeline is a sample (and says so)."""
 TOP_STDERR = 20
 STAGE_JOBS_LIMIT = 2000
-CPU_COLUMNS = ("cpu_user_seconds", "cpu_system_seconds")
-"""HOOK (issue 18): the sbx_task_execs columns core-hours are computed from (report_core_hours).
+CPU_COLUMNS = ("cpu_user_s", "cpu_system_s")
+"""The sbx_task_execs columns core-hours are computed from (report_core_hours; migration 0014).
 Migration 0014 (CPU and RSS per execution) is another change; until the schema has all of these
 columns the report says "not recorded". Keep this and the query in step with that migration."""
 
