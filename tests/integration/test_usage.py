@@ -28,9 +28,18 @@ pytestmark = pytest.mark.pg
 
 REPO = Path(__file__).resolve().parents[2]
 BUSY_SECONDS = 0.5
-BURN = (f"import time\nt = time.process_time()\nwhile time.process_time() - t < {BUSY_SECONDS}: pass\n"
-        "x = bytearray(64 * 1024 * 1024)\n")
-"""Half a second of CPU (whatever the box's load), then 64 MiB touched (a peak RSS above it)."""
+BURN = (f"import os, time\nt = time.process_time()\nwhile time.process_time() - t < {BUSY_SECONDS}: pass\n"
+        "x = bytearray(int(os.environ.get(\"TOUCH_MIB\", \"64\")) * 1024 * 1024)\n")
+"""Half a second of CPU (whatever the box's load), then TOUCH_MIB (64) MiB touched (a peak RSS above it)."""
+
+
+def touch_mib() -> int:
+    """What a task must touch for its peak to count: above this (launcher) process's own peak,
+    which a child's pre-exec copy shares (the rule in runtime/local.py), by 64 MiB. A launcher
+    inside a long pytest run has grown well past 64 MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + 64
 RUN_SH = f"""\
 case "$1" in
   busy) python3 -c '{BURN}' ;;
@@ -82,6 +91,7 @@ def test_bare_runs_record_the_cpu_and_peak_rss_of_their_process_tree(pg_dsn: str
         modules:
           a:
             {FAST}
+            environments: {{TOUCH_MIB: "{touch_mib()}"}}
     """, {"a/run.sh": RUN_SH})
     add(pg_dsn, app_id, "a", "busy", "child", "sleep")
     launch(pg_dsn, app_id, tmp_path / "work")
