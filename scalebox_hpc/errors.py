@@ -12,7 +12,8 @@
     ├── ScriptError               a module script is missing or not runnable
     ├── CommandError              an external command failed (argv, returncode, stderr)
     ├── ContainerError            a container engine or image is missing or unusable
-    └── SlotError                 a slot cannot run (setup.sh failed, ...)
+    ├── SlotError                 a slot cannot run (setup.sh failed, ...)
+    └── AppTimeoutError           an app did not end within the time waited for it (Python client)
 
 Errors carry data as attributes; ``str(err)`` is one line for the CLI.
 """
@@ -125,3 +126,15 @@ class ContainerError(ScaleboxError):
 
     hint = ("check the module's runtime:/base_image (README: Containers); "
             "set SCALEBOX_RUNTIME=local to run without containers")
+
+
+class AppTimeoutError(ScaleboxError):
+    """An app did not end within the time waited for it."""
+
+    hint = "wait longer (timeout=None waits until it ends), or look at it with `scalebox status`"
+
+    def __init__(self, app_id: int, timeout: float, pending: int) -> None:
+        self.app_id = app_id
+        self.timeout = timeout
+        self.pending = pending
+        super().__init__(f"app {app_id} did not end within {timeout:g} s ({pending} task(s) READY or RUNNING)")
