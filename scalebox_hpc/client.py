@@ -415,7 +415,7 @@ class Client:
         from rich.live import Live
 
         from scalebox_hpc.db.connection import translate_errors
-        from scalebox_hpc.liveview import read_snapshot, render
+        from scalebox_hpc.liveview import bar_width, read_snapshot, render
 
         console = Console(stderr=True)
         if not console.is_terminal:
@@ -424,5 +424,6 @@ class Client:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             def show() -> None:
                 with translate_errors(self.dsn):
-                    live.update(render(read_snapshot(self.conn, app), hint=""), refresh=True)
+                    view = render(read_snapshot(self.conn, app), hint="", width=bar_width(console.width))
+                    live.update(view, refresh=True)
             yield show

@@ -139,10 +139,16 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def bar_width(columns: int) -> int:
+    """The bars' width on a terminal of ``columns``: what the other columns leave, 10 to 40."""
+    return max(10, min(40, columns - 90))
+
+
 def render(snap: Snapshot, *, width: int = 30, hint: str = "q quits") -> RenderableType:
     """The live view of ``snap``: a title line, per module a progress bar with counts, rate and
     ETA, the slots per host, the stage jobs, why tasks wait and the recent failures. ``width``:
-    the bars' width; ``hint``: the last line (empty for none). Pure: data in, renderable out."""
+    the bars' width (:func:`bar_width` of the terminal); ``hint``: the last line (empty for
+    none). Pure: data in, renderable out."""
     parts: list[RenderableType] = [_title(snap), _modules(snap, width)]
     if snap.hosts:
         parts.append(_hosts(snap.hosts))
@@ -177,7 +183,7 @@ def _modules(snap: Snapshot, width: int) -> Table:
     for m in snap.modules:
         bar = ProgressBar(total=max(m.total, 1), completed=m.done if m.total else 0, width=width,
                           complete_style="red" if m.failed else "green", finished_style="green")
-        eta = "done" if m.total and m.remaining == 0 else duration(m.eta_seconds())
+        eta = "-" if not m.total else "done" if m.remaining == 0 else duration(m.eta_seconds())
         table.add_row(Text(_line(m.name)), bar, Text(f"{m.done}/{m.total}"), Text(str(m.ok)),
                       Text(str(m.failed), style="red" if m.failed else ""), Text(str(m.running)),
                       Text(str(m.ready)), Text(str(m.slots)), Text(f"{m.per_minute}/min"), Text(eta))

@@ -189,16 +189,18 @@ def _watch_live(conn: Connection, app_id: int) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    from scalebox_hpc.liveview import render
+    from scalebox_hpc.liveview import bar_width, render
 
     console = Console()
     with _QuitKey() as keys:
         hint = "q quits" if keys.reading else "Ctrl-C quits"
         snap = _live_snapshot(conn, app_id)
-        with Live(render(snap, hint=hint), console=console, auto_refresh=False, transient=False) as live:
+        view = render(snap, hint=hint, width=bar_width(console.width))
+        with Live(view, console=console, auto_refresh=False, transient=False) as live:
             while not snap.ended and not keys.pressed(WATCH_SECONDS):
                 snap = _live_snapshot(conn, app_id)
-                live.update(render(snap, hint="" if snap.ended else hint), refresh=True)
+                live.update(render(snap, hint="" if snap.ended else hint, width=bar_width(console.width)),
+                            refresh=True)
     if not snap.ended:
         click.echo(f"(stopped watching app {app_id}: {snap.state})")
 
