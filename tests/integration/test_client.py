@@ -18,6 +18,7 @@ import pytest
 from scalebox_hpc import Client, Outcome, Task
 from scalebox_hpc.errors import AppTimeoutError, NotFoundError, PipelineError, ScaleboxError
 from scalebox_hpc.models import TaskStatus
+from scalebox_hpc.text import terminal_safe
 from tests.helpers import write_app
 
 pytestmark = pytest.mark.pg
@@ -253,3 +254,29 @@ def test_an_error_during_a_run_stops_the_slots_before_it_is_raised(client: Clien
                  grace=0.2)
     assert threads() == before
     assert {t.status for t in client.tasks(app, module="echo")} == {TaskStatus.READY}
+
+
+def test_a_run_whose_slots_cannot_start_says_why_in_the_outcome(client: Client, tmp_path: Path) -> None:
+    from tests.acceptance.test_cli_ux import broken_pipeline
+
+    before = threads()
+    outcome = client.run(broken_pipeline(tmp_path / "setup", "setup"))
+    assert threads() == before
+    assert not outcome.succeeded and outcome.count(TaskStatus.READY, "hasher") == 14
+    [why] = outcome.stuck
+    assert why.startswith("hasher: all 3 slot(s) failed: ") and why.endswith("14 task(s) left READY"), why
+
+
+def test_wait_with_progress_draws_the_live_view_on_a_terminal(
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    app = client.create_app(echo_app(tmp_path / "app"))
+    client.add_tasks(app, "echo", ["a"])
+    client.cancel(app)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stderr for a terminal
+    monkeypatch.setenv("COLUMNS", "120")
+    assert client.wait(app, progress=True).result == "cancelled"
+    err = terminal_safe(capsys.readouterr().err)
+    assert f"app {app} echo: FINISHED  cancelled" in err and "━" in err and "1/0" not in err
+    monkeypatch.delenv("FORCE_COLOR")
+    client.wait(app, progress=True)
+    assert capsys.readouterr().err == ""  # not a terminal: nothing drawn
