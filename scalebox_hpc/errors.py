@@ -27,6 +27,7 @@
     ├── ProtocolError           -     launcher.pyworker      a Python worker's reply breaks the pipe protocol
     ├── ServiceError            yes   taskapi                the launcher refused a running task's call (kind)
     ├── ProbeParseError         yes   doctor.report          a doctor probe job's output is not its report
+    ├── AppTimeoutError         yes   errors                 an app did not end within the time waited (Python client)
     └── ConfigError             yes   modules.cron.__main__  the cron module is misconfigured (code: its exit)
 
 "hint": the class has a default ``hint`` (any error may also be given one when raised). "defined
@@ -151,3 +152,15 @@ class ContainerError(ScaleboxError):
 
     hint = ("check the module's runtime:/base_image (README: Containers); "
             "set SCALEBOX_RUNTIME=local to run without containers")
+
+
+class AppTimeoutError(ScaleboxError):
+    """An app did not end within the time waited for it."""
+
+    hint = "wait longer (timeout=None waits until it ends), or look at it with `scalebox status`"
+
+    def __init__(self, app_id: int, timeout: float, pending: int) -> None:
+        self.app_id = app_id
+        self.timeout = timeout
+        self.pending = pending
+        super().__init__(f"app {app_id} did not end within {timeout:g} s ({pending} task(s) READY or RUNNING)")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.text import terminal_safe as terminal_safe  # re-exported: the commands import it from here
 
 if TYPE_CHECKING:
     from scalebox_hpc.db.connection import Connection
@@ -24,20 +25,6 @@ EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"  # same name as launcher.taskexec.EMIT_BU
 
 def _dump(data: Any) -> None:
     click.echo(json.dumps(data, default=str, ensure_ascii=False, indent=2))
-
-
-_TERMINAL_ESCAPE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, screen clears
-    r"|\x1b[\]PX^_][^\x07\x1b\n]*(?:\x07|\x1b\\)"  # OSC, DCS, SOS, PM, APC strings: titles, links, clipboard
-    r"|\x1b[ -/]*[0-~]"  # the other escape sequences (charsets, resets), and an unterminated string's opener
-)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1 (8-bit CSI, OSC)
-
-
-def terminal_safe(text: str) -> str:
-    """``text`` without terminal escape sequences or control characters (tab and newline kept):
-    what tasks print, or set as results, must not retitle, recolour or rewrite the viewer's terminal."""
-    return _CONTROL.sub("", _TERMINAL_ESCAPE.sub("", text))
 
 
 def _one_line(text: str) -> str:
@@ -226,9 +213,6 @@ def _buffer(item: dict[str, Any]) -> None:
 
 def _work_root(work_root: str | None) -> Path:
     """--work-root, else SCALEBOX_WORK_ROOT, else a per-user directory under the temp dir."""
-    import tempfile
+    from scalebox_hpc.apprun import work_root as resolve
 
-    default = Path(tempfile.gettempdir()) / f"scalebox-{os.getuid()}" / "work"
-    return Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default).absolute()
-
-
+    return resolve(work_root)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,13 +19,10 @@ from scalebox_hpc.cli.status import _print_failures
 
 def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = None, host: str | None = None,
             work_root: str | None = None, local: bool = False, local_scratch: str | None = None) -> Any:
-    from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
+    from scalebox_hpc.apprun import launcher_config
 
-    name = host or host_name()
-    scratch = local_scratch or os.environ.get("SCALEBOX_LOCAL_SCRATCH")
-    return LauncherConfig(app_id=app_id, host=name, work_root=_work_root(work_root),
-                          modules=modules, slots=slots, local=local,
-                          local_scratch=Path(scratch.replace("${HOST}", name)).absolute() if scratch else None)
+    return launcher_config(app_id, root=_work_root(work_root), modules=modules, slots=slots, host=host,
+                           local=local, local_scratch=local_scratch)
 
 
 @click.command("launcher")
@@ -112,9 +108,10 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
       scalebox run -e containers examples/app-copy/app.yaml
       scalebox run --app 3          # continue app 3 here (after fixing what stopped it)
     """
+    from scalebox_hpc.apprun import run_here
     from scalebox_hpc.db import apps
     from scalebox_hpc.db.connection import connect, translate_errors
-    from scalebox_hpc.node import SignalPolicy, resolve_dsn, run_launcher
+    from scalebox_hpc.node import SignalPolicy, resolve_dsn
 
     if (file is None) == (app is None):
         raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
@@ -135,33 +132,28 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
         watcher = _RunWatcher(conn, app_id, timeout, quiet, grace)
         with watcher:
             watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
-            run_launcher(dsn, _config(app_id, work_root=work_root, local=True), grace=grace,
-                         on_tick=watcher.tick, on_drain=watcher.draining,
-                         signals=SignalPolicy(say=watcher.say, restore=False))
+            run_here(dsn, _config(app_id, work_root=work_root, local=True), watcher.judge, grace=grace,
+                     on_tick=watcher.show, signals=SignalPolicy(say=watcher.say, restore=False))
         final = watcher.summary()
     sys.exit(final)
 
 
 PROGRESS_SECONDS = 5.0
 """Off a terminal, ``scalebox run`` prints a progress line this often (when something changed)."""
-UNSTARTED_GRACE_SECONDS = 5.0
-"""After this long, a module with READY tasks and no slot at all in ``scalebox run`` is stuck."""
 
 
 class _RunWatcher:
-    """Progress for ``scalebox run``, and the decision that the app is done (or cannot go on)."""
+    """Progress for ``scalebox run``; the decision that the app is done (or cannot go on) is
+    its :class:`~scalebox_hpc.apprun.RunJudge`'s, shared with the Python client."""
 
     def __init__(self, conn: Connection, app_id: int, timeout: float | None, quiet: bool, grace: float) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from scalebox_hpc.apprun import RunJudge
+
         self.conn, self.app_id, self.grace, self.quiet = conn, app_id, grace, quiet
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.quiet_ticks = 0
-        self.timed_out = False
-        self.ending = False  # the watcher itself ended the run (not a signal)
-        self.interrupted = False
-        self.stuck: list[Any] = []
+        self.judge = RunJudge(conn, app_id, timeout)
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
         self.progress = Progress(
@@ -210,50 +202,21 @@ class _RunWatcher:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), handlers=[handler], force=True)
 
-    def _counts(self) -> list[ModuleCounts]:
-        from scalebox_hpc.db import apps
-
-        with self.conn.transaction():
-            return apps.module_counts(self.conn, self.app_id)
-
-    def _slots(self) -> list[dict[str, Any]]:
-        from scalebox_hpc.db import apps
-
-        with self.conn.transaction():
-            return apps.list_slots(self.conn, self.app_id)
-
     def tick(self) -> bool:
-        """Update the progress; True when the run should end."""
-        self.ending = self.ending or self._tick()
-        return self.ending
+        """Decide and update the progress; True when the run should end."""
+        ending = self.judge.tick()
+        self.show()
+        return ending
 
-    def _tick(self) -> bool:
-        from scalebox_hpc.db import apps
-
-        counts = self._counts()
+    def show(self) -> None:
+        """Update the bars (or the progress line) from the judge's last counts."""
+        counts = self.judge.counts
         for mc in counts:
             if mc.name not in self.bars:
                 self.bars[mc.name] = self.progress.add_task(_one_line(mc.name), total=0, extra="")
             extra = f"running {mc.count(-3)}" + (f", failed {mc.failed}" if mc.failed else "")
             self.progress.update(self.bars[mc.name], total=mc.total, completed=mc.done, extra=extra)
         self._progress_line(counts)
-        if self.interrupted:  # draining on a signal: the slots end because we asked them to
-            return True
-        if self._status() == "FINISHED":
-            return True
-        # a module this run started no slot for (an MPI collective one) strands its tasks too,
-        # once the slots had time to register
-        started = time.monotonic() - self.started > UNSTARTED_GRACE_SECONDS
-        stuck = apps.stuck_modules(counts, self._slots(), without_slots=started)
-        if apps.all_work_stuck(counts, stuck):
-            self.stuck = stuck
-            return True
-        pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
-        self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 else 0
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.timed_out = True
-            return True
-        return self.quiet_ticks >= 3
 
     def _progress_line(self, counts: list[ModuleCounts]) -> None:
         """Off a terminal (a batch log): one line every PROGRESS_SECONDS, when something changed."""
@@ -266,12 +229,6 @@ class _RunWatcher:
             self.last_line = line
             click.echo(f"[{time.monotonic() - self.started:6.0f}s] {line}", err=True)
 
-    def draining(self) -> None:
-        """Called once when the run drains: on a signal (Ctrl-C, said by the launcher's handler),
-        unless the watcher itself ended the run."""
-        if not self.ending:
-            self.interrupted = True
-
     def say(self, text: str) -> None:
         """One line of the launcher's signal handling (draining, stopping now) for the user: on a
         terminal printed above the progress bars."""
@@ -283,21 +240,15 @@ class _RunWatcher:
         else:
             click.echo(line, err=True)
 
-    def _status(self) -> str:
-        with self.conn.transaction():
-            from scalebox_hpc.db.sql import query
-
-            row = self.conn.execute(query("app_status"), {"app_id": self.app_id}).fetchone()
-        return str(row["status"]) if row else "?"
-
     def summary(self) -> int:
         """Print the outcome; the exit code of ``scalebox run``."""
         from scalebox_hpc.db import apps
 
         with self.conn.transaction():
             row = apps.get_app(self.conn, self.app_id)
-        counts = self._counts()
-        slots = self._slots()
+        judge = self.judge
+        counts = judge.read_counts()
+        slots = judge.read_slots()
         failed = sum(mc.failed for mc in counts)
         pending = sum(mc.count(-1) + mc.count(-3) for mc in counts)
         for mc in counts:
@@ -309,16 +260,16 @@ class _RunWatcher:
             click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
         again = f"scalebox run --app {self.app_id}"
-        stuck = self.stuck or (apps.stuck_modules(counts, slots) if pending and not self.interrupted else [])
+        stuck = judge.stuck or (apps.stuck_modules(counts, slots) if pending and not judge.interrupted else [])
         if stuck:
             for s in stuck:
                 stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
                 todo = f"fix it, then `{again}`" if s.slots else f"start it with `{stage}`"
                 click.echo(f"scalebox: {_squeezed(s.describe())}; {_one_line(todo)}", err=True)
-        elif self.timed_out:
+        elif judge.timed_out:
             click.echo(f"scalebox: gave up after the timeout; {pending} task(s) unfinished; "
                        f"continue with `{again}`", err=True)
-        elif pending and self.interrupted:
+        elif pending and judge.interrupted:
             click.echo(f"scalebox: stopped; {pending} task(s) left unfinished; continue with `{again}` "
                        f"(or `scalebox launcher --app {self.app_id}`)", err=True)
         elif pending:
@@ -327,4 +278,4 @@ class _RunWatcher:
         elif row["status"] != "FINISHED" and not failed and not row["result"]:
             click.echo(f"scalebox: app {self.app_id} ended idle without a result "
                        "(no task called `scalebox app set-finished`)", err=True)
-        return 1 if failed or pending or self.timed_out or stuck else 0
+        return 1 if failed or pending or judge.timed_out or stuck else 0

@@ -107,7 +107,9 @@ def _state_line(row: dict[str, Any], state: str, rows: list[dict[str, Any]]) -> 
 @click.command("status")
 @APP_OPTION
 @click.argument("app_id", type=ID, required=False)
-@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C, or until the app is FINISHED or IDLE.")
+@click.option("--watch", is_flag=True,
+              help="Refresh every second until the app is FINISHED or IDLE (q or Ctrl-C quits): a live view on a "
+                   "terminal, the plain report again elsewhere.")
 @JSON_OPTION
 def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) -> None:
     """Per-module task counts by status, live slots, rates, each stage's Slurm jobs (scaled
@@ -121,16 +123,25 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
     The state is the app's status, except that a RUNNING app with nothing READY or RUNNING and
     no live slot is IDLE, and one with READY tasks but no live slot is WAITING.
 
+    --watch on a terminal is a live view: per module a progress bar with its counts, the rate
+    (tasks ended in the last minute) and an ETA at that rate; the live slots per host (busy of
+    live); the stage jobs; why tasks wait; the recent failures. It ends when the app is FINISHED
+    or IDLE, or when you press q. Off a terminal (a pipe, a log) it prints the plain report every
+    second instead.
+
     \b
     Examples:
       scalebox status               # the newest app
-      scalebox status --app 3 --watch   # refresh until app 3 is FINISHED or IDLE
+      scalebox status --app 3 --watch   # live until app 3 is FINISHED or IDLE (q quits)
       scalebox status --json
     """
     from scalebox_hpc.db import apps
 
     with _db() as conn:
         app_id = _app_id(conn, app_or_id(app, app_id))
+        if watch and not as_json and _stdout_terminal():
+            _watch_live(conn, app_id)
+            return
         while True:
             conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
             jobs = _stage_jobs(conn, app_id)
@@ -161,6 +172,97 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
             if not watch or state in ("FINISHED", "IDLE"):
                 return
             time.sleep(1.0)
+
+
+WATCH_SECONDS = 1.0
+"""How often --watch refreshes."""
+
+
+def _stdout_terminal() -> bool:
+    from rich.console import Console
+
+    return Console().is_terminal
+
+
+def _watch_live(conn: Connection, app_id: int) -> None:
+    """The live view (rich Live) until the app is FINISHED or IDLE, or q is pressed."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from scalebox_hpc.liveview import bar_width, render
+
+    console = Console()
+    with _QuitKey() as keys:
+        hint = "q quits" if keys.reading else "Ctrl-C quits"
+        snap = _live_snapshot(conn, app_id)
+        view = render(snap, hint=hint, width=bar_width(console.width))
+        with Live(view, console=console, auto_refresh=False, transient=False) as live:
+            while not snap.ended and not keys.pressed(WATCH_SECONDS):
+                snap = _live_snapshot(conn, app_id)
+                live.update(render(snap, hint="" if snap.ended else hint, width=bar_width(console.width)),
+                            refresh=True)
+    if not snap.ended:
+        click.echo(f"(stopped watching app {app_id}: {snap.state})")
+
+
+def _live_snapshot(conn: Connection, app_id: int) -> Any:
+    from scalebox_hpc.liveview import StageJob, read_snapshot
+
+    conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
+    jobs = [StageJob(str(j["module"]), str(j["slurm_job_id"]), str(j["state"]),
+                     str(j["reason"] or "") if j["state"] == "PENDING" else "") for j in _stage_jobs(conn, app_id)]
+    return read_snapshot(conn, app_id, jobs=jobs)
+
+
+class _QuitKey:
+    """Reads q from the terminal while the live view runs: stdin in cbreak mode (keys one by
+    one, not echoed, Ctrl-C still a signal) only when it is a terminal, and put back as it was
+    on every way out (the app ending, q, Ctrl-C, an error)."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else -1
+        self.saved: list[Any] | None = None
+
+    @property
+    def reading(self) -> bool:
+        """Whether q can be read (stdin is a terminal)."""
+        return self.saved is not None
+
+    def __enter__(self) -> _QuitKey:
+        if self.fd >= 0:
+            import termios
+            import tty
+
+            try:
+                self.saved = termios.tcgetattr(self.fd)
+                tty.setcbreak(self.fd)
+            except termios.error:  # not a real terminal after all: no keys, Ctrl-C still works
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+    def pressed(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True when q (or Q) was typed meanwhile."""
+        if self.saved is None:
+            time.sleep(seconds)
+            return False
+        import os
+        import select
+
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready and b"q" in os.read(self.fd, 64).lower():
+                return True
+        return False
 
 
 def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ Every public name is re-exported here: import from ``scalebox_hpc.pipeline``.
 
 from __future__ import annotations
 
-from scalebox_hpc.pipeline.load import STANDARD_MODULES, STANDARD_PREFIX, load_pipeline
+from scalebox_hpc.pipeline.load import DATA_SOURCE, STANDARD_MODULES, STANDARD_PREFIX, load_pipeline, load_pipeline_data
 from scalebox_hpc.pipeline.parameters import (
     AppParameters,
     ModuleArguments,
@@ -63,6 +63,8 @@ __all__ = [
     "did_you_mean",
     "expand",
     "load_pipeline",
+    "load_pipeline_data",
+    "DATA_SOURCE",
     "parse_slot",
     "read_env_file",
     "walltime_seconds",

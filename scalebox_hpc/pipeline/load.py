@@ -262,19 +262,50 @@ def load_pipeline(
     if file.is_dir():
         file = file / "app.yaml"
     display = str(file)
-    app_dir = Path(os.path.abspath(file)).parent
-    env = dict(os.environ if environ is None else environ)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PipelineError(f"cannot read pipeline file: {exc}", file=display) from exc
+    return _load_text(text, display, Path(os.path.abspath(file)).parent, env_files, environ, located=True)
+
+
+DATA_SOURCE = "<pipeline data>"
+"""How errors name a pipeline given as a mapping (:func:`load_pipeline_data`)."""
+
+
+def load_pipeline_data(
+    data: Mapping[str, Any], *, app_dir: str | Path | None = None, env_files: Sequence[str | Path] = (),
+    environ: Mapping[str, str] | None = None, source: str = DATA_SOURCE,
+) -> AppSpec:
+    """A pipeline given as data, as ``yaml.safe_load`` of a pipeline file gives it, loaded by the
+    same rules as :func:`load_pipeline`: ``${VAR}`` substitution (``scalebox.env`` in ``app_dir``,
+    ``env_files``, ``environ``), the 2023 aliases, the key checks, code paths relative to
+    ``app_dir`` (default: the current directory). A problem is a PipelineError naming
+    ``source: key.path`` (no line: data has none)."""
+    if not isinstance(data, Mapping):
+        raise PipelineError("the top level must be a mapping (name: ..., modules: ...)", file=source)
+    try:  # one loader for files and data: the data goes through the same node reader
+        text = yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"not plain data (text, numbers, booleans, lists, mappings): {exc}",
+                            file=source) from None
+    base = Path(app_dir) if app_dir is not None else Path.cwd()
+    return _load_text(text, source, Path(os.path.abspath(base)), env_files, environ, located=False)
+
+
+def _load_text(
+    text: str, display: str, app_dir: Path, env_files: Sequence[str | Path], environ: Mapping[str, str] | None,
+    *, located: bool,
+) -> AppSpec:
+    env = dict(os.environ if environ is None else environ)
     lookup, record = _load_variables(app_dir, env_files, env)
-    reader = _Reader(display, lookup)
+    reader = _Reader(display, lookup, located=located)
     root = _compose(text, display)
     try:
         data = reader.value(root, ())
     except yaml.MarkedYAMLError as exc:  # an unconstructable scalar (e.g. a bad !!int)
-        raise PipelineError(_yaml_message(exc, text), file=display, line=_mark_line(exc, text)) from None
+        line = _mark_line(exc, text) if located else None
+        raise PipelineError(_yaml_message(exc, text), file=display, line=line) from None
     loader = _Loader(reader, data, app_dir)
     modules = loader.modules()
     if isinstance(modules, list):

@@ -88,9 +88,11 @@ def did_you_mean(word: str, candidates: Mapping[str, str] | Iterable[str]) -> st
 class _Reader:
     """Turns a composed node tree into plain data, recording the line of every key and item."""
 
-    def __init__(self, file: str, variables: Mapping[str, str]) -> None:
+    def __init__(self, file: str, variables: Mapping[str, str], *, located: bool = True) -> None:
         self.file = file
         self.variables = variables
+        self.located = located
+        """Errors name the line (False for data given as a mapping: its lines mean nothing)."""
         self.lines: dict[_Path, int] = {}
         self.nodes = 0
         """Nodes visited so far (each alias counts again for every node it expands to)."""
@@ -99,7 +101,7 @@ class _Reader:
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, message: str, path: _Path, line: int | None) -> PipelineError:
-        return PipelineError(message, file=self.file, line=line, key=_dotted(path))
+        return PipelineError(message, file=self.file, line=line if self.located else None, key=_dotted(path))
 
     def _visit(self, path: _Path, line: int | None) -> None:
         """Count one node; refuse a file that expands to more than MAX_YAML_NODES."""
