@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +153,7 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
                 _pending_reasons(r, jobs)
             calls = _slurm_calls(conn, app_id)
             failed = sum(r["failed"] for r in rows)
+            usage = None if watch else _usage(conn, app_id)  # a scan of the executions: not every second
             if as_json:
                 with conn.transaction():
                     failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if failed else []
@@ -160,7 +162,8 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
                        "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
                                      "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
                                     for f in failures],
-                       **({"slurm_calls_last_minute": calls} if calls is not None else {})})
+                       **({"slurm_calls_last_minute": calls} if calls is not None else {}),
+                       **({"usage": [dataclasses.asdict(u) for u in usage]} if usage is not None else {})})
             else:
                 _print_status(row, rows, clear=watch, state=state)
                 click.echo(_one_line(_state_line(row, state, rows)))
@@ -169,9 +172,28 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
                     _print_failures(conn, app_id, failed, err=False)
                 if calls is not None:
                     click.echo(f"slurm: {calls} calls in the last minute")
+                _print_usage(usage)
             if not watch or state in ("FINISHED", "IDLE"):
                 return
             time.sleep(1.0)
+
+
+def _usage(conn: Connection, app_id: int) -> list[Any]:
+    """Per module: CPU core-hours used, allocated (stage jobs), efficiency, max RSS (sbx_usage)."""
+    from scalebox_hpc.db.usage import app_usage
+
+    with conn.transaction():
+        return list(app_usage(conn, app_id))
+
+
+def _print_usage(usage: list[Any] | None) -> None:
+    from scalebox_hpc.cli.usage import usage_lines
+
+    lines = usage_lines(usage) if usage else []
+    if lines:
+        click.echo("resources:")
+        for line in lines:
+            click.echo(line)
 
 
 WATCH_SECONDS = 1.0

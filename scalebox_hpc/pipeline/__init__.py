@@ -44,6 +44,7 @@ from scalebox_hpc.pipeline.variables import DEFAULT_ENV_FILE, expand, read_env_f
 from scalebox_hpc.pipeline.yaml_lines import MAX_YAML_DEPTH, MAX_YAML_NODES, _Path, _Reader, did_you_mean
 
 __all__ = [
+    "DATA_SOURCE",
     "DEFAULT_ENV_FILE",
     "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",
@@ -64,7 +65,6 @@ __all__ = [
     "expand",
     "load_pipeline",
     "load_pipeline_data",
-    "DATA_SOURCE",
     "parse_slot",
     "read_env_file",
     "walltime_seconds",

@@ -49,6 +49,11 @@ def test_app_show_gives_the_core_hours_each_module_used(cli_env: dict[str, str],
     usage = {u["module"]: u for u in json.loads(sbx(cli_env, "app", "show", "--json").stdout)["usage"]}
     assert usage["burn"]["measured"] == 2 and usage["burn"]["cpu_core_hours"] * 3600 >= 0.9
     assert usage["start"]["cpu_core_hours"] * 3600 < 0.9 and usage["burn"]["efficiency"] is None
+    # `scalebox status` gives the same table, and --json the same numbers
+    status = sbx(cli_env, "status").stdout.splitlines()
+    assert status[status.index("resources:") + 1:status.index("resources:") + 4] == shown[at + 1:at + 4]
+    in_status = {u["module"]: u for u in json.loads(sbx(cli_env, "status", "--json").stdout)["usage"]}
+    assert in_status == usage
 
 
 def test_stage_list_shows_the_slurm_calls_counted(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
