@@ -216,10 +216,10 @@ def _buffer(item: dict[str, Any]) -> None:
 
 
 def _work_root(work_root: str | None) -> Path:
-    """--work-root, else SCALEBOX_WORK_ROOT, else a per-user directory under the temp dir."""
-    import tempfile
+    """--work-root, else SCALEBOX_WORK_ROOT, else ``$TMPDIR/scalebox-<euid>/work`` (made 0700 and
+    checked when a launcher claims its app dir: :func:`scalebox_hpc.runtime.paths.ensure_root`)."""
+    from scalebox_hpc.runtime.paths import default_work_root
 
-    default = Path(tempfile.gettempdir()) / f"scalebox-{os.getuid()}" / "work"
-    return Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default).absolute()
+    return Path(work_root or os.environ.get("SCALEBOX_WORK_ROOT") or default_work_root()).absolute()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -13,6 +12,7 @@ from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime.base import SessionSpec
 from scalebox_hpc.runtime.container import Bind
 from scalebox_hpc.runtime.images import _run, definition_key, exclusive, find_definition, prepare_context
+from scalebox_hpc.runtime.paths import ensure_root, per_user_root
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class EngineCli:
             raise ValueError(f"unknown engine {engine!r}")
         self.name = engine
         self.exe = exe
-        self.lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"scalebox-{engine}-locks-{os.geteuid()}"
+        # under the per-user root (0700, checked): a shared /tmp name let anyone hold the lock (F8)
+        self.lock_dir = lock_dir or per_user_root() / f"{engine}-locks"
 
     def image_for(self, spec: SessionSpec) -> str:
         """A local image name: as given, ``docker://`` stripped, or built from ``containers/NAME.Dockerfile``."""
@@ -58,7 +59,7 @@ class EngineCli:
         tag = f"localhost/scalebox/{definition.name.removesuffix('.Dockerfile').lower()}:{definition_key(definition)}"
         if self._exists(tag):
             return tag
-        with exclusive(self.lock_dir / f"{tag.rsplit('/', 1)[1].replace(':', '-')}.lock"):
+        with exclusive(ensure_root(self.lock_dir) / f"{tag.rsplit('/', 1)[1].replace(':', '-')}.lock"):
             if self._exists(tag):
                 return tag
             with tempfile.TemporaryDirectory(prefix="scalebox-build-") as tmp:

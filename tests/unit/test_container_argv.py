@@ -156,7 +156,9 @@ def test_definitions_are_found_above_the_code(tmp_path: Path, monkeypatch: pytes
     monkeypatch.delenv("SCALEBOX_CONTAINERS", raising=False)
     assert find_definition("app-primes", REPO / "examples" / "app-primes" / "calc", ".def") == \
         REPO / "containers" / "app-primes.def"
-    assert find_definition("app-primes", tmp_path, ".def") is None
+    # the package's own containers/ is the last place looked in, from anywhere
+    assert find_definition("app-primes", tmp_path, ".def") == REPO / "containers" / "app-primes.def"
+    assert find_definition("no-such-image", tmp_path, ".def") is None
     assert find_definition("../etc/passwd", REPO, ".def") is None
     assert rootfs_args(REPO / "containers" / "app-primes.def") == ["bash"]
     assert rootfs_args(REPO / "containers" / "scalebox-base.Dockerfile") == []
