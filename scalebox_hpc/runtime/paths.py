@@ -87,22 +87,22 @@ def check_private(path: Path) -> None:
 
 def ensure_private(path: Path, *, top: Path | None = None) -> Path:
     """Create ``path`` (missing parents too) mode 0700 and check it with :func:`check_private`;
-    so are the dirs between ``top`` (exclusive) and ``path``, and every dir this call created.
-    Returns ``path``."""
+    so are the existing dirs between ``top`` (exclusive) and ``path``, before anything is made
+    in them, and every dir this call creates. Returns ``path``."""
     path = Path(os.path.abspath(path))
+    top = Path(os.path.abspath(top)) if top is not None else None
     missing: list[Path] = []
     p = path
     while not os.path.lexists(p) and p != p.parent:
         missing.append(p)
         p = p.parent
+    existing = [q for q in (p, *p.parents)
+                if q == path or (top is not None and q != top and q.is_relative_to(top))]
+    for q in reversed(existing):  # from the top down: nothing is made through a planted link
+        check_private(q)
     for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another launcher made it meanwhile: checked below
+        with contextlib.suppress(FileExistsError):  # another launcher made it meanwhile: checked next
             os.mkdir(d, PRIVATE_MODE)
-    checked = {path, *missing}
-    if top is not None:
-        top = Path(os.path.abspath(top))
-        checked.update(q for q in path.parents if q.is_relative_to(top) and q != top)
-    for d in sorted(checked, key=lambda q: len(q.parts)):
         check_private(d)
     return path
 

@@ -49,7 +49,8 @@ class EngineCli:
         )
 
     def _exists(self, ref: str) -> bool:
-        argv = [self.exe, "image", "exists", ref] if self.name == "podman" else [self.exe, "image", "inspect", ref]
+        # the reference comes from the module's base_image: after `--`, never taken for an option
+        argv = [self.exe, "image", "exists" if self.name == "podman" else "inspect", "--", ref]
         try:
             return subprocess.run(argv, capture_output=True, timeout=60, check=False).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
@@ -72,7 +73,7 @@ class EngineCli:
         self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
         name: str, options: Sequence[str], host_env: Mapping[str, str],
     ) -> tuple[list[str], dict[str, str]]:
-        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e PATH=... -e K ... IMAGE ARGV``.
+        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e PATH=... -e K ... -- IMAGE ARGV``.
 
         Values other than PATH's are not in the argv (``-e K`` takes the value from the client's
         environment): a DSN with a password never shows in the process table."""
@@ -89,7 +90,7 @@ class EngineCli:
             else:
                 cmd += ["-e", key]
                 proc_env[key] = value
-        return [*cmd, image, *argv], proc_env
+        return [*cmd, "--", image, *argv], proc_env  # `--`: an image named like an option stays the image
 
     def discard(self, name: str, grace: float) -> None:
         """Stop (TERM, KILL after ``grace``) and remove the container: its whole PID namespace ends."""
