@@ -289,8 +289,21 @@ def test_file_copy_does_not_write_through_a_symlinked_target_dir(tmp_path: Path)
     assert list(outside.iterdir()) == []
 
 
-def test_file_copy_is_shellcheck_clean() -> None:
-    script = REPO / "scalebox_hpc" / "modules" / "file-copy" / "run.sh"
+def test_an_ssh_host_like_an_option_is_refused(tmp_path: Path) -> None:
+    """rsync hands the host of HOST:/path to ssh as an argument: `-oProxyCommand=...` would run."""
+    run = Runner(tmp_path)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+    for url in ("-oProxyCommand=touch PWNED:/x", "me@-oProxyCommand=touch PWNED:/x"):  # (no '/' before ':')
+        res = run("file-copy", "f", SOURCE_URL=str(tmp_path / "src"), TARGET_URL=url)
+        assert res.code == 14 and "must not start with '-'" in res.stderr, res.stderr
+        assert run("list-dir", ".", SOURCE_URL=url).code == 14
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+@pytest.mark.parametrize("module", ["file-copy", "list-dir"])
+def test_the_standard_modules_are_shellcheck_clean(module: str) -> None:
+    script = REPO / "scalebox_hpc" / "modules" / module / "run.sh"
     proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
 

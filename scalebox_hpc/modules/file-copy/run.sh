@@ -26,6 +26,8 @@ trap 'exit 130' INT
 die() { echo "file-copy: $2" >&2; exit "$1"; }
 
 is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
+# the ssh form's host reaches ssh as an argument: one starting with '-' would be an ssh option
+ssh_host_ok() { local h=${1%%:*}; h=${h##*@}; [[ $1 == rsync://* || $h != -* ]]; }
 
 # rsync exit code + stderr file -> our exit code
 rsync_code() {
@@ -61,6 +63,9 @@ command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
 if is_remote "$SOURCE_URL" && is_remote "$TARGET_URL"; then
     die 14 "SOURCE_URL and TARGET_URL cannot both be remote (rsync copies between a local and a remote side)"
 fi
+for url in "$SOURCE_URL" "$TARGET_URL"; do
+    if is_remote "$url" && ! ssh_host_ok "$url"; then die 14 "the host of '$url' must not start with '-'"; fi
+done
 
 src=${SOURCE_URL%/}/$body
 dst=${TARGET_URL%/}/$body

@@ -30,6 +30,8 @@ trap 'exit 130' INT
 die() { echo "list-dir: $2" >&2; exit "$1"; }
 
 is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
+# the ssh form's host reaches ssh as an argument: one starting with '-' would be an ssh option
+ssh_host_ok() { local h=${1%%:*}; h=${h##*@}; [[ $1 == rsync://* || $h != -* ]]; }
 
 # rsync exit code + stderr file -> our exit code
 rsync_code() {
@@ -67,14 +69,14 @@ cap=${MAX_MESSAGES:-100000}
 
 # hex <-> bytes: the name-range bounds travel hex-encoded in the headers (any byte but NUL is safe)
 unhex() {  # unhex HEX -> $REPLY
-    local h=$1 esc= i
+    local h=$1 esc='' i
     for ((i = 0; i < ${#h}; i += 2)); do esc+="\\x${h:i:2}"; done
     printf -v REPLY '%b' "$esc"
 }
 hexof() { printf '%s' "$1" | LC_ALL=C od -An -v -tx1 | tr -d ' \n'; }
 
 # a part task (see MAX_MESSAGES) lists only the direct entries of BODY with lo <= name < hi (byte order)
-part=0 lo= hi=
+part=0 lo='' hi=''
 if [[ $headers =~ \"list_dir_from\":\ *\"([0-9a-f]*)\" ]]; then
     part=1
     (( ${#BASH_REMATCH[1]} % 2 == 0 )) || die 14 "bad list_dir_from header"
@@ -137,6 +139,7 @@ trap 'rm -rf -- "$tmp"' EXIT
 remote=0
 if is_remote "$SOURCE_URL"; then
     remote=1
+    ssh_host_ok "$SOURCE_URL" || die 14 "the host of '$SOURCE_URL' must not start with '-'"
     command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
     extra=()
     [ -z "${RSYNC_OPTS:-}" ] || read -r -a extra <<<"$RSYNC_OPTS"
