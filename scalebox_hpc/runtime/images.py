@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime.paths import private_group
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _untrusted(path: Path, *, strict: bool, owners: tuple[int, ...] | None = Non
         return "anyone can write it" if mode & 0o002 else None
     if st.st_uid not in (owners or (os.geteuid(), 0)):
         return f"it belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}) or root"
-    if mode & 0o022:
+    if mode & 0o002 or (mode & 0o020 and not private_group(st.st_gid)):
         return f"group or others can write it (mode {mode:04o})"
     return None
 

@@ -24,8 +24,10 @@ last component: a planted link cannot redirect a write or make a read block (FIF
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import stat
 import tempfile
 from pathlib import Path
@@ -69,16 +71,29 @@ def _refuse(path: Path, st: os.stat_result, why: str) -> UnsafePathError:
     )
 
 
+def private_group(gid: int) -> bool:
+    """Whether ``gid`` is the user's own private group (the user-private-group convention: named
+    after the user, the user's primary group, no other listed member), so that group-writable
+    (``umask 002``) means writable by the user alone."""
+    try:
+        group = grp.getgrgid(gid)
+        user = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
 def check_private(path: Path) -> None:
     """Refuse ``path`` unless it is a real directory of the euid that group and others cannot
-    write; one others can read or enter (0755) is tightened to 0700."""
+    write (the group may if it is the user's private group, :func:`private_group`); one others
+    can read or enter (0755, or 0775 with a private group) is tightened to 0700."""
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise _refuse(path, st, "it is not a directory (a symlink or a file)")
     if st.st_uid != os.geteuid():
         raise _refuse(path, st, "it belongs to another user")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
+    if mode & 0o002 or (mode & 0o020 and not private_group(st.st_gid)):
         raise _refuse(path, st, "group or others can write it (anything in it may have been planted)")
     if mode & 0o077:
         os.chmod(path, mode & 0o700, follow_symlinks=False)

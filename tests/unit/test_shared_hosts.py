@@ -6,7 +6,9 @@ real unprivileged user ``sbxtest`` (tests/other_user.py)."""
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import stat
 import subprocess
 import threading
@@ -28,7 +30,7 @@ from scalebox_hpc.runtime.paths import UnsafePathError, ensure_private, ensure_r
 from scalebox_hpc.runtime.podman import EngineCli
 from scalebox_hpc.slurm.client import InvalidJobIdError, SlurmClient, checked_ids
 from scalebox_hpc.slurm.commands import CommandResult
-from tests.other_user import as_other, other_uid, shared_tmp
+from tests.other_user import OTHER, as_other, other_uid, shared_tmp
 from tests.unit.test_standard_modules import Runner, _rsync
 
 __all__ = ["_rsync", "shared_tmp"]  # fixtures used here
@@ -51,15 +53,36 @@ def test_private_dirs_are_made_0700_and_readable_ones_of_ours_tightened(tmp_path
     assert mode(old) == 0o700
 
 
+def shared_gid() -> int:
+    """A group the user shares with another user (the other user's): not a private group."""
+    other_uid()
+    return grp.getgrnam(OTHER).gr_gid
+
+
 @pytest.mark.parametrize("bits", [0o777, 0o770, 0o1777, 0o720])
 def test_a_dir_of_ours_that_others_can_write_is_refused(tmp_path: Path, bits: int) -> None:
     d = tmp_path / "w"
     d.mkdir()
+    os.chown(d, -1, shared_gid())
     d.chmod(bits)
     with pytest.raises(UnsafePathError, match=rf"refusing to use {d} \(owner uid {os.geteuid()}, mode {bits:04o}\)"
                                               ": group or others can write it") as err:
         ensure_private(d)
     assert str(d) in err.value.hint and mode(d) == bits  # left as it was: the user looks first
+
+
+def test_group_writable_is_fine_when_the_group_is_the_users_private_group(tmp_path: Path) -> None:
+    """umask 002 with user private groups (the group named after the user, no other member)."""
+    user = pwd.getpwuid(os.geteuid())
+    if not paths.private_group(user.pw_gid):
+        pytest.skip(f"the primary group of {user.pw_name} is not a private group here")
+    d = tmp_path / "upg"
+    d.mkdir()
+    os.chown(d, -1, user.pw_gid)
+    d.chmod(0o775)
+    ensure_private(d)
+    assert mode(d) == 0o700
+    assert not paths.private_group(shared_gid()) or user.pw_name == OTHER
 
 
 def test_a_symlink_in_place_of_a_private_dir_is_refused(tmp_path: Path) -> None:
@@ -231,6 +254,7 @@ def test_a_group_writable_rootfs_script_of_ours_never_runs(tmp_path: Path) -> No
     defs.mkdir()
     (defs / "x.Dockerfile").write_text(DOCKERFILE)
     (defs / "rootfs.sh").write_text(PLANTED_ROOTFS)
+    os.chown(defs / "rootfs.sh", -1, shared_gid())
     (defs / "rootfs.sh").chmod(0o664)
     (tmp_path / "ctx").mkdir()
     with pytest.raises(ContainerError, match=r"group or others can write it \(mode 0664\)"):
