@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.launcher import livetail
+from scalebox_hpc.launcher.outputs import CappedOutputs
+from scalebox_hpc.launcher.outputs import _truncate as outputs_truncate
 from scalebox_hpc.launcher.slot import script_said
 from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.runtime import paths
@@ -172,6 +174,20 @@ def test_request_files_are_written_fresh_and_renamed_over_a_planted_link(tmp_pat
     write_fresh(req, "echo hi\n")
     assert not req.is_symlink() and req.read_text() == "echo hi\n" and mode(req) == 0o600
     assert victim.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["request.sh", "victim"]
+
+
+def test_an_oversized_output_is_cut_in_place_never_through_a_link(tmp_path: Path) -> None:
+    out = tmp_path / "run.out"
+    out.write_bytes(b"x" * 200_000)
+    capped = CappedOutputs((out,), limit=64 * 1024)
+    capped.check()
+    assert out.stat().st_size == 0 and "x" in capped.tail(out)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / "run.err"
+    link.symlink_to(victim)
+    outputs_truncate(link)  # what check() does once a name it measured was swapped for a link
+    assert victim.read_bytes() == b"keep"
 
 
 def test_live_tail_and_script_said_neither_block_on_a_fifo_nor_follow_a_link(tmp_path: Path) -> None:
