@@ -329,6 +329,21 @@ def test_file_copy_does_not_write_through_a_symlinked_target_dir(tmp_path: Path)
     assert list(outside.iterdir()) == []
 
 
+def test_file_copy_tolerates_another_slot_making_the_target_dir_first(tmp_path: Path) -> None:
+    """Slots copying a/x and a/y at once: the mkdir of `a` that loses the race is not an error."""
+    run = Runner(tmp_path)
+    real = subprocess.run(["sh", "-c", "command -v mkdir"], capture_output=True, text=True, check=True).stdout.strip()
+    (run.bin / "mkdir").write_text(  # makes the dir, then fails as if another slot had made it
+        f'#!/bin/sh\n{real} "$@" || exit 1\ncase " $* " in *" -p "*) exit 0 ;; esac\n'
+        'echo "mkdir: cannot create directory: File exists" >&2\nexit 1\n')
+    (run.bin / "mkdir").chmod(0o755)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "x").write_text("x")
+    res = run("file-copy", "a/b/x", SOURCE_URL=str(src), TARGET_URL=str(dst))
+    assert res.code == 0 and (dst / "a" / "b" / "x").read_text() == "x", res.stderr
+
+
 def test_an_ssh_host_like_an_option_is_refused(tmp_path: Path) -> None:
     """rsync hands the host of HOST:/path to ssh as an argument: `-oProxyCommand=...` would run."""
     run = Runner(tmp_path)

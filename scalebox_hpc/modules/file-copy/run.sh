@@ -105,7 +105,8 @@ if ! is_remote "$TARGET_URL"; then
             [ -n "$part" ] || continue
             next=$parent/$part
             if [ ! -e "$next" ] && [ ! -L "$next" ]; then
-                mkdir -- "$next" 2>/dev/null || die 11 "cannot create the target directory '$next'"
+                # another slot copying into the same directory may make it first: that is fine
+                mkdir -- "$next" 2>/dev/null || [ -d "$next" ] || die 11 "cannot create the target directory '$next'"
             fi
             parent=$(real_dir "$next") || die 11 "cannot create the target directory '$next' (not a directory)"
             inside "$root" "$parent" \
