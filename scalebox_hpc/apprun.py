@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +31,11 @@ QUIET_TICKS = 3
 
 
 def work_root(given: str | Path | None = None) -> Path:
-    """``given``, else SCALEBOX_WORK_ROOT, else a per-user directory under the temp dir."""
-    default = Path(tempfile.gettempdir()) / f"scalebox-{os.getuid()}" / "work"
-    return Path(given or os.environ.get("SCALEBOX_WORK_ROOT") or default).absolute()
+    """``given``, else SCALEBOX_WORK_ROOT, else ``$TMPDIR/scalebox-<euid>/work`` (made 0700 and
+    checked when a launcher claims its app dir: :func:`scalebox_hpc.runtime.paths.ensure_root`)."""
+    from scalebox_hpc.runtime.paths import default_work_root
+
+    return Path(given or os.environ.get("SCALEBOX_WORK_ROOT") or default_work_root()).absolute()
 
 
 def launcher_config(app_id: int, *, root: Path, modules: tuple[str, ...] = (), slots: int | None = None,

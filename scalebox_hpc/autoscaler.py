@@ -39,6 +39,7 @@ from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
+from scalebox_hpc.runtime.paths import ensure_private, ensure_root
 from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmParseError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, read_template, render
@@ -222,7 +223,8 @@ def prepare_log_dir(job: StageJob) -> None:
     """sbatch does not create the --output directory: a job writing there would fail at once."""
     path = job.log_dir
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        ensure_root(job.work_root)
+        ensure_private(path, top=job.work_root)
     except OSError as exc:
         raise ScaleboxError(f"cannot create the job log directory {path}: {exc}",
                             hint="pass a writable --work-root (a shared file system on a cluster)") from exc

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +42,7 @@ from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
+from scalebox_hpc.runtime.paths import default_local_dir
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ def make_runtime(environ: Mapping[str, str] | None = None, *, local_scratch: Pat
     """This host's runtimes: ``SCALEBOX_RUNTIME`` is the default for modules with a base_image
     and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); the launcher's
     ``local_scratch`` is mounted at /local (without one: ``SCALEBOX_LOCAL_DIR``, default
-    <tmp>/scalebox-local), ``SCALEBOX_DATA_ROOT`` at /data, ``SCALEBOX_SIF_CACHE`` holds converted images."""
+    $TMPDIR/scalebox-<euid>/local, private), ``SCALEBOX_DATA_ROOT`` at /data, ``SCALEBOX_SIF_CACHE``
+    holds converted images."""
     env = os.environ if environ is None else environ
-    local = local_scratch or env.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local")
+    local = local_scratch or env.get("SCALEBOX_LOCAL_DIR") or str(default_local_dir())
     data = env.get("SCALEBOX_DATA_ROOT")
     cache = env.get("SCALEBOX_SIF_CACHE")
     return RuntimeChooser(

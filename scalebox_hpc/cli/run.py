@@ -112,10 +112,12 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
     from scalebox_hpc.db import apps
     from scalebox_hpc.db.connection import connect, translate_errors
     from scalebox_hpc.node import SignalPolicy, resolve_dsn
+    from scalebox_hpc.runtime.paths import ensure_root
 
     if (file is None) == (app is None):
         raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
     spec = _load(file, env_files) if file is not None else None
+    ensure_root(_work_root(work_root))  # refused (another user's, or anyone's) before any app is made
     dsn = resolve_dsn(create_schema=True)
     with connect(dsn) as conn, translate_errors(dsn):
         if spec is not None:

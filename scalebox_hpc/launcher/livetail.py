@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from scalebox_hpc.runtime.paths import open_regular
+
 LIVE_TAIL_BYTES = 2048
 """What one beat carries of each stream of a running task (stdout and stderr each)."""
 
@@ -72,7 +74,7 @@ def _aligned(data: bytes, at_start: bool) -> tuple[int, int]:
 def stream_tail(path: Path, limit: int = LIVE_TAIL_BYTES) -> dict[str, Any] | None:
     """``{"end", "text"}`` for the last ``limit`` bytes of ``path``; None when it cannot be read."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:  # in the private dir: no symlink followed, no FIFO waited on
             size = os.fstat(fh.fileno()).st_size
             start = max(0, size - limit)
             fh.seek(start)

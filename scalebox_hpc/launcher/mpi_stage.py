@@ -57,6 +57,7 @@ from scalebox_hpc.models import (
 )
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.runtime.paths import ensure_private
 
 logger = logging.getLogger(__name__)
 
@@ -606,7 +607,7 @@ class _FarmWorker:
 def _prepare_rank(plan: Plan, config: StageConfig, rank: int) -> SlotContext:
     """A collective rank's work dir (its cwd) and environment (the module's, as run.sh gets it)."""
     ctx = _context(plan, config, rank, cast(ContainerRuntime, None))
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private(ctx.work_dir)
     os.chdir(ctx.work_dir)
     os.environ.update(_handler_env(plan, ctx))
     return ctx

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class CappedOutputs:
             stream = self._streams.setdefault(path, _Stream())
             stream.saved = self._read_tail(path, stream, st.st_size)
             stream.cut_at = st.st_size
-            os.truncate(path, 0)
+            _truncate(path)
             logger.warning("%s: output over %d MiB, only its last %d KiB kept", path, self.limit // 2**20,
                            TAIL_BYTES // 1024)
 
@@ -89,3 +90,17 @@ def _tail_of(path: Path, start: int) -> bytes:
 
 def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
+
+
+def _truncate(path: Path) -> None:
+    """Empty ``path`` if it is still a regular file: never through a symlink swapped in since the
+    lstat (``os.truncate`` would follow it), never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

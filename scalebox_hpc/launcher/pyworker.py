@@ -43,6 +43,7 @@ from scalebox_hpc.launcher.outputs import CappedOutputs
 from scalebox_hpc.launcher.pyworker_child import HEADER, USAGE_REPLY, encode_request
 from scalebox_hpc.models import Message, Usage, storable_text
 from scalebox_hpc.runtime.base import Outcome
+from scalebox_hpc.runtime.paths import open_new_file
 
 logger = logging.getLogger(__name__)
 
@@ -451,9 +452,8 @@ class Worker:
 
     def _open_outputs(self) -> None:
         if self._out < 0:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            self._out = os.open(self.out_path, flags, 0o644)
-            self._err = os.open(self.err_path, flags, 0o644)
+            self._out = open_new_file(self.out_path, append=True)  # no symlink followed, owner only
+            self._err = open_new_file(self.err_path, append=True)
 
     def _close_pipes(self) -> None:
         for fd in (self._req, self._rep):

@@ -40,6 +40,7 @@ from scalebox_hpc.models import (
 )
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime, Outcome, Run, RunSpec, Session, SessionSpec
+from scalebox_hpc.runtime.paths import ensure_private, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ class Slot:
     def run(self) -> None:
         """The whole life of the slot; never raises (errors end the slot with status ERROR)."""
         ctx = self.ctx
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        self.private.mkdir(parents=True, exist_ok=True)
+        ensure_private(ctx.work_dir)  # 0700 in the app dir (itself checked when claimed)
+        ensure_private(self.private)
         try:
             self.slot_id = self.queue.create_slot(
                 ctx.ref.id, host=ctx.host, seq=ctx.seq, pid=os.getpid(), work_dir=str(ctx.work_dir),
@@ -272,8 +273,8 @@ class Slot:
         return self._setup()
 
     def _open_session(self) -> None:
-        self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        self.private.mkdir(parents=True, exist_ok=True)
+        ensure_private(self.ctx.work_dir)
+        ensure_private(self.private)
         if self.session is None:
             self.session = self.ctx.runtime.open(session_spec(self.ctx, self.private))
 
@@ -614,7 +615,7 @@ def script_said(path: Path, limit: int = SCRIPT_SAID_CHARS) -> str:
     """The last non-blank lines of a script's stderr file, joined with `` / ``, terminal-safe and
     at most ``limit`` characters (the end kept: the last line says most); '' when there are none."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:  # in the private dir: no symlink followed, no FIFO waited on
             size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - 4 * limit))
             data = fh.read(4 * limit)

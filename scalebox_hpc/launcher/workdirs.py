@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 
 from scalebox_hpc.errors import SlotError
+from scalebox_hpc.runtime.paths import ensure_private, ensure_root
 
 APP_MARKER = ".scalebox-app"
 """The file in an app's work dir holding the uid of the app it belongs to."""
@@ -27,9 +28,10 @@ def app_dir(work_root: Path, app_id: int, uid: str) -> Path:
 
 def claim_app_dir(work_root: Path, app_id: int, uid: str) -> Path:
     """Create (or re-enter) the app's work dir and return it; SlotError when its marker names
-    another app."""
-    path = app_dir(work_root, app_id, uid)
-    path.mkdir(parents=True, exist_ok=True)
+    another app, UnsafePathError when the root or the app dir is not safe to use (see
+    :mod:`scalebox_hpc.runtime.paths`: the app dir is private, 0700, whatever the root)."""
+    ensure_root(work_root)
+    path = ensure_private(app_dir(work_root, app_id, uid))
     marker = path / APP_MARKER
     if not marker.exists():
         _publish_marker(marker, uid)

@@ -33,7 +33,7 @@ class ApptainerEngine:
         self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
         name: str, options: Sequence[str], host_env: Mapping[str, str],
     ) -> tuple[list[str], dict[str, str]]:
-        """``apptainer -s exec --cleanenv --no-eval --pwd CWD --bind ... --env PATH=... IMAGE ARGV``.
+        """``apptainer -s exec --cleanenv --no-eval --pwd CWD --bind ... --env PATH=... -- IMAGE ARGV``.
 
         Only PATH is an ``--env`` argument; every other variable travels as ``APPTAINERENV_K`` in
         the client's environment: values (a DSN with a password, say) never show in the process
@@ -52,7 +52,7 @@ class ApptainerEngine:
                 cmd += ["--env", f"PATH={value}"]
             else:
                 proc_env[f"APPTAINERENV_{key}"] = value
-        return [*cmd, image, *argv], proc_env
+        return [*cmd, "--", image, *argv], proc_env
 
     def discard(self, name: str, grace: float) -> None:
         """Nothing to remove: the container is the process tree, killed by the caller."""

@@ -31,6 +31,7 @@ from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.local import LocalRun, popen
+from scalebox_hpc.runtime.paths import ensure_root
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def binds_for(spec: SessionSpec, host: HostDirs) -> list[Bind]:
         Bind(CONTAINER_BIN, HELPER_DIR, read_only=True), Bind(spec.code_path, APP_BIN, read_only=True),
     ]
     if host.local_dir is not None:
-        host.local_dir.mkdir(parents=True, exist_ok=True)
+        ensure_root(host.local_dir)  # the default is private (0700); one given is checked as a root
         binds.append(Bind(host.local_dir, LOCAL))
     if host.data_dir is not None:
         if not host.data_dir.is_dir():

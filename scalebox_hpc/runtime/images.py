@@ -6,8 +6,10 @@ A module's ``base_image`` is one of:
 - a local ``.sif`` file or a sandbox directory (absolute, or relative to ``code_path`` or its parent,
   the app dir): used as it is;
 - ``NAME``: built from ``containers/NAME.def`` (Apptainer) or ``containers/NAME.Dockerfile``
-  (Podman/Docker), found in ``$SCALEBOX_CONTAINERS`` (colon-separated dirs) or in the nearest
-  ``containers/`` dir above the module's ``code_path``; for Podman/Docker also a local image name.
+  (Podman/Docker), found (:func:`find_definition`) in ``$SCALEBOX_CONTAINERS`` (colon-separated
+  dirs), else in the nearest ``containers/`` dir at or above the module's ``code_path`` while
+  those dirs are the user's own, else in the package's own ``containers/``; for Podman/Docker also
+  a local image name.
 
 A definition may carry ``# scalebox-rootfs: [PROGRAM[?] ...]`` (e.g. ``bash rsync ssh?``): its build
 context then gets ``rootfs/``, made offline by ``rootfs.sh`` next to the definition (a static busybox
@@ -28,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -36,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
+from scalebox_hpc.runtime.paths import private_group
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +74,71 @@ def local_path(ref: str, code_path: Path | None) -> Path | None:
 
 
 def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
-    """``containers/NAME<suffix>`` in ``$SCALEBOX_CONTAINERS`` dirs, else the nearest one above ``start``."""
+    """``NAME<suffix>`` in the ``$SCALEBOX_CONTAINERS`` dirs, else in ``containers/`` of ``start``
+    or the nearest dir above it, else in the package's ``containers/``; None when none has it.
+
+    A definition decides what runs on the host while the image is built (``rootfs.sh``, an
+    Apptainer ``%post`` with ``--fakeroot``), so only trusted places count (F7): the walk up
+    from ``start`` stops at the first dir that is not the user's own or that group or others
+    can write (``/tmp``, a 1777 ``/scratch``, another user's home), and a definition or
+    ``containers/`` dir there that is not the user's (or root's), or others can write, is
+    skipped with a warning. The configured dirs are the user's choice: there only a
+    world-writable file is skipped."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         return None
-    dirs = [Path(d) for d in os.environ.get("SCALEBOX_CONTAINERS", "").split(os.pathsep) if d]
-    if start is not None:
-        dirs += [p / "containers" for p in (start, *start.parents)]
-    for d in dirs:
+    for d, strict in _definition_dirs(start):
         candidate = d / f"{name}{suffix}"
-        if candidate.is_file():
+        if not candidate.is_file():
+            continue
+        why = _untrusted(candidate, strict=strict) or (_untrusted(d, strict=True) if strict else None)
+        if why is None:
             return candidate
+        logger.warning("image %s: ignoring %s: %s", name, candidate, why)
+    return None
+
+
+def _definition_dirs(start: Path | None) -> Iterator[tuple[Path, bool]]:
+    """(dir, strict) in search order: configured dirs, the user's own dirs from ``start`` up,
+    the package's containers/."""
+    for d in os.environ.get("SCALEBOX_CONTAINERS", "").split(os.pathsep):
+        if d:
+            yield Path(d), False
+    if start is not None:
+        for p in (start, *start.parents):
+            if _untrusted(p, strict=True, owners=(os.geteuid(),)) is not None:
+                break  # not the user's own tree any more: nothing above counts either
+            yield p / "containers", True
+    package = package_containers()
+    if package is not None:
+        yield package, True
+
+
+def package_containers() -> Path | None:
+    """The definitions shipped with scalebox_hpc: ``scalebox_hpc/containers`` in a wheel, the
+    repository's ``containers/`` in a checkout (beside the package, next to pyproject.toml)."""
+    pkg = Path(__file__).resolve().parents[1]
+    if (pkg / "containers").is_dir():
+        return pkg / "containers"
+    if (pkg.parent / "pyproject.toml").is_file() and (pkg.parent / "containers").is_dir():
+        return pkg.parent / "containers"
+    return None
+
+
+def _untrusted(path: Path, *, strict: bool, owners: tuple[int, ...] | None = None) -> str | None:
+    """Why ``path`` may not decide what runs on the host, None when it may: strict, it must be
+    owned by the euid (or root, unless ``owners`` says otherwise) and not writable by group or
+    others; not strict, only world-writable is refused."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"cannot be checked ({exc.strerror or exc})"
+    mode = stat.S_IMODE(st.st_mode)
+    if not strict:
+        return "anyone can write it" if mode & 0o002 else None
+    if st.st_uid not in (owners or (os.geteuid(), 0)):
+        return f"it belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}) or root"
+    if mode & 0o002 or (mode & 0o020 and not private_group(st.st_gid)):
+        return f"group or others can write it (mode {mode:04o})"
     return None
 
 
@@ -106,6 +165,10 @@ def prepare_context(definition: Path, context: Path) -> None:
     script = definition.parent / "rootfs.sh"
     if not script.is_file():
         raise ContainerError(f"{definition} asks for a rootfs but {script} is missing")
+    why = _untrusted(script, strict=True)
+    if why is not None:  # it runs on the host, as the user: only the user's own (or root's) script
+        raise ContainerError(f"{definition} asks for a rootfs but {script} may not run: {why}",
+                             hint=f"make {script} yours and writable only by you (chmod go-w)")
     _run(["/bin/sh", str(script), str(context / "rootfs"), *args], cwd=context, what=f"rootfs for {definition}")
 
 
@@ -130,7 +193,7 @@ def exclusive(lock_path: Path) -> Iterator[None]:
         tlock = _thread_locks.setdefault(str(lock_path), threading.Lock())
     with tlock:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             yield

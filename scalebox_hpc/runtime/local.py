@@ -23,6 +23,7 @@ from scalebox_hpc.errors import ScriptError
 from scalebox_hpc.models import Usage
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
+from scalebox_hpc.runtime.paths import open_new_file
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def popen(
     argv: list[str], *, cwd: Path, env: dict[str, str], stdout_path: Path, stderr_path: Path,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session (so a kill reaches its whole tree), output to the files."""
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+    with os.fdopen(open_new_file(stdout_path), "wb") as out, os.fdopen(open_new_file(stderr_path), "wb") as err:
         try:
             return subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -13,6 +12,7 @@ from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime.base import SessionSpec
 from scalebox_hpc.runtime.container import Bind
 from scalebox_hpc.runtime.images import _run, definition_key, exclusive, find_definition, prepare_context
+from scalebox_hpc.runtime.paths import ensure_root, per_user_root
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class EngineCli:
             raise ValueError(f"unknown engine {engine!r}")
         self.name = engine
         self.exe = exe
-        self.lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"scalebox-{engine}-locks-{os.geteuid()}"
+        # under the per-user root (0700, checked): a shared /tmp name let anyone hold the lock (F8)
+        self.lock_dir = lock_dir or per_user_root() / f"{engine}-locks"
 
     def image_for(self, spec: SessionSpec) -> str:
         """A local image name: as given, ``docker://`` stripped, or built from ``containers/NAME.Dockerfile``."""
@@ -48,7 +49,8 @@ class EngineCli:
         )
 
     def _exists(self, ref: str) -> bool:
-        argv = [self.exe, "image", "exists", ref] if self.name == "podman" else [self.exe, "image", "inspect", ref]
+        # the reference comes from the module's base_image: after `--`, never taken for an option
+        argv = [self.exe, "image", "exists" if self.name == "podman" else "inspect", "--", ref]
         try:
             return subprocess.run(argv, capture_output=True, timeout=60, check=False).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
@@ -58,7 +60,7 @@ class EngineCli:
         tag = f"localhost/scalebox/{definition.name.removesuffix('.Dockerfile').lower()}:{definition_key(definition)}"
         if self._exists(tag):
             return tag
-        with exclusive(self.lock_dir / f"{tag.rsplit('/', 1)[1].replace(':', '-')}.lock"):
+        with exclusive(ensure_root(self.lock_dir) / f"{tag.rsplit('/', 1)[1].replace(':', '-')}.lock"):
             if self._exists(tag):
                 return tag
             with tempfile.TemporaryDirectory(prefix="scalebox-build-") as tmp:
@@ -71,7 +73,7 @@ class EngineCli:
         self, *, image: str, binds: Sequence[Bind], env: Mapping[str, str], cwd: str, argv: Sequence[str],
         name: str, options: Sequence[str], host_env: Mapping[str, str],
     ) -> tuple[list[str], dict[str, str]]:
-        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e PATH=... -e K ... IMAGE ARGV``.
+        """``ENGINE run --rm --init --name NAME --network host -w CWD -v ... -e PATH=... -e K ... -- IMAGE ARGV``.
 
         Values other than PATH's are not in the argv (``-e K`` takes the value from the client's
         environment): a DSN with a password never shows in the process table."""
@@ -88,7 +90,7 @@ class EngineCli:
             else:
                 cmd += ["-e", key]
                 proc_env[key] = value
-        return [*cmd, image, *argv], proc_env
+        return [*cmd, "--", image, *argv], proc_env  # `--`: an image named like an option stays the image
 
     def discard(self, name: str, grace: float) -> None:
         """Stop (TERM, KILL after ``grace``) and remove the container: its whole PID namespace ends."""

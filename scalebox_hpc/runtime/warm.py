@@ -47,6 +47,7 @@ from scalebox_hpc.runtime.container import (
     container_name,
 )
 from scalebox_hpc.runtime.local import popen
+from scalebox_hpc.runtime.paths import write_fresh
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ class WarmSession(ContainerSession):
             fifo.unlink(missing_ok=True)
             os.mkfifo(fifo, 0o600)
         # both ends O_RDWR: opening never blocks, and the agent's open never blocks either
-        self._in = os.open(self.fifo_in, os.O_RDWR | os.O_CLOEXEC)
-        self._out = os.open(self.fifo_out, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._in = os.open(self.fifo_in, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._out = os.open(self.fifo_out, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._buf = b""
         token = f"scalebox-agent-{uuid.uuid4().hex}"
         self.name = container_name(self.spec)
@@ -207,9 +208,7 @@ class WarmSession(ContainerSession):
             self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
         )
         req = self.spec.private_dir / "request.sh"
-        fd = os.open(req, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # holds the env: owner only
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
-            fh.write(script)
+        write_fresh(req, script)  # a new file renamed into place, owner only: nothing planted is written
         os.write(self._in, f"run {self._seq} {SLOT_DIR}/request.sh\n".encode())
         return WarmRun(self, self._seq)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import shlex
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.slurm.commands import CommandResult, CommandRunner, SlurmCommandError, check
 from scalebox_hpc.slurm.parse import (
     SACCT_FIELDS,
@@ -120,10 +122,11 @@ class SlurmClient:
 
         Unknown or finished ids are not an error (scancel 22.05 exits 0 for them).
         """
-        ids = _unique(job_ids)
+        ids = checked_ids(job_ids)
         if not ids:
             return
-        argv = ["scancel", *([f"--signal={signal}", "--full"] if signal else []), *ids]
+        # ids come from the database: validated, and after `--` so none is taken for an option (F23)
+        argv = ["scancel", *([f"--signal={signal}", "--full"] if signal else []), "--", *ids]
         check(argv, self._run(argv))
         logger.info("slurm jobs cancelled", extra={"action": "slurm_cancel", "job_ids": ids, "signal": signal})
 
@@ -135,7 +138,7 @@ class SlurmClient:
         The result is keyed by the requested ids (an id matches a job's display id, e.g.
         ``12_3``, or its numeric raw id); ids neither command knows are absent.
         """
-        ids = _unique(job_ids)
+        ids = checked_ids(job_ids)
         if not ids:
             return {}
         found = _match(ids, self._squeue(ids))
@@ -146,6 +149,7 @@ class SlurmClient:
 
     def show_job(self, job_id: str) -> JobInfo | None:
         """The job as ``scontrol -o show job`` sees it; None when the controller no longer knows it."""
+        checked_ids([job_id])
         argv = ["scontrol", "-o", "show", "job", job_id]
         result = self._run(argv)
         if not result.ok and _UNKNOWN_JOB in result.stderr.lower():
@@ -226,6 +230,27 @@ class SlurmClient:
         error = SlurmCommandError(argv, result.returncode, result.stderr)
         logger.warning("sacct failed", extra={"action": "slurm_sacct_failed", "error": str(error)})
         return _Outcome.FAILED
+
+
+_STORED_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
+"""A job id as sbatch gives it and scalebox stores it: ``123``, or an array task ``123_4``."""
+
+
+class InvalidJobIdError(ScaleboxError):
+    """A Slurm job id read back (from the database) is not one sbatch gave."""
+
+    hint = "the row of sbx_stage_jobs was changed by hand (or by someone else): check it; it is not passed to Slurm"
+
+
+def checked_ids(job_ids: Iterable[str]) -> list[str]:
+    """The ids, unique, in order; :class:`InvalidJobIdError` if any is not ``123`` or ``123_4``
+    (a stored ``--me`` or ``-u alice`` would make scancel cancel every job of the caller)."""
+    ids = _unique(job_ids)
+    bad = [i for i in ids if not _STORED_JOB_ID.fullmatch(i)]
+    if bad:
+        raise InvalidJobIdError(f"refusing Slurm job id(s) {', '.join(repr(b) for b in bad[:5])}: "
+                                "a job id is digits, or digits_digits for an array task")
+    return ids
 
 
 def _unique(job_ids: Iterable[str]) -> list[str]:

@@ -96,10 +96,13 @@ def test_commands_get_dash_m_right_after_their_name() -> None:
 def test_a_submit_via_prefix_quotes_each_argument_for_the_remote_shell() -> None:
     runner = Recorder()
     client = SlurmClient(runner, cluster="far", prefix=["ssh", "login.far.example"], use_json=False)
-    client.cancel(["1; rm -rf ~"])
+    client.nodes(["n1; rm -rf ~"], partition="p $(id)")
     [argv] = runner.calls
     assert argv[:2] == ["ssh", "login.far.example"] and "-M" not in argv
-    assert shlex.split(" ".join(argv[2:])) == ["scancel", "1; rm -rf ~"]  # one argument on the far side
+    far = shlex.split(" ".join(argv[2:]))  # each value is one argument on the far side
+    assert far[0] == "sinfo" and "--nodes=n1; rm -rf ~" in far and far[-1] == "--partition=p $(id)"
+    client.cancel(["1"])
+    assert shlex.split(" ".join(runner.calls[1][2:])) == ["scancel", "--", "1"]
 
 
 def test_clients_are_built_once_per_cluster_and_counted_apart(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_apptainer_argv() -> None:
     assert cmd == [
         "/usr/bin/apptainer", "-s", "exec", "--cleanenv", "--no-eval", "--pwd", "/work",
         "--bind", "/h/work:/work", "--bind", "/h/code:/app/bin:ro", "--nv", "--containall",
-        "--env", f"PATH={CONTAINER_PATH}", "/c/x.sif", "/app/bin/run.sh", "body", "{}",
+        "--env", f"PATH={CONTAINER_PATH}", "--", "/c/x.sif", "/app/bin/run.sh", "body", "{}",
     ]
     # values travel in the client's environment: exact (--env parses CSV) and not in `ps`
     assert env == {"HOME": "/root", "APPTAINERENV_A": "1", "APPTAINERENV_B": "x,y", "APPTAINERENV_C": "l1\nl2"}
@@ -54,12 +54,12 @@ def test_podman_and_docker_argv(engine: str) -> None:
     assert cmd == [
         f"/usr/bin/{engine}", "run", "--rm", "--init", "--name", "sbx-n-1", "--network", "host",
         "--security-opt", "label=disable", "-w", "/work", "-v", "/h/work:/work", "-v", "/h/code:/app/bin:ro",
-        "-e", "A", "-e", "PATH=/c/bin", "localhost/x:1", "/app/bin/run.sh", "b",
+        "-e", "A", "-e", "PATH=/c/bin", "--", "localhost/x:1", "/app/bin/run.sh", "b",
     ]
     assert env == {"HOME": "/root", "PATH": "/host/bin", "A": "x,y=z"}  # the value is not in the argv
     gpu, _ = EngineCli(engine, engine).command(image="i", binds=[], env={}, cwd="/work", argv=["x"], name="n",
                                                options=["gpu"], host_env={})
-    assert (["--device", "nvidia.com/gpu=all"] if engine == "podman" else ["--gpus", "all"]) == gpu[-4:-2]
+    assert (["--device", "nvidia.com/gpu=all"] if engine == "podman" else ["--gpus", "all"]) == gpu[-5:-3]
 
 
 def test_docker_discard_stops_then_removes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +156,9 @@ def test_definitions_are_found_above_the_code(tmp_path: Path, monkeypatch: pytes
     monkeypatch.delenv("SCALEBOX_CONTAINERS", raising=False)
     assert find_definition("app-primes", REPO / "examples" / "app-primes" / "calc", ".def") == \
         REPO / "containers" / "app-primes.def"
-    assert find_definition("app-primes", tmp_path, ".def") is None
+    # the package's own containers/ is the last place looked in, from anywhere
+    assert find_definition("app-primes", tmp_path, ".def") == REPO / "containers" / "app-primes.def"
+    assert find_definition("no-such-image", tmp_path, ".def") is None
     assert find_definition("../etc/passwd", REPO, ".def") is None
     assert rootfs_args(REPO / "containers" / "app-primes.def") == ["bash"]
     assert rootfs_args(REPO / "containers" / "scalebox-base.Dockerfile") == []

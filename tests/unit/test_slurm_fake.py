@@ -184,7 +184,7 @@ def test_cancel_and_signal(fake: FakeSlurm) -> None:
     client.cancel(["5", "6", "5"])
     client.cancel(["7"], signal="USR1")
     client.cancel([])
-    assert fake.calls("scancel") == ["scancel 5 6", "scancel --signal=USR1 --full 7"]
+    assert fake.calls("scancel") == ["scancel -- 5 6", "scancel --signal=USR1 --full -- 7"]
     assert client.status(["5"])["5"].state is SlurmState.CANCELLED
 
 

@@ -26,6 +26,8 @@ trap 'exit 130' INT
 die() { echo "file-copy: $2" >&2; exit "$1"; }
 
 is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
+# the ssh form's host reaches ssh as an argument: one starting with '-' would be an ssh option
+ssh_host_ok() { local h=${1%%:*}; h=${h##*@}; [[ $1 == rsync://* || $h != -* ]]; }
 
 # rsync exit code + stderr file -> our exit code
 rsync_code() {
@@ -61,6 +63,9 @@ command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
 if is_remote "$SOURCE_URL" && is_remote "$TARGET_URL"; then
     die 14 "SOURCE_URL and TARGET_URL cannot both be remote (rsync copies between a local and a remote side)"
 fi
+for url in "$SOURCE_URL" "$TARGET_URL"; do
+    if is_remote "$url" && ! ssh_host_ok "$url"; then die 14 "the host of '$url' must not start with '-'"; fi
+done
 
 src=${SOURCE_URL%/}/$body
 dst=${TARGET_URL%/}/$body
@@ -69,15 +74,48 @@ if [[ $body == -* ]]; then
     if is_remote "$SOURCE_URL"; then src=${SOURCE_URL%/}/./$body; fi
     if is_remote "$TARGET_URL"; then dst=${TARGET_URL%/}/./$body; fi
 fi
+# Local sides stay inside SOURCE_URL / TARGET_URL: a symlinked directory in the body (planted by
+# whoever writes the trees, or unpacked from a tarball) must not take the copy out of them. Each
+# directory of the body is resolved (cd -P) and must stay under the resolved root; the file
+# itself must not be a symlink. rsync then gets the resolved paths.
+real_dir() { CDPATH='' cd -P -- "$1" 2>/dev/null && pwd -P; }
+inside() { [[ $2 == "$1" || $2 == "$1"/* ]]; }
+body_name=${body##*/}
+body_dir=.
+if [[ $body == */* ]]; then body_dir=${body%/*}; fi
 size=
+rsrc=$src
+rdst=$dst
 if ! is_remote "$SOURCE_URL"; then
-    [ -f "$src" ] || die 10 "source '$src' is not a regular file"
-    size=$(stat -c %s -- "$src")
+    root=$(real_dir "$SOURCE_URL") || die 10 "source directory '$SOURCE_URL' does not exist"
+    dir=$(real_dir "$root/$body_dir") || die 10 "source '$src' is not a regular file (no such directory)"
+    inside "$root" "$dir" || die 10 "source '$src' is outside SOURCE_URL: '$body_dir' leads to '$dir' (a symlink)"
+    rsrc=$dir/$body_name
+    [ ! -L "$rsrc" ] || die 10 "source '$src' is a symbolic link, not a regular file"
+    [ -f "$rsrc" ] || die 10 "source '$src' is not a regular file"
+    size=$(stat -c %s -- "$rsrc")
 fi
 if ! is_remote "$TARGET_URL"; then
-    parent=$(dirname -- "$dst")
-    mkdir -p -- "$parent" 2>/dev/null || die 11 "cannot create the target directory '$parent'"
-    if ! [ -d "$parent" ] || ! [ -w "$parent" ]; then die 11 "the target directory '$parent' is not writable"; fi
+    mkdir -p -- "$TARGET_URL" 2>/dev/null || die 11 "cannot create the target directory '$TARGET_URL'"
+    root=$(real_dir "$TARGET_URL") || die 11 "the target directory '$TARGET_URL' is not a directory"
+    parent=$root
+    if [ "$body_dir" != . ]; then
+        IFS=/ read -r -a parts <<<"$body_dir"
+        for part in "${parts[@]}"; do
+            [ -n "$part" ] || continue
+            next=$parent/$part
+            if [ ! -e "$next" ] && [ ! -L "$next" ]; then
+                # another slot copying into the same directory may make it first: that is fine
+                mkdir -- "$next" 2>/dev/null || [ -d "$next" ] || die 11 "cannot create the target directory '$next'"
+            fi
+            parent=$(real_dir "$next") || die 11 "cannot create the target directory '$next' (not a directory)"
+            inside "$root" "$parent" \
+                || die 11 "target '$dst' is outside TARGET_URL: '$next' leads to '$parent' (a symlink)"
+        done
+    fi
+    if ! [ -w "$parent" ]; then die 11 "the target directory '$parent' is not writable"; fi
+    rdst=$parent/$body_name
+    if [ -L "$rdst" ]; then die 11 "target '$dst' is a symbolic link: not written through"; fi
 fi
 
 # --protect-args: file names travel inside the rsync protocol, never through the remote shell
@@ -90,7 +128,7 @@ extra=()
 tmp=$(mktemp -d)
 trap 'rm -rf -- "$tmp"' EXIT
 rc=0
-rsync "${opts[@]}" "${extra[@]}" -- "$src" "$dst" >"$tmp/out" 2>"$tmp/err" || rc=$?
+rsync "${opts[@]}" "${extra[@]}" -- "$rsrc" "$rdst" >"$tmp/out" 2>"$tmp/err" || rc=$?
 cat "$tmp/err" >&2
 if [ "$rc" != 0 ]; then
     die "$(rsync_code "$rc" "$tmp/err")" "rsync '$src' -> '$dst' failed (rsync exit $rc)"
@@ -104,7 +142,7 @@ moved=${moved:-0}
 if [ "$checksum" = 1 ]; then
     # verification: a checksum dry run must find nothing left to transfer
     rc=0
-    rsync -t --checksum --dry-run --itemize-changes --protect-args "${extra[@]}" -- "$src" "$dst" >"$tmp/verify" 2>"$tmp/err" || rc=$?
+    rsync -t --checksum --dry-run --itemize-changes --protect-args "${extra[@]}" -- "$rsrc" "$rdst" >"$tmp/verify" 2>"$tmp/err" || rc=$?
     cat "$tmp/err" >&2
     [ "$rc" = 0 ] || die "$(rsync_code "$rc" "$tmp/err")" "checksum verification of '$dst' failed (rsync exit $rc)"
     if grep -q '^[<>ch.*]f' "$tmp/verify"; then

@@ -30,6 +30,8 @@ trap 'exit 130' INT
 die() { echo "list-dir: $2" >&2; exit "$1"; }
 
 is_remote() { [[ $1 == rsync://* || $1 =~ ^[^/:]+: ]]; }
+# the ssh form's host reaches ssh as an argument: one starting with '-' would be an ssh option
+ssh_host_ok() { local h=${1%%:*}; h=${h##*@}; [[ $1 == rsync://* || $h != -* ]]; }
 
 # rsync exit code + stderr file -> our exit code
 rsync_code() {
@@ -137,6 +139,7 @@ trap 'rm -rf -- "$tmp"' EXIT
 remote=0
 if is_remote "$SOURCE_URL"; then
     remote=1
+    ssh_host_ok "$SOURCE_URL" || die 14 "the host of '$SOURCE_URL' must not start with '-'"
     command -v rsync >/dev/null 2>&1 || die 14 "rsync is not installed"
     extra=()
     [ -z "${RSYNC_OPTS:-}" ] || read -r -a extra <<<"$RSYNC_OPTS"
