@@ -94,7 +94,7 @@ class ProbeOptions:
     work_root: Path
     scratch: str | None = None
     """The cluster's local scratch (``${HOST}`` allowed); None: SCALEBOX_LOCAL_SCRATCH, else
-    SCALEBOX_LOCAL_DIR, else ``$TMPDIR/scalebox-local`` (the launcher's order)."""
+    SCALEBOX_LOCAL_DIR, else ``$TMPDIR/scalebox-<euid>/local`` (the launcher's order)."""
     engine: str | None = None
     """apptainer, podman, docker or auto; None: no container check."""
     image: str | None = None
@@ -202,7 +202,9 @@ def _version(exe: str, env: ProbeEnv) -> str:
 def _scratch_dir(scratch: str | None, host: str, environ: Mapping[str, str]) -> Path:
     if scratch or environ.get("SCALEBOX_LOCAL_SCRATCH"):
         return Path(str(scratch or environ["SCALEBOX_LOCAL_SCRATCH"]).replace("${HOST}", host))
-    return Path(environ.get("SCALEBOX_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "scalebox-local"))
+    from scalebox_hpc.runtime.paths import default_local_dir
+
+    return Path(environ.get("SCALEBOX_LOCAL_DIR") or default_local_dir())
 
 
 def _write_test(role: str, path: Path, env: ProbeEnv) -> PathFacts:
