@@ -13,6 +13,7 @@
 #   certs/ca.crt        the site CA (self-signed); server.crt has SAN DNS:localhost, IP:127.0.0.1
 #   users/root/         pgpass (0600, root): sbx_alice's password; root.crt
 #   users/sbxtest/      pgpass (0600, sbxtest, dir 0700): sbx_bob's password; root.crt
+# and makes the directories above the checkout passable for sbxtest (o+x), who runs its CLI.
 # TCP logins: `hostssl ... scram-sha-256` only (no TLS: refused); clients use
 #   postgresql://sbx_alice@127.0.0.1:55435/scalebox?sslmode=verify-full&sslrootcert=.../root.crt
 # with PGPASSFILE pointing at their pgpass. Recipe and pitfalls: ../shared/env/README.md §9
@@ -95,6 +96,19 @@ client_files() {
   chown -R "$1": "$home"; chmod 600 "$home/pgpass"; chmod 700 "$home"
 }
 
+# tests/security runs the checkout's CLI as sbxtest: every directory above the project must let
+# others pass (a clone under /root, 0700 on Debian, does not); the files themselves are 0644/0755
+reach_for_sbxtest() {
+  local d=$PROJECT
+  while [ "$d" != / ]; do
+    if ! runuser -u sbxtest -- test -x "$d"; then
+      chmod o+x "$d"
+      tb_log "chmod o+x $d: sbxtest runs this checkout's scalebox in tests/security"
+    fi
+    d=$(dirname "$d")
+  done
+}
+
 login_check() {  # the TLS + SCRAM login works for alice (as root) with verify-full
   local dsn="postgresql://sbx_alice@127.0.0.1:$PORT/$DB?sslmode=verify-full&sslrootcert=$DIR/users/root/root.crt"
   local out
@@ -118,6 +132,7 @@ case "${1:-}" in
     server
     client_files root sbx_alice "$ALICE_PW"
     client_files sbxtest sbx_bob "$BOB_PW"
+    reach_for_sbxtest
     login_check
     tb_log "postgres-tls on 127.0.0.1:$PORT (TLS + scram, alice/bob) in $(tb_since "$t0") s"
     print_env ;;

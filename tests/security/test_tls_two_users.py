@@ -70,6 +70,11 @@ def server() -> Iterator[Server]:
         pwd.getpwnam("sbxtest")
     except KeyError:
         need("pgtls", "the OS user sbxtest does not exist (launchers/testbed/postgres-tls.sh start makes it)")
+    reach = subprocess.run(["runuser", "-u", "sbxtest", "--", sys.executable, "-c", "import scalebox_hpc"],
+                           capture_output=True, text=True, timeout=60, cwd="/tmp")
+    if reach.returncode != 0:
+        need("pgtls", f"sbxtest cannot run {sys.executable} with scalebox_hpc ({reach.stderr.strip()[-200:]}): "
+                      "launchers/testbed/postgres-tls.sh start makes the checkout reachable")
     port = 55435
     db = f"sbxsec_{uuid.uuid4().hex[:8]}"
     maintenance = f"host={Path(str(root)) / 'run'} port={port} user=postgres dbname=postgres"
