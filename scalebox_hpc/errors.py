@@ -28,6 +28,8 @@
     ├── ServiceError            yes   taskapi                the launcher refused a running task's call (kind)
     ├── ProbeParseError         yes   doctor.report          a doctor probe job's output is not its report
     ├── AppTimeoutError         yes   errors                 an app did not end within the time waited (Python client)
+    ├── UnsafePathError         -     runtime.paths          a private dir is someone else's or others can write it
+    ├── InvalidJobIdError       yes   slurm.client           a Slurm job id read back from the database is malformed
     └── ConfigError             yes   modules.cron.__main__  the cron module is misconfigured (code: its exit)
 
 "hint": the class has a default ``hint`` (any error may also be given one when raised). "defined

@@ -310,8 +310,10 @@ def test_submitted_by_an_unprivileged_user(env: dict[str, str], shared: Path) ->
         "run": 'id -un > "$WORK_DIR/../whoami-$1"\n', "arguments": FAST, "slurm": {"time": "10"},
         "parameters": {"start_task": "x"}}})
     subprocess.run(["chmod", "-R", "a+rX", str(path.parent)], check=True)
-    (shared / "work").mkdir(mode=0o777, exist_ok=True)
-    (shared / "work").chmod(0o777)
+    # shared with the other user as /scratch is: world-writable with the sticky bit, root's (a
+    # world-writable root without it is refused: anyone could rename what scalebox makes there)
+    (shared / "work").mkdir(mode=0o1777, exist_ok=True)
+    (shared / "work").chmod(0o1777)
     app_id = submit(env, path, user=TEST_USER)
     wait_until("the task to succeed", all_ok(env, app_id, 1), 90, every=2)
     [job] = jobs(env, app_id)

@@ -123,7 +123,7 @@ def test_a_probe_job_that_never_starts_is_cancelled(fake: FakeSlurm, tmp_path: P
     outcome = _probe(fake, tmp_path, timeout=20.0)
     assert outcome.report is None and outcome.state == "PENDING" and outcome.reason == "Resources"
     assert "not done after 20 s, cancelled" in outcome.error and "busy" in outcome.error
-    assert [c for c in fake.calls("scancel") if "--version" not in c] == [f"scancel {outcome.job_id}"]
+    assert [c for c in fake.calls("scancel") if "--version" not in c] == [f"scancel -- {outcome.job_id}"]
 
 
 def test_sbatch_refusing_the_probe(fake: FakeSlurm, tmp_path: Path) -> None:
