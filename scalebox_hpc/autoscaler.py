@@ -374,10 +374,10 @@ class Autoscaler:
             if not db_stages.try_lock(self.conn, app_id):
                 report.locked = False
                 return report
-            if not db_stages.owned_by_caller(self.conn, app_id):
+            mine, stored = db_stages.launch_state(self.conn, app_id)
+            if not mine:
                 report.managed = False  # another user's app: their jobs, their account (audit F6)
                 return report
-            stored = db_stages.launch_settings(self.conn, app_id)
             if not force and stored is None:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report

@@ -108,19 +108,19 @@ def recover_expired(conn: Connection) -> int:
     return recovered
 
 
+def launch_state(conn: Connection, app_id: int) -> tuple[bool, tuple[str, str] | None]:
+    """(the app is the caller's, its launch settings or None), in one read of the app's row."""
+    row = conn.execute(query("launch_settings"), {"app_id": app_id}).fetchone()
+    if row is None:
+        return False, None
+    if row["stage_python"] is None or row["stage_work_root"] is None:
+        return bool(row["mine"]), None
+    return bool(row["mine"]), (str(row["stage_python"]), str(row["stage_work_root"]))
+
+
 def launch_settings(conn: Connection, app_id: int) -> tuple[str, str] | None:
     """(python, work root) the app's first stage job was submitted with; None before that."""
-    row = conn.execute(query("launch_settings"), {"app_id": app_id}).fetchone()
-    if row is None or row["stage_python"] is None or row["stage_work_root"] is None:
-        return None
-    return str(row["stage_python"]), str(row["stage_work_root"])
-
-
-def owned_by_caller(conn: Connection, app_id: int) -> bool:
-    """Whether the app was created by the role this connection is (its stage jobs run as its
-    owner: another user's `autoscale` or `status` must not submit them on their account)."""
-    row = conn.execute(query("launch_settings"), {"app_id": app_id}).fetchone()
-    return bool(row and row["mine"])
+    return launch_state(conn, app_id)[1]
 
 
 def save_launch_settings(conn: Connection, app_id: int, python: str, work_root: str) -> None:
