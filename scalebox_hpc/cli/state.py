@@ -29,6 +29,15 @@ def _in_task(op: str, app: int | None, name: str = "", value: int | str | None =
     return True, taskapi.call(path, request)
 
 
+def _answered(op: str, app: int | None, name: str = "", value: int | str | None = None,
+              show: Any = click.echo) -> bool:
+    """Inside a running task: ask the launcher, ``show`` its answer, True; else False."""
+    done, got = _in_task(op, app, name, value)
+    if done:
+        show(got)
+    return done
+
+
 def _print_mapping(values: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _dump(values)
@@ -58,9 +67,7 @@ def semaphore_create(app: int | None, name: str, value: int) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("semaphore.create", app, name, value)
-    if done:
-        click.echo(got)
+    if _answered("semaphore.create", app, name, value):
         return
     with _db() as conn:
         click.echo(apps.semaphore_create(conn, _app_id(conn, app), name, value))
@@ -78,9 +85,7 @@ def semaphore_get(app: int | None, name: str) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("semaphore.get", app, name)
-    if done:
-        click.echo(got)
+    if _answered("semaphore.get", app, name):
         return
     with _db() as conn:
         click.echo(apps.semaphore_get(conn, _app_id(conn, app), name))
@@ -100,9 +105,7 @@ def semaphore_increment(app: int | None, name: str, delta: int) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("semaphore.add", app, name, delta)
-    if done:
-        click.echo(got)
+    if _answered("semaphore.add", app, name, delta):
         return
     with _db() as conn:
         click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, delta))
@@ -121,9 +124,7 @@ def semaphore_decrement(app: int | None, name: str, delta: int) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("semaphore.add", app, name, -delta)
-    if done:
-        click.echo(got)
+    if _answered("semaphore.add", app, name, -delta):
         return
     with _db() as conn:
         click.echo(apps.semaphore_add(conn, _app_id(conn, app), name, -delta))
@@ -141,9 +142,7 @@ def semaphore_list(app: int | None, as_json: bool) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("semaphore.list", app)
-    if done:
-        _print_mapping(got, as_json)
+    if _answered("semaphore.list", app, show=lambda got: _print_mapping(got, as_json)):
         return
     with _db() as conn:
         _print_mapping(apps.semaphore_list(conn, _app_id(conn, app)), as_json)
@@ -187,9 +186,7 @@ def variable_get(app: int | None, name: str) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("variable.get", app, name)
-    if done:
-        click.echo(got)
+    if _answered("variable.get", app, name):
         return
     with _db() as conn:
         click.echo(apps.variable_get(conn, _app_id(conn, app), name))
@@ -207,9 +204,7 @@ def variable_list(app: int | None, as_json: bool) -> None:
     """
     from scalebox_hpc.db import apps
 
-    done, got = _in_task("variable.list", app)
-    if done:
-        _print_mapping(got, as_json)
+    if _answered("variable.list", app, show=lambda got: _print_mapping(got, as_json)):
         return
     with _db() as conn:
         _print_mapping(apps.variable_list(conn, _app_id(conn, app)), as_json)
