@@ -10,7 +10,6 @@ draws progress bars, the Python client shows nothing (or a live view).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ if TYPE_CHECKING:  # the launcher stack is imported when a run starts, not with 
     from scalebox_hpc.db.connection import Connection
     from scalebox_hpc.launcher.launcher import LauncherConfig
     from scalebox_hpc.node import SignalPolicy
+    from scalebox_hpc.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +30,29 @@ QUIET_TICKS = 3
 """Ticks in a row with nothing READY or RUNNING after which a run here ends (idle)."""
 
 
-def work_root(given: str | Path | None = None) -> Path:
-    """``given``, else SCALEBOX_WORK_ROOT, else ``$TMPDIR/scalebox-<euid>/work`` (made 0700 and
-    checked when a launcher claims its app dir: :func:`scalebox_hpc.runtime.paths.ensure_root`)."""
+def work_root(given: str | Path | None = None, settings: Settings | None = None) -> Path:
+    """``given``, else SCALEBOX_WORK_ROOT (``settings.work_root``; default settings: read from the
+    environment now), else ``$TMPDIR/scalebox-<euid>/work`` (made 0700 and checked when a launcher
+    claims its app dir: :func:`scalebox_hpc.runtime.paths.ensure_root`)."""
     from scalebox_hpc.runtime.paths import default_work_root
+    from scalebox_hpc.settings import Settings
 
-    return Path(given or os.environ.get("SCALEBOX_WORK_ROOT") or default_work_root()).absolute()
+    site = settings or Settings.from_environ()
+    return Path(given or site.work_root or default_work_root()).absolute()
 
 
 def launcher_config(app_id: int, *, root: Path, modules: tuple[str, ...] = (), slots: int | None = None,
-                    host: str | None = None, local: bool = False, local_scratch: str | None = None) -> LauncherConfig:
+                    host: str | None = None, local: bool = False, local_scratch: str | None = None,
+                    settings: Settings | None = None) -> LauncherConfig:
     """This host's launcher configuration for an app (``local``: every module's slots run here,
-    whatever their host patterns, as ``scalebox run`` does)."""
+    whatever their host patterns, as ``scalebox run`` does); host and local scratch default to
+    the ``settings``' (read from the environment now when not given)."""
     from scalebox_hpc.launcher.launcher import LauncherConfig, host_name
+    from scalebox_hpc.settings import Settings
 
-    name = host or host_name()
-    scratch = local_scratch or os.environ.get("SCALEBOX_LOCAL_SCRATCH")
+    site = settings or Settings.from_environ()
+    name = host or host_name(site.environ)
+    scratch = local_scratch or site.local_scratch
     return LauncherConfig(app_id=app_id, host=name, work_root=root, modules=modules, slots=slots, local=local,
                           local_scratch=Path(scratch.replace("${HOST}", name)).absolute() if scratch else None)
 
@@ -125,7 +132,7 @@ class RunJudge:
 
 def run_here(
     dsn: str, config: LauncherConfig, judge: RunJudge, *, grace: float = 30.0,
-    on_tick: Callable[[], None] | None = None, signals: SignalPolicy | None = None,
+    on_tick: Callable[[], None] | None = None, signals: SignalPolicy | None = None, settings: Settings | None = None,
 ) -> int:
     """Run this host's slots of ``config.app_id`` until ``judge`` says the run is over (or a
     signal drains it); returns the launcher's exit code. ``on_tick`` runs after each decision
@@ -148,7 +155,8 @@ def run_here(
             judge.ending = True
             return True
 
-    code = run_launcher(dsn, config, grace=grace, on_tick=tick, on_drain=judge.draining, signals=signals)
+    code = run_launcher(dsn, config, grace=grace, on_tick=tick, on_drain=judge.draining, signals=signals,
+                        settings=settings)
     if failure:
         raise failure[0]
     return code

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from scalebox_hpc.errors import AppTimeoutError, NotFoundError, ScaleboxError
 from scalebox_hpc.models import AppStatus, TaskStatus
+from scalebox_hpc.settings import Settings
 
 if TYPE_CHECKING:
     from scalebox_hpc.db.connection import Connection
@@ -160,19 +161,23 @@ class Client:
     does (SCALEBOX_DSN, else the PG* variables, else the private embedded PostgreSQL, started
     on demand). The schema is created in an empty database. ``work_root``: where :meth:`run`
     puts the slots' work dirs (default: SCALEBOX_WORK_ROOT, else a per-user temp dir).
+    ``settings``: the site's (default: read from the environment once, here).
     Use it as a context manager (or call :meth:`close`): it holds one connection.
     """
 
-    def __init__(self, dsn: str | None = None, *, work_root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, dsn: str | None = None, *, work_root: str | os.PathLike[str] | None = None,
+                 settings: Settings | None = None) -> None:
         from scalebox_hpc import embedded
         from scalebox_hpc.apprun import work_root as resolve_root
         from scalebox_hpc.db import schema
         from scalebox_hpc.db.connection import configured_dsn, connect, translate_errors
 
-        resolved = dsn or configured_dsn()
+        self.settings: Settings = settings or Settings.from_environ()
+        """What this client read from the environment (SCALEBOX_*), passed to what it runs."""
+        resolved = dsn or configured_dsn(self.settings.environ)
         self.dsn: str = resolved if resolved is not None else embedded.ensure_running()
         """The database in use."""
-        self.work_root: Path = resolve_root(os.fspath(work_root) if work_root is not None else None)
+        self.work_root: Path = resolve_root(os.fspath(work_root) if work_root is not None else None, self.settings)
         self._conn: Connection | None = connect(self.dsn)
         try:
             with translate_errors(self.dsn):
@@ -371,9 +376,9 @@ class Client:
         else:
             app_id = self.create_app(pipeline, env=env, env_files=env_files, app_dir=app_dir)
         judge = RunJudge(self.conn, app_id, timeout)
-        config = launcher_config(app_id, root=self.work_root, local=True)
+        config = launcher_config(app_id, root=self.work_root, local=True, settings=self.settings)
         with translate_errors(self.dsn):
-            run_here(self.dsn, config, judge, grace=grace, signals=SignalPolicy())
+            run_here(self.dsn, config, judge, grace=grace, signals=SignalPolicy(), settings=self.settings)
         if judge.interrupted:
             raise KeyboardInterrupt
         outcome = self.outcome(app_id)

@@ -30,7 +30,8 @@
     ├── AppTimeoutError         yes   errors                 an app did not end within the time waited (Python client)
     ├── UnsafePathError         -     runtime.paths          a private dir is someone else's or others can write it
     ├── InvalidJobIdError       yes   slurm.client           a Slurm job id read back from the database is malformed
-    └── ConfigError             yes   modules.cron.__main__  the cron module is misconfigured (code: its exit)
+    ├── ConfigError             yes   modules.cron.__main__  the cron module is misconfigured (code: its exit)
+    └── SettingsError           -     settings               a SCALEBOX_* variable is invalid (variable, value)
 
 "hint": the class has a default ``hint`` (any error may also be given one when raised). "defined
 in": the module under ``scalebox_hpc``; the classes outside this file live next to the only code

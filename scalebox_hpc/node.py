@@ -12,15 +12,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
 from scalebox_hpc import early_signals, embedded
 from scalebox_hpc.autoscaler import (
-    DEFAULT_RPC_PER_MINUTE,
     Autoscaler,
     LaunchCommand,
     ScaleReport,
@@ -34,6 +33,7 @@ from scalebox_hpc.db.notify import Listener, listen_dsn
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.launcher import lifecycle
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.mpi_stage import StageConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
@@ -43,6 +43,7 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.runtime.paths import default_local_dir
+from scalebox_hpc.settings import Settings
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SubprocessRunner
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ def configure_logging(verbose: int = 0) -> None:
     logs.configure(verbose)
 
 
-def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> str:
+def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True, settings: Settings | None = None) -> str:
     """The database to use: SCALEBOX_DSN / PG* variables, else the embedded server (started
     on demand). The schema is checked (and created in an empty database when asked)."""
-    dsn = configured_dsn()
+    dsn = configured_dsn((settings or Settings.from_environ()).environ)
     if dsn is None:
         if not start_embedded:
             running = embedded.running_dsn()
@@ -79,30 +80,25 @@ def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True) -> s
     return dsn
 
 
-def make_runtime(environ: Mapping[str, str] | None = None, *, local_scratch: Path | None = None) -> ContainerRuntime:
-    """This host's runtimes: ``SCALEBOX_RUNTIME`` is the default for modules with a base_image
+def make_runtime(settings: Settings, *, local_scratch: Path | None = None) -> ContainerRuntime:
+    """This host's runtimes: ``settings.runtime`` is the default for modules with a base_image
     and no ``runtime:`` (``auto``: Apptainer, else Podman, else Docker); the launcher's
-    ``local_scratch`` is mounted at /local (without one: ``SCALEBOX_LOCAL_DIR``, default
-    $TMPDIR/scalebox-<euid>/local, private), ``SCALEBOX_DATA_ROOT`` at /data, ``SCALEBOX_SIF_CACHE``
+    ``local_scratch`` is mounted at /local (without one: ``settings.local_dir``, default
+    $TMPDIR/scalebox-<euid>/local, private), ``settings.data_root`` at /data, ``settings.sif_cache``
     holds converted images."""
-    env = os.environ if environ is None else environ
-    local = local_scratch or env.get("SCALEBOX_LOCAL_DIR") or str(default_local_dir())
-    data = env.get("SCALEBOX_DATA_ROOT")
-    cache = env.get("SCALEBOX_SIF_CACHE")
-    return RuntimeChooser(
-        env.get("SCALEBOX_RUNTIME", "auto"), host=HostDirs(Path(local), Path(data) if data else None),
-        sif_cache=Path(cache) if cache else None, host_env=env,
-    )
+    local = local_scratch or settings.local_dir or default_local_dir()
+    return RuntimeChooser(settings.runtime, host=HostDirs(Path(local), settings.data_root),
+                          sif_cache=settings.sif_cache, host_env=settings.environ)
 
 
 def build(
-    dsn: str, config: LauncherConfig, *, may_idle_exit: Callable[[], bool] | None = None,
+    dsn: str, config: LauncherConfig, settings: Settings, *, may_idle_exit: Callable[[], bool] | None = None,
 ) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
-    listener = Listener(listen_dsn(dsn), wakeups.notify)  # None: no LISTEN, the slots poll
-    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(local_scratch=config.local_scratch), wakeups,
-                        may_idle_exit=may_idle_exit)
+    listener = Listener(listen_dsn(dsn, settings.environ), wakeups.notify)  # None: no LISTEN, the slots poll
+    launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(settings, local_scratch=config.local_scratch),
+                        wakeups, may_idle_exit=may_idle_exit)
     return launcher, listener
 
 
@@ -110,14 +106,16 @@ def run_launcher(
     dsn: str, config: LauncherConfig, *, grace: float = 30.0, on_tick: Callable[[], bool] | None = None,
     tick_seconds: float = 0.5, on_drain: Callable[[], None] | None = None,
     may_idle_exit: Callable[[], bool] | None = None, signals: SignalPolicy | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Run this host's slots until they end. SIGTERM/SIGINT/SIGUSR1 drain (no new claims; running
     tasks get ``grace`` seconds); a second signal of ``signals.stop_now_on`` stops the running
     tasks at once (see :class:`SignalPolicy`). ``on_tick`` is called periodically; returning True
     drains too. ``on_drain`` is called once when a drain begins (not when the slots end by
-    themselves); ``may_idle_exit`` is asked before idle slots end (False keeps them up)."""
+    themselves); ``may_idle_exit`` is asked before idle slots end (False keeps them up).
+    ``settings``: the site's (default: read from the environment now)."""
     policy = signals or SignalPolicy()
-    launcher, listener = build(dsn, config, may_idle_exit=may_idle_exit)
+    launcher, listener = build(dsn, config, settings or Settings.from_environ(), may_idle_exit=may_idle_exit)
     listener.start()
     listener.ready.wait(5.0)
     stop = threading.Event()
@@ -125,7 +123,9 @@ def run_launcher(
     previous = interrupts.install()
     try:
         if launcher.start() == 0:
-            logger.warning("no slots for host %s", config.host)
+            logger.warning("no slots for host %s in app %s (no module's slots match it, or --module/--slots "
+                           "left none)", config.host, config.app_id,
+                           extra={"action": "launcher_no_slots", "host": config.host, "app_id": config.app_id})
         while launcher.alive() and not stop.is_set():
             if on_tick is not None and on_tick():
                 break
@@ -140,7 +140,9 @@ def run_launcher(
             _restore_signals(previous)
     code = launcher.exit_code()
     if code:
-        logger.error("every slot on %s ended in error (see `scalebox slot` messages / the log above)", config.host)
+        logger.error("every slot of app %s on %s ended in error (see `scalebox slot` messages / the log above)",
+                     config.app_id, config.host,
+                     extra={"action": "launcher_failed", "host": config.host, "app_id": config.app_id, "exit": code})
     if interrupts.received and policy.resume_hint:
         policy.say(policy.resume_hint)
     return code
@@ -231,17 +233,10 @@ def _restore_signals(previous: dict[int, object]) -> None:
 
 
 # -- stage jobs ---------------------------------------------------------------------------------
-AUTOSCALE_SECONDS = float(os.environ.get("SCALEBOX_AUTOSCALE_SECONDS", "10"))
-"""How often the first node of a stage job asks for the app's autoscale pass, and how often an
-app gets one whoever asks (env SCALEBOX_AUTOSCALE_SECONDS)."""
-SLURM_RPC_PER_MINUTE = int(os.environ.get("SCALEBOX_SLURM_RPC_PER_MINUTE", str(DEFAULT_RPC_PER_MINUTE)))
-"""The Slurm commands per minute and cluster autoscale passes may run (env SCALEBOX_SLURM_RPC_PER_MINUTE)."""
-LEAVING_BUDGET_WAIT = 5.0
-"""Seconds between tries of the last leaving job's pass while the Slurm budget is spent."""
-LEAVING_BUDGET_TRIES = 13
-"""Tries before the last leaving job gives up waiting for the budget (a minute and then some)."""
-WALLTIME_MARGIN_SECONDS = 5.0
-"""A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
+# the stage-job policy lives in the launcher layer; its names stay importable from here
+LEAVING_BUDGET_WAIT = lifecycle.LEAVING_BUDGET_WAIT
+LEAVING_BUDGET_TRIES = lifecycle.LEAVING_BUDGET_TRIES
+WALLTIME_MARGIN_SECONDS = lifecycle.WALLTIME_MARGIN_SECONDS
 
 
 Session = Callable[[], AbstractContextManager[Connection]]
@@ -259,11 +254,14 @@ def dsn_session(dsn: str) -> Session:
 
 
 def stage_autoscaler(
-    dsn: str, work_root: Path, *, environ: dict[str, str] | None = None, session: Session | None = None,
+    dsn: str, work_root: Path, *, settings: Settings | None = None, environ: dict[str, str] | None = None,
+    session: Session | None = None,
 ) -> Callable[..., ScaleReport]:
     """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=False)``
-    (see :meth:`Autoscaler.reconcile`)."""
-    runner = SubprocessRunner(base_env=submit_environment(dsn, environ))
+    (see :meth:`Autoscaler.reconcile`), at ``settings``' interval and Slurm budget; sbatch sees
+    ``environ`` (default: the settings' environment) without the caller's job's SLURM_* variables."""
+    site = settings or Settings.from_environ(environ)
+    runner = SubprocessRunner(base_env=submit_environment(dsn, dict(site.environ if environ is None else environ)))
     client = SlurmClient(runner)
 
     def cluster_client(cluster: str, submit_via: Sequence[str]) -> SlurmClient:
@@ -274,133 +272,73 @@ def stage_autoscaler(
 
     def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: bool = False) -> ScaleReport:
         with open_session() as conn:
-            report = Autoscaler(conn, client, command, interval=AUTOSCALE_SECONDS,
-                                rpc_per_minute=SLURM_RPC_PER_MINUTE, clusters=cluster_client).reconcile(
+            report = Autoscaler(conn, client, command, interval=site.autoscale_seconds,
+                                rpc_per_minute=site.slurm_rpc_per_minute, clusters=cluster_client).reconcile(
                 app_id, force=force, only=only, leaving=leaving)
             for error in report.errors:
-                logger.error("autoscale: %s", error)
+                logger.error("autoscale: app %d: %s", app_id, error,
+                             extra={"action": "autoscale_error", "app_id": app_id, "error": error})
             return report
 
     return scale
 
 
-class StageLifecycle:
-    """What makes a launcher, or an MPI stage's rank 0, a Slurm stage job (the StageHooks):
+class SessionStageStore:
+    """The lifecycle's :class:`~scalebox_hpc.launcher.lifecycle.StageJobStore` over the database:
+    each call one :data:`Session` (a short connection, or the MPI stage's lent one)."""
 
-    - ``tick``: drain when a task no longer fits the remaining walltime (``task_max_seconds``)
-      or when `scalebox stage stop` marked the job; the job's first node runs the app's
-      autoscaler every SCALEBOX_AUTOSCALE_SECONDS;
-    - ``may_idle_exit``: an idle job ends only above its module's ``min_jobs``;
-    - ``leaving``: mark the job draining and (first node) ask for a pass, which runs at once
-      when this was the app's last live job, so a replacement is submitted if work remains
-      (while the Slurm budget is spent it waits for it, about a minute at most).
+    def __init__(self, session: Session) -> None:
+        self.session = session
 
-    The app gets one pass per interval whichever of its jobs asks first (:class:`Autoscaler`).
-    """
+    def job_started(self, job_id: str, cluster: str, alloc_cpus: int | None) -> None:
+        """Record the job's allocated CPUs and its start."""
+        with self.session() as conn:
+            db_stages.job_started(conn, job_id, cluster, alloc_cpus=alloc_cpus)
+
+    def may_leave_idle(self, job_id: str, cluster: str) -> bool:
+        """The autoscaler's rule (``min_jobs``), in one transaction."""
+        with self.session() as conn:
+            return may_leave_idle(conn, job_id, cluster)
+
+    def mark_leaving(self, job_id: str, cluster: str, *, finished: bool) -> None:
+        """Mark the job draining; ``finished``: the end of its core-hours so far (the last call wins)."""
+        with self.session() as conn:
+            db_stages.mark_draining(conn, job_id, cluster)
+            if finished:
+                db_stages.job_finished(conn, job_id, cluster)
+
+    def job_flags(self, job_id: str, cluster: str) -> tuple[bool, datetime | None]:
+        """(asked to drain, end time) from the job's row, in one read."""
+        with self.session() as conn:
+            return db_stages.job_flags(conn, job_id, cluster)
+
+
+class StageLifecycle(lifecycle.StageLifecycle):
+    """:class:`scalebox_hpc.launcher.lifecycle.StageLifecycle` over a database :data:`Session`
+    (the signature callers of ``node.StageLifecycle`` know; ``sleep`` replaces the real one)."""
 
     def __init__(
-        self, job: JobEnvironment, spec: ModuleSpec, app_id: int, session: Session,
-        scale: Callable[..., ScaleReport], *, end: datetime | None, sleep: Callable[[float], None] = time.sleep,
-        wait_for_budget: bool = True,
+        self, job: JobEnvironment, spec: ModuleSpec, app_id: int, session: Session, scale: lifecycle.Scale, *,
+        end: datetime | None, sleep: Callable[[float], None] = time.sleep, wait_for_budget: bool = True,
+        interval: float = lifecycle.DEFAULT_AUTOSCALE_SECONDS,
     ) -> None:
-        self.job, self.app_id, self.session, self.scale, self.end = job, app_id, session, scale, end
-        self.cluster = spec.slurm.cluster or ""  # with the job id, the key of the job's row
-        self.budget = (spec.arguments.task_max_seconds or 0) + WALLTIME_MARGIN_SECONDS
-        self.first_node = job.nodeid == 0
-        self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
-        self.sleep = sleep
-        # an MPI stage's hooks hold its one connection's lock, which its heartbeats need too
-        self.budget_tries = LEAVING_BUDGET_TRIES if wait_for_budget else 1
-
-    def tick(self) -> bool:
-        if self.end is not None and datetime.now(UTC) + timedelta(seconds=self.budget) >= self.end:
-            logger.warning("walltime: %s left, less than a task needs; draining", self.end - datetime.now(UTC))
-            return True
-        if time.monotonic() < self.next_scale:
-            return False
-        self.next_scale = time.monotonic() + AUTOSCALE_SECONDS
-        asked, end = self._job_flags()
-        if asked:
-            logger.warning("stage job %s asked to drain (`scalebox stage stop`)", self.job.job_id)
-            return True
-        if self.end is None and end is not None:
-            # the end time as the app's autoscale pass stored it from its one squeue: every job's
-            # launchers asking scontrol themselves made Slurm RPCs grow with the jobs
-            self.end = end
-            logger.info("stage job %s ends %s", self.job.job_id, end)
-        if self.first_node:
-            self._autoscale()
-        return False
-
-    def started(self) -> None:
-        """The first node records the job's allocated CPUs and its start (for its core-hours in
-        sbx_usage); from the environment, no Slurm call."""
-        if not self.first_node:
-            return
-        try:
-            with self.session() as conn:
-                db_stages.job_started(conn, self.job.job_id, self.cluster, alloc_cpus=self.job.cpus)
-        except ScaleboxError as exc:
-            logger.warning("cannot record the start of stage job %s: %s", self.job.job_id, exc)
-
-    def may_idle_exit(self) -> bool:
-        try:
-            with self.session() as conn:
-                leave = may_leave_idle(conn, self.job.job_id, self.cluster)
-        except ScaleboxError as exc:
-            logger.warning("cannot check min_jobs (%s): staying up", exc)
-            return False
-        if not leave:
-            logger.info("stage job %s idle, staying up: its module keeps min_jobs", self.job.job_id)
-        return leave
-
-    def leaving(self) -> None:
-        try:
-            with self.session() as conn:
-                db_stages.mark_draining(conn, self.job.job_id, self.cluster)
-                if self.first_node:  # the end of its core-hours so far (the last call wins)
-                    db_stages.job_finished(conn, self.job.job_id, self.cluster)
-        except ScaleboxError as exc:
-            logger.warning("cannot mark job %s draining: %s", self.job.job_id, exc)
-        if not self.first_node:
-            return
-        for attempt in range(self.budget_tries):
-            report = self._autoscale(leaving=True)
-            if report is None or not (report.budget_spent and report.urgent):
-                return
-            if attempt + 1 < self.budget_tries:
-                self.sleep(LEAVING_BUDGET_WAIT)  # the last job: its pass must not be skipped
-        logger.warning("stage job %s leaves without an autoscale pass: the Slurm budget stayed spent",
-                       self.job.job_id)
-
-    def _autoscale(self, *, leaving: bool = False) -> ScaleReport | None:
-        try:
-            return self.scale(self.app_id, leaving=leaving)
-        except ScaleboxError as exc:
-            logger.warning("autoscale failed: %s", exc)
-            return None
-
-    def _job_flags(self) -> tuple[bool, datetime | None]:
-        """(asked to drain, end time) from the job's row, in one read. `scalebox stage stop` marks
-        the job in the database (a signal could reach a launcher still starting up, before its
-        handlers exist, and kill it)."""
-        try:
-            with self.session() as conn:
-                return db_stages.job_flags(conn, self.job.job_id, self.cluster)
-        except ScaleboxError as exc:
-            logger.warning("cannot read stage job %s's row (drain request, end time): %s", self.job.job_id, exc)
-            return False, None
+        super().__init__(job, spec, app_id, SessionStageStore(session), scale, end=end, interval=interval,
+                         clock=lifecycle.SystemClock(sleep), wait_for_budget=wait_for_budget)
 
 
-def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, str] | None = None) -> int:
+def run_stage_launcher(
+    dsn: str, config: LauncherConfig, *, environ: dict[str, str] | None = None, settings: Settings | None = None,
+) -> int:
     """The launcher of one node of a stage job (``scalebox launcher --stage-job``).
 
     Host and job come from the SLURM_* variables. It claims only while a task still fits the
     walltime (``task_max_seconds``), drains on SIGUSR1 (Slurm's ``--signal=B:USR1@grace``,
     forwarded by the job script) or SIGTERM, marks its job as draining so a replacement can be
     submitted, and exits 0. Its first node runs the app's autoscaler every few seconds; it ends
-    idle only above the module's ``min_jobs``.
+    idle only above the module's ``min_jobs``. ``settings`` (default: read from ``environ``, else
+    this process's environment) give the autoscale interval and the Slurm budget.
     """
+    site = settings or Settings.from_environ(environ)
     job = JobEnvironment.from_env(environ)
     if len(config.modules) != 1:
         raise ScaleboxError("a stage job runs exactly one module", hint="pass --module NAME")
@@ -415,15 +353,18 @@ def run_stage_launcher(dsn: str, config: LauncherConfig, *, environ: dict[str, s
     spec = ModuleSpec.model_validate(specs[module])
     config = dataclasses.replace(config, host=job.node_name or config.host, slots=spec.slurm.slots_per_node)
     hooks = StageLifecycle(job, spec, config.app_id, dsn_session(dsn),
-                           stage_autoscaler(dsn, config.work_root, environ=environ), end=_job_end(job))
-    logger.info("stage job %s node %s: module %s, %s CPUs, ends %s", job.job_id, config.host, module,
-                job.cpus or "?", hooks.end or "unknown")
+                           stage_autoscaler(dsn, config.work_root, settings=site, environ=environ), end=_job_end(job),
+                           interval=site.autoscale_seconds)
+    logger.info("stage job %s node %s: app %s module %s, %s CPUs, ends %s", job.job_id, config.host,
+                config.app_id, module, job.cpus or "?", hooks.end or "unknown",
+                extra={"action": "stage_job_start", "slurm_job_id": job.job_id, "host": config.host,
+                       "app_id": config.app_id, "module_name": module, "cpus": job.cpus})
     hooks.started()
     grace = max(1.0, spec.slurm.signal_grace_seconds - WALLTIME_MARGIN_SECONDS)
     # Slurm's TERMs (twice on scancel) and USR1 only drain; a second Ctrl-C of a user stops now
     interactive_only = SignalPolicy(stop_now_on=frozenset({signal.SIGINT}))
     rc = run_launcher(dsn, config, grace=grace, on_tick=hooks.tick, on_drain=hooks.leaving,
-                      may_idle_exit=hooks.may_idle_exit, signals=interactive_only)
+                      may_idle_exit=hooks.may_idle_exit, signals=interactive_only, settings=site)
     if threading.current_thread() is threading.main_thread():
         # the slots are gone: a late drain signal (walltime, `stage stop`) must not kill us now
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -438,10 +379,14 @@ def _job_end(job: JobEnvironment) -> datetime | None:
     return job.end_time
 
 
-def run_mpi_stage(config: StageConfig) -> int:
+def run_mpi_stage(config: StageConfig, settings: Settings | None = None) -> int:
     """One rank of an MPI stage job (``srun --mpi=pmi2 scalebox launcher --mpi -m MODULE``).
     The communicator is checked before anything else (the singleton guard); only rank 0
-    resolves the database and opens the stage's one connection."""
+    resolves the database and opens the stage's one connection. ``settings``: the site's
+    (default: read from the environment now)."""
+    site = settings or Settings.from_environ()
+    if config.expected_ranks is None and site.mpi_ranks is not None:
+        config = dataclasses.replace(config, expected_ranks=site.mpi_ranks)
     from scalebox_hpc import mpi
     from scalebox_hpc.launcher import mpi_stage
 
@@ -450,13 +395,13 @@ def run_mpi_stage(config: StageConfig) -> int:
     # the OFI netmod's short address does not (measured: 2 of 5 starts hung vs 0 of 12)
     os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
     mpi.remove_stale_segments()
-    with mpi.init_deadline():  # a hung MPI_Init ends this rank (and, --kill-on-bad-exit, the step)
+    with mpi.init_deadline(site.mpi_init_timeout):  # a hung MPI_Init ends this rank (and, --kill-on-bad-exit, the step)
         comm = mpi.load_mpi().COMM_WORLD
 
     def open_queue() -> mpi_stage.Opened:
         # the stage's one connection: the schema check, the app lookup and the stage job's
         # bookkeeping (drain checks, min_jobs, autoscale) go through it too
-        dsn = configured_dsn() or resolve_dsn(create_schema=False, start_embedded=False)
+        dsn = configured_dsn(site.environ) or resolve_dsn(create_schema=False, start_embedded=False, settings=site)
         queue = PgQueue(dsn)
         app_id = config.app_id
         with translate_errors(dsn):
@@ -475,13 +420,14 @@ def run_mpi_stage(config: StageConfig) -> int:
                 with translate_errors(dsn):
                     yield queue.conn
 
-            def hooks(spec: ModuleSpec) -> StageLifecycle:
-                scale = stage_autoscaler(dsn, config.work_root, session=lent)
-                lifecycle = StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False)
-                lifecycle.started()
-                return lifecycle
+            def stage_hooks(spec: ModuleSpec) -> StageLifecycle:
+                scale = stage_autoscaler(dsn, config.work_root, settings=site, session=lent)
+                hooks = StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False,
+                                       interval=site.autoscale_seconds)
+                hooks.started()
+                return hooks
 
-            opened.hooks = hooks
+            opened.hooks = stage_hooks
         return opened
 
     return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())

@@ -14,6 +14,7 @@ import click
 from scalebox_hpc import logs
 from scalebox_hpc.cli.common import EMIT_BUFFER_ENV, _check_dsn
 from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,10 +31,12 @@ def cli(ctx: click.Context, verbose: int, traceback: bool, log_format: str | Non
     PostgreSQL is started in ~/.local/share/scalebox_hpc and reused by later commands.
     """
     ctx.ensure_object(dict)
-    ctx.obj["traceback"] = traceback
+    # read once here (or by main), passed down through ctx.obj: commands take cli.common.settings()
+    site = ctx.obj.get("settings") or Settings.from_environ()
+    ctx.obj["settings"] = site
     ctx.obj["verbose"] = verbose
     if not os.environ.get(EMIT_BUFFER_ENV) and ctx.invoked_subcommand is not None:
-        _check_dsn()  # not inside run.sh: `task add` there only buffers, and must start fast
+        _check_dsn(site)  # not inside run.sh: `task add` there only buffers, and must start fast
     logs.use_format(log_format)  # also for the commands that configure logging themselves (launcher)
     if verbose:
         logs.configure(verbose)
@@ -69,10 +72,11 @@ __all__ = ["STATUS", "StatusType", "_RunWatcher", "_one_line", "_print_status", 
 # -- entry point ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors become one line with a hint (traceback with --traceback)."""
-    traceback = "--traceback" in (argv or sys.argv) or os.environ.get("SCALEBOX_TRACEBACK", "").lower() in (
-        "1", "true", "yes", "on")
+    traceback = "--traceback" in (argv or sys.argv)
     try:
-        cli.main(args=argv, prog_name="scalebox", standalone_mode=False)
+        site = Settings.from_environ()  # an invalid SCALEBOX_* value: one line naming it, below
+        traceback = traceback or site.traceback
+        cli.main(args=argv, prog_name="scalebox", standalone_mode=False, obj={"settings": site})
     except ScaleboxError as exc:
         _fail(exc, traceback, 1, getattr(exc, "hint", ""))
     except click.exceptions.Abort:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.settings import Settings
 from scalebox_hpc.text import terminal_safe as terminal_safe  # re-exported: the commands import it from here
 
 if TYPE_CHECKING:
@@ -21,6 +22,16 @@ if TYPE_CHECKING:
 
 
 EMIT_BUFFER_ENV = "SCALEBOX_EMIT_FILE"  # same name as launcher.taskexec.EMIT_BUFFER_ENV
+
+
+def settings() -> Settings:
+    """The settings the ``scalebox`` group read once at start (outside a command, e.g. a test
+    calling a helper directly: read from the environment now)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(dict) if ctx is not None else None
+    if found is not None and isinstance(found.get("settings"), Settings):
+        return found["settings"]  # type: ignore[no-any-return]
+    return Settings.from_environ()
 
 
 def _dump(data: Any) -> None:
@@ -52,7 +63,7 @@ def _db(create_schema: bool = False) -> Iterator[Connection]:
         # a task has no database credentials (audit F5): without this, a call would start an
         # embedded database of its own, or use a DSN the task found, and act outside its app
         raise ServiceError("this command needs the database, and a running task has no access to it")
-    dsn = configured_dsn()
+    dsn = configured_dsn(settings().environ)
     # the private embedded database gets its schema on first use: a new user's first
     # `scalebox app list` says "no apps yet", not "run db init"
     create = create_schema or dsn is None
@@ -74,8 +85,8 @@ def _app_id(conn: Connection, app: int | None) -> int:
         if conn.execute(query("app_exists"), {"app_id": app}).fetchone() is None:
             raise NotFoundError("app", app)
         return app
-    if os.environ.get("SCALEBOX_APP_ID"):
-        return int(os.environ["SCALEBOX_APP_ID"])
+    if settings().app_id is not None:
+        return settings().app_id  # type: ignore[return-value]
     row = conn.execute(query("newest_app")).fetchone()
     if not row or row["id"] is None:
         raise ScaleboxError(NO_APPS)
@@ -104,10 +115,10 @@ def _check_module(conn: Connection, app_id: int, module: str | None) -> None:
     raise err
 
 
-def _check_dsn() -> None:
+def _check_dsn(site: Settings) -> None:
     """A SCALEBOX_DSN that is not a connection string is one line with a hint, not a traceback
     (the password, if any, is not repeated)."""
-    dsn = os.environ.get("SCALEBOX_DSN")
+    dsn = site.dsn
     if not dsn:
         return
     import psycopg
@@ -116,7 +127,7 @@ def _check_dsn() -> None:
     from scalebox_hpc.errors import DatabaseError
 
     try:
-        if conninfo_to_dict(dsn).get("password") and not os.environ.get("SCALEBOX_DSN_PASSWORD_OK"):
+        if conninfo_to_dict(dsn).get("password") and not site.dsn_password_ok:
             click.echo("warning: SCALEBOX_DSN holds a password; put it in ~/.pgpass (0600), PGPASSFILE or a "
                        "service file instead: a DSN travels in stage jobs' environment (the password is not "
                        "shown here; SCALEBOX_DSN_PASSWORD_OK=1 silences this)", err=True)
@@ -215,4 +226,4 @@ def _work_root(work_root: str | None) -> Path:
     """--work-root, else SCALEBOX_WORK_ROOT, else a per-user directory under the temp dir."""
     from scalebox_hpc.apprun import work_root as resolve
 
-    return resolve(work_root)
+    return resolve(work_root, settings())

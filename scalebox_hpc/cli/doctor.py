@@ -4,14 +4,13 @@ probe job runs on a compute node."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from scalebox_hpc.cli.common import ID, _one_line, _work_root
+from scalebox_hpc.cli.common import ID, _one_line, _work_root, settings
 
 if TYPE_CHECKING:
     from scalebox_hpc.doctor import Check, Plan
@@ -68,7 +67,7 @@ def _plan(pipeline_file: str | None, app: int | None, env_files: tuple[str, ...]
 
     from scalebox_hpc.doctor import make_plan
 
-    runtime = os.environ.get("SCALEBOX_RUNTIME", "auto")
+    runtime = settings().runtime
     python, root = sys.executable, _work_root(work_root)
     if pipeline_file:
         from scalebox_hpc.cli.common import _load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,17 @@ if TYPE_CHECKING:
     from scalebox_hpc.db.apps import ModuleCounts
     from scalebox_hpc.db.connection import Connection
 
-from scalebox_hpc.cli.common import APP_OPTION, _app_id, _db, _load, _one_line, _squeezed, _work_root, terminal_safe
+from scalebox_hpc.cli.common import (
+    APP_OPTION,
+    _app_id,
+    _db,
+    _load,
+    _one_line,
+    _squeezed,
+    _work_root,
+    settings,
+    terminal_safe,
+)
 from scalebox_hpc.cli.status import _print_failures
 
 
@@ -22,7 +31,7 @@ def _config(app_id: int, *, modules: tuple[str, ...] = (), slots: int | None = N
     from scalebox_hpc.apprun import launcher_config
 
     return launcher_config(app_id, root=_work_root(work_root), modules=modules, slots=slots, host=host,
-                           local=local, local_scratch=local_scratch)
+                           local=local, local_scratch=local_scratch, settings=settings())
 
 
 @click.command("launcher")
@@ -65,21 +74,21 @@ def launcher_cmd(app: int | None, modules: tuple[str, ...], slots: int | None, h
 
         if len(modules) != 1:
             raise click.UsageError("--mpi runs exactly one module: give -m MODULE")
-        env_app = os.environ.get("SCALEBOX_APP_ID")
         config = StageConfig(module=modules[0], work_root=_config(0, work_root=work_root).work_root,
-                             app_id=app if app is not None else (int(env_app) if env_app else None),
+                             app_id=app if app is not None else settings().app_id,
                              grace=grace, expected_ranks=ranks, stage_job=stage_job)
-        sys.exit(run_mpi_stage(config))
-    dsn = resolve_dsn(create_schema=False)
+        sys.exit(run_mpi_stage(config, settings()))
+    dsn = resolve_dsn(create_schema=False, settings=settings())
     with _db() as conn:
         app_id = _app_id(conn, app)
     config = _config(app_id, modules=modules, slots=slots, host=host, work_root=work_root,
                      local_scratch=local_scratch)
     if stage_job:
-        sys.exit(run_stage_launcher(dsn, config))
+        sys.exit(run_stage_launcher(dsn, config, settings=settings()))
     again = (f"stopped; continue with `scalebox launcher --app {app_id}` "
              f"(or `scalebox run --app {app_id}`)")
-    sys.exit(run_launcher(dsn, config, grace=grace, signals=SignalPolicy(resume_hint=again, restore=False)))
+    sys.exit(run_launcher(dsn, config, grace=grace, signals=SignalPolicy(resume_hint=again, restore=False),
+                          settings=settings()))
 
 
 @click.command("run")
@@ -118,7 +127,7 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
         raise click.UsageError("give a pipeline FILE to create an app, or --app N to continue one")
     spec = _load(file, env_files) if file is not None else None
     ensure_root(_work_root(work_root))  # refused (another user's, or anyone's) before any app is made
-    dsn = resolve_dsn(create_schema=True)
+    dsn = resolve_dsn(create_schema=True, settings=settings())
     with connect(dsn) as conn, translate_errors(dsn):
         if spec is not None:
             app_id = apps.create_app(conn, spec)
@@ -135,7 +144,8 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
         with watcher:
             watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
             run_here(dsn, _config(app_id, work_root=work_root, local=True), watcher.judge, grace=grace,
-                     on_tick=watcher.show, signals=SignalPolicy(say=watcher.say, restore=False))
+                     on_tick=watcher.show, signals=SignalPolicy(say=watcher.say, restore=False),
+                     settings=settings())
         final = watcher.summary()
     sys.exit(final)
 

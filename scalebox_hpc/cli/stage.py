@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from scalebox_hpc.cli.common import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root
+from scalebox_hpc.cli.common import APP_OPTION, JSON_OPTION, _app_id, _db, _dump, _load, _work_root, settings
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 
 if TYPE_CHECKING:  # psycopg stays out of `scalebox --help` and the commands that need no database
@@ -28,7 +28,8 @@ class StageSubmitError(ScaleboxError):
 def _scaler(work_root: str | None) -> Any:
     from scalebox_hpc.node import resolve_dsn, stage_autoscaler
 
-    return stage_autoscaler(resolve_dsn(create_schema=False), _work_root(work_root))
+    site = settings()
+    return stage_autoscaler(resolve_dsn(create_schema=False, settings=site), _work_root(work_root), settings=site)
 
 
 def _report_line(report: Any) -> str:
@@ -167,10 +168,10 @@ def slurm_call_lines(conn: Connection, app_id: int) -> list[str]:
     """``slurm calls on cluster C: N in the last minute (budget B/min), M in the last hour (this
     app K)``, one line per cluster with calls counted in the last hour."""
     from scalebox_hpc.db import stages
-    from scalebox_hpc.node import SLURM_RPC_PER_MINUTE
 
+    budget = settings().slurm_rpc_per_minute
     return [f"slurm calls on cluster {r['cluster'] or '(default)'}: {r['last_minute']} in the last minute "
-            f"(budget {SLURM_RPC_PER_MINUTE}/min, SCALEBOX_SLURM_RPC_PER_MINUTE), {r['last_hour']} in the last hour "
+            f"(budget {budget}/min, SCALEBOX_SLURM_RPC_PER_MINUTE), {r['last_hour']} in the last hour "
             f"(this app {r['app_last_hour']})" for r in stages.slurm_call_summary(conn, app_id)]
 
 

@@ -18,6 +18,7 @@ from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import Bind, HostDirs, PathMap, PerTaskSession, binds_for
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.runtime.podman import EngineCli
+from scalebox_hpc.settings import Settings
 from scalebox_hpc.testing import InMemoryQueue
 
 BINDS = [Bind(Path("/h/work"), "/work"), Bind(Path("/h/scratch/n1"), "/local"),
@@ -60,9 +61,10 @@ def test_the_scratch_is_local_inside(tmp_path: Path) -> None:
 
 
 def test_the_launchers_scratch_is_the_containers_local(tmp_path: Path) -> None:
-    runtime = make_runtime({"SCALEBOX_LOCAL_DIR": "/elsewhere"}, local_scratch=tmp_path / "scratch")
+    elsewhere = Settings.from_environ({"SCALEBOX_LOCAL_DIR": "/elsewhere"})
+    runtime = make_runtime(elsewhere, local_scratch=tmp_path / "scratch")
     assert isinstance(runtime, RuntimeChooser) and runtime.host.local_dir == tmp_path / "scratch"
-    fallback = make_runtime({"SCALEBOX_LOCAL_DIR": "/elsewhere"})
+    fallback = make_runtime(elsewhere)
     assert isinstance(fallback, RuntimeChooser) and fallback.host.local_dir == Path("/elsewhere")
 
 
