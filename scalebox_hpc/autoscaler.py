@@ -337,7 +337,10 @@ class Autoscaler:
             try:
                 found = self.clients.get(cluster).status(by_cluster[cluster])
             except (SlurmCommandError, ScaleboxError) as exc:
-                logger.warning("cannot query Slurm%s for stage jobs: %s", f" cluster {cluster}" if cluster else "", exc)
+                logger.warning("cannot ask Slurm%s the state of stage jobs %s (they keep their last known state): %s",
+                               f" cluster {cluster}" if cluster else "", ",".join(by_cluster[cluster]), exc,
+                               extra={"action": "slurm_status_failed", "cluster": cluster,
+                                      "slurm_job_ids": by_cluster[cluster], "error": str(exc)})
                 return live
             infos.update({(cluster, i): info for i, info in found.items()})
         for job in live:
@@ -392,7 +395,9 @@ class Autoscaler:
                 report.budget_spent = True
                 logger.warning("autoscale of app %d skipped: %d Slurm calls in the last minute on cluster %r, "
                                "the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, spent,
-                               gate["cluster"], self.rpc_per_minute)
+                               gate["cluster"], self.rpc_per_minute,
+                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "cluster": gate["cluster"],
+                                      "calls_last_minute": spent, "ceiling": self.rpc_per_minute})
                 return report
             if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
                 db_stages.mark_app_scaled(self.conn, app_id)
@@ -418,7 +423,9 @@ class Autoscaler:
         scale each module not scaled within the interval (all of them when ``urgent``)."""
         recovered = db_stages.recover_expired(self.conn)
         if recovered:
-            logger.warning("%d task(s) of dead launchers are READY again", recovered)
+            logger.warning("%d task(s) of dead launchers are READY again (their leases expired; found by the "
+                           "autoscale pass of app %d)", recovered, app_id,
+                           extra={"action": "leases_recovered", "app_id": app_id, "tasks": recovered})
         # one read of the app's jobs: refresh() updates the live rows in place, so `history`
         # sees their new states too
         history = db_stages.jobs(self.conn, app_id, include_ended=True)
@@ -435,9 +442,12 @@ class Autoscaler:
             cluster = specs[row["id"]].slurm.cluster
             if cluster and not force and self._over_budget(cluster):
                 report.rate_limited.append(row["name"])
-                logger.warning("autoscale of %s skipped: %d Slurm calls in the last minute on cluster %r, the "
-                               "ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", row["name"], self.spent[cluster],
-                               cluster, self.rpc_per_minute)
+                logger.warning("autoscale of app %d module %s skipped: %d Slurm calls in the last minute on "
+                               "cluster %r, the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, row["name"],
+                               self.spent[cluster], cluster, self.rpc_per_minute,
+                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "module_name": row["name"],
+                                      "cluster": cluster, "calls_last_minute": self.spent[cluster],
+                                      "ceiling": self.rpc_per_minute})
                 continue
             if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
                 report.rate_limited.append(row["name"])
@@ -467,8 +477,10 @@ class Autoscaler:
                 db_stages.mark_draining(self.conn, job["slurm_job_id"], str(job.get("cluster") or ""))
                 job["draining"] = True
                 report.yielded.append(job["slurm_job_id"])
-                logger.warning("stage job %s of %s drains: it has no work, and %s waits for nodes",
-                               job["slurm_job_id"], module, waiting)
+                logger.warning("stage job %s of module %s drains: it has no work, and %s waits for nodes",
+                               job["slurm_job_id"], module, waiting,
+                               extra={"action": "stage_job_yield", "slurm_job_id": job["slurm_job_id"],
+                                      "module_name": module, "waiting": sorted(starved)})
         return yielding
 
     def _over_budget(self, cluster: str) -> bool:
@@ -528,7 +540,9 @@ class Autoscaler:
             script = render(read_template(spec.slurm.template), job)
         except ScaleboxError as exc:
             report.errors.append(f"{spec.name}: {exc}")
-            logger.error("stage job of %s not submitted: %s", spec.name, exc)
+            logger.error("stage job of app %d module %s not submitted (its script): %s", app_id, spec.name, exc,
+                         extra={"action": "stage_submit_failed", "app_id": app_id, "module_name": spec.name,
+                                "error": str(exc)})
             return
         placements = self._placements(module_id, job, decision.submit, busy, client)
         for i in range(decision.submit):
@@ -537,7 +551,9 @@ class Autoscaler:
                 job_id = self._submit_one(script, nodes, client)
             except ScaleboxError as exc:  # sbatch refused, timed out, or printed no job id
                 report.errors.append(f"{spec.name}: {exc}")
-                logger.error("stage job of %s not submitted: %s", spec.name, exc)
+                logger.error("stage job of app %d module %s not submitted (sbatch): %s", app_id, spec.name, exc,
+                             extra={"action": "stage_submit_failed", "app_id": app_id, "module_name": spec.name,
+                                    "error": str(exc)})
                 break
             db_stages.record_job(self.conn, app_id, module_id, job_id, cluster=spec.slurm.cluster or "",
                                  nodes=",".join(nodes))
@@ -545,7 +561,9 @@ class Autoscaler:
             if nodes:
                 report.placed[job_id] = nodes
             logger.info("stage %s: submitted job %s (%s)%s", spec.name, job_id, decision.reason,
-                        f" on {','.join(nodes)}, which hold its inputs" if nodes else "")
+                        f" on {','.join(nodes)}, which hold its inputs" if nodes else "",
+                        extra={"action": "stage_job_submitted", "app_id": app_id, "module_name": spec.name,
+                               "slurm_job_id": job_id, "reason": decision.reason, "nodes": nodes})
 
     def _placements(
         self, module_id: int, job: StageJob, count: int, busy: set[str], client: SlurmClient,
@@ -560,7 +578,8 @@ class Autoscaler:
         try:
             nodes = client.nodes([h for h, _ in holders], job.slurm.partition)
         except (SlurmCommandError, SlurmParseError) as exc:
-            logger.warning("cannot ask Slurm which nodes are free (%s): stage jobs go anywhere", exc)
+            logger.warning("cannot ask Slurm which of %d input-holding nodes are free (%s): stage jobs go anywhere",
+                           len(holders), exc, extra={"action": "slurm_nodes_failed", "error": str(exc)})
             return []
         per_node = (job.ranks_per_node or job.slots_per_node) * job.slurm.cpus_per_slot
         return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
@@ -574,7 +593,8 @@ class Autoscaler:
         try:
             return client.submit(script, [f"--nodelist={','.join(nodes)}"])
         except SlurmCommandError as exc:
-            logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc)
+            logger.warning("sbatch refused --nodelist=%s (%s): submitting without it", ",".join(nodes), exc,
+                           extra={"action": "sbatch_nodelist_refused", "nodes": nodes, "error": str(exc)})
             return client.submit(script)
 
 

@@ -4,7 +4,9 @@ The library only logs (``getLogger(__name__)``, facts in the message, and the sa
 ``extra={...}`` where a program reading the log wants them as fields); the composition roots
 (the ``scalebox`` group, the launcher) call :func:`configure`. ``--log-format json`` or
 ``SCALEBOX_LOG_FORMAT=json`` prints each record as ``{"ts", "level", "logger", "msg", ...}`` with
-the record's extra fields, for sites that ship logs. Imports nothing of scalebox_hpc but its errors.
+the record's extra fields, for sites that ship logs; the text line ends with them as
+``key=value`` pairs (:class:`TextFormatter`), so a stage job's log shows them too. Imports
+nothing of scalebox_hpc but its errors.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +59,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+_BARE = re.compile(r"[\w.:/@+,-]+")
+
+
+def _text_value(value: Any) -> str:
+    """A value of a ``key=value`` pair, never misread: text as it is when it is one plain word,
+    else JSON-quoted (white space, ``=``, quotes, control characters, empty); other values as
+    compact JSON (``[\"sacct\",\"-X\"]`` becomes ``["sacct","-X"]``), quoted if that has white space."""
+    if not isinstance(value, (int, float, list, tuple, dict)) and value is not None:
+        text = str(value)  # a str, a Path, anything else JSON has no type for
+        return text if _BARE.fullmatch(text) else json.dumps(text, ensure_ascii=False)
+    compact = json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(compact, ensure_ascii=False) if any(c.isspace() for c in compact) else compact
+
+
+class TextFormatter(logging.Formatter):
+    """The usual text line (:data:`TEXT_FORMAT`), then the record's extra fields as
+    `` key=value`` pairs in the order given (``action=slurm_sacct_failed job_id=12``); the
+    traceback, if any, on the lines after, as ``logging.Formatter`` puts it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line of :data:`TEXT_FORMAT` with the record's extras appended (a traceback, if
+        any, follows on the next lines, as ``logging.Formatter.format`` adds it)."""
+        line = super().formatMessage(record)
+        extras = record_extras(record)
+        if not extras:
+            return line
+        return line + " " + " ".join(f"{key}={_text_value(value)}" for key, value in extras.items())
+
+
 def use_format(name: str | None) -> None:
     """The format later :func:`configure` calls use when not given one (the ``scalebox`` group
     sets it from ``--log-format``: commands configure logging after the group ran)."""
@@ -73,7 +105,7 @@ def chosen_format(environ: dict[str, str] | None = None) -> str:
 
 def formatter(name: str) -> logging.Formatter:
     """The formatter called ``name`` (``text`` or ``json``)."""
-    return JsonFormatter() if _checked(name) == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if _checked(name) == "json" else TextFormatter(TEXT_FORMAT)
 
 
 def configure(verbose: int = 0, fmt: str | None = None) -> None:

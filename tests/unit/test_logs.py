@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,37 @@ def test_an_unknown_format_is_an_error_with_a_hint(monkeypatch: pytest.MonkeyPat
     with pytest.raises(InvalidValueError, match="log format 'xml' is not one of text, json") as exc:
         logs.chosen_format({logs.LOG_FORMAT_ENV: "xml"})
     assert "SCALEBOX_LOG_FORMAT" in exc.value.hint
+
+
+# -- the text line carries the extras too -------------------------------------------------------
+def text(msg: str, *args: object, extra: dict[str, object] | None = None, exc_info: bool = False) -> str:
+    return logs.TextFormatter(logs.TEXT_FORMAT).format(record(msg, *args, extra=extra, exc_info=exc_info))
+
+
+def test_the_text_line_ends_with_the_extras_as_key_value_pairs() -> None:
+    line = text("sacct failed: %s", "connection refused",
+                extra={"action": "slurm_sacct_failed", "returncode": 1, "argv": ["sacct", "-X"]})
+    assert line.endswith(" WARNING scalebox_hpc.test [MainThread] sacct failed: connection refused "
+                         'action=slurm_sacct_failed returncode=1 argv=["sacct","-X"]'), line
+
+
+def test_text_values_that_could_be_misread_are_quoted() -> None:
+    line = text("x", extra={"stderr": 'a b="c"', "empty": "", "path": Path("/w/app-1"), "none": None,
+                            "eq": "k=v", "nl": "one\ntwo"})
+    assert line.endswith(' x stderr="a b=\\"c\\"" empty="" path=/w/app-1 none=null eq="k=v" nl="one\\ntwo"'), line
+    assert "\n" not in line
+
+
+def test_a_plain_text_line_is_unchanged_and_a_traceback_follows_the_pairs() -> None:
+    assert text("plain %s", 1).endswith("[MainThread] plain 1")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        line = text("failed", extra={"task_id": 7}, exc_info=True)
+    first, *rest = line.splitlines()
+    assert first.endswith("failed task_id=7") and rest[0] == "Traceback (most recent call last):"
+
+
+def test_the_roots_install_the_text_formatter() -> None:
+    assert type(logs.formatter("text")) is logs.TextFormatter
+    assert type(logs.formatter("json")) is logs.JsonFormatter
