@@ -33,7 +33,8 @@ def init(conn: Connection) -> bool:
             return False
         conn.execute(sql.schema_sql())
         conn.execute("INSERT INTO sbx_schema_version (version) VALUES (%s)", (sql.schema_version(),))
-    logger.info("schema created", extra={"action": "schema_init", "version": sql.schema_version()})
+    logger.info("schema created (version %s)", sql.schema_version(),
+                extra={"action": "schema_init", "version": sql.schema_version()})
     return True
 
 

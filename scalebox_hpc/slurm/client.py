@@ -96,7 +96,8 @@ class SlurmClient:
         if self._use_json is None:
             result = self._run(["squeue", "--help"], counted=False)
             self._use_json = result.ok and "--json" in result.stdout
-            logger.debug("squeue --json probed", extra={"action": "slurm_probe_json", "json": self._use_json})
+            logger.debug("squeue --json probed: %s", "used" if self._use_json else "not offered",
+                         extra={"action": "slurm_probe_json", "json": self._use_json})
         return self._use_json
 
     # ------------------------------------------------------------ submit / cancel
@@ -114,7 +115,8 @@ class SlurmClient:
             argv.append(str(Path(script)))
         result = check(argv, self._run(argv, input=text))
         job_id, cluster = parse_sbatch_parsable(result.stdout)
-        logger.info("slurm job submitted", extra={"action": "slurm_submit", "job_id": job_id, "cluster": cluster})
+        logger.info("slurm job %s submitted%s", job_id, f" on cluster {cluster}" if cluster else "",
+                    extra={"action": "slurm_submit", "job_id": job_id, "cluster": cluster})
         return job_id
 
     def cancel(self, job_ids: Iterable[str], signal: str | None = None) -> None:
@@ -128,7 +130,8 @@ class SlurmClient:
         # ids come from the database: validated, and after `--` so none is taken for an option (F23)
         argv = ["scancel", *([f"--signal={signal}", "--full"] if signal else []), "--", *ids]
         check(argv, self._run(argv))
-        logger.info("slurm jobs cancelled", extra={"action": "slurm_cancel", "job_ids": ids, "signal": signal})
+        logger.info("slurm jobs %s %s", ",".join(ids), f"sent {signal}" if signal else "cancelled",
+                    extra={"action": "slurm_cancel", "job_ids": ids, "signal": signal})
 
     # ------------------------------------------------------------ status
 
@@ -221,14 +224,16 @@ class SlurmClient:
         try:
             result = self._run(argv)
         except SlurmCommandError as exc:
-            logger.warning("sacct failed", extra={"action": "slurm_sacct_failed", "error": str(exc)})
+            logger.warning("sacct failed for jobs %s: %s", ",".join(ids), exc,
+                           extra={"action": "slurm_sacct_failed", "job_ids": ids, "error": str(exc)})
             return _Outcome.FAILED
         if result.ok:
             return result
         if any(marker in result.stderr.lower() for marker in _NO_ACCOUNTING):
             return _Outcome.UNAVAILABLE
         error = SlurmCommandError(argv, result.returncode, result.stderr)
-        logger.warning("sacct failed", extra={"action": "slurm_sacct_failed", "error": str(error)})
+        logger.warning("sacct failed for jobs %s: %s", ",".join(ids), error,
+                       extra={"action": "slurm_sacct_failed", "job_ids": ids, "error": str(error)})
         return _Outcome.FAILED
 
 

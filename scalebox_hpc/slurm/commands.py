@@ -100,11 +100,10 @@ class SubprocessRunner:
         except subprocess.TimeoutExpired as exc:
             _kill_group(proc)
             raise SlurmCommandError(args, None, _timeout_stderr(exc, timeout)) from exc
-        logger.debug(
-            "slurm command finished",
-            extra={"action": "slurm_command", "argv": args[:3], "returncode": proc.returncode,
-                   "seconds": round(time.monotonic() - started, 3)},
-        )
+        seconds = round(time.monotonic() - started, 3)
+        logger.debug("slurm command %s finished: exit %s in %.3f s", " ".join(args[:3]), proc.returncode, seconds,
+                     extra={"action": "slurm_command", "argv": args[:3], "returncode": proc.returncode,
+                            "seconds": seconds})
         return CommandResult(stdout, stderr, proc.returncode)
 
 

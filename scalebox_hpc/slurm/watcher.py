@@ -105,7 +105,7 @@ class StatusWatcher:
             except ScaleboxError as exc:
                 self._failures += 1
                 self._next_poll = now + self.current_interval
-                logger.warning("slurm status query failed", extra={
+                logger.warning("slurm status query failed (retry in %s s): %s", self.current_interval, exc, extra={
                     "action": "slurm_status_failed", "error": str(exc), "retry_in": self.current_interval})
                 return False
             self._failures = 0
@@ -122,7 +122,7 @@ class StatusWatcher:
             self._misses[job_id] = 0
             old = self._jobs.get(job_id)
             if old is None or old.state is not info.state:
-                logger.info("slurm job state", extra={
+                logger.info("slurm job %s is %s", job_id, info.state.value, extra={
                     "action": "slurm_job_state", "job_id": job_id, "state": info.state.value})
             self._jobs[job_id] = info
 
