@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")  # noqa: S108 -- where MPICH puts its segments, not a temp file of ours
 SEGMENT_PREFIX = "mpich_shm_"
 
-_SIZE_VARIABLES = ("SCALEBOX_MPI_RANKS", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+_SIZE_VARIABLES = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")  # SCALEBOX_MPI_RANKS: Settings
 
 
 @dataclass
@@ -111,7 +111,8 @@ def load_mpi() -> ModuleType:
 
 
 def expected_size(environ: Mapping[str, str] | None = None) -> int | None:
-    """How many ranks the launch asked for: SCALEBOX_MPI_RANKS, else Slurm's task count."""
+    """How many ranks Slurm's launch asked for (its task count; SCALEBOX_MPI_RANKS is a setting the
+    root passes as ``StageConfig.expected_ranks``)."""
     env = os.environ if environ is None else environ
     for name in _SIZE_VARIABLES:
         value = env.get(name, "").strip()
@@ -179,19 +180,14 @@ def _held_paths(proc: Path = Path("/proc")) -> set[str]:
     return held
 
 
-INIT_TIMEOUT_VARIABLE = "SCALEBOX_MPI_INIT_TIMEOUT"
-
-
 @contextlib.contextmanager
-def init_deadline(seconds: float | None = None) -> Iterator[None]:
+def init_deadline(seconds: float = 120.0) -> Iterator[None]:
     """End the process (exit 1, every thread's traceback on stderr) if the block takes longer
-    than ``seconds`` (default: SCALEBOX_MPI_INIT_TIMEOUT, else 120; 0 disables).
+    than ``seconds`` (the root passes SCALEBOX_MPI_INIT_TIMEOUT, ``Settings.mpi_init_timeout``; 0 disables).
 
     For MPI_Init: a launch that goes wrong (a PMI exchange that never completes) hangs there,
     inside C code holding the GIL, until the job's time limit. faulthandler's watchdog is a C
     thread that needs no GIL; with ``srun --kill-on-bad-exit`` the exit then ends the step."""
-    if seconds is None:
-        seconds = float(os.environ.get(INIT_TIMEOUT_VARIABLE) or 120)
     if seconds <= 0:
         yield
         return

@@ -132,7 +132,8 @@ def test_singleton_guard() -> None:
     with pytest.raises(MpiError, match="needs at least 2"):
         mpi.check_size(1, None, minimum=2)
     assert mpi.expected_size({"SLURM_NTASKS": "8"}) == 8
-    assert mpi.expected_size({"SCALEBOX_MPI_RANKS": "3", "SLURM_NTASKS": "8"}) == 3
+    # SCALEBOX_MPI_RANKS is a setting: node.run_mpi_stage passes it on as StageConfig.expected_ranks
+    assert mpi.expected_size({"SCALEBOX_MPI_RANKS": "3", "SLURM_NTASKS": "8"}) == 8
     assert mpi.expected_size({"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "8"}) == 2
     assert mpi.expected_size({}) is None
     with pytest.raises(MpiError, match="no MPI task is running"):
@@ -254,7 +255,9 @@ def test_no_shm_dir_is_not_an_error(tmp_path: Path) -> None:
 
 
 def _deadline_child(body: str, **env: str) -> subprocess.CompletedProcess[str]:
-    code = f"import time\nfrom scalebox_hpc import mpi\nwith mpi.init_deadline():\n    {body}\ntime.sleep(1.0)\n"
+    code = ("import time\nfrom scalebox_hpc import mpi, settings\n"  # the timeout as the root reads it
+            "with mpi.init_deadline(settings.Settings.from_environ().mpi_init_timeout):\n"
+            f"    {body}\ntime.sleep(1.0)\n")
     environ = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environ,
                           check=False)
