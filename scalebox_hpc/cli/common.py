@@ -29,9 +29,8 @@ def settings() -> Settings:
     calling a helper directly: read from the environment now)."""
     ctx = click.get_current_context(silent=True)
     found = ctx.find_object(dict) if ctx is not None else None
-    if found is not None and isinstance(found.get("settings"), Settings):
-        return found["settings"]  # type: ignore[no-any-return]
-    return Settings.from_environ()
+    site = found.get("settings") if found is not None else None
+    return site if isinstance(site, Settings) else Settings.from_environ()
 
 
 def _dump(data: Any) -> None:
@@ -85,8 +84,9 @@ def _app_id(conn: Connection, app: int | None) -> int:
         if conn.execute(query("app_exists"), {"app_id": app}).fetchone() is None:
             raise NotFoundError("app", app)
         return app
-    if settings().app_id is not None:
-        return settings().app_id  # type: ignore[return-value]
+    from_env = settings().app_id
+    if from_env is not None:
+        return from_env
     row = conn.execute(query("newest_app")).fetchone()
     if not row or row["id"] is None:
         raise ScaleboxError(NO_APPS)
