@@ -35,7 +35,7 @@ from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError, ScaleboxError
 from scalebox_hpc.launcher import lifecycle
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
-from scalebox_hpc.launcher.mpi_stage import StageConfig
+from scalebox_hpc.launcher.mpi_stage import Opened, StageConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
@@ -122,16 +122,7 @@ def run_launcher(
     interrupts = Interrupts(launcher, stop, grace, policy)
     previous = interrupts.install()
     try:
-        if launcher.start() == 0:
-            logger.warning("no slots for host %s in app %s (no module's slots match it, or --module/--slots "
-                           "left none)", config.host, config.app_id,
-                           extra={"action": "launcher_no_slots", "host": config.host, "app_id": config.app_id})
-        while launcher.alive() and not stop.is_set():
-            if on_tick is not None and on_tick():
-                break
-            stop.wait(tick_seconds)
-        if launcher.alive() and on_drain is not None:
-            on_drain()
+        _run_slots(launcher, config, stop, on_tick=on_tick, tick_seconds=tick_seconds, on_drain=on_drain)
         launcher.stop(grace)
     finally:
         interrupts.ended = True
@@ -146,6 +137,24 @@ def run_launcher(
     if interrupts.received and policy.resume_hint:
         policy.say(policy.resume_hint)
     return code
+
+
+def _run_slots(
+    launcher: Launcher, config: LauncherConfig, stop: threading.Event, *, on_tick: Callable[[], bool] | None,
+    tick_seconds: float, on_drain: Callable[[], None] | None,
+) -> None:
+    """Start the slots and tick until they end, ``on_tick`` says so or a signal sets ``stop``;
+    ``on_drain`` when slots are still up then (a drain, not their own end)."""
+    if launcher.start() == 0:
+        logger.warning("no slots for host %s in app %s (no module's slots match it, or --module/--slots "
+                       "left none)", config.host, config.app_id,
+                       extra={"action": "launcher_no_slots", "host": config.host, "app_id": config.app_id})
+    while launcher.alive() and not stop.is_set():
+        if on_tick is not None and on_tick():
+            break
+        stop.wait(tick_seconds)
+    if launcher.alive() and on_drain is not None:
+        on_drain()
 
 
 def _warn(text: str) -> None:
@@ -343,14 +352,7 @@ def run_stage_launcher(
     if len(config.modules) != 1:
         raise ScaleboxError("a stage job runs exactly one module", hint="pass --module NAME")
     module = config.modules[0]
-    queue = PgQueue(dsn)
-    try:
-        specs = queue.module_specs(config.app_id)
-    finally:
-        queue.close()
-    if module not in specs:
-        raise NotFoundError("module", module)
-    spec = ModuleSpec.model_validate(specs[module])
+    spec = _module_spec(dsn, config.app_id, module)
     config = dataclasses.replace(config, host=job.node_name or config.host, slots=spec.slurm.slots_per_node)
     hooks = StageLifecycle(job, spec, config.app_id, dsn_session(dsn),
                            stage_autoscaler(dsn, config.work_root, settings=site, environ=environ), end=_job_end(job),
@@ -370,6 +372,18 @@ def run_stage_launcher(
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     hooks.leaving()  # also after an idle exit: a replacement is submitted if work came in meanwhile
     return rc
+
+
+def _module_spec(dsn: str, app_id: int, module: str) -> ModuleSpec:
+    """The stored spec of the app's module (NotFoundError when it has none of that name)."""
+    queue = PgQueue(dsn)
+    try:
+        specs = queue.module_specs(app_id)
+    finally:
+        queue.close()
+    if module not in specs:
+        raise NotFoundError("module", module)
+    return ModuleSpec.model_validate(specs[module])
 
 
 def _job_end(job: JobEnvironment) -> datetime | None:
@@ -397,37 +411,47 @@ def run_mpi_stage(config: StageConfig, settings: Settings | None = None) -> int:
     mpi.remove_stale_segments()
     with mpi.init_deadline(site.mpi_init_timeout):  # a hung MPI_Init ends this rank (and, --kill-on-bad-exit, the step)
         comm = mpi.load_mpi().COMM_WORLD
+    return mpi_stage.run_stage(comm, config, lambda: _open_mpi_stage(config, site), LocalRuntime())
 
-    def open_queue() -> mpi_stage.Opened:
-        # the stage's one connection: the schema check, the app lookup and the stage job's
-        # bookkeeping (drain checks, min_jobs, autoscale) go through it too
-        dsn = configured_dsn(site.environ) or resolve_dsn(create_schema=False, start_embedded=False, settings=site)
-        queue = PgQueue(dsn)
-        app_id = config.app_id
+
+def _open_mpi_stage(config: StageConfig, site: Settings) -> Opened:
+    """Rank 0's database side: the stage's one connection. The schema check, the app lookup and
+    the stage job's bookkeeping (drain checks, min_jobs, autoscale) go through it too."""
+    dsn = configured_dsn(site.environ) or resolve_dsn(create_schema=False, start_embedded=False, settings=site)
+    queue = PgQueue(dsn)
+    with translate_errors(dsn):
+        schema.ensure(queue.conn, create=False)
+        app_id = config.app_id if config.app_id is not None else _newest_app(queue.conn)
+    opened = Opened(queue, app_id, {})  # no DSN for the scripts (audit F5)
+    if config.stage_job:
+        opened.hooks = _mpi_stage_hooks(dsn, queue, app_id, config, site)
+    return opened
+
+
+def _newest_app(conn: Connection) -> int:
+    row = conn.execute(query("newest_app")).fetchone()
+    if not row or row["id"] is None:
+        raise NotFoundError("app", "(any)")
+    return int(row["id"])
+
+
+def _mpi_stage_hooks(
+    dsn: str, queue: PgQueue, app_id: int, config: StageConfig, site: Settings,
+) -> Callable[[ModuleSpec], StageLifecycle]:
+    """What builds an MPI stage job's lifecycle from its module's spec, over the stage's one
+    connection (lent: the hooks run under the queue's lock, which its heartbeats need too)."""
+    job = JobEnvironment.from_env(site.environ)
+
+    @contextlib.contextmanager
+    def lent() -> Iterator[Connection]:
         with translate_errors(dsn):
-            schema.ensure(queue.conn, create=False)
-            if app_id is None:
-                row = queue.conn.execute(query("newest_app")).fetchone()
-                if not row or row["id"] is None:
-                    raise NotFoundError("app", "(any)")
-                app_id = int(row["id"])
-        opened = mpi_stage.Opened(queue, app_id, {})  # no DSN for the scripts (audit F5)
-        if config.stage_job:
-            job = JobEnvironment.from_env()
+            yield queue.conn
 
-            @contextlib.contextmanager
-            def lent() -> Iterator[Connection]:
-                with translate_errors(dsn):
-                    yield queue.conn
+    def stage_hooks(spec: ModuleSpec) -> StageLifecycle:
+        scale = stage_autoscaler(dsn, config.work_root, settings=site, session=lent)
+        hooks = StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False,
+                               interval=site.autoscale_seconds)
+        hooks.started()
+        return hooks
 
-            def stage_hooks(spec: ModuleSpec) -> StageLifecycle:
-                scale = stage_autoscaler(dsn, config.work_root, settings=site, session=lent)
-                hooks = StageLifecycle(job, spec, app_id, lent, scale, end=_job_end(job), wait_for_budget=False,
-                                       interval=site.autoscale_seconds)
-                hooks.started()
-                return hooks
-
-            opened.hooks = stage_hooks
-        return opened
-
-    return mpi_stage.run_stage(comm, config, open_queue, LocalRuntime())
+    return stage_hooks
