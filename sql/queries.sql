@@ -1102,3 +1102,7 @@ SELECT name, value FROM sbx_l_variable_list_v1(%(app_id)s::bigint);
 -- name: launcher_insert_messages
 -- A running task's `tasks.deliver` (rows as sbx_insert_messages_v1 takes them).
 SELECT sbx_l_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
+
+-- name: grant_launcher
+-- `scalebox db grant OWNER --launcher`: make (or bind) the launcher role; '' when done, else why not.
+SELECT sbx_grant_launcher_v1(%(owner)s::text, %(role)s::text) AS missing;

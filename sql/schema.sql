@@ -1397,7 +1397,7 @@ BEGIN
 END;
 $$;
 
--- `scalebox db grant OWNER --launcher`: the login role p_role (made NOLOGIN-free with LOGIN when
+-- `scalebox db grant OWNER --launcher`: the login role p_role (made, LOGIN, when it is
 -- missing and this role may create roles; its password is the admin's to set) launches for
 -- p_owner: a member of sbx_launcher only, bound to p_owner in sbx_launchers. A role that is an
 -- sbx_user or sbx_viewer, or owns apps, is refused (a launcher role is nothing else). Returns
@@ -1417,7 +1417,7 @@ BEGIN
         IF NOT (SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user) THEN
             RETURN 'cannot create the role ' || p_role || ' (CREATEROLE needed): ask the database admin';
         END IF;
-        EXECUTE format('CREATE ROLE %I LOGIN NOINHERIT', p_role);
+        EXECUTE format('CREATE ROLE %I LOGIN', p_role);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname IN ('sbx_user', 'sbx_viewer')
                                            AND pg_has_role(p_role, r.oid, 'MEMBER'))
