@@ -357,6 +357,8 @@ FROM (SELECT sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs
       LIMIT %(limit)s) AS q
 CROSS JOIN LATERAL unnest(q.inputs) AS i (key)
 JOIN sbx_scratch sc ON sc.key = i.key
+  -- the app owner's index (0018: each owner's launchers index their own)
+  AND sc.owner = (SELECT a.owner FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id WHERE m.id = %(module_id)s)
 GROUP BY sc.host
 ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host;
 
@@ -382,9 +384,7 @@ WHERE id = %(id)s;
 
 -- name: drain_stage_job
 -- A launcher of this job drains (walltime signal or `stage stop`): it is no longer capacity.
-UPDATE sbx_stage_jobs SET draining = true, updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s AND NOT draining
-RETURNING id;
+SELECT id FROM sbx_l_drain_stage_job_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
 -- name: lock_app_modules
 -- An elected autoscale pass locks the app's module rows first, in id order, as an idle job's
@@ -396,17 +396,13 @@ SELECT id FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY id FOR NO KEY UPDA
 -- An idle stage job asks whether it may end: its module row is locked for the rest of the
 -- transaction (NO KEY UPDATE: task inserts, which check the foreign key, are not held up) so
 -- that two jobs going idle at once decide one after the other.
-SELECT j.draining, m.id, m.spec, m.min_jobs, m.max_jobs
-FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
-WHERE j.cluster = %(cluster)s AND j.slurm_job_id = %(slurm_job_id)s
-FOR NO KEY UPDATE OF m;
+SELECT draining, id, spec, min_jobs, max_jobs
+FROM sbx_l_lock_stage_job_module_v1(%(cluster)s::text, %(slurm_job_id)s::text);
 
 -- name: running_stage_jobs
 -- The module's jobs that run and do not drain (the asking job counts as running whatever
 -- state it was last seen in: it runs, it is asking).
-SELECT count(*) AS n FROM sbx_stage_jobs
-WHERE module_id = %(module_id)s AND ended_at IS NULL AND NOT draining
-  AND (state = 'RUNNING' OR (cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s));
+SELECT sbx_l_running_stage_jobs_v1(%(module_id)s::bigint, %(cluster)s::text, %(slurm_job_id)s::text) AS n;
 
 -- name: set_module_scaled
 UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;
@@ -418,7 +414,7 @@ RETURNING id;
 
 -- name: stage_job_draining
 -- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
-SELECT draining, end_time FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
+SELECT draining, end_time FROM sbx_l_stage_job_flags_v1(%(cluster)s::text, %(slurm_job_id)s::text);
 
 -- name: release_bound
 -- Tasks bound to a dead host, past their locality wait, are bound no more (of the caller's apps).
@@ -1021,18 +1017,12 @@ ORDER BY j.app_id, m.name, j.state;
 -- name: stage_job_started
 -- A stage job's first node's launcher starts: the job's allocated CPUs and the start of its
 -- core-hours (kept from the first start: a launcher of the job started again does not reset it).
-UPDATE sbx_stage_jobs
-SET alloc_cpus = COALESCE(%(alloc_cpus)s, alloc_cpus), started_at = COALESCE(started_at, now()),
-    updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
-RETURNING id;
+SELECT id FROM sbx_l_stage_job_started_v1(%(cluster)s::text, %(slurm_job_id)s::text, %(alloc_cpus)s::integer) AS id;
 
 -- name: stage_job_finished
 -- The first node's launcher leaves (drain, idle end, walltime): the end of the job's core-hours
 -- so far (the last call wins; a kill leaves ended_at, the autoscaler's, to the sbx_usage view).
-UPDATE sbx_stage_jobs SET finished_at = now(), updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
-RETURNING id;
+SELECT id FROM sbx_l_stage_job_finished_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
 -- name: app_usage
 -- Resources per module of an app (the sbx_usage view), in module order.

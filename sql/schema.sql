@@ -63,10 +63,13 @@ CREATE TABLE sbx_modules (
 );
 
 CREATE TABLE sbx_hosts (
-    name text PRIMARY KEY,
+    name text NOT NULL,
     first_seen timestamptz NOT NULL DEFAULT now(),
     last_seen timestamptz NOT NULL DEFAULT now(),
-    info jsonb NOT NULL DEFAULT '{}'
+    info jsonb NOT NULL DEFAULT '{}',
+    -- the role whose launchers run there (0018): each owner's hosts are their own rows
+    owner text NOT NULL DEFAULT current_user,
+    PRIMARY KEY (owner, name)
 );
 
 CREATE TABLE sbx_slots (
@@ -451,10 +454,12 @@ CREATE TABLE sbx_scratch (
     host text NOT NULL,
     bytes bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (key, host)
+    -- whose launchers indexed it (0018): a task prefers hosts by its app owner's index only
+    owner text NOT NULL DEFAULT current_user,
+    PRIMARY KEY (owner, key, host)
 );
 
-CREATE INDEX sbx_scratch_host_idx ON sbx_scratch (host);
+CREATE INDEX sbx_scratch_host_idx ON sbx_scratch (owner, host);
 
 -- A host is live while one of its slots heartbeats, judged by that slot's own heartbeat
 -- interval (two intervals without a beat: dead); entries of dead hosts are ignored.
@@ -479,13 +484,14 @@ $$;
 
 -- The host to prefer for these inputs: among the live hosts (and p_also, a host about to be
 -- live), the one holding most of them, then most bytes; partial when it holds fewer than all.
--- No row when no such host holds any.
-CREATE FUNCTION sbx_best_holder_v1(p_inputs text[], p_also text)
+-- Only p_owner's scratch index counts (0018: each owner's launchers index their own). No row
+-- when no such host holds any.
+CREATE FUNCTION sbx_best_holder_v2(p_inputs text[], p_also text, p_owner text)
 RETURNS TABLE (host text, partial boolean)
 LANGUAGE sql STABLE AS $$
     SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(p_inputs) AS i)
     FROM sbx_scratch sc
-    WHERE sc.key = ANY (p_inputs) AND (sc.host = p_also OR sbx_host_live(sc.host))
+    WHERE sc.owner = p_owner AND sc.key = ANY (p_inputs) AND (sc.host = p_also OR sbx_host_live(sc.host))
     GROUP BY sc.host
     ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host
     LIMIT 1
@@ -507,7 +513,8 @@ BEGIN
         NEW.pref_partial := false;
     ELSIF jsonb_typeof(NEW.headers -> 'inputs') = 'array' OR m.input_regex IS NOT NULL THEN
         SELECT b.host, b.partial INTO best
-        FROM sbx_best_holder_v1(sbx_task_inputs_v1(NEW.headers, NEW.body, m.input_regex), NULL) AS b;
+        FROM sbx_best_holder_v2(sbx_task_inputs_v1(NEW.headers, NEW.body, m.input_regex), NULL,
+                                (SELECT a.owner FROM sbx_apps a WHERE a.id = NEW.app_id)) AS b;
         NEW.pref_host := best.host;
         NEW.pref_partial := COALESCE(best.partial, false);
     ELSE
@@ -551,7 +558,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(c.inputs) AS i) AS partial
             FROM sbx_scratch sc
-            WHERE sc.key = ANY (c.inputs)
+            WHERE sc.key = ANY (c.inputs) AND sc.owner = (SELECT a.owner FROM sbx_apps a WHERE a.id = p_app_id)
             GROUP BY sc.host
             ORDER BY count(*) DESC, (sc.host = p_host OR sbx_host_live(sc.host)) DESC, sum(sc.bytes) DESC,
                      sc.host
@@ -1347,26 +1354,28 @@ $$;
 
 CREATE FUNCTION sbx_l_upsert_host_v1(p_name text, p_info jsonb) RETURNS void
 LANGUAGE sql SECURITY DEFINER AS $$
-    INSERT INTO sbx_hosts (name, info) VALUES (p_name, p_info)
-    ON CONFLICT (name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info
+    INSERT INTO sbx_hosts (owner, name, info) VALUES (sbx_l_acting_owner_v1(), p_name, p_info)
+    ON CONFLICT (owner, name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info
 $$;
 
 -- queries.sql scratch_forget_host (p_replace), scratch_remove, scratch_add, in one call: files
--- gone from and now in a host's scratch
+-- gone from and now in a host's scratch, in the acting owner's index
 CREATE FUNCTION sbx_l_index_scratch_v1(p_host text, p_replace boolean, p_removed text[], p_keys text[],
                                        p_bytes bigint[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    me text := sbx_l_acting_owner_v1();
 BEGIN
     IF p_replace THEN
-        DELETE FROM sbx_scratch WHERE host = p_host;
+        DELETE FROM sbx_scratch WHERE owner = me AND host = p_host;
     END IF;
     IF cardinality(p_removed) > 0 THEN
-        DELETE FROM sbx_scratch WHERE host = p_host AND key = ANY (p_removed);
+        DELETE FROM sbx_scratch WHERE owner = me AND host = p_host AND key = ANY (p_removed);
     END IF;
     IF cardinality(p_keys) > 0 THEN
-        INSERT INTO sbx_scratch (key, host, bytes)
-        SELECT k, p_host, b FROM unnest(p_keys, p_bytes) AS f (k, b)
-        ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
+        INSERT INTO sbx_scratch (owner, key, host, bytes)
+        SELECT me, k, p_host, b FROM unnest(p_keys, p_bytes) AS f (k, b)
+        ON CONFLICT (owner, key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
     END IF;
 END;
 $$;
@@ -1381,6 +1390,104 @@ BEGIN
     RETURN sbx_adopt_tasks_v1(p_app_id, p_host, p_limit);
 END;
 $$;
+
+-- -- a stage job's own row (its launchers' bookkeeping: drain requests, start and end, min_jobs) --
+
+-- The app of a stage job, by its key (NULL: unknown job).
+CREATE FUNCTION sbx_l_stage_job_app_v1(p_cluster text, p_slurm_job_id text) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    SELECT j.app_id FROM sbx_stage_jobs j WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+$$;
+
+-- queries.sql stage_job_draining
+CREATE FUNCTION sbx_l_stage_job_flags_v1(p_cluster text, p_slurm_job_id text)
+RETURNS TABLE (draining boolean, end_time timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY SELECT j.draining, j.end_time FROM sbx_stage_jobs j
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id;
+    END IF;
+END;
+$$;
+
+-- queries.sql drain_stage_job: the job's id when it was not draining yet
+CREATE FUNCTION sbx_l_drain_stage_job_v1(p_cluster text, p_slurm_job_id text) RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j SET draining = true, updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id AND NOT j.draining
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql stage_job_started
+CREATE FUNCTION sbx_l_stage_job_started_v1(p_cluster text, p_slurm_job_id text, p_alloc_cpus integer)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j
+                     SET alloc_cpus = COALESCE(p_alloc_cpus, j.alloc_cpus), started_at = COALESCE(j.started_at, now()),
+                         updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql stage_job_finished
+CREATE FUNCTION sbx_l_stage_job_finished_v1(p_cluster text, p_slurm_job_id text) RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j SET finished_at = now(), updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql lock_stage_job_module: the job's module row, locked (NO KEY UPDATE) until the
+-- caller's transaction ends
+CREATE FUNCTION sbx_l_lock_stage_job_module_v1(p_cluster text, p_slurm_job_id text)
+RETURNS TABLE (draining boolean, id bigint, spec jsonb, min_jobs integer, max_jobs integer)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY SELECT j.draining, m.id, m.spec, m.min_jobs, m.max_jobs
+                     FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     FOR NO KEY UPDATE OF m;
+    END IF;
+END;
+$$;
+
+-- queries.sql running_stage_jobs
+CREATE FUNCTION sbx_l_running_stage_jobs_v1(p_module_id bigint, p_cluster text, p_slurm_job_id text)
+RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF NOT sbx_l_may_v1((SELECT m.app_id FROM sbx_modules m WHERE m.id = p_module_id)) THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT count(*) FROM sbx_stage_jobs j
+            WHERE j.module_id = p_module_id AND j.ended_at IS NULL AND NOT j.draining
+              AND (j.state = 'RUNNING' OR (j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id)));
+END;
+$$;
+
+-- -- the locality index per owner (0018): see that migration ------------------------------------
+ALTER TABLE sbx_hosts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sbx_hosts_own ON sbx_hosts
+    USING (owner = current_user OR sbx_sees_all_v1())
+    WITH CHECK (owner = current_user);
+ALTER TABLE sbx_scratch ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sbx_scratch_own ON sbx_scratch
+    USING (owner = current_user OR sbx_sees_all_v1())
+    WITH CHECK (owner = current_user);
 
 -- Every sbx_l_ function: a fixed search_path (pg_catalog first, pg_temp last: nothing a caller
 -- creates shadows a table or function), EXECUTE not for PUBLIC (sbx_grant_roles_v1 gives it to

@@ -22,6 +22,113 @@ CREATE TABLE sbx_launchers (
 ALTER TABLE sbx_launchers ENABLE ROW LEVEL SECURITY;
 CREATE POLICY sbx_launchers_read ON sbx_launchers FOR SELECT USING (owner = current_user);
 
+-- -- the locality index per owner (sbx_hosts, sbx_scratch were shared by every sbx_user) --------
+
+-- Each row belongs to the role whose launchers wrote it (sbx_l_acting_owner_v1): a user neither
+-- reads nor forges another's host rows and scratch entries (row security for direct access; the
+-- launcher functions write the acting owner's rows only), and a task prefers hosts by its app
+-- owner's index only. Rows from before 0018 belong to the role that migrates (the next start-up
+-- scan of each launcher rewrites its host's entries).
+ALTER TABLE sbx_hosts ADD COLUMN owner text NOT NULL DEFAULT current_user;
+ALTER TABLE sbx_hosts DROP CONSTRAINT sbx_hosts_pkey, ADD PRIMARY KEY (owner, name);
+ALTER TABLE sbx_scratch ADD COLUMN owner text NOT NULL DEFAULT current_user;
+ALTER TABLE sbx_scratch DROP CONSTRAINT sbx_scratch_pkey, ADD PRIMARY KEY (owner, key, host);
+DROP INDEX sbx_scratch_host_idx;
+CREATE INDEX sbx_scratch_host_idx ON sbx_scratch (owner, host);
+ALTER TABLE sbx_hosts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sbx_hosts_own ON sbx_hosts
+    USING (owner = current_user OR sbx_sees_all_v1())
+    WITH CHECK (owner = current_user);
+ALTER TABLE sbx_scratch ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sbx_scratch_own ON sbx_scratch
+    USING (owner = current_user OR sbx_sees_all_v1())
+    WITH CHECK (owner = current_user);
+
+DROP FUNCTION sbx_best_holder_v1(text[], text);
+-- The host to prefer for these inputs: among the live hosts (and p_also, a host about to be
+-- live), the one holding most of them, then most bytes; partial when it holds fewer than all.
+-- Only p_owner's scratch index counts (0018: each owner's launchers index their own). No row
+-- when no such host holds any.
+CREATE FUNCTION sbx_best_holder_v2(p_inputs text[], p_also text, p_owner text)
+RETURNS TABLE (host text, partial boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(p_inputs) AS i)
+    FROM sbx_scratch sc
+    WHERE sc.owner = p_owner AND sc.key = ANY (p_inputs) AND (sc.host = p_also OR sbx_host_live(sc.host))
+    GROUP BY sc.host
+    ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host
+    LIMIT 1
+$$;
+
+-- On insert, the preferred host from the app owner's index (a launcher function inserts as
+-- the tables' owner, whom row security does not limit)
+CREATE OR REPLACE FUNCTION sbx_task_locality_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    best record;
+BEGIN
+    SELECT locality_wait_seconds, input_regex INTO m FROM sbx_modules WHERE id = NEW.module_id;
+    IF NEW.to_host IS NOT NULL THEN
+        NEW.pref_host := NEW.to_host;
+        NEW.pref_partial := false;
+    ELSIF jsonb_typeof(NEW.headers -> 'inputs') = 'array' OR m.input_regex IS NOT NULL THEN
+        SELECT b.host, b.partial INTO best
+        FROM sbx_best_holder_v2(sbx_task_inputs_v1(NEW.headers, NEW.body, m.input_regex), NULL,
+                                (SELECT a.owner FROM sbx_apps a WHERE a.id = NEW.app_id)) AS b;
+        NEW.pref_host := best.host;
+        NEW.pref_partial := COALESCE(best.partial, false);
+    ELSE
+        NEW.pref_host := NULL;
+        NEW.pref_partial := false;
+    END IF;
+    IF NEW.pref_host IS NOT NULL THEN
+        NEW.pref_until := now() + make_interval(secs => m.locality_wait_seconds);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+-- Adoption from the app owner's index only
+CREATE OR REPLACE FUNCTION sbx_adopt_tasks_v1(p_app_id bigint, p_host text, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH candidates AS (
+        SELECT t.id, t.pref_host, sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs,
+               m.locality_wait_seconds AS wait
+        FROM sbx_tasks t
+        JOIN sbx_modules m ON m.id = t.module_id
+        WHERE t.app_id = p_app_id AND t.status = -1 AND t.to_host IS NULL
+          AND (jsonb_typeof(t.headers -> 'inputs') = 'array' OR m.input_regex IS NOT NULL)
+          AND (t.pref_host IS NULL OR (t.pref_host <> p_host AND NOT sbx_host_live(t.pref_host)))
+        ORDER BY t.id
+        LIMIT p_limit
+        FOR UPDATE OF t SKIP LOCKED
+    ), adopted AS (
+        SELECT c.id, c.wait, b.host, b.partial
+        FROM candidates c
+        CROSS JOIN LATERAL (
+            SELECT sc.host, count(*) < (SELECT count(DISTINCT i) FROM unnest(c.inputs) AS i) AS partial
+            FROM sbx_scratch sc
+            WHERE sc.key = ANY (c.inputs) AND sc.owner = (SELECT a.owner FROM sbx_apps a WHERE a.id = p_app_id)
+            GROUP BY sc.host
+            ORDER BY count(*) DESC, (sc.host = p_host OR sbx_host_live(sc.host)) DESC, sum(sc.bytes) DESC,
+                     sc.host
+            LIMIT 1
+        ) AS b
+        WHERE b.host IS DISTINCT FROM c.pref_host
+    )
+    UPDATE sbx_tasks t
+    SET pref_host = a.host, pref_partial = a.partial, pref_until = now() + make_interval(secs => a.wait)
+    FROM adopted a
+    WHERE t.id = a.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END;
+$$;
+
 -- The owner the connected role acts for. session_user, not current_user: inside a SECURITY
 -- DEFINER function current_user is the function's owner.
 CREATE FUNCTION sbx_l_acting_owner_v1() RETURNS text
@@ -637,26 +744,28 @@ $$;
 
 CREATE FUNCTION sbx_l_upsert_host_v1(p_name text, p_info jsonb) RETURNS void
 LANGUAGE sql SECURITY DEFINER AS $$
-    INSERT INTO sbx_hosts (name, info) VALUES (p_name, p_info)
-    ON CONFLICT (name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info
+    INSERT INTO sbx_hosts (owner, name, info) VALUES (sbx_l_acting_owner_v1(), p_name, p_info)
+    ON CONFLICT (owner, name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info
 $$;
 
 -- queries.sql scratch_forget_host (p_replace), scratch_remove, scratch_add, in one call: files
--- gone from and now in a host's scratch
+-- gone from and now in a host's scratch, in the acting owner's index
 CREATE FUNCTION sbx_l_index_scratch_v1(p_host text, p_replace boolean, p_removed text[], p_keys text[],
                                        p_bytes bigint[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    me text := sbx_l_acting_owner_v1();
 BEGIN
     IF p_replace THEN
-        DELETE FROM sbx_scratch WHERE host = p_host;
+        DELETE FROM sbx_scratch WHERE owner = me AND host = p_host;
     END IF;
     IF cardinality(p_removed) > 0 THEN
-        DELETE FROM sbx_scratch WHERE host = p_host AND key = ANY (p_removed);
+        DELETE FROM sbx_scratch WHERE owner = me AND host = p_host AND key = ANY (p_removed);
     END IF;
     IF cardinality(p_keys) > 0 THEN
-        INSERT INTO sbx_scratch (key, host, bytes)
-        SELECT k, p_host, b FROM unnest(p_keys, p_bytes) AS f (k, b)
-        ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
+        INSERT INTO sbx_scratch (owner, key, host, bytes)
+        SELECT me, k, p_host, b FROM unnest(p_keys, p_bytes) AS f (k, b)
+        ON CONFLICT (owner, key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
     END IF;
 END;
 $$;
@@ -669,6 +778,94 @@ BEGIN
         RETURN 0;
     END IF;
     RETURN sbx_adopt_tasks_v1(p_app_id, p_host, p_limit);
+END;
+$$;
+
+-- -- a stage job's own row (its launchers' bookkeeping: drain requests, start and end, min_jobs) --
+
+-- The app of a stage job, by its key (NULL: unknown job).
+CREATE FUNCTION sbx_l_stage_job_app_v1(p_cluster text, p_slurm_job_id text) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    SELECT j.app_id FROM sbx_stage_jobs j WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+$$;
+
+-- queries.sql stage_job_draining
+CREATE FUNCTION sbx_l_stage_job_flags_v1(p_cluster text, p_slurm_job_id text)
+RETURNS TABLE (draining boolean, end_time timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY SELECT j.draining, j.end_time FROM sbx_stage_jobs j
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id;
+    END IF;
+END;
+$$;
+
+-- queries.sql drain_stage_job: the job's id when it was not draining yet
+CREATE FUNCTION sbx_l_drain_stage_job_v1(p_cluster text, p_slurm_job_id text) RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j SET draining = true, updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id AND NOT j.draining
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql stage_job_started
+CREATE FUNCTION sbx_l_stage_job_started_v1(p_cluster text, p_slurm_job_id text, p_alloc_cpus integer)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j
+                     SET alloc_cpus = COALESCE(p_alloc_cpus, j.alloc_cpus), started_at = COALESCE(j.started_at, now()),
+                         updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql stage_job_finished
+CREATE FUNCTION sbx_l_stage_job_finished_v1(p_cluster text, p_slurm_job_id text) RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY UPDATE sbx_stage_jobs j SET finished_at = now(), updated_at = now()
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     RETURNING j.id;
+    END IF;
+END;
+$$;
+
+-- queries.sql lock_stage_job_module: the job's module row, locked (NO KEY UPDATE) until the
+-- caller's transaction ends
+CREATE FUNCTION sbx_l_lock_stage_job_module_v1(p_cluster text, p_slurm_job_id text)
+RETURNS TABLE (draining boolean, id bigint, spec jsonb, min_jobs integer, max_jobs integer)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(sbx_l_stage_job_app_v1(p_cluster, p_slurm_job_id)) THEN
+        RETURN QUERY SELECT j.draining, m.id, m.spec, m.min_jobs, m.max_jobs
+                     FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
+                     WHERE j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id
+                     FOR NO KEY UPDATE OF m;
+    END IF;
+END;
+$$;
+
+-- queries.sql running_stage_jobs
+CREATE FUNCTION sbx_l_running_stage_jobs_v1(p_module_id bigint, p_cluster text, p_slurm_job_id text)
+RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF NOT sbx_l_may_v1((SELECT m.app_id FROM sbx_modules m WHERE m.id = p_module_id)) THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT count(*) FROM sbx_stage_jobs j
+            WHERE j.module_id = p_module_id AND j.ended_at IS NULL AND NOT j.draining
+              AND (j.state = 'RUNNING' OR (j.cluster = p_cluster AND j.slurm_job_id = p_slurm_job_id)));
 END;
 $$;
 

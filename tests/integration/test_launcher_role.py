@@ -279,3 +279,47 @@ def test_the_claim_function_runs_the_claim_tasks_statement() -> None:
     migration = (sql_dir() / "migrations" / "0018_launcher_role.sql").read_text(encoding="utf-8")
     body = migration.split("-- claim_tasks: begin", 1)[1].split("-- claim_tasks: end", 1)[0]
     assert normalized(body) == normalized(query("claim_tasks"))
+
+
+def test_the_locality_index_is_per_owner(site: Site, tmp_path: Path) -> None:
+    """sbx_hosts / sbx_scratch rows belong to the owner whose launcher wrote them: another user
+    neither reads nor replaces nor forges them, and a task prefers hosts by its owner's index."""
+    a_id, b_id = _app(site, site.alice, tmp_path / "a"), _app(site, site.bob, tmp_path / "b")
+    qa, qb = PgQueue(site.dsn(site.a_launcher)), PgQueue(site.dsn(site.b_launcher))
+    try:
+        qa.register_host("n1", {"who": "alice"})
+        qb.register_host("n1", {"who": "bob"})
+        qa.index_scratch("n1", [("in/a.dat", 10)], [], replace=True)
+        # bob's start-up scan of the same host name replaces his own entries only
+        qb.index_scratch("n1", [("in/b.dat", 20), ("in/shared.dat", 5)], [], replace=True)
+        qb.index_scratch("n1", [], ["in/a.dat"])  # removing alice's entry: not his to remove
+        # both hosts live (a slot of each app heart-beats there)
+        a_slot = qa.create_slot(qa.modules(a_id)["a"].id, host="n1", seq=0, pid=1, work_dir="/tmp")
+        b_slot = qb.create_slot(qb.modules(b_id)["a"].id, host="n2", seq=0, pid=1, work_dir="/tmp")
+        qb.index_scratch("n2", [("in/shared.dat", 99)], [])
+        assert a_slot and b_slot
+    finally:
+        qa.close()
+        qb.close()
+    with psycopg.connect(site.admin) as admin:
+        scratch = admin.execute("SELECT owner, host, key FROM sbx_scratch ORDER BY 1, 2, 3").fetchall()
+        hosts = admin.execute("SELECT owner, name, info->>'who' FROM sbx_hosts ORDER BY 1").fetchall()
+    assert scratch == sorted([(site.alice, "n1", "in/a.dat"), (site.bob, "n1", "in/b.dat"),
+                              (site.bob, "n1", "in/shared.dat"), (site.bob, "n2", "in/shared.dat")])
+    assert hosts == sorted([(site.alice, "n1", "alice"), (site.bob, "n1", "bob")])
+    # as bob (sbx_user) with plain SQL: his rows only, and none in alice's name
+    with psycopg.connect(site.dsn(site.bob), autocommit=True) as conn:
+        assert {r[0] for r in conn.execute("SELECT owner FROM sbx_scratch").fetchall()} == {site.bob}
+        assert {r[0] for r in conn.execute("SELECT owner FROM sbx_hosts").fetchall()} == {site.bob}
+        assert conn.execute("DELETE FROM sbx_scratch WHERE owner = %s", (site.alice,)).rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO sbx_scratch (owner, key, host) VALUES (%s, 'in/x', 'evil')", (site.alice,))
+    # alice's tasks prefer hosts by her index only: in/shared.dat is on bob's live n2, not hers
+    _sbx(site.dsn(site.alice), "task", "add", "--app", str(a_id), "-m", "b", "--headers-json",
+         '{"inputs": ["in/a.dat"]}', "--", "uses-a")
+    _sbx(site.dsn(site.alice), "task", "add", "--app", str(a_id), "-m", "b", "--headers-json",
+         '{"inputs": ["in/shared.dat"]}', "--", "uses-shared")
+    with psycopg.connect(site.admin) as admin:
+        prefs = dict(admin.execute("SELECT body, pref_host FROM sbx_tasks WHERE app_id = %s AND body LIKE 'uses-%%'",
+                                   (a_id,)).fetchall())
+    assert prefs == {"uses-a": "n1", "uses-shared": None}
