@@ -118,7 +118,9 @@ def _ids(conn: psycopg.Connection[Any], app_id: int) -> dict[str, Any]:
                         "RETURNING id", (slot, app_id)).fetchone()[0]
     conn.execute("INSERT INTO sbx_semaphores (app_id, name, value) VALUES (%s, 's', 1)", (app_id,))
     conn.execute("INSERT INTO sbx_variables (app_id, name, value) VALUES (%s, 'v', 'secret of b')", (app_id,))
-    return {"module": module, "slot": slot, "task": task}
+    conn.execute("INSERT INTO sbx_stage_jobs (app_id, module_id, slurm_job_id, state) VALUES (%s, %s, %s, 'RUNNING')",
+                 (app_id, module, f"77{app_id}"))
+    return {"module": module, "slot": slot, "task": task, "job": f"77{app_id}"}
 
 
 def test_the_launcher_role_reads_no_table(site: Site, tmp_path: Path) -> None:
@@ -194,6 +196,13 @@ def test_functions_on_another_owners_app_are_refused(site: Site, tmp_path: Path)
         ("SELECT sbx_l_insert_messages_v1(%s, NULL, %s)",
          (a_id, Jsonb([{"module_id": b["module"], "body": "x", "status": -1, "action": "IGNORE"}]))),
         ("SELECT sbx_l_adopt_tasks_v1(%s, 'h', 10)", (b_id,)),
+        # a stage job's own row: drain requests, start and end, the min_jobs check
+        ("SELECT * FROM sbx_l_stage_job_flags_v1('', %s)", (b["job"],)),
+        ("SELECT * FROM sbx_l_drain_stage_job_v1('', %s)", (b["job"],)),
+        ("SELECT * FROM sbx_l_stage_job_started_v1('', %s, 8)", (b["job"],)),
+        ("SELECT * FROM sbx_l_stage_job_finished_v1('', %s)", (b["job"],)),
+        ("SELECT * FROM sbx_l_lock_stage_job_module_v1('', %s)", (b["job"],)),
+        ("SELECT sbx_l_running_stage_jobs_v1(%s, '', %s)", (b["module"], b["job"])),
     ]
     with psycopg.connect(site.dsn(site.a_launcher), autocommit=True) as conn:
         for statement, args in calls:
@@ -209,6 +218,8 @@ def test_functions_on_another_owners_app_are_refused(site: Site, tmp_path: Path)
         assert admin.execute("SELECT value FROM sbx_variables WHERE app_id = %s", (b_id,)).fetchone() == \
             ("secret of b",)
         assert admin.execute("SELECT count(*) FROM sbx_tasks WHERE module_id = %s", (b["module"],)).fetchone() == (1,)
+        assert admin.execute("SELECT draining, alloc_cpus FROM sbx_stage_jobs WHERE app_id = %s",
+                             (b_id,)).fetchone() == (False, None)
     with psycopg.connect(site.dsn(site.b_launcher), autocommit=True) as conn:
         assert conn.execute("SELECT id FROM sbx_l_recover_v1()").fetchall() == [(b["task"],)]
 
