@@ -44,6 +44,8 @@ RETURNING id;
 SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
 
 -- name: claim_tasks
+-- The statement sbx_l_claim_v1 runs (migration 0018; the named query `claim` calls it, and
+-- tests/integration/test_launcher_role.py checks the two texts agree); kept here for EXPLAIN.
 -- The claim for one or several slots of a module on one host (the node's dispatcher claims for
 -- all its idle slots at once), in one statement:
 --  1. candidates: READY tasks of this module, oldest first, that this host/slot may take
@@ -153,12 +155,14 @@ WITH app AS (
 SELECT * FROM claimed ORDER BY r;
 
 -- name: complete_task
--- The hand-off in one round trip (see sbx_complete_task_v2); written is NULL on a lost lease.
-SELECT sbx_complete_task_v2(%(task_id)s::bigint, %(slot_id)s::bigint, %(attempt)s::integer, %(status)s::integer,
-                            %(requeue)s, %(exec)s::jsonb, %(messages)s::jsonb, %(finish_text)s) AS written;
+-- The hand-off in one round trip (sbx_l_complete_task_v1: sbx_complete_task_v2 for a task of an
+-- app the caller acts on); written is NULL on a lost lease.
+SELECT sbx_l_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(attempt)s::integer, %(status)s::integer,
+                              %(requeue)s, %(exec)s::jsonb, %(messages)s::jsonb, %(finish_text)s) AS written;
 
 -- name: recover_expired
--- Lease recovery, run by any live launcher (heartbeat thread) or CLI call: no daemon.
+-- Lease recovery, run by any live launcher (heartbeat thread), stage job or CLI call: no daemon
+-- (sbx_l_recover_v1, over the apps the caller acts on):
 --  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
 --     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
 --     after a server restart a lease counts from the restart: its owner, reconnecting, gets
@@ -166,115 +170,38 @@ SELECT sbx_complete_task_v2(%(task_id)s::bigint, %(slot_id)s::bigint, %(attempt)
 --  2. each gets an execution record with status 123 (STALLED);
 --  3. it returns to READY while its module's stall_retries allow another attempt, else 123;
 --  4. slots silent for two of their own heartbeat intervals are marked LOST.
-WITH expired AS (
-    SELECT t.id
-    FROM sbx_tasks t
-    WHERE t.status = -3 AND t.lease_expires_at < now()
-      AND pg_postmaster_start_time() + (t.lease_expires_at - COALESCE(t.heartbeat_at, t.lease_expires_at)) < now()
-    ORDER BY t.lease_expires_at
-    LIMIT 1000
-    FOR UPDATE SKIP LOCKED
-), recorded AS (
-    INSERT INTO sbx_task_execs (task_id, attempt, slot_id, host, status, started_at, finished_at, stderr)
-    SELECT t.id, t.attempts, t.slot_id, t.host, 123, COALESCE(t.started_at, now()), now(),
-           'scalebox: lease expired (slot ' || COALESCE(t.slot_id::text, '?') || ' on '
-           || COALESCE(t.host, '?') || ' stopped heart-beating)'
-    FROM sbx_tasks t JOIN expired e ON e.id = t.id
-), lost AS (
-    UPDATE sbx_slots
-    SET status = 'LOST', ended_at = now(), message = 'no heartbeat since ' || heartbeat_at::text
-    WHERE status IN ('STARTING', 'READY', 'RUNNING')
-      AND heartbeat_at < now() - make_interval(secs => 2 * heartbeat_seconds)
-)
-UPDATE sbx_tasks t
-SET status = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN -1 ELSE 123 END,
-    finished_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE now() END,
-    started_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE t.started_at END,
-    slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
-FROM expired e, sbx_modules m
-WHERE t.id = e.id AND m.id = t.module_id
-RETURNING t.id, t.status;
+SELECT id, status FROM sbx_l_recover_v1();
 
 -- name: release_tasks
 -- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted.
-UPDATE sbx_tasks
-SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-    attempts = greatest(attempts - 1, 0), started_at = NULL
-WHERE slot_id = %(slot_id)s AND status = -3
-RETURNING id;
+SELECT id FROM sbx_l_release_v1(%(slot_id)s::bigint, NULL) AS id;
 
 -- name: heartbeat_slot
 -- One statement renews the slot and the leases of the tasks it knows it runs (task_ids; NULL:
 -- all of its RUNNING tasks). A RUNNING task of the slot that it does not know, claimed more
 -- than a lease ago, is one whose claim reply was lost: it goes back to READY (attempt not
--- counted) instead of being renewed for the slot's whole life.
-WITH s AS (
-    UPDATE sbx_slots SET heartbeat_at = now(), status = %(status)s
-    WHERE id = %(slot_id)s AND status NOT IN ('ERROR', 'EXITED') RETURNING id
-), renewed AS (
-    UPDATE sbx_tasks
-    SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-    WHERE slot_id = %(slot_id)s AND status = -3
-      AND (%(task_ids)s::bigint[] IS NULL OR id = ANY (%(task_ids)s::bigint[]))
-    RETURNING id
-), stray AS (
-    UPDATE sbx_tasks
-    SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-        attempts = greatest(attempts - 1, 0), started_at = NULL
-    WHERE slot_id = %(slot_id)s AND status = -3
-      AND %(task_ids)s::bigint[] IS NOT NULL AND NOT (id = ANY (%(task_ids)s::bigint[]))
-      AND started_at < now() - make_interval(secs => %(lease_seconds)s)
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS released;
+-- counted) instead of being renewed for the slot's whole life (sbx_l_heartbeat_slot_v1).
+SELECT renewed, released
+FROM sbx_l_heartbeat_slot_v1(%(slot_id)s::bigint, %(status)s::text, %(lease_seconds)s::double precision,
+                             %(task_ids)s::bigint[]);
 
 -- name: heartbeat_slots
 -- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
 -- lease_seconds, task_ids, waiting, output) is renewed with its tasks' leases as heartbeat_slot
 -- does for one; the slot's row takes why it waits (NULL: its gates are open) and, when sent, the
 -- live tail of its running task's output (NULL: unchanged, kept). Returns the ids of the stray
--- tasks released (claimed over a lease ago, unknown to their slot).
-WITH b AS (
-    SELECT * FROM jsonb_to_recordset(%(beats)s::jsonb)
-                  AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[], waiting text,
-                        output jsonb)
-), s AS (
-    UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
-                            live_output = COALESCE(b.output, sl.live_output)
-    FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
-), renewed AS (
-    UPDATE sbx_tasks t
-    SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => b.lease_seconds)
-    FROM b
-    WHERE t.slot_id = b.slot_id AND t.status = -3 AND (b.task_ids IS NULL OR t.id = ANY (b.task_ids))
-    RETURNING t.id
-), stray AS (
-    UPDATE sbx_tasks t
-    SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-        attempts = greatest(t.attempts - 1, 0), started_at = NULL
-    FROM b
-    WHERE t.slot_id = b.slot_id AND t.status = -3
-      AND b.task_ids IS NOT NULL AND NOT (t.id = ANY (b.task_ids))
-      AND t.started_at < now() - make_interval(secs => b.lease_seconds)
-    RETURNING t.id
-)
-SELECT (SELECT count(*) FROM renewed) AS renewed, ARRAY(SELECT id FROM stray) AS released;
+-- tasks released (claimed over a lease ago, unknown to their slot). See sbx_l_heartbeat_slots_v1.
+SELECT renewed, released FROM sbx_l_heartbeat_slots_v1(%(beats)s::jsonb);
 
 -- name: upsert_host
-INSERT INTO sbx_hosts (name, info) VALUES (%(name)s, %(info)s)
-ON CONFLICT (name) DO UPDATE SET last_seen = now(), info = EXCLUDED.info;
+SELECT sbx_l_upsert_host_v1(%(name)s::text, %(info)s::jsonb);
 
 -- name: insert_slot
-INSERT INTO sbx_slots (module_id, host, seq, status, pid, work_dir, heartbeat_seconds)
-VALUES (%(module_id)s, %(host)s, %(seq)s, 'STARTING', %(pid)s, %(work_dir)s, %(heartbeat_seconds)s)
-RETURNING id;
+SELECT sbx_l_insert_slot_v1(%(module_id)s::bigint, %(host)s::text, %(seq)s::integer, %(pid)s::integer,
+                            %(work_dir)s::text, %(heartbeat_seconds)s::double precision) AS id;
 
 -- name: set_slot_status
-UPDATE sbx_slots
-SET status = %(status)s, message = COALESCE(%(message)s, message), heartbeat_at = now(),
-    ended_at = CASE WHEN %(status)s IN ('ERROR', 'EXITED') THEN now() ELSE ended_at END,
-    tasks_done = tasks_done + %(tasks_done)s
-WHERE id = %(slot_id)s;
+SELECT sbx_l_set_slot_status_v1(%(slot_id)s::bigint, %(status)s::text, %(message)s::text, %(tasks_done)s::bigint);
 
 -- name: module_counts
 -- Per-module task counts by status, plus done in the last minute (for rates).
@@ -316,28 +243,14 @@ RETURNING id;
 -- name: app_activity
 -- What an idle slot needs to know: is the app still on, and does any module have work
 -- READY or RUNNING (upstream work will turn into ours, so idling out now would be early).
-SELECT a.status, a.cancelled,
-       EXISTS (SELECT 1 FROM sbx_tasks t
-               WHERE t.app_id = a.id AND t.status IN (-1, -3)) AS active
-FROM sbx_apps a WHERE a.id = %(app_id)s;
+SELECT status, cancelled, active FROM sbx_l_app_activity_v1(%(app_id)s::bigint);
 
 -- name: module_activity
 -- What an idle slot (or MPI stage) of one module needs to know: is the app still on, and has
 -- this module, or any module upstream of it (transitively along sink_modules: work there will
 -- turn into ours), tasks READY or RUNNING. Work of unrelated or downstream modules does not
 -- keep it up, so a finished stage releases its nodes while a later stage still works.
-WITH RECURSIVE upstream (id, name) AS (
-    SELECT m.id, m.name FROM sbx_modules m WHERE m.id = %(module_id)s AND m.app_id = %(app_id)s
-    UNION
-    SELECT u.id, u.name
-    FROM sbx_modules u JOIN upstream d ON d.name = ANY (u.sink_modules)
-    WHERE u.app_id = %(app_id)s
-)
-SELECT a.status, a.cancelled,
-       EXISTS (SELECT 1 FROM sbx_tasks t
-               WHERE t.app_id = a.id AND t.module_id IN (SELECT id FROM upstream)
-                 AND t.status IN (-1, -3)) AS active
-FROM sbx_apps a WHERE a.id = %(app_id)s;
+SELECT status, cancelled, active FROM sbx_l_module_activity_v1(%(app_id)s::bigint, %(module_id)s::bigint);
 
 -- name: cancel_app
 -- Cancel: FINISHED with the result 'cancelled'; launchers kill and release what runs.
@@ -348,7 +261,7 @@ WHERE id = %(app_id)s
 RETURNING id;
 
 -- name: app_cancelled
-SELECT cancelled FROM sbx_apps WHERE id = %(app_id)s;
+SELECT cancelled FROM sbx_l_app_v1(%(app_id)s::bigint);
 
 -- name: semaphore_create
 INSERT INTO sbx_semaphores (app_id, name, value) VALUES (%(app_id)s, %(name)s, %(value)s)
@@ -366,14 +279,7 @@ RETURNING value;
 
 -- name: semaphore_take_many
 -- Takes up to `n` units while the value is positive (a batched claim's gate); returns how many.
-WITH old AS (
-    SELECT app_id, name, value FROM sbx_semaphores
-    WHERE app_id = %(app_id)s AND name = %(name)s AND value > 0
-    FOR UPDATE
-)
-UPDATE sbx_semaphores s SET value = s.value - least(o.value, %(n)s)
-FROM old o WHERE s.app_id = o.app_id AND s.name = o.name
-RETURNING least(o.value, %(n)s) AS taken;
+SELECT taken FROM sbx_l_semaphore_take_v1(%(app_id)s::bigint, %(name)s::text, %(n)s::bigint);
 
 -- name: semaphore_list
 SELECT name, value FROM sbx_semaphores WHERE app_id = %(app_id)s ORDER BY name;
@@ -451,6 +357,8 @@ FROM (SELECT sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs
       LIMIT %(limit)s) AS q
 CROSS JOIN LATERAL unnest(q.inputs) AS i (key)
 JOIN sbx_scratch sc ON sc.key = i.key
+  -- the app owner's index (0018: each owner's launchers index their own)
+  AND sc.owner = (SELECT a.owner FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id WHERE m.id = %(module_id)s)
 GROUP BY sc.host
 ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host;
 
@@ -476,9 +384,7 @@ WHERE id = %(id)s;
 
 -- name: drain_stage_job
 -- A launcher of this job drains (walltime signal or `stage stop`): it is no longer capacity.
-UPDATE sbx_stage_jobs SET draining = true, updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s AND NOT draining
-RETURNING id;
+SELECT id FROM sbx_l_drain_stage_job_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
 -- name: lock_app_modules
 -- An elected autoscale pass locks the app's module rows first, in id order, as an idle job's
@@ -490,17 +396,13 @@ SELECT id FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY id FOR NO KEY UPDA
 -- An idle stage job asks whether it may end: its module row is locked for the rest of the
 -- transaction (NO KEY UPDATE: task inserts, which check the foreign key, are not held up) so
 -- that two jobs going idle at once decide one after the other.
-SELECT j.draining, m.id, m.spec, m.min_jobs, m.max_jobs
-FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
-WHERE j.cluster = %(cluster)s AND j.slurm_job_id = %(slurm_job_id)s
-FOR NO KEY UPDATE OF m;
+SELECT draining, id, spec, min_jobs, max_jobs
+FROM sbx_l_lock_stage_job_module_v1(%(cluster)s::text, %(slurm_job_id)s::text);
 
 -- name: running_stage_jobs
 -- The module's jobs that run and do not drain (the asking job counts as running whatever
 -- state it was last seen in: it runs, it is asking).
-SELECT count(*) AS n FROM sbx_stage_jobs
-WHERE module_id = %(module_id)s AND ended_at IS NULL AND NOT draining
-  AND (state = 'RUNNING' OR (cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s));
+SELECT sbx_l_running_stage_jobs_v1(%(module_id)s::bigint, %(cluster)s::text, %(slurm_job_id)s::text) AS n;
 
 -- name: set_module_scaled
 UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;
@@ -512,46 +414,29 @@ RETURNING id;
 
 -- name: stage_job_draining
 -- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
-SELECT draining, end_time FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
-
--- name: scratch_add
--- Files now in a host's scratch (a launcher's start-up scan, a task's outputFiles).
-INSERT INTO sbx_scratch (key, host, bytes)
-SELECT k, %(host)s, b FROM unnest(%(keys)s::text[], %(bytes)s::bigint[]) AS f (k, b)
-ON CONFLICT (key, host) DO UPDATE SET bytes = excluded.bytes, updated_at = now();
-
--- name: scratch_remove
-DELETE FROM sbx_scratch WHERE host = %(host)s AND key = ANY (%(keys)s::text[]);
+SELECT draining, end_time FROM sbx_l_stage_job_flags_v1(%(cluster)s::text, %(slurm_job_id)s::text);
 
 -- name: release_bound
--- Tasks bound to a dead host, past their locality wait, are bound no more.
-SELECT sbx_release_bound_v1(%(limit)s) AS released;
+-- Tasks bound to a dead host, past their locality wait, are bound no more (of the caller's apps).
+SELECT sbx_l_release_bound_v1(%(limit)s::integer) AS released;
 
 -- name: adopt_tasks
 -- READY tasks queued before any holder of their inputs was up now prefer the best one.
-SELECT sbx_adopt_tasks_v1(%(app_id)s, %(host)s, %(limit)s) AS adopted;
-
--- name: scratch_forget_host
--- Before a start-up scan: the scan is the truth for this host.
-DELETE FROM sbx_scratch WHERE host = %(host)s;
+SELECT sbx_l_adopt_tasks_v1(%(app_id)s::bigint, %(host)s::text, %(limit)s::integer) AS adopted;
 
 -- name: complete_tasks_batch
 -- The hand-off of a whole batch (the node's dispatcher, the MPI farm) in one statement (one
--- transaction, one round trip), see sbx_complete_tasks_v1: a row per task recorded; a task whose
--- lease was lost has no row.
-SELECT item AS ord, written FROM sbx_complete_tasks_v1(%(rows)s::jsonb);
+-- transaction, one round trip), see sbx_complete_tasks_v1 (sbx_l_complete_tasks_v1: for tasks of
+-- apps the caller acts on): a row per task recorded; a task whose lease was lost has no row.
+SELECT item AS ord, written FROM sbx_l_complete_tasks_v1(%(rows)s::jsonb);
 
 -- name: release_task_ids
 -- Gives some RUNNING tasks of a slot back (an MPI stage's undistributed or aborted tasks).
-UPDATE sbx_tasks
-SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-    attempts = greatest(attempts - 1, 0), started_at = NULL
-WHERE slot_id = %(slot_id)s AND status = -3 AND id = ANY(%(task_ids)s)
-RETURNING id;
+SELECT id FROM sbx_l_release_v1(%(slot_id)s::bigint, %(task_ids)s::bigint[]) AS id;
 
 -- name: app_uid
 -- The app's uid, unique across databases: names its work dirs.
-SELECT uid::text AS uid FROM sbx_apps WHERE id = %(app_id)s;
+SELECT uid FROM sbx_l_app_v1(%(app_id)s::bigint);
 
 -- name: db_now
 SELECT now() AS now;
@@ -779,11 +664,13 @@ WHERE m.app_id = %(app_id)s
 ORDER BY m.seq;
 
 -- name: app_exists
-SELECT 1 AS one FROM sbx_apps WHERE id = %(app_id)s;
+-- Under the caller's row security; a launcher role: the apps of the owner it acts for.
+SELECT 1 AS one WHERE sbx_l_app_exists_v1(%(app_id)s::bigint);
 
 -- name: newest_app
--- The default --app: the caller's newest app (NULL when they have none): never someone else's.
-SELECT max(id) AS id FROM sbx_apps WHERE owner = current_user;
+-- The default --app: the caller's newest app (NULL when they have none): never someone else's
+-- (a launcher role: the newest app of the owner it acts for).
+SELECT sbx_l_newest_app_v1() AS id;
 
 -- name: own_running_apps
 -- `scalebox autoscale` without --app: the caller's RUNNING apps only (audit F6).
@@ -1130,18 +1017,12 @@ ORDER BY j.app_id, m.name, j.state;
 -- name: stage_job_started
 -- A stage job's first node's launcher starts: the job's allocated CPUs and the start of its
 -- core-hours (kept from the first start: a launcher of the job started again does not reset it).
-UPDATE sbx_stage_jobs
-SET alloc_cpus = COALESCE(%(alloc_cpus)s, alloc_cpus), started_at = COALESCE(started_at, now()),
-    updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
-RETURNING id;
+SELECT id FROM sbx_l_stage_job_started_v1(%(cluster)s::text, %(slurm_job_id)s::text, %(alloc_cpus)s::integer) AS id;
 
 -- name: stage_job_finished
 -- The first node's launcher leaves (drain, idle end, walltime): the end of the job's core-hours
 -- so far (the last call wins; a kill leaves ended_at, the autoscaler's, to the sbx_usage view).
-UPDATE sbx_stage_jobs SET finished_at = now(), updated_at = now()
-WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s
-RETURNING id;
+SELECT id FROM sbx_l_stage_job_finished_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
 -- name: app_usage
 -- Resources per module of an app (the sbx_usage view), in module order.
@@ -1161,3 +1042,57 @@ FROM sbx_slurm_calls
 WHERE at > now() - interval '1 hour'
 GROUP BY cluster
 ORDER BY cluster;
+
+-- ---------------------------------------------------------------------------------------------
+-- The launcher's own calls (migration 0018): SECURITY DEFINER functions acting for the owner the
+-- connected role launches for; the launcher role has no table privileges.
+
+-- name: claim
+-- claim_tasks (read it there) through sbx_l_claim_v1: only a module of an app the caller acts on,
+-- only slots of that module.
+SELECT id, app_id, module_id, body, headers, status, attempts, retry_base, claimed_by, r
+FROM sbx_l_claim_v1(%(app_id)s::bigint, %(module_id)s::bigint, %(host)s::text, %(slot_ids)s::bigint[],
+                    %(slot_seqs)s::integer[], %(wants)s::integer[], %(limit)s::integer,
+                    %(lease_seconds)s::double precision);
+
+-- name: launcher_modules
+SELECT id, app_id, name, seq, sink_modules, conflict_action, spec FROM sbx_l_modules_v1(%(app_id)s::bigint);
+
+-- name: launcher_app
+SELECT uid, status, cancelled FROM sbx_l_app_v1(%(app_id)s::bigint);
+
+-- name: index_scratch
+-- Files gone from (removed) and now in (keys, bytes) a host's scratch; replace: the start-up
+-- scan, the truth for this host (its old entries go first).
+SELECT sbx_l_index_scratch_v1(%(host)s::text, %(replace)s::boolean, %(removed)s::text[], %(keys)s::text[],
+                              %(bytes)s::bigint[]);
+
+-- name: launcher_semaphore_create
+SELECT sbx_l_semaphore_create_v1(%(app_id)s::bigint, %(name)s::text, %(value)s::bigint) AS value;
+
+-- name: launcher_semaphore_get
+SELECT value FROM sbx_l_semaphore_get_v1(%(app_id)s::bigint, %(name)s::text);
+
+-- name: launcher_semaphore_add
+-- Atomic increment/decrement (row lock); returns the new value (no row: no such semaphore).
+SELECT value FROM sbx_l_semaphore_add_v1(%(app_id)s::bigint, %(name)s::text, %(delta)s::bigint);
+
+-- name: launcher_semaphore_list
+SELECT name, value FROM sbx_l_semaphore_list_v1(%(app_id)s::bigint);
+
+-- name: launcher_variable_set
+SELECT sbx_l_variable_set_v1(%(app_id)s::bigint, %(name)s::text, %(value)s::text);
+
+-- name: launcher_variable_get
+SELECT value FROM sbx_l_variable_get_v1(%(app_id)s::bigint, %(name)s::text);
+
+-- name: launcher_variable_list
+SELECT name, value FROM sbx_l_variable_list_v1(%(app_id)s::bigint);
+
+-- name: launcher_insert_messages
+-- A running task's `tasks.deliver` (rows as sbx_insert_messages_v1 takes them).
+SELECT sbx_l_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
+
+-- name: grant_launcher
+-- `scalebox db grant OWNER --launcher`: make (or bind) the launcher role; '' when done, else why not.
+SELECT sbx_grant_launcher_v1(%(owner)s::text, %(role)s::text) AS missing;

@@ -11,8 +11,11 @@
 # under which the tests find:
 #   run/                the unix socket (trust: the admin's `db init` / `db grant`, test use only)
 #   certs/ca.crt        the site CA (self-signed); server.crt has SAN DNS:localhost, IP:127.0.0.1
-#   users/root/         pgpass (0600, root): sbx_alice's password; root.crt
-#   users/sbxtest/      pgpass (0600, sbxtest, dir 0700): sbx_bob's password; root.crt
+#   users/root/         pgpass (0600, root): sbx_alice's and sbx_alice_launcher's passwords; root.crt
+#   users/sbxtest/      pgpass (0600, sbxtest, dir 0700): sbx_bob's and sbx_bob_launcher's; root.crt
+# sbx_alice_launcher / sbx_bob_launcher are the login roles of their launchers (migration 0018):
+# a test database binds them with `scalebox db grant sbx_alice --launcher` (the role exists, so
+# only the membership of sbx_launcher and the binding are made there).
 # and makes the directories above the checkout passable for sbxtest (o+x), who runs its CLI.
 # TCP logins: `hostssl ... scram-sha-256` only (no TLS: refused); clients use
 #   postgresql://sbx_alice@127.0.0.1:55435/scalebox?sslmode=verify-full&sslrootcert=.../root.crt
@@ -33,6 +36,8 @@ OSUSER=postgres
 # test data only: these passwords are not secrets (the tests grep for them where they must not be)
 ALICE_PW=${SCALEBOX_TESTBED_PGTLS_ALICE_PW:-alice-S3cret-tls}
 BOB_PW=${SCALEBOX_TESTBED_PGTLS_BOB_PW:-bob-S3cret-tls}
+ALICE_LAUNCHER_PW=${SCALEBOX_TESTBED_PGTLS_ALICE_LAUNCHER_PW:-alice-launcher-S3cret-tls}
+BOB_LAUNCHER_PW=${SCALEBOX_TESTBED_PGTLS_BOB_LAUNCHER_PW:-bob-launcher-S3cret-tls}
 
 # shellcheck disable=SC2012  # version-sorted directory names, no odd characters
 pgbin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
@@ -80,20 +85,29 @@ server() {
   fi
   psql_admin -d postgres <<EOF
 SELECT format('CREATE DATABASE %I', '$DB') WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$DB')\\gexec
-SELECT format('CREATE ROLE %I LOGIN', r) FROM unnest(ARRAY['sbx_alice', 'sbx_bob']) AS r
+SELECT format('CREATE ROLE %I LOGIN', r)
+FROM unnest(ARRAY['sbx_alice', 'sbx_bob', 'sbx_alice_launcher', 'sbx_bob_launcher']) AS r
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)\\gexec
 ALTER ROLE sbx_alice PASSWORD '$ALICE_PW';
 ALTER ROLE sbx_bob PASSWORD '$BOB_PW';
+ALTER ROLE sbx_alice_launcher PASSWORD '$ALICE_LAUNCHER_PW';
+ALTER ROLE sbx_bob_launcher PASSWORD '$BOB_LAUNCHER_PW';
 EOF
 }
 
-# client_files OSUSER DBROLE PASSWORD: the OS user's pgpass (0600, theirs) and CA in users/OSUSER/
+# client_files OSUSER DBROLE PASSWORD [DBROLE PASSWORD ...]: the OS user's pgpass (0600, theirs),
+# a line per role and host name, and the CA in users/OSUSER/
 client_files() {
-  local home=$DIR/users/$1
+  local home=$DIR/users/$1 osuser=$1
+  shift
   mkdir -p "$home"; chmod 755 "$DIR/users"
   cp "$DIR/certs/ca.crt" "$home/root.crt"; chmod 644 "$home/root.crt"
-  printf '%s\n' "127.0.0.1:$PORT:*:$2:$3" "localhost:$PORT:*:$2:$3" >"$home/pgpass"
-  chown -R "$1": "$home"; chmod 600 "$home/pgpass"; chmod 700 "$home"
+  ( umask 077; : >"$home/pgpass" )
+  while [ "$#" -ge 2 ]; do
+    printf '%s\n' "127.0.0.1:$PORT:*:$1:$2" "localhost:$PORT:*:$1:$2" >>"$home/pgpass"
+    shift 2
+  done
+  chown -R "$osuser": "$home"; chmod 600 "$home/pgpass"; chmod 700 "$home"
 }
 
 # tests/security runs the checkout's CLI as sbxtest: every directory above the project must let
@@ -130,11 +144,11 @@ case "${1:-}" in
     id -u sbxtest >/dev/null 2>&1 || useradd -M -s /bin/bash sbxtest || tb_die "cannot create user sbxtest"
     certificates
     server
-    client_files root sbx_alice "$ALICE_PW"
-    client_files sbxtest sbx_bob "$BOB_PW"
+    client_files root sbx_alice "$ALICE_PW" sbx_alice_launcher "$ALICE_LAUNCHER_PW"
+    client_files sbxtest sbx_bob "$BOB_PW" sbx_bob_launcher "$BOB_LAUNCHER_PW"
     reach_for_sbxtest
     login_check
-    tb_log "postgres-tls on 127.0.0.1:$PORT (TLS + scram, alice/bob) in $(tb_since "$t0") s"
+    tb_log "postgres-tls on 127.0.0.1:$PORT (TLS + scram, alice/bob and their launcher roles) in $(tb_since "$t0") s"
     print_env ;;
   status)
     running && print_env ;;

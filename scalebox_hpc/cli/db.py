@@ -63,23 +63,48 @@ def db_upgrade() -> None:
 @db.command("grant")
 @click.argument("role")
 @click.option("--viewer", is_flag=True, help="Read every app (site monitoring) instead of acting on one's own.")
-def db_grant(role: str, viewer: bool) -> None:
+@click.option("--launcher", is_flag=True,
+              help="Make (or bind) the login role that launches ROLE's apps: queue functions only, no table access.")
+@click.option("--launcher-role", default=None, metavar="NAME",
+              help="With --launcher: the launcher role's name (default ROLE_launcher).")
+def db_grant(role: str, viewer: bool, launcher: bool, launcher_role: str | None) -> None:
     """Let the database ROLE use scalebox: create, see and change its own apps only (row-level
-    security on the apps' owner), or with --viewer read every app. Run as the database admin.
+    security on the apps' owner), or with --viewer read every app. With --launcher, make the
+    login role ROLE_launcher (NOLOGIN group role sbx_launcher, bound to ROLE): it may only run
+    the queue functions for ROLE's apps (claim, heartbeat, hand-off, scratch index, the task
+    services), no table access, so a stage job holding its password can do nothing else. Set
+    its password yourself and give ROLE a ~/.pgpass line for it. Run as the database admin.
 
     \b
     Examples:
       scalebox db grant alice
       scalebox db grant monitoring --viewer
+      scalebox db grant alice --launcher     # alice_launcher; then in psql: \\password alice_launcher
     """
     from scalebox_hpc.db import schema
     from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.db.sql import query
+    from scalebox_hpc.errors import SchemaError
 
+    if viewer and launcher:
+        raise click.UsageError("--viewer and --launcher grant different things: give one")
+    if launcher_role is not None and not launcher:
+        raise click.UsageError("--launcher-role goes with --launcher")
     dsn = _dsn_without_schema()
     with connect(dsn) as conn, translate_errors(dsn):
         schema.ensure(conn, create=False)
-        schema.grant(conn, role, viewer=viewer)
-    click.echo(f"{role}: {'reads every app (sbx_viewer)' if viewer else 'uses its own apps (sbx_user)'}")
+        if not launcher:
+            schema.grant(conn, role, viewer=viewer)
+            click.echo(f"{role}: {'reads every app (sbx_viewer)' if viewer else 'uses its own apps (sbx_user)'}")
+            return
+        name = launcher_role or f"{role}_launcher"
+        with conn.transaction():
+            row = conn.execute(query("grant_launcher"), {"owner": role, "role": name}).fetchone()
+        if row and row["missing"]:
+            raise SchemaError(str(row["missing"]), hint="run `scalebox db grant` as the database admin (CREATEROLE)")
+    click.echo(f"{name}: launches the apps of {role} (sbx_launcher: queue functions only); set its password "
+               f"(psql: \\password {name}) and add a ~/.pgpass line for it, then run launchers and stage jobs with "
+               f"SCALEBOX_DSN naming user {name}")
 
 
 @db.command("status")

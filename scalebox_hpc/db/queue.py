@@ -12,9 +12,9 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from scalebox_hpc.db.connection import Connection, connect, is_retryable, translate_errors
+from scalebox_hpc.db.connection import Connection, connect, is_retryable, redact, translate_errors
 from scalebox_hpc.db.sql import query
-from scalebox_hpc.errors import InvalidMessageError, NotFoundError
+from scalebox_hpc.errors import DatabaseError, InvalidMessageError, NotFoundError
 from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
     Beat,
     Completion,
@@ -67,6 +67,20 @@ def _message_rows(
 
 
 @contextlib.contextmanager
+def _refusals_as_errors(dsn: str) -> Iterator[None]:
+    """A queue function's refusal (an app, slot or module of another owner than the one the
+    connected role acts for: insufficient_privilege) as a DatabaseError naming it."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseError(
+            f"the database refused: {exc.diag.message_primary or exc}", dsn=redact(dsn),
+            hint="a launcher acts only on the apps of the owner its database role launches for "
+                 "(`scalebox db grant OWNER --launcher`)",
+        ) from exc
+
+
+@contextlib.contextmanager
 def _duplicates_as_invalid() -> Iterator[None]:
     try:
         yield
@@ -98,7 +112,17 @@ def insert_messages(
 
 def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
     """The app's modules by name; NotFoundError when the app does not exist."""
-    rows = conn.execute(query("list_modules"), {"app_id": app_id}).fetchall()
+    return refs_from_rows(conn.execute(query("list_modules"), {"app_id": app_id}).fetchall(), app_id)
+
+
+def launcher_module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
+    """:func:`module_refs` through the launcher's function (any role: see migration 0018)."""
+    return refs_from_rows(conn.execute(query("launcher_modules"), {"app_id": app_id}).fetchall(), app_id)
+
+
+def refs_from_rows(rows: Sequence[dict[str, Any]], app_id: int) -> dict[str, ModuleRef]:
+    """Module rows (id, name, sink_modules, conflict_action, spec) as refs by name; NotFoundError
+    when there are none (no such app)."""
     if not rows:
         raise NotFoundError("app", app_id)
     return {
@@ -155,7 +179,7 @@ class PgQueue:
             self._conn = None
 
     def _run(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        with translate_errors(self.dsn):
+        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
             try:  # one statement = one implicit transaction (autocommit): one round trip
                 cur = self.conn.execute(query(name), params)
                 return cur.fetchall() if cur.description else []
@@ -165,13 +189,12 @@ class PgQueue:
 
     # -- modules --------------------------------------------------------------------------
     def modules(self, app_id: int) -> dict[str, ModuleRef]:
-        """The app's modules by name."""
-        with translate_errors(self.dsn), self.conn.transaction():
-            return module_refs(self.conn, app_id)
+        """The app's modules by name; NotFoundError when the app does not exist."""
+        return refs_from_rows(self._run("launcher_modules", {"app_id": app_id}), app_id)
 
     def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]:
         """The app's stored module specs (pipeline.ModuleSpec as JSON) by name."""
-        return {r["name"]: r["spec"] for r in self._run("list_modules", {"app_id": app_id})}
+        return {r["name"]: r["spec"] for r in self._run("launcher_modules", {"app_id": app_id})}
 
     # -- the launcher's calls ---------------------------------------------------------------
     def claim(
@@ -200,8 +223,8 @@ class PgQueue:
             return {}
         params = claim_params(app_id, module_id, host, slots, lease_seconds)
         if semaphore is None:
-            return _by_slot(self._run("claim_tasks", params))
-        with translate_errors(self.dsn):
+            return _by_slot(self._run("claim", params))
+        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
             try:
                 with self.conn.transaction():
                     sem = {"app_id": app_id, "name": semaphore}
@@ -209,9 +232,9 @@ class PgQueue:
                     if row is None:
                         return {}
                     taken = int(row["taken"])
-                    rows = self.conn.execute(query("claim_tasks"), {**params, "limit": taken}).fetchall()
+                    rows = self.conn.execute(query("claim"), {**params, "limit": taken}).fetchall()
                     if len(rows) < taken:  # units not used go back, in the same transaction
-                        self.conn.execute(query("semaphore_add"), {**sem, "delta": taken - len(rows)})
+                        self.conn.execute(query("launcher_semaphore_add"), {**sem, "delta": taken - len(rows)})
                     return _by_slot(rows)
             except psycopg.Error as exc:
                 self._drop_if_broken(exc)
@@ -250,7 +273,7 @@ class PgQueue:
             "messages": Jsonb(_message_rows(routed, TaskStatus.READY, None)),
             "finish_text": result.finish_text,
         }
-        with translate_errors(self.dsn), _duplicates_as_invalid():
+        with translate_errors(self.dsn), _refusals_as_errors(self.dsn), _duplicates_as_invalid():
             try:
                 row = self.conn.execute(query("complete_task"), params).fetchone()
             except psycopg.Error as exc:
@@ -324,19 +347,9 @@ class PgQueue:
         self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
     ) -> None:
         """Record files in (and gone from) ``host``'s scratch; ``replace``: the list is all it holds."""
-        with translate_errors(self.dsn):
-            try:
-                with self.conn.transaction():
-                    if replace:
-                        self.conn.execute(query("scratch_forget_host"), {"host": host})
-                    if removed:
-                        self.conn.execute(query("scratch_remove"), {"host": host, "keys": removed})
-                    if added:
-                        self.conn.execute(query("scratch_add"), {
-                            "host": host, "keys": [k for k, _ in added], "bytes": [b for _, b in added]})
-            except psycopg.Error as exc:
-                self._drop_if_broken(exc)
-                raise
+        if replace or removed or added:
+            self._run("index_scratch", {"host": host, "replace": replace, "removed": removed,
+                                        "keys": [k for k, _ in added], "bytes": [b for _, b in added]})
 
     def adopt_tasks(self, app_id: int, host: str, *, limit: int = 100_000) -> int:
         """Make READY tasks that prefer no live host, but name inputs ``host``'s scratch holds,
@@ -384,7 +397,7 @@ class PgQueue:
         launcher's own app: see :func:`scalebox_hpc.db.services.serve`."""
         from scalebox_hpc.db import services
 
-        with translate_errors(self.dsn):
+        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
             try:
                 return services.serve(self.conn, app_id, request)
             except psycopg.Error as exc:

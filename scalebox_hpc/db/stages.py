@@ -102,7 +102,7 @@ def db_now(conn: Connection) -> datetime:
 def recover_expired(conn: Connection) -> int:
     """Return the tasks of dead launchers (expired leases) to READY before deciding on capacity:
     when a stage's last job was cancelled, no launcher is left to do it. Also unbinds the tasks
-    bound to a dead host."""
+    bound to a dead host. Both through the launcher functions, over the apps the caller acts on."""
     recovered = len(conn.execute(query("recover_expired")).fetchall())
     conn.execute(query("release_bound"), {"limit": 1000})
     return recovered

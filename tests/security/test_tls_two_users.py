@@ -2,7 +2,10 @@
 passwords from their own pgpass files (launchers/testbed/postgres-tls.sh): root as database user
 sbx_alice, the OS user sbxtest as sbx_bob. Alice runs a pipeline end to end over TLS; Bob cannot
 read, change, cancel or scale it from the CLI or with plain SQL, nor log in as Alice; and no
-password reaches Alice's task, its files or the output."""
+password reaches Alice's task, its files or the output. Each has a launcher role too
+(sbx_alice_launcher, sbx_bob_launcher: `scalebox db grant USER --launcher`, migration 0018):
+Alice's launcher role runs her app with `scalebox launcher`; with psql as his launcher role Bob
+reads no table and no function of his touches her app."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.pgtls
 
 ALICE_PW = "alice-S3cret-tls"  # launchers/testbed/postgres-tls.sh's test passwords
 BOB_PW = "bob-S3cret-tls"
+ALICE_LAUNCHER_PW = "alice-launcher-S3cret-tls"
 
 APP = """
 name: tls-e2e
@@ -85,7 +89,8 @@ def server() -> Iterator[Server]:
         need("pgtls", f"cannot reach the TLS server's admin socket: {str(exc).strip().splitlines()[-1]}")
     srv = Server(Path(str(root)), port, db)
     admin_env = {"SCALEBOX_DSN": srv.admin}
-    for args in (("db", "init"), ("db", "grant", "sbx_alice"), ("db", "grant", "sbx_bob")):
+    for args in (("db", "init"), ("db", "grant", "sbx_alice"), ("db", "grant", "sbx_bob"),
+                 ("db", "grant", "sbx_alice", "--launcher"), ("db", "grant", "sbx_bob", "--launcher")):
         _run(admin_env, *args)
     try:
         yield srv
@@ -170,3 +175,54 @@ def test_a_connection_without_tls_is_refused(server: Server) -> None:
                    "app", "list", check=False)
     assert refused.returncode != 0 and "no encryption" in refused.stderr, refused.stderr
     assert ALICE_PW not in refused.stderr
+
+
+def test_launcher_roles_over_tls(server: Server, tmp_path: Path) -> None:
+    """Alice's launcher role (its password in her pgpass) runs her app over verify-full; Bob, as
+    sbxtest with psql as his launcher role, reads no table and is refused every queue function
+    on her app; he cannot log in as her launcher role either."""
+    alice = server.env("sbx_alice", "root")
+    app = write_app(tmp_path / "app", APP, SCRIPTS)
+    app_id = _run(alice, "app", "create", str(app)).stdout.strip()
+    work = tmp_path / "work"
+    ran = _run({**server.env("sbx_alice_launcher", "root"), "SCALEBOX_WORK_ROOT": str(work)},
+               "launcher", "--app", app_id, check=False)
+    assert ran.returncode == 0, (ran.stdout, ran.stderr)
+    with psycopg.connect(server.admin) as conn:
+        squares = sorted(int(r[0]) for r in conn.execute(
+            "SELECT e.stdout FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id JOIN sbx_modules m"
+            " ON m.id = t.module_id WHERE m.name = 'square' AND e.status = 0 AND t.app_id = %s",
+            (int(app_id),)).fetchall())
+        outputs = [r[0] + r[1] for r in conn.execute(
+            "SELECT e.stdout, e.stderr FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id"
+            " WHERE t.app_id = %s", (int(app_id),)).fetchall()]
+        before = conn.execute("SELECT count(*), sum(status) FROM sbx_tasks WHERE app_id = %s",
+                              (int(app_id),)).fetchone()
+    assert squares == [1, 4, 9]
+    for text in [*outputs, ran.stdout, ran.stderr]:
+        assert ALICE_PW not in text and ALICE_LAUNCHER_PW not in text
+
+    bob_launcher = server.dsn("sbx_bob_launcher", "sbxtest")
+    bob_env = {**os.environ, "PGPASSFILE": server.env("sbx_bob", "sbxtest")["PGPASSFILE"], "HOME": "/tmp"}
+
+    def psql(dsn: str, statement: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["runuser", "-u", "sbxtest", "--", "psql", "-X", "-w", "-tA", dsn, "-c", statement],
+                              env=bob_env, capture_output=True, text=True, timeout=60)
+
+    for table in ("sbx_apps", "sbx_tasks", "sbx_task_execs", "sbx_variables", "sbx_launchers", "sbx_scratch"):
+        got = psql(bob_launcher, f"SELECT count(*) FROM {table}")
+        assert got.returncode != 0 and "permission denied" in got.stderr, (table, got.stdout, got.stderr)
+    for statement in (f"SELECT * FROM sbx_l_modules_v1({app_id})", f"SELECT * FROM sbx_l_variable_list_v1({app_id})",
+                      f"SELECT sbx_l_variable_set_v1({app_id}, 'x', 'y')",
+                      f"SELECT * FROM sbx_l_semaphore_add_v1({app_id}, 'sq', 5)"):
+        got = psql(bob_launcher, statement)
+        assert got.returncode != 0 and "is not an app of sbx_bob" in got.stderr, (statement, got.stdout, got.stderr)
+    got = psql(bob_launcher, f"SELECT sbx_l_app_exists_v1({app_id}), count(*) FROM sbx_l_recover_v1()")
+    assert got.stdout.strip() == "f|0", (got.stdout, got.stderr)
+    stolen = psql(server.dsn("sbx_alice_launcher", "sbxtest"), "SELECT 1")
+    assert stolen.returncode != 0 and "password" in stolen.stderr.lower(), stolen.stderr
+    with psycopg.connect(server.admin) as conn:
+        after = conn.execute("SELECT count(*), sum(status) FROM sbx_tasks WHERE app_id = %s",
+                             (int(app_id),)).fetchone()
+        variables = conn.execute("SELECT count(*) FROM sbx_variables WHERE app_id = %s", (int(app_id),)).fetchone()
+    assert after == before and variables == (0,)
