@@ -55,6 +55,18 @@ def test_a_reset_in_between_is_flagged_and_counts_from_the_reset() -> None:
     assert not delta(before, snapshot(1300, 500, {"REQUEST_JOB_INFO": 60}, {"alice": 60, "bob": 1})).reset
 
 
+def test_a_busier_real_sdiag_by_kind() -> None:
+    snap = parse_sdiag(fixture("sdiag_3.txt"))
+    assert snap.by_type["REQUEST_SUBMIT_BATCH_JOB"].ident == 4003 and snap.by_type["REQUEST_KILL_JOB"].count >= 1
+    empty = SdiagSnapshot(snap.taken_at - 60, snap.data_since)
+    d = delta(empty, snap)
+    kinds = d.by_kind()
+    assert kinds["submit"] == snap.by_type["REQUEST_SUBMIT_BATCH_JOB"].count
+    assert kinds["status"] >= snap.by_type["REQUEST_JOB_INFO"].count
+    assert sum(kinds.values()) == sum(row.count for row in snap.by_type.values())
+    assert d.by_user == {"root": snap.by_user["root"].count}
+
+
 def test_kinds() -> None:
     assert [kind(t) for t in ("REQUEST_JOB_INFO", "REQUEST_SUBMIT_BATCH_JOB", "REQUEST_KILL_JOB",
                               "REQUEST_COMPLETE_BATCH_SCRIPT")] == ["status", "submit", "cancel", "other"]
