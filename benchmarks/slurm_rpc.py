@@ -23,7 +23,7 @@ Prints one JSON object with three independent counts over the run:
 "independent of task and job counts" can be read off; ``target`` compares with issue 17's:
 status polling <= 6/min per cluster, and no 60 s with more adapter calls than the budget.
 
-Usage: python benchmarks/slurm_rpc.py [--tasks 500] [--task-seconds 4] [--max-jobs 8]
+Usage: python benchmarks/slurm_rpc.py [--tasks 500] [--task-seconds 4] [--max-jobs 7]
        [--tasks-per-job 25] [--interval 10] [--budget 30] [--sample-seconds 30] [--timeout 1800]
        [--dry-run]
 Needs SCALEBOX_DSN (or SCALEBOX_TEST_DSN) for a server where it may create a scratch database,
@@ -350,7 +350,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=500, help="tasks entering the pipeline (each makes one more)")
     ap.add_argument("--task-seconds", type=float, default=4.0)
-    ap.add_argument("--max-jobs", type=int, default=8, help="work's max_jobs (autoscaled from 0)")
+    # 7 one-CPU jobs of work + sum's one: the test-bed's 4 nodes x 2 CPUs, both stages running at once
+    ap.add_argument("--max-jobs", type=int, default=7, help="work's max_jobs (autoscaled from 0)")
     ap.add_argument("--tasks-per-job", type=int, default=25)
     ap.add_argument("--interval", type=float, default=10.0, help="SCALEBOX_AUTOSCALE_SECONDS")
     ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="SCALEBOX_SLURM_RPC_PER_MINUTE")

@@ -90,7 +90,7 @@ def test_dry_run_prints_the_plan_and_the_command() -> None:
                           text=True, timeout=60, check=True, env={"PATH": "/nonexistent"})  # no Slurm, no DSN
     out = json.loads(proc.stdout)
     assert out["pipeline"]["start_tasks"] == 500 and out["pipeline"]["task_executions"] == 1000
-    assert out["pipeline"]["modules"]["work"]["slurm"]["max_jobs"] == 8
+    assert out["pipeline"]["modules"]["work"]["slurm"]["max_jobs"] == 7
     assert out["environment"]["SCALEBOX_SLURM_RPC_PER_MINUTE"] == "30"
     assert "benchmarks/slurm_rpc.py --budget 30" in out["command"] and "--dry-run" not in out["command"]
     assert not any("-r" in step.split() for step in out["steps"])
