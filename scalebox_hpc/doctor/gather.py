@@ -20,6 +20,7 @@ from pathlib import Path
 
 from scalebox_hpc.doctor import checks
 from scalebox_hpc.doctor.plan import ProbeTarget, SlurmTarget
+from scalebox_hpc.doctor.probe import apptainer_version
 from scalebox_hpc.doctor.report import ProbeParseError, ProbeReport, parse_report
 from scalebox_hpc.doctor.result import Check, clip
 from scalebox_hpc.errors import ScaleboxError
@@ -212,6 +213,11 @@ def engine(name: str, runner: CommandRunner, which: Callable[[str], str | None],
     exe = which(name)
     if exe is None:
         return checks.engine_check(name, None, "not on PATH", needed=needed)
+    if name == "apptainer":  # through the adapter that pulls and builds its images
+        try:
+            return checks.engine_check(name, apptainer_version(exe, runner, 30.0))
+        except ScaleboxError as exc:
+            return checks.engine_check(name, None, str(exc), needed=needed)
     try:
         result = runner.run([exe, "--version"], timeout=30.0)
     except SlurmCommandError as exc:

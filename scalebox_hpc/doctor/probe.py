@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -191,12 +191,33 @@ def _engine(options: ProbeOptions, env: ProbeEnv) -> EngineFacts:
 
 
 def _version(exe: str, env: ProbeEnv) -> str:
+    if Path(exe).name == "apptainer":
+        from scalebox_hpc.errors import ScaleboxError
+
+        try:
+            return clip(apptainer_version(exe, env.runner(None), COMMAND_TIMEOUT), 100)
+        except ScaleboxError as exc:
+            return clip(str(exc), 100)
     try:
         result = env.runner(None).run([exe, "--version"], timeout=COMMAND_TIMEOUT)
     except SlurmCommandError as exc:
         return clip(str(exc), 100)
     lines = (result.stdout.strip() or result.stderr.strip()).splitlines()
     return clip(lines[0], 100) if lines else ""
+
+
+def apptainer_version(exe: str, runner: CommandRunner, timeout: float) -> str:
+    """``apptainer --version`` through the runtime's Apptainer adapter (the one that pulls and
+    builds the images), its command run by ``runner``; ScaleboxError when it does not answer."""
+    import subprocess
+
+    from scalebox_hpc.runtime.spython_adapter import SpythonApptainer
+
+    def run(argv: Sequence[str], *, cwd: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
+        result = runner.run(argv, timeout=timeout)
+        return subprocess.CompletedProcess(list(argv), result.returncode, result.stdout, result.stderr)
+
+    return SpythonApptainer(exe, runner=run).version()
 
 
 def _scratch_dir(scratch: str | None, host: str, environ: Mapping[str, str]) -> Path:

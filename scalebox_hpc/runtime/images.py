@@ -40,6 +40,7 @@ from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime.paths import private_group
+from scalebox_hpc.runtime.spython_adapter import PULL_TRANSPORTS, SpythonApptainer
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +203,14 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 
 
 class SifCache:
-    """Apptainer images: SIF files and sandboxes used as they are, everything else built once."""
+    """Apptainer images: SIF files and sandboxes used as they are, everything else built once
+    (pulled for registry references, built for definitions and archives, both through
+    :class:`~scalebox_hpc.runtime.spython_adapter.SpythonApptainer`)."""
 
-    def __init__(self, apptainer: str, root: Path | None = None) -> None:
+    def __init__(self, apptainer: str, root: Path | None = None, *, client: SpythonApptainer | None = None) -> None:
         self.apptainer = apptainer
         self.root = root or default_cache()
+        self.client = client or SpythonApptainer(apptainer)
 
     def resolve(self, ref: str, search_from: Path | None = None) -> Path:
         """A runnable image path for ``ref`` (building it into the cache on first use)."""
@@ -258,9 +262,12 @@ class SifCache:
         return "%post" in definition.read_text(encoding="utf-8") or os.geteuid() != 0
 
     def _build(self, out: Path, source: str, *, cwd: Path | None, fakeroot: bool = False) -> None:
-        argv = [self.apptainer, "-s", "build", *(["--fakeroot"] if fakeroot else []), "--force", str(out), source]
-        logger.info("building %s from %s", out.name, source)
-        _run(argv, cwd=cwd, what=f"apptainer build of {source}")
+        """Make the SIF ``out``: ``apptainer pull`` a registry reference, ``apptainer build`` the rest."""
+        logger.info("%s %s from %s", "pulling" if source.startswith(PULL_TRANSPORTS) else "building", out.name, source)
+        if source.startswith(PULL_TRANSPORTS):
+            self.client.pull(source, out, timeout=BUILD_TIMEOUT)
+        else:
+            self.client.build(out, source, cwd=cwd, fakeroot=fakeroot, timeout=BUILD_TIMEOUT)
 
     def _cached(self, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
         final = self.root / f"{key}.sif"
