@@ -22,6 +22,7 @@ from scalebox_hpc.pipeline.parameters import (
     _str_list,
     _upper,
 )
+from scalebox_hpc.pipeline.remotes import Remote, module_remote
 from scalebox_hpc.pipeline.slurm import ClusterSpec, SlurmSpec
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -264,3 +265,17 @@ class AppSpec(BaseModel):
                 return module
         raise KeyError(name)
 
+    def remote_sinks(self) -> dict[str, Remote]:
+        """The sinks that name a module of another app in another database: every sink of a
+        module whose environments carry REMOTE_SERVER and APP_ID that is not a module here.
+        ValueError when two modules send to one sink name at different remotes."""
+        names = {m.name for m in self.modules}
+        out: dict[str, Remote] = {}
+        for module in self.modules:
+            remote = module_remote(module.environments)
+            for sink in module.sink_modules:
+                if sink in names or remote is None:
+                    continue
+                if out.setdefault(sink, remote) != remote:
+                    raise ValueError(f"sink {sink!r} is named at two remotes: {out[sink]} and {remote}")
+        return out
