@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from scalebox_hpc.db.connection import Connection, connect, redact
@@ -51,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 BATCH = 1000
 """Rows one delivery moves (one remote transaction)."""
+PASS_ROWS = 100_000
+"""Rows one pass moves per remote at most (then the next pass goes on)."""
 REMOTE_CONNECT_TIMEOUT = 3.0
 """Seconds to reach a remote database: a down remote must not hold the deliverer long."""
 REMOTE_STATEMENT_TIMEOUT = 30.0
@@ -160,38 +161,51 @@ def _send(local: Connection, rconn: Connection, rows: list[dict[str, Any]], out:
     return True
 
 
-def deliver(local: Connection, remote: str, *, limit: int = BATCH,
+def deliver(local: Connection, remote: str, *, limit: int = BATCH, max_rows: int = PASS_ROWS,
             connect_remote: Callable[[str], Connection] = _connect_remote) -> Delivery:
-    """Deliver up to ``limit`` pending rows of ``remote`` (see the module doc). ``local`` is an
-    autocommit connection to the sender's database. Never raises for a remote that is down or
-    refuses: the result's ``error`` says so, and the rows wait for their backoff."""
+    """Deliver the pending rows of ``remote``, ``limit`` per transaction, up to ``max_rows``
+    (see the module doc). ``local`` is an autocommit connection to the sender's database.
+    Never raises for a remote that is down or refuses: the result's ``error`` says so, and the
+    rows wait for their backoff."""
     out = Delivery(remote)
+    try:  # before the lock: a remote that is down holds no lock for its connect timeout
+        rconn = connect_remote(remote)
+    except Exception as exc:  # DatabaseError (down), a malformed REMOTE_SERVER: the rows wait
+        with local.transaction():
+            _failed(local, remote, out, exc)
+        return out
+    try:
+        while out.sent < max_rows and _batch(local, rconn, remote, limit, out):
+            pass
+    finally:
+        rconn.close()
+    if out.sent:
+        logger.info("outbox: %d row(s) delivered to %s (%d new there)", out.sent, shown(remote), out.received)
+    return out
+
+
+def _failed(local: Connection, remote: str, out: Delivery, exc: BaseException) -> None:
+    out.error = _one_line(exc)
+    logger.warning("outbox: delivery to %s failed, its rows wait: %s", shown(remote), out.error)
+    local.execute(query("outbox_failed"), {"remote": remote, "error": out.error})
+
+
+def _batch(local: Connection, rconn: Connection, remote: str, limit: int, out: Delivery) -> bool:
+    """One local transaction: the remote's lock, its oldest pending rows, their delivery and
+    mark. True when rows went and more may wait."""
     with local.transaction():
         row = local.execute(query("outbox_lock"), {"remote": remote}).fetchone()
         if row is None or not row["locked"]:
             out.busy = True
-            return out
+            return False
         rows = [dict(r) for r in local.execute(query("outbox_pending"), {"remote": remote, "limit": limit}).fetchall()]
         if not rows:
-            return out
+            return False
         try:
-            rconn = connect_remote(remote)
-            try:
-                while rows and _send(local, rconn, rows, out) and out.sent < limit:
-                    rows = [dict(r) for r in local.execute(
-                        query("outbox_pending"), {"remote": remote, "limit": limit}).fetchall()]
-            finally:
-                rconn.close()
-        except (psycopg.Error, ValueError, OSError) as exc:
-            out.error = _one_line(exc)
-        except Exception as exc:  # a ScaleboxError from connect: DatabaseError, InvalidValueError
-            out.error = _one_line(exc)
-        if out.error is not None:
-            logger.warning("outbox: delivery to %s failed, %d row(s) wait: %s", shown(remote), len(rows), out.error)
-            local.execute(query("outbox_failed"), {"remote": remote, "error": out.error})
-    if out.sent:
-        logger.info("outbox: %d row(s) delivered to %s (%d new there)", out.sent, shown(remote), out.received)
-    return out
+            return _send(local, rconn, rows, out)
+        except Exception as exc:  # psycopg or a ScaleboxError of the remote: the rows wait
+            _failed(local, remote, out, exc)
+            return False
 
 
 def shown(remote: str) -> str:
