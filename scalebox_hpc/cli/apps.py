@@ -144,10 +144,13 @@ def app_set_finished(app: int | None, job_id: str | None, text: str) -> None:
     if os.environ.get(EMIT_BUFFER_ENV):
         _buffer({"kind": "finish", "text": text})
         return
+    from scalebox_hpc.cli import relay
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        apps.finish_app(conn, _app_id(conn, app), text)
+        app_id = _app_id(conn, app)
+        apps.finish_app(conn, app_id, text)
+    relay.relay_now(app_id)  # the finish records for the app's parts in other databases, if any
 
 
 def _set_status(app_id: int | None, status: str) -> None:

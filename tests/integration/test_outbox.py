@@ -368,3 +368,13 @@ def test_cross_cluster_primes_two_databases_2023_form(pg_dsn: str, db2: str, tmp
         left = outbox.outbox_depth(conn, int(app1))
     assert gather is not None and (gather["n"], gather["d"]) == (10, 10)
     assert left == []
+
+
+def test_cli_set_finished_forwards_to_the_remote_part(pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    app1, app2 = _parts(pg_dsn, db2, tmp_path)
+    done = _cli(_env(pg_dsn, tmp_path, "1"), "app", "set-finished", "--app", str(app1), "all done")
+    assert done.returncode == 0, done.stderr
+    with connect(db2) as conn:  # app 2 has nothing READY: the finish applies at once, delivered by the command
+        row = apps.get_app(conn, app2)
+    assert (row["status"], row["result"]) == ("FINISHED", "all done")
+    assert [(r["kind"], r["delivered_at"] is not None) for r in _outbox(pg_dsn)] == [("finish", True)]
