@@ -247,7 +247,8 @@ def relay_quietly(dsn: str, *, app_id: int | None = None) -> list[Delivery]:
 def relay_quietly_on(local: Connection, app_id: int) -> None:
     """:func:`relay_on` for the autoscale pass: a failure is one log line, never raised."""
     try:
-        relay_on(local, app_id=app_id)
+        with local.transaction():  # a savepoint inside the pass's transaction: a failure here leaves it usable
+            relay_on(local, app_id=app_id)
     except Exception as exc:  # the pass must go on
         logger.warning("outbox: relay pass skipped: %s", _one_line(exc))
 
