@@ -115,3 +115,14 @@ def test_a_bad_remote_is_an_error_naming_the_module(tmp_path: Path, env: str, me
     with pytest.raises(PipelineError) as err:
         _load(tmp_path, env)
     assert "modules.scatter.environments" in str(err.value) and message in str(err.value)
+
+
+def test_the_cross_cluster_example_loads_in_the_2023_form() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "cross-cluster-primes"
+    one = load_pipeline(example / "cluster1/app.yaml", environ={"CLUSTER2_SERVER": "db2:5433", "APP2_ID": "2"})
+    two = load_pipeline(example / "cluster2/app.yaml", environ={"CLUSTER1_SERVER": "db1", "APP1_ID": "1"})
+    assert [m.name for m in one.modules] == ["scatter", "gather"]
+    assert one.remote_sinks() == {"calc": Remote("db2:5433", 2)}
+    assert [m.name for m in two.modules] == ["calc"] and two.remote_sinks() == {"gather": Remote("db1", 1)}
+    with pytest.raises(PipelineError, match="APP_ID '' is not a positive integer"):  # APP2_ID empty
+        load_pipeline(example / "cluster1/app.yaml", environ={"CLUSTER2_SERVER": "db2", "APP2_ID": ""})
