@@ -378,3 +378,22 @@ def test_cli_set_finished_forwards_to_the_remote_part(pg_dsn: str, db2: str, tmp
         row = apps.get_app(conn, app2)
     assert (row["status"], row["result"]) == ("FINISHED", "all done")
     assert [(r["kind"], r["delivered_at"] is not None) for r in _outbox(pg_dsn)] == [("finish", True)]
+
+
+def test_relay_command_once_reports_and_exits_1_when_a_remote_is_unreachable(
+        pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    app1, app2 = _parts(pg_dsn, db2, tmp_path)
+    _queue_outbox(pg_dsn, app1, 4)
+    env = _env(pg_dsn, tmp_path, "1")
+    ok = _cli(env, "relay", "--once", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert '"sent": 4' in ok.stdout and '"received": 4' in ok.stdout
+    with connect(pg_dsn) as conn, conn.transaction():  # a remote nobody listens at
+        conn.execute("UPDATE sbx_remote_sinks SET remote = 'host=127.0.0.1 port=1'")
+        refs = outbox.remote_refs(conn, app1)
+        insert_messages(conn, app1, [(refs["recv"], Message("lost?"))])
+    down = _cli(env, "relay", "--once")
+    assert down.returncode == 1, down.stdout + down.stderr
+    assert "postgresql://127.0.0.1:1/: 0 delivered (0 new there): cannot reach PostgreSQL" in down.stdout
+    assert len(_remote_tasks(db2, app2)) == 4
+    assert [r["attempts"] for r in _outbox(pg_dsn) if r["delivered_at"] is None] == [1]
