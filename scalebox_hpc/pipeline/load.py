@@ -195,6 +195,14 @@ class _Loader:
             except ValueError as exc:
                 env: _Path = ("modules", module.name, "environments")
                 raise self.reader.error(str(exc), env, self.line(env)) from None
+            if module.remote is not None:  # the native form: remote: NAME of remotes:
+                if module.remote not in spec.remotes:
+                    key: _Path = ("modules", module.name, "remote")
+                    raise self.reader.error(f"unknown remote {module.remote!r}"
+                                            f"{did_you_mean(module.remote, list(spec.remotes))} "
+                                            "(declare it under remotes: {NAME: {dsn: ..., app_id: N}})",
+                                            key, self.line(key))
+                remote = remote or spec.module_remote(module)
             for index, sink in enumerate(module.sink_modules):
                 if sink not in names and remote is None:
                     path: _Path = ("modules", module.name, "sink_modules")

@@ -397,3 +397,26 @@ def test_relay_command_once_reports_and_exits_1_when_a_remote_is_unreachable(
     assert "postgresql://127.0.0.1:1/: 0 delivered (0 new there): cannot reach PostgreSQL" in down.stdout
     assert len(_remote_tasks(db2, app2)) == 4
     assert [r["attempts"] for r in _outbox(pg_dsn) if r["delivered_at"] is None] == [1]
+
+
+NATIVE = """
+name: part1
+remotes:
+  cluster2: {{dsn: "{server}", app_id: {app_id}}}
+modules:
+  send:
+    sink_modules: [recv]
+    remote: cluster2
+"""
+
+
+def test_the_native_form_delivers_like_the_2023_form(pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    spec2 = load_pipeline(write_app(tmp_path / "p2", RECV, {"recv/run.sh": "true\n"}))
+    with connect(db2) as conn:
+        app2 = apps.create_app(conn, spec2)
+    spec1 = load_pipeline(write_app(tmp_path / "p1", NATIVE.format(server=db2, app_id=app2), {"send/run.sh": "true\n"}))
+    with connect(pg_dsn) as conn:
+        app1 = apps.create_app(conn, spec1)
+    _queue_outbox(pg_dsn, app1, 3)
+    assert [(d.sent, d.received) for d in outbox.relay(pg_dsn)] == [(3, 3)]
+    assert _remote_tasks(db2, app2) == ["m00000", "m00001", "m00002"]

@@ -126,3 +126,33 @@ def test_the_cross_cluster_example_loads_in_the_2023_form() -> None:
     assert [m.name for m in two.modules] == ["calc"] and two.remote_sinks() == {"gather": Remote("db1", 1)}
     with pytest.raises(PipelineError, match="APP_ID '' is not a positive integer"):  # APP2_ID empty
         load_pipeline(example / "cluster1/app.yaml", environ={"CLUSTER2_SERVER": "db2", "APP2_ID": ""})
+
+
+NATIVE = """\
+name: part1
+remotes:
+  cluster2: {dsn: "postgresql://db2.example/scalebox", app_id: 5}
+modules:
+  scatter:
+    sink_modules: [calc, gather]
+    remote: cluster2
+  gather: {}
+"""
+
+
+def test_the_native_form_names_a_remote_of_remotes(tmp_path: Path) -> None:
+    spec = load_pipeline(write_app(tmp_path / "a", NATIVE, {"scatter/run.sh": "true\n", "gather/run.sh": "true\n"}))
+    assert spec.remote_sinks() == {"calc": Remote("postgresql://db2.example/scalebox", 5)}
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("remote: cluster2", "remote: clustr2", "modules.scatter.remote: unknown remote 'clustr2' (did you mean "),
+    ("app_id: 5", "app_id: 0", "remotes.cluster2.app_id"),
+    ('dsn: "postgresql://db2.example/scalebox"', 'dsn: "db 2"', "remotes.cluster2.dsn"),
+    ("app_id: 5", "app_id: 5, user: x", "unknown key 'user'"),
+])
+def test_a_bad_native_remote_is_an_error(tmp_path: Path, old: str, new: str, message: str) -> None:
+    app = write_app(tmp_path / "a", NATIVE.replace(old, new), {"scatter/run.sh": "true\n", "gather/run.sh": "true\n"})
+    with pytest.raises(PipelineError) as err:
+        load_pipeline(app)
+    assert message in str(err.value)
