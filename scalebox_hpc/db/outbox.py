@@ -162,11 +162,12 @@ def _send(local: Connection, rconn: Connection, rows: list[dict[str, Any]], out:
 
 
 def deliver(local: Connection, remote: str, *, limit: int = BATCH, max_rows: int = PASS_ROWS,
-            connect_remote: Callable[[str], Connection] = _connect_remote) -> Delivery:
+            connect_remote: Callable[[str], Connection] = _connect_remote, keep: bool = False) -> Delivery:
     """Deliver the pending rows of ``remote``, ``limit`` per transaction, up to ``max_rows``
-    (see the module doc). ``local`` is an autocommit connection to the sender's database.
-    Never raises for a remote that is down or refuses: the result's ``error`` says so, and the
-    rows wait for their backoff."""
+    (see the module doc). ``local`` is an autocommit connection to the sender's database;
+    ``keep``: the remote connection is the caller's to close (a cached one). Never raises for a
+    remote that is down or refuses: the result's ``error`` says so, and the rows wait for their
+    backoff."""
     out = Delivery(remote)
     try:  # before the lock: a remote that is down holds no lock for its connect timeout
         rconn = connect_remote(remote)
@@ -178,7 +179,8 @@ def deliver(local: Connection, remote: str, *, limit: int = BATCH, max_rows: int
         while out.sent < max_rows and _batch(local, rconn, remote, limit, out):
             pass
     finally:
-        rconn.close()
+        if not keep or out.error is not None:  # after an error the next pass reconnects
+            rconn.close()
     if out.sent:
         logger.info("outbox: %d row(s) delivered to %s (%d new there)", out.sent, shown(remote), out.received)
     return out
@@ -225,13 +227,13 @@ def relay(dsn: str, *, app_id: int | None = None, force: bool = False, limit: in
 
 
 def relay_on(local: Connection, *, app_id: int | None = None, force: bool = False, limit: int = BATCH,
-             connect_remote: Callable[[str], Connection] = _connect_remote) -> list[Delivery]:
+             connect_remote: Callable[[str], Connection] = _connect_remote, keep: bool = False) -> list[Delivery]:
     """:func:`relay` over an open connection to the sender's database (the autoscale pass's)."""
     out: list[Delivery] = []
     remotes = local.execute(query("outbox_remotes"), {"app_id": app_id}).fetchall()
     for r in remotes:
         if force or r["due"]:
-            out.append(deliver(local, r["remote"], limit=limit, connect_remote=connect_remote))
+            out.append(deliver(local, r["remote"], limit=limit, connect_remote=connect_remote, keep=keep))
     return out
 
 
@@ -262,6 +264,8 @@ class BackgroundRelay:
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _local: Connection | None = None
+    _remotes: dict[str, Connection] = field(default_factory=dict)
 
     def kick(self) -> None:
         """Ask for a relay pass soon (returns at once)."""
@@ -276,11 +280,35 @@ class BackgroundRelay:
         while True:
             self._wake.wait(timeout=pause)
             self._wake.clear()
-            done = relay_quietly(self.dsn)
+            done = self._pass()
             left = any(d.error or d.waiting or d.busy for d in done)
             # rows left: try again later (the rows' own backoff decides when they are due);
             # nothing left: sleep until the next hand-off that writes to the outbox
             pause = min((pause or 0.5) * 2, 60.0) if left else None
+
+    def _pass(self) -> list[Delivery]:
+        """One relay pass over connections kept between passes (a pass right after each hand-off
+        must not pay two connects); any failure drops them, the next pass reconnects."""
+        try:
+            if self._local is None or self._local.closed:
+                self._local = connect(self.dsn, autocommit=True, statement_timeout=REMOTE_STATEMENT_TIMEOUT)
+            return relay_on(self._local, connect_remote=self._remote, keep=True)
+        except Exception as exc:  # logged, never raised: the launcher goes on
+            logger.warning("outbox: relay pass skipped: %s", _one_line(exc))
+            self._drop()
+            return [Delivery("?", error=_one_line(exc))]
+
+    def _remote(self, remote: str) -> Connection:
+        conn = self._remotes.get(remote)
+        if conn is None or conn.closed:
+            conn = self._remotes[remote] = _connect_remote(remote)
+        return conn
+
+    def _drop(self) -> None:
+        for conn in [self._local, *self._remotes.values()]:
+            if conn is not None:
+                conn.close()
+        self._local, self._remotes = None, {}
 
 
 _RELAYS: dict[str, BackgroundRelay] = {}
