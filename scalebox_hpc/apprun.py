@@ -73,6 +73,7 @@ class RunJudge:
         self.interrupted = False
         """A signal drains the run."""
         self.stuck: list[StuckModule] = []
+        self._split: bool | None = None
 
     def tick(self) -> bool:
         """Read the counts and decide; True when the run should end (and from then on)."""
@@ -96,11 +97,21 @@ class RunJudge:
             self.stuck = stuck
             return True
         pending = sum(mc.count(TaskStatus.READY) + mc.count(TaskStatus.RUNNING) for mc in self.counts)
-        self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 else 0
+        # an app split over databases (remote sinks) waits for its other parts' messages: no idle end
+        self.quiet_ticks = self.quiet_ticks + 1 if pending == 0 and not self.split() else 0
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
             return True
         return self.quiet_ticks >= QUIET_TICKS
+
+    def split(self) -> bool:
+        """The app has remote sinks (parts in other databases)."""
+        if self._split is None:
+            from scalebox_hpc.db.sql import query
+
+            with self.conn.transaction():
+                self._split = bool(self.conn.execute(query("list_remote_sinks"), {"app_id": self.app_id}).fetchall())
+        return self._split
 
     def draining(self) -> None:
         """Called once when the run drains: on a signal, unless the judge itself ended the run."""
@@ -157,6 +168,10 @@ def run_here(
 
     code = run_launcher(dsn, config, grace=grace, on_tick=tick, on_drain=judge.draining, signals=signals,
                         settings=settings)
+    if not failure and judge.split():  # what the last hand-offs sent to other databases, before we leave
+        from scalebox_hpc.db import outbox
+
+        outbox.relay_quietly(dsn, app_id=judge.app_id)
     if failure:
         raise failure[0]
     return code

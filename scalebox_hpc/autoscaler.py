@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from scalebox_hpc.db import outbox
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.errors import ScaleboxError
@@ -454,6 +455,7 @@ class Autoscaler:
                 continue
             self._scale(app_id, row, specs[row["id"]], history, force, report, command,
                         yielding=row["name"] in yielding)
+        outbox.relay_quietly_on(self.conn, app_id)  # a fallback deliverer of messages to other databases
 
     def _yield_nodes(
         self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,

@@ -267,6 +267,10 @@ class ModuleRef:
     conflict_action: ConflictAction
     dist_mode: str | None = None
     """HOST-BOUND / SLOT-BOUND: messages to this module go to the sender's host / slot."""
+    remote: str | None = None
+    """A module of another app in another database (its REMOTE_SERVER): messages to it go to
+    the outbox (``remote_app_id`` is the app there; ``id`` is 0)."""
+    remote_app_id: int | None = None
 
 
 @dataclass(frozen=True)

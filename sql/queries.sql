@@ -1096,3 +1096,64 @@ SELECT sbx_l_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(
 -- name: grant_launcher
 -- `scalebox db grant OWNER --launcher`: make (or bind) the launcher role; '' when done, else why not.
 SELECT sbx_grant_launcher_v1(%(owner)s::text, %(role)s::text) AS missing;
+
+-- Cross-database messages (0017): remote sinks, the outbox and its relay (scalebox_hpc/db/outbox.py).
+
+-- name: insert_remote_sink
+INSERT INTO sbx_remote_sinks (app_id, name, remote, remote_app_id)
+VALUES (%(app_id)s, %(name)s, %(remote)s, %(remote_app_id)s);
+
+-- name: list_remote_sinks
+SELECT name, remote, remote_app_id FROM sbx_remote_sinks WHERE app_id = %(app_id)s ORDER BY name;
+
+-- name: outbox_remotes
+-- The remotes with pending rows (of one app, or all the caller sees), and whether one is due
+-- (its backoff over).
+SELECT remote, bool_or(next_try_at IS NULL OR next_try_at <= now()) AS due
+FROM sbx_outbox
+WHERE delivered_at IS NULL AND (%(app_id)s::bigint IS NULL OR app_id = %(app_id)s)
+GROUP BY remote
+ORDER BY remote;
+
+-- name: outbox_lock
+-- One deliverer per remote at a time (transaction-scoped; a second relay skips this remote).
+SELECT pg_try_advisory_xact_lock(hashtextextended('sbx_outbox:' || %(remote)s, 0)) AS locked;
+
+-- name: outbox_pending
+-- The oldest pending rows for a remote, in order, with the sender app's uid (the key's source).
+SELECT o.id, o.app_id, o.remote_app_id, o.kind, o.module, o.body, o.headers, a.uid AS source
+FROM sbx_outbox o JOIN sbx_apps a ON a.id = o.app_id
+WHERE o.remote = %(remote)s AND o.delivered_at IS NULL
+ORDER BY o.id
+LIMIT %(limit)s;
+
+-- name: outbox_delivered
+UPDATE sbx_outbox SET delivered_at = now(), last_error = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND delivered_at IS NULL;
+
+-- name: outbox_failed
+-- A delivery to this remote failed: its pending rows wait (exponential backoff, at most 5 minutes).
+UPDATE sbx_outbox
+SET attempts = attempts + 1, last_error = %(error)s,
+    next_try_at = now() + least(interval '300 seconds', interval '1 second' * power(2, least(attempts, 9)))
+WHERE remote = %(remote)s AND delivered_at IS NULL;
+
+-- name: outbox_receive
+SELECT sbx_receive_v1(%(rows)s::jsonb) AS received;
+
+-- name: outbox_receive_finish
+SELECT sbx_receive_finish_v1(%(source)s::uuid, %(outbox_id)s::bigint, %(app_id)s::bigint, %(result)s) AS outcome;
+
+-- name: outbox_depth
+-- Pending rows per app and remote: how many, the oldest's age (seconds), the last error.
+SELECT o.app_id, o.remote, o.remote_app_id, count(*) AS depth,
+       extract(epoch FROM now() - min(o.created_at))::double precision AS oldest_seconds,
+       (array_agg(o.last_error ORDER BY o.id) FILTER (WHERE o.last_error IS NOT NULL))[1] AS last_error
+FROM sbx_outbox o
+WHERE o.delivered_at IS NULL AND (%(app_id)s::bigint IS NULL OR o.app_id = %(app_id)s)
+GROUP BY o.app_id, o.remote, o.remote_app_id
+ORDER BY o.app_id, o.remote, o.remote_app_id;
+
+-- name: next_app_id
+-- The id the next app will get, without taking it (a peek: another app created meanwhile takes it).
+SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS next_id FROM sbx_apps_id_seq;

@@ -125,3 +125,22 @@ def netns_available(names: list[str]) -> str | None:
     if missing:
         return f"namespace(s) {', '.join(missing)} missing (bash launchers/testbed/netns.sh up {len(names)})"
     return None
+
+
+def pg2_dsn() -> str | None:
+    """Cluster 2's database of the one-database-per-cluster tests (SCALEBOX_TEST_DSN2)."""
+    return os.environ.get("SCALEBOX_TEST_DSN2") or None
+
+
+def pg2_available() -> str | None:
+    """None when SCALEBOX_TEST_DSN2 (launchers/testbed/postgres2.sh) is reachable, else why not."""
+    import psycopg
+
+    dsn = pg2_dsn()
+    if dsn is None:
+        return "SCALEBOX_TEST_DSN2 is not set (launchers/testbed/run-tests.sh sets it; postgres2.sh start)"
+    try:
+        with psycopg.connect(dsn, connect_timeout=5):
+            return None
+    except psycopg.OperationalError as exc:
+        return f"cannot connect to SCALEBOX_TEST_DSN2: {str(exc).strip().splitlines()[-1]}"

@@ -10,6 +10,7 @@ bash "$HERE/slurm.sh" stop || rc=1
 bash "$HERE/slurm-mc.sh" stop "${1:-}" || rc=1
 bash "$HERE/pgbouncer.sh" stop "${1:-}" || rc=1  # before its backend
 bash "$HERE/postgres.sh" stop "${1:-}" || rc=1
+bash "$HERE/postgres2.sh" stop "${1:-}" || rc=1
 bash "$HERE/postgres-tls.sh" stop "${1:-}" || rc=1
 bash "$HERE/netns.sh" down || rc=1
 exit "$rc"

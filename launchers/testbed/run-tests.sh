@@ -71,6 +71,10 @@ PG_OUT=$(bash "$HERE/postgres.sh" start)
 echo "$PG_OUT"
 phase_end
 
+# cluster 2's database (one database per cluster: the outbox tests). Not fatal: they skip, or fail under CI=true.
+phase_start postgres2
+if PG2_OUT=$(bash "$HERE/postgres2.sh" start); then echo "$PG2_OUT"; phase_end; else PG2_OUT=""; phase_end "FAILED (the outbox tests will say why)"; fi
+
 # PgBouncer (transaction mode) in front of that server, for tests/pgbouncer. Not fatal (no
 # package reachable, say): without its DSN those tests skip with the reason, or fail under CI=true.
 phase_start pgbouncer
@@ -112,6 +116,8 @@ if bash "$HERE/chromium.sh" install; then phase_end; else phase_end "FAILED (the
 
 SCALEBOX_TEST_DSN=$(sed -n 's/^DSN=//p' <<<"$PG_OUT")
 export SCALEBOX_TEST_DSN
+SCALEBOX_TEST_DSN2=$(sed -n 's/^DSN=//p' <<<"$PG2_OUT")
+if [ -n "$SCALEBOX_TEST_DSN2" ]; then export SCALEBOX_TEST_DSN2; else unset SCALEBOX_TEST_DSN2; fi
 SCALEBOX_TEST_PGBOUNCER_DSN=$(sed -n 's/^export SCALEBOX_TEST_PGBOUNCER_DSN=//p' <<<"$PGB_OUT")
 SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN=$(sed -n 's/^export SCALEBOX_TEST_PGBOUNCER_DIRECT_DSN=//p' <<<"$PGB_OUT")
 if [ -n "$SCALEBOX_TEST_PGBOUNCER_DSN" ]; then

@@ -48,6 +48,7 @@ def cli(ctx: click.Context, verbose: int, traceback: bool, log_format: str | Non
 from scalebox_hpc.cli import apps as _apps  # noqa: E402
 from scalebox_hpc.cli import db as _db_cmds  # noqa: E402
 from scalebox_hpc.cli import doctor as _doctor  # noqa: E402
+from scalebox_hpc.cli import relay as _relay  # noqa: E402
 from scalebox_hpc.cli import report as _report  # noqa: E402
 from scalebox_hpc.cli import run as _run  # noqa: E402
 from scalebox_hpc.cli import slots as _slots  # noqa: E402
@@ -58,7 +59,7 @@ from scalebox_hpc.cli import tasks as _tasks  # noqa: E402
 
 for _command in (_db_cmds.db, _apps.app, _state.semaphore, _state.variable, _tasks.task, _run.launcher_cmd,
                  _run.run_cmd, _status.status_cmd, _slots.slot, *_stage.COMMANDS, *_doctor.COMMANDS,
-                 *_report.COMMANDS):
+                 *_report.COMMANDS, _relay.relay_cmd):
     cli.add_command(_command)
 
 # the names tests and callers import from here

@@ -144,10 +144,13 @@ def app_set_finished(app: int | None, job_id: str | None, text: str) -> None:
     if os.environ.get(EMIT_BUFFER_ENV):
         _buffer({"kind": "finish", "text": text})
         return
+    from scalebox_hpc.cli import relay
     from scalebox_hpc.db import apps
 
     with _db() as conn:
-        apps.finish_app(conn, _app_id(conn, app), text)
+        app_id = _app_id(conn, app)
+        apps.finish_app(conn, app_id, text)
+    relay.relay_now(app_id)  # the finish records for the app's parts in other databases, if any
 
 
 def _set_status(app_id: int | None, status: str) -> None:
@@ -201,3 +204,30 @@ def app_cancel(app: int | None, app_id: int | None) -> None:
 
     with _db() as conn:
         apps.cancel_app(conn, _app_id(conn, app_or_id(app, app_id)))
+
+
+@app.command("get-next-id")
+@JSON_OPTION
+def app_get_next_id(as_json: bool) -> None:
+    """Print the id the next app created in this database will get (Scalebox's get-next-id).
+
+    A peek that takes nothing: an app another user creates before yours takes that id (and a
+    failed create uses one up). For the two files of a cross-cluster app, create right after
+    peeking and compare: `app create` prints the id it got; if it differs, fix APP_ID in the
+    other file before creating that one (a delivery to a wrong app id waits in the outbox,
+    shown by `scalebox status`).
+
+    \b
+    Examples:
+      APP1=$(scalebox app get-next-id)      # on cluster 1
+      APP2=$(SCALEBOX_DSN=$DB2 scalebox app get-next-id)
+    """
+    from scalebox_hpc.db.sql import query
+
+    with _db(create_schema=True) as conn:
+        row = conn.execute(query("next_app_id")).fetchone()
+    next_id = int(row["next_id"]) if row else 1
+    if as_json:
+        _dump({"next_id": next_id})
+    else:
+        click.echo(next_id)

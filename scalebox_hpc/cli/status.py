@@ -136,6 +136,7 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
       scalebox status --app 3 --watch   # live until app 3 is FINISHED or IDLE (q quits)
       scalebox status --json
     """
+    from scalebox_hpc.cli import relay
     from scalebox_hpc.db import apps
 
     with _db() as conn:
@@ -143,8 +144,10 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
         if watch and not as_json and _stdout_terminal():
             _watch_live(conn, app_id)
             return
+        relay.relay_now(app_id)  # a fallback deliverer of the outbox (messages to other databases)
         while True:
             conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
+            parts = relay.remote_parts(conn, app_id)
             jobs = _stage_jobs(conn, app_id)
             row, state, slots = _app_state(conn, app_id)
             rows = _status_rows(conn, app_id, slots)
@@ -162,12 +165,14 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
                        "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
                                      "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
                                     for f in failures],
+                       **({"remote_parts": parts} if parts else {}),
                        **({"slurm_calls_last_minute": calls} if calls is not None else {}),
                        **({"usage": [dataclasses.asdict(u) for u in usage]} if usage is not None else {})})
             else:
                 _print_status(row, rows, clear=watch, state=state)
                 click.echo(_one_line(_state_line(row, state, rows)))
                 _print_why(rows, app_id)
+                relay.print_remote_parts(parts)
                 if failed:
                     _print_failures(conn, app_id, failed, err=False)
                 if calls is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 from psycopg.types.json import Jsonb
 
+from scalebox_hpc.db import outbox
 from scalebox_hpc.db.bodyfile import BodyFile as BodyFile  # re-exported: a Batch takes one
 from scalebox_hpc.db.bodyfile import body_chunks, read_bodies
 from scalebox_hpc.db.connection import Connection
@@ -88,6 +89,7 @@ def create_app(conn: Connection, spec: AppSpec) -> int:
                 mid, module.name, tuple(module.sink_modules), module.arguments.conflict_action,
                 module.arguments.task_dist_mode,
             )
+        outbox.record_remote_sinks(conn, app_id, spec)
         submit(conn, app_id, start_batches(spec), refs=refs, conflict=ConflictAction.IGNORE)
     return int(app_id)
 

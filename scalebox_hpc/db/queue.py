@@ -12,6 +12,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from scalebox_hpc.db import outbox
 from scalebox_hpc.db.connection import Connection, connect, is_retryable, redact, translate_errors
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import DatabaseError, InvalidMessageError, NotFoundError
@@ -56,6 +57,10 @@ def _message_rows(
     """The JSON rows sbx_insert_messages_v1 takes: one per message, with its conflict action."""
     rows = []
     for ref, msg in routed:
+        if ref.remote is not None:  # to another database: the outbox, in this transaction
+            rows.append({"remote": ref.remote, "remote_app_id": ref.remote_app_id, "module": ref.name,
+                         "body": msg.body, "headers": msg.headers, "action": "REMOTE"})
+            continue
         to_slot = msg.headers.get("to_slot")
         rows.append({
             "module_id": ref.id, "body": msg.body, "headers": msg.headers,
@@ -64,6 +69,14 @@ def _message_rows(
             "status": status, "action": (conflict or ref.conflict_action).value,
         })
     return rows
+
+
+def _to_outbox(routed: Iterable[tuple[ModuleRef, Message]], result: TaskResult, modules: dict[str, ModuleRef]) -> bool:
+    """The hand-off writes to the outbox: a message to a remote sink, or the app's finish (forwarded
+    to its remote parts)."""
+    if any(ref.remote is not None for ref, _ in routed):
+        return True
+    return result.finish_text is not None and any(ref.remote is not None for ref in modules.values())
 
 
 @contextlib.contextmanager
@@ -125,7 +138,7 @@ def refs_from_rows(rows: Sequence[dict[str, Any]], app_id: int) -> dict[str, Mod
     when there are none (no such app)."""
     if not rows:
         raise NotFoundError("app", app_id)
-    return {
+    return outbox.remote_refs(conn, app_id) | {
         r["name"]: ModuleRef(
             r["id"], r["name"], tuple(r["sink_modules"]), ConflictAction(r["conflict_action"]),
             (r["spec"].get("arguments") or {}).get("task_dist_mode"),
@@ -257,7 +270,10 @@ class PgQueue:
         becomes READY again."""
         try:
             routed = route(modules, sender, result.messages)
-            return self._complete(task, result, slot_id, host, routed, requeue)
+            written = self._complete(task, result, slot_id, host, routed, requeue)
+            if _to_outbox(routed, result, modules):  # committed: deliver it now, in the background
+                outbox.kick(self.dsn)
+            return written
         except InvalidMessageError as exc:
             failed = _emit_failed(result, str(exc))
             self._complete(task, failed, slot_id, host, [], False)
@@ -292,12 +308,14 @@ class PgQueue:
         EMIT_FAILED as in :meth:`complete`; a duplicate body under CONFLICT_ACTION=FAIL rolls the
         batch back and it is recorded task by task instead."""
         rows = []
+        remote = False
         for ord_, item in enumerate(items):
             result, requeue = item.result, item.requeue
             try:
                 routed = route(modules, item.sender or sender, result.messages)
             except InvalidMessageError as exc:
                 result, requeue, routed = _emit_failed(result, str(exc)), False, []
+            remote = remote or _to_outbox(routed, result, modules)
             rows.append({
                 "ord": ord_, "task_id": item.task.id, "slot_id": item.slot_id or slot_id,
                 "attempt": item.task.attempts,
@@ -312,6 +330,8 @@ class PgQueue:
                 out = self._run("complete_tasks_batch", {"rows": Jsonb(rows)})
         except InvalidMessageError:
             return [self._complete_one(item, slot_id, sender, modules) for item in items]
+        if remote:  # committed: deliver it now, in the background
+            outbox.kick(self.dsn)
         written: dict[int, int | None] = {
             int(r["ord"]): None if r["written"] is None else int(r["written"]) for r in out
         }

@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.pipeline.remotes import module_remote
 from scalebox_hpc.pipeline.spec import AppSpec, ModuleSpec
 from scalebox_hpc.pipeline.variables import _load_variables
 from scalebox_hpc.pipeline.yaml_lines import (
@@ -189,11 +190,28 @@ class _Loader:
         """Checks that need the whole app or the filesystem: sink names and run.sh."""
         names = [m.name for m in spec.modules]
         for module in spec.modules:
+            try:  # REMOTE_SERVER + APP_ID: the sinks not in this file are a remote app's modules
+                remote = module_remote(module.environments)
+            except ValueError as exc:
+                env: _Path = ("modules", module.name, "environments")
+                raise self.reader.error(str(exc), env, self.line(env)) from None
+            if module.remote is not None:  # the native form: remote: NAME of remotes:
+                if module.remote not in spec.remotes:
+                    key: _Path = ("modules", module.name, "remote")
+                    raise self.reader.error(f"unknown remote {module.remote!r}"
+                                            f"{did_you_mean(module.remote, list(spec.remotes))} "
+                                            "(declare it under remotes: {NAME: {dsn: ..., app_id: N}})",
+                                            key, self.line(key))
+                remote = remote or spec.module_remote(module)
             for index, sink in enumerate(module.sink_modules):
-                if sink not in names:
+                if sink not in names and remote is None:
                     path: _Path = ("modules", module.name, "sink_modules")
                     raise self.reader.error(f"unknown module {sink!r}{did_you_mean(sink, names)}", path,
                                             self.line((*path, index)))
+        try:
+            spec.remote_sinks()
+        except ValueError as exc:
+            raise self.reader.error(str(exc), ("modules",), self.line(("modules",))) from None
         for module in spec.modules:
             if module.mpi.mode == "collective":  # a Python handler instead of run.sh
                 continue

@@ -22,6 +22,7 @@ from scalebox_hpc.pipeline.parameters import (
     _str_list,
     _upper,
 )
+from scalebox_hpc.pipeline.remotes import Remote, module_remote, remote_dsn
 from scalebox_hpc.pipeline.slurm import ClusterSpec, SlurmSpec
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -89,6 +90,23 @@ class MpiSpec(BaseModel):
         return self
 
 
+class RemoteSpec(BaseModel):
+    """Another cluster's database and the app there (``remotes: {NAME: {dsn: ..., app_id: N}}``):
+    the native form of a module's REMOTE_SERVER + APP_ID, named by a module's ``remote: NAME``."""
+
+    model_config = _CONFIG
+
+    dsn: str
+    """As REMOTE_SERVER: a URI, a ``key=value`` string, or a host name with an optional port."""
+    app_id: int = Field(ge=1)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        remote_dsn(value)
+        return value.strip()
+
+
 def _default_slots() -> list[SlotSpec]:
     return [SlotSpec(host_regex=".*", count=1)]
 
@@ -111,6 +129,9 @@ class ModuleSpec(BaseModel):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     mpi: MpiSpec = Field(default_factory=MpiSpec)
     handler: str | None = None
+    remote: str | None = None
+    """A remote declared under ``remotes:``: this module's sinks that are not modules of the file
+    are modules of the app there (the native form of REMOTE_SERVER + APP_ID)."""
     cluster: str | None = None
     """The cluster (declared under ``clusters:``) whose Slurm runs this module's stage jobs;
     default: the app's ``cluster`` when declared there, else the submitting host's."""
@@ -224,6 +245,8 @@ class AppSpec(BaseModel):
     cluster: str | None = None
     clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
     """The Slurm clusters modules may name (one database, several clusters)."""
+    remotes: dict[str, RemoteSpec] = Field(default_factory=dict)
+    """Other clusters' databases and apps, named by a module's ``remote:`` (one database per cluster)."""
     parameters: AppParameters = Field(default_factory=AppParameters)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """Defaults for every module's ``slurm:`` (each module's keys win)."""
@@ -264,3 +287,26 @@ class AppSpec(BaseModel):
                 return module
         raise KeyError(name)
 
+    def remote_sinks(self) -> dict[str, Remote]:
+        """The sinks that name a module of another app in another database: every sink of a
+        module whose environments carry REMOTE_SERVER and APP_ID that is not a module here.
+        ValueError when two modules send to one sink name at different remotes."""
+        names = {m.name for m in self.modules}
+        out: dict[str, Remote] = {}
+        for module in self.modules:
+            remote = self.module_remote(module)
+            for sink in module.sink_modules:
+                if sink in names or remote is None:
+                    continue
+                if out.setdefault(sink, remote) != remote:
+                    raise ValueError(f"sink {sink!r} is named at two remotes: {out[sink]} and {remote}")
+        return out
+
+    def module_remote(self, module: ModuleSpec) -> Remote | None:
+        """Where ``module``'s sinks not in the file live: its REMOTE_SERVER + APP_ID, else its
+        ``remote:`` (KeyError when that names no entry of ``remotes:``), else None."""
+        remote = module_remote(module.environments)
+        if remote is None and module.remote is not None:
+            entry = self.remotes[module.remote]
+            remote = Remote(entry.dsn, entry.app_id)
+        return remote

@@ -12,7 +12,7 @@ import yaml
 from scalebox_hpc.errors import PipelineError
 from scalebox_hpc.pipeline.parameters import AppParameters, ModuleArguments, ModuleParameters
 from scalebox_hpc.pipeline.slurm import ClusterSpec, SlurmSpec
-from scalebox_hpc.pipeline.spec import ModuleSpec, MpiSpec
+from scalebox_hpc.pipeline.spec import ModuleSpec, MpiSpec, RemoteSpec
 from scalebox_hpc.pipeline.variables import _ExpandError, expand
 
 MAX_YAML_NODES = 100_000
@@ -29,7 +29,7 @@ _TYPED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float
 
 _CLUSTER_SLURM_KEYS = frozenset({"cluster", "submit_via", "local_scratch", "data_root"})
 """Set from ``clusters:`` and the module's ``cluster:``, not under a ``slurm:``."""
-_TOP_KEYS = frozenset({"name", "label", "cluster", "clusters", "parameters", "modules", "slurm"})
+_TOP_KEYS = frozenset({"name", "label", "cluster", "clusters", "remotes", "parameters", "modules", "slurm"})
 _ALLOWED: dict[str, frozenset[str]] = {
     "app": _TOP_KEYS,
     "app.parameters": frozenset(AppParameters.model_fields),
@@ -41,6 +41,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "module.mpi": frozenset(MpiSpec.model_fields),
     "cluster": frozenset(ClusterSpec.model_fields),
     "cluster.slurm": frozenset(SlurmSpec.model_fields) - _CLUSTER_SLURM_KEYS,
+    "remote": frozenset(RemoteSpec.model_fields),
 }
 _ALIASES: dict[str, dict[str, str]] = {
     "app": {"jobs": "modules"},
@@ -66,6 +67,8 @@ def _level(path: _Path) -> str | None:
             return "cluster"
         case ("clusters", _, "slurm"):
             return "cluster.slurm"
+        case ("remotes", _):
+            return "remote"
     return None
 
 
