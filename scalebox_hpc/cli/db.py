@@ -9,7 +9,7 @@ import click
 if TYPE_CHECKING:
     pass
 
-from scalebox_hpc.cli.common import JSON_OPTION, _dump
+from scalebox_hpc.cli.common import JSON_OPTION, _dump, settings
 
 
 @click.group()
@@ -39,7 +39,7 @@ def _dsn_without_schema() -> str:
     from scalebox_hpc import embedded
     from scalebox_hpc.db.connection import configured_dsn
 
-    dsn = configured_dsn()
+    dsn = configured_dsn(settings().environ)
     return embedded.ensure_running() if dsn is None else dsn
 
 
@@ -121,7 +121,7 @@ def db_status(as_json: bool) -> None:
     from scalebox_hpc.db import schema, sql
     from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
 
-    dsn = configured_dsn()
+    dsn = configured_dsn(settings().environ)
     kind = "configured"
     if dsn is None:
         kind, dsn = "embedded", embedded.running_dsn()

@@ -24,6 +24,7 @@ from scalebox_hpc.cli.common import (
     _squeezed,
     _work_root,
     app_or_id,
+    settings,
 )
 
 FAILURES_SHOWN = 5
@@ -301,7 +302,8 @@ def _stage_jobs(conn: Connection, app_id: int) -> list[dict[str, Any]]:
     from scalebox_hpc.node import resolve_dsn, stage_autoscaler
 
     try:
-        stage_autoscaler(resolve_dsn(create_schema=False), _work_root(None))(app_id)
+        site = settings()
+        stage_autoscaler(resolve_dsn(create_schema=False, settings=site), _work_root(None), settings=site)(app_id)
     except ScaleboxError as exc:
         click.echo(f"scalebox: warning: stage jobs not refreshed: {exc}", err=True)
     return stage_rows(conn, app_id, include_ended=False)
