@@ -295,9 +295,9 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM sbx_modules m WHERE m.id = p_module_id AND m.app_id = p_app_id) THEN
         RETURN;
     END IF;
+    -- a slot that does not exist fails the claim's foreign key, as before (when there is a task)
     IF EXISTS (SELECT 1 FROM unnest(p_slot_ids) AS s (id)
-               WHERE s.id IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM sbx_slots sl WHERE sl.id = s.id AND sl.module_id = p_module_id)) THEN
+               JOIN sbx_slots sl ON sl.id = s.id WHERE sl.module_id <> p_module_id) THEN
         RAISE EXCEPTION 'a slot of the claim is not a slot of module %', p_module_id
             USING ERRCODE = 'insufficient_privilege';
     END IF;
