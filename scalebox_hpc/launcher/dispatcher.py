@@ -40,7 +40,7 @@ from typing import Any
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
-from scalebox_hpc.launcher.slot import outage_backoff
+from scalebox_hpc.launcher.runner import outage_backoff
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     Beat,
