@@ -339,7 +339,8 @@ class TaskRunner:
         """Built-in disk gates, then check.sh (Scalebox's ACTION_CHECK): all must say go. Why
         one said no is kept in ``waiting`` (the next heartbeat stores it; logged when it changes).
         The session is opened on first use, without setup.sh."""
-        self.open()
+        if self.session is None:
+            self.open()
         reason = closed_gate(self.ctx.module.arguments, self.ctx.work_dir)
         if reason is None:
             code = self.script("check.sh")
