@@ -289,8 +289,10 @@ class TaskRunner:
         """The task whose run.sh (or handler) runs now: its output is the heartbeat's live tail."""
         self._worker: pyworker.Worker | None = None
         """The slot's handler worker, started on its first task (modules with ``handler`` only)."""
+        # looked up once per slot, not per task (the module's code does not change under a slot)
         self._run_sh = ctx.module.script("run.sh")
         self._run_argv = None if self._run_sh is None else script_argv(self._run_sh)
+        self._check_sh = ctx.module.script("check.sh")
         self._env_cache: dict[str, str] | None = None
 
     @property
@@ -342,7 +344,7 @@ class TaskRunner:
         if self.session is None:
             self.open()
         reason = closed_gate(self.ctx.module.arguments, self.ctx.work_dir)
-        if reason is None:
+        if reason is None and self._check_sh is not None:
             code = self.script("check.sh")
             if code not in (None, 0):
                 reason = self.script_failure("check.sh", code) + " (not now)"
