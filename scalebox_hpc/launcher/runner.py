@@ -279,6 +279,7 @@ class TaskRunner:
         self.ctx = ctx
         self._slot_id = slot_id
         self.private = ctx.work_dir.parent / f".{ctx.work_dir.name}.scalebox"
+        self._run_out, self._run_err = self.private / "run.out", self.private / "run.err"
         self.session: Session | None = None
         self.fatal: ScaleboxError | None = None
         self.outputs = CappedOutputs(())
@@ -384,7 +385,7 @@ class TaskRunner:
         task_id = self._live
         if task_id is None:
             return None
-        return livetail.live_output(task_id, self.private / "run.out", self.private / "run.err")
+        return livetail.live_output(task_id, self._run_out, self._run_err)
 
     # -- one task ---------------------------------------------------------------------------------
     def execute(self, task: Task) -> TaskResult | None:
@@ -484,7 +485,7 @@ class TaskRunner:
         """The run's outcome and its task-exec report as one result: output of the wrong shape is
         -103, messages that cannot be stamped -102, and a failed run emits nothing."""
         status = status_of(outcome)
-        stderr = self.outputs.tail(self.private / "run.err")
+        stderr = self.outputs.tail(self._run_err)
         if report.invalid:  # output of the wrong shape, size or kind: -103 unless run.sh failed anyway
             stderr += "".join(f"scalebox: {p}\n" for p in report.invalid)
             if status == 0:
@@ -502,7 +503,7 @@ class TaskRunner:
             messages = []
         return TaskResult(
             status=status, started_at=started, finished_at=finished,
-            stdout=self.outputs.tail(self.private / "run.out"), stderr=stderr,
+            stdout=self.outputs.tail(self._run_out), stderr=stderr,
             input_bytes=report.input_bytes, output_bytes=report.output_bytes,
             input_files=report.input_files, output_files=report.output_files, removed_files=report.removed_files,
             user_text=report.user_text, timestamps=report.timestamps, messages=messages,
