@@ -40,7 +40,7 @@ from typing import Any
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError
 from scalebox_hpc.launcher.ports import BatchQueue
-from scalebox_hpc.launcher.slot import outage_backoff
+from scalebox_hpc.launcher.runner import outage_backoff
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     Beat,
@@ -61,6 +61,8 @@ PREFETCH = 16
 PREFETCH_SECONDS = 0.1
 """A slot's prefetch holds about this much work (tasks of 5 ms: 16; of 50 ms: 2; of 1 s: 1):
 enough that a claim serves many tasks, little enough that no other node waits for them."""
+REFILL_BATCHES = 4
+"""A prefetch buffer holds at least this many served batches' time of work (see _depth)."""
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
@@ -168,6 +170,8 @@ class Dispatcher:
         self._slots: dict[int, _SlotState] = {}
         self._task_seconds: dict[int, float] = {}
         """Per module id: a moving average of claim-to-hand-off seconds (decides prefetch)."""
+        self._batch_seconds: float | None = None
+        """A moving average of how long serving one batch takes (the database's round trips)."""
         self._thread: threading.Thread | None = None
         self._closed = False
         self._retry: list[tuple[float, _Call]] = []
@@ -349,6 +353,14 @@ class Dispatcher:
         return self._queue
 
     def _serve(self, batch: list[_Call]) -> None:
+        started = self._clock()
+        try:
+            self._serve_batch(batch)
+        finally:  # how long a refill queued now waits at most: this batch, then its own
+            took = self._clock() - started
+            self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
+
+    def _serve_batch(self, batch: list[_Call]) -> None:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         completes = [c for c in batch if c.kind == "complete"]
@@ -523,11 +535,15 @@ class Dispatcher:
 
     def _depth(self, module_id: int) -> int:
         """How many tasks a slot of the module may hold beyond the one it runs: none until
-        its tasks' time is known, none for long tasks, about PREFETCH_SECONDS of work else."""
+        its tasks' time is known, none for long tasks, else about PREFETCH_SECONDS of work —
+        or more when the database is slow: a refill (sent once half the buffer is used) waits
+        for the batch being served and then its own, so the buffer holds REFILL_BATCHES
+        batches' time of work, else the slot would wait for its next task (at most PREFETCH)."""
         seconds = self._task_seconds.get(module_id)
         if seconds is None or seconds >= PREFETCH_TASK_SECONDS:
             return 0
-        return max(1, min(PREFETCH, int(PREFETCH_SECONDS / max(seconds, 1e-4))))
+        budget = max(PREFETCH_SECONDS, REFILL_BATCHES * (self._batch_seconds or 0.0))
+        return max(1, min(PREFETCH, int(budget / max(seconds, 1e-4))))
 
     def _learn(self, task: Task, slot_id: int) -> None:
         """Fold one task's claim-to-hand-off time into its module's average."""

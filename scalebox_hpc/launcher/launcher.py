@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalebox_hpc import taskapi
-from scalebox_hpc.errors import NotFoundError, ScaleboxError
+from scalebox_hpc.errors import NotFoundError
 from scalebox_hpc.launcher import scratch, taskenv
 from scalebox_hpc.launcher.dispatcher import Dispatcher
 from scalebox_hpc.launcher.ports import QueueFactory, TaskQueue
+from scalebox_hpc.launcher.runner import HeartbeatLoop, SlotContext, SlotControl, lease_for, rank_work_dir
 from scalebox_hpc.launcher.services import TaskServices
-from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl, lease_for
+from scalebox_hpc.launcher.slot import Slot
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.models import Beat
@@ -128,7 +129,7 @@ class Launcher:
                 continue  # an MPI stage (`scalebox launcher --mpi`); a farm runs as slots when named or local
             count = cfg.slots if cfg.slots is not None else slots_for_host(spec, cfg.host, local=cfg.local)
             for seq in range(count):
-                work = root / name / f"{cfg.host}-slot{seq}"
+                work = rank_work_dir(root, name, cfg.host, f"slot{seq}")
                 contexts.append(SlotContext(
                     app_id=cfg.app_id, module=spec, ref=refs[name], modules=refs, host=cfg.host, seq=seq,
                     work_dir=work, runtime=self.runtime, wakeups=self.wakeups, control=self.control,
@@ -255,38 +256,18 @@ class Launcher:
 
     def _heartbeats(self) -> None:
         """Every half heartbeat renew each live slot and its task leases; every quarter heartbeat
-        recover the expired leases of dead slots anywhere (no daemon: every launcher does it), so
-        a dead slot's tasks are back within 1.5 + 0.25 heartbeats. The thread never dies of an
-        error. After its own connection was away it beats at once and recovers nothing for a
-        lease: the others' launchers, cut off as well, must get to renew their leases first."""
+        recover the expired leases of dead slots anywhere (:class:`HeartbeatLoop`, as MPI rank 0
+        does). The thread never dies of an error."""
         queue = self.dispatcher.port()
-        hb = min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots)
-        lease = max(lease_for(s.ctx.module.arguments.heartbeat_seconds) for s in self.slots)
-        tick, connects, quiet_until, failed = 0, 0, 0.0, False
+        loop = HeartbeatLoop(
+            beat=lambda: self._beat(queue), cancelled=lambda: queue.app_cancelled(self.config.app_id),
+            on_cancel=self._cancel, recover=queue.recover_expired,
+            heartbeat_seconds=min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots),
+            lease_seconds=max(lease_for(s.ctx.module.arguments.heartbeat_seconds) for s in self.slots),
+            connects=lambda: self.dispatcher.connects, who=f"heartbeat of {self.config.host}",
+        )
         try:
-            while not self._stopped.wait(hb / 4) and self.alive():
-                tick += 1
-                try:
-                    if tick % 2 == 0 or failed:
-                        self._beat(queue)
-                        if queue.app_cancelled(self.config.app_id):
-                            self._cancel()
-                    seen = self.dispatcher.connects
-                    if seen > max(connects, 1):  # reconnected after an outage
-                        quiet_until = time.monotonic() + lease
-                    connects, failed = seen, False
-                    if time.monotonic() < quiet_until:
-                        continue
-                    recovered = queue.recover_expired()
-                except Exception as exc:
-                    failed = True
-                    log = logger.warning if isinstance(exc, ScaleboxError) else logger.exception
-                    log("heartbeat failed, will retry: %s", exc, extra={
-                        "action": "heartbeat_failed", "host": self.config.host, "error": str(exc)})
-                    continue
-                for task_id, status in recovered:
-                    logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status,
-                                   extra={"action": "lease_expired", "task_id": task_id, "status": status})
+            loop.run(self._stopped.wait, lambda: self.alive() > 0)
         finally:
             queue.close()
 

@@ -1,0 +1,139 @@
+"""The worker ranks of an MPI stage (1..N-1): a farm's ranks run each task rank 0 sends with the
+shared :class:`TaskRunner` (exactly as a slot runs run.sh); a collective's ranks run the
+module's handler on every task with the communicator. Neither has a database connection."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+import traceback
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from scalebox_hpc import mpi
+from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.launcher.mpi_wire import (
+    ABORT,
+    POLL_SECONDS,
+    STOP,
+    TAG_CTRL,
+    TAG_PING,
+    TAG_READY,
+    TAG_RESULT,
+    TAG_TASK,
+    Plan,
+    rank_context,
+    wait_bcast,
+)
+from scalebox_hpc.launcher.runner import SlotContext, TaskRunner, script_env
+from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
+from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.runtime.paths import ensure_private
+
+HandlerOutcome = tuple[int, str, str, list[Message], str | None]
+"""(status, stdout, stderr, messages, finish text) of a collective handler on one rank."""
+
+
+class FarmWorker:
+    """Ranks 1..N-1 of a farm: run.sh for every task rank 0 sends, exactly as a slot would."""
+
+    def __init__(self, comm: Any, plan: Plan, runtime: ContainerRuntime) -> None:
+        self.comm = comm
+        self.ctx = rank_context(plan, int(comm.Get_rank()), runtime)
+        self.runner = TaskRunner(self.ctx, slot_id=plan.slot_id)
+        self.ping_every = min(1.0, plan.spec.arguments.heartbeat_seconds / 4)
+
+    def run(self) -> int:
+        """Set up, then run tasks until rank 0 says stop; the exit code."""
+        ok = self.runner.setup()
+        self.comm.send(ok, dest=0, tag=TAG_READY)
+        mpi_ = mpi.load_mpi()
+        status = mpi_.Status()
+        while True:
+            if not self.comm.Iprobe(source=0, tag=mpi_.ANY_TAG, status=status):
+                time.sleep(POLL_SECONDS)
+                continue
+            msg = self.comm.recv(source=0, tag=status.Get_tag())
+            if status.Get_tag() == TAG_TASK:
+                result = self._execute(cast(Task, msg))
+                self.comm.send((msg.id, result, self.ctx.host), dest=0, tag=TAG_RESULT)
+            elif msg == STOP:
+                break
+        if ok:
+            self.runner.teardown()
+        else:
+            self.runner.close()
+        return 0
+
+    def _execute(self, task: Task) -> TaskResult | None:
+        """Run the task in a thread; meanwhile ping rank 0 and listen for an abort."""
+        box: list[TaskResult | None] = []
+        thread = threading.Thread(target=lambda: box.append(self._safe(task)), name="task", daemon=True)
+        thread.start()
+        status = mpi.load_mpi().Status()
+        last_ping = time.monotonic()
+        while thread.is_alive():
+            thread.join(0.02)
+            if self.comm.Iprobe(source=0, tag=TAG_CTRL, status=status) and \
+                    self.comm.recv(source=0, tag=TAG_CTRL) == ABORT:
+                self.ctx.control.abort.set()
+            if time.monotonic() - last_ping >= self.ping_every:
+                self.comm.send(task.id, dest=0, tag=TAG_PING)
+                last_ping = time.monotonic()
+        return box[0] if box else None
+
+    def _safe(self, task: Task) -> TaskResult | None:
+        try:
+            return self.runner.execute(task)
+        except ScaleboxError as exc:  # could not start run.sh at all
+            now = datetime.now(UTC)
+            return TaskResult(status=TaskStatus.SYSTEM_ERROR, started_at=now, finished_at=now,
+                              stderr=f"scalebox: {exc}\n")
+
+
+def prepare_rank(plan: Plan, rank: int, runtime: ContainerRuntime) -> SlotContext:
+    """A collective rank's work dir (its cwd) and environment (the variables run.sh gets)."""
+    ctx = rank_context(plan, rank, runtime)
+    ensure_private(ctx.work_dir)
+    os.chdir(ctx.work_dir)
+    os.environ.update(handler_env(plan, ctx))
+    return ctx
+
+
+def handler_env(plan: Plan, ctx: SlotContext) -> dict[str, str]:
+    """What a collective handler sees: :func:`script_env` without the launcher's base (the
+    rank's own process environment is that), under the stage's one slot id."""
+    return script_env(ctx, plan.slot_id, base=False)
+
+
+def collective_worker(comm: Any, plan: Plan, runtime: ContainerRuntime) -> int:
+    """Ranks 1..N-1 of a collective: the handler on every task rank 0 announces, until stop."""
+    handler = mpi.load_handler(cast(str, plan.spec.mpi.handler), plan.spec.code_path)
+    ctx = prepare_rank(plan, int(comm.Get_rank()), runtime)
+    while True:
+        kind, task = wait_bcast(comm)
+        if kind == STOP:
+            return 0
+        own = run_handler(handler, comm, task, plan, ctx)
+        comm.gather((own[0], own[2]), root=0)
+
+
+def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: SlotContext) -> HandlerOutcome:
+    """(status, stdout, stderr, messages, finish text) of the handler on this rank."""
+    current = mpi.MpiTask(comm=comm, task_id=task.id, body=task.body, headers=dict(task.headers),
+                          module=plan.spec.name, work_dir=ctx.work_dir, env=handler_env(plan, ctx))
+    out, err = io.StringIO(), io.StringIO()
+    mpi.set_current(current)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = handler(current)
+        status = int(code or 0)
+    except Exception:  # the user's handler failed: its traceback is the task's stderr
+        status = 1
+        err.write(traceback.format_exc())
+    finally:
+        mpi.set_current(None)
+    return status, out.getvalue(), err.getvalue(), current.messages, current.finish_text
