@@ -1104,16 +1104,13 @@ INSERT INTO sbx_remote_sinks (app_id, name, remote, remote_app_id)
 VALUES (%(app_id)s, %(name)s, %(remote)s, %(remote_app_id)s);
 
 -- name: list_remote_sinks
-SELECT name, remote, remote_app_id FROM sbx_remote_sinks WHERE app_id = %(app_id)s ORDER BY name;
+-- Through the launcher's function (0019): a launcher role routes to them too.
+SELECT name, remote, remote_app_id FROM sbx_l_remote_sinks_v1(%(app_id)s::bigint);
 
 -- name: outbox_remotes
--- The remotes with pending rows (of one app, or all the caller sees), and whether one is due
--- (its backoff over).
-SELECT remote, bool_or(next_try_at IS NULL OR next_try_at <= now()) AS due
-FROM sbx_outbox
-WHERE delivered_at IS NULL AND (%(app_id)s::bigint IS NULL OR app_id = %(app_id)s)
-GROUP BY remote
-ORDER BY remote;
+-- The remotes with pending rows (of one app, or every app the caller acts on), and whether one
+-- is due (its backoff over); through the launcher's function (0019).
+SELECT remote, due FROM sbx_l_outbox_remotes_v1(%(app_id)s::bigint);
 
 -- name: outbox_lock
 -- One deliverer per remote at a time (transaction-scoped; a second relay skips this remote).
@@ -1121,22 +1118,15 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('sbx_outbox:' || %(remote)s, 0
 
 -- name: outbox_pending
 -- The oldest pending rows for a remote, in order, with the sender app's uid (the key's source).
-SELECT o.id, o.app_id, o.remote_app_id, o.kind, o.module, o.body, o.headers, a.uid AS source
-FROM sbx_outbox o JOIN sbx_apps a ON a.id = o.app_id
-WHERE o.remote = %(remote)s AND o.delivered_at IS NULL
-ORDER BY o.id
-LIMIT %(limit)s;
+SELECT id, app_id, remote_app_id, kind, module, body, headers, source
+FROM sbx_l_outbox_pending_v1(%(remote)s::text, %(limit)s::integer);
 
 -- name: outbox_delivered
-UPDATE sbx_outbox SET delivered_at = now(), last_error = NULL
-WHERE id = ANY(%(ids)s::bigint[]) AND delivered_at IS NULL;
+SELECT sbx_l_outbox_delivered_v1(%(ids)s::bigint[]);
 
 -- name: outbox_failed
 -- A delivery to this remote failed: its pending rows wait (exponential backoff, at most 5 minutes).
-UPDATE sbx_outbox
-SET attempts = attempts + 1, last_error = %(error)s,
-    next_try_at = now() + least(interval '300 seconds', interval '1 second' * power(2, least(attempts, 9)))
-WHERE remote = %(remote)s AND delivered_at IS NULL;
+SELECT sbx_l_outbox_failed_v1(%(remote)s::text, %(error)s::text);
 
 -- name: outbox_receive
 SELECT sbx_receive_v1(%(rows)s::jsonb) AS received;

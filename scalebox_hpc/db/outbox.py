@@ -85,7 +85,11 @@ def record_remote_sinks(conn: Connection, app_id: int, spec: AppSpec) -> None:
 
 def remote_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
     """The app's remote sinks as routing targets (id 0, ``remote`` set)."""
-    rows = conn.execute(query("list_remote_sinks"), {"app_id": app_id}).fetchall()
+    return refs_of(conn.execute(query("list_remote_sinks"), {"app_id": app_id}).fetchall())
+
+
+def refs_of(rows: Sequence[dict[str, Any]]) -> dict[str, ModuleRef]:
+    """Rows of ``list_remote_sinks`` (name, remote, remote_app_id) as routing targets."""
     return {r["name"]: ModuleRef(0, r["name"], (), ConflictAction.IGNORE, None, r["remote"], int(r["remote_app_id"]))
             for r in rows}
 

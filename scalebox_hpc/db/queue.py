@@ -125,20 +125,23 @@ def insert_messages(
 
 def module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
     """The app's modules by name; NotFoundError when the app does not exist."""
-    return refs_from_rows(conn.execute(query("list_modules"), {"app_id": app_id}).fetchall(), app_id)
+    rows = conn.execute(query("list_modules"), {"app_id": app_id}).fetchall()
+    return refs_from_rows(rows, app_id, outbox.remote_refs(conn, app_id))
 
 
 def launcher_module_refs(conn: Connection, app_id: int) -> dict[str, ModuleRef]:
     """:func:`module_refs` through the launcher's function (any role: see migration 0018)."""
-    return refs_from_rows(conn.execute(query("launcher_modules"), {"app_id": app_id}).fetchall(), app_id)
+    rows = conn.execute(query("launcher_modules"), {"app_id": app_id}).fetchall()
+    return refs_from_rows(rows, app_id, outbox.remote_refs(conn, app_id))
 
 
-def refs_from_rows(rows: Sequence[dict[str, Any]], app_id: int) -> dict[str, ModuleRef]:
-    """Module rows (id, name, sink_modules, conflict_action, spec) as refs by name; NotFoundError
-    when there are none (no such app)."""
+def refs_from_rows(rows: Sequence[dict[str, Any]], app_id: int,
+                   remote: dict[str, ModuleRef]) -> dict[str, ModuleRef]:
+    """Module rows (id, name, sink_modules, conflict_action, spec) as refs by name, after the app's
+    remote sinks; NotFoundError when there are none (no such app)."""
     if not rows:
         raise NotFoundError("app", app_id)
-    return outbox.remote_refs(conn, app_id) | {
+    return remote | {
         r["name"]: ModuleRef(
             r["id"], r["name"], tuple(r["sink_modules"]), ConflictAction(r["conflict_action"]),
             (r["spec"].get("arguments") or {}).get("task_dist_mode"),
@@ -203,7 +206,8 @@ class PgQueue:
     # -- modules --------------------------------------------------------------------------
     def modules(self, app_id: int) -> dict[str, ModuleRef]:
         """The app's modules by name; NotFoundError when the app does not exist."""
-        return refs_from_rows(self._run("launcher_modules", {"app_id": app_id}), app_id)
+        remote = outbox.refs_of(self._run("list_remote_sinks", {"app_id": app_id}))
+        return refs_from_rows(self._run("launcher_modules", {"app_id": app_id}), app_id, remote)
 
     def module_specs(self, app_id: int) -> dict[str, dict[str, Any]]:
         """The app's stored module specs (pipeline.ModuleSpec as JSON) by name."""
