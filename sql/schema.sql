@@ -804,8 +804,14 @@ $$;
 CREATE FUNCTION sbx_l_check_targets_v1(p_app_id bigint, p_rows jsonb) RETURNS void
 LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(COALESCE(p_rows, '[]')) AS r (module_id bigint)
-               WHERE NOT EXISTS (SELECT 1 FROM sbx_modules m WHERE m.id = r.module_id AND m.app_id = p_app_id)) THEN
+    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(COALESCE(p_rows, '[]'))
+                                 AS r (module_id bigint, action text, remote text, remote_app_id bigint, module text)
+               WHERE CASE WHEN r.action = 'REMOTE'
+                          THEN NOT EXISTS (SELECT 1 FROM sbx_remote_sinks s
+                                           WHERE s.app_id = p_app_id AND s.name = r.module AND s.remote = r.remote
+                                             AND s.remote_app_id = r.remote_app_id)
+                          ELSE NOT EXISTS (SELECT 1 FROM sbx_modules m
+                                           WHERE m.id = r.module_id AND m.app_id = p_app_id) END) THEN
         RAISE EXCEPTION 'a message of app % names a module of another app', p_app_id
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -1761,7 +1767,7 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
              WHERE p.pronamespace = current_schema()::regnamespace
                AND p.proname IN ('sbx_l_remote_sinks_v1', 'sbx_l_outbox_remotes_v1', 'sbx_l_outbox_pending_v1',
-                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1') LOOP
+                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1') LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f.sig, current_schema());
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
     END LOOP;
