@@ -295,3 +295,10 @@ def test_openssl_argv() -> None:
     assert tls.extensions(["vm", "node1"]).startswith("subjectAltName=DNS:vm,DNS:node1\n")
     sign = tls.sign_argv(Path("/c.csr"), Path("/ca.key"), Path("/ca.crt"), Path("/s.crt"), Path("/e.cnf"))
     assert sign[:3] == ["openssl", "x509", "-req"] and sign[sign.index("-CAkey") + 1] == "/ca.key"
+
+
+def test_doctor_names_the_service_file_as_the_source() -> None:
+    from scalebox_hpc.doctor import checks
+
+    check = checks.dsn_check("served", "postgresql://sbx_alice@node3:40123/scalebox")
+    assert check.status == "pass" and check.summary.startswith("served (service file): "), check
