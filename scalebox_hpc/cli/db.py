@@ -97,6 +97,7 @@ def db_status(as_json: bool) -> None:
     from scalebox_hpc import embedded, servicefile
     from scalebox_hpc.db import schema, sql
     from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
+    from scalebox_hpc.errors import DatabaseError
 
     dsn = configured_dsn()
     served = servicefile.load(servicefile.service_dir() / servicefile.SERVICE_FILE)
@@ -111,8 +112,14 @@ def db_status(as_json: bool) -> None:
             "state", "host", "port", "database", "user", "job_id", "node", "generation", "up_since", "data")}
     if dsn is not None:
         info["dsn"] = redact(dsn)
-        with connect(dsn) as conn, translate_errors(dsn):
-            info["version"] = schema.current_version(conn)
+        try:
+            with connect(dsn) as conn, translate_errors(dsn):
+                info["version"] = schema.current_version(conn)
+        except DatabaseError as exc:
+            if kind != "served":
+                raise
+            # a hand-over in progress, or a job that died: where it is served is the answer
+            info["running"], info["error"] = False, str(exc)
     if as_json:
         _dump(info)
         return

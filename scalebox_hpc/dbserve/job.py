@@ -38,7 +38,7 @@ from typing import Any
 from scalebox_hpc import servicefile
 from scalebox_hpc.dbserve import server
 from scalebox_hpc.dbserve.server import Layout
-from scalebox_hpc.errors import EmbeddedDatabaseError
+from scalebox_hpc.errors import EmbeddedDatabaseError, ScaleboxError
 from scalebox_hpc.servicefile import ServiceInfo
 from scalebox_hpc.slurm import JobEnvironment, SlurmClient, SlurmState, SubprocessRunner
 
@@ -48,6 +48,7 @@ JOB_NAME = "sbx-db"
 MARGIN = timedelta(seconds=60)
 """Hand over by this long before the walltime even when the successor is not running yet."""
 JOB_FILE = "serve-job.json"
+RETRY = timedelta(seconds=30)
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -187,13 +188,12 @@ def wait_for_release(
 
 
 def hand_over(
-    lay: Layout, served: server.Served, client: SlurmClient, end: datetime | None, *,
+    lay: Layout, served: server.Served, successor: str, end: datetime | None, *,
     clock: Clock = utcnow, sleep: Callable[[float], None] = time.sleep,
-) -> str:
-    """As the old job: submit the successor, wait for it to run, stop, release. Returns its id."""
+) -> None:
+    """As the old job, once the successor is submitted: wait for it to run, stop, release."""
     info = served.info
     servicefile.write(lay.service_file, info.with_changes(state="handover"))
-    successor = resubmit(lay, client)
     logger.info("hand-over: job %s submitted to follow job %s", successor, info.job_id)
     deadline = ready_deadline(clock(), end)
     while clock() < deadline:
@@ -209,7 +209,6 @@ def hand_over(
     _write_json(lay.handover_file("released"), {"generation": info.generation, "at": started})
     lay.handover_file("request").unlink(missing_ok=True)
     logger.info("hand-over: generation %d stopped (shutdown began %s)", info.generation, started)
-    return successor
 
 
 class _Stop:
@@ -228,9 +227,12 @@ def supervise(
     before: timedelta, clock: Clock = utcnow, sleep: Callable[[float], None] = time.sleep,
     stop: threading.Event | None = None,
 ) -> int:
-    """Watch the server until it is told to stop (0), hands over (0) or dies (1)."""
+    """Watch the server until it is told to stop (0), hands over (0) or dies (1). A successor
+    that cannot be submitted (sbatch refuses) is tried again every ``RETRY`` while this one
+    keeps serving."""
     stop = stop or threading.Event()
     info = served.info
+    not_before = clock()
     while True:
         if served.proc.poll() is not None:
             served.front.close()
@@ -245,11 +247,18 @@ def supervise(
             server.mark_stopped(lay, info)
             logger.info("stopped generation %d", info.generation)
             return 0
-        if client is not None and info.job_id is not None and (
+        if client is not None and info.job_id is not None and clock() >= not_before and (
             handover_due(clock(), end, before) or _requested(lay, info.job_id)
         ):
-            hand_over(lay, served, client, end, clock=clock, sleep=sleep)
-            return 0
+            try:
+                successor = resubmit(lay, client)
+            except (ScaleboxError, OSError, ValueError) as exc:
+                logger.error("hand-over: cannot submit the next job (%s); still serving, trying again in %s",
+                             exc, RETRY)
+                not_before = clock() + RETRY
+            else:
+                hand_over(lay, served, successor, end, clock=clock, sleep=sleep)
+                return 0
         sleep(0.5)
 
 
@@ -273,7 +282,11 @@ def serve_in_job(lay: Layout, *, port: int, before: timedelta) -> int:
     served = server.serve(lay, port=port, generation=generation, job_id=job.job_id, handover_started=since)
     for name in ("ready", "released"):
         lay.handover_file(name).unlink(missing_ok=True)
-    end = client.job_end_time(job.job_id)
+    try:
+        end = client.job_end_time(job.job_id)
+    except ScaleboxError as exc:  # serve on; Slurm's SIGTERM at the walltime still stops it cleanly
+        logger.error("cannot read job %s's end time (%s): no hand-over before the walltime", job.job_id, exc)
+        end = None
     logger.info("job %s serves until %s; hand-over %s before", job.job_id, end, before)
     sys.stdout.flush()
     return supervise(lay, served, client=client, end=end, before=before, stop=stop.event)

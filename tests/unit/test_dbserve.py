@@ -22,6 +22,7 @@ from scalebox_hpc.db.connection import configured_dsn
 from scalebox_hpc.dbserve import front, job, server, tls
 from scalebox_hpc.errors import EmbeddedDatabaseError
 from scalebox_hpc.servicefile import ServiceFileError, ServiceInfo
+from scalebox_hpc.slurm import SlurmCommandError
 
 
 def info(tmp: Path, **changes: Any) -> ServiceInfo:
@@ -220,7 +221,8 @@ def test_supervise_hands_over_when_the_injected_clock_reaches_the_time(
     lay.service.mkdir()
     now = [T0]
     calls: list[str] = []
-    monkeypatch.setattr(job, "hand_over", lambda *a, **k: calls.append("hand_over") or "78")
+    monkeypatch.setattr(job, "hand_over", lambda *a, **k: calls.append("hand_over"))
+    monkeypatch.setattr(job, "resubmit", lambda *a: "78")
     served = server.Served(FakeProc(), FakeFront(), info(tmp_path), tmp_path)  # type: ignore[arg-type]
 
     def sleep(_: float) -> None:
@@ -237,7 +239,8 @@ def test_supervise_hands_over_on_request(tmp_path: Path, monkeypatch: pytest.Mon
     lay = server.Layout(tmp_path / "service", tmp_path / "served")
     lay.service.mkdir()
     calls: list[str] = []
-    monkeypatch.setattr(job, "hand_over", lambda *a, **k: calls.append("hand_over") or "78")
+    monkeypatch.setattr(job, "hand_over", lambda *a, **k: calls.append("hand_over"))
+    monkeypatch.setattr(job, "resubmit", lambda *a: "78")
     served = server.Served(FakeProc(), FakeFront(), info(tmp_path), tmp_path)  # type: ignore[arg-type]
     job.request_handover(lay, "76")  # another job's request is not ours
 
@@ -249,6 +252,35 @@ def test_supervise_hands_over_on_request(tmp_path: Path, monkeypatch: pytest.Mon
     assert job.supervise(lay, served, client=object(), end=None, before=timedelta(0),  # type: ignore[arg-type]
                          clock=lambda: T0, sleep=sleep) == 0
     assert calls == ["tick", "tick", "hand_over"]
+
+
+def test_supervise_keeps_serving_when_the_successor_cannot_be_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lay = server.Layout(tmp_path / "service", tmp_path / "served")
+    lay.service.mkdir()
+    now = [T0]
+    calls: list[str] = []
+    tries = iter([SlurmCommandError(["sbatch"], 1, "sbatch: error: QOS limit"), None])
+
+    def resubmit(*_: Any) -> str:
+        calls.append("sbatch")
+        failure = next(tries)
+        if failure is not None:
+            raise failure
+        return "78"
+
+    monkeypatch.setattr(job, "resubmit", resubmit)
+    monkeypatch.setattr(job, "hand_over", lambda *a, **k: calls.append("hand_over"))
+    served = server.Served(FakeProc(), FakeFront(), info(tmp_path), tmp_path)  # type: ignore[arg-type]
+
+    def sleep(_: float) -> None:
+        now[0] += timedelta(seconds=10)
+
+    assert job.supervise(lay, served, client=object(), end=T0, before=timedelta(0),  # type: ignore[arg-type]
+                         clock=lambda: now[0], sleep=sleep) == 0
+    assert calls == ["sbatch", "sbatch", "hand_over"]
+    assert now[0] == T0 + timedelta(seconds=30)  # the second try after RETRY, not in a tight loop
 
 
 def test_supervise_stops_on_the_stop_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
