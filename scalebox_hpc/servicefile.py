@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -159,13 +160,27 @@ def write(path: Path, info: ServiceInfo) -> None:
 
 
 def load(path: Path) -> ServiceInfo | None:
-    """The service file at ``path``; None when there is none."""
+    """The service file at ``path``; None when there is none. It must be this user's own
+    regular file, not a symlink, readable and writable by nobody else: it names the CA the
+    connection trusts and the host it goes to, so a file someone else could plant or change
+    (a DSN whose passfile is in /tmp) is refused."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ServiceFileError(f"cannot read the service file {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ServiceFileError(f"the service file {path} is not this user's private file (0600)",
+                                   hint="only a service file of your own, mode 0600, is used")
+        with os.fdopen(fd, "r", closefd=False) as handle:
+            text = handle.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServiceFileError(f"cannot read the service file {path}: {exc}") from exc
+    finally:
+        os.close(fd)
     return parse(text)
 
 

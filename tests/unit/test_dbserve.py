@@ -116,6 +116,27 @@ def test_write_is_0600_and_load_reads_it(tmp_path: Path) -> None:
     assert servicefile.load(tmp_path / "absent.json") is None
 
 
+def test_load_refuses_a_file_others_could_change_or_a_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "service.json"
+    servicefile.write(path, info(tmp_path))
+    path.chmod(0o644)
+    with pytest.raises(ServiceFileError, match="private"):
+        servicefile.load(path)
+    path.chmod(0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    with pytest.raises(ServiceFileError):
+        servicefile.load(link)
+
+
+def test_refreshed_ignores_a_service_file_others_could_plant(tmp_path: Path) -> None:
+    _home(tmp_path)
+    old = servicefile.dsn(info(tmp_path))
+    servicefile.write(tmp_path / "service" / "service.json", info(tmp_path, host="evil", port=40999))
+    (tmp_path / "service" / "service.json").chmod(0o666)
+    assert servicefile.refreshed(old) == old
+
+
 def _home(tmp_path: Path, **changes: Any) -> dict[str, str]:
     (tmp_path / "service").mkdir(exist_ok=True)
     servicefile.write(tmp_path / "service" / "service.json", info(tmp_path, **changes))
