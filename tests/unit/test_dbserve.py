@@ -78,11 +78,9 @@ def test_parse_any_text_is_a_service_info_or_a_service_file_error(text: str) -> 
     assert isinstance(parsed, ServiceInfo)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
-    max_leaves=8,
-)
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
+json_values = json_scalars | st.lists(json_scalars, max_size=3) | st.dictionaries(st.text(max_size=10), json_scalars,
+                                                                                  max_size=3)
 
 
 @settings(max_examples=300, deadline=None)
