@@ -235,7 +235,7 @@ def supervise(
     not_before = clock()
     while True:
         if served.proc.poll() is not None:
-            served.front.close()
+            server.release(served)
             server.mark_stopped(lay, info)
             if stop.is_set() or served.proc.returncode == 0:  # `scancel --signal=INT --full` reached it first
                 logger.info("stopped generation %d", info.generation)

@@ -346,7 +346,7 @@ def serve(lay: Layout, *, port: int, generation: int, job_id: str | None, handov
         wait_ready(info, proc, lay)
     except BaseException:
         shutdown(lay.data, proc)
-        front.close()
+        release(Served(proc, front, info, sockets))
         raise
     info = info.with_changes(up_since=now_iso())
     servicefile.write(lay.service_file, info)
@@ -357,9 +357,14 @@ def serve(lay: Layout, *, port: int, generation: int, job_id: str | None, handov
 
 def stop_served(lay: Layout, served: Served) -> None:
     """Fast shutdown of the server, then its front; the socket dir removed."""
+    shutdown(lay.data, served.proc)
+    release(served)
+
+
+def release(served: Served) -> None:
+    """Close the TLS front and remove the socket dir (the server has stopped)."""
     import shutil
 
-    shutdown(lay.data, served.proc)
     served.front.close()
     shutil.rmtree(served.socket_dir, ignore_errors=True)
 
