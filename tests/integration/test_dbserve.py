@@ -201,11 +201,13 @@ def test_served_dsn_follows_the_service_file_through_connect(shared: Path) -> No
 @pytest.mark.slurm
 def test_the_job_hands_over_by_itself_before_its_walltime(shared: Path, slurm: None) -> None:
     """--time 2 (minutes) and --handover-before 100s: the first job hands over about 20 s after
-    it starts, unasked; the successor serves generation 1."""
+    it starts, unasked; the successor (--exclusive: not beside the old job) serves generation 1
+    from another node, off the same data dir."""
     env = login_env(shared)
     before = set(jobs_named("sbx-db"))
     try:
-        sbx(env, "db", "serve", "--slurm", "--time", "2", "--handover-before", "100s", "--wait", "180")
+        sbx(env, "db", "serve", "--slurm", "--time", "2", "--handover-before", "100s", "--sbatch-arg=--exclusive",
+            "--wait", "180")
         first = sbx_json(env, "db", "status")["served"]
         sbx(env, "db", "init")
 
@@ -214,7 +216,7 @@ def test_the_job_hands_over_by_itself_before_its_walltime(shared: Path, slurm: N
             return served if served["generation"] == 1 and served["state"] == "up" else None
 
         second = helpers.wait_until(next_generation, 150, "the hand-over before the walltime", 2)
-        assert second["job_id"] != first["job_id"]
+        assert second["job_id"] != first["job_id"] and second["node"] != first["node"], (first, second)
         assert sbx_json(env, "db", "status")["version"] == sql.schema_version()  # the same data dir
         log = (shared / "home" / "service" / f"db-{first['job_id']}.log").read_text()
         assert "hand-over: generation 0 stopped" in log, log
