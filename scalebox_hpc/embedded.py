@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 
+from scalebox_hpc import servicefile
 from scalebox_hpc.errors import EmbeddedDatabaseError
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,7 @@ _START = (
 
 def data_home() -> Path:
     """Where scalebox keeps per-user state: $SCALEBOX_HOME, else $XDG_DATA_HOME/scalebox_hpc."""
-    if os.environ.get("SCALEBOX_HOME"):
-        return Path(os.environ["SCALEBOX_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "scalebox_hpc"
+    return servicefile.data_home()
 
 
 def _pgdata(home: Path) -> Path:

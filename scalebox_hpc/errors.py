@@ -11,7 +11,8 @@
     ├── DatabaseError           yes   errors                 PostgreSQL refused or is unreachable (dsn)
     │   └── SchemaError         yes   errors                 the schema is missing or from another version
     ├── InvalidValueError       yes   errors                 PostgreSQL refused a value (out of range, malformed)
-    ├── EmbeddedDatabaseError   yes   errors                 the embedded PostgreSQL cannot be started/stopped
+    ├── EmbeddedDatabaseError   yes   errors                 the embedded or served PostgreSQL cannot start or stop
+    ├── ServiceFileError        yes   servicefile            a served database's service file is unreadable or malformed
     ├── ScriptError             yes   errors                 a module script is missing or not runnable
     ├── CommandError            -     errors                 an external command failed (argv, returncode, stderr)
     │   └── SlurmCommandError   yes   slurm.commands         a Slurm command failed, timed out or did not start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -110,41 +111,120 @@ def db_grant(role: str, viewer: bool, launcher: bool, launcher_role: str | None)
 @db.command("status")
 @JSON_OPTION
 def db_status(as_json: bool) -> None:
-    """Where the database is and which schema version it has.
+    """Where the database is and which schema version it has; for a served database (`db
+    serve`) also its host, port, job id, generation and since when it is up.
 
     \b
     Examples:
       scalebox db status
       scalebox db status --json
     """
-    from scalebox_hpc import embedded
+    from scalebox_hpc import embedded, servicefile
     from scalebox_hpc.db import schema, sql
     from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
+    from scalebox_hpc.errors import DatabaseError
 
     dsn = configured_dsn(settings().environ)
+    served = servicefile.load(servicefile.service_dir() / servicefile.SERVICE_FILE)
     kind = "configured"
     if dsn is None:
         kind, dsn = "embedded", embedded.running_dsn()
+    elif served is not None and served.state != "stopped" and dsn == servicefile.dsn(served):
+        kind = "served"
     info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
+    if served is not None:
+        info["served"] = {k: getattr(served, k) for k in (
+            "state", "host", "port", "database", "user", "job_id", "node", "generation", "up_since", "data")}
     if dsn is not None:
         info["dsn"] = redact(dsn)
-        with connect(dsn) as conn, translate_errors(dsn):
-            info["version"] = schema.current_version(conn)
+        try:
+            with connect(dsn) as conn, translate_errors(dsn):
+                info["version"] = schema.current_version(conn)
+        except DatabaseError as exc:
+            if kind != "served":
+                raise
+            # a hand-over in progress, or a job that died: where it is served is the answer
+            info["running"], info["error"] = False, str(exc)
     if as_json:
         _dump(info)
         return
     for key, value in info.items():
+        if key == "served":
+            where = f"{value['host']}:{value['port']}" + (f" (job {value['job_id']}, node {value['node']})"
+                                                          if value["job_id"] else "")
+            click.echo(f"served: {value['state']} at {where}, generation {value['generation']}, "
+                       f"up since {value['up_since'] or '-'}")
+            continue
         click.echo(f"{key}: {value}")
 
 
 @db.command("stop")
-def db_stop() -> None:
-    """Stop the embedded PostgreSQL (a configured server is left alone).
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for it to stop.")
+def db_stop(timeout: float) -> None:
+    """Stop the served database (`db serve`: here, or its Slurm job), else the embedded one.
+    A configured server (SCALEBOX_DSN) is left alone. Shutdown is clean (fast: sessions end,
+    a checkpoint is written).
 
     \b
     Examples:
-      scalebox db stop            # the embedded server only
+      scalebox db stop
     """
     from scalebox_hpc import embedded
+    from scalebox_hpc.dbserve import commands as served
 
+    message = served.stop(timeout)
+    if message is not None:
+        click.echo(message)
+        return
     click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")
+
+
+@db.command("serve")
+@click.option("--here", "where", flag_value="here", help="Serve on this host (a service node or VM).")
+@click.option("--slurm", "where", flag_value="slurm", help="Serve from a long-lived Slurm job.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The data directory (default $SCALEBOX_HOME/served; shared for --slurm).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="TCP port (0: a free one at each start).")
+@click.option("--foreground", is_flag=True, help="--here: stay in the foreground until Ctrl-C / SIGTERM.")
+@click.option("--partition", default=None, help="--slurm: the partition.")
+@click.option("--time", "time_limit", default=None, help="--slurm: the walltime of each job (sbatch --time).")
+@click.option("--account", default=None, help="--slurm: the account.")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, help="--slurm: one more sbatch option (repeatable).")
+@click.option("--handover-before", default="10m", show_default=True,
+              help="--slurm: hand over to the next job this long before the walltime ends.")
+@click.option("--wait", "wait_seconds", type=float, default=300.0, show_default=True,
+              help="--slurm: seconds to wait for the job to serve (0: do not wait).")
+@click.option("--handover-now", is_flag=True, help="Ask the serving job to hand over to a new job now.")
+@click.option("--in-job", is_flag=True, hidden=True)
+def db_serve(
+    where: str | None, data: Path | None, port: int, foreground: bool, partition: str | None,
+    time_limit: str | None, account: str | None, sbatch_args: tuple[str, ...], handover_before: str,
+    wait_seconds: float, handover_now: bool, in_job: bool,
+) -> None:
+    """Serve the embedded PostgreSQL on TCP (TLS, scram-sha-256, one generated role and
+    password) for stage jobs on other nodes, and write the service file that every client
+    uses when SCALEBOX_DSN and PG* are unset.
+
+    \b
+    Examples:
+      scalebox db serve --here                      # on a service node
+      scalebox db serve --slurm --time 1-00:00:00   # as a Slurm job, handed over before its end
+      scalebox db serve --handover-now              # move the job's server to a new job now
+    """
+    from scalebox_hpc.dbserve import commands as served
+    from scalebox_hpc.dbserve.job import parse_duration
+
+    before = parse_duration(handover_before)
+    if handover_now:
+        click.echo(served.handover_now(data, wait_seconds))
+        return
+    if in_job:
+        raise SystemExit(served.in_job(data, port, before))
+    if where == "here":
+        click.echo(served.here(data, port, foreground))
+    elif where == "slurm":
+        click.echo(served.slurm(data, port, before, partition=partition, time_limit=time_limit, account=account,
+                                extra=sbatch_args, wait_seconds=wait_seconds))
+    else:
+        raise click.UsageError("say where: --here or --slurm (or --handover-now)")

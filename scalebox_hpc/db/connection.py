@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from scalebox_hpc import servicefile
 from scalebox_hpc.errors import DatabaseError
 
 Connection = psycopg.Connection[DictRow]
@@ -22,13 +23,14 @@ _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
 def configured_dsn(environ: Mapping[str, str] | None = None) -> str | None:
-    """The DSN the user configured: SCALEBOX_DSN, else "" when PG* variables are set, else None."""
+    """The DSN the user configured: SCALEBOX_DSN, else "" when PG* variables are set, else the
+    served database of the service file (``scalebox db serve``), else None."""
     env = os.environ if environ is None else environ
     if env.get("SCALEBOX_DSN"):
         return env["SCALEBOX_DSN"]
     if any(env.get(v) for v in _PG_VARS):
         return ""  # libpq reads the PG* variables itself
-    return None
+    return servicefile.service_dsn(env)
 
 
 def redact(dsn: str) -> str:
@@ -213,6 +215,7 @@ def connect(
     parameter, which PgBouncer refuses. A server that refuses ``options`` (always sent, as
     the timeout or a no-op, unless the caller sets its own) is taken for such a pooler, with
     a warning: the connection is reopened the pooler's way."""
+    dsn = servicefile.refreshed(dsn)  # a served database may have moved (hand-over)
     ms = None if statement_timeout is None else int(statement_timeout * 1000)
     pooled = (behind_pooler() if pooler is None else pooler) or dsn in _REFUSE_OPTIONS
     extra: dict[str, Any] = dict(KEEPALIVES)

@@ -49,16 +49,18 @@ def _size(n: int | None) -> str:
 
 # -- database (from the login node) -----------------------------------------------------------
 def dsn_check(source: str, shown: str, *, error: str = "") -> Check:
-    """Where the DSN comes from. ``source``: ``env`` (SCALEBOX_DSN), ``pg`` (PG* variables) or
-    ``embedded`` (neither: the private embedded server, which only this host reaches)."""
+    """Where the DSN comes from. ``source``: ``env`` (SCALEBOX_DSN), ``pg`` (PG* variables),
+    ``served`` (the service file of ``db serve``) or ``embedded`` (none: the private embedded
+    server, which only this host reaches)."""
     if error:
         return failed("db.dsn", f"SCALEBOX_DSN is not a PostgreSQL connection string: {clip(error)}",
                       "use postgresql://USER@HOST:5432/DBNAME (password in ~/.pgpass), or unset it")
     if source == "embedded":
         return warned("db.dsn", f"no SCALEBOX_DSN: the embedded database ({shown}), on this host only",
                       "stage jobs on compute nodes cannot reach it: set SCALEBOX_DSN to a PostgreSQL they reach "
-                      "(a service node or a DB VM)")
-    return passed("db.dsn", f"{'SCALEBOX_DSN' if source == 'env' else 'PG* variables'}: {shown}")
+                      "(a service node or a DB VM), or run `scalebox db serve --slurm`")
+    label = {"env": "SCALEBOX_DSN", "pg": "PG* variables", "served": "served (service file)"}[source]
+    return passed("db.dsn", f"{label}: {shown}")
 
 
 def reachable_check(shown: str, error: str | None, server: str = "") -> Check:

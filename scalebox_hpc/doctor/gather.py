@@ -58,7 +58,7 @@ def database(environ: Mapping[str, str], start_embedded: Callable[[], str]) -> D
             conninfo_to_dict(dsn)
         except ProgrammingError as exc:
             return DatabaseFacts([checks.dsn_check("env", "", error=_without_secret(str(exc), dsn))], None)
-    source = "env" if dsn else "pg" if dsn == "" else "embedded"
+    source = ("env" if environ.get("SCALEBOX_DSN") else "served") if dsn else "pg" if dsn == "" else "embedded"
     if dsn is None:
         try:
             dsn = start_embedded()
