@@ -9,7 +9,8 @@
     ├── InvalidMessageError     yes   errors                 a task body/headers cannot be stored or passed on
     ├── NotFoundError           yes   errors                 an app, module or task does not exist (kind, ident)
     ├── DatabaseError           yes   errors                 PostgreSQL refused or is unreachable (dsn)
-    │   └── SchemaError         yes   errors                 the schema is missing or from another version
+    │   ├── SchemaError         yes   errors                 the schema is missing or from another version
+    │   └── PrivilegeError      yes   errors                 the connected role may not do this (a launcher role)
     ├── InvalidValueError       yes   errors                 PostgreSQL refused a value (out of range, malformed)
     ├── EmbeddedDatabaseError   yes   errors                 the embedded or served PostgreSQL cannot start or stop
     ├── ServiceFileError        yes   servicefile            a served database's service file is unreadable or malformed
@@ -103,6 +104,14 @@ class DatabaseError(ScaleboxError):
     def __init__(self, message: str, *, dsn: str = "", hint: str | None = None) -> None:
         self.dsn = dsn
         super().__init__(f"{message} (database {dsn})" if dsn else message, hint=hint)
+
+
+class PrivilegeError(DatabaseError):
+    """The connected database role may not do this (42501): another owner's app, or a launcher
+    role asked for more than the queue functions. No retry cures it."""
+
+    hint = ("a launcher role acts only on its owner's apps through the queue functions; run the "
+            "command as the app's owner (`scalebox db grant OWNER --launcher` binds a launcher role)")
 
 
 class InvalidValueError(ScaleboxError):

@@ -80,12 +80,15 @@ def translate_errors(dsn: str) -> Iterator[None]:
     becomes DatabaseError naming the redacted DSN; a value PostgreSQL refuses (22xxx) or a
     program limit (54xxx: a jsonb over 256 MB) or a broken reference or check (23xxx, but
     unique violations) InvalidValueError, which retrying cannot cure."""
-    from scalebox_hpc.errors import InvalidValueError, SchemaError
+    from scalebox_hpc.errors import InvalidValueError, PrivilegeError, SchemaError
 
     try:
         yield
     except psycopg.errors.UndefinedTable as exc:
         raise SchemaError(f"schema missing: {_one_line(exc)}", dsn=redact(dsn)) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:  # a role's limit (row security, a launcher role)
+        raise PrivilegeError(f"the database refused: {exc.diag.message_primary or _one_line(exc)}",
+                             dsn=redact(dsn)) from exc
     except psycopg.Error as exc:
         if (exc.sqlstate or "").startswith("40"):  # deadlock or serialization failure: the server is fine
             raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {_one_line(exc)}); "

@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from scalebox_hpc.db import outbox
 from scalebox_hpc.db.connection import Connection, connect, is_retryable, redact, translate_errors
 from scalebox_hpc.db.sql import query
-from scalebox_hpc.errors import DatabaseError, InvalidMessageError, NotFoundError
+from scalebox_hpc.errors import InvalidMessageError, NotFoundError, PrivilegeError
 from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
     Beat,
     Completion,
@@ -82,11 +82,11 @@ def _to_outbox(routed: Iterable[tuple[ModuleRef, Message]], result: TaskResult, 
 @contextlib.contextmanager
 def _refusals_as_errors(dsn: str) -> Iterator[None]:
     """A queue function's refusal (an app, slot or module of another owner than the one the
-    connected role acts for: insufficient_privilege) as a DatabaseError naming it."""
+    connected role acts for: insufficient_privilege) as a PrivilegeError naming it."""
     try:
         yield
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise DatabaseError(
+        raise PrivilegeError(
             f"the database refused: {exc.diag.message_primary or exc}", dsn=redact(dsn),
             hint="a launcher acts only on the apps of the owner its database role launches for "
                  "(`scalebox db grant OWNER --launcher`)",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.errors import PrivilegeError, ScaleboxError
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.slurm import JobEnvironment
 
@@ -117,6 +117,7 @@ class StageLifecycle:
         self.next_scale = self.clock.monotonic() + interval
         # an MPI stage's hooks hold its one connection's lock, which its heartbeats need too
         self.budget_tries = LEAVING_BUDGET_TRIES if wait_for_budget else 1
+        self.scale_refused = False  # the role may not autoscale (PrivilegeError): no more passes
 
     def _facts(self, action: str, **more: object) -> dict[str, object]:
         """The ``extra=`` of this job's log lines: which job, app and module, and what happened."""
@@ -194,8 +195,19 @@ class StageLifecycle:
                        extra=self._facts("stage_leave_unscaled", tries=self.budget_tries))
 
     def _autoscale(self, *, leaving: bool = False) -> ScaleOutcome | None:
+        if self.scale_refused:
+            return None
         try:
             return self.scale(self.app_id, leaving=leaving)
+        except PrivilegeError as exc:
+            # a launcher role (migration 0018) may run the queue functions only, not the
+            # autoscaler's reads and writes: say so once, and stop asking every interval
+            self.scale_refused = True
+            logger.warning("stage job %s does not autoscale app %s: its database role may not (%s); run "
+                           "`scalebox autoscale --app %s` as the app's owner (scrontab, or a login node)",
+                           self.job.job_id, self.app_id, exc, self.app_id,
+                           extra=self._facts("autoscale_refused", error=str(exc)))
+            return None
         except ScaleboxError as exc:
             logger.warning("autoscale failed for app %s (asked by stage job %s): %s", self.app_id,
                            self.job.job_id, exc, extra=self._facts("autoscale_failed", error=str(exc)))

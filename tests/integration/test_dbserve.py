@@ -139,8 +139,18 @@ def test_app_primes_as_stage_jobs_over_a_served_slurm_job_across_a_hand_over(sha
         assert first["job_id"] and first["generation"] == 0 and first["state"] == "up", (out, first)
         assert first["node"] in {f"node{i}" for i in range(1, 5)}, first
         sbx(env, "db", "init")
+        pipeline = primes_app(shared, calc_seconds=4)
 
-        app = json.loads(sbx(env, "submit", str(primes_app(shared, calc_seconds=4)), "--json").stdout)["app_id"]
+        # the README's walk-through: doctor first, all green, its probe job reaching the served
+        # database from a compute node through the same service file
+        checks = json.loads(sbx(env, "doctor", "--json", "--probe-timeout", "240", str(pipeline), timeout=300).stdout)
+        failed = [c for c in checks if c["status"] == "fail"]
+        assert not failed, failed
+        probe_db = [c for c in checks if c["id"] == "probe.db"]
+        assert [c["status"] for c in probe_db] == ["pass"], probe_db
+        assert probe_db[0]["summary"].rsplit(" on ", 1)[1] in {f"node{i}" for i in range(1, 5)}, probe_db
+
+        app = json.loads(sbx(env, "submit", str(pipeline), "--json").stdout)["app_id"]
 
         def calc_half_done() -> bool:
             calc = next(m for m in sbx_json(env, "status", str(app))["modules"] if m["module"] == "calc")

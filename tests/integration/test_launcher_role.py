@@ -334,3 +334,17 @@ def test_the_locality_index_is_per_owner(site: Site, tmp_path: Path) -> None:
         prefs = dict(admin.execute("SELECT body, pref_host FROM sbx_tasks WHERE app_id = %s AND body LIKE 'uses-%%'",
                                    (a_id,)).fetchall())
     assert prefs == {"uses-a": "n1", "uses-shared": None}
+
+
+def test_a_stage_jobs_autoscale_pass_as_the_launcher_role_is_refused_as_a_privilege_error(
+        site: Site, tmp_path: Path) -> None:
+    """The autoscaler's reads and writes are not queue functions: a stage job connected as the
+    launcher role gets a PrivilegeError (which its lifecycle reports once, then stops asking:
+    tests/unit/test_stage_lifecycle.py), never a raw psycopg error that would end the job."""
+    from scalebox_hpc import node
+    from scalebox_hpc.errors import PrivilegeError
+
+    app_id = _app(site, site.alice, tmp_path)
+    scale = node.stage_autoscaler(site.dsn(site.a_launcher), tmp_path / "work")
+    with pytest.raises(PrivilegeError, match="permission denied|not an app of"):
+        scale(app_id, force=True)

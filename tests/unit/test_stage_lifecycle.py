@@ -13,7 +13,7 @@ import pytest
 
 from scalebox_hpc import logs, node
 from scalebox_hpc.autoscaler import ScaleReport
-from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.errors import DatabaseError, PrivilegeError
 from scalebox_hpc.launcher import lifecycle as lc
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.slurm import JobEnvironment
@@ -216,3 +216,26 @@ def test_a_failed_store_or_pass_is_logged_with_its_error(caplog: pytest.LogCaptu
     ]
     assert [logs.record_extras(r)["action"] for r in caplog.records] == [
         "stage_start_unrecorded", "stage_drain_unrecorded", "autoscale_failed"]
+
+
+def test_a_role_that_may_not_autoscale_is_told_once_and_not_asked_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A stage job connected as a launcher role (queue functions only): the autoscaler's first
+    query is refused; one warning naming what to run instead, then no pass at all, leaving included."""
+    clock, store = FakeClock(), FakeStore()
+    asked: list[dict[str, Any]] = []
+
+    def refused(app_id: int, **kw: Any) -> ScaleReport:
+        asked.append(kw)
+        raise PrivilegeError("the database refused: permission denied for table sbx_modules")
+
+    hooks = lc.StageLifecycle(JobEnvironment(job_id="7", node_name="n1"), SPEC, 3, store, refused, end=None,
+                              interval=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            clock.advance(10)
+            hooks.tick()
+        hooks.leaving()
+    assert asked == [{"leaving": False}]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and logs.record_extras(warnings[0])["action"] == "autoscale_refused"
+    assert "scalebox autoscale --app 3" in warnings[0].getMessage()
