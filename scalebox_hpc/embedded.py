@@ -44,7 +44,8 @@ def _state_file(home: Path) -> Path:
     return home / "embedded-db.json"
 
 
-def _postmaster_pid(pgdata: Path) -> int | None:
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The pid of the server running on ``pgdata`` on this host (by its postmaster.pid), if any."""
     try:
         pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
@@ -61,7 +62,7 @@ def _postmaster_pid(pgdata: Path) -> int | None:
 def running_dsn(home: Path | None = None) -> str | None:
     """The DSN of the embedded server if it runs now."""
     home = home or data_home()
-    if _postmaster_pid(_pgdata(home)) is None:
+    if postmaster_pid(_pgdata(home)) is None:
         return None
     try:
         return str(json.loads(_state_file(home).read_text())["dsn"])
@@ -108,13 +109,13 @@ def _create_database(uri: str) -> str:
 def stop(home: Path | None = None, timeout: float = 30.0) -> bool:
     """Stop the embedded server (fast shutdown); False when it was not running."""
     home = home or data_home()
-    pid = _postmaster_pid(_pgdata(home))
+    pid = postmaster_pid(_pgdata(home))
     if pid is None:
         return False
     os.kill(pid, signal.SIGINT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _postmaster_pid(_pgdata(home)) is None:
+        if postmaster_pid(_pgdata(home)) is None:
             _state_file(home).unlink(missing_ok=True)
             return True
         time.sleep(0.1)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psycopg
 
-from scalebox_hpc import servicefile
+from scalebox_hpc import embedded, servicefile
 from scalebox_hpc.dbserve import tls
 from scalebox_hpc.dbserve.front import TlsFront, server_context
 from scalebox_hpc.errors import EmbeddedDatabaseError
@@ -265,17 +265,7 @@ def socket_dir(user: str | None) -> Path:
 
 def postmaster_pid(data: Path) -> int | None:
     """The pid of the server running on ``data`` on this host, if any."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+    return embedded.postmaster_pid(data)
 
 
 def start(lay: Layout, user: str | None, *, detach: bool) -> subprocess.Popen[bytes]:
