@@ -293,6 +293,7 @@ class BackgroundRelay:
     def _pass(self) -> list[Delivery]:
         """One relay pass over connections kept between passes (a pass right after each hand-off
         must not pay two connects); any failure drops them, the next pass reconnects."""
+        _fault("exit-before-delivery")  # tests: the sender dies between its hand-off's commit and the delivery
         try:
             if self._local is None or self._local.closed:
                 self._local = connect(self.dsn, autocommit=True, statement_timeout=REMOTE_STATEMENT_TIMEOUT)

@@ -420,3 +420,47 @@ def test_the_native_form_delivers_like_the_2023_form(pg_dsn: str, db2: str, tmp_
     _queue_outbox(pg_dsn, app1, 3)
     assert [(d.sent, d.received) for d in outbox.relay(pg_dsn)] == [(3, 3)]
     assert _remote_tasks(db2, app2) == ["m00000", "m00001", "m00002"]
+
+
+FANOUT = """
+name: part1
+parameters:
+  start_task: s0
+modules:
+  send:
+    sink_modules: [recv]
+    environments:
+      - REMOTE_SERVER={server}
+      - APP_ID={app_id}
+    arguments: {{max_idle_polls: 2, sleep_interval_seconds: 0.2}}
+"""
+
+
+def test_a_launcher_killed_between_its_commit_and_the_delivery_loses_and_doubles_nothing(
+        pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    """The sender's launcher commits a hand-off that emits 25 messages to a remote sink and dies
+    before its background relay delivers them (fault point exit-before-delivery): the messages
+    wait in its outbox, `scalebox relay --once` from another process delivers each exactly once,
+    and a second relay adds nothing."""
+    spec2 = load_pipeline(write_app(tmp_path / "p2", RECV, {"recv/run.sh": "true\n"}))
+    with connect(db2) as conn:
+        app2 = apps.create_app(conn, spec2)
+    script = 'for i in $(seq 1 25); do scalebox task add -m recv -- "r$i"; done\n'
+    spec1 = load_pipeline(write_app(tmp_path / "p1", FANOUT.format(server=db2, app_id=app2), {"send/run.sh": script}))
+    with connect(pg_dsn) as conn:
+        app1 = apps.create_app(conn, spec1)
+    env = _env(pg_dsn, tmp_path, "1")
+    died = _cli({**env, outbox.FAULT_ENV: "exit-before-delivery"}, "launcher", "--app", str(app1), timeout=120)
+    assert died.returncode == 70, (died.stdout, died.stderr)
+    with connect(pg_dsn) as conn:
+        sent = conn.execute("SELECT status FROM sbx_tasks WHERE app_id = %s", (app1,)).fetchall()
+    assert [r["status"] for r in sent] == [0]  # the hand-off committed ...
+    pending = [r for r in _outbox(pg_dsn) if r["delivered_at"] is None]
+    assert sorted(r["body"] for r in pending) == sorted(f"r{i}" for i in range(1, 26))
+    assert _remote_tasks(db2, app2) == []  # ... and nothing was delivered
+    relayed = _cli(env, "relay", "--once")
+    assert relayed.returncode == 0, relayed.stdout + relayed.stderr
+    again = _cli(env, "relay", "--once")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _remote_tasks(db2, app2) == [f"r{i}" for i in range(1, 26)] and _keys(db2) == 25
+    assert all(r["delivered_at"] is not None for r in _outbox(pg_dsn))
