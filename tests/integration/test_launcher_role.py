@@ -346,5 +346,5 @@ def test_a_stage_jobs_autoscale_pass_as_the_launcher_role_is_refused_as_a_privil
 
     app_id = _app(site, site.alice, tmp_path)
     scale = node.stage_autoscaler(site.dsn(site.a_launcher), tmp_path / "work")
-    with pytest.raises(PrivilegeError, match="permission denied|not an app of"):
+    with pytest.raises(PrivilegeError, match=r"permission denied|not an app of"):
         scale(app_id, force=True)
