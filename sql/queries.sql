@@ -250,6 +250,8 @@ SELECT status, cancelled, active FROM sbx_l_app_activity_v1(%(app_id)s::bigint);
 -- this module, or any module upstream of it (transitively along sink_modules: work there will
 -- turn into ours), tasks READY or RUNNING. Work of unrelated or downstream modules does not
 -- keep it up, so a finished stage releases its nodes while a later stage still works.
+-- In an app split over databases, a module no module of its part feeds is always active (its
+-- work comes from the other parts).
 SELECT status, cancelled, active FROM sbx_l_module_activity_v1(%(app_id)s::bigint, %(module_id)s::bigint);
 
 -- name: cancel_app

@@ -902,6 +902,10 @@ BEGIN
                EXISTS (SELECT 1 FROM sbx_tasks t
                        WHERE t.app_id = a.id AND t.module_id IN (SELECT u.id FROM upstream u)
                          AND t.status IN (-1, -3))
+               -- an app split over databases (0017): a module no module of this part feeds
+               -- gets its work from the other parts, whenever they send it: never idle
+               OR (EXISTS (SELECT 1 FROM sbx_remote_sinks s WHERE s.app_id = a.id)
+                   AND NOT EXISTS (SELECT 1 FROM upstream u WHERE u.id <> p_module_id))
         FROM sbx_apps a WHERE a.id = p_app_id;
     END IF;
 END;
@@ -1767,7 +1771,8 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
              WHERE p.pronamespace = current_schema()::regnamespace
                AND p.proname IN ('sbx_l_remote_sinks_v1', 'sbx_l_outbox_remotes_v1', 'sbx_l_outbox_pending_v1',
-                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1') LOOP
+                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1',
+                                 'sbx_l_module_activity_v1') LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f.sig, current_schema());
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
     END LOOP;

@@ -50,6 +50,13 @@ def redact(dsn: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error's one line: the server's primary message when it sent one (the rest of str()
+    may be CONTEXT lines, e.g. "PL/pgSQL function ... at RETURN QUERY" for an error inside a
+    queue function), else the last line of the client's text."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    if isinstance(primary, str) and primary.strip():
+        return " ".join(primary.split())
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(exc).__name__
 

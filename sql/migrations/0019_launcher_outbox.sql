@@ -77,6 +77,34 @@ BEGIN
 END;
 $$;
 
+-- A module of a split app that no module of its part feeds gets its work from the other parts
+-- (whenever they send it): its slots never count an idle poll while the app runs.
+CREATE OR REPLACE FUNCTION sbx_l_module_activity_v1(p_app_id bigint, p_module_id bigint)
+RETURNS TABLE (status text, cancelled boolean, active boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF sbx_l_may_v1(p_app_id) THEN
+        RETURN QUERY
+        WITH RECURSIVE upstream (id, name) AS (
+            SELECT m.id, m.name FROM sbx_modules m WHERE m.id = p_module_id AND m.app_id = p_app_id
+            UNION
+            SELECT u.id, u.name
+            FROM sbx_modules u JOIN upstream d ON d.name = ANY (u.sink_modules)
+            WHERE u.app_id = p_app_id
+        )
+        SELECT a.status, a.cancelled,
+               EXISTS (SELECT 1 FROM sbx_tasks t
+                       WHERE t.app_id = a.id AND t.module_id IN (SELECT u.id FROM upstream u)
+                         AND t.status IN (-1, -3))
+               -- an app split over databases (0017): a module no module of this part feeds
+               -- gets its work from the other parts, whenever they send it: never idle
+               OR (EXISTS (SELECT 1 FROM sbx_remote_sinks s WHERE s.app_id = a.id)
+                   AND NOT EXISTS (SELECT 1 FROM upstream u WHERE u.id <> p_module_id))
+        FROM sbx_apps a WHERE a.id = p_app_id;
+    END IF;
+END;
+$$;
+
 DO $$
 DECLARE
     f record;
@@ -84,7 +112,8 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
              WHERE p.pronamespace = current_schema()::regnamespace
                AND p.proname IN ('sbx_l_remote_sinks_v1', 'sbx_l_outbox_remotes_v1', 'sbx_l_outbox_pending_v1',
-                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1') LOOP
+                                 'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1',
+                                 'sbx_l_module_activity_v1') LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f.sig, current_schema());
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
     END LOOP;

@@ -464,3 +464,20 @@ def test_a_launcher_killed_between_its_commit_and_the_delivery_loses_and_doubles
     assert again.returncode == 0, again.stdout + again.stderr
     assert _remote_tasks(db2, app2) == [f"r{i}" for i in range(1, 26)] and _keys(db2) == 25
     assert all(r["delivered_at"] is not None for r in _outbox(pg_dsn))
+
+
+def test_a_module_no_module_of_its_part_feeds_never_idles_in_a_split_app(
+        pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    """Cluster 1's gather gets its work only from cluster 2 (whenever cluster 2 can deliver it):
+    its slots must not count idle polls while the app runs, or they end before the results come.
+    A module fed by a module of its own part idles as before; so does any module of an app that
+    is not split."""
+    app1, app2 = _parts(pg_dsn, db2, tmp_path)  # app 1: send -> recv (remote), send -> local
+    with connect(pg_dsn) as conn:  # the start task done: nothing READY or RUNNING in part 1
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s", (app1,))
+        conn.commit()
+    q1, q2 = PgQueue(pg_dsn), PgQueue(db2)
+    m1, m2 = q1.modules(app1), q2.modules(app2)
+    assert q1.module_activity(app1, m1["send"].id) == ("RUNNING", True)  # fed by nothing here
+    assert q1.module_activity(app1, m1["local"].id) == ("RUNNING", False)  # fed by send, which is quiet
+    assert q2.module_activity(app2, m2["recv"].id) == ("RUNNING", False)  # app 2 sends nowhere: not split
