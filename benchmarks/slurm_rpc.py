@@ -306,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         path = write_app(tmp / "rpc", pipeline(args))
         (path.parent / "bodies.txt").write_text("".join(f"t{i}\n" for i in range(args.tasks)))
         user = getpass.getuser()
+        sbx(env, "db", "init")  # the schema first: the sampler reads sbx_slurm_calls from the start
         start = time.time()
         sampler = Sampler(dsn, 0, user, start)
         sampler.sample([])
