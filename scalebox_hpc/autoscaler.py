@@ -29,7 +29,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 from scalebox_hpc.db import outbox
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection
+from scalebox_hpc.db.stages import JobModule, StageJobRow, StageModule
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
@@ -107,12 +108,12 @@ def failing(ended_states: Iterable[str]) -> bool:
     return len(recent) == FAILURE_LIMIT and all(state in _FAILED_STATES for state in recent)
 
 
-def active_modules(rows: Sequence[Mapping[str, Any]]) -> set[str]:
-    """The modules (``stage_modules`` rows: name, spec, ready, running) that have work READY or
-    RUNNING, or a module upstream of them (transitively along ``sink_modules``) has: as an idle
-    slot judges (the ``module_activity`` query)."""
-    sinks = {str(r["name"]): list((r["spec"] or {}).get("sink_modules") or []) for r in rows}
-    active = {str(r["name"]) for r in rows if int(r["ready"]) or int(r["running"])}
+def active_modules(rows: Sequence[StageModule]) -> set[str]:
+    """The modules (their name, spec, ready, running) that have work READY or RUNNING, or a
+    module upstream of them (transitively along ``sink_modules``) has: as an idle slot judges
+    (the ``module_activity`` query)."""
+    sinks = {r.name: r.sink_modules for r in rows}
+    active = {r.name for r in rows if r.ready or r.running}
     frontier = list(active)
     while frontier:
         for sink in sinks.get(frontier.pop(), []):
@@ -122,16 +123,16 @@ def active_modules(rows: Sequence[Mapping[str, Any]]) -> set[str]:
     return active
 
 
-def starved_modules(rows: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+def starved_modules(rows: Sequence[StageModule], live: Sequence[StageJobRow]) -> dict[str, str]:
     """Module -> Slurm's reason, for the modules with READY tasks one of whose live jobs is
     PENDING on resources or a QOS / association limit (:data:`STARVED_REASON`)."""
-    ready = {r["id"]: str(r["name"]) for r in rows if int(r["ready"])}
+    ready = {r.id: r.name for r in rows if r.ready}
     out: dict[str, str] = {}
     for job in live:
-        reason = str(job.get("reason") or "")
-        if (job["module_id"] in ready and job["ended_at"] is None and not job["draining"]
-                and job["state"] == SlurmState.PENDING.value and STARVED_REASON.match(reason)):
-            out.setdefault(ready[job["module_id"]], reason)
+        reason = job.reason or ""
+        if (job.module_id in ready and job.ended_at is None and not job.draining
+                and job.state == SlurmState.PENDING.value and STARVED_REASON.match(reason)):
+            out.setdefault(ready[job.module_id], reason)
     return out
 
 
@@ -231,11 +232,11 @@ def prepare_log_dir(job: StageJob) -> None:
                             hint="pass a writable --work-root (a shared file system on a cluster)") from exc
 
 
-def effective_bounds(row: Mapping[str, Any], spec: ModuleSpec) -> tuple[int, int]:
+def effective_bounds(row: StageModule | JobModule, spec: ModuleSpec) -> tuple[int, int]:
     """(min_jobs, max_jobs) of a module: the `scalebox stage scale` overrides stored in its
     ``sbx_modules`` row where set, else the pipeline file's ``slurm:`` values."""
-    lo = row["min_jobs"] if row["min_jobs"] is not None else spec.slurm.min_jobs
-    hi = row["max_jobs"] if row["max_jobs"] is not None else spec.slurm.max_jobs
+    lo = row.min_jobs if row.min_jobs is not None else spec.slurm.min_jobs
+    hi = row.max_jobs if row.max_jobs is not None else spec.slurm.max_jobs
     return lo, hi
 
 
@@ -246,10 +247,10 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
     rather than ending and being resubmitted (another trip through the Slurm queue) at once."""
     with conn.transaction():
         row = db_stages.lock_job_module(conn, slurm_job_id, cluster)
-        if row is None or row["draining"]:
+        if row is None or row.draining:
             return True
-        min_jobs, _ = effective_bounds(row, ModuleSpec.model_validate(row["spec"]))
-        if db_stages.running_jobs(conn, row["id"], slurm_job_id, cluster) <= min_jobs:
+        min_jobs, _ = effective_bounds(row, ModuleSpec.model_validate(row.spec))
+        if db_stages.running_jobs(conn, row.id, slurm_job_id, cluster) <= min_jobs:
             return False
         db_stages.mark_draining(conn, slurm_job_id, cluster)
         return True
@@ -323,14 +324,19 @@ class Autoscaler:
         # whose clock runs ahead must not take a just-submitted job for vanished
         self.now = now if now is not None else (lambda: db_stages.db_now(conn))
 
-    def refresh(self, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Update ``live`` (rows of not yet ended stage jobs) in the database and in place from
-        Slurm, with one batched status query; returns those still live."""
+    def refresh(self, live: Sequence[StageJobRow]) -> list[StageJobRow]:
+        """Update ``live`` (not yet ended stage jobs) in the database from Slurm, with one batched
+        status query; returns those still live, as Slurm now has them."""
+        return [j for j in self._refreshed(live) if j.ended_at is None]
+
+    def _refreshed(self, live: Sequence[StageJobRow]) -> list[StageJobRow]:
+        """``live`` as Slurm now has them (stored), in the same order, the ended ones too; the
+        jobs of a cluster not asked (budget spent, squeue failed) as they were."""
         if not live:
-            return live
+            return list(live)
         by_cluster: dict[str, list[str]] = {}
         for job in live:
-            by_cluster.setdefault(str(job.get("cluster") or ""), []).append(job["slurm_job_id"])
+            by_cluster.setdefault(job.cluster or "", []).append(job.slurm_job_id)
         # a cluster whose budget is spent is not asked: its jobs keep their last known state
         asked = {c for c in by_cluster if not (c and self._over_budget(c))}
         infos: dict[tuple[str, str], Any] = {}
@@ -342,29 +348,29 @@ class Autoscaler:
                                f" cluster {cluster}" if cluster else "", ",".join(by_cluster[cluster]), exc,
                                extra={"action": "slurm_status_failed", "cluster": cluster,
                                       "slurm_job_ids": by_cluster[cluster], "error": str(exc)})
-                return live
+                return list(live)
             infos.update({(cluster, i): info for i, info in found.items()})
-        for job in live:
-            cluster = str(job.get("cluster") or "")
-            if cluster not in asked:
-                continue
-            info = infos.get((cluster, job["slurm_job_id"]))
-            if info is None:
-                if self.now() - job["submitted_at"] > VANISHED_AFTER:
-                    db_stages.update_job(self.conn, job["id"], state="UNKNOWN", ended=True,
-                                         reason="no longer known to squeue or sacct")
-                    job.update(state="UNKNOWN", ended_at=self.now())
-                continue
-            ended = info.state.is_terminal
-            nodes = ",".join(info.nodes) if info.nodes else None
-            # a PENDING job's EndTime is Slurm's guess; a RUNNING one's is its walltime, which the
-            # job's launchers read from here (no scontrol per job)
-            end = info.end_time if info.state is SlurmState.RUNNING else None
-            db_stages.update_job(self.conn, job["id"], state=info.state.value, ended=ended, nodes=nodes,
-                                 exit_code=info.exit_code, reason=info.reason, end_time=end)
-            job.update(state=info.state.value, ended_at=self.now() if ended else None, nodes=nodes or job["nodes"],
-                       reason=info.reason or job["reason"])
-        return [j for j in live if j["ended_at"] is None]
+        return [self._refresh_one(job, infos) if (job.cluster or "") in asked else job for job in live]
+
+    def _refresh_one(self, job: StageJobRow, infos: Mapping[tuple[str, str], Any]) -> StageJobRow:
+        """Store what Slurm said of one job (in ``infos``, by (cluster, id)); the job as it is now."""
+        info = infos.get((job.cluster or "", job.slurm_job_id))
+        if info is None:
+            assert job.submitted_at is not None  # the column is NOT NULL
+            if self.now() - job.submitted_at > VANISHED_AFTER:
+                db_stages.update_job(self.conn, job.id, state="UNKNOWN", ended=True,
+                                     reason="no longer known to squeue or sacct")
+                return replace(job, state="UNKNOWN", ended_at=self.now())
+            return job
+        ended = info.state.is_terminal
+        nodes = ",".join(info.nodes) if info.nodes else None
+        # a PENDING job's EndTime is Slurm's guess; a RUNNING one's is its walltime, which the
+        # job's launchers read from here (no scontrol per job)
+        end = info.end_time if info.state is SlurmState.RUNNING else None
+        db_stages.update_job(self.conn, job.id, state=info.state.value, ended=ended, nodes=nodes,
+                             exit_code=info.exit_code, reason=info.reason, end_time=end)
+        return replace(job, state=info.state.value, ended_at=self.now() if ended else None,
+                       nodes=nodes or job.nodes, reason=info.reason or job.reason)
 
     def reconcile(
         self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
@@ -386,18 +392,17 @@ class Autoscaler:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
             gate = db_stages.autoscale_gate(self.conn, app_id)
-            urgent = report.urgent = force or (leaving and int(gate["running_jobs"]) == 0)
-            last = gate["autoscaled_at"]
-            if not urgent and last is not None and gate["now"] - last < self.interval:
+            urgent = report.urgent = force or (leaving and gate.running_jobs == 0)
+            if not urgent and gate.passed_within(self.interval):
                 report.elected = False  # another job (or command) of the app passed moments ago
                 return report
-            spent = int(gate["calls_last_minute"])
+            spent = gate.calls_last_minute
             if not force and spent >= self.rpc_per_minute:
                 report.budget_spent = True
                 logger.warning("autoscale of app %d skipped: %d Slurm calls in the last minute on cluster %r, "
                                "the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, spent,
-                               gate["cluster"], self.rpc_per_minute,
-                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "cluster": gate["cluster"],
+                               gate.cluster, self.rpc_per_minute,
+                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "cluster": gate.cluster,
                                       "calls_last_minute": spent, "ceiling": self.rpc_per_minute})
                 return report
             if not only:  # a pass over some modules (`stage scale M`) leaves the others' turn
@@ -412,7 +417,7 @@ class Autoscaler:
                 calls = count - before.get(cluster, 0)
                 report.slurm_calls += calls
                 if calls:  # the default client's calls count against the app's own cluster label
-                    db_stages.record_slurm_calls(self.conn, cluster or gate["cluster"], app_id, calls)
+                    db_stages.record_slurm_calls(self.conn, cluster or gate.cluster, app_id, calls)
             logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
 
@@ -427,63 +432,65 @@ class Autoscaler:
             logger.warning("%d task(s) of dead launchers are READY again (their leases expired; found by the "
                            "autoscale pass of app %d)", recovered, app_id,
                            extra={"action": "leases_recovered", "app_id": app_id, "tasks": recovered})
-        # one read of the app's jobs: refresh() updates the live rows in place, so `history`
-        # sees their new states too
+        # one read of the app's jobs: the live ones refreshed from Slurm, in their place (newest first)
         history = db_stages.jobs(self.conn, app_id, include_ended=True)
         rows = db_stages.modules(self.conn, app_id)
-        specs = {row["id"]: ModuleSpec.model_validate(row["spec"]) for row in rows}
+        specs = {row.id: ModuleSpec.model_validate(row.spec) for row in rows}
         for spec in specs.values():
             self.clients.learn(spec)
-        self.refresh([j for j in history if j["ended_at"] is None])
+        fresh = {j.id: j for j in self._refreshed([j for j in history if j.ended_at is None])}
+        history = [fresh.get(j.id, j) for j in history]
         command = self._command(app_id, stored)
-        yielding = self._yield_nodes(rows, history, report)
+        yielding, history = self._yield_nodes(rows, history, report)
         for row in rows:
-            if only and row["name"] not in only:
+            if only and row.name not in only:
                 continue
-            cluster = specs[row["id"]].slurm.cluster
+            cluster = specs[row.id].slurm.cluster
             if cluster and not force and self._over_budget(cluster):
-                report.rate_limited.append(row["name"])
+                report.rate_limited.append(row.name)
                 logger.warning("autoscale of app %d module %s skipped: %d Slurm calls in the last minute on "
-                               "cluster %r, the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, row["name"],
+                               "cluster %r, the ceiling is %d (SCALEBOX_SLURM_RPC_PER_MINUTE)", app_id, row.name,
                                self.spent[cluster], cluster, self.rpc_per_minute,
-                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "module_name": row["name"],
+                               extra={"action": "autoscale_budget_spent", "app_id": app_id, "module_name": row.name,
                                       "cluster": cluster, "calls_last_minute": self.spent[cluster],
                                       "ceiling": self.rpc_per_minute})
                 continue
-            if not urgent and row["scaled_at"] is not None and row["now"] - row["scaled_at"] < self.interval:
-                report.rate_limited.append(row["name"])
+            if not urgent and row.scaled_within(self.interval):
+                report.rate_limited.append(row.name)
                 continue
-            self._scale(app_id, row, specs[row["id"]], history, force, report, command,
-                        yielding=row["name"] in yielding)
+            self._scale(app_id, row, specs[row.id], history, force, report, command,
+                        yielding=row.name in yielding)
         outbox.relay_quietly_on(self.conn, app_id)  # a fallback deliverer of messages to other databases
 
     def _yield_nodes(
-        self, rows: list[dict[str, Any]], history: list[dict[str, Any]], report: ScaleReport,
-    ) -> set[str]:
+        self, rows: list[StageModule], history: list[StageJobRow], report: ScaleReport,
+    ) -> tuple[set[str], list[StageJobRow]]:
         """While a module with READY tasks has a job waiting for nodes (or for a QOS /
         association limit), the modules without work (their own or upstream) give theirs up:
         their running jobs — those kept up as ``min_jobs`` — are marked draining (their
         launchers drain within SCALEBOX_AUTOSCALE_SECONDS), and they count ``min_jobs`` 0 until
-        no module starves. Returns those modules."""
+        no module starves. Returns those modules, and ``history`` with the drained jobs marked so."""
         starved = starved_modules(rows, history)
         if not starved:
-            return set()
+            return set(), history
         active = active_modules(rows)
-        yielding = {str(r["name"]) for r in rows if r["name"] not in active}
-        names = {r["id"]: str(r["name"]) for r in rows}
+        yielding = {r.name for r in rows if r.name not in active}
+        names = {r.id: r.name for r in rows}
         waiting = ", ".join(f"{m} ({why})" for m, why in sorted(starved.items()))
+        out = []
         for job in history:
-            module = names.get(job["module_id"])
-            if (module in yielding and job["ended_at"] is None and not job["draining"]
-                    and job["state"] == SlurmState.RUNNING.value):
-                db_stages.mark_draining(self.conn, job["slurm_job_id"], str(job.get("cluster") or ""))
-                job["draining"] = True
-                report.yielded.append(job["slurm_job_id"])
+            module = names.get(job.module_id)
+            if (module in yielding and job.ended_at is None and not job.draining
+                    and job.state == SlurmState.RUNNING.value):
+                db_stages.mark_draining(self.conn, job.slurm_job_id, job.cluster or "")
+                job = replace(job, draining=True)
+                report.yielded.append(job.slurm_job_id)
                 logger.warning("stage job %s of module %s drains: it has no work, and %s waits for nodes",
-                               job["slurm_job_id"], module, waiting,
-                               extra={"action": "stage_job_yield", "slurm_job_id": job["slurm_job_id"],
+                               job.slurm_job_id, module, waiting,
+                               extra={"action": "stage_job_yield", "slurm_job_id": job.slurm_job_id,
                                       "module_name": module, "waiting": sorted(starved)})
-        return yielding
+            out.append(job)
+        return yielding, out
 
     def _over_budget(self, cluster: str) -> bool:
         """True when the named cluster's Slurm commands of the last minute reached the ceiling."""
@@ -499,35 +506,35 @@ class Autoscaler:
         return self.command
 
     def _scale(
-        self, app_id: int, row: dict[str, Any], spec: ModuleSpec, history: list[dict[str, Any]], force: bool,
+        self, app_id: int, row: StageModule, spec: ModuleSpec, history: list[StageJobRow], force: bool,
         report: ScaleReport, command: LaunchCommand, *, yielding: bool = False,
     ) -> None:
-        own = [j for j in history if j["module_id"] == row["id"]]  # newest first
-        mine = [j for j in own if j["ended_at"] is None and not j["draining"]]
-        ended = [j["state"] for j in own if j["ended_at"] is not None]
+        own = [j for j in history if j.module_id == row.id]  # newest first
+        mine = [j for j in own if j.ended_at is None and not j.draining]
+        ended = [j.state for j in own if j.ended_at is not None]
         min_jobs, max_jobs = effective_bounds(row, spec)
         if yielding:  # another module waits for the nodes: no warm capacity for this one now
             min_jobs = 0
         view = ModuleView(
             name=spec.name, min_jobs=min_jobs, max_jobs=max_jobs,
-            tasks_per_job=spec.slurm.tasks_per_job, ready=int(row["ready"]), live_jobs=len(mine),
-            pending_jobs=[j["slurm_job_id"] for j in mine if j["state"] == SlurmState.PENDING.value],
-            app_status=row["app_status"], failing=failing(ended) and not force,
+            tasks_per_job=spec.slurm.tasks_per_job, ready=row.ready, live_jobs=len(mine),
+            pending_jobs=[j.slurm_job_id for j in mine if j.state == SlurmState.PENDING.value],
+            app_status=row.app_status, failing=failing(ended) and not force,
         )
         decision = decide(view)
         report.decisions.append(decision)
-        db_stages.mark_scaled(self.conn, row["id"])
+        db_stages.mark_scaled(self.conn, row.id)
         client = self.clients.get(spec.slurm.cluster)
         if decision.cancel:
             client.cancel(decision.cancel)
             for job in mine:
-                if job["slurm_job_id"] in decision.cancel:
-                    db_stages.update_job(self.conn, job["id"], state=SlurmState.CANCELLED.value, ended=True,
+                if job.slurm_job_id in decision.cancel:
+                    db_stages.update_job(self.conn, job.id, state=SlurmState.CANCELLED.value, ended=True,
                                          reason="scaled down")
             report.cancelled += decision.cancel
         if decision.submit:
-            busy = {n for j in mine if j["nodes"] for n in str(j["nodes"]).split(",")}
-            self._submit(app_id, row["id"], spec, command, decision, report, busy, client)
+            busy = {n for j in mine if j.nodes for n in j.nodes.split(",")}
+            self._submit(app_id, row.id, spec, command, decision, report, busy, client)
 
     def _submit(
         self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,

@@ -41,6 +41,7 @@ from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.choose import RuntimeChooser
 from scalebox_hpc.runtime.container import HostDirs
+from scalebox_hpc.runtime.images import default_cache
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.runtime.paths import default_local_dir
 from scalebox_hpc.settings import Settings
@@ -88,7 +89,8 @@ def make_runtime(settings: Settings, *, local_scratch: Path | None = None) -> Co
     holds converted images."""
     local = local_scratch or settings.local_dir or default_local_dir()
     return RuntimeChooser(settings.runtime, host=HostDirs(Path(local), settings.data_root),
-                          sif_cache=settings.sif_cache, host_env=settings.environ)
+                          sif_cache=default_cache(settings.sif_cache), host_env=settings.environ,
+                          containers=settings.containers)
 
 
 def build(

@@ -114,7 +114,7 @@ class Settings:
             local_dir=_path(env, "SCALEBOX_LOCAL_DIR"),
             data_root=_path(env, "SCALEBOX_DATA_ROOT"),
             sif_cache=_path(env, "SCALEBOX_SIF_CACHE"),
-            containers=tuple(Path(d) for d in env.get("SCALEBOX_CONTAINERS", "").split(os.pathsep) if d),
+            containers=path_list(env.get("SCALEBOX_CONTAINERS", "")),
             runtime=_text(env, "SCALEBOX_RUNTIME") or "auto",
             host=_text(env, "SCALEBOX_HOST"),
             home=_path(env, "SCALEBOX_HOME"),
@@ -129,6 +129,24 @@ class Settings:
             log_format=env.get("SCALEBOX_LOG_FORMAT", "").strip().lower() or None,
             environ=env,
         )
+
+
+def path_list(text: str) -> tuple[Path, ...]:
+    """The directories of a ``:``-separated list (``os.pathsep``), empty entries left out."""
+    return tuple(Path(d) for d in text.split(os.pathsep) if d)
+
+
+def environ_containers(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """SCALEBOX_CONTAINERS alone (default: this process's environment), for the public
+    constructors built without settings (:class:`~scalebox_hpc.runtime.images.SifCache`,
+    ``EngineCli``, ``RuntimeChooser``: tests, benchmarks, library users); the roots pass
+    :attr:`Settings.containers`."""
+    return path_list((os.environ if environ is None else environ).get("SCALEBOX_CONTAINERS", ""))
+
+
+def environ_sif_cache(environ: Mapping[str, str] | None = None) -> Path | None:
+    """SCALEBOX_SIF_CACHE alone, for the same public constructors (the roots pass :attr:`Settings.sif_cache`)."""
+    return _path(os.environ if environ is None else environ, "SCALEBOX_SIF_CACHE")
 
 
 def parse_seconds(variable: str, text: str) -> float | None:

@@ -37,7 +37,9 @@ def cli(ctx: click.Context, verbose: int, traceback: bool, log_format: str | Non
     ctx.obj["verbose"] = verbose
     if not os.environ.get(EMIT_BUFFER_ENV) and ctx.invoked_subcommand is not None:
         _check_dsn(site)  # not inside run.sh: `task add` there only buffers, and must start fast
-    logs.use_format(log_format)  # also for the commands that configure logging themselves (launcher)
+    # also for the commands that configure logging themselves (launcher); click reads
+    # SCALEBOX_LOG_FORMAT for --log-format, the settings hold it too (a group called without main)
+    logs.use_format(log_format or site.log_format)
     if verbose:
         logs.configure(verbose)
 

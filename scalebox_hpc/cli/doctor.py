@@ -85,7 +85,7 @@ def _plan(pipeline_file: str | None, app: int | None, env_files: tuple[str, ...]
         from scalebox_hpc.cli.common import _app_id
 
         app_id = _app_id(conn, app)
-        modules = [ModuleSpec.model_validate(row["spec"]) for row in db_stages.modules(conn, app_id)]
+        modules = [ModuleSpec.model_validate(row.spec) for row in db_stages.modules(conn, app_id)]
         stored = db_stages.launch_settings(conn, app_id)
     if stored is not None:
         python, root = stored[0], Path(work_root) if work_root else Path(stored[1])

@@ -12,6 +12,7 @@ from scalebox_hpc.errors import NotFoundError, ScaleboxError
 
 if TYPE_CHECKING:  # psycopg stays out of `scalebox --help` and the commands that need no database
     from scalebox_hpc.db.connection import Connection
+    from scalebox_hpc.db.stages import StageJobRow
 
 WORK_ROOT_OPTION = click.option(
     "--work-root", default=None,
@@ -118,7 +119,7 @@ def stage_rows(conn: Connection, app_id: int, *, include_ended: bool) -> list[di
 
     with conn.transaction():
         jobs = stages.jobs(conn, app_id, include_ended=include_ended)
-    return [{k: j[k] for k in ("module", "cluster", "slurm_job_id", "state", "draining", "nodes", "exit_code",
+    return [{k: getattr(j, k) for k in ("module", "cluster", "slurm_job_id", "state", "draining", "nodes", "exit_code",
                                "reason", "submitted_at", "ended_at", "end_time")} for j in jobs]
 
 
@@ -203,11 +204,11 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
         raise click.UsageError("give --jobs N, --min/--max, or --reset")
     with _db() as conn:
         app_id = _app_id(conn, app)
-        specs = {r["name"]: r for r in stages.modules(conn, app_id)}
+        specs = {r.name: r for r in stages.modules(conn, app_id)}
         if module not in specs:
             raise NotFoundError("module", module)
         if not reset:
-            current = effective_bounds(specs[module], ModuleSpec.model_validate(specs[module]["spec"]))
+            current = effective_bounds(specs[module], ModuleSpec.model_validate(specs[module].spec))
             lo = min_jobs if min_jobs is not None else current[0]
             hi = max_jobs if max_jobs is not None else current[1]
             if lo > hi:
@@ -220,11 +221,11 @@ def stage_scale(app: int | None, min_jobs: int | None, max_jobs: int | None, job
     _raise_errors(report, app_id)
 
 
-def _clusters_of(jobs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+def _clusters_of(jobs: list[StageJobRow]) -> list[tuple[str, list[str]]]:
     """(cluster, its submit_via) of each cluster the jobs run on ('' = the local Slurm)."""
     out: dict[str, list[str]] = {}
     for job in jobs:
-        out.setdefault(str(job["cluster"]), [str(a) for a in job.get("submit_via") or []])
+        out.setdefault(job.cluster, list(job.submit_via))
     return sorted(out.items())
 
 
@@ -249,16 +250,16 @@ def stage_stop(app: int | None, now: bool, module: str) -> None:
     with _db() as conn:
         app_id = _app_id(conn, app)
         stages.set_bounds(conn, app_id, module, 0, 0)
-        live = [j for j in stages.jobs(conn, app_id) if j["module"] == module]
+        live = [j for j in stages.jobs(conn, app_id) if j.module == module]
         for job in live:
-            stages.mark_draining(conn, job["slurm_job_id"], job["cluster"])
+            stages.mark_draining(conn, job.slurm_job_id, job.cluster)
         conn.commit()
-    ids = [j["slurm_job_id"] for j in live]
+    ids = [j.slurm_job_id for j in live]
     if now:
         for cluster, via in _clusters_of(live):
             client = SlurmClient(SubprocessRunner(), cluster=cluster or None, prefix=via)
             try:
-                client.cancel(j["slurm_job_id"] for j in live if j["cluster"] == cluster)
+                client.cancel(j.slurm_job_id for j in live if j.cluster == cluster)
             finally:  # counted against the cluster's budget, as an autoscale pass's commands are
                 if client.commands_run:
                     with _db() as conn:
@@ -296,7 +297,7 @@ def stage_script(app: int | None, file: str | None, env_files: tuple[str, ...], 
     else:
         with _db() as conn:
             app_id = _app_id(conn, app)
-            specs = {r["name"]: r["spec"] for r in db_stages.modules(conn, app_id)}
+            specs = {r.name: r.spec for r in db_stages.modules(conn, app_id)}
         if module not in specs:
             raise NotFoundError("module", module)
         module_spec = ModuleSpec.model_validate(specs[module])

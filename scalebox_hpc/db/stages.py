@@ -2,12 +2,151 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError
+
+
+@dataclass(frozen=True)
+class StageModule:
+    """One module as the autoscaler decides on it (a ``stage_modules`` row): its spec (JSON),
+    the `scalebox stage scale` overrides, its queue and its live jobs."""
+
+    id: int
+    name: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    min_jobs: int | None = None
+    """The `scalebox stage scale` override (None: the pipeline file's ``slurm.min_jobs``)."""
+    max_jobs: int | None = None
+    """The `scalebox stage scale` override (None: the pipeline file's ``slurm.max_jobs``)."""
+    scaled_at: datetime | None = None
+    """The module's last autoscale (the per-module rate limit counts from here)."""
+    now: datetime | None = None
+    """The database's clock when the row was read."""
+    app_status: str = "RUNNING"
+    cancelled: bool = False
+    ready: int = 0
+    """Its READY tasks."""
+    running: int = 0
+    """Its RUNNING tasks."""
+    live_jobs: int = 0
+    """Its stage jobs not ended and not draining."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StageModule:
+        """The module of a ``stage_modules`` row."""
+        return cls(
+            id=int(row["id"]), name=str(row["name"]), spec=dict(row["spec"] or {}), seq=int(row["seq"]),
+            min_jobs=row["min_jobs"], max_jobs=row["max_jobs"], scaled_at=row["scaled_at"], now=row["now"],
+            app_status=str(row["app_status"]), cancelled=bool(row["cancelled"]), ready=int(row["ready"]),
+            running=int(row["running"]), live_jobs=int(row["live_jobs"]),
+        )
+
+    @property
+    def sink_modules(self) -> list[str]:
+        """The modules its spec sends messages to."""
+        return [str(m) for m in self.spec.get("sink_modules") or []]
+
+    def scaled_within(self, interval: timedelta) -> bool:
+        """True when the module was autoscaled less than ``interval`` ago (by the database's clock)."""
+        return self.scaled_at is not None and self.now is not None and self.now - self.scaled_at < interval
+
+
+@dataclass(frozen=True)
+class StageJobRow:
+    """One Slurm stage job as the database last saw it (a ``stage_jobs`` row: ``sbx_stage_jobs``
+    with its module's name and ``submit_via``). Frozen: the autoscaler's refresh makes new ones
+    with :func:`dataclasses.replace`."""
+
+    id: int
+    module_id: int
+    slurm_job_id: str
+    app_id: int = 0
+    module: str = ""
+    """The module's name."""
+    cluster: str = ""
+    state: str = "PENDING"
+    """The Slurm state as last seen."""
+    draining: bool = False
+    nodes: str = ""
+    """The nodes it runs on (or asked for), ``,``-separated."""
+    exit_code: int | None = None
+    reason: str = ""
+    submitted_by: str = ""
+    submitted_at: datetime | None = None
+    updated_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_time: datetime | None = None
+    """Slurm's EndTime while it runs (its launchers' walltime)."""
+    alloc_cpus: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    submit_via: tuple[str, ...] = ()
+    """The module's cluster's ``submit_via`` argv prefix."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StageJobRow:
+        """The job of a ``stage_jobs`` row."""
+        return cls(
+            id=int(row["id"]), module_id=int(row["module_id"]), slurm_job_id=str(row["slurm_job_id"]),
+            app_id=int(row["app_id"]), module=str(row["module"]), cluster=str(row["cluster"] or ""),
+            state=str(row["state"]), draining=bool(row["draining"]), nodes=str(row["nodes"] or ""),
+            exit_code=row["exit_code"], reason=str(row["reason"] or ""), submitted_by=str(row["submitted_by"]),
+            submitted_at=row["submitted_at"], updated_at=row["updated_at"], ended_at=row["ended_at"],
+            end_time=row["end_time"], alloc_cpus=row["alloc_cpus"], started_at=row["started_at"],
+            finished_at=row["finished_at"], submit_via=tuple(str(a) for a in row["submit_via"] or ()),
+        )
+
+
+@dataclass(frozen=True)
+class JobModule:
+    """The module of one stage job, locked (a ``lock_stage_job_module`` row), and whether the
+    job drains."""
+
+    id: int
+    spec: dict[str, Any]
+    draining: bool = False
+    min_jobs: int | None = None
+    max_jobs: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> JobModule:
+        """The module of a ``lock_stage_job_module`` row."""
+        return cls(id=int(row["id"]), spec=dict(row["spec"] or {}), draining=bool(row["draining"]),
+                   min_jobs=row["min_jobs"], max_jobs=row["max_jobs"])
+
+
+@dataclass(frozen=True)
+class AutoscaleGate:
+    """What decides whether an app's autoscale pass runs (an ``autoscale_gate`` row, read under
+    the app's lock)."""
+
+    now: datetime
+    """The database's clock."""
+    autoscaled_at: datetime | None = None
+    """The app's last pass."""
+    cluster: str = ""
+    """The app's cluster ('' unnamed)."""
+    calls_last_minute: int = 0
+    """Slurm commands of the passes of the last minute on that cluster."""
+    running_jobs: int = 0
+    """Its stage jobs RUNNING as last seen, not ended, not draining."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AutoscaleGate:
+        """The gate of an ``autoscale_gate`` row."""
+        return cls(now=row["now"], autoscaled_at=row["autoscaled_at"], cluster=str(row["cluster"]),
+                   calls_last_minute=int(row["calls_last_minute"]), running_jobs=int(row["running_jobs"]))
+
+    def passed_within(self, interval: timedelta) -> bool:
+        """True when the app had a pass less than ``interval`` ago."""
+        return self.autoscaled_at is not None and self.now - self.autoscaled_at < interval
 
 
 def try_lock(conn: Connection, app_id: int) -> bool:
@@ -21,14 +160,15 @@ def lock_modules(conn: Connection, app_id: int) -> None:
     conn.execute(query("lock_app_modules"), {"app_id": app_id}).fetchall()
 
 
-def modules(conn: Connection, app_id: int) -> list[dict[str, Any]]:
-    """Per module: spec, bounds, READY/RUNNING counts, live (non-draining) jobs, app status."""
-    return list(conn.execute(query("stage_modules"), {"app_id": app_id}).fetchall())
+def modules(conn: Connection, app_id: int) -> list[StageModule]:
+    """Per module (``seq`` order): spec, bounds, READY/RUNNING counts, live (non-draining) jobs, app status."""
+    return [StageModule.from_row(r) for r in conn.execute(query("stage_modules"), {"app_id": app_id}).fetchall()]
 
 
-def jobs(conn: Connection, app_id: int, *, include_ended: bool = False) -> list[dict[str, Any]]:
+def jobs(conn: Connection, app_id: int, *, include_ended: bool = False) -> list[StageJobRow]:
     """The app's stage jobs, newest first: the live ones (and the ended ones when asked)."""
-    return list(conn.execute(query("stage_jobs"), {"app_id": app_id, "include_ended": include_ended}).fetchall())
+    rows = conn.execute(query("stage_jobs"), {"app_id": app_id, "include_ended": include_ended}).fetchall()
+    return [StageJobRow.from_row(r) for r in rows]
 
 
 def input_holders(conn: Connection, module_id: int, *, limit: int = 10_000) -> list[tuple[str, int]]:
@@ -66,10 +206,11 @@ def mark_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> boo
         is not None
 
 
-def lock_job_module(conn: Connection, slurm_job_id: str, cluster: str = "") -> dict[str, Any] | None:
-    """The module row of a stage job (spec, bounds, the job's ``draining``), locked until the
+def lock_job_module(conn: Connection, slurm_job_id: str, cluster: str = "") -> JobModule | None:
+    """The module of a stage job (spec, bounds, the job's ``draining``), its row locked until the
     transaction ends; None for a job the database does not know."""
-    return conn.execute(query("lock_stage_job_module"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    row = conn.execute(query("lock_stage_job_module"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return None if row is None else JobModule.from_row(row)
 
 
 def running_jobs(conn: Connection, module_id: int, slurm_job_id: str, cluster: str = "") -> int:
@@ -142,14 +283,12 @@ def is_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
     return job_flags(conn, slurm_job_id, cluster)[0]
 
 
-def autoscale_gate(conn: Connection, app_id: int) -> dict[str, Any]:
-    """What decides whether an autoscale pass runs (read under the app's lock): ``autoscaled_at``
-    (the app's last pass), ``now``, ``cluster``, ``calls_last_minute`` (Slurm commands of passes on
-    that cluster) and ``running_jobs`` (RUNNING as last seen, not ended, not draining)."""
+def autoscale_gate(conn: Connection, app_id: int) -> AutoscaleGate:
+    """What decides whether an autoscale pass runs (read under the app's lock): see :class:`AutoscaleGate`."""
     row = conn.execute(query("autoscale_gate"), {"app_id": app_id}).fetchone()
     if row is None:
         raise NotFoundError("app", app_id)
-    return row
+    return AutoscaleGate.from_row(row)
 
 
 def mark_app_scaled(conn: Connection, app_id: int) -> None:

@@ -14,7 +14,7 @@ import os
 from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
 from scalebox_hpc.launcher import scratch
 from scalebox_hpc.launcher.outputs import CappedOutputs
-from scalebox_hpc.launcher.ports import HandsOff, TaskQueue
+from scalebox_hpc.launcher.ports import Clock, HandsOff, TaskQueue
 from scalebox_hpc.launcher.runner import (
     HELPER_BIN,
     MAX_HANDOFF_BYTES,
@@ -45,11 +45,16 @@ CRASH_LOOP_LIMIT = 5
 
 
 class Slot:
-    """Runs one slot's loop in the calling thread: claim → :class:`TaskRunner` → record."""
+    """Runs one slot's loop in the calling thread: claim → :class:`TaskRunner` → record.
 
-    def __init__(self, ctx: SlotContext, queue: TaskQueue) -> None:
+    ``clock``: a test's clock (``scalebox_hpc.testing.FakeClock``) that the waits of a database
+    outage sleep on instead of real time; without one (the launcher) they wait on the slot's
+    wake-ups, which a drain (``notify_all``) ends at once."""
+
+    def __init__(self, ctx: SlotContext, queue: TaskQueue, *, clock: Clock | None = None) -> None:
         self.ctx = ctx
         self.queue = queue
+        self.clock = clock
         self.runner = TaskRunner(ctx)
         self.tasks_done = 0
         self.current: Task | None = None
@@ -191,6 +196,9 @@ class Slot:
         self.backoff.failed(exc)
 
     def _wait_outage(self, delay: float) -> None:
+        if self.clock is not None:
+            self.clock.sleep(delay)
+            return
         seen = self.ctx.wakeups.generation(-2)
         self.ctx.wakeups.wait(-2, seen, delay)  # -2: a channel nobody notifies; notify_all ends it
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
@@ -38,12 +38,15 @@ class RuntimeChooser:
     def __init__(
         self, default: str = "auto", *, host: HostDirs | None = None, sif_cache: Path | None = None,
         host_env: Mapping[str, str] | None = None, which: Callable[[str], str | None] = shutil.which,
+        containers: Sequence[Path] | None = None,
     ) -> None:
         self.default = default.strip().lower() or "auto"
         if self.default not in RUNTIMES:
             raise ContainerError(f"unknown default runtime {default!r} (SCALEBOX_RUNTIME): use one of {RUNTIMES}")
         self.host = host or HostDirs()
         self.sif_cache = sif_cache
+        # None: the engines read SCALEBOX_CONTAINERS themselves (a chooser built without settings)
+        self.containers = None if containers is None else tuple(containers)
         self.host_env = dict(os.environ if host_env is None else host_env)
         self.which = which
         self.local = LocalRuntime()
@@ -70,7 +73,8 @@ class RuntimeChooser:
             if exe is None:
                 raise ContainerError(f"container runtime {name!r} is not installed on this host (no `{name}` on PATH)")
             self._engines[name] = (
-                ApptainerEngine(exe, SifCache(exe, self.sif_cache)) if name == "apptainer" else EngineCli(name, exe)
+                ApptainerEngine(exe, SifCache(exe, self.sif_cache, containers=self.containers)) if name == "apptainer"
+                else EngineCli(name, exe, containers=self.containers)
             )
         return self._engines[name]
 

@@ -35,12 +35,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime.paths import private_group
 from scalebox_hpc.runtime.spython_adapter import PULL_TRANSPORTS, SpythonApptainer
+from scalebox_hpc.settings import environ_containers, environ_sif_cache
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,9 @@ STALE_TMP_SECONDS = 3600.0
 """A temporary SIF this old is a leftover of a killed build (builds time out after 30 min)."""
 
 
-def default_cache() -> Path:
-    """``$SCALEBOX_SIF_CACHE``, else ``~/.cache/scalebox_hpc/sif``."""
-    env = os.environ.get("SCALEBOX_SIF_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "scalebox_hpc" / "sif"
+def default_cache(configured: Path | None = None) -> Path:
+    """``configured`` (SCALEBOX_SIF_CACHE, :attr:`Settings.sif_cache`), else ``~/.cache/scalebox_hpc/sif``."""
+    return configured or Path.home() / ".cache" / "scalebox_hpc" / "sif"
 
 
 def local_path(ref: str, code_path: Path | None) -> Path | None:
@@ -74,9 +74,12 @@ def local_path(ref: str, code_path: Path | None) -> Path | None:
     return (bases[-1] if bases else Path.cwd()) / path
 
 
-def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
-    """``NAME<suffix>`` in the ``$SCALEBOX_CONTAINERS`` dirs, else in ``containers/`` of ``start``
-    or the nearest dir above it, else in the package's ``containers/``; None when none has it.
+def find_definition(
+    name: str, start: Path | None, suffix: str, *, configured: Sequence[Path] = (),
+) -> Path | None:
+    """``NAME<suffix>`` in the ``configured`` dirs (SCALEBOX_CONTAINERS: :attr:`Settings.containers`),
+    else in ``containers/`` of ``start`` or the nearest dir above it, else in the package's
+    ``containers/``; None when none has it.
 
     A definition decides what runs on the host while the image is built (``rootfs.sh``, an
     Apptainer ``%post`` with ``--fakeroot``), so only trusted places count (F7): the walk up
@@ -87,7 +90,7 @@ def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
     world-writable file is skipped."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         return None
-    for d, strict in _definition_dirs(start):
+    for d, strict in _definition_dirs(start, configured):
         candidate = d / f"{name}{suffix}"
         if not candidate.is_file():
             continue
@@ -98,12 +101,11 @@ def find_definition(name: str, start: Path | None, suffix: str) -> Path | None:
     return None
 
 
-def _definition_dirs(start: Path | None) -> Iterator[tuple[Path, bool]]:
+def _definition_dirs(start: Path | None, configured: Sequence[Path]) -> Iterator[tuple[Path, bool]]:
     """(dir, strict) in search order: configured dirs, the user's own dirs from ``start`` up,
     the package's containers/."""
-    for d in os.environ.get("SCALEBOX_CONTAINERS", "").split(os.pathsep):
-        if d:
-            yield Path(d), False
+    for d in configured:
+        yield d, False
     if start is not None:
         for p in (start, *start.parents):
             if _untrusted(p, strict=True, owners=(os.geteuid(),)) is not None:
@@ -205,12 +207,20 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 class SifCache:
     """Apptainer images: SIF files and sandboxes used as they are, everything else built once
     (pulled for registry references, built for definitions and archives, both through
-    :class:`~scalebox_hpc.runtime.spython_adapter.SpythonApptainer`)."""
+    :class:`~scalebox_hpc.runtime.spython_adapter.SpythonApptainer`).
 
-    def __init__(self, apptainer: str, root: Path | None = None, *, client: SpythonApptainer | None = None) -> None:
+    ``root`` and ``containers`` (the definition dirs searched first) default to
+    SCALEBOX_SIF_CACHE and SCALEBOX_CONTAINERS of this process's environment: a public
+    constructor (tests, benchmarks, library code); the launcher passes its settings'."""
+
+    def __init__(
+        self, apptainer: str, root: Path | None = None, *, client: SpythonApptainer | None = None,
+        containers: Sequence[Path] | None = None,
+    ) -> None:
         self.apptainer = apptainer
-        self.root = root or default_cache()
+        self.root = root or default_cache(environ_sif_cache())
         self.client = client or SpythonApptainer(apptainer)
+        self.definition_dirs = tuple(environ_containers() if containers is None else containers)
 
     def resolve(self, ref: str, search_from: Path | None = None) -> Path:
         """A runnable image path for ``ref`` (building it into the cache on first use)."""
@@ -227,7 +237,7 @@ class SifCache:
             if path.exists():
                 return path, False
             raise ContainerError(f"image {ref!r} not found: {path} does not exist")
-        definition = find_definition(ref, search_from, ".def")
+        definition = find_definition(ref, search_from, ".def", configured=self.definition_dirs)
         if definition is None:
             where = f" or above {search_from}" if search_from else ""
             raise ContainerError(

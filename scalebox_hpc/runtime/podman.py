@@ -13,18 +13,24 @@ from scalebox_hpc.runtime.base import SessionSpec
 from scalebox_hpc.runtime.container import Bind
 from scalebox_hpc.runtime.images import _run, definition_key, exclusive, find_definition, prepare_context
 from scalebox_hpc.runtime.paths import ensure_root, per_user_root
+from scalebox_hpc.settings import environ_containers
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCli:
-    """``podman run`` / ``docker run`` command lines and image handling."""
+    """``podman run`` / ``docker run`` command lines and image handling. ``containers``: the
+    definition dirs searched first (default: SCALEBOX_CONTAINERS of this process's environment,
+    for a caller without settings; the launcher passes its settings')."""
 
-    def __init__(self, engine: str, exe: str, lock_dir: Path | None = None) -> None:
+    def __init__(
+        self, engine: str, exe: str, lock_dir: Path | None = None, *, containers: Sequence[Path] | None = None,
+    ) -> None:
         if engine not in ("podman", "docker"):
             raise ValueError(f"unknown engine {engine!r}")
         self.name = engine
         self.exe = exe
+        self.definition_dirs = tuple(environ_containers() if containers is None else containers)
         # under the per-user root (0700, checked): a shared /tmp name let anyone hold the lock (F8)
         self.lock_dir = lock_dir or per_user_root() / f"{engine}-locks"
 
@@ -38,7 +44,7 @@ class EngineCli:
             ref = ref.removeprefix("docker://")
         if ref.startswith(("docker-archive:", "oci-archive:")):
             return ref
-        definition = find_definition(ref, spec.code_path, ".Dockerfile")
+        definition = find_definition(ref, spec.code_path, ".Dockerfile", configured=self.definition_dirs)
         if definition is not None:
             return self._built(definition)
         if self._exists(ref):

@@ -108,7 +108,7 @@ def live(pg_dsn: str, app_id: int) -> dict[str, list[str]]:
         rows = stages.jobs(conn, app_id)
     out: dict[str, list[str]] = {}
     for r in rows:
-        out.setdefault(r["module"], []).append(r["slurm_job_id"])
+        out.setdefault(r.module, []).append(r.slurm_job_id)
     return out
 
 
@@ -303,7 +303,7 @@ def test_idle_jobs_end_only_above_min_jobs(pg_dsn: str, app: int, tmp_path: Path
         assert may_leave_idle(conn, first) is True
         conn.commit()
     with connect(pg_dsn) as conn:
-        draining = {r["slurm_job_id"]: r["draining"] for r in stages.jobs(conn, app)}
+        draining = {r.slurm_job_id: r.draining for r in stages.jobs(conn, app)}
     assert draining == {first: True, second: True}
 
 
@@ -475,7 +475,7 @@ def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tm
         assert {m: len(ids) for m, ids in report.submitted.items()} == {"near": 1, "away": 2}
         assert default.calls == [] and fakes["c1"].calls == ["sbatch"] and fakes["c2"].calls == ["sbatch", "sbatch"]
         assert sorted(made) == [("c1", ()), ("c2", ())]
-        rows = {(j["module"], j["cluster"], j["slurm_job_id"]) for j in stages.jobs(conn, app_id)}
+        rows = {(j.module, j.cluster, j.slurm_job_id) for j in stages.jobs(conn, app_id)}
         assert rows == {("near", "c1", "100"), ("away", "c2", "100001"), ("away", "c2", "100002")}
         calls = {r["cluster"]: r["n"] for r in conn.execute(
             "SELECT cluster, sum(calls) AS n FROM sbx_slurm_calls WHERE app_id = %s GROUP BY 1", (app_id,))}

@@ -7,6 +7,7 @@ where a site would run it from scrontab.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pwd
@@ -427,7 +428,8 @@ def db_jobs(env: dict[str, str], app_id: str) -> list[dict[str, Any]]:
     from scalebox_hpc.db import stages
 
     with connect(env["SCALEBOX_DSN"]) as conn:
-        return stages.jobs(conn, int(app_id), include_ended=True)
+        # as plain rows: the waits below read them as `stage list --json` prints them
+        return [dataclasses.asdict(j) for j in stages.jobs(conn, int(app_id), include_ended=True)]
 
 
 def test_an_mpi_stage_job_scales_the_app_itself(env: dict[str, str], shared: Path) -> None:

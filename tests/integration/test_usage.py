@@ -159,8 +159,8 @@ def test_the_view_counts_a_stage_jobs_allocated_core_hours(pg_dsn: str, tmp_path
     add(pg_dsn, app_id, "a", "busy")
     launch(pg_dsn, app_id, tmp_path / "work")
     with connect(pg_dsn, autocommit=True) as conn:
-        module = {r["name"]: r for r in db_stages.modules(conn, app_id)}["a"]
-        db_stages.record_job(conn, app_id, module["id"], "4242", cluster="")
+        module = {r.name: r for r in db_stages.modules(conn, app_id)}["a"]
+        db_stages.record_job(conn, app_id, module.id, "4242", cluster="")
         env = {"SLURM_JOB_ID": "4242", "SLURMD_NODENAME": "n1", "SLURM_JOB_NODELIST": "n[1-2]",
                "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_CPUS_PER_NODE": "4(x2)"}
         job = JobEnvironment.from_env(env)
@@ -169,7 +169,7 @@ def test_the_view_counts_a_stage_jobs_allocated_core_hours(pg_dsn: str, tmp_path
         def session() -> Any:
             return connect(pg_dsn, autocommit=True)
 
-        hooks = StageLifecycle(job, ModuleSpec.model_validate(module["spec"]), app_id, session,
+        hooks = StageLifecycle(job, ModuleSpec.model_validate(module.spec), app_id, session,
                                lambda *a, **k: None, end=None)
         hooks.started()
         conn.execute("UPDATE sbx_stage_jobs SET started_at = started_at - interval '1 hour' "

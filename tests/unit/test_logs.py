@@ -61,6 +61,8 @@ def test_the_format_comes_from_the_option_then_the_environment(monkeypatch: pyte
     monkeypatch.setattr(logs, "_chosen", None)
     assert logs.chosen_format({}) == "text"
     assert logs.chosen_format({logs.LOG_FORMAT_ENV: " JSON "}) == "json"
+    monkeypatch.setenv(logs.LOG_FORMAT_ENV, "json")  # read by the roots (settings, --log-format), not here
+    assert logs.chosen_format() == "text"
     logs.use_format("text")
     assert logs.chosen_format({logs.LOG_FORMAT_ENV: "json"}) == "text"
     assert isinstance(logs.formatter("json"), logs.JsonFormatter)

@@ -249,14 +249,13 @@ def test_definitions_in_a_world_writable_ancestor_are_not_used(shared_tmp: Path,
     plant_definition(theirs / "containers")
     assert find_definition("myimg", theirs, ".Dockerfile") is None
     # configured dirs are the user's choice: found there even when another user owns the file
-    monkeypatch.setenv("SCALEBOX_CONTAINERS", str(shared_tmp / "containers"))
-    assert find_definition("myimg", code, ".Dockerfile") == shared_tmp / "containers" / "myimg.Dockerfile"
+    assert find_definition("myimg", code, ".Dockerfile", configured=[shared_tmp / "containers"]) == \
+        shared_tmp / "containers" / "myimg.Dockerfile"
 
 
 def test_a_rootfs_script_of_another_user_never_runs(shared_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plant_definition(shared_tmp / "defs")
-    monkeypatch.setenv("SCALEBOX_CONTAINERS", str(shared_tmp / "defs"))
-    definition = find_definition("myimg", None, ".Dockerfile")
+    definition = find_definition("myimg", None, ".Dockerfile", configured=[shared_tmp / "defs"])
     assert definition == shared_tmp / "defs" / "myimg.Dockerfile"
     context = shared_tmp / "ctx"
     context.mkdir()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
-import time
 from pathlib import Path
+from typing import Any
 
 from scalebox_hpc.launcher.slot import Slot, SlotContext, SlotControl
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.local import LocalRuntime
-from scalebox_hpc.testing import InMemoryQueue
+from scalebox_hpc.testing import FakeClock, InMemoryQueue
 
 
 def quiet_queue() -> InMemoryQueue:
@@ -33,22 +34,40 @@ def slot_context(tmp_path: Path, queue: InMemoryQueue, max_idle_polls: int, cont
 
 
 def test_outage_backs_off_exponentially_and_never_idles_out(tmp_path: Path) -> None:
+    """On a fake clock: the claims of a slot whose every claim fails come 0.5 s, 1 s, 2 s ...
+    apart (doubling up to 30 s), and the slot, whose module idles out after one empty poll, is
+    still polling after 40 of them: an outage is not idleness."""
     control = SlotControl()
     queue = quiet_queue()
     queue.fail_next(10**9, methods={"claim"})  # the database is away: every claim fails
-    ctx = slot_context(tmp_path, queue, 1, control)
-    wakeups = ctx.wakeups
-    slot = Slot(ctx, queue)
-    thread = threading.Thread(target=slot.run)
-    thread.start()
-    wakeups.notify(1)  # a hint on the module channel must not cut the backoff short
-    time.sleep(1.8)
-    assert thread.is_alive()  # an outage is not idleness
-    control.draining.set()
-    wakeups.notify_all()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert 2 <= queue.calls["claim"] <= 4, queue.calls  # 0.5 s, 1 s, 2 s ... not a spin
+    clock = FakeClock()
+    claims: list[float] = []
+    claim = queue.claim
+
+    def timed_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(clock.monotonic())
+        if len(claims) == 40:
+            control.draining.set()  # stop the slot; it never stopped by itself
+        return claim(*args, **kwargs)
+
+    queue.claim = timed_claim  # type: ignore[method-assign]
+    slot = Slot(slot_context(tmp_path, queue, 1, control), queue, clock=clock)
+    slot.run()  # in this thread: it ends when drained
+    gaps = [b - a for a, b in itertools.pairwise(claims)]
+    assert gaps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert set(gaps[7:]) == {30.0}
+    assert len(claims) == 40
+    assert slot.final_status == "EXITED"
+
+
+def test_a_module_hint_does_not_cut_an_outage_wait_short_but_a_drain_does() -> None:
+    """The real (clock-less) outage wait is on channel -2 of the slot's wake-ups."""
+    wakeups = Wakeups()
+    seen = wakeups.generation(-2)
+    wakeups.notify(1)  # a NOTIFY hint for the module
+    assert wakeups.wait(-2, seen, 0) is False
+    wakeups.notify_all()  # drain, shutdown
+    assert wakeups.wait(-2, seen, 0) is True
 
 
 def test_an_idle_slot_ends_only_when_its_stage_job_may_leave(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from scalebox_hpc.autoscaler import (
     stage_job,
     starved_modules,
 )
+from scalebox_hpc.db.stages import StageJobRow, StageModule
 from scalebox_hpc.errors import PipelineError
 from scalebox_hpc.pipeline import SlurmSpec, load_pipeline, walltime_seconds
 from scalebox_hpc.slurm.parse import NodeInfo
@@ -186,24 +188,25 @@ def test_locality_is_nodelist_or_off() -> None:
         SlurmSpec(locality="features")  # type: ignore[arg-type]
 
 
-def _row(id_: int, name: str, sinks: list[str], ready: int = 0, running: int = 0) -> dict[str, object]:
-    return {"id": id_, "name": name, "spec": {"sink_modules": sinks}, "ready": ready, "running": running}
+def _row(id_: int, name: str, sinks: list[str], ready: int = 0, running: int = 0) -> StageModule:
+    return StageModule(id=id_, name=name, spec={"sink_modules": sinks}, ready=ready, running=running)
 
 
 def test_active_modules_follow_the_sinks_downstream() -> None:
     rows = [_row(1, "a", ["b"]), _row(2, "b", ["c"]), _row(3, "c", ["b"]), _row(4, "x", [])]
     assert active_modules(rows) == set()
-    rows[1]["running"] = 1
+    rows[1] = replace(rows[1], running=1)
     assert active_modules(rows) == {"b", "c"}  # a is upstream of b: its work does not come from b
-    rows[0]["ready"] = 3
+    rows[0] = replace(rows[0], ready=3)
     assert active_modules(rows) == {"a", "b", "c"}
 
 
 def test_starved_modules_need_ready_tasks_and_a_job_waiting_for_nodes_or_limits() -> None:
     rows = [_row(1, "w", [], ready=5), _row(2, "s", [])]
 
-    def job(module_id: int, reason: str, state: str = "PENDING", draining: bool = False) -> dict[str, object]:
-        return {"module_id": module_id, "reason": reason, "state": state, "draining": draining, "ended_at": None}
+    def job(module_id: int, reason: str, state: str = "PENDING", draining: bool = False) -> StageJobRow:
+        return StageJobRow(id=1, module_id=module_id, slurm_job_id="7", reason=reason, state=state,
+                           draining=draining, ended_at=None)
 
     assert starved_modules(rows, [job(1, "Resources")]) == {"w": "Resources"}
     assert starved_modules(rows, [job(1, "AssocGrpCpuLimit")]) == {"w": "AssocGrpCpuLimit"}
