@@ -13,9 +13,9 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from scalebox_hpc.db import outbox
-from scalebox_hpc.db.connection import Connection, connect, is_retryable, redact, translate_errors
+from scalebox_hpc.db.connection import Connection, connect, is_retryable, translate_errors
 from scalebox_hpc.db.sql import query
-from scalebox_hpc.errors import InvalidMessageError, NotFoundError, PrivilegeError
+from scalebox_hpc.errors import InvalidMessageError, NotFoundError
 from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
     Beat,
     Completion,
@@ -77,20 +77,6 @@ def _to_outbox(routed: Iterable[tuple[ModuleRef, Message]], result: TaskResult, 
     if any(ref.remote is not None for ref, _ in routed):
         return True
     return result.finish_text is not None and any(ref.remote is not None for ref in modules.values())
-
-
-@contextlib.contextmanager
-def _refusals_as_errors(dsn: str) -> Iterator[None]:
-    """A queue function's refusal (an app, slot or module of another owner than the one the
-    connected role acts for: insufficient_privilege) as a PrivilegeError naming it."""
-    try:
-        yield
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise PrivilegeError(
-            f"the database refused: {exc.diag.message_primary or exc}", dsn=redact(dsn),
-            hint="a launcher acts only on the apps of the owner its database role launches for "
-                 "(`scalebox db grant OWNER --launcher`)",
-        ) from exc
 
 
 @contextlib.contextmanager
@@ -195,7 +181,7 @@ class PgQueue:
             self._conn = None
 
     def _run(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
+        with translate_errors(self.dsn):
             try:  # one statement = one implicit transaction (autocommit): one round trip
                 cur = self.conn.execute(query(name), params)
                 return cur.fetchall() if cur.description else []
@@ -241,7 +227,7 @@ class PgQueue:
         params = claim_params(app_id, module_id, host, slots, lease_seconds)
         if semaphore is None:
             return _by_slot(self._run("claim", params))
-        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
+        with translate_errors(self.dsn):
             try:
                 with self.conn.transaction():
                     sem = {"app_id": app_id, "name": semaphore}
@@ -293,7 +279,7 @@ class PgQueue:
             "messages": Jsonb(_message_rows(routed, TaskStatus.READY, None)),
             "finish_text": result.finish_text,
         }
-        with translate_errors(self.dsn), _refusals_as_errors(self.dsn), _duplicates_as_invalid():
+        with translate_errors(self.dsn), _duplicates_as_invalid():
             try:
                 row = self.conn.execute(query("complete_task"), params).fetchone()
             except psycopg.Error as exc:
@@ -421,7 +407,7 @@ class PgQueue:
         launcher's own app: see :func:`scalebox_hpc.db.services.serve`."""
         from scalebox_hpc.db import services
 
-        with translate_errors(self.dsn), _refusals_as_errors(self.dsn):
+        with translate_errors(self.dsn):
             try:
                 return services.serve(self.conn, app_id, request)
             except psycopg.Error as exc:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from scalebox_hpc import servicefile
+from scalebox_hpc import embedded, servicefile
 from scalebox_hpc.dbserve import job, server
 from scalebox_hpc.errors import EmbeddedDatabaseError
 from scalebox_hpc.servicefile import ServiceInfo
@@ -29,7 +29,7 @@ def _refuse_if_served(lay: server.Layout, info: ServiceInfo | None) -> None:
     if info.job_id is not None:
         raise EmbeddedDatabaseError(f"the database is already served by Slurm job {info.job_id} on {info.host}",
                                     hint="`scalebox db stop` it first")
-    if info.host not in server.host_names() or server.postmaster_pid(Path(info.data)) is not None:
+    if info.host not in server.host_names() or embedded.postmaster_pid(Path(info.data)) is not None:
         raise EmbeddedDatabaseError(f"the database is already served on {info.host}:{info.port}",
                                     hint="`scalebox db stop` it first (on that host)")
     # else: a service file left by a server of this host that is gone (a reboot): serve again

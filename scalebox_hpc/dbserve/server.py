@@ -263,11 +263,6 @@ def socket_dir(user: str | None) -> Path:
     return path
 
 
-def postmaster_pid(data: Path) -> int | None:
-    """The pid of the server running on ``data`` on this host, if any."""
-    return embedded.postmaster_pid(data)
-
-
 def start(lay: Layout, user: str | None, *, detach: bool) -> subprocess.Popen[bytes]:
     """Start postgres on the data dir (in its own session when detached)."""
     with lay.log.open("ab") as log:
@@ -361,7 +356,7 @@ def release(served: Served) -> None:
 
 def shutdown(data: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 120.0) -> bool:
     """Fast shutdown (SIGINT: sessions ended, a checkpoint written); False if it was not running."""
-    pid = proc.pid if proc is not None and proc.poll() is None else postmaster_pid(data)
+    pid = proc.pid if proc is not None and proc.poll() is None else embedded.postmaster_pid(data)
     if pid is None:
         return False
     try:
@@ -370,7 +365,7 @@ def shutdown(data: Path, proc: subprocess.Popen[bytes] | None = None, timeout: f
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (proc.poll() is not None) if proc is not None else postmaster_pid(data) is None:
+        if (proc.poll() is not None) if proc is not None else embedded.postmaster_pid(data) is None:
             return True
         time.sleep(0.05)
     raise EmbeddedDatabaseError(f"the served PostgreSQL (pid {pid}) did not stop within {timeout:.0f} s")
