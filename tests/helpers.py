@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 def write_app(root: Path, yaml_text: str, scripts: dict[str, str]) -> Path:
     """Write app.yaml and module scripts ({"calc/run.sh": "..."}, made executable); returns app.yaml."""
@@ -35,3 +37,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an init that reaps late, as in a container, keeps zombies around)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -20,7 +20,7 @@ import pytest
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import RunSpec, Session, SessionSpec
 from scalebox_hpc.runtime.local import LocalRuntime
-from tests.helpers import wait_until
+from tests.helpers import running, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,14 +45,6 @@ def script(slot: SessionSpec, text: str, name: str = "run.sh") -> Path:
 def run_spec(slot: SessionSpec, path: Path) -> RunSpec:
     return RunSpec(argv=[str(path), "body", "{}"], cwd=slot.work_dir, env={"PATH": os.environ["PATH"]},
                    stdout_path=slot.private_dir / "run.out", stderr_path=slot.private_dir / "run.err")
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an init that reaps late keeps zombies around a while)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def named(pid: int, log: str) -> bool:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from scalebox_hpc.runtime import fence
+from tests.helpers import running
 
 
 @pytest.fixture
@@ -40,16 +41,9 @@ def start(script: str) -> tuple[subprocess.Popen[str], int | None]:
     return proc, int(line) if line else None
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def finish(proc: subprocess.Popen[str], bg: int | None) -> None:
     proc.wait()
-    if bg is not None and alive(bg):
+    if bg is not None and running(bg):
         os.kill(bg, signal.SIGKILL)
 
 
@@ -69,7 +63,7 @@ def test_a_leftover_in_another_process_group_is_found_in_the_window(scans: list[
     try:
         left = fence.end_session(proc.pid, grace=1.0)
         assert bg in {p.pid for p in left}
-        assert not alive(bg)
+        assert not running(bg)
     finally:
         finish(proc, bg)
 
@@ -85,7 +79,7 @@ def test_too_many_forks_meanwhile_falls_back_to_the_full_scan(
     monkeypatch.setattr(fence, "_forks", lambda: forks + fence._pid_max())
     try:
         left = fence.end_session(proc.pid, grace=1.0)
-        assert bg in {p.pid for p in left} and not alive(bg)
+        assert bg in {p.pid for p in left} and not running(bg)
     finally:
         finish(proc, bg)
     assert scans and scans[0] == {proc.pid}
