@@ -1602,6 +1602,7 @@ CREATE TABLE sbx_outbox (
 );
 CREATE INDEX sbx_outbox_pending_idx ON sbx_outbox (remote, id) WHERE delivered_at IS NULL;
 CREATE INDEX sbx_outbox_app_idx ON sbx_outbox (app_id, id) WHERE delivered_at IS NULL;
+CREATE INDEX sbx_outbox_delivered_idx ON sbx_outbox (delivered_at) WHERE delivered_at IS NOT NULL;
 
 -- The keys of the messages this database received from others' outboxes (the idempotency keys).
 CREATE TABLE sbx_inbox (
@@ -1748,10 +1749,18 @@ LANGUAGE sql STABLE SECURITY DEFINER AS $$
 $$;
 
 -- queries.sql outbox_delivered
+-- Also deletes delivered rows older than an hour (0024): the table stays bounded by about an
+-- hour of traffic; pending rows are never deleted.
 CREATE FUNCTION sbx_l_outbox_delivered_v1(p_ids bigint[]) RETURNS void
 LANGUAGE sql SECURITY DEFINER AS $$
     UPDATE sbx_outbox SET delivered_at = now(), last_error = NULL
-    WHERE id = ANY(p_ids) AND delivered_at IS NULL AND app_id IN (SELECT sbx_l_own_apps_v1())
+    WHERE id = ANY(p_ids) AND delivered_at IS NULL AND app_id IN (SELECT sbx_l_own_apps_v1());
+    DELETE FROM sbx_outbox
+    WHERE id IN (SELECT o.id FROM sbx_outbox o
+                 WHERE o.delivered_at < now() - interval '1 hour'
+                   AND o.app_id IN (SELECT sbx_l_own_apps_v1())
+                 ORDER BY o.delivered_at
+                 LIMIT 1000 + 2 * coalesce(cardinality(p_ids), 0));
 $$;
 
 -- queries.sql outbox_failed: a delivery to this remote failed; its pending rows (of the apps the

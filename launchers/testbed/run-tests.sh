@@ -157,7 +157,7 @@ fi
 
 phase_start pytest
 rc=0
-pytest -q "$@" || rc=$?
+pytest -q --durations=30 "$@" || rc=$?
 if [ "$rc" = 5 ]; then
   phase_end "FAILED (no tests collected)"
   echo "[testbed] FAILURE: pytest collected no tests (exit 5) for: ${*:-<default testpaths>}" >&2

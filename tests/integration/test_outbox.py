@@ -179,6 +179,24 @@ def test_delivery_is_exactly_once_and_in_order(pg_dsn: str, db2: str, tmp_path: 
     assert headers is not None and headers["headers"]["i"] == 7
 
 
+def test_delivered_rows_older_than_an_hour_go_with_the_next_delivery(pg_dsn: str, db2: str, tmp_path: Path) -> None:
+    app1, app2 = _parts(pg_dsn, db2, tmp_path)
+    _queue_outbox(pg_dsn, app1, 30)
+    assert [d.sent for d in outbox.relay(pg_dsn)] == [30]
+    with connect(pg_dsn) as conn:  # 20 of them were delivered two hours ago, 10 just now
+        conn.execute("UPDATE sbx_outbox SET delivered_at = now() - interval '2 hours' WHERE id IN "
+                     "(SELECT id FROM sbx_outbox ORDER BY id LIMIT 20)")
+        conn.execute("INSERT INTO sbx_outbox (app_id, remote, remote_app_id, module, body, created_at) "
+                     "VALUES (%s, 'postgresql://127.0.0.1:1/closed', 1, 'recv', 'late', now() - interval '3 hours')",
+                     (app1,))
+    _queue_outbox(pg_dsn, app1, 5)
+    assert sorted((d.sent, d.error is None) for d in outbox.relay(pg_dsn)) == [(0, False), (5, True)]
+    left = _outbox(pg_dsn)
+    assert len(left) == 16  # the 10 recent and the 5 new delivered rows, and the pending one
+    assert [r["body"] for r in left if r["delivered_at"] is None] == ["late"]  # pending: never purged
+    assert _keys(db2) == 35  # every row reached the remote once (the 5 new bodies repeat old ones)
+
+
 def test_killed_between_remote_commit_and_local_mark_delivers_once(pg_dsn: str, db2: str, tmp_path: Path) -> None:
     app1, app2 = _parts(pg_dsn, db2, tmp_path)
     _queue_outbox(pg_dsn, app1, 40)
