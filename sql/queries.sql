@@ -1130,6 +1130,15 @@ SELECT sbx_l_outbox_delivered_v1(%(ids)s::bigint[]);
 -- A delivery to this remote failed: its pending rows wait (exponential backoff, at most 5 minutes).
 SELECT sbx_l_outbox_failed_v1(%(remote)s::text, %(error)s::text);
 
+-- name: outbox_low_water
+-- The sender apps' lowest pending outbox ids (keys below them are never needed again, 0024).
+SELECT source, below FROM sbx_l_outbox_low_water_v1(%(app_ids)s::bigint[]);
+
+-- name: outbox_forget
+-- In the receiver's database, in the delivery's transaction: a sender's keys it will never need
+-- again (row security limits it to the relaying role's apps there).
+DELETE FROM sbx_inbox WHERE source = %(source)s::uuid AND outbox_id < %(below)s::bigint;
+
 -- name: outbox_receive
 SELECT sbx_receive_v1(%(rows)s::jsonb) AS received;
 

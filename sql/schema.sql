@@ -1763,6 +1763,18 @@ LANGUAGE sql SECURITY DEFINER AS $$
                  LIMIT 1000 + 2 * coalesce(cardinality(p_ids), 0));
 $$;
 
+-- queries.sql outbox_low_water: per sender app, the lowest id still pending in its outbox (any
+-- remote), 0 when none: every row below it was delivered and marked, so is never sent again,
+-- and the receiver may forget its key (0024).
+CREATE FUNCTION sbx_l_outbox_low_water_v1(p_app_ids bigint[])
+RETURNS TABLE (source uuid, below bigint)
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    SELECT a.uid, COALESCE((SELECT min(o.id) FROM sbx_outbox o
+                            WHERE o.app_id = a.id AND o.delivered_at IS NULL), 0)
+    FROM sbx_apps a
+    WHERE a.id = ANY(p_app_ids) AND a.id IN (SELECT sbx_l_own_apps_v1())
+$$;
+
 -- queries.sql outbox_failed: a delivery to this remote failed; its pending rows (of the apps the
 -- caller acts on) wait, with an exponential backoff of at most 5 minutes.
 CREATE FUNCTION sbx_l_outbox_failed_v1(p_remote text, p_error text) RETURNS void
@@ -1781,7 +1793,7 @@ BEGIN
              WHERE p.pronamespace = current_schema()::regnamespace
                AND p.proname IN ('sbx_l_remote_sinks_v1', 'sbx_l_outbox_remotes_v1', 'sbx_l_outbox_pending_v1',
                                  'sbx_l_outbox_delivered_v1', 'sbx_l_outbox_failed_v1', 'sbx_l_check_targets_v1',
-                                 'sbx_l_module_activity_v1') LOOP
+                                 'sbx_l_module_activity_v1', 'sbx_l_outbox_low_water_v1') LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f.sig, current_schema());
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
     END LOOP;

@@ -37,10 +37,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from scalebox_hpc.db.connection import Connection, connect, redact
 from scalebox_hpc.db.sql import query
+from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import ConflictAction, ModuleRef
 
 if TYPE_CHECKING:  # pydantic stays out of the queue's import (`scalebox task add` start time)
@@ -147,6 +149,7 @@ def _send(local: Connection, rconn: Connection, rows: list[dict[str, Any]], out:
     if messages:
         with rconn.transaction():
             got = rconn.execute(query("outbox_receive"), {"rows": Jsonb(_message_rows(messages))}).fetchone()
+            _forget(local, rconn, {int(r["app_id"]) for r in messages})
         _fault("exit-after-remote-commit")
         local.execute(query("outbox_delivered"), {"ids": [int(r["id"]) for r in messages]})
         out.sent += len(messages)
@@ -163,6 +166,21 @@ def _send(local: Connection, rconn: Connection, rows: list[dict[str, Any]], out:
     local.execute(query("outbox_delivered"), {"ids": [int(fin["id"])]})
     out.sent += 1
     return True
+
+
+def _forget(local: Connection, rconn: Connection, app_ids: set[int]) -> None:
+    """Let the receiver forget the keys of rows these sender apps will never send again (below
+    each app's lowest pending id, this batch included: its keys stay until it is marked), in the
+    delivery's remote transaction. Best effort, in a savepoint: a receiver that refuses (a role
+    without DELETE there) keeps its keys, and the delivery goes on."""
+    marks = local.execute(query("outbox_low_water"), {"app_ids": sorted(app_ids)}).fetchall()
+    try:
+        with rconn.transaction():
+            for m in marks:
+                if int(m["below"]) > 0:
+                    rconn.execute(query("outbox_forget"), {"source": str(m["source"]), "below": int(m["below"])})
+    except (psycopg.Error, ScaleboxError) as exc:
+        logger.debug("outbox: the receiver keeps its keys (%s)", _one_line(exc))
 
 
 def deliver(local: Connection, remote: str, *, limit: int = BATCH, max_rows: int = PASS_ROWS,

@@ -30,6 +30,7 @@ from scalebox_hpc.pipeline import load_pipeline
 from tests.components import need, pg2_available, pg2_dsn
 from tests.conftest import REPO, _with_db
 from tests.helpers import write_app
+from tests.integration.test_launcher_role import Site, site  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.pg
 
@@ -169,18 +170,21 @@ def test_delivery_is_exactly_once_and_in_order(pg_dsn: str, db2: str, tmp_path: 
     assert [(d.sent, d.received, d.error) for d in done] == [(250, 250, None)]
     assert _remote_tasks(db2, app2) == [f"m{i:05d}" for i in range(250)]
     assert outbox.relay(pg_dsn, force=True) == []  # nothing pending: nothing to do
-    with connect(pg_dsn) as conn:  # a delivery tried again (as after a crash): the keys skip all of it
-        conn.execute("UPDATE sbx_outbox SET delivered_at = NULL")
+    # Each batch told the receiver the sender's lowest pending id: the keys of the first two
+    # batches are forgotten; the last batch's stay (it was pending while it was delivered).
+    assert _keys(db2) == 50
+    with connect(pg_dsn) as conn:  # that batch tried again (as after a crash before its mark): skipped
+        conn.execute("UPDATE sbx_outbox SET delivered_at = NULL WHERE id > (SELECT min(id) + 199 FROM sbx_outbox)")
     again = outbox.relay(pg_dsn, force=True)
-    assert [(d.sent, d.received) for d in again] == [(250, 0)]
-    assert len(_remote_tasks(db2, app2)) == 250 and _keys(db2) == 250
+    assert [(d.sent, d.received) for d in again] == [(50, 0)]
+    assert len(_remote_tasks(db2, app2)) == 250 and _keys(db2) == 50
     with connect(db2) as conn:
         headers = conn.execute("SELECT headers FROM sbx_tasks WHERE body = 'm00007'").fetchone()
     assert headers is not None and headers["headers"]["i"] == 7
 
 
 def test_delivered_rows_older_than_an_hour_go_with_the_next_delivery(pg_dsn: str, db2: str, tmp_path: Path) -> None:
-    app1, app2 = _parts(pg_dsn, db2, tmp_path)
+    app1, _ = _parts(pg_dsn, db2, tmp_path)
     _queue_outbox(pg_dsn, app1, 30)
     assert [d.sent for d in outbox.relay(pg_dsn)] == [30]
     with connect(pg_dsn) as conn:  # 20 of them were delivered two hours ago, 10 just now
@@ -194,7 +198,9 @@ def test_delivered_rows_older_than_an_hour_go_with_the_next_delivery(pg_dsn: str
     left = _outbox(pg_dsn)
     assert len(left) == 16  # the 10 recent and the 5 new delivered rows, and the pending one
     assert [r["body"] for r in left if r["delivered_at"] is None] == ["late"]  # pending: never purged
-    assert _keys(db2) == 35  # every row reached the remote once (the 5 new bodies repeat old ones)
+    # the 5 new rows were received (new keys), the first 30's keys forgotten: all are below the
+    # sender's lowest pending id (the late row's), so none of them is ever sent again
+    assert _keys(db2) == 5
 
 
 def test_killed_between_remote_commit_and_local_mark_delivers_once(pg_dsn: str, db2: str, tmp_path: Path) -> None:
@@ -266,10 +272,13 @@ def test_two_relays_at_once_deliver_each_message_once(pg_dsn: str, db2: str, tmp
         t.start()
     for t in threads:
         t.join(120)
-    outbox.relay(pg_dsn, force=True)  # whatever the busy skips left
+    last = outbox.relay(pg_dsn, force=True)  # whatever the busy skips left
     bodies = _remote_tasks(db2, app2)
-    assert len(bodies) == 600 and len(set(bodies)) == 600 and _keys(db2) == 600
-    assert sum(d.received for r in results for d in r) <= 600
+    assert len(bodies) == 600 and len(set(bodies)) == 600
+    # each message received (a new key inserted) exactly once: keys are forgotten only below
+    # the sender's lowest pending id, so a duplicate would have been received again
+    assert sum(d.received for r in [*results, last] for d in r) == 600
+    assert _keys(db2) == 50  # the last batch's: every row below it was marked delivered
     assert all(r["delivered_at"] is not None for r in _outbox(pg_dsn))
 
 
@@ -499,3 +508,22 @@ def test_a_module_no_module_of_its_part_feeds_never_idles_in_a_split_app(
     assert q1.module_activity(app1, m1["send"].id) == ("RUNNING", True)  # fed by nothing here
     assert q1.module_activity(app1, m1["local"].id) == ("RUNNING", False)  # fed by send, which is quiet
     assert q2.module_activity(app2, m2["recv"].id) == ("RUNNING", False)  # app 2 sends nowhere: not split
+
+
+def test_a_launcher_role_relays_its_owners_outbox_and_the_keys_are_forgotten(
+        site: Site, db2: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    """The relay as a launcher role (no table privileges, migrations 0019 and 0024): it reads the
+    low-water mark through its function and delivers its owner's rows exactly once."""
+    spec2 = load_pipeline(write_app(tmp_path / "p2", RECV, {"recv/run.sh": "true\n"}))
+    with connect(db2) as conn:
+        app2 = apps.create_app(conn, spec2)
+    spec1 = load_pipeline(write_app(tmp_path / "p1", SEND.format(server=db2, app_id=app2),
+                                    {"send/run.sh": "true\n", "local/run.sh": "true\n"}))
+    with connect(site.dsn(site.alice)) as conn:
+        app1 = apps.create_app(conn, spec1)
+    _queue_outbox(site.dsn(site.alice), app1, 120)
+    done = outbox.relay(site.dsn(site.a_launcher), limit=50)
+    assert [(d.sent, d.received, d.error) for d in done] == [(120, 120, None)]
+    assert _remote_tasks(db2, app2) == [f"m{i:05d}" for i in range(120)]
+    assert _keys(db2) == 20  # the last batch's; the first two batches' keys forgotten
+    assert outbox.relay(site.dsn(site.b_launcher), force=True) == []  # bob's launcher sees none of it
