@@ -174,11 +174,12 @@ class Client:
 
         self.settings: Settings = settings or Settings.from_environ()
         """What this client read from the environment (SCALEBOX_*), passed to what it runs."""
-        resolved = dsn or configured_dsn(self.settings.environ)
-        self.dsn: str = resolved if resolved is not None else embedded.ensure_running()
+        resolved = dsn or configured_dsn(self.settings)
+        self.dsn: str = resolved if resolved is not None else embedded.ensure_running(
+            embedded.data_home(self.settings))
         """The database in use."""
         self.work_root: Path = resolve_root(os.fspath(work_root) if work_root is not None else None, self.settings)
-        self._conn: Connection | None = connect(self.dsn)
+        self._conn: Connection | None = connect(self.dsn, pooler=self.settings.db_pooler)
         try:
             with translate_errors(self.dsn):
                 schema.ensure(self._conn, create=True)

@@ -31,7 +31,7 @@ def db_init() -> None:
     from scalebox_hpc.db.connection import connect, redact, translate_errors
 
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         created = schema.init(conn)
     click.echo(f"{'created' if created else 'already initialised'}: {redact(dsn)}")
 
@@ -40,8 +40,9 @@ def _dsn_without_schema() -> str:
     from scalebox_hpc import embedded
     from scalebox_hpc.db.connection import configured_dsn
 
-    dsn = configured_dsn(settings().environ)
-    return embedded.ensure_running() if dsn is None else dsn
+    site = settings()
+    dsn = configured_dsn(site)
+    return embedded.ensure_running(embedded.data_home(site)) if dsn is None else dsn
 
 
 @db.command("upgrade")
@@ -56,7 +57,7 @@ def db_upgrade() -> None:
     from scalebox_hpc.db.connection import connect, translate_errors
 
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         applied = schema.upgrade(conn)
     click.echo("applied: " + ", ".join(applied) if applied else "up to date")
 
@@ -92,7 +93,7 @@ def db_grant(role: str, viewer: bool, launcher: bool, launcher_role: str | None)
     if launcher_role is not None and not launcher:
         raise click.UsageError("--launcher-role goes with --launcher")
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         schema.ensure(conn, create=False)
         if not launcher:
             schema.grant(conn, role, viewer=viewer)
@@ -124,11 +125,12 @@ def db_status(as_json: bool) -> None:
     from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
     from scalebox_hpc.errors import DatabaseError
 
-    dsn = configured_dsn(settings().environ)
-    served = servicefile.load(servicefile.service_dir() / servicefile.SERVICE_FILE)
+    site = settings()
+    dsn = configured_dsn(site)
+    served = servicefile.load(servicefile.service_dir(site) / servicefile.SERVICE_FILE)
     kind = "configured"
     if dsn is None:
-        kind, dsn = "embedded", embedded.running_dsn()
+        kind, dsn = "embedded", embedded.running_dsn(embedded.data_home(site))
     elif served is not None and served.state != "stopped" and dsn == servicefile.dsn(served):
         kind = "served"
     info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
@@ -138,7 +140,7 @@ def db_status(as_json: bool) -> None:
     if dsn is not None:
         info["dsn"] = redact(dsn)
         try:
-            with connect(dsn) as conn, translate_errors(dsn):
+            with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
                 info["version"] = schema.current_version(conn)
         except DatabaseError as exc:
             if kind != "served":
@@ -176,7 +178,8 @@ def db_stop(timeout: float) -> None:
     if message is not None:
         click.echo(message)
         return
-    click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")
+    stopped = embedded.stop(embedded.data_home(settings()))
+    click.echo("stopped" if stopped else "the embedded PostgreSQL was not running")
 
 
 @db.command("serve")

@@ -128,7 +128,7 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
     spec = _load(file, env_files) if file is not None else None
     ensure_root(_work_root(work_root))  # refused (another user's, or anyone's) before any app is made
     dsn = resolve_dsn(create_schema=True, settings=settings())
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         if spec is not None:
             app_id = apps.create_app(conn, spec)
             click.echo(f"app {app_id} ({spec.name}) created", err=True)

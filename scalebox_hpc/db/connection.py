@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from psycopg.rows import DictRow, dict_row
 
 from scalebox_hpc import servicefile
 from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.settings import Settings
 
 Connection = psycopg.Connection[DictRow]
 
@@ -22,15 +22,16 @@ logger = logging.getLogger(__name__)
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
-def configured_dsn(environ: Mapping[str, str] | None = None) -> str | None:
-    """The DSN the user configured: SCALEBOX_DSN, else "" when PG* variables are set, else the
-    served database of the service file (``scalebox db serve``), else None."""
-    env = os.environ if environ is None else environ
-    if env.get("SCALEBOX_DSN"):
-        return env["SCALEBOX_DSN"]
-    if any(env.get(v) for v in _PG_VARS):
+def configured_dsn(settings: Settings | Mapping[str, str] | None = None) -> str | None:
+    """The DSN the user configured: the settings' SCALEBOX_DSN, else "" when PG* variables are
+    set, else the served database of the service file (``scalebox db serve``), else None.
+    ``settings``: the root's (a mapping or nothing is read as :meth:`Settings.of` does)."""
+    site = Settings.of(settings)
+    if site.dsn:
+        return site.dsn
+    if any(site.environ.get(v) for v in _PG_VARS):
         return ""  # libpq reads the PG* variables itself
-    return servicefile.service_dsn(env)
+    return servicefile.service_dsn(site)
 
 
 def redact(dsn: str) -> str:
@@ -125,18 +126,10 @@ POOLER_ENV = "SCALEBOX_DB_POOLER"
 ``none`` (or unset): a PostgreSQL server, or a pooler in session mode that accepts ``options``."""
 
 
-def behind_pooler(environ: Mapping[str, str] | None = None) -> bool:
-    """True when SCALEBOX_DB_POOLER=transaction (see :data:`POOLER_ENV`)."""
-    from scalebox_hpc.errors import ScaleboxError
-
-    env = os.environ if environ is None else environ
-    value = env.get(POOLER_ENV, "").strip().lower()
-    if value in ("", "none"):
-        return False
-    if value == "transaction":
-        return True
-    raise ScaleboxError(f"{POOLER_ENV}={value!r} is not a pooler mode",
-                        hint=f"set {POOLER_ENV}=transaction behind PgBouncer in transaction mode, else unset it")
+def behind_pooler(settings: Settings | Mapping[str, str] | None = None) -> bool:
+    """True when the settings say SCALEBOX_DB_POOLER=transaction (see :data:`POOLER_ENV`); an
+    unknown mode is a :class:`~scalebox_hpc.settings.SettingsError`."""
+    return Settings.of(settings).db_pooler
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -217,7 +210,8 @@ def connect(
     """Open one connection with dict rows, TCP keepalives and, when given, a statement timeout
     (seconds) on every statement; errors become DatabaseError.
 
-    ``pooler`` (default: :func:`behind_pooler`, i.e. SCALEBOX_DB_POOLER=transaction): the DSN
+    ``pooler`` (the roots pass their settings' ``db_pooler``; default, for library users:
+    :func:`behind_pooler` of this process's settings, i.e. SCALEBOX_DB_POOLER=transaction): the DSN
     leads to PgBouncer in transaction mode. Then nothing is prepared server-side (psycopg's
     automatic prepare names statements on a server connection that other clients share and
     this client may not get again) and the statement timeout is set in every transaction
