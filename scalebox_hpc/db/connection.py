@@ -14,6 +14,7 @@ from psycopg.rows import DictRow, dict_row
 from scalebox_hpc import servicefile
 from scalebox_hpc.errors import DatabaseError
 from scalebox_hpc.settings import Settings
+from scalebox_hpc.text import error_line
 
 Connection = psycopg.Connection[DictRow]
 
@@ -50,18 +51,6 @@ def redact(dsn: str) -> str:
     return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
 
 
-def _one_line(exc: BaseException) -> str:
-    """The error's one line: the server's primary message when it sent one (the rest of str()
-    may be CONTEXT lines, e.g. "PL/pgSQL function ... at RETURN QUERY" for an error inside a
-    queue function), else the last line of the client's text."""
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    if isinstance(primary, str) and primary.strip():
-        return " ".join(primary.split())
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 # SQLSTATE classes that mean "the database is away or changing hands, try again": connection
 # exceptions, a read-only server (HA fail-over to a standby), serialization failures and
 # deadlocks, insufficient resources (too many connections), operator intervention (a
@@ -93,24 +82,24 @@ def translate_errors(dsn: str) -> Iterator[None]:
     try:
         yield
     except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(f"schema missing: {_one_line(exc)}", dsn=redact(dsn)) from exc
+        raise SchemaError(f"schema missing: {error_line(exc)}", dsn=redact(dsn)) from exc
     except psycopg.errors.InsufficientPrivilege as exc:  # a role's limit (row security, a launcher role)
-        raise PrivilegeError(f"the database refused: {exc.diag.message_primary or _one_line(exc)}",
+        raise PrivilegeError(f"the database refused: {exc.diag.message_primary or error_line(exc)}",
                              dsn=redact(dsn)) from exc
     except psycopg.Error as exc:
         if (exc.sqlstate or "").startswith("40"):  # deadlock or serialization failure: the server is fine
-            raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {_one_line(exc)}); "
+            raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {error_line(exc)}); "
                                 "it can simply be run again", dsn=redact(dsn),
                                 hint="run the command again") from exc
         if is_retryable(exc):
-            raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
+            raise DatabaseError(f"cannot reach PostgreSQL: {error_line(exc)}", dsn=redact(dsn)) from exc
         if isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54"):
-            raise InvalidValueError(f"invalid value: {exc.diag.message_primary or _one_line(exc)}") from exc
+            raise InvalidValueError(f"invalid value: {exc.diag.message_primary or error_line(exc)}") from exc
         if isinstance(exc, psycopg.IntegrityError) and not isinstance(exc, psycopg.errors.UniqueViolation):
             # a slot, module or app that does not exist (a foreign key), a status the schema does
             # not know (a check): the caller's mistake, which no retry cures (duplicates are
             # left to the callers that know what a duplicate means)
-            raise InvalidValueError(f"refused by the database: {exc.diag.message_primary or _one_line(exc)}") from exc
+            raise InvalidValueError(f"refused by the database: {exc.diag.message_primary or error_line(exc)}") from exc
         raise
 
 
