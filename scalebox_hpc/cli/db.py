@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-if TYPE_CHECKING:
-    pass
-
 from scalebox_hpc.cli.common import JSON_OPTION, _dump, settings
+
+if TYPE_CHECKING:
+    from scalebox_hpc.settings import Settings
 
 
 @click.group()
@@ -120,12 +120,27 @@ def db_status(as_json: bool) -> None:
       scalebox db status
       scalebox db status --json
     """
-    from scalebox_hpc import embedded, servicefile
-    from scalebox_hpc.db import schema, sql
-    from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
-    from scalebox_hpc.errors import DatabaseError
+    info = _db_info(settings())
+    if as_json:
+        _dump(info)
+        return
+    for key, value in info.items():
+        if key == "served":
+            where = f"{value['host']}:{value['port']}" + (f" (job {value['job_id']}, node {value['node']})"
+                                                          if value["job_id"] else "")
+            click.echo(f"served: {value['state']} at {where}, generation {value['generation']}, "
+                       f"up since {value['up_since'] or '-'}")
+            continue
+        click.echo(f"{key}: {value}")
 
-    site = settings()
+
+def _db_info(site: Settings) -> dict[str, Any]:
+    """What ``db status`` shows: the kind of database, its DSN (redacted), the schema versions,
+    the served database's service file."""
+    from scalebox_hpc import embedded, servicefile
+    from scalebox_hpc.db import sql
+    from scalebox_hpc.db.connection import configured_dsn, redact
+
     dsn = configured_dsn(site)
     served = servicefile.load(servicefile.service_dir(site) / servicefile.SERVICE_FILE)
     kind = "configured"
@@ -139,25 +154,24 @@ def db_status(as_json: bool) -> None:
             "state", "host", "port", "database", "user", "job_id", "node", "generation", "up_since", "data")}
     if dsn is not None:
         info["dsn"] = redact(dsn)
-        try:
-            with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
-                info["version"] = schema.current_version(conn)
-        except DatabaseError as exc:
-            if kind != "served":
-                raise
-            # a hand-over in progress, or a job that died: where it is served is the answer
-            info["running"], info["error"] = False, str(exc)
-    if as_json:
-        _dump(info)
-        return
-    for key, value in info.items():
-        if key == "served":
-            where = f"{value['host']}:{value['port']}" + (f" (job {value['job_id']}, node {value['node']})"
-                                                          if value["job_id"] else "")
-            click.echo(f"served: {value['state']} at {where}, generation {value['generation']}, "
-                       f"up since {value['up_since'] or '-'}")
-            continue
-        click.echo(f"{key}: {value}")
+        info.update(_schema_version(dsn, site, served=kind == "served"))
+    return info
+
+
+def _schema_version(dsn: str, site: Settings, *, served: bool) -> dict[str, Any]:
+    """``{"version": N}``; for a served database that does not answer, ``running`` False and the error."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.errors import DatabaseError
+
+    try:
+        with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
+            return {"version": schema.current_version(conn)}
+    except DatabaseError as exc:
+        if not served:
+            raise
+        # a hand-over in progress, or a job that died: where it is served is the answer
+        return {"running": False, "error": str(exc)}
 
 
 @db.command("stop")

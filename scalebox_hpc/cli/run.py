@@ -11,6 +11,7 @@ import click
 if TYPE_CHECKING:
     from scalebox_hpc.db.apps import ModuleCounts
     from scalebox_hpc.db.connection import Connection
+    from scalebox_hpc.pipeline import AppSpec
 
 from scalebox_hpc.cli.common import (
     APP_OPTION,
@@ -118,7 +119,6 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
       scalebox run --app 3          # continue app 3 here (after fixing what stopped it)
     """
     from scalebox_hpc.apprun import run_here
-    from scalebox_hpc.db import apps
     from scalebox_hpc.db.connection import connect, translate_errors
     from scalebox_hpc.node import SignalPolicy, resolve_dsn
     from scalebox_hpc.runtime.paths import ensure_root
@@ -129,17 +129,7 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
     ensure_root(_work_root(work_root))  # refused (another user's, or anyone's) before any app is made
     dsn = resolve_dsn(create_schema=True, settings=settings())
     with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
-        if spec is not None:
-            app_id = apps.create_app(conn, spec)
-            click.echo(f"app {app_id} ({spec.name}) created", err=True)
-        else:
-            app_id = _app_id(conn, app)
-            with conn.transaction():
-                row = apps.get_app(conn, app_id)
-            if row["status"] == "FINISHED":
-                click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
-                sys.exit(0)
-            click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+        app_id = _created_or_continued(conn, spec, app)
         watcher = _RunWatcher(conn, app_id, timeout, quiet, grace)
         with watcher:
             watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
@@ -148,6 +138,25 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
                      settings=settings())
         final = watcher.summary()
     sys.exit(final)
+
+
+def _created_or_continued(conn: Connection, spec: AppSpec | None, app: int | None) -> int:
+    """The app ``scalebox run`` runs: created from ``spec``, else ``app`` (or the newest) when it
+    is not FINISHED; a FINISHED one ends the command (exit 0, nothing to run)."""
+    from scalebox_hpc.db import apps
+
+    if spec is not None:
+        app_id = apps.create_app(conn, spec)
+        click.echo(f"app {app_id} ({spec.name}) created", err=True)
+        return app_id
+    app_id = _app_id(conn, app)
+    with conn.transaction():
+        row = apps.get_app(conn, app_id)
+    if row["status"] == "FINISHED":
+        click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
+        sys.exit(0)
+    click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+    return app_id
 
 
 PROGRESS_SECONDS = 5.0
