@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from scalebox_hpc.db.apps import ModuleCounts
+    from scalebox_hpc.db.apps import ModuleCounts, StuckModule
     from scalebox_hpc.db.connection import Connection
     from scalebox_hpc.pipeline import AppSpec
 
@@ -280,8 +280,15 @@ class _RunWatcher:
         if row["result"]:
             click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
-        again = f"scalebox run --app {self.app_id}"
         stuck = judge.stuck or (apps.stuck_modules(counts, slots) if pending and not judge.interrupted else [])
+        self._explain(row, failed, pending, stuck)
+        return 1 if failed or pending or judge.timed_out or stuck else 0
+
+    def _explain(self, row: dict[str, Any], failed: int, pending: int, stuck: list[StuckModule]) -> None:
+        """Why the run ended with work left (stuck modules, the timeout, a stop, slots gone), or
+        without a result; nothing for a run that finished."""
+        judge = self.judge
+        again = f"scalebox run --app {self.app_id}"
         if stuck:
             for s in stuck:
                 stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
@@ -299,4 +306,3 @@ class _RunWatcher:
         elif row["status"] != "FINISHED" and not failed and not row["result"]:
             click.echo(f"scalebox: app {self.app_id} ended idle without a result "
                        "(no task called `scalebox app set-finished`)", err=True)
-        return 1 if failed or pending or judge.timed_out or stuck else 0
