@@ -99,7 +99,8 @@ def build(
 ) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
-    listener = Listener(listen_dsn(dsn, settings), wakeups.notify)  # None: no LISTEN, the slots poll
+    # no listen DSN: no LISTEN, the slots poll
+    listener = Listener(listen_dsn(dsn, settings), wakeups.notify, pooler=settings.db_pooler)
     launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(settings, local_scratch=config.local_scratch),
                         wakeups, may_idle_exit=may_idle_exit)
     return launcher, listener

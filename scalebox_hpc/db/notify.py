@@ -43,10 +43,14 @@ def listen_dsn(dsn: str, settings: Settings | Mapping[str, str] | None = None) -
 
 class Listener:
     """Calls ``on_hint(module_id)`` for every NOTIFY on the task channel until stopped; with
-    ``dsn`` None it does nothing (``ready`` is set at start: there is nothing to wait for)."""
+    ``dsn`` None it does nothing (``ready`` is set at start: there is nothing to wait for).
+    ``pooler``: what :func:`~scalebox_hpc.db.connection.connect` takes (the root passes its
+    settings' ``db_pooler``; None: this process's settings)."""
 
-    def __init__(self, dsn: str | None, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0) -> None:
+    def __init__(self, dsn: str | None, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0,
+                 pooler: bool | None = None) -> None:
         self.dsn = dsn
+        self.pooler = pooler
         self.on_hint = on_hint
         self.reconnect_seconds = reconnect_seconds
         self._stop = threading.Event()
@@ -82,7 +86,7 @@ class Listener:
         """Listen until stopped (True) or, when the DSN turns out to lead to a pooler nobody
         declared, not at all (False)."""
         assert self.dsn is not None  # start() runs no thread without one
-        with connect(self.dsn, autocommit=True) as conn:
+        with connect(self.dsn, autocommit=True, pooler=self.pooler) as conn:
             if known_pooler(self.dsn):  # a LISTEN through it would never hear anything
                 logger.info("no LISTEN: %s leads to a pooler (set %s to a direct DSN for hints); slots poll only",
                             redact(self.dsn), LISTEN_DSN_ENV,
