@@ -51,7 +51,7 @@ def launcher_config(app_id: int, *, root: Path, modules: tuple[str, ...] = (), s
     from scalebox_hpc.settings import Settings
 
     site = settings or Settings.from_environ()
-    name = host or host_name(site.environ)
+    name = host or host_name(site)
     scratch = local_scratch or site.local_scratch
     return LauncherConfig(app_id=app_id, host=name, work_root=root, modules=modules, slots=slots, local=local,
                           local_scratch=Path(scratch.replace("${HOST}", name)).absolute() if scratch else None)

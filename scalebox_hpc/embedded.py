@@ -20,6 +20,7 @@ import psycopg
 
 from scalebox_hpc import servicefile
 from scalebox_hpc.errors import EmbeddedDatabaseError
+from scalebox_hpc.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ _START = (
 )
 
 
-def data_home() -> Path:
-    """Where scalebox keeps per-user state: $SCALEBOX_HOME, else $XDG_DATA_HOME/scalebox_hpc."""
-    return servicefile.data_home()
+def data_home(settings: Settings | None = None) -> Path:
+    """Where scalebox keeps per-user state: the settings' SCALEBOX_HOME, else
+    $XDG_DATA_HOME/scalebox_hpc (the roots pass their settings, or this as ``home`` below;
+    without, this process's settings, for library users)."""
+    return servicefile.data_home(settings)
 
 
 def _pgdata(home: Path) -> Path:

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,13 +94,14 @@ def use_format(name: str | None) -> None:
     _chosen = None if name is None else _checked(name)
 
 
-def chosen_format(environ: Mapping[str, str] | None = None) -> str:
-    """:func:`use_format`'s choice, else ``SCALEBOX_LOG_FORMAT`` of ``environ`` when given, else
-    ``text``. Reads no environment itself: the roots choose (the ``scalebox`` group calls
-    :func:`use_format` with ``--log-format``, else the settings' ``log_format``)."""
+def chosen_format(setting: str | None = None) -> str:
+    """:func:`use_format`'s choice, else ``setting`` (a root's ``Settings.log_format``: the
+    ``SCALEBOX_LOG_FORMAT`` it read) when given, else ``text``. Reads no environment itself: the
+    roots choose (the ``scalebox`` group calls :func:`use_format` with ``--log-format``, else the
+    settings' ``log_format``)."""
     if _chosen is not None:
         return _chosen
-    value = ("" if environ is None else environ.get(LOG_FORMAT_ENV, "")).strip().lower()
+    value = (setting or "").strip().lower()
     return _checked(value) if value else "text"
 
 

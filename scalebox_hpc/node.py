@@ -61,10 +61,11 @@ def configure_logging(verbose: int = 0) -> None:
 def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True, settings: Settings | None = None) -> str:
     """The database to use: SCALEBOX_DSN / PG* variables, else the embedded server (started
     on demand). The schema is checked (and created in an empty database when asked)."""
-    dsn = configured_dsn((settings or Settings.from_environ()).environ)
+    site = settings or Settings.from_environ()
+    dsn = configured_dsn(site)
     if dsn is None:
         if not start_embedded:
-            running = embedded.running_dsn()
+            running = embedded.running_dsn(embedded.data_home(site))
             if running is None:
                 from scalebox_hpc.errors import EmbeddedDatabaseError
 
@@ -74,8 +75,8 @@ def resolve_dsn(*, create_schema: bool = True, start_embedded: bool = True, sett
                 )
             dsn = running
         else:
-            dsn = embedded.ensure_running()
-    with connect(dsn) as conn, translate_errors(dsn):
+            dsn = embedded.ensure_running(embedded.data_home(site))
+    with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
         schema.ensure(conn, create=create_schema)
         conn.commit()
     return dsn
@@ -98,7 +99,8 @@ def build(
 ) -> tuple[Launcher, Listener]:
     """Wire the launcher for one host from concrete parts."""
     wakeups = Wakeups()
-    listener = Listener(listen_dsn(dsn, settings.environ), wakeups.notify)  # None: no LISTEN, the slots poll
+    # no listen DSN: no LISTEN, the slots poll
+    listener = Listener(listen_dsn(dsn, settings), wakeups.notify, pooler=settings.db_pooler)
     launcher = Launcher(config, lambda: PgQueue(dsn), make_runtime(settings, local_scratch=config.local_scratch),
                         wakeups, may_idle_exit=may_idle_exit)
     return launcher, listener
@@ -419,7 +421,7 @@ def run_mpi_stage(config: StageConfig, settings: Settings | None = None) -> int:
 def _open_mpi_stage(config: StageConfig, site: Settings) -> Opened:
     """Rank 0's database side: the stage's one connection. The schema check, the app lookup and
     the stage job's bookkeeping (drain checks, min_jobs, autoscale) go through it too."""
-    dsn = configured_dsn(site.environ) or resolve_dsn(create_schema=False, start_embedded=False, settings=site)
+    dsn = configured_dsn(site) or resolve_dsn(create_schema=False, start_embedded=False, settings=site)
     queue = PgQueue(dsn)
     with translate_errors(dsn):
         schema.ensure(queue.conn, create=False)

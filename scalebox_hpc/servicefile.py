@@ -31,6 +31,7 @@ import psycopg
 from psycopg import conninfo
 
 from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,20 @@ class ServiceInfo:
         return replace(self, **changes)
 
 
-def data_home(environ: Mapping[str, str] | None = None) -> Path:
-    """Where scalebox keeps per-user state: $SCALEBOX_HOME, else $XDG_DATA_HOME/scalebox_hpc."""
-    env = os.environ if environ is None else environ
-    if env.get("SCALEBOX_HOME"):
-        return Path(env["SCALEBOX_HOME"])
-    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def data_home(settings: Settings | Mapping[str, str] | None = None) -> Path:
+    """Where scalebox keeps per-user state: the settings' SCALEBOX_HOME, else
+    $XDG_DATA_HOME/scalebox_hpc (``settings``: the root's; a mapping or nothing is read as
+    :meth:`Settings.of` does, for older calls)."""
+    site = Settings.of(settings)
+    if site.home is not None:
+        return site.home
+    base = site.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "scalebox_hpc"
 
 
-def service_dir(environ: Mapping[str, str] | None = None) -> Path:
+def service_dir(settings: Settings | Mapping[str, str] | None = None) -> Path:
     """The directory of the service file, the pgpass file and the CA (``$SCALEBOX_HOME/service``)."""
-    return data_home(environ) / "service"
+    return data_home(settings) / "service"
 
 
 def _text(raw: Mapping[str, Any], key: str, *, empty: bool = False) -> str:
@@ -194,9 +197,9 @@ def dsn(info: ServiceInfo) -> str:
     )
 
 
-def service_dsn(environ: Mapping[str, str] | None = None) -> str | None:
+def service_dsn(settings: Settings | Mapping[str, str] | None = None) -> str | None:
     """The DSN from this user's service file, when it names a served database (not stopped)."""
-    info = load(service_dir(environ) / SERVICE_FILE)
+    info = load(service_dir(settings) / SERVICE_FILE)
     if info is None or info.state == "stopped":
         return None
     return dsn(info)

@@ -130,6 +130,14 @@ class Settings:
             environ=env,
         )
 
+    @classmethod
+    def of(cls, given: Settings | Mapping[str, str] | None = None) -> Settings:
+        """``given`` when it is settings already; else the settings read from the mapping ``given``
+        (default: this process's environment). For the public functions that take the roots'
+        settings but keep their older calls working (a mapping, or nothing: tests, benchmarks,
+        library users); scalebox's own code passes the settings its root built."""
+        return given if isinstance(given, Settings) else cls.from_environ(given)
+
 
 def path_list(text: str) -> tuple[Path, ...]:
     """The directories of a ``:``-separated list (``os.pathsep``), empty entries left out."""

@@ -1,4 +1,5 @@
-"""Text that others control (task output, results, bodies) made safe to show on a terminal.
+"""Text that others control (task output, results, bodies) made safe to show on a terminal, and
+an error as one line (:func:`error_line`).
 
 Only :mod:`re`: the CLI imports it at start-up, and ``scalebox task add`` starts once per
 emitted message."""
@@ -19,3 +20,24 @@ def terminal_safe(text: str) -> str:
     """``text`` without terminal escape sequences or control characters (tab and newline kept):
     what tasks print, or set as results, must not retitle, recolour or rewrite the viewer's terminal."""
     return _CONTROL.sub("", _TERMINAL_ESCAPE.sub("", text))
+
+
+def error_line(exc: BaseException, *, whole: bool = False, limit: int | None = None) -> str:
+    """``exc`` as one line for a message or a record (the class name when it has no text), at most
+    ``limit`` characters.
+
+    By default what a database server said: psycopg's ``diag.message_primary`` when it sent one
+    (the rest of ``str()`` may be CONTEXT lines, e.g. "PL/pgSQL function ... at RETURN QUERY"
+    for an error inside a queue function), else the last line of the text. ``whole``: every
+    line of the text, joined, white space folded (a relay's error, which may be any exception)."""
+    if whole:
+        line = " ".join(str(exc).split())
+    else:
+        diag = getattr(exc, "diag", None)
+        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        if isinstance(primary, str) and primary.strip():
+            line = " ".join(primary.split())
+        else:
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            line = lines[-1] if lines else ""
+    return line[:limit] or type(exc).__name__

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
 
 import click
-
-if TYPE_CHECKING:
-    pass
 
 from scalebox_hpc.cli.common import (
     APP_OPTION,

@@ -62,15 +62,16 @@ def _db(create_schema: bool = False) -> Iterator[Connection]:
         # a task has no database credentials (audit F5): without this, a call would start an
         # embedded database of its own, or use a DSN the task found, and act outside its app
         raise ServiceError("this command needs the database, and a running task has no access to it")
-    dsn = configured_dsn(settings().environ)
+    site = settings()
+    dsn = configured_dsn(site)
     # the private embedded database gets its schema on first use: a new user's first
     # `scalebox app list` says "no apps yet", not "run db init"
     create = create_schema or dsn is None
     if dsn is None:
         from scalebox_hpc import embedded
 
-        dsn = embedded.ensure_running()
-    with connect(dsn) as conn, translate_errors(dsn):
+        dsn = embedded.ensure_running(embedded.data_home(site))
+    with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
         schema.ensure(conn, create=create)
         conn.commit()
         yield conn

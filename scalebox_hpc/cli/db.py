@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-if TYPE_CHECKING:
-    pass
-
 from scalebox_hpc.cli.common import JSON_OPTION, _dump, settings
+
+if TYPE_CHECKING:
+    from scalebox_hpc.settings import Settings
 
 
 @click.group()
@@ -31,7 +31,7 @@ def db_init() -> None:
     from scalebox_hpc.db.connection import connect, redact, translate_errors
 
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         created = schema.init(conn)
     click.echo(f"{'created' if created else 'already initialised'}: {redact(dsn)}")
 
@@ -40,8 +40,9 @@ def _dsn_without_schema() -> str:
     from scalebox_hpc import embedded
     from scalebox_hpc.db.connection import configured_dsn
 
-    dsn = configured_dsn(settings().environ)
-    return embedded.ensure_running() if dsn is None else dsn
+    site = settings()
+    dsn = configured_dsn(site)
+    return embedded.ensure_running(embedded.data_home(site)) if dsn is None else dsn
 
 
 @db.command("upgrade")
@@ -56,7 +57,7 @@ def db_upgrade() -> None:
     from scalebox_hpc.db.connection import connect, translate_errors
 
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         applied = schema.upgrade(conn)
     click.echo("applied: " + ", ".join(applied) if applied else "up to date")
 
@@ -92,7 +93,7 @@ def db_grant(role: str, viewer: bool, launcher: bool, launcher_role: str | None)
     if launcher_role is not None and not launcher:
         raise click.UsageError("--launcher-role goes with --launcher")
     dsn = _dsn_without_schema()
-    with connect(dsn) as conn, translate_errors(dsn):
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
         schema.ensure(conn, create=False)
         if not launcher:
             schema.grant(conn, role, viewer=viewer)
@@ -119,32 +120,7 @@ def db_status(as_json: bool) -> None:
       scalebox db status
       scalebox db status --json
     """
-    from scalebox_hpc import embedded, servicefile
-    from scalebox_hpc.db import schema, sql
-    from scalebox_hpc.db.connection import configured_dsn, connect, redact, translate_errors
-    from scalebox_hpc.errors import DatabaseError
-
-    dsn = configured_dsn(settings().environ)
-    served = servicefile.load(servicefile.service_dir() / servicefile.SERVICE_FILE)
-    kind = "configured"
-    if dsn is None:
-        kind, dsn = "embedded", embedded.running_dsn()
-    elif served is not None and served.state != "stopped" and dsn == servicefile.dsn(served):
-        kind = "served"
-    info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
-    if served is not None:
-        info["served"] = {k: getattr(served, k) for k in (
-            "state", "host", "port", "database", "user", "job_id", "node", "generation", "up_since", "data")}
-    if dsn is not None:
-        info["dsn"] = redact(dsn)
-        try:
-            with connect(dsn) as conn, translate_errors(dsn):
-                info["version"] = schema.current_version(conn)
-        except DatabaseError as exc:
-            if kind != "served":
-                raise
-            # a hand-over in progress, or a job that died: where it is served is the answer
-            info["running"], info["error"] = False, str(exc)
+    info = _db_info(settings())
     if as_json:
         _dump(info)
         return
@@ -156,6 +132,46 @@ def db_status(as_json: bool) -> None:
                        f"up since {value['up_since'] or '-'}")
             continue
         click.echo(f"{key}: {value}")
+
+
+def _db_info(site: Settings) -> dict[str, Any]:
+    """What ``db status`` shows: the kind of database, its DSN (redacted), the schema versions,
+    the served database's service file."""
+    from scalebox_hpc import embedded, servicefile
+    from scalebox_hpc.db import sql
+    from scalebox_hpc.db.connection import configured_dsn, redact
+
+    dsn = configured_dsn(site)
+    served = servicefile.load(servicefile.service_dir(site) / servicefile.SERVICE_FILE)
+    kind = "configured"
+    if dsn is None:
+        kind, dsn = "embedded", embedded.running_dsn(embedded.data_home(site))
+    elif served is not None and served.state != "stopped" and dsn == servicefile.dsn(served):
+        kind = "served"
+    info: dict[str, Any] = {"kind": kind, "running": dsn is not None, "expected_version": sql.schema_version()}
+    if served is not None:
+        info["served"] = {k: getattr(served, k) for k in (
+            "state", "host", "port", "database", "user", "job_id", "node", "generation", "up_since", "data")}
+    if dsn is not None:
+        info["dsn"] = redact(dsn)
+        info.update(_schema_version(dsn, site, served=kind == "served"))
+    return info
+
+
+def _schema_version(dsn: str, site: Settings, *, served: bool) -> dict[str, Any]:
+    """``{"version": N}``; for a served database that does not answer, ``running`` False and the error."""
+    from scalebox_hpc.db import schema
+    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.errors import DatabaseError
+
+    try:
+        with connect(dsn, pooler=site.db_pooler) as conn, translate_errors(dsn):
+            return {"version": schema.current_version(conn)}
+    except DatabaseError as exc:
+        if not served:
+            raise
+        # a hand-over in progress, or a job that died: where it is served is the answer
+        return {"running": False, "error": str(exc)}
 
 
 @db.command("stop")
@@ -176,7 +192,8 @@ def db_stop(timeout: float) -> None:
     if message is not None:
         click.echo(message)
         return
-    click.echo("stopped" if embedded.stop() else "the embedded PostgreSQL was not running")
+    stopped = embedded.stop(embedded.data_home(settings()))
+    click.echo("stopped" if stopped else "the embedded PostgreSQL was not running")
 
 
 @db.command("serve")

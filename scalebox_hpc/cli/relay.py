@@ -7,17 +7,18 @@ from typing import Any
 
 import click
 
-from scalebox_hpc.cli.common import ID, JSON_OPTION, _dump, _one_line
+from scalebox_hpc.cli.common import ID, JSON_OPTION, _dump, _one_line, settings
 
 
 def _dsn() -> str:
     from scalebox_hpc.db.connection import configured_dsn
 
-    dsn = configured_dsn()
+    site = settings()
+    dsn = configured_dsn(site)
     if dsn is None:
         from scalebox_hpc import embedded
 
-        dsn = embedded.ensure_running()
+        dsn = embedded.ensure_running(embedded.data_home(site))
     return dsn
 
 

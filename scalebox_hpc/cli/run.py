@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from scalebox_hpc.db.apps import ModuleCounts
+    from scalebox_hpc.db.apps import ModuleCounts, StuckModule
     from scalebox_hpc.db.connection import Connection
+    from scalebox_hpc.pipeline import AppSpec
 
 from scalebox_hpc.cli.common import (
     APP_OPTION,
@@ -118,7 +119,6 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
       scalebox run --app 3          # continue app 3 here (after fixing what stopped it)
     """
     from scalebox_hpc.apprun import run_here
-    from scalebox_hpc.db import apps
     from scalebox_hpc.db.connection import connect, translate_errors
     from scalebox_hpc.node import SignalPolicy, resolve_dsn
     from scalebox_hpc.runtime.paths import ensure_root
@@ -128,18 +128,8 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
     spec = _load(file, env_files) if file is not None else None
     ensure_root(_work_root(work_root))  # refused (another user's, or anyone's) before any app is made
     dsn = resolve_dsn(create_schema=True, settings=settings())
-    with connect(dsn) as conn, translate_errors(dsn):
-        if spec is not None:
-            app_id = apps.create_app(conn, spec)
-            click.echo(f"app {app_id} ({spec.name}) created", err=True)
-        else:
-            app_id = _app_id(conn, app)
-            with conn.transaction():
-                row = apps.get_app(conn, app_id)
-            if row["status"] == "FINISHED":
-                click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
-                sys.exit(0)
-            click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+    with connect(dsn, pooler=settings().db_pooler) as conn, translate_errors(dsn):
+        app_id = _created_or_continued(conn, spec, app)
         watcher = _RunWatcher(conn, app_id, timeout, quiet, grace)
         with watcher:
             watcher.configure_logging(int(ctx.obj.get("verbose", 0)) if ctx.obj else 0)
@@ -148,6 +138,25 @@ def run_cmd(ctx: click.Context, env_files: tuple[str, ...], app: int | None, wor
                      settings=settings())
         final = watcher.summary()
     sys.exit(final)
+
+
+def _created_or_continued(conn: Connection, spec: AppSpec | None, app: int | None) -> int:
+    """The app ``scalebox run`` runs: created from ``spec``, else ``app`` (or the newest) when it
+    is not FINISHED; a FINISHED one ends the command (exit 0, nothing to run)."""
+    from scalebox_hpc.db import apps
+
+    if spec is not None:
+        app_id = apps.create_app(conn, spec)
+        click.echo(f"app {app_id} ({spec.name}) created", err=True)
+        return app_id
+    app_id = _app_id(conn, app)
+    with conn.transaction():
+        row = apps.get_app(conn, app_id)
+    if row["status"] == "FINISHED":
+        click.echo(f"app {app_id} ({_one_line(row['name'])}) is FINISHED: nothing to run", err=True)
+        sys.exit(0)
+    click.echo(f"app {app_id} ({_one_line(row['name'])}) continued here", err=True)
+    return app_id
 
 
 PROGRESS_SECONDS = 5.0
@@ -271,8 +280,15 @@ class _RunWatcher:
         if row["result"]:
             click.echo(terminal_safe(row["result"]))
             sys.stdout.flush()
-        again = f"scalebox run --app {self.app_id}"
         stuck = judge.stuck or (apps.stuck_modules(counts, slots) if pending and not judge.interrupted else [])
+        self._explain(row, failed, pending, stuck)
+        return 1 if failed or pending or judge.timed_out or stuck else 0
+
+    def _explain(self, row: dict[str, Any], failed: int, pending: int, stuck: list[StuckModule]) -> None:
+        """Why the run ended with work left (stuck modules, the timeout, a stop, slots gone), or
+        without a result; nothing for a run that finished."""
+        judge = self.judge
+        again = f"scalebox run --app {self.app_id}"
         if stuck:
             for s in stuck:
                 stage = f"srun --mpi=pmi2 ... scalebox launcher --mpi -m {s.module} --app {self.app_id}"
@@ -290,4 +306,3 @@ class _RunWatcher:
         elif row["status"] != "FINISHED" and not failed and not row["result"]:
             click.echo(f"scalebox: app {self.app_id} ended idle without a result "
                        "(no task called `scalebox app set-finished`)", err=True)
-        return 1 if failed or pending or judge.timed_out or stuck else 0

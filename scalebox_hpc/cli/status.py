@@ -138,7 +138,6 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
       scalebox status --json
     """
     from scalebox_hpc.cli import relay
-    from scalebox_hpc.db import apps
 
     with _db() as conn:
         app_id = _app_id(conn, app_or_id(app, app_id))
@@ -148,40 +147,75 @@ def status_cmd(app: int | None, app_id: int | None, watch: bool, as_json: bool) 
         relay.relay_now(app_id)  # a fallback deliverer of the outbox (messages to other databases)
         while True:
             conn.commit()  # each refresh in transactions of its own: now() moves, slots can look dead
-            parts = relay.remote_parts(conn, app_id)
-            jobs = _stage_jobs(conn, app_id)
-            row, state, slots = _app_state(conn, app_id)
-            rows = _status_rows(conn, app_id, slots)
-            for r in rows:
-                r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
-                _pending_reasons(r, jobs)
-            calls = _slurm_calls(conn, app_id)
-            failed = sum(r["failed"] for r in rows)
-            usage = None if watch else _usage(conn, app_id)  # a scan of the executions: not every second
+            snap = _snapshot(conn, app_id, watch)
             if as_json:
-                with conn.transaction():
-                    failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if failed else []
-                _dump({"app": {**{k: row[k] for k in ("id", "name", "status", "result")}, "state": state},
-                       "modules": rows,
-                       "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
-                                     "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
-                                    for f in failures],
-                       **({"remote_parts": parts} if parts else {}),
-                       **({"slurm_calls_last_minute": calls} if calls is not None else {}),
-                       **({"usage": [dataclasses.asdict(u) for u in usage]} if usage is not None else {})})
+                _dump_snapshot(conn, app_id, snap)
             else:
-                _print_status(row, rows, clear=watch, state=state)
-                click.echo(_one_line(_state_line(row, state, rows)))
-                _print_why(rows, app_id)
-                relay.print_remote_parts(parts)
-                if failed:
-                    _print_failures(conn, app_id, failed, err=False)
-                if calls is not None:
-                    click.echo(f"slurm: {calls} calls in the last minute")
-                _print_usage(usage)
-            if not watch or state in ("FINISHED", "IDLE"):
+                _print_snapshot(conn, app_id, snap, watch)
+            if not watch or snap.state in ("FINISHED", "IDLE"):
                 return
             time.sleep(1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """One refresh of ``status``: what it read, in the order it read it."""
+
+    parts: Any
+    row: dict[str, Any]
+    state: str
+    rows: list[dict[str, Any]]
+    calls: int | None
+    usage: list[Any] | None
+
+    @property
+    def failed(self) -> int:
+        """Failed tasks over all modules."""
+        return sum(r["failed"] for r in self.rows)
+
+
+def _snapshot(conn: Connection, app_id: int, watch: bool) -> _Snapshot:
+    from scalebox_hpc.cli import relay
+
+    parts = relay.remote_parts(conn, app_id)
+    jobs = _stage_jobs(conn, app_id)
+    row, state, slots = _app_state(conn, app_id)
+    rows = _status_rows(conn, app_id, slots)
+    for r in rows:
+        r["jobs"] = [f"{j['slurm_job_id']}:{j['state']}" for j in jobs if j["module"] == r["module"]]
+        _pending_reasons(r, jobs)
+    calls = _slurm_calls(conn, app_id)
+    usage = None if watch else _usage(conn, app_id)  # a scan of the executions: not every second
+    return _Snapshot(parts, row, state, rows, calls, usage)
+
+
+def _dump_snapshot(conn: Connection, app_id: int, snap: _Snapshot) -> None:
+    from scalebox_hpc.db import apps
+
+    with conn.transaction():
+        failures = apps.failed_tasks(conn, app_id, FAILURES_SHOWN) if snap.failed else []
+    _dump({"app": {**{k: snap.row[k] for k in ("id", "name", "status", "result")}, "state": snap.state},
+           "modules": snap.rows,
+           "failures": [{**{k: f[k] for k in ("id", "module", "body", "status", "attempts")},
+                         "last_line": apps.last_line(f["stderr"]) or apps.last_line(f["stdout"])}
+                        for f in failures],
+           **({"remote_parts": snap.parts} if snap.parts else {}),
+           **({"slurm_calls_last_minute": snap.calls} if snap.calls is not None else {}),
+           **({"usage": [dataclasses.asdict(u) for u in snap.usage]} if snap.usage is not None else {})})
+
+
+def _print_snapshot(conn: Connection, app_id: int, snap: _Snapshot, watch: bool) -> None:
+    from scalebox_hpc.cli import relay
+
+    _print_status(snap.row, snap.rows, clear=watch, state=snap.state)
+    click.echo(_one_line(_state_line(snap.row, snap.state, snap.rows)))
+    _print_why(snap.rows, app_id)
+    relay.print_remote_parts(snap.parts)
+    if snap.failed:
+        _print_failures(conn, app_id, snap.failed, err=False)
+    if snap.calls is not None:
+        click.echo(f"slurm: {snap.calls} calls in the last minute")
+    _print_usage(snap.usage)
 
 
 def _usage(conn: Connection, app_id: int) -> list[Any]:

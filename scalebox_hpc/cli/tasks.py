@@ -5,14 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
-
-from scalebox_hpc.errors import InvalidMessageError
-
-if TYPE_CHECKING:
-    pass
 
 from scalebox_hpc.cli.common import (
     APP_OPTION,
@@ -28,6 +23,7 @@ from scalebox_hpc.cli.common import (
     _one_line,
     terminal_safe,
 )
+from scalebox_hpc.errors import InvalidMessageError
 
 
 @click.group()
@@ -103,16 +99,24 @@ def task_add(
         if not _buffer_tasks(texts, from_file, hdrs, module):
             raise click.UsageError(f"{from_file} has no task body: every line is blank")
         return
+    written = _submit_tasks(app, module, hdrs, texts, from_file, initial=initial)
+    click.echo(f"added {written} task(s)")
+
+
+def _submit_tasks(app: int | None, module: str | None, headers: dict[str, Any], texts: list[str],
+                  from_file: str | None, *, initial: bool) -> int:
+    """``task add`` outside a task: one bulk submit (the bodies, then the file's lines); rows written."""
     from scalebox_hpc.db import apps
 
     source = apps.BodyFile(Path(from_file)) if from_file else None
     with _db() as conn:
         app_id = _app_id(conn, app)
         _check_module(conn, app_id, module)
-        done = apps.submit(conn, app_id, [apps.Batch(module, hdrs, texts, source)], module=module, initial=initial)
+        done = apps.submit(conn, app_id, [apps.Batch(module, headers, texts, source)], module=module,
+                           initial=initial)
     if not done.given:
         raise click.UsageError(f"{from_file} has no task body: every line is blank")
-    click.echo(f"added {done.written} task(s)")
+    return done.written
 
 
 def _buffer_tasks(texts: list[str], from_file: str | None, headers: dict[str, Any], module: str | None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -14,6 +13,8 @@ from psycopg.rows import DictRow, dict_row
 
 from scalebox_hpc import servicefile
 from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.settings import Settings
+from scalebox_hpc.text import error_line
 
 Connection = psycopg.Connection[DictRow]
 
@@ -22,15 +23,16 @@ logger = logging.getLogger(__name__)
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
-def configured_dsn(environ: Mapping[str, str] | None = None) -> str | None:
-    """The DSN the user configured: SCALEBOX_DSN, else "" when PG* variables are set, else the
-    served database of the service file (``scalebox db serve``), else None."""
-    env = os.environ if environ is None else environ
-    if env.get("SCALEBOX_DSN"):
-        return env["SCALEBOX_DSN"]
-    if any(env.get(v) for v in _PG_VARS):
+def configured_dsn(settings: Settings | Mapping[str, str] | None = None) -> str | None:
+    """The DSN the user configured: the settings' SCALEBOX_DSN, else "" when PG* variables are
+    set, else the served database of the service file (``scalebox db serve``), else None.
+    ``settings``: the root's (a mapping or nothing is read as :meth:`Settings.of` does)."""
+    site = Settings.of(settings)
+    if site.dsn:
+        return site.dsn
+    if any(site.environ.get(v) for v in _PG_VARS):
         return ""  # libpq reads the PG* variables itself
-    return servicefile.service_dsn(env)
+    return servicefile.service_dsn(site)
 
 
 def redact(dsn: str) -> str:
@@ -47,18 +49,6 @@ def redact(dsn: str) -> str:
     user = str(params.get("user") or "")
     db = str(params.get("dbname") or "")
     return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's one line: the server's primary message when it sent one (the rest of str()
-    may be CONTEXT lines, e.g. "PL/pgSQL function ... at RETURN QUERY" for an error inside a
-    queue function), else the last line of the client's text."""
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    if isinstance(primary, str) and primary.strip():
-        return " ".join(primary.split())
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 # SQLSTATE classes that mean "the database is away or changing hands, try again": connection
@@ -92,24 +82,24 @@ def translate_errors(dsn: str) -> Iterator[None]:
     try:
         yield
     except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(f"schema missing: {_one_line(exc)}", dsn=redact(dsn)) from exc
+        raise SchemaError(f"schema missing: {error_line(exc)}", dsn=redact(dsn)) from exc
     except psycopg.errors.InsufficientPrivilege as exc:  # a role's limit (row security, a launcher role)
-        raise PrivilegeError(f"the database refused: {exc.diag.message_primary or _one_line(exc)}",
+        raise PrivilegeError(f"the database refused: {exc.diag.message_primary or error_line(exc)}",
                              dsn=redact(dsn)) from exc
     except psycopg.Error as exc:
         if (exc.sqlstate or "").startswith("40"):  # deadlock or serialization failure: the server is fine
-            raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {_one_line(exc)}); "
+            raise DatabaseError(f"the database refused the transaction ({exc.sqlstate}: {error_line(exc)}); "
                                 "it can simply be run again", dsn=redact(dsn),
                                 hint="run the command again") from exc
         if is_retryable(exc):
-            raise DatabaseError(f"cannot reach PostgreSQL: {_one_line(exc)}", dsn=redact(dsn)) from exc
+            raise DatabaseError(f"cannot reach PostgreSQL: {error_line(exc)}", dsn=redact(dsn)) from exc
         if isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54"):
-            raise InvalidValueError(f"invalid value: {exc.diag.message_primary or _one_line(exc)}") from exc
+            raise InvalidValueError(f"invalid value: {exc.diag.message_primary or error_line(exc)}") from exc
         if isinstance(exc, psycopg.IntegrityError) and not isinstance(exc, psycopg.errors.UniqueViolation):
             # a slot, module or app that does not exist (a foreign key), a status the schema does
             # not know (a check): the caller's mistake, which no retry cures (duplicates are
             # left to the callers that know what a duplicate means)
-            raise InvalidValueError(f"refused by the database: {exc.diag.message_primary or _one_line(exc)}") from exc
+            raise InvalidValueError(f"refused by the database: {exc.diag.message_primary or error_line(exc)}") from exc
         raise
 
 
@@ -125,18 +115,10 @@ POOLER_ENV = "SCALEBOX_DB_POOLER"
 ``none`` (or unset): a PostgreSQL server, or a pooler in session mode that accepts ``options``."""
 
 
-def behind_pooler(environ: Mapping[str, str] | None = None) -> bool:
-    """True when SCALEBOX_DB_POOLER=transaction (see :data:`POOLER_ENV`)."""
-    from scalebox_hpc.errors import ScaleboxError
-
-    env = os.environ if environ is None else environ
-    value = env.get(POOLER_ENV, "").strip().lower()
-    if value in ("", "none"):
-        return False
-    if value == "transaction":
-        return True
-    raise ScaleboxError(f"{POOLER_ENV}={value!r} is not a pooler mode",
-                        hint=f"set {POOLER_ENV}=transaction behind PgBouncer in transaction mode, else unset it")
+def behind_pooler(settings: Settings | Mapping[str, str] | None = None) -> bool:
+    """True when the settings say SCALEBOX_DB_POOLER=transaction (see :data:`POOLER_ENV`); an
+    unknown mode is a :class:`~scalebox_hpc.settings.SettingsError`."""
+    return Settings.of(settings).db_pooler
 
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -217,7 +199,8 @@ def connect(
     """Open one connection with dict rows, TCP keepalives and, when given, a statement timeout
     (seconds) on every statement; errors become DatabaseError.
 
-    ``pooler`` (default: :func:`behind_pooler`, i.e. SCALEBOX_DB_POOLER=transaction): the DSN
+    ``pooler`` (the roots pass their settings' ``db_pooler``; default, for library users:
+    :func:`behind_pooler` of this process's settings, i.e. SCALEBOX_DB_POOLER=transaction): the DSN
     leads to PgBouncer in transaction mode. Then nothing is prepared server-side (psycopg's
     automatic prepare names statements on a server connection that other clients share and
     this client may not get again) and the statement timeout is set in every transaction

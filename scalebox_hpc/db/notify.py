@@ -10,14 +10,14 @@ connection ran it and nothing is ever delivered, so there the listener needs a d
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 
 import psycopg
 
-from scalebox_hpc.db.connection import behind_pooler, connect, known_pooler, redact
+from scalebox_hpc.db.connection import connect, known_pooler, redact
 from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,25 +27,30 @@ LISTEN_DSN_ENV = "SCALEBOX_LISTEN_DSN"
 """Where to LISTEN: a DSN (e.g. the PostgreSQL server behind the pooler), or ``off``."""
 
 
-def listen_dsn(dsn: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The DSN the listener uses, None for none: SCALEBOX_LISTEN_DSN (``off``/``none``: none);
-    unset, ``dsn`` itself, except behind a transaction pooler (SCALEBOX_DB_POOLER=transaction),
-    where a LISTEN hears nothing: none, the slots poll."""
-    env = os.environ if environ is None else environ
-    value = env.get(LISTEN_DSN_ENV, "").strip()
+def listen_dsn(dsn: str, settings: Settings | Mapping[str, str] | None = None) -> str | None:
+    """The DSN the listener uses, None for none: the settings' SCALEBOX_LISTEN_DSN (``off``/``none``:
+    none); unset, ``dsn`` itself, except behind a transaction pooler (SCALEBOX_DB_POOLER=transaction),
+    where a LISTEN hears nothing: none, the slots poll. ``settings``: the root's (a mapping or
+    nothing is read as :meth:`Settings.of` does)."""
+    site = Settings.of(settings)
+    value = (site.listen_dsn or "").strip()
     if value.lower() in ("off", "none"):
         return None
     if value:
         return value
-    return None if behind_pooler(env) else dsn
+    return None if site.db_pooler else dsn
 
 
 class Listener:
     """Calls ``on_hint(module_id)`` for every NOTIFY on the task channel until stopped; with
-    ``dsn`` None it does nothing (``ready`` is set at start: there is nothing to wait for)."""
+    ``dsn`` None it does nothing (``ready`` is set at start: there is nothing to wait for).
+    ``pooler``: what :func:`~scalebox_hpc.db.connection.connect` takes (the root passes its
+    settings' ``db_pooler``; None: this process's settings)."""
 
-    def __init__(self, dsn: str | None, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0) -> None:
+    def __init__(self, dsn: str | None, on_hint: Callable[[int], None], *, reconnect_seconds: float = 2.0,
+                 pooler: bool | None = None) -> None:
         self.dsn = dsn
+        self.pooler = pooler
         self.on_hint = on_hint
         self.reconnect_seconds = reconnect_seconds
         self._stop = threading.Event()
@@ -81,7 +86,7 @@ class Listener:
         """Listen until stopped (True) or, when the DSN turns out to lead to a pooler nobody
         declared, not at all (False)."""
         assert self.dsn is not None  # start() runs no thread without one
-        with connect(self.dsn, autocommit=True) as conn:
+        with connect(self.dsn, autocommit=True, pooler=self.pooler) as conn:
             if known_pooler(self.dsn):  # a LISTEN through it would never hear anything
                 logger.info("no LISTEN: %s leads to a pooler (set %s to a direct DSN for hints); slots poll only",
                             redact(self.dsn), LISTEN_DSN_ENV,

@@ -44,6 +44,7 @@ from scalebox_hpc.db.connection import Connection, connect, redact
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import ConflictAction, ModuleRef
+from scalebox_hpc.text import error_line
 
 if TYPE_CHECKING:  # pydantic stays out of the queue's import (`scalebox task add` start time)
     from scalebox_hpc.pipeline.spec import AppSpec
@@ -120,7 +121,8 @@ def outbox_depth(conn: Connection, app_id: int | None = None) -> list[dict[str, 
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:500] or type(exc).__name__
+    """The error as recorded and logged: all its lines joined, at most 500 characters."""
+    return error_line(exc, whole=True, limit=500)
 
 
 def _fault(point: str) -> None:

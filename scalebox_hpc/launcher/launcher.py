@@ -27,6 +27,7 @@ from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.models import Beat
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ ABORT_POLL_SECONDS = 0.1
 """How often a drain's wait looks whether it has been turned into a stop now."""
 
 
-def host_name(environ: Mapping[str, str] | None = None) -> str:
-    """This node's name: SLURMD_NODENAME inside Slurm, else the hostname."""
-    env = os.environ if environ is None else environ
-    return env.get("SCALEBOX_HOST") or env.get("SLURMD_NODENAME") or socket.gethostname()
+def host_name(settings: Settings | Mapping[str, str] | None = None) -> str:
+    """This node's name: the settings' SCALEBOX_HOST, else SLURMD_NODENAME inside Slurm, else the
+    hostname (``settings``: the root's; a mapping or nothing is read as :meth:`Settings.of` does)."""
+    site = Settings.of(settings)
+    return site.host or site.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def slots_for_host(module: ModuleSpec, host: str, *, local: bool = False) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from scalebox_hpc.settings import Settings
+
 PASS_ENV = "SCALEBOX_PASS_ENV"  # noqa: S105 (a variable name, not a password)
 
 ALLOWED = frozenset({
@@ -46,7 +48,8 @@ def passed(name: str, extra: frozenset[str] = frozenset()) -> bool:
     return name in ALLOWED or name in extra or name.startswith(ALLOWED_PREFIXES)
 
 
-def script_base_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The part of the launcher's environment ``environ`` a script starts from."""
-    extra = frozenset(n.strip() for n in environ.get(PASS_ENV, "").split(",") if n.strip())
+def script_base_env(environ: Mapping[str, str], pass_env: frozenset[str] | None = None) -> dict[str, str]:
+    """The part of the launcher's environment ``environ`` a script starts from: the allow-list and
+    ``pass_env`` (default: the SCALEBOX_PASS_ENV of ``environ``, as :class:`Settings` reads it)."""
+    extra = Settings.of(environ).pass_env if pass_env is None else pass_env
     return {k: v for k, v in environ.items() if passed(k, extra)}

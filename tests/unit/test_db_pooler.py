@@ -6,7 +6,7 @@ import pytest
 
 from scalebox_hpc.db.connection import behind_pooler
 from scalebox_hpc.db.notify import Listener, listen_dsn
-from scalebox_hpc.errors import ScaleboxError
+from scalebox_hpc.settings import Settings, SettingsError
 
 DSN = "postgresql://app@pgbouncer:6432/scalebox"
 DIRECT = "postgresql://app@db:5432/scalebox"
@@ -22,9 +22,22 @@ def test_behind_pooler(value: str, pooled: bool) -> None:
 
 @pytest.mark.parametrize("value", ["session", "yes", "1", "statement"])
 def test_an_unknown_pooler_mode_is_an_error_with_a_hint(value: str) -> None:
-    with pytest.raises(ScaleboxError, match="is not a pooler mode") as info:
+    # the settings' error (the roots meet it first, before any connection): it names the variable
+    with pytest.raises(SettingsError, match="is not one of none, transaction") as info:
         behind_pooler({"SCALEBOX_DB_POOLER": value})
-    assert "SCALEBOX_DB_POOLER=transaction" in info.value.hint
+    assert info.value.variable == "SCALEBOX_DB_POOLER"
+    assert "SCALEBOX_DB_POOLER" in (info.value.hint or "")
+
+
+def test_given_settings_are_used_and_the_process_environment_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEBOX_DB_POOLER", "transaction")
+    monkeypatch.setenv("SCALEBOX_LISTEN_DSN", "off")
+    assert behind_pooler(Settings()) is False
+    assert behind_pooler(Settings(db_pooler=True)) is True
+    assert listen_dsn(DSN, Settings()) == DSN
+    assert listen_dsn(DSN, Settings(db_pooler=True)) is None
+    assert listen_dsn(DSN, Settings(db_pooler=True, listen_dsn=DIRECT)) == DIRECT
+    assert behind_pooler() is True  # nothing given: this process's settings, for library users
 
 
 @pytest.mark.parametrize(("env", "expected"), [

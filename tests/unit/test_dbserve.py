@@ -17,11 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
-from scalebox_hpc import servicefile
+from scalebox_hpc import embedded, servicefile
 from scalebox_hpc.db.connection import configured_dsn
 from scalebox_hpc.dbserve import front, job, server, tls
 from scalebox_hpc.errors import EmbeddedDatabaseError
 from scalebox_hpc.servicefile import ServiceFileError, ServiceInfo
+from scalebox_hpc.settings import Settings
 from scalebox_hpc.slurm import SlurmCommandError
 
 
@@ -147,6 +148,21 @@ def test_configured_dsn_uses_the_service_file_after_the_environment(tmp_path: Pa
     assert configured_dsn({**env, "SCALEBOX_DSN": "postgresql://me@db/x"}) == "postgresql://me@db/x"
     assert configured_dsn({**env, "PGHOST": "db"}) == ""
     assert configured_dsn({"SCALEBOX_HOME": str(tmp_path / "nothing")}) is None
+
+
+def test_the_service_file_is_under_the_settings_home_not_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _home(tmp_path)
+    monkeypatch.setenv("SCALEBOX_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SCALEBOX_DSN", "postgresql://me@db/from-the-process")
+    site = Settings(home=tmp_path)
+    assert servicefile.data_home(site) == embedded.data_home(site) == tmp_path
+    assert servicefile.service_dir(site) == tmp_path / "service"
+    assert configured_dsn(site) == servicefile.dsn(info(tmp_path))
+    assert configured_dsn(Settings(home=tmp_path, dsn="postgresql://me@db/x")) == "postgresql://me@db/x"
+    assert configured_dsn(Settings(home=tmp_path, environ={"PGHOST": "db"})) == ""
+    assert servicefile.data_home(Settings(environ={"XDG_DATA_HOME": "/xdg"})) == Path("/xdg/scalebox_hpc")
 
 
 def test_a_stopped_service_is_not_used(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ reaches its queue."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.testing import InMemoryQueue
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 FAST = "arguments: {max_idle_polls: 3, sleep_interval_seconds: 0.05, heartbeat_seconds: 0.4}"
 ENDS = 60.0
@@ -39,10 +38,7 @@ class Harness:
 
     def until(self, what: str, predicate: Callable[[], bool]) -> None:
         """Wait for ``predicate`` (a state the launcher reaches), failing after a generous bound."""
-        deadline = time.monotonic() + ENDS
-        while not predicate():
-            assert time.monotonic() < deadline, f"never: {what}"
-            time.sleep(0.02)
+        wait_until(predicate, ENDS, what, every=0.02)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from scalebox_hpc import logs
 from scalebox_hpc.errors import InvalidValueError
+from scalebox_hpc.settings import Settings
 
 
 def record(msg: str, *args: object, extra: dict[str, object] | None = None,
@@ -59,12 +60,13 @@ def test_a_traceback_stays_inside_the_one_line() -> None:
 
 def test_the_format_comes_from_the_option_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "_chosen", None)
-    assert logs.chosen_format({}) == "text"
-    assert logs.chosen_format({logs.LOG_FORMAT_ENV: " JSON "}) == "json"
+    assert logs.chosen_format(None) == "text"
+    assert logs.chosen_format(Settings.from_environ({logs.LOG_FORMAT_ENV: " JSON "}).log_format) == "json"
+    assert logs.chosen_format(" JSON ") == "json"
     monkeypatch.setenv(logs.LOG_FORMAT_ENV, "json")  # read by the roots (settings, --log-format), not here
     assert logs.chosen_format() == "text"
     logs.use_format("text")
-    assert logs.chosen_format({logs.LOG_FORMAT_ENV: "json"}) == "text"
+    assert logs.chosen_format("json") == "text"
     assert isinstance(logs.formatter("json"), logs.JsonFormatter)
     assert not isinstance(logs.formatter("text"), logs.JsonFormatter)
 
@@ -72,7 +74,7 @@ def test_the_format_comes_from_the_option_then_the_environment(monkeypatch: pyte
 def test_an_unknown_format_is_an_error_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "_chosen", None)
     with pytest.raises(InvalidValueError, match="log format 'xml' is not one of text, json") as exc:
-        logs.chosen_format({logs.LOG_FORMAT_ENV: "xml"})
+        logs.chosen_format("xml")
     assert "SCALEBOX_LOG_FORMAT" in exc.value.hint
 
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from scalebox_hpc.launcher import taskexec
 from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import STANDARD_MODULES, load_pipeline
 from tests.components import need
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 # newline-free names with spaces, quotes and shell metacharacters
@@ -234,6 +234,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _accepts(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    """The daemon on ``port`` accepts a connection (it failing to start fails the wait at once)."""
+    assert proc.poll() is None, "the rsync daemon did not start"
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _started(flag: Path, proc: subprocess.Popen[bytes]) -> bool:
+    assert proc.poll() is None, "run.sh ended before it started its copy"
+    return flag.exists()
+
+
 @pytest.fixture
 def daemon(tmp_path: Path, src: Path) -> Iterator[str]:
     """rsync://127.0.0.1:PORT with modules data (src, read only), out (writable) and ro (read only)."""
@@ -250,15 +265,7 @@ def daemon(tmp_path: Path, src: Path) -> Iterator[str]:
     proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", "--address", "127.0.0.1", "--port", str(port),
                              "--config", str(conf), "--log-file", str(tmp_path / "rsyncd.log")])
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("the rsync daemon did not start") from None
-                time.sleep(0.05)
+        wait_until(lambda: _accepts(port, proc), 10, "the rsync daemon to accept connections")
         yield f"rsync://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -451,10 +458,7 @@ def test_a_terminated_run_removes_its_temp_dir(module: str, src: Path, tmp_path:
     body = "." if module == "list-dir" else "plain.txt"
     proc = subprocess.Popen([str(STANDARD_MODULES / module / "run.sh"), body, "{}"], cwd=work, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not started.exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
+    wait_until(lambda: _started(started, proc), 10, f"{module}'s run.sh to start", every=0.02)
     assert len(list(tmpdir.iterdir())) == 1  # its mktemp -d
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(10) == 143

@@ -154,22 +154,25 @@ def test_status_codes_0_255_are_kept(tmp_path: Path, code: int) -> None:
 
 # -- F14: FIFOs, symlinks, directories, devices ---------------------------------------------------
 
-def collect_within(work: Path, seconds: float) -> ExecReport:
+HANG = 30.0
+"""How long collect() may take before it counts as blocked (on a FIFO, a device): a bound on a
+hang, far from what a slow machine needs, not a timing window."""
+
+
+def collect_within(work: Path) -> ExecReport:
     """collect() in a daemon thread; fails (instead of hanging the suite) if it blocks."""
     box: list[ExecReport] = []
     thread = threading.Thread(target=lambda: box.append(collect(work, work / "emit.jsonl", MODULES)), daemon=True)
-    start = time.monotonic()
     thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"collect blocked for more than {seconds}s"
-    assert time.monotonic() - start < seconds
+    thread.join(HANG)
+    assert not thread.is_alive(), f"collect blocked for more than {HANG:g} s"
     return box[0]
 
 
 @pytest.mark.parametrize("name", [*FIXED, "emit.jsonl"])
 def test_fifo_does_not_block(tmp_path: Path, name: str) -> None:
     os.mkfifo(tmp_path / name)
-    report = collect_within(tmp_path, 1.0)
+    report = collect_within(tmp_path)
     assert report.invalid == [f"{'emit buffer' if name == 'emit.jsonl' else name}: is a FIFO, "
                               "not a regular file; removed unread"]
     assert not (tmp_path / name).exists()
@@ -178,7 +181,7 @@ def test_fifo_does_not_block(tmp_path: Path, name: str) -> None:
 def test_all_fifos_at_once(tmp_path: Path) -> None:
     for name in (*FIXED, "emit.jsonl"):
         os.mkfifo(tmp_path / name)
-    assert len(collect_within(tmp_path, 1.0).invalid) == 7
+    assert len(collect_within(tmp_path).invalid) == 7
     assert list(tmp_path.iterdir()) == []
 
 
@@ -205,7 +208,7 @@ def test_symlink_to_a_file_outside_is_removed_not_followed(tmp_path: Path, name:
 def test_symlink_to_dev_zero_and_a_dangling_one(tmp_path: Path) -> None:
     (tmp_path / taskexec.TASK_EXEC).symlink_to("/dev/zero")
     (tmp_path / taskexec.SINK_TASKS).symlink_to(tmp_path / "nowhere")
-    report = collect_within(tmp_path, 1.0)
+    report = collect_within(tmp_path)
     assert len(report.invalid) == 2 and Path("/dev/zero").exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -262,7 +265,7 @@ def test_socket_and_device(tmp_path: Path) -> None:
             device = True
         except OSError:  # no CAP_MKNOD here
             device = False
-        report = collect_within(tmp_path, 1.0)
+        report = collect_within(tmp_path)
     finally:
         sock.close()
     assert any("socket" in note for note in report.invalid)

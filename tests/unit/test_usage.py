@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,7 +30,7 @@ from scalebox_hpc.runtime.local import LocalRun, LocalRuntime, usage_of
 from scalebox_hpc.runtime.warm import exit_reply
 from scalebox_hpc.slurm.environment import JobEnvironment, allocated_cpus, cpus_per_node_total
 from scalebox_hpc.testing import InMemoryQueue
-from tests.helpers import write_app
+from tests.helpers import wait_until, write_app
 
 
 @dataclass
@@ -90,7 +90,7 @@ def test_a_run_popen_reaped_first_has_no_usage(tmp_path: Path) -> None:
 def test_a_killed_run_keeps_what_it_used(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: pass"], start_new_session=True)
     run = LocalRun(proc, peak=lambda: 10**9)
-    time.sleep(0.3)
+    wait_until(lambda: sum(psutil.Process(proc.pid).cpu_times()[:2]) > 0, 30, "the loop to use some CPU")
     outcome = run.kill(grace=1.0)
     assert outcome.timed_out and outcome.usage is not None and outcome.usage.cpu_s > 0
     assert outcome.usage.max_rss_kb is None  # below the (pretended) launcher's peak

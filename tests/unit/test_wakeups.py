@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from scalebox_hpc.launcher.wakeups import Wakeups
 
 
 def test_wait_returns_early_on_notify_for_its_module() -> None:
+    # a wait of an hour that only the notify can end: no timing window to lose on a slow machine
     w = Wakeups()
     seen = w.generation(1)
-    threading.Timer(0.05, w.notify, args=(1,)).start()
-    t0 = time.monotonic()
-    assert w.wait(1, seen, 5.0) is True
-    assert time.monotonic() - t0 < 2.0
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(w.wait(1, seen, 3600.0)), daemon=True)
+    waiter.start()
+    w.notify(1)
+    waiter.join(30.0)
+    assert woke == [True]
 
 
 def test_other_module_does_not_wake() -> None:

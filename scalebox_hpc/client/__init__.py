@@ -22,12 +22,12 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from scalebox_hpc.client.results import Outcome as Outcome  # re-exported: the client's answers
+from scalebox_hpc.client.results import Task as Task
 from scalebox_hpc.errors import AppTimeoutError, NotFoundError, ScaleboxError
 from scalebox_hpc.models import AppStatus, TaskStatus
 from scalebox_hpc.settings import Settings
@@ -48,94 +48,6 @@ StatusFilter = int | str | None
 POLL_SECONDS = 0.5
 """How often :meth:`Client.wait` looks."""
 FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task as stored: its message (body, headers), where it stands, and when."""
-
-    id: int
-    app_id: int
-    module: str
-    body: str
-    headers: Mapping[str, Any]
-    """Read-only view of the task's JSON headers."""
-    status: int
-    """A task status code (:class:`~scalebox_hpc.models.TaskStatus`; 1..255 are run.sh exit codes)."""
-    attempts: int
-    host: str | None
-    """The host of its last run (None before one)."""
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-    @property
-    def status_name(self) -> str:
-        """``OK``, ``READY``, ``TIMEOUT``, ``EXIT_3``..."""
-        return TaskStatus.describe(self.status)
-
-    @property
-    def failed(self) -> bool:
-        """The task ended in failure (an exit code, a timeout, a system error)."""
-        return TaskStatus.is_failure(self.status)
-
-    @property
-    def done(self) -> bool:
-        """The task is in a terminal status (OK or failed)."""
-        return self.status == TaskStatus.OK or self.failed
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Where an app stands: its status, result text and task counts (per module, by status)."""
-
-    app_id: int
-    name: str
-    status: str
-    """The stored status: INITIAL, RUNNING, PAUSED or FINISHED."""
-    state: str
-    """As ``scalebox status`` says it: the status, or IDLE / WAITING for a RUNNING app with no live slot."""
-    result: str | None
-    """The text a task set with ``scalebox app set-finished`` (``cancelled`` after a cancel)."""
-    counts: Mapping[str, Mapping[int, int]]
-    """Per module (pipeline order), task counts by status code."""
-    stuck: tuple[str, ...] = ()
-    """After :meth:`Client.run`: why work was left that no slot here could take (one line per module)."""
-
-    def count(self, status: int, module: str | None = None) -> int:
-        """Tasks in one status (of one module, or of all)."""
-        chosen = [self.counts[module]] if module is not None else list(self.counts.values())
-        return sum(by.get(status, 0) for by in chosen)
-
-    @property
-    def total(self) -> int:
-        """Every task of the app."""
-        return sum(sum(by.values()) for by in self.counts.values())
-
-    @property
-    def ok(self) -> int:
-        """Tasks that ended OK."""
-        return self.count(TaskStatus.OK)
-
-    @property
-    def failed(self) -> int:
-        """Tasks that ended in failure."""
-        return sum(n for by in self.counts.values() for s, n in by.items() if TaskStatus.is_failure(s))
-
-    @property
-    def pending(self) -> int:
-        """Tasks READY or RUNNING: work not done yet."""
-        return self.count(TaskStatus.READY) + self.count(TaskStatus.RUNNING)
-
-    @property
-    def succeeded(self) -> bool:
-        """No task failed and none is left (what exit code 0 of ``scalebox run`` means)."""
-        return not self.failed and not self.pending and not self.stuck
-
-    @property
-    def ended(self) -> bool:
-        """FINISHED, or nothing READY or RUNNING any more."""
-        return self.status == AppStatus.FINISHED or self.pending == 0
 
 
 def _status_code(status: int | str) -> int | str:
@@ -174,11 +86,12 @@ class Client:
 
         self.settings: Settings = settings or Settings.from_environ()
         """What this client read from the environment (SCALEBOX_*), passed to what it runs."""
-        resolved = dsn or configured_dsn(self.settings.environ)
-        self.dsn: str = resolved if resolved is not None else embedded.ensure_running()
+        resolved = dsn or configured_dsn(self.settings)
+        self.dsn: str = resolved if resolved is not None else embedded.ensure_running(
+            embedded.data_home(self.settings))
         """The database in use."""
         self.work_root: Path = resolve_root(os.fspath(work_root) if work_root is not None else None, self.settings)
-        self._conn: Connection | None = connect(self.dsn)
+        self._conn: Connection | None = connect(self.dsn, pooler=self.settings.db_pooler)
         try:
             with translate_errors(self.dsn):
                 schema.ensure(self._conn, create=True)
