@@ -37,7 +37,7 @@ from typing import Any
 from scalebox_hpc.db import outbox
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection
-from scalebox_hpc.db.stages import JobModule, StageJobRow, StageModule
+from scalebox_hpc.db.stages import JobKey, JobModule, StageJobRow, StageModule
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
@@ -100,6 +100,16 @@ def decide(view: ModuleView) -> Decision:
         return Decision(view.name, target, submit=target - view.live_jobs, reason=f"{view.ready} ready")
     surplus = tuple(view.pending_jobs[: view.live_jobs - target])
     return Decision(view.name, target, cancel=surplus, reason=f"{view.ready} ready")
+
+
+def wants_job(row: StageModule) -> bool:
+    """Whether a pass would submit a job for the module now, by its stored counts (READY tasks,
+    live jobs, bounds; a failing streak not counted): a leaving job's pass is then urgent."""
+    spec = ModuleSpec.model_validate(row.spec)
+    min_jobs, max_jobs = effective_bounds(row, spec)
+    view = ModuleView(name=row.name, min_jobs=min_jobs, max_jobs=max_jobs, tasks_per_job=spec.slurm.tasks_per_job,
+                      ready=row.ready, live_jobs=row.live_jobs, app_status=row.app_status)
+    return decide(view).submit > 0
 
 
 def failing(ended_states: Iterable[str]) -> bool:
@@ -373,12 +383,14 @@ class Autoscaler:
                        nodes=nodes or job.nodes, reason=info.reason or job.reason)
 
     def reconcile(
-        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
+        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: JobKey | None = None,
     ) -> ScaleReport:
         """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
-        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: asked by a
-        stage job that drains or ends; when it was the app's last live job (nobody else will
-        pass soon) the pass runs whatever the interval, within the budget."""
+        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: (Slurm job
+        id, cluster) of the stage job that drains or ends and asks; when no job of the app runs
+        any more (nobody else will pass soon) the pass runs whatever the interval, within the
+        budget, unless a pass already scaled with the job known as draining and no module wants a
+        job (:meth:`_leaving_is_news`): so N jobs leaving together make one pass, not N."""
         report = ScaleReport()
         with self.conn.transaction():
             if not db_stages.try_lock(self.conn, app_id):
@@ -392,7 +404,8 @@ class Autoscaler:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
             gate = db_stages.autoscale_gate(self.conn, app_id)
-            urgent = report.urgent = force or (leaving and gate.running_jobs == 0)
+            urgent = report.urgent = force or (
+                leaving is not None and gate.running_jobs == 0 and self._leaving_is_news(app_id, leaving))
             if not urgent and gate.passed_within(self.interval):
                 report.elected = False  # another job (or command) of the app passed moments ago
                 return report
@@ -420,6 +433,24 @@ class Autoscaler:
                     db_stages.record_slurm_calls(self.conn, cluster or gate.cluster, app_id, calls)
             logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
+
+    def _leaving_is_news(self, app_id: int, job: JobKey) -> bool:
+        """Whether a leaving job's pass must run now (read under the app's lock): its row is not
+        yet ``drain_seen`` (no pass scaled its module knowing it drains; an unknown job counts as
+        unseen), or a module still wants a job (work came in, or a job was refused, since). Exact,
+        no clock: the pass that saw the job marked it in its own, committed, transaction."""
+        if not db_stages.drain_seen(self.conn, job[0], job[1]):
+            return True
+        wanting = [row.name for row in db_stages.modules(self.conn, app_id) if wants_job(row)]
+        if wanting:
+            logger.info("stage job %s leaves and no job of app %d runs: modules %s want a job, passing now",
+                        job[0], app_id, ",".join(wanting),
+                        extra={"action": "autoscale_leaving_urgent", "app_id": app_id, "slurm_job_id": job[0],
+                               "modules": wanting})
+            return True
+        logger.debug("stage job %s leaves: a pass of app %d already saw it drain, no module wants a job",
+                     job[0], app_id)
+        return False
 
     def _pass(
         self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
@@ -524,6 +555,8 @@ class Autoscaler:
         decision = decide(view)
         report.decisions.append(decision)
         db_stages.mark_scaled(self.conn, row.id)
+        # this pass decided knowing these jobs drain: their own leaving passes need not run now
+        db_stages.mark_drain_seen(self.conn, [j.id for j in own if j.draining and not j.drain_seen])
         client = self.clients.get(spec.slurm.cluster)
         if decision.cancel:
             client.cancel(decision.cancel)

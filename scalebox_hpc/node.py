@@ -268,7 +268,7 @@ def stage_autoscaler(
     dsn: str, work_root: Path, *, settings: Settings | None = None, environ: dict[str, str] | None = None,
     session: Session | None = None,
 ) -> Callable[..., ScaleReport]:
-    """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=False)``
+    """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=None)``
     (see :meth:`Autoscaler.reconcile`), at ``settings``' interval and Slurm budget; sbatch sees
     ``environ`` (default: the settings' environment) without the caller's job's SLURM_* variables."""
     site = settings or Settings.from_environ(environ)
@@ -281,7 +281,9 @@ def stage_autoscaler(
     command = LaunchCommand(python=sys.executable, work_root=work_root)
     open_session = session or dsn_session(dsn)
 
-    def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: bool = False) -> ScaleReport:
+    def scale(
+        app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: tuple[str, str] | None = None,
+    ) -> ScaleReport:
         with open_session() as conn:
             report = Autoscaler(conn, client, command, interval=site.autoscale_seconds,
                                 rpc_per_minute=site.slurm_rpc_per_minute, clusters=cluster_client).reconcile(

@@ -388,6 +388,16 @@ WHERE id = %(id)s;
 -- A launcher of this job drains (walltime signal or `stage stop`): it is no longer capacity.
 SELECT id FROM sbx_l_drain_stage_job_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
+-- name: stage_job_drain_seen
+-- Read under the app's autoscale lock by a leaving job's pass (0020): did a pass already scale
+-- its module knowing it drains?
+SELECT drain_seen FROM sbx_stage_jobs WHERE cluster = %(cluster)s AND slurm_job_id = %(slurm_job_id)s;
+
+-- name: mark_drain_seen
+-- The draining jobs an autoscale pass scaled their module with (their row ids, as it read them:
+-- a job that began draining after that read stays unseen, and its own pass runs).
+UPDATE sbx_stage_jobs SET drain_seen = true WHERE id = ANY(%(ids)s::bigint[]) AND draining;
+
 -- name: lock_app_modules
 -- An elected autoscale pass locks the app's module rows first, in id order, as an idle job's
 -- may-I-leave check does (module row, then its job row): a pass that updated job rows first and

@@ -443,7 +443,10 @@ CREATE TABLE sbx_stage_jobs (
     -- after a kill: then ended_at, when an autoscale pass saw the job end)
     alloc_cpus integer,
     started_at timestamptz,
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- an autoscale pass scaled the job's module knowing it drains (0020): its leaving pass is
+    -- then urgent only when a module still wants a job
+    drain_seen boolean NOT NULL DEFAULT false
 );
 
 CREATE INDEX sbx_stage_jobs_active_idx ON sbx_stage_jobs (module_id) WHERE ended_at IS NULL;
