@@ -425,7 +425,7 @@ class Autoscaler:
             db_stages.lock_modules(self.conn, app_id)
             self.spent = {} if force else db_stages.slurm_calls_by_cluster(self.conn)
             before = self.clients.counts()
-            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
+            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only, leaving=leaving is not None)
             for cluster, count in self.clients.counts().items():
                 calls = count - before.get(cluster, 0)
                 report.slurm_calls += calls
@@ -454,10 +454,13 @@ class Autoscaler:
 
     def _pass(
         self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
-        only: Sequence[str],
+        only: Sequence[str], leaving: bool = False,
     ) -> None:
         """One elected pass (under the app's lock): recover leases, refresh the jobs (one squeue),
-        scale each module not scaled within the interval (all of them when ``urgent``)."""
+        scale each module not scaled within the interval (all of them when ``urgent``). A leaving
+        job's pass that finds every live job draining asks Slurm nothing: no decision depends on
+        a draining job's state (it is no capacity whatever Slurm says), and the next other pass
+        (`stage list`, `status`, a new job's) records how they ended."""
         recovered = db_stages.recover_expired(self.conn)
         if recovered:
             logger.warning("%d task(s) of dead launchers are READY again (their leases expired; found by the "
@@ -469,7 +472,10 @@ class Autoscaler:
         specs = {row.id: ModuleSpec.model_validate(row.spec) for row in rows}
         for spec in specs.values():
             self.clients.learn(spec)
-        fresh = {j.id: j for j in self._refreshed([j for j in history if j.ended_at is None])}
+        live = [j for j in history if j.ended_at is None]
+        if leaving and not force and all(j.draining for j in live):
+            live = []  # the drain tail's last pass: its squeue would change no decision
+        fresh = {j.id: j for j in self._refreshed(live)}
         history = [fresh.get(j.id, j) for j in history]
         command = self._command(app_id, stored)
         yielding, history = self._yield_nodes(rows, history, report)

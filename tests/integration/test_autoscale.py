@@ -497,6 +497,31 @@ def test_a_job_that_began_draining_after_a_pass_read_the_jobs_is_not_seen(
     assert report.urgent and report.elected  # second's own pass: nobody decided knowing it drains
 
 
+def test_the_drain_tails_last_pass_asks_slurm_nothing(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """Every live job of the app drains: a leaving pass's squeue would change no decision (a
+    draining job is no capacity whatever Slurm says of it), so it runs none, yet it submits for
+    the work left; the next other pass (`stage list`, `status`) records how the jobs ended."""
+    slurm = FakeSlurm()
+    jobs = _running_jobs(pg_dsn, app, slurm, tmp_path, 30)
+    with connect(pg_dsn) as conn:
+        stages.set_bounds(conn, app, "idle", 0, None)  # no warm job wanted
+        [warm] = live(pg_dsn, app)["idle"]
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND body <> 't0'", (app,))  # t0 READY
+        for job in [*jobs, warm]:
+            stages.mark_draining(conn, job)
+        conn.commit()
+        before = len(slurm.calls)
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(jobs[0], ""))
+        assert report.urgent and len(report.submitted["work"]) == 1
+        assert slurm.calls[before:] == ["sbatch"]
+        for job in jobs:
+            slurm.jobs[job] = SlurmState.COMPLETED
+        scaler(pg_dsn, slurm, tmp_path, conn, interval=0).reconcile(app)  # `stage list`: not leaving
+        ended = {j.slurm_job_id: j.state for j in stages.jobs(conn, app, include_ended=True) if j.ended_at}
+    assert slurm.calls[before:] == ["sbatch", "squeue"]
+    assert {job: ended.get(job) for job in jobs} == dict.fromkeys(jobs, "COMPLETED")
+
+
 def test_idle_warm_jobs_give_their_nodes_to_a_starved_module(pg_dsn: str, app: int, tmp_path: Path) -> None:
     """`idle` keeps one warm job (min_jobs 1) and has no work; `work` has READY tasks and its job
     waits (Reason=Resources): the warm job drains, and `idle` gets no new one while `work`
