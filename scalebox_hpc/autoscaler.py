@@ -28,7 +28,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,7 +42,7 @@ from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.paths import ensure_private, ensure_root
-from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmParseError, SlurmState
+from scalebox_hpc.slurm import SchedulerClient, SlurmCommandError, SlurmParseError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, read_template, render
 
@@ -266,19 +266,22 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
         return True
 
 
-ClientFactory = Callable[[str, Sequence[str]], SlurmClient]
-"""Builds the SlurmClient of a named cluster: (cluster, submit_via argv) -> client."""
+ClientFactory = Callable[[str, Sequence[str]], SchedulerClient]
+"""Builds the client of a named cluster: (cluster, submit_via argv) -> client."""
 
 
-class ClusterClients:
+class ClusterClients(Mapping[str, SchedulerClient]):
     """The Slurm clients of one pass: ``default`` for modules that name no cluster (the submitting
     host's Slurm), and one per named cluster, built by ``make`` on first use (``-M NAME``, or the
     cluster's ``submit_via`` prefix). Counts each cluster's commands for its budget."""
 
-    def __init__(self, default: SlurmClient, make: ClientFactory | None = None) -> None:
+    def __init__(
+        self, default: SchedulerClient, make: ClientFactory | None = None,
+        named: Mapping[str, SchedulerClient] | None = None,
+    ) -> None:
         self.default = default
         self._make = make
-        self._named: dict[str, SlurmClient] = {}
+        self._named: dict[str, SchedulerClient] = dict(named or {})
         self._via: dict[str, tuple[str, ...]] = {}
 
     def learn(self, spec: ModuleSpec) -> None:
@@ -286,16 +289,39 @@ class ClusterClients:
         if spec.slurm.cluster:
             self._via.setdefault(spec.slurm.cluster, tuple(spec.slurm.submit_via))
 
-    def get(self, cluster: str | None) -> SlurmClient:
-        """The client of ``cluster`` ('' or None: the default one)."""
+    def client(self, cluster: str | None) -> SchedulerClient:
+        """The client of ``cluster`` ('' or None: the default one), built on first use."""
+        try:
+            return self[cluster or ""]
+        except KeyError:
+            raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
+                                hint="this command runs one cluster only; use `scalebox autoscale`") from None
+
+    def __getitem__(self, cluster: str) -> SchedulerClient:
         if not cluster:
             return self.default
         if cluster not in self._named:
             if self._make is None:
-                raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
-                                    hint="this command runs one cluster only; use `scalebox autoscale`")
+                raise KeyError(cluster)
             self._named[cluster] = self._make(cluster, self._via.get(cluster, ()))
         return self._named[cluster]
+
+    def __iter__(self) -> Iterator[str]:
+        """'' (the default) and the named clusters built or given so far."""
+        return iter(["", *self._named])
+
+    def __len__(self) -> int:
+        return 1 + len(self._named)
+
+    @classmethod
+    def of(cls, clients: Mapping[str, SchedulerClient]) -> ClusterClients:
+        """``clients`` as a ClusterClients: '' is the default client (required), the others named."""
+        if isinstance(clients, ClusterClients):
+            return clients
+        if "" not in clients:
+            raise ScaleboxError("no default Slurm client ('' in the clients)",
+                                hint="pass {'': client, 'CLUSTER': client, ...}")
+        return cls(clients[""], named={name: c for name, c in clients.items() if name})
 
     def counts(self) -> dict[str, int]:
         """Commands run so far, by cluster ('' = the default client)."""
@@ -318,13 +344,14 @@ class Autoscaler:
     reached ``rpc_per_minute`` (forced passes, the user's own commands, run and are counted)."""
 
     def __init__(
-        self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
+        self, conn: Connection, clients: Mapping[str, SchedulerClient], command: LaunchCommand, *,
         interval: float = 10.0, now: Callable[[], datetime] | None = None,
-        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE, clusters: ClientFactory | None = None,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE,
     ) -> None:
         self.conn = conn
-        self.client = client
-        self.clients = ClusterClients(client, clusters)
+        self.clients = ClusterClients.of(clients)
+        """The scheduler of each cluster: '' the default one (modules naming no cluster); a
+        :class:`ClusterClients` builds the named ones on first use."""
         self.spent: dict[str, int] = {}
         """Slurm commands of the last minute per named cluster, at the start of the pass."""
         self.command = command
@@ -352,7 +379,7 @@ class Autoscaler:
         infos: dict[tuple[str, str], Any] = {}
         for cluster in sorted(asked):
             try:
-                found = self.clients.get(cluster).status(by_cluster[cluster])
+                found = self.clients.client(cluster).status(by_cluster[cluster])
             except (SlurmCommandError, ScaleboxError) as exc:
                 logger.warning("cannot ask Slurm%s the state of stage jobs %s (they keep their last known state): %s",
                                f" cluster {cluster}" if cluster else "", ",".join(by_cluster[cluster]), exc,
@@ -563,7 +590,7 @@ class Autoscaler:
         db_stages.mark_scaled(self.conn, row.id)
         # this pass decided knowing these jobs drain: their own leaving passes need not run now
         db_stages.mark_drain_seen(self.conn, [j.id for j in own if j.draining and not j.drain_seen])
-        client = self.clients.get(spec.slurm.cluster)
+        client = self.clients.client(spec.slurm.cluster)
         if decision.cancel:
             client.cancel(decision.cancel)
             for job in mine:
@@ -577,7 +604,7 @@ class Autoscaler:
 
     def _submit(
         self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
-        report: ScaleReport, busy: set[str], client: SlurmClient,
+        report: ScaleReport, busy: set[str], client: SchedulerClient,
     ) -> None:
         """``decision.submit`` jobs of the module (through its cluster's ``client``): one script,
         rendered once, submitted N times, each asking for the nodes holding the module's pending
@@ -614,7 +641,7 @@ class Autoscaler:
                                "slurm_job_id": job_id, "reason": decision.reason, "nodes": nodes})
 
     def _placements(
-        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SlurmClient,
+        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SchedulerClient,
     ) -> list[list[str]]:
         """The nodes each new job of the module asks for (see :func:`place_jobs`); none when the
         module's ``slurm.locality`` is off, no READY task names inputs, or sinfo fails."""
@@ -633,7 +660,7 @@ class Autoscaler:
         return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
                           busy=busy)
 
-    def _submit_one(self, script: str, nodes: list[str], client: SlurmClient) -> str:
+    def _submit_one(self, script: str, nodes: list[str], client: SchedulerClient) -> str:
         """sbatch the script, asking for ``nodes``; when sbatch refuses the node list (a site that
         forbids it, a node the partition lacks), once more without it."""
         if not nodes:

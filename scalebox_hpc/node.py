@@ -21,6 +21,7 @@ from types import FrameType
 from scalebox_hpc import early_signals, embedded
 from scalebox_hpc.autoscaler import (
     Autoscaler,
+    ClusterClients,
     LaunchCommand,
     ScaleReport,
     may_leave_idle,
@@ -285,8 +286,8 @@ def stage_autoscaler(
         app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: tuple[str, str] | None = None,
     ) -> ScaleReport:
         with open_session() as conn:
-            report = Autoscaler(conn, client, command, interval=site.autoscale_seconds,
-                                rpc_per_minute=site.slurm_rpc_per_minute, clusters=cluster_client).reconcile(
+            report = Autoscaler(conn, ClusterClients(client, cluster_client), command, interval=site.autoscale_seconds,
+                                rpc_per_minute=site.slurm_rpc_per_minute).reconcile(
                 app_id, force=force, only=only, leaving=leaving)
             for error in report.errors:
                 logger.error("autoscale: app %d: %s", app_id, error,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, LaunchCommand, may_leave_idle
+from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, ClusterClients, LaunchCommand, may_leave_idle
 from scalebox_hpc.db import apps, stages
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
@@ -99,7 +99,7 @@ def add(pg_dsn: str, app_id: int, n: int, start: int = 0) -> None:
 
 
 def scaler(pg_dsn: str, slurm: FakeSlurm, tmp_path: Path, conn: Any, interval: float = 0.0) -> Autoscaler:
-    return Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path / "work"),  # type: ignore[arg-type]
+    return Autoscaler(conn, {"": slurm}, LaunchCommand(python=PYTHON, work_root=tmp_path / "work"),
                       interval=interval)
 
 
@@ -374,7 +374,7 @@ def test_the_slurm_budget_skips_passes_but_not_the_users_commands(pg_dsn: str, a
         conn.commit()
     add(pg_dsn, app, 5)
     with connect(pg_dsn) as conn:
-        capped = Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path),  # type: ignore[arg-type]
+        capped = Autoscaler(conn, {"": slurm}, LaunchCommand(python=PYTHON, work_root=tmp_path),
                             interval=0, rpc_per_minute=5)
         skipped = capped.reconcile(app)
         assert skipped.budget_spent and skipped.submitted == {} and slurm.calls == []
@@ -583,8 +583,9 @@ def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tm
         apps.add_tasks(conn, app_id, "away", [Message(body=f"a{i}") for i in range(15)])
 
         def autoscale(force: bool = False) -> Any:
-            return Autoscaler(conn, default, LaunchCommand(python=PYTHON, work_root=tmp_path / "w"),  # type: ignore[arg-type]
-                              interval=0.0, clusters=clients).reconcile(app_id, force=force)
+            return Autoscaler(conn, ClusterClients(default, clients),
+                              LaunchCommand(python=PYTHON, work_root=tmp_path / "w"),
+                              interval=0.0).reconcile(app_id, force=force)
 
         report = autoscale(force=True)
         assert {m: len(ids) for m, ids in report.submitted.items()} == {"near": 1, "away": 2}

@@ -55,7 +55,7 @@ SCRIPTS = {
 def _as(dsn: str, role: str) -> str:
     params = conninfo_to_dict(dsn)
     params["user"] = role
-    return make_conninfo(**params)  # type: ignore[arg-type]
+    return make_conninfo(**params)
 
 
 def _sbx(dsn: str, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -207,7 +207,7 @@ def test_functions_on_another_owners_app_are_refused(site: Site, tmp_path: Path)
     with psycopg.connect(site.dsn(site.a_launcher), autocommit=True) as conn:
         for statement, args in calls:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"another|not an app of|not a slot"):
-                conn.execute(statement, args)  # type: ignore[arg-type]
+                conn.execute(statement, args)
         assert conn.execute("SELECT count(*) FROM sbx_l_recover_v1()").fetchone() == (0,)
         assert conn.execute("SELECT sbx_l_app_exists_v1(%s), sbx_l_app_exists_v1(%s), sbx_l_newest_app_v1()",
                             (a_id, b_id)).fetchone() == (True, False, a_id)
@@ -373,21 +373,21 @@ def test_a_stage_jobs_autoscale_pass_as_the_launcher_role_scales_its_owners_app(
     command = LaunchCommand(python=sys.executable, work_root=tmp_path / "work")
     launcher = site.dsn(site.a_launcher)
     with connect(launcher) as conn:
-        report = Autoscaler(conn, slurm, command, interval=0).reconcile(a_id)  # type: ignore[arg-type]
+        report = Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(a_id)
         assert report.managed and report.elected and list(report.submitted) == ["a"], report
         [job] = report.submitted["a"]
         slurm.jobs[job] = SlurmState.RUNNING
-        assert Autoscaler(conn, slurm, command, interval=0).reconcile(a_id).submitted == {}  # type: ignore[arg-type]
+        assert Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(a_id).submitted == {}
         stages.mark_draining(conn, job)  # it leaves: its pass runs at once and sees it drain
         conn.commit()
-        leaving = Autoscaler(conn, slurm, command, interval=3600).reconcile(  # type: ignore[arg-type]
+        leaving = Autoscaler(conn, {"": slurm}, command, interval=3600).reconcile(
             a_id, leaving=(job, ""))
         # "go" is still READY and its job left: the replacement (no squeue: every live job drains)
         assert leaving.urgent and leaving.elected and len(leaving.submitted["a"]) == 1
         [replacement] = leaving.submitted["a"]
         with (pytest.raises(PrivilegeError, match=f"app {b_id} is not an app of {site.alice}"),
               translate_errors(launcher)):
-            Autoscaler(conn, slurm, command, interval=0).reconcile(b_id)  # type: ignore[arg-type]
+            Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(b_id)
     with psycopg.connect(site.admin) as admin:
         assert admin.execute("SELECT slurm_job_id, state, drain_seen, submitted_by FROM sbx_stage_jobs "
                              "WHERE app_id = %s ORDER BY id", (a_id,)).fetchall() == [
