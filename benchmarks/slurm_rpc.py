@@ -19,6 +19,10 @@ Prints one JSON object with three independent counts over the run:
   what ``stage list`` shows), per cluster, and its busiest 60 s against the per-user budget
   ``SCALEBOX_SLURM_RPC_PER_MINUTE``.
 
+The run is measured until every stage job's launcher has left (and one sample more), so the
+drain tail -- the jobs leaving together, and the passes they ask for -- is inside it
+(``drain_tail_measured``); ``make_span_s`` ends when the last task is OK.
+
 ``windows`` gives, per sample, the stage jobs live, the READY tasks and the rates, so that
 "independent of task and job counts" can be read off; ``target`` compares with issue 17's:
 status polling <= 6/min per cluster, and no 60 s with more adapter calls than the budget.
@@ -205,7 +209,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "steps": ["sinfo -h -N -o '%N %c' (nodes and CPUs, before the first snapshot)",
                   f"sdiag (snapshot 0, never -r), as {getpass.getuser()}",
                   "scalebox submit app.yaml --json (autoscaling from 0 jobs)",
-                  f"every {args.sample_seconds:g} s until every task is OK or {args.timeout:g} s: sdiag, "
+                  f"every {args.sample_seconds:g} s until every task is OK and every stage job's launcher "
+                  f"left (then one more sample: the drain tail's passes), or {args.timeout:g} s: sdiag, "
                   "stage jobs live and READY tasks (read from the database, not through scalebox status)",
                   "sdiag (last snapshot), the wrappers' log, sbx_slurm_calls",
                   "scalebox app cancel; scalebox stage stop --now for each module; drop the scratch database"],
@@ -313,12 +318,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         app_id = str(json.loads(sbx(env, "submit", str(path), "--json"))["app_id"])
         sampler.app_id = int(app_id)
         done = False
+        finished = 0.0
         while time.time() - start < args.timeout:
             time.sleep(args.sample_seconds)
             sampler.sample(parse_call_log(log.read_text()))
-            ok = one(dsn, "SELECT count(*) FROM sbx_tasks WHERE app_id = %s AND status = 0", int(app_id))
-            if int(ok or 0) >= 2 * args.tasks:
-                done = True
+            if not done:
+                ok = one(dsn, "SELECT count(*) FROM sbx_tasks WHERE app_id = %s AND status = 0", int(app_id))
+                done = int(ok or 0) >= 2 * args.tasks
+                finished = time.time() if done else finished
+            # the drain tail (the jobs leaving, their passes) is part of the run: measured until
+            # every stage job's launcher left, and one more sample for the passes it asked for
+            if done and not int(one(dsn, "SELECT count(*) FROM sbx_stage_jobs WHERE app_id = %s AND "
+                                         "finished_at IS NULL AND ended_at IS NULL", int(app_id)) or 0):
+                time.sleep(args.sample_seconds)
                 break
         end = time.time()
         if sampler.snaps[-1][0] < end - 1:
@@ -331,7 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "tasks": args.tasks, "task_seconds": args.task_seconds, "task_executions": 2 * args.tasks,
             "nodes": nodes, "cpus": cpus, "autoscale_interval_s": args.interval, "done": done,
-            "make_span_s": round(end - start, 1) if done else None,
+            "make_span_s": round(finished - start, 1) if done else None,
+            "measured_s": round(end - start, 1), "drain_tail_measured": done and end > finished,
             "stage_jobs": {str(n): int(c) for n, c in jobs},
             "sdiag": sdiag_summary(sampler.snaps[0][1], sampler.snaps[-1][1], user, len(sampler.snaps) - 1),
             "app_commands": app_commands, "adapter_counted": adapter,

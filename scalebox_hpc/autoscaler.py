@@ -28,7 +28,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,12 +37,12 @@ from typing import Any
 from scalebox_hpc.db import outbox
 from scalebox_hpc.db import stages as db_stages
 from scalebox_hpc.db.connection import Connection
-from scalebox_hpc.db.stages import JobModule, StageJobRow, StageModule
+from scalebox_hpc.db.stages import JobKey, JobModule, StageJobRow, StageModule
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.models import AppStatus
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.paths import ensure_private, ensure_root
-from scalebox_hpc.slurm import SlurmClient, SlurmCommandError, SlurmParseError, SlurmState
+from scalebox_hpc.slurm import SchedulerClient, SlurmCommandError, SlurmParseError, SlurmState
 from scalebox_hpc.slurm.parse import NodeInfo
 from scalebox_hpc.slurm.script import StageJob, read_template, render
 
@@ -100,6 +100,16 @@ def decide(view: ModuleView) -> Decision:
         return Decision(view.name, target, submit=target - view.live_jobs, reason=f"{view.ready} ready")
     surplus = tuple(view.pending_jobs[: view.live_jobs - target])
     return Decision(view.name, target, cancel=surplus, reason=f"{view.ready} ready")
+
+
+def wants_job(row: StageModule) -> bool:
+    """Whether a pass would submit a job for the module now, by its stored counts (READY tasks,
+    live jobs, bounds; a failing streak not counted): a leaving job's pass is then urgent."""
+    spec = ModuleSpec.model_validate(row.spec)
+    min_jobs, max_jobs = effective_bounds(row, spec)
+    view = ModuleView(name=row.name, min_jobs=min_jobs, max_jobs=max_jobs, tasks_per_job=spec.slurm.tasks_per_job,
+                      ready=row.ready, live_jobs=row.live_jobs, app_status=row.app_status)
+    return decide(view).submit > 0
 
 
 def failing(ended_states: Iterable[str]) -> bool:
@@ -256,19 +266,22 @@ def may_leave_idle(conn: Connection, slurm_job_id: str, cluster: str = "") -> bo
         return True
 
 
-ClientFactory = Callable[[str, Sequence[str]], SlurmClient]
-"""Builds the SlurmClient of a named cluster: (cluster, submit_via argv) -> client."""
+ClientFactory = Callable[[str, Sequence[str]], SchedulerClient]
+"""Builds the client of a named cluster: (cluster, submit_via argv) -> client."""
 
 
-class ClusterClients:
+class ClusterClients(Mapping[str, SchedulerClient]):
     """The Slurm clients of one pass: ``default`` for modules that name no cluster (the submitting
     host's Slurm), and one per named cluster, built by ``make`` on first use (``-M NAME``, or the
     cluster's ``submit_via`` prefix). Counts each cluster's commands for its budget."""
 
-    def __init__(self, default: SlurmClient, make: ClientFactory | None = None) -> None:
+    def __init__(
+        self, default: SchedulerClient, make: ClientFactory | None = None,
+        named: Mapping[str, SchedulerClient] | None = None,
+    ) -> None:
         self.default = default
         self._make = make
-        self._named: dict[str, SlurmClient] = {}
+        self._named: dict[str, SchedulerClient] = dict(named or {})
         self._via: dict[str, tuple[str, ...]] = {}
 
     def learn(self, spec: ModuleSpec) -> None:
@@ -276,16 +289,39 @@ class ClusterClients:
         if spec.slurm.cluster:
             self._via.setdefault(spec.slurm.cluster, tuple(spec.slurm.submit_via))
 
-    def get(self, cluster: str | None) -> SlurmClient:
-        """The client of ``cluster`` ('' or None: the default one)."""
+    def client(self, cluster: str | None) -> SchedulerClient:
+        """The client of ``cluster`` ('' or None: the default one), built on first use."""
+        try:
+            return self[cluster or ""]
+        except KeyError:
+            raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
+                                hint="this command runs one cluster only; use `scalebox autoscale`") from None
+
+    def __getitem__(self, cluster: str) -> SchedulerClient:
         if not cluster:
             return self.default
         if cluster not in self._named:
             if self._make is None:
-                raise ScaleboxError(f"no Slurm client for cluster {cluster!r}",
-                                    hint="this command runs one cluster only; use `scalebox autoscale`")
+                raise KeyError(cluster)
             self._named[cluster] = self._make(cluster, self._via.get(cluster, ()))
         return self._named[cluster]
+
+    def __iter__(self) -> Iterator[str]:
+        """'' (the default) and the named clusters built or given so far."""
+        return iter(["", *self._named])
+
+    def __len__(self) -> int:
+        return 1 + len(self._named)
+
+    @classmethod
+    def of(cls, clients: Mapping[str, SchedulerClient]) -> ClusterClients:
+        """``clients`` as a ClusterClients: '' is the default client (required), the others named."""
+        if isinstance(clients, ClusterClients):
+            return clients
+        if "" not in clients:
+            raise ScaleboxError("no default Slurm client ('' in the clients)",
+                                hint="pass {'': client, 'CLUSTER': client, ...}")
+        return cls(clients[""], named={name: c for name, c in clients.items() if name})
 
     def counts(self) -> dict[str, int]:
         """Commands run so far, by cluster ('' = the default client)."""
@@ -308,13 +344,14 @@ class Autoscaler:
     reached ``rpc_per_minute`` (forced passes, the user's own commands, run and are counted)."""
 
     def __init__(
-        self, conn: Connection, client: SlurmClient, command: LaunchCommand, *,
+        self, conn: Connection, clients: Mapping[str, SchedulerClient], command: LaunchCommand, *,
         interval: float = 10.0, now: Callable[[], datetime] | None = None,
-        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE, clusters: ClientFactory | None = None,
+        rpc_per_minute: int = DEFAULT_RPC_PER_MINUTE,
     ) -> None:
         self.conn = conn
-        self.client = client
-        self.clients = ClusterClients(client, clusters)
+        self.clients = ClusterClients.of(clients)
+        """The scheduler of each cluster: '' the default one (modules naming no cluster); a
+        :class:`ClusterClients` builds the named ones on first use."""
         self.spent: dict[str, int] = {}
         """Slurm commands of the last minute per named cluster, at the start of the pass."""
         self.command = command
@@ -342,7 +379,7 @@ class Autoscaler:
         infos: dict[tuple[str, str], Any] = {}
         for cluster in sorted(asked):
             try:
-                found = self.clients.get(cluster).status(by_cluster[cluster])
+                found = self.clients.client(cluster).status(by_cluster[cluster])
             except (SlurmCommandError, ScaleboxError) as exc:
                 logger.warning("cannot ask Slurm%s the state of stage jobs %s (they keep their last known state): %s",
                                f" cluster {cluster}" if cluster else "", ",".join(by_cluster[cluster]), exc,
@@ -373,12 +410,14 @@ class Autoscaler:
                        nodes=nodes or job.nodes, reason=info.reason or job.reason)
 
     def reconcile(
-        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: bool = False,
+        self, app_id: int, *, force: bool = False, only: Sequence[str] = (), leaving: JobKey | None = None,
     ) -> ScaleReport:
         """Refresh the jobs and bring each module (or those in ``only``) to its target; ``force``
-        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: asked by a
-        stage job that drains or ends; when it was the app's last live job (nobody else will
-        pass soon) the pass runs whatever the interval, within the budget."""
+        ignores the rate limits, the Slurm budget and a failing streak. ``leaving``: (Slurm job
+        id, cluster) of the stage job that drains or ends and asks; when no job of the app runs
+        any more (nobody else will pass soon) the pass runs whatever the interval, within the
+        budget, unless a pass already scaled with the job known as draining and no module wants a
+        job (:meth:`_leaving_is_news`): so N jobs leaving together make one pass, not N."""
         report = ScaleReport()
         with self.conn.transaction():
             if not db_stages.try_lock(self.conn, app_id):
@@ -392,7 +431,8 @@ class Autoscaler:
                 report.managed = False  # never submitted (e.g. run by `scalebox run`): not ours to scale
                 return report
             gate = db_stages.autoscale_gate(self.conn, app_id)
-            urgent = report.urgent = force or (leaving and gate.running_jobs == 0)
+            urgent = report.urgent = force or (
+                leaving is not None and gate.running_jobs == 0 and self._leaving_is_news(app_id, leaving))
             if not urgent and gate.passed_within(self.interval):
                 report.elected = False  # another job (or command) of the app passed moments ago
                 return report
@@ -412,7 +452,7 @@ class Autoscaler:
             db_stages.lock_modules(self.conn, app_id)
             self.spent = {} if force else db_stages.slurm_calls_by_cluster(self.conn)
             before = self.clients.counts()
-            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only)
+            self._pass(app_id, stored, report, force=force, urgent=urgent, only=only, leaving=leaving is not None)
             for cluster, count in self.clients.counts().items():
                 calls = count - before.get(cluster, 0)
                 report.slurm_calls += calls
@@ -421,12 +461,33 @@ class Autoscaler:
             logger.debug("autoscale of app %d: %d Slurm calls", app_id, report.slurm_calls)
         return report
 
+    def _leaving_is_news(self, app_id: int, job: JobKey) -> bool:
+        """Whether a leaving job's pass must run now (read under the app's lock): its row is not
+        yet ``drain_seen`` (no pass scaled its module knowing it drains; an unknown job counts as
+        unseen), or a module still wants a job (work came in, or a job was refused, since). Exact,
+        no clock: the pass that saw the job marked it in its own, committed, transaction."""
+        if not db_stages.drain_seen(self.conn, job[0], job[1]):
+            return True
+        wanting = [row.name for row in db_stages.modules(self.conn, app_id) if wants_job(row)]
+        if wanting:
+            logger.info("stage job %s leaves and no job of app %d runs: modules %s want a job, passing now",
+                        job[0], app_id, ",".join(wanting),
+                        extra={"action": "autoscale_leaving_urgent", "app_id": app_id, "slurm_job_id": job[0],
+                               "modules": wanting})
+            return True
+        logger.debug("stage job %s leaves: a pass of app %d already saw it drain, no module wants a job",
+                     job[0], app_id)
+        return False
+
     def _pass(
         self, app_id: int, stored: tuple[str, str] | None, report: ScaleReport, *, force: bool, urgent: bool,
-        only: Sequence[str],
+        only: Sequence[str], leaving: bool = False,
     ) -> None:
         """One elected pass (under the app's lock): recover leases, refresh the jobs (one squeue),
-        scale each module not scaled within the interval (all of them when ``urgent``)."""
+        scale each module not scaled within the interval (all of them when ``urgent``). A leaving
+        job's pass that finds every live job draining asks Slurm nothing: no decision depends on
+        a draining job's state (it is no capacity whatever Slurm says), and the next other pass
+        (`stage list`, `status`, a new job's) records how they ended."""
         recovered = db_stages.recover_expired(self.conn)
         if recovered:
             logger.warning("%d task(s) of dead launchers are READY again (their leases expired; found by the "
@@ -438,7 +499,10 @@ class Autoscaler:
         specs = {row.id: ModuleSpec.model_validate(row.spec) for row in rows}
         for spec in specs.values():
             self.clients.learn(spec)
-        fresh = {j.id: j for j in self._refreshed([j for j in history if j.ended_at is None])}
+        live = [j for j in history if j.ended_at is None]
+        if leaving and not force and all(j.draining for j in live):
+            live = []  # the drain tail's last pass: its squeue would change no decision
+        fresh = {j.id: j for j in self._refreshed(live)}
         history = [fresh.get(j.id, j) for j in history]
         command = self._command(app_id, stored)
         yielding, history = self._yield_nodes(rows, history, report)
@@ -524,7 +588,9 @@ class Autoscaler:
         decision = decide(view)
         report.decisions.append(decision)
         db_stages.mark_scaled(self.conn, row.id)
-        client = self.clients.get(spec.slurm.cluster)
+        # this pass decided knowing these jobs drain: their own leaving passes need not run now
+        db_stages.mark_drain_seen(self.conn, [j.id for j in own if j.draining and not j.drain_seen])
+        client = self.clients.client(spec.slurm.cluster)
         if decision.cancel:
             client.cancel(decision.cancel)
             for job in mine:
@@ -538,7 +604,7 @@ class Autoscaler:
 
     def _submit(
         self, app_id: int, module_id: int, spec: ModuleSpec, command: LaunchCommand, decision: Decision,
-        report: ScaleReport, busy: set[str], client: SlurmClient,
+        report: ScaleReport, busy: set[str], client: SchedulerClient,
     ) -> None:
         """``decision.submit`` jobs of the module (through its cluster's ``client``): one script,
         rendered once, submitted N times, each asking for the nodes holding the module's pending
@@ -575,7 +641,7 @@ class Autoscaler:
                                "slurm_job_id": job_id, "reason": decision.reason, "nodes": nodes})
 
     def _placements(
-        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SlurmClient,
+        self, module_id: int, job: StageJob, count: int, busy: set[str], client: SchedulerClient,
     ) -> list[list[str]]:
         """The nodes each new job of the module asks for (see :func:`place_jobs`); none when the
         module's ``slurm.locality`` is off, no READY task names inputs, or sinfo fails."""
@@ -594,7 +660,7 @@ class Autoscaler:
         return place_jobs(holders, nodes, jobs=count, nodes_per_job=job.slurm.nodes, cpus_per_node=per_node,
                           busy=busy)
 
-    def _submit_one(self, script: str, nodes: list[str], client: SlurmClient) -> str:
+    def _submit_one(self, script: str, nodes: list[str], client: SchedulerClient) -> str:
         """sbatch the script, asking for ``nodes``; when sbatch refuses the node list (a site that
         forbids it, a node the partition lacks), once more without it."""
         if not nodes:

@@ -21,6 +21,7 @@ from types import FrameType
 from scalebox_hpc import early_signals, embedded
 from scalebox_hpc.autoscaler import (
     Autoscaler,
+    ClusterClients,
     LaunchCommand,
     ScaleReport,
     may_leave_idle,
@@ -270,7 +271,7 @@ def stage_autoscaler(
     dsn: str, work_root: Path, *, settings: Settings | None = None, environ: dict[str, str] | None = None,
     session: Session | None = None,
 ) -> Callable[..., ScaleReport]:
-    """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=False)``
+    """A function running one autoscale of an app: ``scale(app_id, force=False, only=(), leaving=None)``
     (see :meth:`Autoscaler.reconcile`), at ``settings``' interval and Slurm budget; sbatch sees
     ``environ`` (default: the settings' environment) without the caller's job's SLURM_* variables."""
     site = settings or Settings.from_environ(environ)
@@ -283,10 +284,12 @@ def stage_autoscaler(
     command = LaunchCommand(python=sys.executable, work_root=work_root)
     open_session = session or dsn_session(dsn)
 
-    def scale(app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: bool = False) -> ScaleReport:
+    def scale(
+        app_id: int, *, force: bool = False, only: tuple[str, ...] = (), leaving: tuple[str, str] | None = None,
+    ) -> ScaleReport:
         with open_session() as conn:
-            report = Autoscaler(conn, client, command, interval=site.autoscale_seconds,
-                                rpc_per_minute=site.slurm_rpc_per_minute, clusters=cluster_client).reconcile(
+            report = Autoscaler(conn, ClusterClients(client, cluster_client), command, interval=site.autoscale_seconds,
+                                rpc_per_minute=site.slurm_rpc_per_minute).reconcile(
                 app_id, force=force, only=only, leaving=leaving)
             for error in report.errors:
                 logger.error("autoscale: app %d: %s", app_id, error,

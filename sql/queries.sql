@@ -305,28 +305,19 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('scalebox_hpc.autoscale:' || %
 -- interval across all its jobs), the Slurm commands of the last minute on its cluster (the
 -- budget spent), and how many of its stage jobs run and do not drain (a leaving job that was
 -- the last one scales at once: no other job will pass soon; a PENDING one may wait for long).
-SELECT a.autoscaled_at, now() AS now, COALESCE(a.cluster, '') AS cluster,
-       (SELECT COALESCE(sum(c.calls), 0) FROM sbx_slurm_calls c
-        WHERE c.cluster = COALESCE(a.cluster, '') AND c.at > now() - interval '60 seconds') AS calls_last_minute,
-       (SELECT count(*) FROM sbx_stage_jobs j
-        WHERE j.app_id = a.id AND j.ended_at IS NULL AND NOT j.draining AND j.state = 'RUNNING') AS running_jobs
-FROM sbx_apps a WHERE a.id = %(app_id)s;
+SELECT autoscaled_at, now, cluster, calls_last_minute, running_jobs FROM sbx_l_autoscale_gate_v1(%(app_id)s::bigint);
 
 -- name: set_app_autoscaled
-UPDATE sbx_apps SET autoscaled_at = now() WHERE id = %(app_id)s;
+SELECT sbx_l_set_app_autoscaled_v1(%(app_id)s::bigint);
 
 -- name: record_slurm_calls
 -- The Slurm commands one autoscale pass ran; rows over an hour old go at the same time.
-WITH pruned AS (
-    DELETE FROM sbx_slurm_calls WHERE at < now() - interval '1 hour'
-)
-INSERT INTO sbx_slurm_calls (cluster, app_id, calls) VALUES (%(cluster)s, %(app_id)s, %(calls)s);
+SELECT sbx_l_record_slurm_calls_v1(%(cluster)s::text, %(app_id)s::bigint, %(calls)s::integer);
 
 -- name: slurm_calls_by_cluster
 -- The Slurm commands autoscale passes ran in the last minute, per cluster (all apps): the budget of
 -- each cluster a multi-cluster app's modules name.
-SELECT cluster, sum(calls)::bigint AS calls FROM sbx_slurm_calls
-WHERE at > now() - interval '60 seconds' GROUP BY cluster;
+SELECT cluster, calls FROM sbx_l_slurm_calls_by_cluster_v1();
 
 -- name: slurm_calls_last_minute
 -- The Slurm commands autoscale passes ran on the app's cluster in the last minute (all apps).
@@ -337,62 +328,46 @@ WHERE a.id = %(app_id)s;
 
 -- name: stage_modules
 -- What the autoscaler decides on, per module: its spec, bounds, queue and live (non-draining) jobs.
-SELECT m.id, m.name, m.seq, m.spec, m.min_jobs, m.max_jobs, m.scaled_at,
-       now() AS now, a.status AS app_status, a.cancelled,
-       (SELECT count(*) FROM sbx_tasks t WHERE t.module_id = m.id AND t.status = -1) AS ready,
-       (SELECT count(*) FROM sbx_tasks t WHERE t.module_id = m.id AND t.status = -3) AS running,
-       (SELECT count(*) FROM sbx_stage_jobs j
-        WHERE j.module_id = m.id AND j.ended_at IS NULL AND NOT j.draining) AS live_jobs
-FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id
-WHERE m.app_id = %(app_id)s
-ORDER BY m.seq;
+SELECT * FROM sbx_l_stage_modules_v1(%(app_id)s::bigint);
 
 -- name: input_holders
 -- Where the inputs of a module's oldest READY tasks (at most `limit` tasks) sit: per host, how
 -- many of those inputs its scratch holds, most first (hosts need not be live: a node's scratch
 -- outlives the jobs that filled it). Chooses the nodes a new stage job asks for.
-SELECT sc.host, count(*) AS inputs, sum(sc.bytes) AS bytes
-FROM (SELECT sbx_task_inputs_v1(t.headers, t.body, m.input_regex) AS inputs
-      FROM sbx_tasks t JOIN sbx_modules m ON m.id = t.module_id
-      WHERE t.module_id = %(module_id)s AND t.status = -1
-      ORDER BY t.id
-      LIMIT %(limit)s) AS q
-CROSS JOIN LATERAL unnest(q.inputs) AS i (key)
-JOIN sbx_scratch sc ON sc.key = i.key
-  -- the app owner's index (0018: each owner's launchers index their own)
-  AND sc.owner = (SELECT a.owner FROM sbx_modules m JOIN sbx_apps a ON a.id = m.app_id WHERE m.id = %(module_id)s)
-GROUP BY sc.host
-ORDER BY count(*) DESC, sum(sc.bytes) DESC, sc.host;
+SELECT host, inputs, bytes FROM sbx_l_input_holders_v1(%(module_id)s::bigint, %(limit)s::integer);
 
 -- name: insert_stage_job
 -- nodes: those it asked for (--nodelist), until Slurm says where it runs
-INSERT INTO sbx_stage_jobs (app_id, module_id, slurm_job_id, cluster, state, nodes)
-VALUES (%(app_id)s, %(module_id)s, %(slurm_job_id)s, %(cluster)s, 'PENDING', %(nodes)s)
-RETURNING id;
+SELECT sbx_l_insert_stage_job_v1(%(app_id)s::bigint, %(module_id)s::bigint, %(slurm_job_id)s::text,
+                                 %(cluster)s::text, %(nodes)s::text) AS id;
 
 -- name: stage_jobs
 -- The app's stage jobs: the live ones, plus (with include_ended) the ended ones, newest first.
-SELECT j.*, m.name AS module, COALESCE(m.spec->'slurm'->'submit_via', '[]'::jsonb) AS submit_via
-FROM sbx_stage_jobs j JOIN sbx_modules m ON m.id = j.module_id
-WHERE j.app_id = %(app_id)s AND (%(include_ended)s OR j.ended_at IS NULL)
-ORDER BY j.id DESC;
+SELECT * FROM sbx_l_stage_jobs_v1(%(app_id)s::bigint, %(include_ended)s::boolean);
 
 -- name: update_stage_job
-UPDATE sbx_stage_jobs
-SET state = %(state)s, nodes = COALESCE(%(nodes)s, nodes), exit_code = COALESCE(%(exit_code)s, exit_code),
-    reason = COALESCE(%(reason)s, reason), updated_at = now(), end_time = COALESCE(%(end_time)s, end_time),
-    ended_at = CASE WHEN %(ended)s THEN COALESCE(ended_at, now()) ELSE ended_at END
-WHERE id = %(id)s;
+SELECT sbx_l_update_stage_job_v1(%(id)s::bigint, %(state)s::text, %(ended)s::boolean, %(nodes)s::text,
+                                 %(exit_code)s::integer, %(reason)s::text, %(end_time)s::timestamptz);
 
 -- name: drain_stage_job
 -- A launcher of this job drains (walltime signal or `stage stop`): it is no longer capacity.
 SELECT id FROM sbx_l_drain_stage_job_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS id;
 
+-- name: stage_job_drain_seen
+-- Read under the app's autoscale lock by a leaving job's pass (0020): did a pass already scale
+-- its module knowing it drains?
+SELECT drain_seen FROM sbx_l_stage_job_drain_seen_v1(%(cluster)s::text, %(slurm_job_id)s::text) AS drain_seen;
+
+-- name: mark_drain_seen
+-- The draining jobs an autoscale pass scaled their module with (their row ids, as it read them:
+-- a job that began draining after that read stays unseen, and its own pass runs).
+SELECT sbx_l_mark_drain_seen_v1(%(ids)s::bigint[]);
+
 -- name: lock_app_modules
 -- An elected autoscale pass locks the app's module rows first, in id order, as an idle job's
 -- may-I-leave check does (module row, then its job row): a pass that updated job rows first and
 -- then a module row could deadlock with that check.
-SELECT id FROM sbx_modules WHERE app_id = %(app_id)s ORDER BY id FOR NO KEY UPDATE;
+SELECT id FROM sbx_l_lock_app_modules_v1(%(app_id)s::bigint) AS id;
 
 -- name: lock_stage_job_module
 -- An idle stage job asks whether it may end: its module row is locked for the rest of the
@@ -407,7 +382,7 @@ FROM sbx_l_lock_stage_job_module_v1(%(cluster)s::text, %(slurm_job_id)s::text);
 SELECT sbx_l_running_stage_jobs_v1(%(module_id)s::bigint, %(cluster)s::text, %(slurm_job_id)s::text) AS n;
 
 -- name: set_module_scaled
-UPDATE sbx_modules SET scaled_at = now() WHERE id = %(module_id)s;
+SELECT sbx_l_set_module_scaled_v1(%(module_id)s::bigint);
 
 -- name: set_module_bounds
 UPDATE sbx_modules SET min_jobs = %(min_jobs)s, max_jobs = %(max_jobs)s, scaled_at = NULL
@@ -679,13 +654,12 @@ SELECT sbx_l_newest_app_v1() AS id;
 SELECT id FROM sbx_apps WHERE owner = current_user AND status = 'RUNNING' ORDER BY id;
 
 -- name: launch_settings
-SELECT stage_python, stage_work_root, owner, owner = current_user AS mine FROM sbx_apps WHERE id = %(app_id)s;
+SELECT stage_python, stage_work_root, owner, mine FROM sbx_l_launch_settings_v1(%(app_id)s::bigint);
 
 -- name: save_launch_settings
 -- The first submission's settings; a later one never changes them (the same row lock as the
 -- autoscale pass: two first submissions at once keep one).
-UPDATE sbx_apps SET stage_python = %(python)s, stage_work_root = %(work_root)s
-WHERE id = %(app_id)s AND stage_python IS NULL;
+SELECT sbx_l_save_launch_settings_v1(%(app_id)s::bigint, %(python)s::text, %(work_root)s::text);
 
 -- name: app_status
 SELECT status FROM sbx_apps WHERE id = %(app_id)s;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -10,6 +10,9 @@ from typing import Any, cast
 from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError
+
+JobKey = tuple[str, str]
+"""A stage job's key: (Slurm job id, cluster; '' unnamed)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class StageJobRow:
     finished_at: datetime | None = None
     submit_via: tuple[str, ...] = ()
     """The module's cluster's ``submit_via`` argv prefix."""
+    drain_seen: bool = False
+    """An autoscale pass scaled its module knowing it drains (0020)."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> StageJobRow:
@@ -101,6 +106,7 @@ class StageJobRow:
             submitted_at=row["submitted_at"], updated_at=row["updated_at"], ended_at=row["ended_at"],
             end_time=row["end_time"], alloc_cpus=row["alloc_cpus"], started_at=row["started_at"],
             finished_at=row["finished_at"], submit_via=tuple(str(a) for a in row["submit_via"] or ()),
+            drain_seen=bool(row["drain_seen"]),
         )
 
 
@@ -204,6 +210,18 @@ def mark_draining(conn: Connection, slurm_job_id: str, cluster: str = "") -> boo
     """The job's launchers drain: it no longer counts as capacity. False if unknown or already so."""
     return conn.execute(query("drain_stage_job"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone() \
         is not None
+
+
+def drain_seen(conn: Connection, slurm_job_id: str, cluster: str = "") -> bool:
+    """Whether an autoscale pass scaled the job's module knowing it drains; False for an unknown job."""
+    row = conn.execute(query("stage_job_drain_seen"), {"slurm_job_id": slurm_job_id, "cluster": cluster}).fetchone()
+    return bool(row and row["drain_seen"])
+
+
+def mark_drain_seen(conn: Connection, job_row_ids: Sequence[int]) -> None:
+    """Mark these draining jobs (row ids) as seen by the current pass (in its transaction)."""
+    if job_row_ids:
+        conn.execute(query("mark_drain_seen"), {"ids": list(job_row_ids)})
 
 
 def lock_job_module(conn: Connection, slurm_job_id: str, cluster: str = "") -> JobModule | None:

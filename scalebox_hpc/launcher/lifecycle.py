@@ -28,6 +28,9 @@ LEAVING_BUDGET_WAIT = 5.0
 """Seconds between tries of the last leaving job's pass while the Slurm budget is spent."""
 LEAVING_BUDGET_TRIES = 13
 """Tries before the last leaving job gives up waiting for the budget (a minute and then some)."""
+LEAVING_LOCK_WAIT = 1.0
+"""Seconds before a leaving job asks again when another pass held the app's lock (that pass may
+have read the jobs before this one began draining: then this job's own pass must still run)."""
 WALLTIME_MARGIN_SECONDS = 5.0
 """A task is claimed only if its task_max_seconds plus this fits the job's remaining walltime."""
 
@@ -60,6 +63,10 @@ class ScaleOutcome(Protocol):
     def urgent(self) -> bool:
         """The pass was due whatever the interval (the app's last live job leaving)."""
 
+    @property
+    def locked(self) -> bool:
+        """False: another pass of the app held its lock; this one did nothing."""
+
 
 class LifecycleClock(Protocol):
     """Time, injectable (``scalebox_hpc.testing.FakeClock`` fits)."""
@@ -85,7 +92,8 @@ class SystemClock:
 
 
 Scale = Callable[..., ScaleOutcome | None]
-"""``scale(app_id, leaving=False)``: one autoscale pass of the app (None: no report)."""
+"""``scale(app_id, leaving=None)``: one autoscale pass of the app (None: no report);
+``leaving``: the (job id, cluster) of the stage job that drains or ends."""
 
 
 class StageLifecycle:
@@ -96,8 +104,10 @@ class StageLifecycle:
       autoscaler every ``interval`` seconds;
     - ``may_idle_exit``: an idle job ends only above its module's ``min_jobs``;
     - ``leaving``: mark the job draining and (first node) ask for a pass, which runs at once
-      when this was the app's last live job, so a replacement is submitted if work remains
-      (while the Slurm budget is spent it waits for it, about a minute at most).
+      when no job of the app runs any more and no pass has yet seen this one drain (or a module
+      still wants a job), so a replacement is submitted if work remains (while the Slurm budget
+      is spent it waits for it, about a minute at most; while another pass holds the app's lock
+      it asks again a second later: that pass may not have seen this job drain).
 
     The app gets one pass per interval whichever of its jobs asks first (the autoscaler's rule).
     """
@@ -185,16 +195,22 @@ class StageLifecycle:
         if not self.first_node:
             return
         for attempt in range(self.budget_tries):
-            report = self._autoscale(leaving=True)
-            if report is None or not (report.budget_spent and report.urgent):
+            report = self._autoscale(leaving=(self.job.job_id, self.cluster))
+            if report is None:
+                return
+            if report.budget_spent and report.urgent:
+                wait = LEAVING_BUDGET_WAIT  # the last job: its pass must not be skipped
+            elif not report.locked:
+                wait = LEAVING_LOCK_WAIT  # the pass holding the lock may have missed this job's drain
+            else:
                 return
             if attempt + 1 < self.budget_tries:
-                self.clock.sleep(LEAVING_BUDGET_WAIT)  # the last job: its pass must not be skipped
+                self.clock.sleep(wait)
         logger.warning("stage job %s leaves without an autoscale pass of app %s: the Slurm budget stayed "
-                       "spent for %d tries", self.job.job_id, self.app_id, self.budget_tries,
-                       extra=self._facts("stage_leave_unscaled", tries=self.budget_tries))
+                       "spent, or another pass held the app's lock, for %d tries", self.job.job_id, self.app_id,
+                       self.budget_tries, extra=self._facts("stage_leave_unscaled", tries=self.budget_tries))
 
-    def _autoscale(self, *, leaving: bool = False) -> ScaleOutcome | None:
+    def _autoscale(self, *, leaving: tuple[str, str] | None = None) -> ScaleOutcome | None:
         if self.scale_refused:
             return None
         try:

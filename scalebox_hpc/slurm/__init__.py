@@ -5,6 +5,7 @@
     commands.py     CommandRunner Protocol, SubprocessRunner, SlurmCommandError
     parse.py        SlurmState, JobInfo, parsers for sbatch/squeue/sacct/scontrol output, hostlists
     client.py       SlurmClient: submit, status (batched squeue + sacct), cancel, job_end_time
+    scheduler.py    SchedulerClient Protocol: what the autoscaler calls (SlurmClient implements it)
     watcher.py      StatusWatcher: one rate-limited status query for every followed job
     environment.py  JobEnvironment: the SLURM_* variables of the job this process runs in
 
@@ -24,6 +25,7 @@ from scalebox_hpc.slurm.commands import (
 )
 from scalebox_hpc.slurm.environment import JobEnvironment, NotInSlurmJobError, in_slurm_job
 from scalebox_hpc.slurm.parse import JobInfo, SlurmParseError, SlurmState, expand_hostlist, translate_state
+from scalebox_hpc.slurm.scheduler import SchedulerClient
 from scalebox_hpc.slurm.watcher import StatusWatcher
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "JobEnvironment",
     "JobInfo",
     "NotInSlurmJobError",
+    "SchedulerClient",
     "SlurmClient",
     "SlurmCommandError",
     "SlurmParseError",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, LaunchCommand, may_leave_idle
+from scalebox_hpc.autoscaler import FAILURE_LIMIT, Autoscaler, ClusterClients, LaunchCommand, may_leave_idle
 from scalebox_hpc.db import apps, stages
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
@@ -99,7 +99,7 @@ def add(pg_dsn: str, app_id: int, n: int, start: int = 0) -> None:
 
 
 def scaler(pg_dsn: str, slurm: FakeSlurm, tmp_path: Path, conn: Any, interval: float = 0.0) -> Autoscaler:
-    return Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path / "work"),  # type: ignore[arg-type]
+    return Autoscaler(conn, {"": slurm}, LaunchCommand(python=PYTHON, work_root=tmp_path / "work"),
                       interval=interval)
 
 
@@ -374,11 +374,11 @@ def test_the_slurm_budget_skips_passes_but_not_the_users_commands(pg_dsn: str, a
         conn.commit()
     add(pg_dsn, app, 5)
     with connect(pg_dsn) as conn:
-        capped = Autoscaler(conn, slurm, LaunchCommand(python=PYTHON, work_root=tmp_path),  # type: ignore[arg-type]
+        capped = Autoscaler(conn, {"": slurm}, LaunchCommand(python=PYTHON, work_root=tmp_path),
                             interval=0, rpc_per_minute=5)
         skipped = capped.reconcile(app)
         assert skipped.budget_spent and skipped.submitted == {} and slurm.calls == []
-        leaving = capped.reconcile(app, leaving=True)  # the last job leaving waits (StageLifecycle retries)
+        leaving = capped.reconcile(app, leaving=("1", ""))  # the last job leaving waits (StageLifecycle retries)
         assert leaving.budget_spent and leaving.urgent
         forced = capped.reconcile(app, force=True)  # `scalebox submit` / `stage scale`: runs, counted
         assert forced.submitted and forced.slurm_calls == len(slurm.calls) > 0
@@ -400,11 +400,126 @@ def test_the_last_leaving_job_scales_at_once(pg_dsn: str, app: int, tmp_path: Pa
         slurm.jobs[job] = SlurmState.RUNNING
         conn.execute("UPDATE sbx_stage_jobs SET state = 'RUNNING' WHERE slurm_job_id = %s", (job,))  # as seen
         add(pg_dsn, app, 20, start=5)
-        assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True).elected is False
+        assert scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(job, "")).elected is False
         stages.mark_draining(conn, job)  # it leaves: the app's last live job
         conn.commit()
-        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=True)
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(job, ""))
     assert report.elected and report.urgent and len(report.submitted["work"]) == 3
+
+
+def _running_jobs(pg_dsn: str, app: int, slurm: FakeSlurm, tmp_path: Path, tasks: int) -> list[str]:
+    """``tasks`` work tasks, a forced pass (work's jobs and idle's warm one), work's jobs RUNNING
+    (in Slurm and as last seen), and an app pass moments ago: the set-up of a drain tail."""
+    add(pg_dsn, app, tasks)
+    with connect(pg_dsn) as conn:
+        scaler(pg_dsn, slurm, tmp_path, conn).reconcile(app, force=True)
+        jobs = live(pg_dsn, app)["work"]
+        for job in jobs:
+            slurm.jobs[job] = SlurmState.RUNNING
+        conn.execute("UPDATE sbx_stage_jobs SET state = 'RUNNING' WHERE slurm_job_id = ANY(%s)", (jobs,))
+        stages.mark_app_scaled(conn, app)
+        conn.commit()
+    return jobs
+
+
+def test_jobs_leaving_together_make_one_pass_not_one_each(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """Issue 17's drain tail: the app's three RUNNING jobs drain at once with no work left; each
+    asks for its leaving pass, and each sees no RUNNING job left. The first pass runs (one
+    squeue) and marks the three as seen; the other two passes are not urgent and, within the
+    interval, run no Slurm command."""
+    slurm = FakeSlurm()
+    jobs = _running_jobs(pg_dsn, app, slurm, tmp_path, 30)
+    assert len(jobs) == 3
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s", (app,))  # all done
+        for job in jobs:  # each marks itself draining (StageLifecycle.leaving) before asking
+            stages.mark_draining(conn, job)
+        conn.commit()
+    before = len(slurm.calls)
+    reports = []
+    for job in jobs:
+        with connect(pg_dsn) as conn:
+            reports.append(scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(job, "")))
+    assert slurm.calls[before:] == ["squeue"]
+    assert [(r.urgent, r.elected) for r in reports] == [(True, True), (False, False), (False, False)]
+    with connect(pg_dsn) as conn:
+        assert all(j.drain_seen for j in stages.jobs(conn, app, include_ended=True) if j.module == "work")
+        again = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(jobs[0], ""))
+    assert not again.urgent and slurm.calls[before:] == ["squeue"]  # its second ask (at exit): no pass
+
+
+def test_a_seen_leaving_job_still_gets_a_replacement_when_work_is_left(
+    pg_dsn: str, app: int, tmp_path: Path,
+) -> None:
+    """The app's one work job drains while its tasks run (nothing READY): its pass sees it drain
+    and submits nothing. Its tasks come back READY (released as it leaves); at its exit it asks
+    again: its row is seen, but `work` has READY tasks and no live job, so the pass is urgent
+    and submits the replacement (no other job would pass: the work would wait for a user)."""
+    slurm = FakeSlurm()
+    [job] = _running_jobs(pg_dsn, app, slurm, tmp_path, 5)
+    with connect(pg_dsn) as conn:
+        conn.execute("UPDATE sbx_tasks SET status = -3 WHERE app_id = %s", (app,))  # RUNNING on the job
+        stages.mark_draining(conn, job)
+        conn.commit()
+        first = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(job, ""))
+        assert first.urgent and first.submitted == {} and stages.drain_seen(conn, job)
+        conn.execute("UPDATE sbx_tasks SET status = -1 WHERE app_id = %s", (app,))  # back to READY
+        conn.commit()
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(job, ""))
+    assert report.urgent and report.elected and len(report.submitted["work"]) == 1
+
+
+def test_a_job_that_began_draining_after_a_pass_read_the_jobs_is_not_seen(
+    pg_dsn: str, app: int, tmp_path: Path,
+) -> None:
+    """The mark names the rows the pass read: a job whose drain committed while another pass
+    held the app's lock (and had read it as live) stays unseen, and its own pass runs."""
+    slurm = FakeSlurm()
+    first, second, third = _running_jobs(pg_dsn, app, slurm, tmp_path, 30)
+    with connect(pg_dsn) as conn, connect(pg_dsn) as other:
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s", (app,))
+        stages.mark_draining(conn, first)
+        stages.mark_draining(conn, third)
+        conn.commit()
+        # a forced pass (e.g. `scalebox status`) is under way: it has read the jobs, holds the lock
+        with other.transaction():
+            assert stages.try_lock(other, app)
+            seen = stages.jobs(other, app)
+            locked_out = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(first, ""))
+            assert not locked_out.locked  # the lifecycle asks again a second later
+            stages.mark_draining(conn, second)  # commits while the pass holds the lock
+            conn.commit()
+            stages.mark_drain_seen(other, [j.id for j in seen if j.draining])
+        assert stages.drain_seen(conn, first) and not stages.drain_seen(conn, second)
+        again = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(first, ""))
+        assert not again.urgent and not again.elected  # first's ask again: seen, nothing wanted
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(second, ""))
+    assert report.urgent and report.elected  # second's own pass: nobody decided knowing it drains
+
+
+def test_the_drain_tails_last_pass_asks_slurm_nothing(pg_dsn: str, app: int, tmp_path: Path) -> None:
+    """Every live job of the app drains: a leaving pass's squeue would change no decision (a
+    draining job is no capacity whatever Slurm says of it), so it runs none, yet it submits for
+    the work left; the next other pass (`stage list`, `status`) records how the jobs ended."""
+    slurm = FakeSlurm()
+    jobs = _running_jobs(pg_dsn, app, slurm, tmp_path, 30)
+    with connect(pg_dsn) as conn:
+        stages.set_bounds(conn, app, "idle", 0, None)  # no warm job wanted
+        [warm] = live(pg_dsn, app)["idle"]
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND body <> 't0'", (app,))  # t0 READY
+        for job in [*jobs, warm]:
+            stages.mark_draining(conn, job)
+        conn.commit()
+        before = len(slurm.calls)
+        report = scaler(pg_dsn, slurm, tmp_path, conn, interval=3600).reconcile(app, leaving=(jobs[0], ""))
+        assert report.urgent and len(report.submitted["work"]) == 1
+        assert slurm.calls[before:] == ["sbatch"]
+        for job in jobs:
+            slurm.jobs[job] = SlurmState.COMPLETED
+        scaler(pg_dsn, slurm, tmp_path, conn, interval=0).reconcile(app)  # `stage list`: not leaving
+        ended = {j.slurm_job_id: j.state for j in stages.jobs(conn, app, include_ended=True) if j.ended_at}
+    assert slurm.calls[before:] == ["sbatch", "squeue"]
+    assert {job: ended.get(job) for job in jobs} == dict.fromkeys(jobs, "COMPLETED")
 
 
 def test_idle_warm_jobs_give_their_nodes_to_a_starved_module(pg_dsn: str, app: int, tmp_path: Path) -> None:
@@ -468,8 +583,9 @@ def test_each_modules_jobs_go_to_its_cluster_with_its_own_budget(pg_dsn: str, tm
         apps.add_tasks(conn, app_id, "away", [Message(body=f"a{i}") for i in range(15)])
 
         def autoscale(force: bool = False) -> Any:
-            return Autoscaler(conn, default, LaunchCommand(python=PYTHON, work_root=tmp_path / "w"),  # type: ignore[arg-type]
-                              interval=0.0, clusters=clients).reconcile(app_id, force=force)
+            return Autoscaler(conn, ClusterClients(default, clients),
+                              LaunchCommand(python=PYTHON, work_root=tmp_path / "w"),
+                              interval=0.0).reconcile(app_id, force=force)
 
         report = autoscale(force=True)
         assert {m: len(ids) for m, ids in report.submitted.items()} == {"near": 1, "away": 2}

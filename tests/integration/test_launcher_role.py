@@ -55,7 +55,7 @@ SCRIPTS = {
 def _as(dsn: str, role: str) -> str:
     params = conninfo_to_dict(dsn)
     params["user"] = role
-    return make_conninfo(**params)  # type: ignore[arg-type]
+    return make_conninfo(**params)
 
 
 def _sbx(dsn: str, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -207,7 +207,7 @@ def test_functions_on_another_owners_app_are_refused(site: Site, tmp_path: Path)
     with psycopg.connect(site.dsn(site.a_launcher), autocommit=True) as conn:
         for statement, args in calls:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"another|not an app of|not a slot"):
-                conn.execute(statement, args)  # type: ignore[arg-type]
+                conn.execute(statement, args)
         assert conn.execute("SELECT count(*) FROM sbx_l_recover_v1()").fetchone() == (0,)
         assert conn.execute("SELECT sbx_l_app_exists_v1(%s), sbx_l_app_exists_v1(%s), sbx_l_newest_app_v1()",
                             (a_id, b_id)).fetchone() == (True, False, a_id)
@@ -338,13 +338,76 @@ def test_the_locality_index_is_per_owner(site: Site, tmp_path: Path) -> None:
 
 def test_a_stage_jobs_autoscale_pass_as_the_launcher_role_is_refused_as_a_privilege_error(
         site: Site, tmp_path: Path) -> None:
-    """The autoscaler's reads and writes are not queue functions: a stage job connected as the
-    launcher role gets a PrivilegeError (which its lifecycle reports once, then stops asking:
+    """What the launcher role may still not do in a pass: choose the stage Python of an app never
+    submitted (a forced pass would). A stage job connected as the launcher role gets a
+    PrivilegeError (which its lifecycle reports once, then stops asking:
     tests/unit/test_stage_lifecycle.py), never a raw psycopg error that would end the job."""
     from scalebox_hpc import node
     from scalebox_hpc.errors import PrivilegeError
 
     app_id = _app(site, site.alice, tmp_path)
     scale = node.stage_autoscaler(site.dsn(site.a_launcher), tmp_path / "work")
-    with pytest.raises(PrivilegeError, match=r"permission denied|not an app of"):
+    with pytest.raises(PrivilegeError, match=r"may not choose the stage Python"):
         scale(app_id, force=True)
+
+
+def test_a_stage_jobs_autoscale_pass_as_the_launcher_role_scales_its_owners_app(
+        site: Site, tmp_path: Path) -> None:
+    """Issue 16 (migration 0021): the autoscale pass's reads and writes are launcher functions, so
+    a stage job connected as alice's launcher role scales alice's app (a job submitted for her
+    READY task, its Slurm calls counted, a leaving job's drain marked seen), while bob's app is
+    refused as a PrivilegeError and nothing of his changes."""
+    from scalebox_hpc.autoscaler import Autoscaler, LaunchCommand
+    from scalebox_hpc.db import stages
+    from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.errors import PrivilegeError
+    from scalebox_hpc.slurm import SlurmState
+    from tests.integration.test_autoscale import FakeSlurm
+
+    a_id, b_id = _app(site, site.alice, tmp_path / "a"), _app(site, site.bob, tmp_path / "b")
+    for user, app_id in ((site.alice, a_id), (site.bob, b_id)):  # as `scalebox submit` keeps them
+        with connect(site.dsn(user)) as conn:
+            stages.save_launch_settings(conn, app_id, sys.executable, str(tmp_path / "work"))
+            conn.commit()
+    slurm = FakeSlurm()
+    command = LaunchCommand(python=sys.executable, work_root=tmp_path / "work")
+    launcher = site.dsn(site.a_launcher)
+    with connect(launcher) as conn:
+        report = Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(a_id)
+        assert report.managed and report.elected and list(report.submitted) == ["a"], report
+        [job] = report.submitted["a"]
+        slurm.jobs[job] = SlurmState.RUNNING
+        assert Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(a_id).submitted == {}
+        stages.mark_draining(conn, job)  # it leaves: its pass runs at once and sees it drain
+        conn.commit()
+        leaving = Autoscaler(conn, {"": slurm}, command, interval=3600).reconcile(
+            a_id, leaving=(job, ""))
+        # "go" is still READY and its job left: the replacement (no squeue: every live job drains)
+        assert leaving.urgent and leaving.elected and len(leaving.submitted["a"]) == 1
+        [replacement] = leaving.submitted["a"]
+        with (pytest.raises(PrivilegeError, match=f"app {b_id} is not an app of {site.alice}"),
+              translate_errors(launcher)):
+            Autoscaler(conn, {"": slurm}, command, interval=0).reconcile(b_id)
+    with psycopg.connect(site.admin) as admin:
+        assert admin.execute("SELECT slurm_job_id, state, drain_seen, submitted_by FROM sbx_stage_jobs "
+                             "WHERE app_id = %s ORDER BY id", (a_id,)).fetchall() == [
+            (job, "RUNNING", True, site.a_launcher), (replacement, "PENDING", False, site.a_launcher)]
+        assert admin.execute("SELECT sum(calls) FROM sbx_slurm_calls WHERE app_id = %s",
+                             (a_id,)).fetchone() == (len(slurm.calls),)
+        assert admin.execute("SELECT count(*) FROM sbx_stage_jobs WHERE app_id = %s", (b_id,)).fetchone() == (0,)
+        assert admin.execute("SELECT autoscaled_at FROM sbx_apps WHERE id = %s", (b_id,)).fetchone() == (None,)
+    assert slurm.calls == ["sbatch", "squeue", "sbatch"]
+
+
+def test_a_launcher_role_may_not_choose_the_stage_python(site: Site, tmp_path: Path) -> None:
+    """What a stage job executes is its owner's choice, made at the first submission: a launcher
+    role's pass on an app never submitted is refused (the lifecycle says so once, and stops)."""
+    from scalebox_hpc.db import stages
+    from scalebox_hpc.db.connection import connect
+
+    a_id = _app(site, site.alice, tmp_path / "a")
+    with (connect(site.dsn(site.a_launcher)) as conn,
+          pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not choose the stage Python")):
+        stages.save_launch_settings(conn, a_id, "/tmp/evil", str(tmp_path))
+    with psycopg.connect(site.admin) as admin:
+        assert admin.execute("SELECT stage_python FROM sbx_apps WHERE id = %s", (a_id,)).fetchone() == (None,)

@@ -379,6 +379,11 @@ def test_a_stage_job_asks_for_the_node_holding_the_queued_inputs(env: dict[str, 
     for i in range(10):
         (scratch / f"f{i}").write_text("x" * i)
     env = {**env, "SCALEBOX_LOCAL_SCRATCH": str(shared / "scratch-${HOST}")}
+    # a job asks only for a node with its CPUs idle: the previous test's cancelled jobs may still
+    # hold node3 for a moment (seen: no --nodelist, the job went anywhere)
+    wait_until("node3 to be idle", lambda: subprocess.run(
+        ["sinfo", "-h", "-n", "node3", "-o", "%T"], capture_output=True, text=True, check=False).stdout.strip()
+        == "idle", 60)
     app_id = submit(env, path)
     assert jobs(env, app_id) == []  # nothing queued, no job
     queue = PgQueue(env["SCALEBOX_DSN"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from scalebox_hpc.autoscaler import ClusterClients, LaunchCommand, stage_job
-from scalebox_hpc.errors import PipelineError
+from scalebox_hpc.errors import PipelineError, ScaleboxError
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.slurm.client import SlurmClient
 from scalebox_hpc.slurm.commands import CommandResult
@@ -116,10 +116,10 @@ def test_clients_are_built_once_per_cluster_and_counted_apart(tmp_path: Path) ->
     clients = ClusterClients(default, make)
     for module in _spec(tmp_path).modules:
         clients.learn(module)
-    assert clients.get(None) is default and clients.get("") is default
-    clients.get("far").cancel(["1"])
-    clients.get("far").cancel(["2"])
-    clients.get("c2").cancel(["3"])
+    assert clients.client(None) is default and clients.client("") is default
+    clients.client("far").cancel(["1"])
+    clients.client("far").cancel(["2"])
+    clients.client("c2").cancel(["3"])
     assert made == [("far", ("ssh", "login.far.example")), ("c2", ())]
     assert clients.counts() == {"": 0, "far": 2, "c2": 1}
 
@@ -129,3 +129,17 @@ def test_a_stage_job_of_a_cluster_gets_its_scratch_and_data_root(tmp_path: Path)
     job = stage_job(7, b, LaunchCommand(python="/venv/bin/python", work_root=tmp_path / "w"))
     assert job.launcher[:2] == ["env", "SCALEBOX_DATA_ROOT=/data/c2"]
     assert job.launcher[-2:] == ["--local-scratch", "/scratch/${HOST}"]
+
+
+def test_the_autoscaler_takes_a_mapping_of_scheduler_clients() -> None:
+    """Autoscaler(clients: Mapping[str, SchedulerClient]): '' is the default cluster's client,
+    the others are named; a cluster the mapping lacks is a ScaleboxError with a hint."""
+    default, far = SlurmClient(Recorder(), use_json=False), SlurmClient(Recorder(), cluster="far", use_json=False)
+    clients = ClusterClients.of({"": default, "far": far})
+    assert clients.client(None) is default and clients.client("far") is far
+    assert list(clients) == ["", "far"] and len(clients) == 2 and "far" in clients and "near" not in clients
+    assert ClusterClients.of(clients) is clients
+    with pytest.raises(ScaleboxError, match="no Slurm client for cluster 'near'"):
+        clients.client("near")
+    with pytest.raises(ScaleboxError, match="no default Slurm client"):
+        ClusterClients.of({"far": far})

@@ -41,7 +41,7 @@ def test_the_last_leaving_job_waits_for_the_slurm_budget() -> None:
     asked: list[dict[str, Any]] = []
     sleeps: list[float] = []
     lifecycle([spent, spent, ScaleReport(urgent=True)], asked, sleeps).leaving()
-    assert asked == [{"leaving": True}] * 3 and sleeps == [node.LEAVING_BUDGET_WAIT] * 2
+    assert asked == [{"leaving": ("7", "")}] * 3 and sleeps == [node.LEAVING_BUDGET_WAIT] * 2
 
 
 def test_a_leaving_job_that_is_not_the_last_does_not_wait() -> None:
@@ -49,7 +49,17 @@ def test_a_leaving_job_that_is_not_the_last_does_not_wait() -> None:
     sleeps: list[float] = []
     lifecycle([ScaleReport(budget_spent=True)], asked, sleeps).leaving()  # the others will pass
     lifecycle([ScaleReport(elected=False)], asked, sleeps).leaving()
-    assert asked == [{"leaving": True}] * 2 and sleeps == []
+    assert asked == [{"leaving": ("7", "")}] * 2 and sleeps == []
+
+
+def test_a_leaving_job_asks_again_when_another_pass_held_the_lock() -> None:
+    """The pass holding the app's lock may have read the jobs before this one began draining:
+    this job's own pass must still get its turn (it is urgent while no pass saw it drain)."""
+    asked: list[dict[str, Any]] = []
+    sleeps: list[float] = []
+    lifecycle([ScaleReport(locked=False), ScaleReport(locked=False), ScaleReport(elected=False)], asked,
+              sleeps).leaving()
+    assert asked == [{"leaving": ("7", "")}] * 3 and sleeps == [lc.LEAVING_LOCK_WAIT] * 2
 
 
 def test_the_wait_for_the_budget_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
@@ -113,7 +123,7 @@ def test_the_first_node_asks_for_a_pass_once_per_interval() -> None:
     clock.advance(9.9)
     assert hooks.tick() is False and asked == []
     clock.advance(0.1)
-    assert hooks.tick() is False and asked == [{"leaving": False}] and store.calls == [("flags", "7")]
+    assert hooks.tick() is False and asked == [{"leaving": None}] and store.calls == [("flags", "7")]
     clock.advance(5)
     assert hooks.tick() is False and len(asked) == 1  # the next one is 10 s after the last
     clock.advance(5)
@@ -186,7 +196,7 @@ def test_the_first_node_records_its_start_and_end() -> None:
     hooks.started()
     hooks.leaving()
     assert store.calls == [("started", "7", "None"), ("leaving", "7", "True")]
-    assert asked == [{"leaving": True}]
+    assert asked == [{"leaving": ("7", "")}]
 
 
 def test_the_last_job_waits_for_the_budget_on_the_clock_not_in_real_time() -> None:
@@ -235,7 +245,7 @@ def test_a_role_that_may_not_autoscale_is_told_once_and_not_asked_again(caplog: 
             clock.advance(10)
             hooks.tick()
         hooks.leaving()
-    assert asked == [{"leaving": False}]
+    assert asked == [{"leaving": None}]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and logs.record_extras(warnings[0])["action"] == "autoscale_refused"
     assert "scalebox autoscale --app 3" in warnings[0].getMessage()

@@ -18,6 +18,7 @@ from scalebox_hpc.autoscaler import (
     place_jobs,
     stage_job,
     starved_modules,
+    wants_job,
 )
 from scalebox_hpc.db.stages import StageJobRow, StageModule
 from scalebox_hpc.errors import PipelineError
@@ -216,3 +217,16 @@ def test_starved_modules_need_ready_tasks_and_a_job_waiting_for_nodes_or_limits(
     assert starved_modules(rows, [job(1, "Priority"), job(1, "BeginTime")]) == {}
     assert all(STARVED_REASON.match(r) for r in ("QOSMaxJobsPerUserLimit", "QOSGrpCpuLimit", "Resources"))
     assert not any(STARVED_REASON.match(r) for r in ("InvalidQOS", "QOSNotAllowed", "ResourcesX", ""))
+
+
+def test_a_module_wants_a_job_when_a_pass_would_submit_one() -> None:
+    """What makes a leaving job's pass urgent although a pass already saw it drain."""
+    spec = {"name": "w", "code_path": "/nonexistent", "slurm": {"min_jobs": 0, "max_jobs": 4, "tasks_per_job": 10}}
+    row = StageModule(id=1, name="w", spec=spec)
+    assert not wants_job(row)  # no work, no job: nothing to submit
+    assert wants_job(replace(row, ready=1))  # work and no live job: a replacement
+    assert not wants_job(replace(row, ready=5, live_jobs=1))  # its live (PENDING or RUNNING) job will take it
+    assert wants_job(replace(row, ready=25, live_jobs=2))  # 3 wanted
+    assert wants_job(replace(row, min_jobs=1))  # the `stage scale` override: a warm job
+    assert not wants_job(replace(row, ready=5, app_status="FINISHED"))
+    assert not wants_job(replace(row, ready=5, app_status="PAUSED"))
