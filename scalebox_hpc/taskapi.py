@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
@@ -231,3 +232,179 @@ def read_line(sock: socket.socket, limit: int = MAX_REQUEST_BYTES) -> bytes:
             break
     data = b"".join(chunks)
     return data.split(b"\n", 1)[0]
+
+
+# -- the request directory: the same calls for a task whose scripts cannot reach the socket -------
+# Inside a container the socket is not there (not bound in, and busybox has no unix-socket
+# client), nor in an MPI rank on another node. The in-container helper (POSIX sh) writes a request
+# file into a per-task directory of the slot's private dir (bound in, 0700) and waits for its
+# reply files; the launcher turns the request into the same :class:`Request` and sends it down
+# the same socket (same handler, same app limit, same running check, through the dispatcher),
+# then writes what the Python CLI would have printed and its exit status. Files, not a FIFO: a
+# FIFO blocks both ends until the other opens it (a killed caller would hang the launcher's side)
+# and sh cannot wait on one with a deadline; a file can be polled with a bound, left behind by a
+# killed caller and swept with its directory.
+
+SERVICES_DIR_ENV: Final = "SCALEBOX_SERVICES_DIR"
+"""The request directory's path in a task's environment (inside a container: its container path)."""
+
+MAX_FILE_REQUEST_BYTES: Final = 2 * MAX_REQUEST_BYTES
+"""A request file: one argv element of run.sh (128 KiB) escaped as JSON (at most 6 bytes a byte)
+fits under this."""
+
+COMMANDS: Final[dict[str, Op]] = {
+    "semaphore create": "semaphore.create", "semaphore get": "semaphore.get",
+    "semaphore increment": "semaphore.add", "semaphore decrement": "semaphore.add",
+    "semaphore list": "semaphore.list", "variable set": "variable.set", "variable get": "variable.get",
+    "variable list": "variable.list",
+}
+"""The CLI commands the request directory serves, and the socket op each one is."""
+
+_FILE_KEYS: Final = frozenset({"task_id", "cmd", "name", "value", "app", "json"})
+_NAMELESS: Final = frozenset({"semaphore list", "variable list"})
+_INT_ARGUMENT: Final = {"semaphore create": ("[VALUE]", 0), "semaphore increment": ("[DELTA]", 1),
+                        "semaphore decrement": ("[DELTA]", 1)}
+
+
+@dataclass(frozen=True)
+class FileCall:
+    """One request file: a CLI command (``semaphore get``...) and its arguments as the caller
+    typed them (texts: the host converts them as click would)."""
+
+    task_id: int
+    cmd: str
+    name: str = ""
+    value: str | None = None
+    app: str | None = None
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What the Python CLI would have done: its exit status, stdout and stderr."""
+
+    status: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key given twice")
+    return dict(pairs)
+
+
+def parse_file_call(data: bytes) -> FileCall:
+    """The request file ``data`` (one JSON object of texts, written by user code: checked key by
+    key); anything else raises :class:`~scalebox_hpc.errors.InvalidValueError`."""
+    if len(data) > MAX_FILE_REQUEST_BYTES:
+        raise InvalidValueError(f"request longer than {MAX_FILE_REQUEST_BYTES} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise InvalidValueError("the request is not UTF-8 text (an argument with bytes that are not UTF-8?)") \
+            from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidValueError(f"request is not one JSON object: {type(exc).__name__}") from None
+    if not isinstance(doc, dict) or not set(doc) <= _FILE_KEYS or not all(isinstance(v, str) for v in doc.values()):
+        raise InvalidValueError(f"request is not one JSON object of texts with keys {sorted(_FILE_KEYS)}")
+    cmd = doc.get("cmd", "")
+    if cmd not in COMMANDS:
+        raise InvalidValueError(f"unknown command {cmd[:40]!r}")
+    task_id = doc.get("task_id", "")
+    if not (task_id.isascii() and task_id.isdigit()) or len(task_id) > 19 or int(task_id) <= 0:
+        raise InvalidValueError("task_id: expected a positive integer")
+    if ("name" in doc) == (cmd in _NAMELESS):
+        raise InvalidValueError(f"{cmd}: " + ("takes no NAME" if cmd in _NAMELESS else "needs a NAME"))
+    if ("value" in doc and cmd not in _INT_ARGUMENT and cmd != "variable set") or \
+            (cmd == "variable set" and "value" not in doc):
+        raise InvalidValueError(f"{cmd}: wrong number of arguments")
+    if doc.get("json", "") not in ("", "1") or ("json" in doc and cmd not in _NAMELESS):
+        raise InvalidValueError("json: only '1', and only for a list")
+    return FileCall(int(task_id), cmd, doc.get("name", ""), doc.get("value"), doc.get("app"), doc.get("json") == "1")
+
+
+def _usage(cmd: str, message: str) -> Rendered:
+    """A click usage error: nothing on stdout, exit status 2."""
+    return Rendered(2, "", f"Usage: scalebox {cmd} [OPTIONS] ...\nTry 'scalebox {cmd} -h' for help.\n\n"
+                           f"Error: {message}\n")
+
+
+def _click_int(text: str, low: int, high: int) -> int | str:
+    """``text`` as click's integer types read it (``int()``), or the usage error's message."""
+    try:
+        number = int(text)
+    except ValueError:
+        return f"{text!r} is not a valid integer."
+    return number if low <= number <= high else f"{number} is not in the range {low}<=x<={high}."
+
+
+def render_error(exc: ScaleboxError) -> Rendered:
+    """The Python CLI's one line for an error, exit status 1."""
+    hint = getattr(exc, "hint", "")
+    return Rendered(1, "", f"scalebox: error: {exc}" + (f" (hint: {hint})" if hint else "") + "\n")
+
+
+def file_call_request(call: FileCall, own_app: str) -> Request | Rendered:
+    """The socket request the call is, or what the CLI would have said without asking: the
+    checks in the CLI's order (click's conversions, a reserved name, another app's ``--app``)."""
+    if call.app is not None:
+        app = _click_int(call.app, 1, 2**63 - 1)
+        if isinstance(app, str):
+            return _usage(call.cmd, f"Invalid value for '--app': {app}")
+    value: int | str | None = call.value
+    if call.cmd in _INT_ARGUMENT:
+        label, default = _INT_ARGUMENT[call.cmd]
+        got = default if call.value is None else _click_int(call.value, INT32_MIN, INT32_MAX)
+        if isinstance(got, str):
+            return _usage(call.cmd, f"Invalid value for '{label}': {got}")
+        value = -got if call.cmd == "semaphore decrement" else got
+    try:
+        if call.cmd == "variable set":
+            check_variable_name(call.name)
+        if call.app is not None and str(int(call.app)) != own_app:
+            raise ServiceError(f"a task may only use its own app's semaphores and variables (app {own_app})")
+    except ScaleboxError as exc:
+        return render_error(exc)
+    return Request(COMMANDS[call.cmd], call.task_id, call.name, value)
+
+
+def render_value(call: FileCall, value: Any) -> Rendered:
+    """What the Python CLI prints for the call's answer ``value`` (click.echo to a file strips
+    ANSI colour codes; a listing is one terminal-safe line per entry, or JSON)."""
+    import click  # the host's side only: the task's own client stays stdlib
+
+    from scalebox_hpc.text import terminal_safe
+
+    def one_line(text: str) -> str:
+        return terminal_safe(text).replace("\n", " ").replace("\t", " ")
+
+    if call.cmd == "variable set":
+        return Rendered(0)
+    if call.cmd in _NAMELESS:
+        if call.as_json:
+            return Rendered(0, click.unstyle(json.dumps(value, default=str, ensure_ascii=False, indent=2)) + "\n")
+        mapping = value if isinstance(value, dict) else {}
+        return Rendered(0, "".join(f"{one_line(str(k))}\t{one_line(str(v))}\n" for k, v in mapping.items()))
+    return Rendered(0, click.unstyle(str(value)) + "\n")
+
+
+def answer_file(data: bytes, ask: Callable[[Request], Any], task_id: int, own_app: str) -> Rendered:
+    """The reply to one request file of task ``task_id`` (app ``own_app``): parsed, refused when
+    it names another task (a request left by an earlier task of the slot), else ``ask``-ed (the
+    socket: its value, or a :class:`ServiceError`) and rendered as the Python CLI would."""
+    try:
+        call = parse_file_call(data)
+    except InvalidValueError as exc:
+        return Rendered(2, "", f"scalebox: {exc}\n")
+    if call.task_id != task_id:
+        return render_error(ServiceError(f"task {call.task_id} is not running in this launcher",
+                                         hint="the calls work only while the task that makes them runs"))
+    request = file_call_request(call, own_app)
+    if isinstance(request, Rendered):
+        return request
+    try:
+        return render_value(call, ask(request))
+    except ScaleboxError as exc:
+        return render_error(exc)
