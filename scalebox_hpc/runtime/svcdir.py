@@ -22,6 +22,7 @@ import secrets
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.02
 """How often the directory is looked at (the caller polls for its reply as often)."""
 MAX_INFLIGHT = 8
+DRAIN_SECONDS = 10.0
+"""How long the end of a run waits for its calls in flight (a semaphore a killed task was
+incrementing is incremented or not before the slot's next task runs, never after)."""
 REQUEST_NAME = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,20})?\.req\Z")
 """``PID[.START].req``: the caller's pid and its start time (unique while the run lives)."""
 PREFIX = "svc-"
@@ -67,6 +71,7 @@ class RequestDir:
         self._slots = threading.BoundedSemaphore(MAX_INFLIGHT)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._calls: set[threading.Thread] = set()
 
     def start(self) -> RequestDir:
         """Make the directory (0700, never one that exists) and start answering."""
@@ -81,6 +86,14 @@ class RequestDir:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(POLL_SECONDS * 50)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.join(max(0.0, deadline - time.monotonic()))
+        if any(call.is_alive() for call in calls):
+            logger.warning("task %s: %d task-service call(s) still in flight after its run ended",
+                           self.task_id, sum(call.is_alive() for call in calls))
         shutil.rmtree(self.path, ignore_errors=True)
 
     def _loop(self) -> None:
@@ -104,7 +117,9 @@ class RequestDir:
                 if not self._slots.acquire(blocking=False):
                     break  # the next scan takes it
                 self._taken.add(name)
-            threading.Thread(target=self._serve, args=(name,), name="svc-dir-call", daemon=True).start()
+                call = threading.Thread(target=self._serve, args=(name,), name="svc-dir-call", daemon=True)
+                self._calls.add(call)
+            call.start()
             started += 1
         return started
 
@@ -123,6 +138,7 @@ class RequestDir:
         finally:
             with self._lock:
                 self._taken.discard(name)
+                self._calls.discard(threading.current_thread())
             self._slots.release()
 
     def _take(self, name: str) -> bytes | None:
