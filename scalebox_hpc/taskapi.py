@@ -14,11 +14,16 @@ code) and the client (stdlib only: ``scalebox semaphore increment`` inside run.s
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
+import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from scalebox_hpc.errors import InvalidValueError, ScaleboxError
@@ -408,3 +413,69 @@ def answer_file(data: bytes, ask: Callable[[Request], Any], task_id: int, own_ap
         return render_value(call, ask(request))
     except ScaleboxError as exc:
         return render_error(exc)
+
+
+_file_seq = itertools.count(1)
+
+
+def call_dir(directory: str, call: FileCall, *, timeout: float = 120.0) -> Rendered:
+    """``call`` through the request directory ``directory``, as the in-container helper makes it,
+    for a Python caller without the socket (an MPI collective's handler on any rank): the
+    request written whole then renamed, the reply waited for (a directory not made yet, by a
+    rank 0 that starts the task a moment later, is waited for too); :class:`ServiceError` when
+    no answer comes within ``timeout`` seconds."""
+    doc = {"task_id": str(call.task_id), "cmd": call.cmd}
+    if call.cmd not in _NAMELESS:
+        doc["name"] = call.name
+    for key, value in (("value", call.value), ("app", call.app), ("json", "1" if call.as_json else None)):
+        if value is not None:
+            doc[key] = value
+    stem = f"{os.getpid()}.{next(_file_seq)}"
+    base = Path(directory)
+    deadline = time.monotonic() + timeout
+    data = (json.dumps(doc, ensure_ascii=False) + "\n").encode()
+    while True:
+        try:
+            (base / f".{stem}.tmp").write_bytes(data)
+            os.replace(base / f".{stem}.tmp", base / f"{stem}.req")
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no request directory {directory} (has the task ended?)",
+                                   kind="unreachable") from None
+            time.sleep(0.01)
+    rc = base / f"{stem}.rc"
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                (base / f"{stem}.req").unlink()
+            raise ServiceError(f"the launcher did not answer within {timeout:g}s", kind="outage")
+        time.sleep(0.01)
+    try:
+        out, err = (base / f"{stem}.out").read_text(), (base / f"{stem}.err").read_text()
+        status = int(rc.read_text().strip() or 1)
+    finally:
+        for suffix in (".rc", ".out", ".err"):
+            with contextlib.suppress(OSError):
+                (base / f"{stem}{suffix}").unlink()
+    return Rendered(status, out, err)
+
+
+def service(cmd: str, name: str = "", value: str | int | None = None) -> str:
+    """A semaphore or variable call of the running task (``cmd`` as the CLI names it:
+    ``semaphore increment``, ``variable get``...), through ``$SCALEBOX_SERVICES_DIR``: what the
+    CLI would print (a list as JSON), or :class:`ServiceError` with its error.
+
+    In a collective handler, on any rank: ``int(service("semaphore increment", "tokens"))``.
+    """
+    directory, task = os.environ.get(SERVICES_DIR_ENV, ""), os.environ.get("TASK_ID", "")
+    if not directory or not task.isdigit():
+        raise ServiceError(f"no task services here (no {SERVICES_DIR_ENV} or TASK_ID: not inside a task)")
+    if cmd not in COMMANDS:
+        raise InvalidValueError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}")
+    call = FileCall(int(task), cmd, name, None if value is None else str(value), None, cmd in _NAMELESS)
+    reply = call_dir(directory, call)
+    if reply.status != 0:
+        raise ServiceError(reply.stderr.strip().removeprefix("scalebox: error: ") or f"{cmd} failed ({reply.status})",
+                           kind="refused")
+    return reply.stdout.removesuffix("\n")

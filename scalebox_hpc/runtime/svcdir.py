@@ -60,8 +60,8 @@ def sweep(private_dir: Path) -> None:
 class RequestDir:
     """The request directory of one run of task ``task_id`` of app ``app_id``."""
 
-    def __init__(self, parent: Path, ask: Ask, task_id: int, app_id: str) -> None:
-        self.path = parent / f"{PREFIX}{task_id}-{secrets.token_hex(6)}"
+    def __init__(self, parent: Path, ask: Ask, task_id: int, app_id: str, *, name: str | None = None) -> None:
+        self.path = parent / (name or f"{PREFIX}{task_id}-{secrets.token_hex(6)}")
         self.ask = ask
         self.task_id = task_id
         self.app_id = app_id
