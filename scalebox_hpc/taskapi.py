@@ -43,6 +43,9 @@ Op = Literal[
 ]
 OPS: Final[frozenset[str]] = frozenset(Op.__args__)  # type: ignore[attr-defined]
 
+NOT_UTF8: Final = "a name or value is not UTF-8 text (semaphores and variables hold text only)"
+"""The error for an argument with bytes that are not UTF-8, the same on the socket and the directory."""
+
 RESERVED_PREFIX: Final = "_"
 """Variable names the system keeps for itself (``_stage.*``): no task or user writes them."""
 
@@ -206,10 +209,14 @@ def call(path: str, request: Request, *, timeout: float = 60.0) -> Any:
     if not math.isfinite(timeout) or timeout <= 0:
         raise InvalidValueError("timeout must be positive")
     try:
+        line = request.encode()
+    except UnicodeEncodeError:  # an argument of bytes that are not UTF-8 (argv's surrogate escapes)
+        raise InvalidValueError(NOT_UTF8) from None
+    try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(request.encode())
+            sock.sendall(line)
             sock.shutdown(socket.SHUT_WR)
             data = read_line(sock)
     except OSError as exc:
@@ -308,8 +315,7 @@ def parse_file_call(data: bytes) -> FileCall:
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
-        raise InvalidValueError("the request is not UTF-8 text (an argument with bytes that are not UTF-8?)") \
-            from None
+        raise InvalidValueError(NOT_UTF8) from None
     except (ValueError, RecursionError) as exc:
         raise InvalidValueError(f"request is not one JSON object: {type(exc).__name__}") from None
     if not isinstance(doc, dict) or not set(doc) <= _FILE_KEYS or not all(isinstance(v, str) for v in doc.values()):
@@ -402,7 +408,9 @@ def answer_file(data: bytes, ask: Callable[[Request], Any], task_id: int, own_ap
     try:
         call = parse_file_call(data)
     except InvalidValueError as exc:
-        return Rendered(2, "", f"scalebox: {exc}\n")
+        if str(exc) == NOT_UTF8:  # an argument of other bytes: the error the Python CLI gives
+            return render_error(exc)
+        return Rendered(2, "", f"scalebox: {exc}\n")  # not what the helper writes
     if call.task_id != task_id:
         return render_error(ServiceError(f"task {call.task_id} is not running in this launcher",
                                          hint="the calls work only while the task that makes them runs"))

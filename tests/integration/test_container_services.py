@@ -65,6 +65,8 @@ call semaphore get s --bogus
 call semaphore get
 call variable set only-name
 call semaphore
+call variable set binary "$(printf 'a\377b')"
+call variable set "$(printf 'n\376')" x
 # a value of 120 kB (one argv element holds 128 kB), last: no listing prints it
 call variable set big "$big"
 n=$((n + 1)); scalebox variable get big | md5sum; echo "$n big"

@@ -184,3 +184,13 @@ def test_a_new_run_sweeps_the_directories_earlier_runs_left(tmp_path: Path) -> N
     (tmp_path / "other").mkdir()
     sweep(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "svc-file"]
+
+
+def test_bytes_that_are_not_utf8_are_one_error_on_both_paths(tmp_path: Path) -> None:
+    """argv's surrogate escapes: the socket's client says so (it crashed with a traceback) and the
+    request directory gives the same error and exit status."""
+    with pytest.raises(InvalidValueError, match="not UTF-8"):
+        taskapi.call(str(tmp_path / "no-socket"), taskapi.Request("variable.set", 7, "k", "a\udcffb"))
+    data = b'{"task_id": "7", "cmd": "variable set", "name": "k", "value": "a\xffb"}'
+    reply = taskapi.answer_file(data, _asked({}), 7, "3")
+    assert reply.status == 1 and taskapi.NOT_UTF8 in reply.stderr
