@@ -207,13 +207,13 @@ class WarmSession(ContainerSession):
         self._seq += 1
         self._current = self._seq
         spec, served = serve(spec, self.spec.private_dir)  # the task's request directory (task services)
-        script = request_script(
-            self.paths.argv(spec.argv), self.paths.env(spec.env),
-            self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
-        )
-        req = self.spec.private_dir / "request.sh"
-        write_fresh(req, script)  # a new file renamed into place, owner only: nothing planted is written
         try:
+            script = request_script(
+                self.paths.argv(spec.argv), self.paths.env(spec.env),
+                self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
+            )
+            req = self.spec.private_dir / "request.sh"
+            write_fresh(req, script)  # a new file renamed into place, owner only: nothing planted is written
             os.write(self._in, f"run {self._seq} {SLOT_DIR}/request.sh\n".encode())
         except BaseException:
             unserve(served)
