@@ -14,10 +14,16 @@ code) and the client (stdlib only: ``scalebox semaphore increment`` inside run.s
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
+import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from scalebox_hpc.errors import InvalidValueError, ScaleboxError
@@ -36,6 +42,9 @@ Op = Literal[
     "variable.set", "variable.get", "variable.list", "tasks.deliver", "app.state",
 ]
 OPS: Final[frozenset[str]] = frozenset(Op.__args__)  # type: ignore[attr-defined]
+
+NOT_UTF8: Final = "a name or value is not UTF-8 text (semaphores and variables hold text only)"
+"""The error for an argument with bytes that are not UTF-8, the same on the socket and the directory."""
 
 RESERVED_PREFIX: Final = "_"
 """Variable names the system keeps for itself (``_stage.*``): no task or user writes them."""
@@ -200,10 +209,14 @@ def call(path: str, request: Request, *, timeout: float = 60.0) -> Any:
     if not math.isfinite(timeout) or timeout <= 0:
         raise InvalidValueError("timeout must be positive")
     try:
+        line = request.encode()
+    except UnicodeEncodeError:  # an argument of bytes that are not UTF-8 (argv's surrogate escapes)
+        raise InvalidValueError(NOT_UTF8) from None
+    try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(request.encode())
+            sock.sendall(line)
             sock.shutdown(socket.SHUT_WR)
             data = read_line(sock)
     except OSError as exc:
@@ -231,3 +244,246 @@ def read_line(sock: socket.socket, limit: int = MAX_REQUEST_BYTES) -> bytes:
             break
     data = b"".join(chunks)
     return data.split(b"\n", 1)[0]
+
+
+# -- the request directory: the same calls for a task whose scripts cannot reach the socket -------
+# Inside a container the socket is not there (not bound in, and busybox has no unix-socket
+# client), nor in an MPI rank on another node. The in-container helper (POSIX sh) writes a request
+# file into a per-task directory of the slot's private dir (bound in, 0700) and waits for its
+# reply files; the launcher turns the request into the same :class:`Request` and sends it down
+# the same socket (same handler, same app limit, same running check, through the dispatcher),
+# then writes what the Python CLI would have printed and its exit status. Files, not a FIFO: a
+# FIFO blocks both ends until the other opens it (a killed caller would hang the launcher's side)
+# and sh cannot wait on one with a deadline; a file can be polled with a bound, left behind by a
+# killed caller and swept with its directory.
+
+SERVICES_DIR_ENV: Final = "SCALEBOX_SERVICES_DIR"
+"""The request directory's path in a task's environment (inside a container: its container path)."""
+
+MAX_FILE_REQUEST_BYTES: Final = 2 * MAX_REQUEST_BYTES
+"""A request file: one argv element of run.sh (128 KiB) escaped as JSON (at most 6 bytes a byte)
+fits under this."""
+
+COMMANDS: Final[dict[str, Op]] = {
+    "semaphore create": "semaphore.create", "semaphore get": "semaphore.get",
+    "semaphore increment": "semaphore.add", "semaphore decrement": "semaphore.add",
+    "semaphore list": "semaphore.list", "variable set": "variable.set", "variable get": "variable.get",
+    "variable list": "variable.list",
+}
+"""The CLI commands the request directory serves, and the socket op each one is."""
+
+_FILE_KEYS: Final = frozenset({"task_id", "cmd", "name", "value", "app", "json"})
+_NAMELESS: Final = frozenset({"semaphore list", "variable list"})
+_INT_ARGUMENT: Final = {"semaphore create": ("[VALUE]", 0), "semaphore increment": ("[DELTA]", 1),
+                        "semaphore decrement": ("[DELTA]", 1)}
+
+
+@dataclass(frozen=True)
+class FileCall:
+    """One request file: a CLI command (``semaphore get``...) and its arguments as the caller
+    typed them (texts: the host converts them as click would)."""
+
+    task_id: int
+    cmd: str
+    name: str = ""
+    value: str | None = None
+    app: str | None = None
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What the Python CLI would have done: its exit status, stdout and stderr."""
+
+    status: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key given twice")
+    return dict(pairs)
+
+
+def parse_file_call(data: bytes) -> FileCall:
+    """The request file ``data`` (one JSON object of texts, written by user code: checked key by
+    key); anything else raises :class:`~scalebox_hpc.errors.InvalidValueError`."""
+    if len(data) > MAX_FILE_REQUEST_BYTES:
+        raise InvalidValueError(f"request longer than {MAX_FILE_REQUEST_BYTES} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise InvalidValueError(NOT_UTF8) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidValueError(f"request is not one JSON object: {type(exc).__name__}") from None
+    if not isinstance(doc, dict) or not set(doc) <= _FILE_KEYS or not all(isinstance(v, str) for v in doc.values()):
+        raise InvalidValueError(f"request is not one JSON object of texts with keys {sorted(_FILE_KEYS)}")
+    cmd = doc.get("cmd", "")
+    if cmd not in COMMANDS:
+        raise InvalidValueError(f"unknown command {cmd[:40]!r}")
+    task_id = doc.get("task_id", "")
+    if not (task_id.isascii() and task_id.isdigit()) or len(task_id) > 19 or int(task_id) <= 0:
+        raise InvalidValueError("task_id: expected a positive integer")
+    if ("name" in doc) == (cmd in _NAMELESS):
+        raise InvalidValueError(f"{cmd}: " + ("takes no NAME" if cmd in _NAMELESS else "needs a NAME"))
+    if ("value" in doc and cmd not in _INT_ARGUMENT and cmd != "variable set") or \
+            (cmd == "variable set" and "value" not in doc):
+        raise InvalidValueError(f"{cmd}: wrong number of arguments")
+    if doc.get("json", "") not in ("", "1") or ("json" in doc and cmd not in _NAMELESS):
+        raise InvalidValueError("json: only '1', and only for a list")
+    return FileCall(int(task_id), cmd, doc.get("name", ""), doc.get("value"), doc.get("app"), doc.get("json") == "1")
+
+
+def _usage(cmd: str, message: str) -> Rendered:
+    """A click usage error: nothing on stdout, exit status 2."""
+    return Rendered(2, "", f"Usage: scalebox {cmd} [OPTIONS] ...\nTry 'scalebox {cmd} -h' for help.\n\n"
+                           f"Error: {message}\n")
+
+
+def _click_int(text: str, low: int, high: int) -> int | str:
+    """``text`` as click's integer types read it (``int()``), or the usage error's message."""
+    try:
+        number = int(text)
+    except ValueError:
+        return f"{text!r} is not a valid integer."
+    return number if low <= number <= high else f"{number} is not in the range {low}<=x<={high}."
+
+
+def render_error(exc: ScaleboxError) -> Rendered:
+    """The Python CLI's one line for an error, exit status 1."""
+    hint = getattr(exc, "hint", "")
+    return Rendered(1, "", f"scalebox: error: {exc}" + (f" (hint: {hint})" if hint else "") + "\n")
+
+
+def file_call_request(call: FileCall, own_app: str) -> Request | Rendered:
+    """The socket request the call is, or what the CLI would have said without asking: the
+    checks in the CLI's order (click's conversions, a reserved name, another app's ``--app``)."""
+    if call.app is not None:
+        app = _click_int(call.app, 1, 2**63 - 1)
+        if isinstance(app, str):
+            return _usage(call.cmd, f"Invalid value for '--app': {app}")
+    value: int | str | None = call.value
+    if call.cmd in _INT_ARGUMENT:
+        label, default = _INT_ARGUMENT[call.cmd]
+        got = default if call.value is None else _click_int(call.value, INT32_MIN, INT32_MAX)
+        if isinstance(got, str):
+            return _usage(call.cmd, f"Invalid value for '{label}': {got}")
+        value = -got if call.cmd == "semaphore decrement" else got
+    try:
+        if call.cmd == "variable set":
+            check_variable_name(call.name)
+        if call.app is not None and str(int(call.app)) != own_app:
+            raise ServiceError(f"a task may only use its own app's semaphores and variables (app {own_app})")
+    except ScaleboxError as exc:
+        return render_error(exc)
+    return Request(COMMANDS[call.cmd], call.task_id, call.name, value)
+
+
+def render_value(call: FileCall, value: Any) -> Rendered:
+    """What the Python CLI prints for the call's answer ``value`` (click.echo to a file strips
+    ANSI colour codes; a listing is one terminal-safe line per entry, or JSON)."""
+    import click  # the host's side only: the task's own client stays stdlib
+
+    from scalebox_hpc.text import terminal_safe
+
+    def one_line(text: str) -> str:
+        return terminal_safe(text).replace("\n", " ").replace("\t", " ")
+
+    if call.cmd == "variable set":
+        return Rendered(0)
+    if call.cmd in _NAMELESS:
+        if call.as_json:
+            return Rendered(0, click.unstyle(json.dumps(value, default=str, ensure_ascii=False, indent=2)) + "\n")
+        mapping = value if isinstance(value, dict) else {}
+        return Rendered(0, "".join(f"{one_line(str(k))}\t{one_line(str(v))}\n" for k, v in mapping.items()))
+    return Rendered(0, click.unstyle(str(value)) + "\n")
+
+
+def answer_file(data: bytes, ask: Callable[[Request], Any], task_id: int, own_app: str) -> Rendered:
+    """The reply to one request file of task ``task_id`` (app ``own_app``): parsed, refused when
+    it names another task (a request left by an earlier task of the slot), else ``ask``-ed (the
+    socket: its value, or a :class:`ServiceError`) and rendered as the Python CLI would."""
+    try:
+        call = parse_file_call(data)
+    except InvalidValueError as exc:
+        if str(exc) == NOT_UTF8:  # an argument of other bytes: the error the Python CLI gives
+            return render_error(exc)
+        return Rendered(2, "", f"scalebox: {exc}\n")  # not what the helper writes
+    if call.task_id != task_id:
+        return render_error(ServiceError(f"task {call.task_id} is not running in this launcher",
+                                         hint="the calls work only while the task that makes them runs"))
+    request = file_call_request(call, own_app)
+    if isinstance(request, Rendered):
+        return request
+    try:
+        return render_value(call, ask(request))
+    except ScaleboxError as exc:
+        return render_error(exc)
+
+
+_file_seq = itertools.count(1)
+
+
+def call_dir(directory: str, call: FileCall, *, timeout: float = 120.0) -> Rendered:
+    """``call`` through the request directory ``directory``, as the in-container helper makes it,
+    for a Python caller without the socket (an MPI collective's handler on any rank): the
+    request written whole then renamed, the reply waited for (a directory not made yet, by a
+    rank 0 that starts the task a moment later, is waited for too); :class:`ServiceError` when
+    no answer comes within ``timeout`` seconds."""
+    doc = {"task_id": str(call.task_id), "cmd": call.cmd}
+    if call.cmd not in _NAMELESS:
+        doc["name"] = call.name
+    for key, value in (("value", call.value), ("app", call.app), ("json", "1" if call.as_json else None)):
+        if value is not None:
+            doc[key] = value
+    stem = f"{os.getpid()}.{next(_file_seq)}"
+    base = Path(directory)
+    deadline = time.monotonic() + timeout
+    data = (json.dumps(doc, ensure_ascii=False) + "\n").encode()
+    while True:
+        try:
+            (base / f".{stem}.tmp").write_bytes(data)
+            os.replace(base / f".{stem}.tmp", base / f"{stem}.req")
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no request directory {directory} (has the task ended?)",
+                                   kind="unreachable") from None
+            time.sleep(0.01)
+    rc = base / f"{stem}.rc"
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                (base / f"{stem}.req").unlink()
+            raise ServiceError(f"the launcher did not answer within {timeout:g}s", kind="outage")
+        time.sleep(0.01)
+    try:
+        out, err = (base / f"{stem}.out").read_text(), (base / f"{stem}.err").read_text()
+        status = int(rc.read_text().strip() or 1)
+    finally:
+        for suffix in (".rc", ".out", ".err"):
+            with contextlib.suppress(OSError):
+                (base / f"{stem}{suffix}").unlink()
+    return Rendered(status, out, err)
+
+
+def service(cmd: str, name: str = "", value: str | int | None = None) -> str:
+    """A semaphore or variable call of the running task (``cmd`` as the CLI names it:
+    ``semaphore increment``, ``variable get``...), through ``$SCALEBOX_SERVICES_DIR``: what the
+    CLI would print (a list as JSON), or :class:`ServiceError` with its error.
+
+    In a collective handler, on any rank: ``int(service("semaphore increment", "tokens"))``.
+    """
+    directory, task = os.environ.get(SERVICES_DIR_ENV, ""), os.environ.get("TASK_ID", "")
+    if not directory or not task.isdigit():
+        raise ServiceError(f"no task services here (no {SERVICES_DIR_ENV} or TASK_ID: not inside a task)")
+    if cmd not in COMMANDS:
+        raise InvalidValueError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}")
+    call = FileCall(int(task), cmd, name, None if value is None else str(value), None, cmd in _NAMELESS)
+    reply = call_dir(directory, call)
+    if reply.status != 0:
+        raise ServiceError(reply.stderr.strip().removeprefix("scalebox: error: ") or f"{cmd} failed ({reply.status})",
+                           kind="refused")
+    return reply.stdout.removesuffix("\n")

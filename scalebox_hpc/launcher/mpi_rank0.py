@@ -410,7 +410,8 @@ class Master:
             timer.start()
         try:
             started = datetime.now(UTC)
-            own = run_handler(handler, self.comm, task, self.plan, ctx)
+            own = run_handler(handler, self.comm, task, self.plan, ctx,
+                              ask=lambda req: self.db(self.q.task_service, self.plan.app_id, req))
             outcomes = self.comm.gather((own[0], own[2]), root=0)
         finally:
             if timer is not None:

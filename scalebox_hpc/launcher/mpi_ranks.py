@@ -1,6 +1,15 @@
 """The worker ranks of an MPI stage (1..N-1): a farm's ranks run each task rank 0 sends with the
 shared :class:`TaskRunner` (exactly as a slot runs run.sh); a collective's ranks run the
-module's handler on every task with the communicator. Neither has a database connection."""
+module's handler on every task with the communicator. Neither has a database connection.
+
+A collective's handler reaches its task's semaphores and variables on every rank through a
+request directory (see :mod:`scalebox_hpc.runtime.svcdir`) that rank 0 serves with its own
+database connection while the task runs: ``<app work dir>/<module>/.services-slot<S>/svc-<TASK>``,
+named in ``$SCALEBOX_SERVICES_DIR`` (:func:`scalebox_hpc.taskapi.service` uses it). A directory,
+not MPI messages to rank 0: rank 0 is inside the same collective handler then, and answering
+point-to-point messages there would need a second MPI thread beside the user's collectives. The
+ranks of other nodes reach it when the work root is on a shared file system (as a stage's work
+dirs usually are); a rank that cannot gets the helper's error after its bounded wait."""
 
 from __future__ import annotations
 
@@ -11,9 +20,10 @@ import threading
 import time
 import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
-from scalebox_hpc import mpi
+from scalebox_hpc import mpi, taskapi
 from scalebox_hpc.errors import ScaleboxError
 from scalebox_hpc.launcher.mpi_wire import (
     ABORT,
@@ -32,6 +42,7 @@ from scalebox_hpc.launcher.runner import SlotContext, TaskRunner, script_env
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
 from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.paths import ensure_private
+from scalebox_hpc.runtime.svcdir import Ask, RequestDir
 
 HandlerOutcome = tuple[int, str, str, list[Message], str | None]
 """(status, stdout, stderr, messages, finish text) of a collective handler on one rank."""
@@ -121,10 +132,25 @@ def collective_worker(comm: Any, plan: Plan, runtime: ContainerRuntime) -> int:
         comm.gather((own[0], own[2]), root=0)
 
 
-def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: SlotContext) -> HandlerOutcome:
-    """(status, stdout, stderr, messages, finish text) of the handler on this rank."""
+def services_dir(plan: Plan, task_id: int) -> Path:
+    """The request directory of task ``task_id`` of the collective stage: the same path on every
+    rank (under the app's work dir), made and removed by rank 0."""
+    return plan.work_dir / plan.spec.name / f".services-slot{plan.slot_id}" / f"svc-{task_id}"
+
+
+def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: SlotContext,
+                *, ask: Ask | None = None) -> HandlerOutcome:
+    """(status, stdout, stderr, messages, finish text) of the handler on this rank. ``ask``
+    (rank 0): how the task's semaphore and variable calls are answered, for every rank."""
+    served = None
+    directory = services_dir(plan, task.id)
+    if ask is not None:
+        ensure_private(directory.parent)
+        served = RequestDir(directory.parent, ask, task.id, str(plan.app_id), name=directory.name).start()
+    os.environ.update({"TASK_ID": str(task.id), taskapi.SERVICES_DIR_ENV: str(directory)})
+    env = {**handler_env(plan, ctx), "TASK_ID": str(task.id), taskapi.SERVICES_DIR_ENV: str(directory)}
     current = mpi.MpiTask(comm=comm, task_id=task.id, body=task.body, headers=dict(task.headers),
-                          module=plan.spec.name, work_dir=ctx.work_dir, env=handler_env(plan, ctx))
+                          module=plan.spec.name, work_dir=ctx.work_dir, env=env)
     out, err = io.StringIO(), io.StringIO()
     mpi.set_current(current)
     try:
@@ -136,4 +162,10 @@ def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: Sl
         err.write(traceback.format_exc())
     finally:
         mpi.set_current(None)
+        # every rank's calls are done before rank 0 removes the directory (without spinning)
+        done = comm.Ibarrier()
+        while not done.Test():
+            time.sleep(0.002)
+        if served is not None:
+            served.stop()
     return status, out.getvalue(), err.getvalue(), current.messages, current.finish_text

@@ -15,6 +15,7 @@ Standard mounts (Scalebox layout):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from scalebox_hpc import taskapi
 from scalebox_hpc.errors import ContainerError
 from scalebox_hpc.runtime import fence
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.local import LocalRun, popen
 from scalebox_hpc.runtime.paths import ensure_root
+from scalebox_hpc.runtime.svcdir import RequestDir, socket_asker
 
 logger = logging.getLogger(__name__)
 
@@ -203,16 +206,51 @@ class Engine(Protocol):
 
 
 class ContainerRun(LocalRun):
-    """A per-task container run: the engine's client process, plus the container behind it."""
+    """A per-task container run: the engine's client process, plus the container behind it (and
+    the task's request directory, removed when the run ends)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], discard: Callable[[float], None]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], discard: Callable[[float], None],
+                 served: RequestDir | None = None) -> None:
         super().__init__(proc)
         self._discard = discard
+        self.served = served
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """Wait up to ``timeout`` seconds; None while still running."""
+        outcome = super().wait(timeout)
+        if outcome is not None:
+            unserve(self.served)
+            self.served = None
+        return outcome
 
     def kill(self, grace: float = 5.0) -> Outcome:
         """Stop the container (its whole PID namespace, for podman/docker), then the client's tree."""
-        self._discard(grace)
-        return super().kill(grace)
+        try:
+            self._discard(grace)
+            return super().kill(grace)
+        finally:
+            unserve(self.served)
+            self.served = None
+
+
+def serve(spec: RunSpec, private_dir: Path) -> tuple[RunSpec, RequestDir | None]:
+    """For the run of a task (TASK_ID and the launcher's socket in its environment): its request
+    directory in the slot's private dir (started), and ``spec`` with the directory's path in the
+    environment instead of the socket's, which the container does not have."""
+    env = spec.env
+    socket_path, task = env.get(taskapi.SERVICES_ENV, ""), env.get("TASK_ID", "")
+    if not socket_path or not task.isdigit():
+        return spec, None
+    served = RequestDir(private_dir, socket_asker(socket_path), int(task), env.get("APP_ID", "")).start()
+    env = {k: v for k, v in env.items() if k != taskapi.SERVICES_ENV}
+    env[taskapi.SERVICES_DIR_ENV] = str(served.path)
+    return dataclasses.replace(spec, env=env), served
+
+
+def unserve(served: RequestDir | None) -> None:
+    """Stop ``served`` (when there is one)."""
+    if served is not None:
+        served.stop()
 
 
 _counter = itertools.count(1)
@@ -314,13 +352,18 @@ class PerTaskSession(ContainerSession):
     def start(self, spec: RunSpec) -> ContainerRun:
         """Run ``spec.argv`` in a fresh container; output goes to the spec's files on the host."""
         name = container_name(self.spec)
+        spec, served = serve(spec, self.spec.private_dir)
         cmd, env = self.engine.command(
             image=self.image, binds=self.binds, env=self.paths.env(spec.env),
             cwd=self.paths.to_container(str(spec.cwd)) or WORK, argv=self.paths.argv(spec.argv),
             name=name, options=self.spec.options, host_env=self.host_env,
         )
-        proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
-        run = ContainerRun(proc, lambda grace: self.engine.discard(name, grace))
+        try:
+            proc = popen(cmd, cwd=spec.cwd, env=env, stdout_path=spec.stdout_path, stderr_path=spec.stderr_path)
+        except BaseException:
+            unserve(served)
+            raise
+        run = ContainerRun(proc, lambda grace: self.engine.discard(name, grace), served)
         # apptainer's starter forks the container's processes and waits for them: its rusage is
         # the run's. A podman/docker client's container runs under conmon, not under us: what
         # wait4 sees is the client's own CPU, so nothing is reported rather than a wrong number

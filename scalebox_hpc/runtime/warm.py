@@ -45,9 +45,12 @@ from scalebox_hpc.runtime.container import (
     ContainerSession,
     Engine,
     container_name,
+    serve,
+    unserve,
 )
 from scalebox_hpc.runtime.local import popen
 from scalebox_hpc.runtime.paths import write_fresh
+from scalebox_hpc.runtime.svcdir import RequestDir
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +206,19 @@ class WarmSession(ContainerSession):
             raise ScriptError(f"output files {spec.stdout_path.parent} are not inside the container")
         self._seq += 1
         self._current = self._seq
-        script = request_script(
-            self.paths.argv(spec.argv), self.paths.env(spec.env),
-            self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
-        )
-        req = self.spec.private_dir / "request.sh"
-        write_fresh(req, script)  # a new file renamed into place, owner only: nothing planted is written
-        os.write(self._in, f"run {self._seq} {SLOT_DIR}/request.sh\n".encode())
-        return WarmRun(self, self._seq)
+        spec, served = serve(spec, self.spec.private_dir)  # the task's request directory (task services)
+        try:
+            script = request_script(
+                self.paths.argv(spec.argv), self.paths.env(spec.env),
+                self.paths.to_container(str(spec.cwd)) or WORK, stdout, stderr,
+            )
+            req = self.spec.private_dir / "request.sh"
+            write_fresh(req, script)  # a new file renamed into place, owner only: nothing planted is written
+            os.write(self._in, f"run {self._seq} {SLOT_DIR}/request.sh\n".encode())
+        except BaseException:
+            unserve(served)
+            raise
+        return WarmRun(self, self._seq, served)
 
     def wait_run(self, seq: int, timeout: float | None) -> Outcome | None:
         """The outcome of run ``seq`` when it ends within ``timeout``."""
@@ -289,19 +297,27 @@ class WarmSession(ContainerSession):
 class WarmRun:
     """One run inside a warm container."""
 
-    def __init__(self, session: WarmSession, seq: int) -> None:
+    def __init__(self, session: WarmSession, seq: int, served: RequestDir | None = None) -> None:
         self.session = session
         self.seq = seq
+        self.served = served
         self._outcome: Outcome | None = None
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         """Wait up to ``timeout`` seconds; None while still running."""
         if self._outcome is None:
             self._outcome = self.session.wait_run(self.seq, timeout)
+        if self._outcome is not None:
+            unserve(self.served)
+            self.served = None
         return self._outcome
 
     def kill(self, grace: float = 5.0) -> Outcome:
         """Kill the run's processes inside the container (the container keeps running)."""
-        if self._outcome is None:
-            self._outcome = self.session.kill_run(self.seq, grace)
-        return self._outcome
+        try:
+            if self._outcome is None:
+                self._outcome = self.session.kill_run(self.seq, grace)
+            return self._outcome
+        finally:
+            unserve(self.served)
+            self.served = None

@@ -138,3 +138,61 @@ def test_the_farm_keeps_per_task_semantics(pg_dsn: str, tmp_path: Path) -> None:
     assert said[0] == "rank" and said[1] in {"1", "2"} and said[3] != "0" and said[4] == str(rows["n0"]["module_id"])
     sink = sorted(t["body"] for t in tasks(pg_dsn, app_id, "sink"))
     assert sink == sorted(["out-flaky", *[f"out-n{i}" for i in range(6)]])
+
+
+COUNTER = '''
+from scalebox_hpc import taskapi
+from scalebox_hpc.errors import ScaleboxError
+
+
+def count(task):
+    """Every rank increments the semaphore ``hits``; rank 0 reads the result after the others."""
+    got = int(taskapi.service("semaphore increment", "hits"))
+    task.comm.Barrier()
+    taskapi.service("variable set", f"rank{task.rank}", f"{got} of {task.size} {task.body}")
+    try:
+        taskapi.service("variable set", "_stage.python", "/tmp/evil")
+    except ScaleboxError as exc:
+        print(f"reserved refused on rank {task.rank}: {'reserved' in str(exc)}")
+    task.comm.Barrier()
+    if task.rank == 0:
+        print("hits=" + taskapi.service("semaphore get", "hits"))
+        print("vars=" + taskapi.service("variable list"))
+'''
+
+
+def test_collective_ranks_reach_semaphores_and_variables(pg_dsn: str, tmp_path: Path) -> None:
+    """Every rank of a collective stage (not only rank 0, the one with a database connection)
+    uses the task's semaphores and variables, through rank 0's request directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    app_yaml = write_app(tmp_path / "app", """
+        name: coll-svc
+        parameters: {start_task: first}
+        modules:
+          c:
+            mpi: {mode: collective, handler: "counter.py:count"}
+            arguments: {heartbeat_seconds: 4, max_idle_polls: 2, sleep_interval_seconds: 0.2}
+    """, {})
+    (tmp_path / "app" / "c").mkdir()
+    (tmp_path / "app" / "c" / "counter.py").write_text(COUNTER)
+    with connect(pg_dsn) as conn:
+        app_id = apps.create_app(conn, load_pipeline(app_yaml))
+        apps.semaphore_create(conn, app_id, "hits", 0)
+        apps.add_tasks(conn, app_id, "c", [Message("second")])
+    out = finish(stage(pg_dsn, app_id, "c", work, ranks=3))
+    done = tasks(pg_dsn, app_id, "c")
+    assert {t["status"] for t in done} == {0}, (done, out[-3000:])
+    with connect(pg_dsn) as conn:
+        assert apps.semaphore_get(conn, app_id, "hits") == 6  # 3 ranks, 2 tasks: each call counted once
+        variables = apps.variable_list(conn, app_id)
+        execs = conn.execute("SELECT e.stdout FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id "
+                             "WHERE t.app_id = %s ORDER BY e.id", (app_id,)).fetchall()
+    assert sorted(variables) == ["rank0", "rank1", "rank2"], variables
+    assert all(v.endswith("of 3 second") for v in variables.values()), variables
+    first, second = (r["stdout"] for r in execs)
+    assert "hits=3\n" in first and "hits=6\n" in second, (first, second)
+    assert "reserved refused on rank 0: True" in first
+    assert "_stage.python" not in variables
+    # the request directories went with their tasks
+    assert not [p for p in work.rglob("svc-*")], list(work.rglob("svc-*"))

@@ -187,7 +187,7 @@ def test_in_container_helpers_write_what_the_launcher_reads(shell: str, tmp_path
     assert run("scalebox", "task", "add", "-m", "calc", "-H", 'a=b"c', "-H", "n=1", "--", "b1", "-b2").returncode == 0
     assert run("scalebox", "app", "set-finished", "--job-id", "7", "Result is 1229").returncode == 0
     bad = run("scalebox", "task", "list")
-    assert bad.returncode == 2 and "only 'task add' and 'app set-finished'" in bad.stderr
+    assert bad.returncode == 2 and "only 'task add', 'app set-finished', semaphores and variables" in bad.stderr
     report = taskexec.collect(tmp_path, emit, ["calc", "gather"])
     assert report.problems == []
     got = [(m.module, m.body, m.headers) for m in report.messages]
