@@ -122,6 +122,8 @@ class DispatcherStats:
     largest_batch: int = 0
     eager_claims: int = 0
     """Claims for idle slots made right after a local hand-off wrote messages to their module."""
+    tasks_shared: int = 0
+    """Prefetched tasks given back so that an idle slot of the same module takes them."""
 
 
 @dataclass
@@ -142,6 +144,8 @@ class _SlotState:
     """The claim the slot last made and that found nothing (it waits for a wake-up); None while
     it has work. A hand-off writing to that module claims for it at once."""
     seq: int = 0
+    key: _ClaimKey | None = None
+    """The claim the slot last made (its module's): the slots that share one may share work."""
 
 
 _ClaimKey = tuple[int, int, str, float, str | None]
@@ -282,17 +286,21 @@ class Dispatcher:
         """Record several results in the background, in one batch of the dispatcher (one
         statement): (task, result, requeue_for, the keywords of :meth:`hand_off`) each.
         ``batch_seconds``: how long the slot took for them all, which each task counts as
-        its share of (for the prefetch depth; not the time since each was claimed)."""
+        its share of (for the prefetch depth, instead of its claim-to-hand-off time)."""
         if not items:
             return
         calls = [self._hand_off_call(task, result, requeue_for, kwargs) for task, result, requeue_for, kwargs in items]
         if batch_seconds is not None:
-            now, share = self._clock(), batch_seconds / len(items)
+            # learnt now, each task its share: not when the dispatcher gets to the batch (its
+            # wait in the inbox is no task's time, and would shrink the prefetch)
+            share = batch_seconds / len(items)
             with self._lock:
                 for task, _result, _requeue_for, kwargs in items:
                     state = self._slots.get(kwargs["slot_id"])
-                    if state is not None and task.id in state.claimed_at:
-                        state.claimed_at[task.id] = now - share
+                    if state is not None:
+                        state.claimed_at.pop(task.id, None)
+                    old = self._task_seconds.get(task.module_id)
+                    self._task_seconds[task.module_id] = share if old is None else 0.8 * old + 0.2 * share
         self._submit(calls[0] if len(calls) == 1 else _Call("group", (calls,)))
 
     def _hand_off_call(self, task: Task, result: TaskResult, requeue_for: Callable[[int], bool],
@@ -459,12 +467,12 @@ class Dispatcher:
                 kw = call.kwargs
                 slot_id, limit = kw["slot_id"], kw.get("limit", 1)
                 state = self._slots.setdefault(slot_id, _SlotState())
-                state.seq = kw["slot_seq"]
+                state.seq, state.key = kw["slot_seq"], key
                 if not call.wait and (state.closed or (dry and not kw.get("eager"))):
                     self.stats.claims_skipped += int(not state.closed)
                     call.answer([])
                     continue
-                if call.wait and own_dry:
+                if call.wait and own_dry and not self._donor_for(key, slot_id):
                     self.stats.claims_skipped += 1
                     state.idle = key
                     call.answer([])
@@ -499,18 +507,60 @@ class Dispatcher:
             self._dry[key] = (self._clock(), generation)
         else:
             self._dry.pop(key, None)
+        starving = [wants[s] for s in asking if s in wants and not got.get(s)]
+        if starving and self._share(key, {s.slot_id for s in starving}):
+            try:  # what the other slots gave back, for those that would idle
+                shared = self._q().claim_for_slots(app_id, module_id, host=host, slots=starving,
+                                                   lease_seconds=lease, semaphore=semaphore)
+                self.stats.claim_statements += 1
+            except Exception as exc:  # as if nothing was shared: the released tasks are READY
+                logger.warning("dispatcher: claiming the tasks other slots gave back failed: %s", exc)
+                shared = {}
+            for slot_id, tasks in shared.items():
+                got.setdefault(slot_id, []).extend(tasks)
         self._mark_idle(key, got, asking)
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
 
+    def _donor_for(self, key: _ClaimKey, taker: int) -> bool:
+        """Whether another slot of the same claim holds prefetched tasks it could share (the
+        caller holds the lock)."""
+        return any(slot_id != taker and state.key == key and not state.closed and len(state.buffer) >= 2
+                   for slot_id, state in self._slots.items())
+
+    def _share(self, key: _ClaimKey, takers: set[int]) -> int:
+        """The queue ran dry while other slots of the same claim hold prefetched tasks: they
+        give the newer half of their buffers back (READY again, the attempt not counted), so
+        that a slot with nothing to do takes them instead of idling through its poll interval
+        while one slot holds the module's last tasks (a batching slot may hold hundreds).
+        Returns how many were given back."""
+        given: list[tuple[int, list[int]]] = []
+        with self._lock:
+            for slot_id, state in self._slots.items():
+                if slot_id in takers or state.key != key or state.closed or len(state.buffer) < 2:
+                    continue
+                ids = [state.buffer.pop().id for _ in range(len(state.buffer) // 2)]
+                given.append((slot_id, ids))
+        for slot_id, ids in given:
+            self._give_back(slot_id, ids)
+        self.stats.tasks_shared += sum(len(ids) for _, ids in given)
+        return sum(len(ids) for _, ids in given)
+
     def _mark_idle(self, key: _ClaimKey, got: dict[int, list[Task]], asking: dict[int, _Call]) -> None:
-        """Remember which waiting slots found nothing (idle until woken), and which have work."""
+        """Remember which waiting slots found nothing (idle until woken), and which have work.
+        A refill that brings tasks to a slot whose own claim found nothing wakes it: it would
+        otherwise sleep its poll interval with its next tasks in its buffer."""
+        wake = False
         with self._lock:
             for slot_id in asking:
                 state = self._slots.setdefault(slot_id, _SlotState())
                 state.idle = None if got.get(slot_id) else key
-            for slot_id in got:
-                self._slots.setdefault(slot_id, _SlotState()).idle = None
+            for slot_id, tasks in got.items():
+                state = self._slots.setdefault(slot_id, _SlotState())
+                wake = wake or (bool(tasks) and state.idle is not None and slot_id not in asking)
+                state.idle = None
+        if wake and self._wakeups is not None:
+            self._wakeups.notify_local(key[1], 0)
 
     def _eager_claims(self) -> list[_Call]:
         """After this batch's hand-offs: wake the local slots of the modules they wrote to, and

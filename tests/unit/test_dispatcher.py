@@ -435,3 +435,33 @@ def test_a_batching_slot_takes_half_its_prefetch_at_once_and_hands_the_batch_off
     port.set_slot_status(slot, "EXITED")  # taken but never handed off: back with the prefetch
     assert set(t.id for t in taken) <= set(q.released) and len(q.released) == 100 and d.held(slot) == ()
     d.close()
+
+
+class Sharing(Recorder):
+    """Released tasks are READY again: the next claim takes them first."""
+
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
+        self.free[:0] = sorted(task_ids)
+        return super().release_ids(slot_id, task_ids)
+
+
+def test_a_slot_finding_the_queue_empty_takes_half_of_what_another_slot_holds() -> None:
+    q, clock = Sharing(tasks=30), Clock()
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    a = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    b = port.create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    _learn(d, port, a, clock, 0.001)
+    [first] = claim(port, a)  # a holds PREFETCH more: 18 of the 30 left for b
+    assert len(d.held(a)) == 16
+    taken = b_tasks = claim(port, b)
+    while b_tasks:  # b empties the queue, then finds it dry
+        b_tasks = claim(port, b)
+        taken += b_tasks
+        if len(taken) > 40:
+            break
+    # a gave back the newer half of its buffer each time b found the queue empty, down to one task
+    assert d.stats.tasks_shared == 8 + 4 + 2 + 1 and d.held(a) == (first.id + 1,)
+    assert set(q.released) <= {t.id for t in taken} | set(d.held(b))  # b took every one of them
+    assert sorted([first.id, *d.held(a), *(t.id for t in taken), *d.held(b)]) == list(range(2, 31))  # each once
+    d.close()
