@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 PREFETCH = 16
 """At most this many tasks a slot holds claimed beyond the one it runs."""
+BATCH_PREFETCH = 256
+"""The same for a slot that runs its tasks in batches (a Python handler's, see
+:meth:`Dispatcher.take_prefetched_many`): still about PREFETCH_SECONDS of work, but tasks of
+microseconds need more of them for a batch to be worth its round trips."""
 PREFETCH_SECONDS = 0.1
 """A slot's prefetch holds about this much work (tasks of 5 ms: 16; of 50 ms: 2; of 1 s: 1):
 enough that a claim serves many tasks, little enough that no other node waits for them."""
@@ -118,6 +122,8 @@ class DispatcherStats:
     largest_batch: int = 0
     eager_claims: int = 0
     """Claims for idle slots made right after a local hand-off wrote messages to their module."""
+    tasks_shared: int = 0
+    """Prefetched tasks given back so that an idle slot of the same module takes them."""
 
 
 @dataclass
@@ -130,11 +136,16 @@ class _SlotState:
     """The slot ended or released its tasks: nothing more is prefetched for it."""
     recording: set[int] = field(default_factory=set)
     """Tasks whose result the slot handed over and the dispatcher has not recorded yet."""
+    taken: set[int] = field(default_factory=set)
+    """Prefetched tasks the slot took for its batch (a Python handler's) and has not handed
+    over yet: renewed with its heartbeat, given back with its prefetch when it ends."""
     claimed_at: dict[int, float] = field(default_factory=dict)
     idle: _ClaimKey | None = None
     """The claim the slot last made and that found nothing (it waits for a wake-up); None while
     it has work. A hand-off writing to that module claims for it at once."""
     seq: int = 0
+    key: _ClaimKey | None = None
+    """The claim the slot last made (its module's): the slots that share one may share work."""
 
 
 _ClaimKey = tuple[int, int, str, float, str | None]
@@ -234,6 +245,25 @@ class Dispatcher:
             self.stats.prefetch_hits += 1
         return task
 
+    def take_prefetched_many(self, slot_id: int, limit: int) -> list[Task]:
+        """Up to ``limit`` of the slot's prefetched tasks at once, for one batch (see
+        :meth:`SlotPort.take_more`); the slot holds them until it hands them over. A slot that
+        takes batches may prefetch up to BATCH_PREFETCH; it takes half of its buffer at most
+        (rounded up), so that the next batch is there while the refill is claimed."""
+        with self._lock:
+            state = self._slots.get(slot_id)
+            if state is None or not state.buffer or limit <= 0:
+                return []
+            if state.prefetch:
+                state.prefetch = max(state.prefetch, BATCH_PREFETCH)
+            now = self._clock()
+            tasks = [state.buffer.popleft() for _ in range(min(limit, (len(state.buffer) + 1) // 2))]
+            for task in tasks:
+                state.claimed_at[task.id] = now
+                state.taken.add(task.id)
+            self.stats.prefetch_hits += len(tasks)
+        return tasks
+
     def register_slot(self, slot_id: int, *, prefetch: bool) -> None:
         """Start keeping state for a slot (its prefetch buffer)."""
         with self._lock:
@@ -244,16 +274,42 @@ class Dispatcher:
         hand-off is still to be recorded (their leases are renewed with its heartbeat)."""
         with self._lock:
             state = self._slots.get(slot_id)
-            return (*(t.id for t in state.buffer), *sorted(state.recording)) if state else ()
+            return (*(t.id for t in state.buffer), *sorted(state.taken), *sorted(state.recording)) if state else ()
 
     def hand_off(self, task: Task, result: TaskResult, *, requeue_for: Callable[[int], bool],
                  **kwargs: Any) -> None:
         """Record ``task``'s result in the background (see :meth:`SlotPort.hand_off`)."""
-        slot_id = kwargs["slot_id"]
+        self._submit(self._hand_off_call(task, result, requeue_for, kwargs))
+
+    def hand_off_many(self, items: Sequence[tuple[Task, TaskResult, Callable[[int], bool], dict[str, Any]]],
+                      batch_seconds: float | None = None) -> None:
+        """Record several results in the background, in one batch of the dispatcher (one
+        statement): (task, result, requeue_for, the keywords of :meth:`hand_off`) each.
+        ``batch_seconds``: how long the slot took for them all, which each task counts as
+        its share of (for the prefetch depth, instead of its claim-to-hand-off time)."""
+        if not items:
+            return
+        calls = [self._hand_off_call(task, result, requeue_for, kwargs) for task, result, requeue_for, kwargs in items]
+        if batch_seconds is not None:
+            # learnt now, each task its share: not when the dispatcher gets to the batch (its
+            # wait in the inbox is no task's time, and would shrink the prefetch)
+            share = batch_seconds / len(items)
+            with self._lock:
+                for task, _result, _requeue_for, kwargs in items:
+                    state = self._slots.get(kwargs["slot_id"])
+                    if state is not None:
+                        state.claimed_at.pop(task.id, None)
+                    old = self._task_seconds.get(task.module_id)
+                    self._task_seconds[task.module_id] = share if old is None else 0.8 * old + 0.2 * share
+        self._submit(calls[0] if len(calls) == 1 else _Call("group", (calls,)))
+
+    def _hand_off_call(self, task: Task, result: TaskResult, requeue_for: Callable[[int], bool],
+                       kwargs: dict[str, Any]) -> _Call:
         with self._lock:
-            self._slots.setdefault(slot_id, _SlotState()).recording.add(task.id)
-        call = _Call("complete", (task, result), kwargs, wait=False, settle=self._settled, requeue_for=requeue_for)
-        self._submit(call)
+            state = self._slots.setdefault(kwargs["slot_id"], _SlotState())
+            state.recording.add(task.id)
+            state.taken.discard(task.id)
+        return _Call("complete", (task, result), kwargs, wait=False, settle=self._settled, requeue_for=requeue_for)
 
     def _settled(self, call: _Call, result: Any, error: BaseException | None) -> None:
         """The outcome of an asynchronous hand-off, in the dispatcher thread: done, or retried
@@ -361,6 +417,7 @@ class Dispatcher:
             self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
 
     def _serve_batch(self, batch: list[_Call]) -> None:
+        batch = [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         completes = [c for c in batch if c.kind == "complete"]
@@ -410,17 +467,17 @@ class Dispatcher:
                 kw = call.kwargs
                 slot_id, limit = kw["slot_id"], kw.get("limit", 1)
                 state = self._slots.setdefault(slot_id, _SlotState())
-                state.seq = kw["slot_seq"]
+                state.seq, state.key = kw["slot_seq"], key
                 if not call.wait and (state.closed or (dry and not kw.get("eager"))):
                     self.stats.claims_skipped += int(not state.closed)
                     call.answer([])
                     continue
-                if call.wait and own_dry:
+                if call.wait and own_dry and not self._donor_for(key, slot_id):
                     self.stats.claims_skipped += 1
                     state.idle = key
                     call.answer([])
                     continue
-                depth = min(state.prefetch, self._depth(module_id)) if semaphore is None else 0
+                depth = min(state.prefetch, self._depth(module_id, state.prefetch)) if semaphore is None else 0
                 # top up only once half is used: one claim then serves several tasks
                 refill = depth - len(state.buffer) if len(state.buffer) <= depth // 2 else 0
                 missing = (limit if call.wait else 0) + refill
@@ -450,18 +507,60 @@ class Dispatcher:
             self._dry[key] = (self._clock(), generation)
         else:
             self._dry.pop(key, None)
+        starving = [wants[s] for s in asking if s in wants and not got.get(s)]
+        if starving and self._share(key, {s.slot_id for s in starving}):
+            try:  # what the other slots gave back, for those that would idle
+                shared = self._q().claim_for_slots(app_id, module_id, host=host, slots=starving,
+                                                   lease_seconds=lease, semaphore=semaphore)
+                self.stats.claim_statements += 1
+            except Exception as exc:  # as if nothing was shared: the released tasks are READY
+                logger.warning("dispatcher: claiming the tasks other slots gave back failed: %s", exc)
+                shared = {}
+            for slot_id, tasks in shared.items():
+                got.setdefault(slot_id, []).extend(tasks)
         self._mark_idle(key, got, asking)
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
 
+    def _donor_for(self, key: _ClaimKey, taker: int) -> bool:
+        """Whether another slot of the same claim holds prefetched tasks it could share (the
+        caller holds the lock)."""
+        return any(slot_id != taker and state.key == key and not state.closed and len(state.buffer) >= 2
+                   for slot_id, state in self._slots.items())
+
+    def _share(self, key: _ClaimKey, takers: set[int]) -> int:
+        """The queue ran dry while other slots of the same claim hold prefetched tasks: they
+        give the newer half of their buffers back (READY again, the attempt not counted), so
+        that a slot with nothing to do takes them instead of idling through its poll interval
+        while one slot holds the module's last tasks (a batching slot may hold hundreds).
+        Returns how many were given back."""
+        given: list[tuple[int, list[int]]] = []
+        with self._lock:
+            for slot_id, state in self._slots.items():
+                if slot_id in takers or state.key != key or state.closed or len(state.buffer) < 2:
+                    continue
+                ids = [state.buffer.pop().id for _ in range(len(state.buffer) // 2)]
+                given.append((slot_id, ids))
+        for slot_id, ids in given:
+            self._give_back(slot_id, ids)
+        self.stats.tasks_shared += sum(len(ids) for _, ids in given)
+        return sum(len(ids) for _, ids in given)
+
     def _mark_idle(self, key: _ClaimKey, got: dict[int, list[Task]], asking: dict[int, _Call]) -> None:
-        """Remember which waiting slots found nothing (idle until woken), and which have work."""
+        """Remember which waiting slots found nothing (idle until woken), and which have work.
+        A refill that brings tasks to a slot whose own claim found nothing wakes it: it would
+        otherwise sleep its poll interval with its next tasks in its buffer."""
+        wake = False
         with self._lock:
             for slot_id in asking:
                 state = self._slots.setdefault(slot_id, _SlotState())
                 state.idle = None if got.get(slot_id) else key
-            for slot_id in got:
-                self._slots.setdefault(slot_id, _SlotState()).idle = None
+            for slot_id, tasks in got.items():
+                state = self._slots.setdefault(slot_id, _SlotState())
+                wake = wake or (bool(tasks) and state.idle is not None and slot_id not in asking)
+                state.idle = None
+        if wake and self._wakeups is not None:
+            self._wakeups.notify_local(key[1], 0)
 
     def _eager_claims(self) -> list[_Call]:
         """After this batch's hand-offs: wake the local slots of the modules they wrote to, and
@@ -533,7 +632,7 @@ class Dispatcher:
         except Exception as exc:  # the leases expire and recovery hands them out again
             logger.warning("dispatcher: could not give back tasks %s of ended slot %s: %s", ids, slot_id, exc)
 
-    def _depth(self, module_id: int) -> int:
+    def _depth(self, module_id: int, cap: int = PREFETCH) -> int:
         """How many tasks a slot of the module may hold beyond the one it runs: none until
         its tasks' time is known, none for long tasks, else about PREFETCH_SECONDS of work —
         or more when the database is slow: a refill (sent once half the buffer is used) waits
@@ -543,7 +642,7 @@ class Dispatcher:
         if seconds is None or seconds >= PREFETCH_TASK_SECONDS:
             return 0
         budget = max(PREFETCH_SECONDS, REFILL_BATCHES * (self._batch_seconds or 0.0))
-        return max(1, min(PREFETCH, int(budget / max(seconds, 1e-4))))
+        return max(1, min(cap, int(budget / max(seconds, 1e-5))))
 
     def _learn(self, task: Task, slot_id: int) -> None:
         """Fold one task's claim-to-hand-off time into its module's average."""
@@ -642,8 +741,9 @@ class Dispatcher:
             if state is None:
                 return ()
             state.closed = state.closed or close
-            ids = tuple(t.id for t in state.buffer)
+            ids = (*(t.id for t in state.buffer), *sorted(state.taken))
             state.buffer.clear()
+            state.taken.clear()
             return ids
 
     def _release_all_prefetched(self) -> None:
@@ -705,6 +805,26 @@ class SlotPort:
         tasks: list[Task] = self._d.call("claim", app_id, module_id, slot_id=slot_id, slot_seq=slot_seq,
                                          limit=limit, **kwargs)
         return tasks
+
+    def take_more(self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int, limit: int,
+                  lease_seconds: float = 30.0) -> list[Task]:
+        """Up to ``limit`` more of the slot's prefetched tasks, at once and without a round trip
+        (a batch for its Python handler); one refill is queued for them all."""
+        tasks = self._d.take_prefetched_many(slot_id, limit)
+        if tasks:
+            self._d.refill(slot_id, slot_seq, app_id, module_id, host=host, lease_seconds=lease_seconds,
+                           semaphore=None)
+        return tasks
+
+    def hand_off_many(
+        self, items: Sequence[tuple[Task, TaskResult, bool, Callable[[int], bool]]], *, slot_id: int, host: str,
+        sender: ModuleRef, modules: dict[str, ModuleRef], seconds: float | None = None,
+    ) -> None:
+        """:meth:`hand_off` for a batch's (task, result, requeue, requeue_for) items, all in one
+        batch of the dispatcher (one statement); ``seconds``: the batch's run time."""
+        kwargs = {"slot_id": slot_id, "host": host, "sender": sender, "modules": modules}
+        self._d.hand_off_many([(task, result, requeue_for, {**kwargs, "requeue": requeue})
+                               for task, result, requeue, requeue_for in items], batch_seconds=seconds)
 
     def complete(
         self, task: Task, result: TaskResult, *, slot_id: int, host: str, sender: ModuleRef,

@@ -1,16 +1,21 @@
-"""In-slot Python handlers, the launcher's side: one worker process per slot, one task at a time.
+"""In-slot Python handlers, the launcher's side: one worker process per slot, tasks sent in batches.
 
 A module that names ``handler: file.py:function`` (or ``package.module:function``) runs no
 run.sh: its slot starts one Python worker (:mod:`scalebox_hpc.launcher.pyworker_child`, the
-launcher's own interpreter) on its first task and sends it every task over a pipe. A round trip
-costs a few tens of microseconds — two pipe writes, a poll, two reads and two small JSON
-documents — with no process, thread or file per task. The worker's stdout and stderr are the
-slot's ``run.out`` / ``run.err`` (emptied before a task when the previous one printed), so what a
-handler prints is read as the task's output tails exactly as run.sh's is, capped the same way.
+launcher's own interpreter) on its first task and sends it every task over a pipe: the tasks
+a slot holds (its prefetched ones, see :meth:`Worker.run_many`) go in one write, their replies
+come back one per task as each ends (usually several in one read) — no process, thread or file
+per task. The worker's stdout and stderr are the slot's ``run.out`` / ``run.err``; a task that
+printed holds the worker until the launcher has read them and emptied both (the ``hold`` / GO
+handshake of :mod:`~scalebox_hpc.launcher.pyworker_child`), so what a handler prints is read as
+the task's output tails exactly as run.sh's is, capped the same way, and a task that printed
+nothing costs no file operation.
 
-Everything run.sh has is kept: ``task_max_seconds`` (the worker's whole process group gets TERM,
-then KILL; status 124, and a new worker for the next task), a worker that dies (``os._exit``,
-a segfault: the exit code or 128+signal, with a note in stderr; restarted), aborts and drains
+Everything run.sh has is kept: ``task_max_seconds`` per task (the worker's whole process group
+gets TERM, then KILL; status 124, and a new worker for the next task; the tasks of the batch
+after it never ran and are sent again to the new worker, their attempt unchanged), a worker
+that dies (``os._exit``, a segfault: the exit code or 128+signal, with a note in stderr;
+restarted, the rest of the batch sent again), aborts and drains
 (the worker is killed, the task given back), task-exec files, retries and the hand-off. A handler
 that cannot be imported makes each task -101 with the import error in its stderr, as an
 unstartable run.sh does (and, as for run.sh, 5 such runs in a row end the slot in ERROR).
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,11 @@ KILL_GRACE = 2.0
 _POLL_SECONDS = 0.2
 """How often a waiting slot looks at its abort flag and the output files' sizes."""
 _MAX_DEPTH = taskexec.MAX_JSON_DEPTH
+BATCH_BYTES = 32 * 2**10
+"""Requests sent in one write at most (one at least): less than a pipe holds (64 KiB), so the
+write never waits for the worker — which may be writing replies nobody reads yet."""
+GO_FRAME = HEADER.pack(0)
+"""The empty frame that lets a worker holding after a task that printed go on."""
 
 
 class _Cut(enum.Enum):
@@ -91,6 +102,9 @@ class Reply:
     usage: Usage | None = field(default=None, compare=False)
     """What the task cost the worker (see :mod:`scalebox_hpc.launcher.pyworker_child`); a
     measurement, not what the handler said: two replies saying the same are equal."""
+    hold: bool = field(default=False, compare=False)
+    """The task printed: the worker waits for GO (its output read, the files emptied); the
+    protocol's, not what the handler said."""
 
 
 _MAX_MICROS = 10**15
@@ -148,7 +162,7 @@ def decode_reply(data: bytes) -> Reply:
         raise ProtocolError(f"the worker's reply is not JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("the worker's reply is not a JSON object")
-    unknown = set(obj) - {"status", "messages", "finish", "files", "notes", "usage"}
+    unknown = set(obj) - {"status", "messages", "finish", "files", "notes", "usage", "hold"}
     if unknown:
         raise ProtocolError(f"the worker's reply has unknown keys {sorted(map(repr, unknown))[:3]}")
     status = obj.get("status")
@@ -175,9 +189,12 @@ def decode_reply(data: bytes) -> Reply:
     usage = obj.get("usage")
     if usage is not None and not (isinstance(usage, list) and len(usage) == 3):
         raise ProtocolError("the worker's reply: usage is not [user_us, system_us, max_rss_kb]")
+    hold = obj.get("hold", False)
+    if not isinstance(hold, bool):
+        raise ProtocolError("the worker's reply: hold is not a boolean")
     return Reply(status=status, messages=checked, finish_text=None if finish is None else storable_text(finish),
                  files=files, notes=[storable_text(n[:500]) for n in notes[:MAX_NOTES]],
-                 usage=None if usage is None else _usage(*usage))
+                 usage=None if usage is None else _usage(*usage), hold=hold)
 
 
 _PLAIN = [Reply(status=code) for code in range(256)]
@@ -293,12 +310,52 @@ class Worker:
         self._buf = bytearray()
         self._poller = select.poll()
         self._dirty = True  # output files may hold the previous worker's or task's output
+        self._held = False  # the worker waits for GO (its last task printed)
 
-    # -- one task --------------------------------------------------------------------------------
+    # -- tasks -----------------------------------------------------------------------------------
     def run(self, request: bytes, *, timeout: float | None, abort: threading.Event) -> HandlerRun:
         """Send one task (:func:`request_for`) and wait for its reply, at most ``timeout``
         seconds (and the start, when the worker is not up, as long again); never raises for
         what the handler does."""
+        return next(self.run_many([request], timeout=timeout, abort=abort))
+
+    def run_many(
+        self, requests: Sequence[bytes], *, timeout: float | None, abort: threading.Event,
+    ) -> Generator[HandlerRun, None, None]:
+        """Send several tasks at once (up to :data:`BATCH_BYTES` a write) and yield each one's
+        run, in order, as its reply comes: ``timeout`` counts for each task from the end of the
+        one before. The caller reads a yielded run's output (:attr:`outputs`) before it asks for
+        the next (a task that printed holds the worker until then). When the worker ends during
+        a task (timeout, death, a bad reply), the tasks after it never ran: they go to a new
+        worker. After an abort every task left is yielded as aborted."""
+        left = list(requests)
+        while left:
+            chunk = _chunk(left)
+            failed = self._begin(b"".join(HEADER.pack(len(r)) + r for r in chunk), timeout, abort)
+            if failed is not None:  # this task cannot run: the next one tries a new worker
+                left.pop(0)
+                yield failed
+                if failed.aborted:
+                    yield from (HandlerRun(aborted=True) for _ in left)
+                    return
+                continue
+            for n in range(len(chunk)):
+                if n:  # the previous task's output is read: the worker may go on
+                    self._release_hold()
+                    self.outputs = WorkerOutputs((self.out_path, self.err_path))
+                run = self._wait(timeout, abort)
+                self._account_outputs(run.reply)
+                left.pop(0)
+                yield run
+                if run.aborted:
+                    yield from (HandlerRun(aborted=True) for _ in left)
+                    return
+                if run.reply is None:  # the worker is gone: what it had not run goes to a new one
+                    break
+
+    def _begin(self, frames: bytes, timeout: float | None, abort: threading.Event) -> HandlerRun | None:
+        """Make sure a worker runs, empty the output files and send ``frames``; None when sent,
+        else the run of the first task, failed (-101) or aborted."""
         if self.proc is not None and self.proc.poll() is not None:  # it died between tasks
             logger.warning("handler worker of %s exited between tasks; starting a new one", self.cwd.name)
             self._reap(0.0)
@@ -306,10 +363,10 @@ class Worker:
             failed = self._start(timeout, abort)
             if failed is not None:
                 return failed
+        self._release_hold()
         self._clear_outputs()
-        frame = HEADER.pack(len(request)) + request
         try:
-            self._send(frame)
+            self._send(frames)
         except OSError:  # the worker died between tasks (a thread of the handler exiting it): a new one
             logger.warning("handler worker of %s died between tasks; starting a new one", self.cwd.name)
             self._reap(KILL_GRACE)
@@ -318,13 +375,20 @@ class Worker:
                 return failed
             self._clear_outputs()
             try:
-                self._send(frame)
+                self._send(frames)
             except OSError as exc:
                 self._reap(KILL_GRACE)
                 return HandlerRun(start_error=f"the handler's worker does not take tasks: {exc}")
-        run = self._wait(timeout, abort)
-        self._account_outputs()
-        return run
+        return None
+
+    def _release_hold(self) -> None:
+        """After a task that printed: empty the output files, then let the worker go on."""
+        if not self._held:
+            return
+        self._held = False
+        self._clear_outputs()
+        with contextlib.suppress(OSError):  # gone: the next wait sees it
+            self._send(GO_FRAME)
 
     def _wait(self, timeout: float | None, abort: threading.Event) -> HandlerRun:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -390,7 +454,13 @@ class Worker:
             self._dirty = False
         self.outputs = WorkerOutputs((self.out_path, self.err_path))
 
-    def _account_outputs(self) -> None:
+    def _account_outputs(self, reply: Reply | None) -> None:
+        if (reply is not None and not reply.hold and not self._dirty
+                and not self.outputs.was_cut(self.out_path) and not self.outputs.was_cut(self.err_path)):
+            # it printed nothing (the worker looked): both files are still empty, no fstat needed
+            self.outputs.empty = frozenset((self.out_path, self.err_path))
+            return
+        self._held = reply is not None and reply.hold and self.proc is not None
         empty = set()
         for path, fd in ((self.out_path, self._out), (self.err_path, self._err)):
             if os.fstat(fd).st_size == 0 and not self.outputs.was_cut(path):
@@ -466,6 +536,7 @@ class Worker:
         """End the worker and everything in its process group; its exit code (None if none).
         An exited worker's group still gets KILL: what the handler started must not outlive it."""
         proc, self.proc = self.proc, None
+        self._held = False
         self._close_pipes()  # a live worker reads end of file and leaves its loop
         if proc is None:
             return None
@@ -512,6 +583,16 @@ def _death_note(code: int | None) -> str:
     how = "ended" if code is None else _exit_text(code)
     return (f"the handler's worker process died ({how}) before it reported this task's result; "
             "a new worker runs the next task")
+
+
+def _chunk(requests: Sequence[bytes]) -> Sequence[bytes]:
+    """The first requests of ``requests`` that fit in :data:`BATCH_BYTES` (the first always)."""
+    size = 0
+    for n, request in enumerate(requests):
+        size += HEADER.size + len(request)
+        if n and size > BATCH_BYTES:
+            return requests[:n]
+    return requests
 
 
 def request_for(task_id: int, body: str, headers: dict[str, Any], attempt: int, emit: Path | str) -> bytes:

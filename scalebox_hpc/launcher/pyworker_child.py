@@ -29,10 +29,18 @@ JSON. After the start the worker sends ``{"ready": true}`` (or ``{"ready": false
 TEXT}`` when the handler cannot be loaded, then exits); per request (``ID NUL ATTEMPT NUL
 EMIT_PATH NUL HEADERS_JSON NUL BODY``, see :func:`encode_request`) it replies ``{"status":
 int|null, "messages": [[body, module, headers], ...], "finish": text, "files": bool, "notes":
-[text, ...], "usage": [user_us, system_us, max_rss_kb|null]}`` (keys other than status omitted
+[text, ...], "usage": [user_us, system_us, max_rss_kb|null], "hold": true}`` (keys other than status omitted
 when empty), or, when there is nothing else, the status and the usage packed as
 :data:`USAGE_REPLY` (``>Bqqq``: status, user µs, system µs, peak RSS KiB or -1). End of file on
 the request pipe ends the worker.
+
+Several requests may wait in the pipe (the launcher sends a batch of tasks in one write); they
+run in order, one reply each. A task that printed (its stdout or stderr file is not empty after
+it: the launcher empties both before a batch) replies with ``"hold": true`` and runs nothing
+more until the launcher has read that output and emptied the files, which it says with an
+empty frame (GO, a zero length); the requests read meanwhile wait their turn. So each task's
+output files hold its output only, as with one task at a time, and most tasks (which print
+nothing) cost the launcher no file operation at all.
 
 The usage is what the task cost the worker (``getrusage`` of itself and of the children it
 reaped, from the end of the previous task to the end of this one: the handler and the framing):
@@ -54,6 +62,7 @@ import struct
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +292,26 @@ def run_one(handler: Any, request: dict[str, Any], work_dir: Path, module: str,
     return reply
 
 
+def printed() -> bool:
+    """Whether the task's output files (the worker's stdout and stderr) hold anything."""
+    try:
+        return os.fstat(1).st_size > 0 or os.fstat(2).st_size > 0
+    except OSError:  # the handler closed them: nothing of it can be read anyway
+        return False
+
+
+def wait_for_go(requests: FrameReader, queued: deque[bytes]) -> bool:
+    """Read frames up to the launcher's GO (an empty one), keeping the requests among them in
+    ``queued``; False at end of file."""
+    while True:
+        frame = requests.next()
+        if frame is None:
+            return False
+        if not frame:
+            return True
+        queued.append(frame)
+
+
 def main(argv: list[str]) -> int:
     """The worker's loop; returns its exit code."""
     req_fd, reply_fd, spec, code_path, parent = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), int(argv[4])
@@ -303,15 +332,22 @@ def main(argv: list[str]) -> int:
     module = os.environ.get("MODULE_NAME", "")
     watch = DirWatch(work_dir, TASK_EXEC_NAMES)
     requests = FrameReader(req_fd)
+    queued: deque[bytes] = deque()
+    """Requests read while waiting for GO after a task that printed: run next, in order."""
     # one reading per task: a task's usage runs from the previous task's end (so it includes
     # the framing of the previous reply and of its own request: microseconds; the wait between
     # tasks is a blocking read, no CPU), which halves the meter's cost (~3 us a reading)
     before = Meter.now()
     while True:
-        payload = requests.next()
+        payload = queued.popleft() if queued else requests.next()
         if payload is None:
             return 0
+        if not payload:  # a GO nothing waits for
+            continue
         reply = run_one(handler, decode_request(payload), work_dir, module, watch)
+        hold = printed()
+        if hold:
+            reply["hold"] = True
         after = Meter.now()
         usage, before = after.since(before), after
         try:
@@ -325,6 +361,8 @@ def main(argv: list[str]) -> int:
         except (TypeError, ValueError) as exc:  # should not happen: every value was checked
             _send(reply_fd, {"status": None, "notes": [f"the reply could not be encoded: {exc}"]})
         except BrokenPipeError:
+            return 0
+        if hold and not wait_for_go(requests, queued):
             return 0
 
 

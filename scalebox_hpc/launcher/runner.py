@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -367,12 +367,7 @@ class TaskRunner:
     def close(self) -> None:
         """End the handler worker and close the runtime session, if open (no teardown.sh);
         a failure of either is logged, never raised (the slot's end must still be recorded)."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            try:
-                worker.close()
-            except Exception:
-                logger.exception("slot %s: ending its handler worker failed", self.name)
+        self._end_worker()
         session, self.session = self.session, None
         if session is not None:
             try:
@@ -399,17 +394,21 @@ class TaskRunner:
             if self.ctx.module.handler is not None:
                 return self._execute_handler(task)
             return self._execute_script(task)
-        except ContainerError as exc:  # the engine, not the task: record it, then end the slot
+        except Exception as exc:
+            return self._run_failure(exc, task, started)
+
+    def _run_failure(self, exc: Exception, task: Task, started: datetime) -> TaskResult:
+        """What a run that raised ``exc`` records (see :meth:`execute`)."""
+        if isinstance(exc, ContainerError):  # the engine, not the task: record it, then end the slot
             self.fatal = exc
             return system_error(started, f"the slot's container failed: {exc}")
-        except ScriptError as exc:  # run.sh could not be started (exec format, interpreter missing)
+        if isinstance(exc, ScriptError):  # run.sh could not be started (exec format, interpreter missing)
             return system_error(started, why_unstartable(self._run_sh, exc))
-        except ScaleboxError as exc:
+        if isinstance(exc, ScaleboxError):
             return system_error(started, str(exc))
-        except Exception as exc:
-            logger.exception("task %s: its run could not be executed or collected", task.id)
-            return system_error(started, f"internal error running the task: {type(exc).__name__}: {exc}",
-                                status=TaskStatus.OUTPUT_INVALID, detail=traceback.format_exc())
+        logger.exception("task %s: its run could not be executed or collected", task.id)
+        return system_error(started, f"internal error running the task: {type(exc).__name__}: {exc}",
+                            status=TaskStatus.OUTPUT_INVALID, detail=traceback.format_exc())
 
     def _execute_script(self, task: Task) -> TaskResult | None:
         ctx = self.ctx
@@ -448,23 +447,61 @@ class TaskRunner:
                                   max_messages=ctx.module.arguments.max_messages)
         return self.result(outcome, report, started, finished)
 
+    def execute_many(self, tasks: Sequence[Task]) -> Generator[TaskResult | None, None, None]:
+        """Run several claimed tasks in order and yield each one's result as :meth:`execute`
+        would (None: aborted or drained, give it back). A module's Python handler gets them in
+        one message (:meth:`pyworker.Worker.run_many`), each with its own timeout; run.sh runs
+        them one by one. The caller takes each result before the next task runs on."""
+        if self.ctx.module.handler is None or len(tasks) < 2:
+            for task in tasks:
+                yield self.execute(task)
+            return
+        done = 0
+        started = datetime.now(UTC)
+        try:
+            for result in self._execute_handler_many(tasks):
+                done += 1
+                yield result
+                started = datetime.now(UTC)
+        except Exception as exc:  # this task's result; the worker's state is unknown: the rest one by one
+            self._end_worker()
+            if done == len(tasks):
+                raise
+            yield self._run_failure(exc, tasks[done], started)
+            for task in tasks[done + 1:]:
+                yield self.execute(task)
+
     # in-slot Python handlers (pyworker): run.sh's semantics without a process per task
     def _execute_handler(self, task: Task) -> TaskResult | None:
+        return next(self._execute_handler_many([task]))
+
+    def _execute_handler_many(self, tasks: Sequence[Task]) -> Iterator[TaskResult | None]:
         ctx = self.ctx
-        started = datetime.now(UTC)
         # per attempt, as for run.sh; a text: a Path is only needed when there is something to collect
-        emit_file = f"{self.private}{os.sep}emit-{task.id}.{task.attempts}.jsonl"
+        emits = [f"{self.private}{os.sep}emit-{t.id}.{t.attempts}.jsonl" for t in tasks]
         if self._worker is None:
             self._worker = pyworker.Worker(cast(str, ctx.module.handler), ctx.module.code_path, cwd=ctx.work_dir,
                                            env=self.env(None, None), private=self.private)
         worker = self._worker
-        self._live = task.id
+        requests = [pyworker.request_for(t.id, t.body, t.headers, t.attempts, e)
+                    for t, e in zip(tasks, emits, strict=True)]
+        runs = worker.run_many(requests, timeout=ctx.module.arguments.task_max_seconds, abort=ctx.control.abort)
+        started = datetime.now(UTC)
         try:
-            run = worker.run(pyworker.request_for(task.id, task.body, task.headers, task.attempts, emit_file),
-                             timeout=ctx.module.arguments.task_max_seconds, abort=ctx.control.abort)
+            for task, emit_file in zip(tasks, emits, strict=True):
+                self._live = task.id
+                run = next(runs)
+                self._live = None
+                self.outputs = worker.outputs
+                result = self._handler_result(run, started, emit_file)
+                yield result
+                started = datetime.now(UTC)  # the next task began when this one's reply came
         finally:
             self._live = None
-        self.outputs = worker.outputs
+            runs.close()
+
+    def _handler_result(self, run: pyworker.HandlerRun, started: datetime, emit_file: str) -> TaskResult | None:
+        ctx = self.ctx
         if run.aborted:
             return None
         if run.start_error is not None:
@@ -478,6 +515,14 @@ class TaskRunner:
                                          max_messages=ctx.module.arguments.max_messages)
         report = run.report(collected, ctx.module.arguments.max_messages)
         return self.result(run.outcome(), report, started, finished)
+
+    def _end_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:
+                worker.close()
+            except Exception:
+                logger.exception("slot %s: ending its handler worker failed", self.name)
 
     def result(
         self, outcome: Outcome, report: taskexec.ExecReport, started: datetime, finished: datetime,

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
 from scalebox_hpc.launcher import scratch
@@ -30,7 +33,7 @@ from scalebox_hpc.launcher.runner import (
     session_spec,
     should_requeue,
 )
-from scalebox_hpc.models import LeaseLostError, Task, TaskResult, TaskStatus, unrecordable
+from scalebox_hpc.models import LeaseLostError, ModuleRef, Task, TaskResult, TaskStatus, unrecordable
 from scalebox_hpc.runtime.base import Session
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,23 @@ __all__ = [
 
 CRASH_LOOP_LIMIT = 5
 """Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
+BATCH_TASKS = 64
+"""At most this many tasks a slot of a Python handler module runs as one batch: the task it
+claimed and those prefetched for it (the dispatcher keeps about 0.1 s of work prefetched)."""
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """A queue that hands a slot its prefetched tasks at once and records their results in
+    one batch (the node's dispatcher): a Python handler's slot runs them as one batch."""
+
+    def take_more(self, app_id: int, module_id: int, *, host: str, slot_id: int, slot_seq: int, limit: int,
+                  lease_seconds: float = 30.0) -> list[Task]: ...
+
+    def hand_off_many(
+        self, items: Sequence[tuple[Task, TaskResult, bool, Callable[[int], bool]]], *, slot_id: int, host: str,
+        sender: ModuleRef, modules: dict[str, ModuleRef], seconds: float | None = None,
+    ) -> None: ...
 
 
 class Slot:
@@ -64,6 +84,9 @@ class Slot:
         self.final_status: str | None = None
         """How the slot ended (EXITED, ERROR), once it has."""
         self.backoff = Backoff(self._wait_outage, who=f"slot {ctx.module.name}/{ctx.seq}")
+        # batches: a Python handler's tasks, through a dispatcher, with no semaphore to take per task
+        self._batches = queue if (ctx.module.handler is not None and isinstance(queue, Batches)
+                                  and ctx.module.arguments.semaphore is None) else None
 
     # the runner's state, as the launcher's heartbeat and the tests see it
     @property
@@ -173,7 +196,11 @@ class Slot:
             self.backoff.ok()
             if task is not None:
                 idle.busy()
-                self._process(task)
+                more = self._take_more()
+                if more:
+                    self._process_many([task, *more])
+                else:
+                    self._process(task)
                 continue
             status, active = self._activity()
             verdict = idle.after_empty_poll(status, active, ctx.control.may_idle_exit)
@@ -190,6 +217,14 @@ class Slot:
             semaphore=self.ctx.module.arguments.semaphore,
         )
         return tasks[0] if tasks else None
+
+    def _take_more(self) -> list[Task]:
+        """The tasks prefetched for this slot, to run with the one it claimed (handlers only)."""
+        if self._batches is None:
+            return []
+        return self._batches.take_more(self.ctx.app_id, self.ctx.ref.id, host=self.ctx.host, slot_id=self.slot_id,
+                                       slot_seq=self.ctx.seq, limit=BATCH_TASKS - 1,
+                                       lease_seconds=self.lease_seconds)
 
     def _backoff(self, exc: Exception) -> None:
         """Sleep 0.5 s, 1 s, 2 s ... up to 30 s between tries while the database is away."""
@@ -244,6 +279,48 @@ class Slot:
         if self.runner.fatal is not None:  # the slot cannot run anything (its container engine failed)
             raise self.runner.fatal
         self._watch_crashes(result.status)
+
+    def _process_many(self, tasks: list[Task]) -> None:
+        """Run a batch (one message to the handler's worker), then hand every result over in
+        one batch of the dispatcher. Per task as :meth:`_process`: its retry decision, the
+        crash-loop count; when one is aborted or drained, it and the rest go back (their
+        attempts not counted) once the results before it are handed over."""
+        assert self._batches is not None
+        done: list[tuple[Task, TaskResult, bool]] = []
+        started = time.monotonic()
+        results = self.runner.execute_many(tasks)
+        give_back = True  # unless every task of the batch ran to its result
+        try:
+            for task in tasks:
+                self.current = task
+                result = next(results, None)
+                if result is None:  # aborted or drained
+                    return
+                done.append((task, result, self._requeue(task, result.status)))
+                if self.runner.fatal is not None:  # the slot cannot run anything (its container engine failed)
+                    raise self.runner.fatal
+                self._watch_crashes(result.status)
+            give_back = False
+        finally:
+            results.close()
+            self._hand_off_many(done, time.monotonic() - started)
+            if give_back:
+                self.queue.release(self.slot_id)
+            self.current = None
+
+    def _hand_off_many(self, done: list[tuple[Task, TaskResult, bool]], seconds: float) -> None:
+        if not done:
+            return
+        assert self._batches is not None
+        for _task, result, _requeue in done:
+            self._index_outputs(result)
+        self._batches.hand_off_many(
+            [(task, result, requeue, self._requeue_rule(task)) for task, result, requeue in done],
+            slot_id=self.slot_id, host=self.ctx.host, sender=self.ctx.ref, modules=self.ctx.modules, seconds=seconds)
+        self.tasks_done += len(done)
+
+    def _requeue_rule(self, task: Task) -> Callable[[int], bool]:
+        return lambda status: self._requeue(task, status)
 
     def _requeue(self, task: Task, status: int) -> bool:
         """Whether the task's retry rules give a run that ended with ``status`` another attempt."""

@@ -1088,3 +1088,28 @@ def test_every_hand_off_records_the_runs_usage(queue_backend: Backend, app: int)
     b.advance(10)
     assert b.queue.recover_expired() == [(lost.id, -1)]
     assert _used(b, lost) == [(None, None, None)]
+
+
+def test_complete_many_records_emitting_items_set_based_as_one_by_one(queue_backend: Backend, app: int) -> None:
+    """Items emitting to an IGNORE module (recorded set-based since 0022) beside an OVERWRITE
+    one, a lost one and silent ones: each item's messages meet those of the items before it as
+    one by one would (a body emitted twice is written once, by the first), written counts each
+    item's new rows, and a lost item writes none of its messages."""
+    b = queue_backend
+    b.add_tasks(app, "a", ["t0", "t1", "t2", "t3", "t4"])
+    b.add_tasks(app, "b", ["old"])
+    slot = _slot(b, app, "a")
+    t0, t1, t2, t3, t4 = _claim(b, app, "a", slot, limit=5)
+    b.queue.release_ids(slot, [t3.id])
+    out = _batch(b, app, [
+        Completion(t0, _result(messages=[Message("x", {"n": 0}), Message("old"), Message("x", {"n": 9})]), "h1"),
+        Completion(t1, _result(), "h1"),
+        Completion(t2, _result(messages=[Message("x", {"n": 2}), Message("y"), Message("w", {}, "o")]), "h1"),
+        Completion(t3, _result(messages=[Message("lost")]), "h1"),
+        Completion(t4, _result(messages=[Message("z")]), "h1")], slot)
+    assert out == [1, 0, 2, None, 1]
+    rows = {r["body"]: r for r in b.tasks(app, "b")}
+    assert set(rows) == {"old", "x", "y", "z"} and rows["x"]["headers"] == {"n": 0}
+    assert [r["body"] for r in b.tasks(app, "o")] == ["w"]
+    assert _bodies(b, app, "a") == {"t0": 0, "t1": 0, "t2": 0, "t3": -1, "t4": 0}
+    assert [len(b.executions(t.id)) for t in (t0, t1, t2, t3, t4)] == [1, 1, 1, 0, 1]

@@ -410,3 +410,58 @@ def test_a_slots_own_claim_after_a_short_one_waits_for_a_wake_up_when_there_are_
         assert sp.claim(1, 1, host="h", slot_id=s2, slot_seq=2, semaphore="gpu") == []
     assert with_sem.stats.claims_skipped == 0
     with_sem.close()
+
+
+def test_a_batching_slot_takes_half_its_prefetch_at_once_and_hands_the_batch_off_in_one_statement() -> None:
+    q, clock = Recorder(tasks=1000), Clock()
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    _learn(d, port, slot, clock, 0.001)  # tasks of 1 ms: 100 ms of work = 100, above PREFETCH
+    [first] = claim(port, slot)
+    assert len(d.held(slot)) == 16  # a slot that never took a batch: PREFETCH
+    more = port.take_more(1, 1, host="h", slot_id=slot, slot_seq=0, limit=63)
+    assert [t.id for t in more] == list(range(first.id + 1, first.id + 9))  # half of 16
+    barrier(d)  # the one refill for the batch: now up to BATCH_PREFETCH (100 ms of work here)
+    assert q.calls[-1] == ("claim", [(slot, 100 - 8)])
+    held = d.held(slot)
+    assert set(t.id for t in more) <= set(held) and len(held) == 100 + 8  # the batch's leases are renewed
+    port.hand_off_many([(t, result(), False, lambda s: False) for t in [first, *more]], slot_id=slot, host="h",
+                       sender=REF, modules=MODULES, seconds=0.009)
+    barrier(d)
+    assert q.calls[-1] == ("complete_many", [t.id for t in [first, *more]])  # one statement for the batch
+    assert len(d.held(slot)) == 100 and d._task_seconds[1] == pytest.approx(0.8 * 0.001 + 0.2 * 0.001)
+    taken = port.take_more(1, 1, host="h", slot_id=slot, slot_seq=0, limit=3)
+    port.set_slot_status(slot, "EXITED")  # taken but never handed off: back with the prefetch
+    assert set(t.id for t in taken) <= set(q.released) and len(q.released) == 100 and d.held(slot) == ()
+    d.close()
+
+
+class Sharing(Recorder):
+    """Released tasks are READY again: the next claim takes them first."""
+
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
+        self.free[:0] = sorted(task_ids)
+        return super().release_ids(slot_id, task_ids)
+
+
+def test_a_slot_finding_the_queue_empty_takes_half_of_what_another_slot_holds() -> None:
+    q, clock = Sharing(tasks=30), Clock()
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    a = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    b = port.create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    _learn(d, port, a, clock, 0.001)
+    [first] = claim(port, a)  # a holds PREFETCH more: 18 of the 30 left for b
+    assert len(d.held(a)) == 16
+    taken = b_tasks = claim(port, b)
+    while b_tasks:  # b empties the queue, then finds it dry
+        b_tasks = claim(port, b)
+        taken += b_tasks
+        if len(taken) > 40:
+            break
+    # a gave back the newer half of its buffer each time b found the queue empty, down to one task
+    assert d.stats.tasks_shared == 8 + 4 + 2 + 1 and d.held(a) == (first.id + 1,)
+    assert set(q.released) <= {t.id for t in taken} | set(d.held(b))  # b took every one of them
+    assert sorted([first.id, *d.held(a), *(t.id for t in taken), *d.held(b)]) == list(range(2, 31))  # each once
+    d.close()

@@ -314,3 +314,80 @@ def test_garbage_on_the_reply_pipe_fails_the_task_not_the_slot(tmp_path: Path) -
         assert w.starts == 2
     finally:
         w.close()
+
+
+# -- batches: several tasks in one write, one reply each ----------------------------------------
+
+BATCH_HANDLER = """
+import sys, time
+
+def go(task):
+    if task.body.startswith("say"):
+        print("out", task.body)
+        print("err", task.body, file=sys.stderr)
+    if task.body == "sleep":
+        time.sleep(30)
+    if task.body == "die":
+        import os
+        os._exit(7)
+    return 3 if task.body == "three" else 0
+"""
+
+
+@pytest.fixture
+def batch_worker(tmp_path: Path) -> Any:
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "h.py").write_text(BATCH_HANDLER)
+    (tmp_path / "work").mkdir()
+    w = pyworker.Worker("h.py:go", tmp_path / "code", cwd=tmp_path / "work", env=dict(os.environ), private=tmp_path)
+    yield w
+    w.close()
+
+
+def batch(w: pyworker.Worker, bodies: list[str], timeout: float = 30) -> list[tuple[pyworker.HandlerRun, str, str]]:
+    """Each task's run and its stdout / stderr tails, read when it was yielded (as the slot does)."""
+    requests = [pyworker.request_for(n, b, {}, 1, w.out_path.parent / f"emit-{n}.jsonl") for n, b in enumerate(bodies)]
+    return [(run, w.outputs.tail(w.out_path), w.outputs.tail(w.err_path))
+            for run in w.run_many(requests, timeout=timeout, abort=threading.Event())]
+
+
+def test_a_batch_gives_each_task_its_own_output(batch_worker: pyworker.Worker) -> None:
+    got = batch(batch_worker, ["a", "say1", "b", "say2", "say3", "three", "c"])
+    assert [r.reply.status for r, _, _ in got if r.reply] == [0, 0, 0, 0, 0, 3, 0]
+    assert [(out, err) for _, out, err in got] == [
+        ("", ""), ("out say1\n", "err say1\n"), ("", ""), ("out say2\n", "err say2\n"),
+        ("out say3\n", "err say3\n"), ("", ""), ("", "")]
+    assert [r.reply.hold for r, _, _ in got if r.reply] == [False, True, False, True, True, False, False]
+    assert batch_worker.starts == 1
+    # one at a time after a batch: the last hold is released before the next request
+    assert batch(batch_worker, ["say4"])[0][1:] == ("out say4\n", "err say4\n")
+    assert batch(batch_worker, ["d"])[0][1:] == ("", "")
+
+
+def test_a_timeout_in_a_batch_kills_the_worker_and_the_rest_runs_on_a_new_one(batch_worker: pyworker.Worker) -> None:
+    got = batch(batch_worker, ["a", "sleep", "say5", "b"], timeout=1.5)
+    assert got[0][0].reply is not None and got[1][0].timed_out and got[1][0].outcome().timed_out
+    assert [r.reply.status for r, _, _ in got[2:] if r.reply] == [0, 0]
+    assert got[2][1] == "out say5\n" and batch_worker.starts == 2
+
+
+def test_a_worker_dying_in_a_batch_fails_that_task_only(batch_worker: pyworker.Worker) -> None:
+    got = batch(batch_worker, ["a", "die", "three"])
+    assert got[1][0].returncode == 7 and got[1][0].died
+    assert got[2][0].reply is not None and got[2][0].reply.status == 3 and batch_worker.starts == 2
+
+
+def test_an_aborted_batch_reports_every_task_left_as_aborted(batch_worker: pyworker.Worker) -> None:
+    abort = threading.Event()
+    requests = [pyworker.request_for(n, b, {}, 1, "/nonexistent/e") for n, b in enumerate(["a", "sleep", "b"])]
+    runs = batch_worker.run_many(requests, timeout=30, abort=abort)
+    assert next(runs).reply is not None
+    abort.set()
+    assert [r.aborted for r in runs] == [True, True]
+
+
+def test_a_batch_larger_than_a_pipe_goes_in_chunks(batch_worker: pyworker.Worker) -> None:
+    bodies = ["x" * 5000 + str(n) for n in range(40)]  # 200 KB of requests, more than a pipe holds
+    got = batch(batch_worker, bodies)
+    assert len(got) == 40 and all(r.reply is not None and r.reply.status == 0 for r, _, _ in got)
+    assert len(pyworker._chunk([b"x" * 5000] * 40)) == pyworker.BATCH_BYTES // 5004
