@@ -31,6 +31,9 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "cli/tasks.py": TASK_API,
     "cli/state.py": TASK_API,
     "modules/cron/__main__.py": TASK_API,  # the cron module's program, a task of a launcher
+    # a container run's environment (the one built for the task's script, not this process's):
+    # the socket's path is swapped for the task's request directory, which the container can reach
+    "runtime/container.py": TASK_API,
     # a fault-injection point of the outbox's crash tests, never a site setting
     "db/outbox.py": frozenset({"SCALEBOX_OUTBOX_FAULT"}),
     # the doctor inspects the environment it is given (a probe job's, on another node) and
