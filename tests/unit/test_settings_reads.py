@@ -19,7 +19,8 @@ import scalebox_hpc
 
 PACKAGE = Path(scalebox_hpc.__file__).parent
 
-TASK_API = frozenset({"SCALEBOX_EMIT_FILE", "EMIT_BUFFER_ENV", "SCALEBOX_SERVICES", "SERVICES_ENV"})
+TASK_API = frozenset({"SCALEBOX_EMIT_FILE", "EMIT_BUFFER_ENV", "SCALEBOX_SERVICES", "SERVICES_ENV",
+                      "SCALEBOX_SERVICES_DIR", "SERVICES_DIR_ENV"})
 """The task API: variables a launcher sets for a task's scripts, read back by the ``scalebox``
 commands run inside that task (settings.py says why they are not settings)."""
 
@@ -34,6 +35,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     # a container run's environment (the one built for the task's script, not this process's):
     # the socket's path is swapped for the task's request directory, which the container can reach
     "runtime/container.py": TASK_API,
+    "taskapi.py": TASK_API,  # taskapi.service(): a collective handler's call, inside the task
     # a fault-injection point of the outbox's crash tests, never a site setting
     "db/outbox.py": frozenset({"SCALEBOX_OUTBOX_FAULT"}),
     # the doctor inspects the environment it is given (a probe job's, on another node) and
