@@ -1132,3 +1132,15 @@ ORDER BY o.app_id, o.remote, o.remote_app_id;
 -- name: next_app_id
 -- The id the next app will get, without taking it (a peek: another app created meanwhile takes it).
 SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS next_id FROM sbx_apps_id_seq;
+
+-- name: server_now
+-- The server's clock (a launcher's clock offset, the doctor's probe).
+SELECT now() AS now;
+
+-- name: server_info
+-- The server's clock and version (the doctor's database check).
+SELECT now() AS now, current_setting('server_version') AS version;
+
+-- name: server_epoch
+-- The server's clock as epoch seconds (the metrics' scrape time).
+SELECT extract(epoch FROM now())::double precision AS now;

@@ -159,7 +159,7 @@ class PgQueue:
             conn = connect(self.dsn, autocommit=True, statement_timeout=self.statement_timeout)
             with translate_errors(self.dsn):
                 before = datetime.now(UTC)
-                row = conn.execute("SELECT now() AS now").fetchone()
+                row = conn.execute(query("server_now")).fetchone()
                 after = datetime.now(UTC)
             if row is not None:  # the server's clock at the middle of the round trip
                 self.clock_offset = row["now"] - (before + (after - before) / 2)

@@ -80,10 +80,11 @@ def database(environ: Mapping[str, str], start_embedded: Callable[[], str]) -> D
 def _read_database(dsn: str) -> tuple[int | None, str, float]:
     from scalebox_hpc.db import schema
     from scalebox_hpc.db.connection import connect, translate_errors
+    from scalebox_hpc.db.sql import query
 
     with connect(dsn, timeout=10.0, autocommit=True) as conn, translate_errors(dsn):
         before = time.time()
-        row = conn.execute("SELECT now() AS now, current_setting('server_version') AS version").fetchone()
+        row = conn.execute(query("server_info")).fetchone()
         after = time.time()
         version = schema.current_version(conn)
     assert row is not None

@@ -61,9 +61,10 @@ def _subprocess_runner(env: Mapping[str, str] | None) -> CommandRunner:
 
 def _db_now(dsn: str) -> datetime:
     from scalebox_hpc.db.connection import connect
+    from scalebox_hpc.db.sql import query
 
     with connect(dsn, timeout=10.0, autocommit=True) as conn:
-        row = conn.execute("SELECT now() AS now").fetchone()
+        row = conn.execute(query("server_now")).fetchone()
     if row is None:  # pragma: no cover - SELECT now() always returns a row
         raise RuntimeError("SELECT now() returned no row")
     value = row["now"]

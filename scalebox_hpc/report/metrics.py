@@ -178,7 +178,7 @@ def collect(conn: Connection, app_id: int | None, recent_seconds: float = RECENT
         slots = conn.execute(query("metrics_slots"), params).fetchall() if ids else []
         jobs = conn.execute(query("metrics_stage_jobs"), params).fetchall() if ids else []
         depth = conn.execute(query("outbox_depth"), {"app_id": app_id}).fetchall()
-        row = conn.execute("SELECT extract(epoch FROM now())::double precision AS now").fetchone()
+        row = conn.execute(query("server_epoch")).fetchone()
     outbox = Family("scalebox_outbox_depth", "gauge", "Messages waiting in the outbox for another database's app.")
     for d in depth:
         outbox.add(int(d["depth"]), app=d["app_id"], remote_app=d["remote_app_id"])
