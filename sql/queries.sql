@@ -1105,7 +1105,7 @@ SELECT sbx_l_outbox_delivered_v1(%(ids)s::bigint[]);
 SELECT sbx_l_outbox_failed_v1(%(remote)s::text, %(error)s::text);
 
 -- name: outbox_low_water
--- The sender apps' lowest pending outbox ids (keys below them are never needed again, 0024).
+-- The sender apps' lowest pending outbox ids (keys below them are never needed again, 0023).
 SELECT source, below FROM sbx_l_outbox_low_water_v1(%(app_ids)s::bigint[]);
 
 -- name: outbox_forget

@@ -1838,7 +1838,7 @@ LANGUAGE sql STABLE SECURITY DEFINER AS $$
 $$;
 
 -- queries.sql outbox_delivered
--- Also deletes delivered rows older than an hour (0024): the table stays bounded by about an
+-- Also deletes delivered rows older than an hour (0023): the table stays bounded by about an
 -- hour of traffic; pending rows are never deleted.
 CREATE FUNCTION sbx_l_outbox_delivered_v1(p_ids bigint[]) RETURNS void
 LANGUAGE sql SECURITY DEFINER AS $$
@@ -1854,7 +1854,7 @@ $$;
 
 -- queries.sql outbox_low_water: per sender app, the lowest id still pending in its outbox (any
 -- remote), 0 when none: every row below it was delivered and marked, so is never sent again,
--- and the receiver may forget its key (0024).
+-- and the receiver may forget its key (0023).
 CREATE FUNCTION sbx_l_outbox_low_water_v1(p_app_ids bigint[])
 RETURNS TABLE (source uuid, below bigint)
 LANGUAGE sql STABLE SECURITY DEFINER AS $$

@@ -512,7 +512,7 @@ def test_a_module_no_module_of_its_part_feeds_never_idles_in_a_split_app(
 
 def test_a_launcher_role_relays_its_owners_outbox_and_the_keys_are_forgotten(
         site: Site, db2: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
-    """The relay as a launcher role (no table privileges, migrations 0019 and 0024): it reads the
+    """The relay as a launcher role (no table privileges, migrations 0019 and 0023): it reads the
     low-water mark through its function and delivers its owner's rows exactly once."""
     spec2 = load_pipeline(write_app(tmp_path / "p2", RECV, {"recv/run.sh": "true\n"}))
     with connect(db2) as conn:

@@ -1,4 +1,4 @@
--- 0024: delivered outbox rows do not pile up. A streaming app that sends to another cluster
+-- 0023: delivered outbox rows do not pile up. A streaming app that sends to another cluster
 -- writes one outbox row per message; once delivered a row is only history. Each delivery mark now
 -- also deletes delivered rows of the same apps that are older than an hour (at most twice as many
 -- as it marked, plus 1000, so a backlog left by an older schema drains while the table stays
@@ -25,7 +25,7 @@ LANGUAGE sql SECURITY DEFINER AS $$
 $$;
 -- queries.sql outbox_low_water: per sender app, the lowest id still pending in its outbox (any
 -- remote), 0 when none: every row below it was delivered and marked, so is never sent again,
--- and the receiver may forget its key (0024).
+-- and the receiver may forget its key (0023).
 CREATE FUNCTION sbx_l_outbox_low_water_v1(p_app_ids bigint[])
 RETURNS TABLE (source uuid, below bigint)
 LANGUAGE sql STABLE SECURITY DEFINER AS $$
