@@ -49,7 +49,7 @@ from scalebox_hpc.launcher.runner import SlotContext, TaskRunner, script_env
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
 from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.paths import ensure_private
-from scalebox_hpc.runtime.svcdir import Ask, RequestDir
+from scalebox_hpc.runtime.svcdir import FARM_IDLE_POLL_SECONDS, Ask, RequestDir
 
 HandlerOutcome = tuple[int, str, str, list[Message], str | None]
 """(status, stdout, stderr, messages, finish text) of a collective handler on one rank."""
@@ -173,7 +173,8 @@ def serve_farm_task(plan: Plan, rank: int, task_id: int, ask: Ask) -> RequestDir
     (its parents made 0700; what an earlier task of the rank left there swept)."""
     directory = farm_services_dir(plan, rank, task_id)
     ensure_private(directory.parent)
-    return RequestDir(directory.parent, ask, task_id, str(plan.app_id), name=directory.name).start()
+    return RequestDir(directory.parent, ask, task_id, str(plan.app_id), name=directory.name,
+                      idle_poll=FARM_IDLE_POLL_SECONDS).start()
 
 
 def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: SlotContext,

@@ -41,3 +41,14 @@ def test_rank_zero_serves_one_directory_per_running_task(tmp_path: Path) -> None
     assert not two.path.exists() and later.path.is_dir()
     later.stop()
     two.stop()
+
+
+def test_a_quiet_directory_is_scanned_less_often_and_a_call_resets_the_pause() -> None:
+    from scalebox_hpc.runtime.svcdir import POLL_SECONDS, next_wait
+
+    waits = [POLL_SECONDS]
+    for _ in range(12):
+        waits.append(next_wait(waits[-1], 0, cap=0.2))
+    assert waits[1] > waits[0] and waits[-1] == 0.2 and max(waits) == 0.2
+    assert next_wait(0.2, 1, cap=0.2) == POLL_SECONDS
+    assert next_wait(POLL_SECONDS, 0) == POLL_SECONDS  # the default (containers, collectives): unchanged
