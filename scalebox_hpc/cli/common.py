@@ -228,3 +228,31 @@ def _work_root(work_root: str | None) -> Path:
     from scalebox_hpc.apprun import work_root as resolve
 
     return resolve(work_root, settings())
+
+
+_DIR_COMMANDS = {"semaphore.create": "semaphore create", "semaphore.get": "semaphore get",
+                 "semaphore.add": "semaphore increment", "semaphore.list": "semaphore list",
+                 "variable.set": "variable set", "variable.get": "variable get", "variable.list": "variable list"}
+
+
+def in_task_via_dir(op: str, app: int | None, name: str = "", value: int | str | None = None) -> Any:
+    """A task's semaphore or variable call (socket op ``op``, arguments as click converted them)
+    through its request directory ``$SCALEBOX_SERVICES_DIR``, for a task that has one and no
+    socket (the run.sh of an MPI farm's worker rank): the value the launcher rendered, read
+    back (a listing as JSON), for the caller to print as it prints the socket's answer. A
+    refusal is the launcher's rendering of the CLI's error, printed here, and the exit status."""
+    import sys
+
+    from scalebox_hpc import taskapi
+
+    cmd = _DIR_COMMANDS[op]
+    nameless = op.endswith(".list")
+    call = taskapi.FileCall(int(os.environ.get("TASK_ID") or 0), cmd, "" if nameless else name,
+                            None if value is None else str(value), None if app is None else str(app), nameless)
+    reply = taskapi.call_dir(os.environ.get(taskapi.SERVICES_DIR_ENV, ""), call)
+    if reply.status != 0:
+        sys.stderr.write(reply.stderr)
+        raise SystemExit(reply.status)
+    if nameless:
+        return json.loads(reply.stdout)
+    return reply.stdout.removesuffix("\n") if op != "variable.set" else None

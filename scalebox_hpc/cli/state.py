@@ -7,7 +7,17 @@ from typing import Any
 
 import click
 
-from scalebox_hpc.cli.common import APP_OPTION, EMIT_BUFFER_ENV, INT32, JSON_OPTION, _app_id, _db, _dump, _one_line
+from scalebox_hpc.cli.common import (
+    APP_OPTION,
+    EMIT_BUFFER_ENV,
+    INT32,
+    JSON_OPTION,
+    _app_id,
+    _db,
+    _dump,
+    _one_line,
+    in_task_via_dir,
+)
 
 
 def _in_task(op: str, app: int | None, name: str = "", value: int | str | None = None) -> tuple[bool, Any]:
@@ -18,6 +28,8 @@ def _in_task(op: str, app: int | None, name: str = "", value: int | str | None =
     from scalebox_hpc import taskapi
 
     path = os.environ.get(taskapi.SERVICES_ENV)
+    if not path and os.environ.get(taskapi.SERVICES_DIR_ENV):  # an MPI farm's worker rank: rank 0 serves
+        return True, in_task_via_dir(op, app, name, value)
     if not path:
         raise taskapi.ServiceError("semaphores and variables are not available to this task (no launcher "
                                    "task services: an MPI collective stage or a container)")

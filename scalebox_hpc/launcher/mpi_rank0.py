@@ -20,7 +20,7 @@ from scalebox_hpc import mpi
 from scalebox_hpc.errors import DatabaseError, MpiError, ScaleboxError
 from scalebox_hpc.launcher.launcher import host_name
 from scalebox_hpc.launcher.mpi_dispatch import Dispatcher, Finished
-from scalebox_hpc.launcher.mpi_ranks import prepare_rank, run_handler
+from scalebox_hpc.launcher.mpi_ranks import prepare_rank, run_handler, serve_farm_task
 from scalebox_hpc.launcher.mpi_wire import (
     ABORT,
     EXIT_LOST_RANK,
@@ -54,6 +54,7 @@ from scalebox_hpc.launcher.workdirs import claim_app_dir
 from scalebox_hpc.models import Completion, Task, TaskResult, TaskStatus
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
+from scalebox_hpc.runtime.svcdir import RequestDir
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Master:
         self.hooks: StageHooks = NoStageHooks()
         self.next_tick = 0.0
         self.lost_message = ""
+        self.served: dict[int, RequestDir] = {}
+        """The request directories of the farm's running tasks, by task id."""
 
     # database calls, serialised with the heartbeat thread (one connection)
     def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -264,8 +267,31 @@ class Master:
         try:
             return self._farm_loop(gate)
         finally:
+            for task_id in list(self.served):
+                self._unserve(task_id)
             if gate is not None:
                 gate.close()
+
+    def _ask(self, request: Any) -> Any:
+        """A task's semaphore or variable call, answered with the stage's connection."""
+        return self.db(self.q.task_service, self.plan.app_id, request)
+
+    def _hand_out(self, rank: int, task: Task) -> None:
+        """Send ``task`` to worker rank ``rank``, its request directory served first (so its
+        run.sh finds the directory at once)."""
+        try:
+            self.served[task.id] = serve_farm_task(self.plan, rank, task.id, self._ask)
+        except (OSError, ScaleboxError) as exc:  # the task runs; its service calls get the helper's error
+            logger.warning("task %s: no request directory for its semaphores and variables: %s", task.id, exc,
+                           extra={"action": "svcdir_failed", "task_id": task.id, "rank": rank})
+        self.comm.send(task, dest=rank, tag=TAG_TASK)
+
+    def _unserve(self, task_id: int) -> None:
+        """The task's result came back (or its rank is lost): stop its request directory, once
+        the calls in flight are answered, and remove it."""
+        served = self.served.pop(task_id, None)
+        if served is not None:
+            served.stop()
 
     def _farm_loop(self, gate: TaskRunner | None) -> int:
         """tick → poll → check lost → start drain → abort overdue → claim → dispatch → flush → done?"""
@@ -284,7 +310,7 @@ class Master:
             self._abort_overdue(disp, st, now)
             self._maybe_claim(disp, st, gate, now)
             for job in disp.assign(now):
-                self.comm.send(job.task, dest=job.rank, tag=TAG_TASK)
+                self._hand_out(job.rank, job.task)
             if disp.flush_due(now):
                 self._record(disp.take_done())
             if (st.finished or st.drain_deadline is not None) and disp.quiet() and not disp.done:
@@ -349,6 +375,7 @@ class Master:
                     logger.error("MPI stage: rank %s: setup.sh failed; it runs no tasks", src)
             elif tag == TAG_RESULT:
                 task_id, result, host = msg
+                self._unserve(task_id)
                 disp.finish(src, task_id, result, host, now)
             elif tag == TAG_PING:
                 disp.seen(src, now)

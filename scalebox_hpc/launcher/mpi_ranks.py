@@ -9,7 +9,14 @@ named in ``$SCALEBOX_SERVICES_DIR`` (:func:`scalebox_hpc.taskapi.service` uses i
 not MPI messages to rank 0: rank 0 is inside the same collective handler then, and answering
 point-to-point messages there would need a second MPI thread beside the user's collectives. The
 ranks of other nodes reach it when the work root is on a shared file system (as a stage's work
-dirs usually are); a rank that cannot gets the helper's error after its bounded wait."""
+dirs usually are); a rank that cannot gets the helper's error after its bounded wait.
+
+A farm's run.sh (on ranks 1..N-1) reaches them the same way: rank 0 serves a request directory
+per task it hands out, ``<app work dir>/<module>/.services-slot<S>/rank<R>/svc-<TASK>``, from
+just before it sends the task until the task's result comes back; the worker's run.sh gets its
+path in ``$SCALEBOX_SERVICES_DIR`` (no socket), and the ``scalebox`` helper uses it. One parent
+per rank: a rank runs one task at a time, so starting a task's directory sweeps only what an
+earlier task of that rank left."""
 
 from __future__ import annotations
 
@@ -42,10 +49,27 @@ from scalebox_hpc.launcher.runner import SlotContext, TaskRunner, script_env
 from scalebox_hpc.models import Message, Task, TaskResult, TaskStatus
 from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.paths import ensure_private
-from scalebox_hpc.runtime.svcdir import Ask, RequestDir
+from scalebox_hpc.runtime.svcdir import FARM_IDLE_POLL_SECONDS, Ask, RequestDir
 
 HandlerOutcome = tuple[int, str, str, list[Message], str | None]
 """(status, stdout, stderr, messages, finish text) of a collective handler on one rank."""
+
+
+class FarmRunner(TaskRunner):
+    """A worker rank's TaskRunner: a task's scripts also get the task's request directory,
+    which rank 0 serves (the rank has no task-services socket)."""
+
+    def __init__(self, ctx: SlotContext, *, slot_id: int, plan: Plan) -> None:
+        super().__init__(ctx, slot_id=slot_id)
+        self.plan = plan
+
+    def env(self, task: Task | None, emit_file: Path | None) -> dict[str, str]:
+        """:meth:`TaskRunner.env`, plus ``$SCALEBOX_SERVICES_DIR`` for a task's run."""
+        env = super().env(task, emit_file)
+        if task is not None and emit_file is not None:
+            env.pop(taskapi.SERVICES_ENV, None)
+            env[taskapi.SERVICES_DIR_ENV] = str(farm_services_dir(self.plan, self.ctx.seq, task.id))
+        return env
 
 
 class FarmWorker:
@@ -54,7 +78,7 @@ class FarmWorker:
     def __init__(self, comm: Any, plan: Plan, runtime: ContainerRuntime) -> None:
         self.comm = comm
         self.ctx = rank_context(plan, int(comm.Get_rank()), runtime)
-        self.runner = TaskRunner(self.ctx, slot_id=plan.slot_id)
+        self.runner = FarmRunner(self.ctx, slot_id=plan.slot_id, plan=plan)
         self.ping_every = min(1.0, plan.spec.arguments.heartbeat_seconds / 4)
 
     def run(self) -> int:
@@ -136,6 +160,21 @@ def services_dir(plan: Plan, task_id: int) -> Path:
     """The request directory of task ``task_id`` of the collective stage: the same path on every
     rank (under the app's work dir), made and removed by rank 0."""
     return plan.work_dir / plan.spec.name / f".services-slot{plan.slot_id}" / f"svc-{task_id}"
+
+
+def farm_services_dir(plan: Plan, rank: int, task_id: int) -> Path:
+    """The request directory of task ``task_id`` of the farm stage while worker rank ``rank``
+    runs it: the same path on both ranks, made and removed by rank 0."""
+    return plan.work_dir / plan.spec.name / f".services-slot{plan.slot_id}" / f"rank{rank}" / f"svc-{task_id}"
+
+
+def serve_farm_task(plan: Plan, rank: int, task_id: int, ask: Ask) -> RequestDir:
+    """Rank 0: start answering the request directory of task ``task_id`` run on rank ``rank``
+    (its parents made 0700; what an earlier task of the rank left there swept)."""
+    directory = farm_services_dir(plan, rank, task_id)
+    ensure_private(directory.parent)
+    return RequestDir(directory.parent, ask, task_id, str(plan.app_id), name=directory.name,
+                      idle_poll=FARM_IDLE_POLL_SECONDS).start()
 
 
 def run_handler(handler: mpi.Handler, comm: Any, task: Task, plan: Plan, ctx: SlotContext,

@@ -40,6 +40,16 @@ incrementing is incremented or not before the slot's next task runs, never after
 REQUEST_NAME = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,20})?\.req\Z")
 """``PID[.START].req``: the caller's pid and its start time (unique while the run lives)."""
 PREFIX = "svc-"
+FARM_IDLE_POLL_SECONDS = 0.2
+"""The longest pause between two scans of an MPI farm task's directory while no call comes: rank 0
+serves one per worker rank, on the shared file system, so a quiet task costs 5 scans a second,
+not 50; a call resets the pause (a burst of calls is answered at the full rate)."""
+
+
+def next_wait(wait: float, started: int, *, base: float = POLL_SECONDS, cap: float = POLL_SECONDS) -> float:
+    """The pause before the next scan: ``base`` after a scan that found a request, else half as
+    long again as ``wait``, up to ``cap``."""
+    return base if started else min(cap, wait * 1.5)
 
 Ask = Callable[[taskapi.Request], Any]
 
@@ -60,8 +70,11 @@ def sweep(private_dir: Path) -> None:
 class RequestDir:
     """The request directory of one run of task ``task_id`` of app ``app_id``."""
 
-    def __init__(self, parent: Path, ask: Ask, task_id: int, app_id: str, *, name: str | None = None) -> None:
+    def __init__(self, parent: Path, ask: Ask, task_id: int, app_id: str, *, name: str | None = None,
+                 idle_poll: float = POLL_SECONDS) -> None:
         self.path = parent / (name or f"{PREFIX}{task_id}-{secrets.token_hex(6)}")
+        self.idle_poll = idle_poll
+        """The longest pause between scans while no call comes (see :func:`next_wait`)."""
         self.ask = ask
         self.task_id = task_id
         self.app_id = app_id
@@ -97,9 +110,10 @@ class RequestDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
+        wait = POLL_SECONDS
+        while not self._stop.wait(wait):
             try:
-                self.scan()
+                wait = next_wait(wait, self.scan(), cap=self.idle_poll)
             except OSError as exc:  # the directory removed under us (the run ended): stop quietly
                 if not self._stop.is_set():
                     logger.warning("task %s: request dir %s: %s", self.task_id, self.path, exc)
