@@ -32,6 +32,8 @@ from scalebox_hpc.db.progress import module_counts as module_counts
 from scalebox_hpc.db.progress import module_why as module_why
 from scalebox_hpc.db.progress import stuck_modules as stuck_modules
 from scalebox_hpc.db.progress import why_waiting as why_waiting
+from scalebox_hpc.db.queue import insert_messages as insert_messages  # re-exported (imported here before the split)
+from scalebox_hpc.db.queue import module_refs as module_refs
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError
 from scalebox_hpc.models import (
