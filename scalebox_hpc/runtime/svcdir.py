@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scalebox_hpc import taskapi
+from scalebox_hpc.runtime.paths import open_regular, write_fresh
 
 logger = logging.getLogger(__name__)
 
@@ -156,43 +156,24 @@ class RequestDir:
             self._slots.release()
 
     def _take(self, name: str) -> bytes | None:
-        """The request's bytes (a regular file, not followed if a link), removed; None if not one."""
+        """The request's bytes (a regular file, not followed if a link; one byte over the limit at
+        most, so an oversized one is seen as such), removed; None if not one."""
         path = self.path / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open_regular(path) as f:
+                return f.read(taskapi.MAX_FILE_REQUEST_BYTES + 1)
         except OSError:
-            path.unlink(missing_ok=True)
             return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            chunks, size = [], 0
-            while size <= taskapi.MAX_FILE_REQUEST_BYTES:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            return b"".join(chunks)
         finally:
-            os.close(fd)
             path.unlink(missing_ok=True)
 
     def _reply(self, stem: str, reply: taskapi.Rendered) -> None:
         """``STEM.out`` and ``STEM.err``, then ``STEM.rc`` renamed into place: the caller reads the
-        first two once the third is there. Files the task planted under these names are removed
-        first and never followed."""
+        first two once the third is there. Each is written beside its name and renamed onto it, so
+        a file the task planted under that name is replaced, never followed."""
         try:
-            self._write(f"{stem}.out", reply.stdout)
-            self._write(f"{stem}.err", reply.stderr)
-            self._write(f".{stem}.rc", f"{reply.status}\n")
-            os.replace(self.path / f".{stem}.rc", self.path / f"{stem}.rc")
+            write_fresh(self.path / f"{stem}.out", reply.stdout)
+            write_fresh(self.path / f"{stem}.err", reply.stderr)
+            write_fresh(self.path / f"{stem}.rc", f"{reply.status}\n")
         except OSError as exc:  # the run ended (directory gone), or the task planted something
             logger.info("task %s: no reply to %s: %s", self.task_id, stem, exc)
-
-    def _write(self, name: str, text: str) -> None:
-        path = self.path / name
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "surrogateescape"))
