@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scalebox_hpc.errors import DatabaseError, ScaleboxError
+from scalebox_hpc.errors import DatabaseError, ScaleboxError, SlotError
 from scalebox_hpc.launcher.ports import BatchQueue
 from scalebox_hpc.launcher.runner import outage_backoff
 from scalebox_hpc.launcher.slotport import SlotPort
@@ -93,7 +93,10 @@ class _Call:
     requeue_for: Callable[[int], bool] | None = None
     fallback: bool = False
 
+    answered: bool = False
+
     def answer(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.answered = True
         if self.settle is not None:
             self.settle(self, result, error)
             return
@@ -413,9 +416,24 @@ class Dispatcher:
         started = self._clock()
         try:
             self._serve_batch(batch)
+        except Exception as exc:  # a bug: the batch fails, not the node (every slot waits on this thread)
+            self._fail_unanswered(batch, exc)
         finally:  # how long a refill queued now waits at most: this batch, then its own
             took = self._clock() - started
             self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
+
+    def _fail_unanswered(self, batch: list[_Call], exc: Exception) -> None:
+        """A batch broke on something that is not the database's answer (a bug of ours): answer
+        each of its calls not answered yet with a SlotError naming it, so their slots end with
+        the reason in ``status`` instead of waiting forever on a thread that died, and go on
+        serving the other slots."""
+        calls = [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
+        left = [c for c in calls if not c.answered]
+        logger.exception("dispatcher: a batch of %d calls failed (%s: %s); %d of them answered with the error",
+                         len(calls), type(exc).__name__, exc, len(left))
+        error = SlotError(f"the node's dispatcher failed ({type(exc).__name__}: {exc}); see the launcher's log")
+        for call in left:
+            call.answer(error=error)
 
     def _serve_batch(self, batch: list[_Call]) -> None:
         batch = [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
@@ -577,7 +595,7 @@ class Dispatcher:
         with self._lock:
             for slot_id, state in self._slots.items():
                 idle = state.idle
-                if idle is None or idle[1] not in woken or state.closed or state.prefetch == 0 or key[4] is not None:
+                if idle is None or idle[1] not in woken or state.closed or state.prefetch == 0 or idle[4] is not None:
                     continue
                 state.idle = None  # one eager claim per wake-up: if it finds nothing, the slot's own claim will
                 app_id, module_id, host, lease, _sem = idle

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from scalebox_hpc.errors import DatabaseError
+from scalebox_hpc.errors import DatabaseError, SlotError
 from scalebox_hpc.launcher.dispatcher import Dispatcher, SlotPort
 from scalebox_hpc.models import (
     Beat,
@@ -317,6 +317,70 @@ def test_a_hand_off_writing_to_a_module_claims_for_its_idle_slot_and_wakes_it() 
     assert q.calls[-2:] == [("complete", 9), ("claim", [(down, 1)])]
     assert [t.id for t in port.claim(1, 2, host="h", slot_id=down, slot_seq=0)] == [41]
     assert d.stats.prefetch_hits == 1
+    d.close()
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn's result, or a test failure if it has not returned within ``seconds`` (a dead
+    dispatcher thread leaves its callers waiting forever)."""
+    out: list[Any] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"no answer within {seconds} s: the dispatcher thread is gone"
+    if failed:
+        raise failed[0]
+    return out[0]
+
+
+def test_an_idle_slot_gets_its_eager_claim_after_another_slot_found_its_module_full() -> None:
+    """A's claim found nothing (idle), then B's claim of the same module came back full (the
+    module no longer counts as dry): a hand-off writing to the module still claims for A (the
+    eager claim once read a loop variable of the dry list here, unbound when that list was empty)."""
+    q = Recorder(tasks=0)
+    d = dispatcher(q)
+    port = d.port()
+    a = port.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    b = port.create_slot(2, host="h", seq=1, pid=1, work_dir="/")
+    assert port.claim(1, 2, host="h", slot_id=a, slot_seq=0) == []
+    q.free = list(range(5, 40))
+    assert [t.id for t in port.claim(1, 2, host="h", slot_id=b, slot_seq=1)][:1] == [5]
+    sent = TaskResult(status=0, started_at=datetime.now(UTC), finished_at=datetime.now(UTC), messages=[Message("m")])
+    assert port.complete(Task(9, 1, 1, "b", {}, -3), sent, slot_id=99, host="h", sender=SENDER,
+                         modules={"a": SENDER, "b": SINK}) == 1
+    q.gate.set()
+    within(10, lambda: d.call("app_uid", 1))
+    assert d.stats.eager_claims == 1
+    assert port.claim(1, 2, host="h", slot_id=a, slot_seq=0) != []
+    d.close()
+
+
+def test_a_bug_in_a_batch_fails_its_calls_and_the_dispatcher_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something of ours raising inside a batch must not kill the thread every slot waits on:
+    the batch's unanswered calls get a SlotError naming the failure, later calls are served."""
+    q = Recorder(tasks=0)
+    d = dispatcher(q)
+    port = d.port()
+    slot = port.create_slot(2, host="h", seq=0, pid=1, work_dir="/")
+    q.gate.set()
+
+    def broken(batch: list) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(d, "_serve_batch", broken)
+    with pytest.raises(SlotError, match=r"dispatcher failed \(RuntimeError: boom"):
+        within(10, lambda: port.claim(1, 2, host="h", slot_id=slot, slot_seq=0))
+    monkeypatch.undo()
+    q.free = [7]
+    assert [t.id for t in port.claim(1, 2, host="h", slot_id=slot, slot_seq=0)] == [7]
     d.close()
 
 
