@@ -8,12 +8,14 @@ connections every 0.5 s):
 - W1: a module with an in-slot Python no-op handler, 2 slots (skipped when the build has no
   handler support);
 with, in the same run, `xargs -P2 -n1 /bin/true` over N arguments and a raw
-`multiprocessing.Pool(2)` no-op loop as references. Also: hand-off latency (sender's
+`multiprocessing.Pool(2)` no-op loop as references, and the database floor: the same submit,
+then one connection claiming and handing off batches of 500 with no slot, process or handler
+(the most one node's database session records here: W1 cannot pass it). Also: hand-off latency (sender's
 finish → receiver's start, p50/p99, from the database) over a two-module pipeline, the
 dispatcher's statement counts, and the launcher's peak server connections.
 
 Prints one JSON object. Usage:
-    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500] [--only W2,W1,handoff]
+    python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500] [--only W2,W1,floor,handoff]
     (SCALEBOX_DSN, else embedded)
 """
 
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from scalebox_hpc.db.notify import Listener
 from scalebox_hpc.db.queue import PgQueue
 from scalebox_hpc.launcher.launcher import Launcher, LauncherConfig
 from scalebox_hpc.launcher.wakeups import Wakeups
-from scalebox_hpc.models import Message
+from scalebox_hpc.models import Completion, Message, TaskResult
 from scalebox_hpc.node import resolve_dsn
 from scalebox_hpc.pipeline import load_pipeline
 from scalebox_hpc.runtime.local import LocalRuntime
@@ -163,6 +166,33 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
     }
 
 
+def db_floor(dsn: str, yaml_path: Path, module: str, bodies: list[str], batch: int = 500) -> dict[str, Any]:
+    """Submit (clock on), then claim ``batch`` and hand them off as finished no-ops, on one
+    connection, until every task is recorded (clock off): the database's side of W1 alone."""
+    spec = load_pipeline(yaml_path)
+    with connect(dsn) as conn:
+        app_id = apps.create_app(conn, spec)
+    q = PgQueue(dsn)
+    refs = q.modules(app_id)
+    ref = refs[module]
+    slot = q.create_slot(ref.id, host="floor", seq=0, pid=os.getpid(), work_dir="/tmp")
+    t0 = time.perf_counter()
+    with connect(dsn) as submit:
+        apps.add_tasks(submit, app_id, module, [Message(b) for b in bodies])
+    submitted = time.perf_counter() - t0
+    done = 0
+    while done < len(bodies):
+        got = q.claim(app_id, ref.id, host="floor", slot_id=slot, slot_seq=0, limit=batch)
+        now = datetime.now(UTC)
+        q.complete_many([Completion(t, TaskResult(0, now, now), "floor") for t in got],
+                        slot_id=slot, sender=ref, modules=refs)
+        done += len(got)
+    seconds = time.perf_counter() - t0
+    q.close()
+    return {"tasks_per_s": round(len(bodies) / seconds, 1), "seconds": round(seconds, 3),
+            "submit_s": round(submitted, 3), "batch": batch}
+
+
 def xargs_rate(n: int) -> float:
     args = "\n".join(str(i) for i in range(n)).encode()
     t0 = time.perf_counter()
@@ -201,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="2000,10000")
     parser.add_argument("--handoff", type=int, default=500)
-    parser.add_argument("--only", default="W2,W1,handoff", help="workloads to run (comma-separated)")
+    parser.add_argument("--only", default="W2,W1,floor,handoff", help="workloads to run (comma-separated)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     sizes = [int(n) for n in args.tasks.split(",")]
@@ -225,6 +255,8 @@ def main() -> None:
                 row["W2"]["ratio_to_xargs"] = round(row["W2"]["tasks_per_s"] / row["xargs_P2_per_s"], 3)
             if w1 is not None and "W1" in only:
                 row["W1"] = timed_run(dsn, w1, "noop", bodies, root / f"work-w1-{n}", n)
+            if "floor" in only:
+                row["db_floor"] = db_floor(dsn, w2, "noop", bodies)
             out["runs"].append(row)
         if "handoff" in only:
             ho = make_app(root / "ho", HANDOFF,
