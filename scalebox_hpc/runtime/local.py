@@ -18,11 +18,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from scalebox_hpc.errors import ScriptError
 from scalebox_hpc.models import Usage
-from scalebox_hpc.runtime import fence
+from scalebox_hpc.runtime import fence, spawn
 from scalebox_hpc.runtime.base import Outcome, RunSpec, SessionSpec
 from scalebox_hpc.runtime.paths import open_new_file
 
@@ -30,6 +30,18 @@ logger = logging.getLogger(__name__)
 
 Wait4 = Callable[[int, int], tuple[int, int, Any]]
 """``os.wait4``'s shape: (pid, options) -> (pid, wait status, struct rusage)."""
+
+
+class Process(Protocol):
+    """The part of ``subprocess.Popen`` a run uses (:class:`spawn.Spawned` has it too)."""
+
+    pid: int
+    returncode: Any
+    args: Any
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 SPARE_RECORD = ".fence-spare"
 """A session's record file between its runs (not a record: no ``fence-*.json`` name)."""
 
@@ -136,7 +148,7 @@ class LocalRun:
     """Whether the rusage of the reaped process is the run's (False for an engine client whose
     container runs elsewhere: Podman/Docker, where the client's own CPU is all wait4 sees)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], label: str = "", *, wait4: Wait4 = os.wait4,
+    def __init__(self, proc: Process, label: str = "", *, wait4: Wait4 = os.wait4,
                  peak: Callable[[], int] = own_peak_kb) -> None:
         self.proc = proc
         self._wait4 = wait4
@@ -262,6 +274,24 @@ def popen(
             raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
 
 
+def start_process(argv: list[str], *, cwd: Path, env: dict[str, str], stdout_path: Path, stderr_path: Path) -> Process:
+    """:func:`popen`'s process, started with :func:`spawn.spawn` where the C library allows
+    (the GIL released while the child starts, less work per run), else with :func:`popen`."""
+    if not spawn.available():
+        return popen(argv, cwd=cwd, env=env, stdout_path=stdout_path, stderr_path=stderr_path)
+    out = open_new_file(stdout_path)
+    try:
+        err = open_new_file(stderr_path)
+        try:
+            return spawn.spawn(argv, cwd=cwd, env=env, stdout_fd=out, stderr_fd=err)
+        except OSError as exc:
+            raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(err)
+    finally:
+        os.close(out)
+
+
 class LocalRuntime:
     """Runs scripts as plain processes (no container); ``base_image`` is ignored.
 
@@ -272,8 +302,8 @@ class LocalRuntime:
 
     def start(self, spec: RunSpec) -> LocalRun:
         """Start ``spec.argv`` in a new session so a kill reaches its whole tree."""
-        return LocalRun(popen(spec.argv, cwd=spec.cwd, env=spec.env,
-                              stdout_path=spec.stdout_path, stderr_path=spec.stderr_path))
+        return LocalRun(start_process(spec.argv, cwd=spec.cwd, env=spec.env,
+                                      stdout_path=spec.stdout_path, stderr_path=spec.stderr_path))
 
     def open(self, spec: SessionSpec) -> LocalSession:
         """The slot's session; first ends what a killed launcher's runs left in its private dir."""
