@@ -39,6 +39,7 @@ _OPAQUE = 1024
 """Bytes set aside for ``posix_spawn_file_actions_t`` / ``posix_spawnattr_t`` / ``sigset_t``
 (80, 336 and 128 on x86_64): their init functions fill them, we never look inside."""
 _ENV_CACHE_MAX = 4096
+_DEVNULL = os.fsencode(os.devnull)
 _DEFAULTS = (int(signal.SIGPIPE), int(signal.SIGXFSZ), *range(32, int(signal.SIGRTMIN)))
 """Signals the child gets at their defaults: Python's ignored ones (as Popen's
 ``restore_signals``), and glibc's internal ones (32, 33), which its posix_spawn would
@@ -178,7 +179,7 @@ def _spawn(libc: ctypes.CDLL, exe: bytes, args: list[bytes], envp: list[bytes], 
     try:
         _check(libc.posix_spawnattr_init(attr))
         try:
-            _check(libc.posix_spawn_file_actions_addopen(actions, 0, os.devnull.encode(), os.O_RDONLY, 0))
+            _check(libc.posix_spawn_file_actions_addopen(actions, 0, _DEVNULL, os.O_RDONLY, 0))
             # dup2 onto 1 and 2 clears their close-on-exec flag (the sources stay close-on-exec)
             _check(libc.posix_spawn_file_actions_adddup2(actions, stdout_fd, 1))
             _check(libc.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2))
