@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,25 @@ def test_a_nul_in_the_environment_is_refused_as_by_popen(tmp_path: Path) -> None
     with pytest.raises(ValueError):
         start_process(["true"], cwd=tmp_path, env={"PATH": os.environ["PATH"], "X": "a\0b"},
                       stdout_path=tmp_path / "out", stderr_path=tmp_path / "err")
+
+
+def test_without_posix_spawn_runs_start_with_popen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spawn, "available", lambda: False)
+    proc = start_process(["sh", "-c", "echo via-popen"], cwd=tmp_path, env={"PATH": os.environ["PATH"]},
+                         stdout_path=tmp_path / "out", stderr_path=tmp_path / "err")
+    assert isinstance(proc, subprocess.Popen)
+    assert proc.wait() == 0 and (tmp_path / "out").read_text() == "via-popen\n"
+
+
+def test_the_spawned_process_is_reaped_by_its_run(tmp_path: Path) -> None:
+    """LocalRun reaps it with wait4 (its usage): the run's outcome, and no zombie left."""
+    from scalebox_hpc.runtime.base import RunSpec
+    from scalebox_hpc.runtime.local import LocalRuntime
+
+    run = LocalRuntime().start(RunSpec(argv=["sh", "-c", "exit 7"], cwd=tmp_path, env={"PATH": os.environ["PATH"]},
+                                       stdout_path=tmp_path / "out", stderr_path=tmp_path / "err"))
+    assert isinstance(run.proc, spawn.Spawned)
+    outcome = run.wait(10)
+    assert outcome is not None and outcome.returncode == 7 and outcome.usage is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(run.proc.pid, os.WNOHANG)
