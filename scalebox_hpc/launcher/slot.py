@@ -46,8 +46,10 @@ __all__ = [
 CRASH_LOOP_LIMIT = 5
 """Consecutive runs that died (signal, unstartable) after which a slot goes to ERROR."""
 BATCH_TASKS = 64
-"""At most this many tasks a slot of a Python handler module runs as one batch: the task it
-claimed and those prefetched for it (the dispatcher keeps about 0.1 s of work prefetched)."""
+"""At most this many tasks a slot runs as one batch: the task it claimed and those prefetched
+for it (the dispatcher keeps about 0.1 s of work prefetched, and a batch takes half of it). A
+Python handler gets them in one message; run.sh runs them one by one, and their results are
+handed over together (one statement instead of one per task or two)."""
 
 
 @runtime_checkable
@@ -84,9 +86,12 @@ class Slot:
         self.final_status: str | None = None
         """How the slot ended (EXITED, ERROR), once it has."""
         self.backoff = Backoff(self._wait_outage, who=f"slot {ctx.module.name}/{ctx.seq}")
-        # batches: a Python handler's tasks, through a dispatcher, with no semaphore to take per task
-        self._batches = queue if (ctx.module.handler is not None and isinstance(queue, Batches)
-                                  and ctx.module.arguments.semaphore is None) else None
+        # batches: the prefetched tasks, through a dispatcher, with no semaphore to take per task
+        # (a slot that decides before each claim, check.sh or a disk gate, has no prefetch)
+        self._batches = queue if (isinstance(queue, Batches) and ctx.module.arguments.semaphore is None) else None
+        self._scripts = ctx.module.handler is None
+        """run.sh tasks: a batch runs them one by one, stops at a drain, and hands over at once
+        the results that emitted messages (the modules downstream wait for those)."""
 
     # the runner's state, as the launcher's heartbeat and the tests see it
     @property
@@ -292,6 +297,8 @@ class Slot:
         give_back = True  # unless every task of the batch ran to its result
         try:
             for task in tasks:
+                if self._scripts and done and self.ctx.control.draining.is_set():
+                    return  # a drain: the tasks not started yet go back, as if never claimed
                 self.current = task
                 result = next(results, None)
                 if result is None:  # aborted or drained
@@ -300,6 +307,9 @@ class Slot:
                 if self.runner.fatal is not None:  # the slot cannot run anything (its container engine failed)
                     raise self.runner.fatal
                 self._watch_crashes(result.status)
+                if self._scripts and result.messages:  # downstream waits for them: not until the batch's end
+                    ready, done, began, started = done, [], started, time.monotonic()
+                    self._hand_off_many(ready, started - began)
             give_back = False
         finally:
             results.close()
