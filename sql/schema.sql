@@ -8,9 +8,11 @@ CREATE TABLE sbx_schema_version (
 
 -- The digest that makes bodies unique per module. convert_to() is only STABLE in general, but
 -- the database encoding never changes under a table, so this wrapper is safely IMMUTABLE.
+-- plpgsql, not sql (0025): an SQL function whose body is less immutable than itself is not
+-- inlined, and the SQL-function executor per row cost twice the digest itself.
 CREATE FUNCTION sbx_body_digest(body text) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT sha256(convert_to(body, 'UTF8')) $$;
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN sha256(convert_to(body, 'UTF8')); END $$;
 
 CREATE TABLE sbx_apps (
     id bigserial PRIMARY KEY,
@@ -672,9 +674,19 @@ BEGIN
 END;
 $$;
 
+-- Fires only for a row it may change (0025): a row with no to_host, no pref_host, pref_partial
+-- false, no `inputs` array, of a module listed in the setting sbx.plain_modules (the bulk submit
+-- lists the modules of its rows that have no input_regex) would only get pref_host NULL and
+-- pref_partial false, which it has. A module wrongly listed only loses locality (as if no host
+-- held the inputs).
 CREATE TRIGGER sbx_tasks_locality
     BEFORE INSERT ON sbx_tasks
-    FOR EACH ROW EXECUTE FUNCTION sbx_task_locality_v1();
+    FOR EACH ROW
+    WHEN (NEW.to_host IS NOT NULL OR NEW.pref_host IS NOT NULL OR NEW.pref_partial
+          OR jsonb_typeof(NEW.headers -> 'inputs') = 'array'
+          OR NOT COALESCE(NEW.module_id = ANY (string_to_array(current_setting('sbx.plain_modules', true), ',', '')::bigint[]),
+                          false))
+    EXECUTE FUNCTION sbx_task_locality_v1();
 
 -- Resources per app and module, for `scalebox app show` and psql: tasks and executions, the CPU
 -- the executions' process trees used (core-hours; only the executions that measured it count:
