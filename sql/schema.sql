@@ -61,7 +61,9 @@ CREATE TABLE sbx_modules (
     locality_wait_seconds double precision NOT NULL DEFAULT 10,
     -- inputs from the body when a task has no `inputs` header (a POSIX regex; group 1 or the match)
     input_regex text,
-    UNIQUE (app_id, name)
+    UNIQUE (app_id, name),
+    -- what sbx_tasks' foreign key (app_id, module_id) refers to (0025)
+    UNIQUE (app_id, id)
 );
 
 CREATE TABLE sbx_hosts (
@@ -100,8 +102,9 @@ CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('ST
 
 CREATE TABLE sbx_tasks (
     id bigserial PRIMARY KEY,
-    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
-    module_id bigint NOT NULL REFERENCES sbx_modules (id) ON DELETE CASCADE,
+    -- one foreign key for both (0025): the module of that app; one check per inserted row, not two
+    app_id bigint NOT NULL,
+    module_id bigint NOT NULL,
     body text NOT NULL,
     -- bodies can be up to 128 KiB, beyond a btree entry: uniqueness is on the digest
     body_sha bytea GENERATED ALWAYS AS (sbx_body_digest(body)) STORED,
@@ -127,6 +130,7 @@ CREATE TABLE sbx_tasks (
     created_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
     finished_at timestamptz,
+    FOREIGN KEY (app_id, module_id) REFERENCES sbx_modules (app_id, id) ON DELETE CASCADE,
     UNIQUE (module_id, body_sha)
 );
 -- The claim scans only READY rows of one module in id order.

@@ -27,3 +27,13 @@ CREATE TRIGGER sbx_tasks_locality
           OR NOT COALESCE(NEW.module_id = ANY (string_to_array(current_setting('sbx.plain_modules', true), ',', '')::bigint[]),
                           false))
     EXECUTE FUNCTION sbx_task_locality_v1();
+
+-- A task's app and module are checked by one foreign key, not two: each checks every inserted
+-- row by a query of its own (0.58 s and 0.57 s of the 5.3 s). (app_id, module_id) must be a
+-- module of that app, which sbx_l_check_targets_v1 already required of messages; deleting an
+-- app still deletes its tasks (with its modules).
+ALTER TABLE sbx_modules ADD UNIQUE (app_id, id);
+ALTER TABLE sbx_tasks
+    DROP CONSTRAINT sbx_tasks_app_id_fkey,
+    DROP CONSTRAINT sbx_tasks_module_id_fkey,
+    ADD FOREIGN KEY (app_id, module_id) REFERENCES sbx_modules (app_id, id) ON DELETE CASCADE;
