@@ -582,6 +582,18 @@ WHERE f.first_seq <> f.seq
 ORDER BY f.seq
 LIMIT 1;
 
+-- name: bulk_plain_modules
+-- Before a bulk submit's inserts: the modules of its rows that have no input_regex, for the
+-- WHEN clause of the locality trigger (0025), which then skips their rows that name no inputs
+-- and no host (all the trigger would do is leave pref_host NULL). Transaction-local; cleared
+-- by bulk_plain_modules_clear after the inserts.
+SELECT set_config('sbx.plain_modules', COALESCE(string_agg(m.id::text, ','), ''), true) AS plain
+FROM sbx_modules m
+WHERE m.id = ANY (%(module_ids)s::bigint[]) AND m.input_regex IS NULL;
+
+-- name: bulk_plain_modules_clear
+SELECT set_config('sbx.plain_modules', '', true);
+
 -- name: bulk_rows_json
 -- A submit of few rows: sbx_bulk as a common table expression over one JSON parameter (rows:
 -- [{seq, grp, line, body}]) put before each statement above, instead of a temporary table.

@@ -8,9 +8,11 @@ CREATE TABLE sbx_schema_version (
 
 -- The digest that makes bodies unique per module. convert_to() is only STABLE in general, but
 -- the database encoding never changes under a table, so this wrapper is safely IMMUTABLE.
+-- plpgsql, not sql (0025): an SQL function whose body is less immutable than itself is not
+-- inlined, and the SQL-function executor per row cost twice the digest itself.
 CREATE FUNCTION sbx_body_digest(body text) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT sha256(convert_to(body, 'UTF8')) $$;
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN sha256(convert_to(body, 'UTF8')); END $$;
 
 CREATE TABLE sbx_apps (
     id bigserial PRIMARY KEY,
@@ -59,7 +61,9 @@ CREATE TABLE sbx_modules (
     locality_wait_seconds double precision NOT NULL DEFAULT 10,
     -- inputs from the body when a task has no `inputs` header (a POSIX regex; group 1 or the match)
     input_regex text,
-    UNIQUE (app_id, name)
+    UNIQUE (app_id, name),
+    -- what sbx_tasks' foreign key (app_id, module_id) refers to (0025)
+    UNIQUE (app_id, id)
 );
 
 CREATE TABLE sbx_hosts (
@@ -98,8 +102,9 @@ CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('ST
 
 CREATE TABLE sbx_tasks (
     id bigserial PRIMARY KEY,
-    app_id bigint NOT NULL REFERENCES sbx_apps (id) ON DELETE CASCADE,
-    module_id bigint NOT NULL REFERENCES sbx_modules (id) ON DELETE CASCADE,
+    -- one foreign key for both (0025): the module of that app; one check per inserted row, not two
+    app_id bigint NOT NULL,
+    module_id bigint NOT NULL,
     body text NOT NULL,
     -- bodies can be up to 128 KiB, beyond a btree entry: uniqueness is on the digest
     body_sha bytea GENERATED ALWAYS AS (sbx_body_digest(body)) STORED,
@@ -125,6 +130,7 @@ CREATE TABLE sbx_tasks (
     created_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
     finished_at timestamptz,
+    FOREIGN KEY (app_id, module_id) REFERENCES sbx_modules (app_id, id) ON DELETE CASCADE,
     UNIQUE (module_id, body_sha)
 );
 -- The claim scans only READY rows of one module in id order.
@@ -672,9 +678,19 @@ BEGIN
 END;
 $$;
 
+-- Fires only for a row it may change (0025): a row with no to_host, no pref_host, pref_partial
+-- false, no `inputs` array, of a module listed in the setting sbx.plain_modules (the bulk submit
+-- lists the modules of its rows that have no input_regex) would only get pref_host NULL and
+-- pref_partial false, which it has. A module wrongly listed only loses locality (as if no host
+-- held the inputs).
 CREATE TRIGGER sbx_tasks_locality
     BEFORE INSERT ON sbx_tasks
-    FOR EACH ROW EXECUTE FUNCTION sbx_task_locality_v1();
+    FOR EACH ROW
+    WHEN (NEW.to_host IS NOT NULL OR NEW.pref_host IS NOT NULL OR NEW.pref_partial
+          OR jsonb_typeof(NEW.headers -> 'inputs') = 'array'
+          OR NOT COALESCE(NEW.module_id = ANY (string_to_array(current_setting('sbx.plain_modules', true), ',', '')::bigint[]),
+                          false))
+    EXECUTE FUNCTION sbx_task_locality_v1();
 
 -- Resources per app and module, for `scalebox app show` and psql: tasks and executions, the CPU
 -- the executions' process trees used (core-hours; only the executions that measured it count:

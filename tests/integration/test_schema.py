@@ -73,3 +73,21 @@ def test_ensure_refuses_newer_schema(pg_dsn: str) -> None:
         conn.execute("INSERT INTO sbx_schema_version (version) VALUES (999)")
         with pytest.raises(SchemaError, match="newer"):
             schema.ensure(conn, create=False)  # type: ignore[arg-type]
+
+
+def test_a_task_names_a_module_of_its_own_app_and_goes_with_it(pg_dsn: str) -> None:
+    """0025: one foreign key (app_id, module_id) instead of one per column."""
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        apps = [conn.execute("INSERT INTO sbx_apps (name, spec) VALUES (%s, '{}') RETURNING id", (n,)).fetchone()["id"]
+                for n in ("a", "b")]
+        mods = [conn.execute("INSERT INTO sbx_modules (app_id, name, seq, spec) VALUES (%s, 'm', 0, '{}') "
+                             "RETURNING id", (a,)).fetchone()["id"] for a in apps]
+        conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'ok')", (apps[0], mods[0]))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
+            conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'x')",
+                         (apps[0], mods[1]))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
+            conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'x')",
+                         (apps[1] + 100, mods[0]))
+        conn.execute("DELETE FROM sbx_apps WHERE id = %s", (apps[0],))
+        assert conn.execute("SELECT count(*) AS n FROM sbx_tasks").fetchone()["n"] == 0
