@@ -1205,9 +1205,11 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     r record;
 BEGIN
+    -- each task's app looked up by primary key (0024: as a join, a generic plan hashed the
+    -- whole of sbx_tasks once per hand-off statement; LIMIT 1 keeps the lookup per item)
     FOR r IN SELECT t.app_id, jsonb_agg(m.msg) FILTER (WHERE m.msg IS NOT NULL) AS messages
              FROM jsonb_to_recordset(p_rows) AS x (task_id bigint, messages jsonb)
-             JOIN sbx_tasks t ON t.id = x.task_id
+             CROSS JOIN LATERAL (SELECT s.app_id FROM sbx_tasks s WHERE s.id = x.task_id LIMIT 1) t
              LEFT JOIN LATERAL jsonb_array_elements(COALESCE(x.messages, '[]')) AS m (msg) ON true
              GROUP BY t.app_id LOOP
         PERFORM sbx_l_may_v1(r.app_id);
@@ -2122,6 +2124,11 @@ $$;
 ALTER FUNCTION sbx_l_claim_v1(bigint, bigint, text, bigint[], integer[], integer[], integer, double precision)
     SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET plan_cache_mode = force_generic_plan;
+-- (0024) and no hash or merge join in it: the generic plan guesses 100 items whatever the batch,
+-- and below some 50,000 tasks it then hashed a sequential scan of sbx_tasks per statement; a
+-- nested loop over the items looks each task up by primary key, at any table size
+ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_hashjoin = off;
+ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_mergejoin = off;
 ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET plan_cache_mode = force_generic_plan;
 
 SELECT sbx_grant_roles_v1();
