@@ -296,8 +296,8 @@ class Slot:
         results = self.runner.execute_many(tasks)
         give_back = True  # unless every task of the batch ran to its result
         try:
-            for task in tasks:
-                if self._scripts and done and self.ctx.control.draining.is_set():
+            for n, task in enumerate(tasks):
+                if self._scripts and n and self.ctx.control.draining.is_set():
                     return  # a drain: the tasks not started yet go back, as if never claimed
                 self.current = task
                 result = next(results, None)
@@ -308,8 +308,10 @@ class Slot:
                     raise self.runner.fatal
                 self._watch_crashes(result.status)
                 if self._scripts and result.messages:  # downstream waits for them: not until the batch's end
-                    ready, done, began, started = done, [], started, time.monotonic()
-                    self._hand_off_many(ready, started - began)
+                    ready, done = done, []  # (emptied first: a failed hand-off is not tried again below)
+                    now = time.monotonic()
+                    self._hand_off_many(ready, now - started)
+                    started = now
             give_back = False
         finally:
             results.close()

@@ -108,3 +108,24 @@ def test_a_drain_stops_the_batch_and_gives_the_rest_back(tmp_path: Path) -> None
     assert queue.groups == [[t["id"] for t in queue.tasks(1, module="a")][:2]]
     assert statuses(queue, "a") == [("t0", 0), ("t1", 0), *((f"t{i}", TaskStatus.READY) for i in range(2, 5))]
     assert [t["attempts"] for t in queue.tasks(1, module="a")][2:] == [0, 0, 0]  # not counted
+
+
+def test_a_drain_right_after_an_emitting_task_stops_the_batch_too(tmp_path: Path) -> None:
+    """The emitting result is handed over at once; the drain that follows stops the batch there
+    (handing over early must not make the next task look like the batch's first)."""
+    control = SlotControl()
+    slot, queue = slot_for(tmp_path, ["t0", "emit1", "t2", "t3"], control)
+    execute = slot.runner.execute
+    ran: list[str] = []
+
+    def execute_then_drain(task: Task) -> TaskResult | None:
+        result = execute(task)
+        ran.append(task.body)
+        if task.body == "emit1":
+            control.draining.set()
+        return result
+
+    slot.runner.execute = execute_then_drain  # type: ignore[method-assign]
+    slot.run()
+    assert ran == ["t0", "emit1"]
+    assert statuses(queue, "a") == [("t0", 0), ("emit1", 0), ("t2", TaskStatus.READY), ("t3", TaskStatus.READY)]
