@@ -104,6 +104,11 @@ class _Call:
         self.done.set()
 
 
+def _flatten(batch: list[_Call]) -> list[_Call]:
+    """The calls of a batch, a group (one slot's hand-offs sent together) as its calls."""
+    return [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
+
+
 _TICK = _Call("tick")
 """Returned by the inbox wait when a retry is due and no call came."""
 
@@ -427,7 +432,7 @@ class Dispatcher:
         each of its calls not answered yet with a SlotError naming it, so their slots end with
         the reason in ``status`` instead of waiting forever on a thread that died, and go on
         serving the other slots."""
-        calls = [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
+        calls = _flatten(batch)
         left = [c for c in calls if not c.answered]
         logger.exception("dispatcher: a batch of %d calls failed (%s: %s); %d of them answered with the error",
                          len(calls), type(exc).__name__, exc, len(left))
@@ -436,7 +441,7 @@ class Dispatcher:
             call.answer(error=error)
 
     def _serve_batch(self, batch: list[_Call]) -> None:
-        batch = [c for call in batch for c in (call.args[0] if call.kind == "group" else (call,))]
+        batch = _flatten(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         completes = [c for c in batch if c.kind == "complete"]

@@ -9,6 +9,7 @@ opens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -16,7 +17,7 @@ import select
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -260,18 +261,30 @@ class LocalRun:
         return Outcome(self._outcome.returncode, timed_out=True, usage=self._outcome.usage)
 
 
+@contextlib.contextmanager
+def _output_files(argv: list[str], stdout_path: Path, stderr_path: Path) -> Iterator[tuple[int, int]]:
+    """The run's stdout and stderr descriptors (closed once it started: the child has its own
+    copies); a start that fails is the ScriptError naming ``argv[0]``."""
+    out = open_new_file(stdout_path)
+    try:
+        err = open_new_file(stderr_path)
+        try:
+            yield out, err
+        except OSError as exc:
+            raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(err)
+    finally:
+        os.close(out)
+
+
 def popen(
     argv: list[str], *, cwd: Path, env: dict[str, str], stdout_path: Path, stderr_path: Path,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session (so a kill reaches its whole tree), output to the files."""
-    with os.fdopen(open_new_file(stdout_path), "wb") as out, os.fdopen(open_new_file(stderr_path), "wb") as err:
-        try:
-            return subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True,
-            )
-        except OSError as exc:
-            raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+    with _output_files(argv, stdout_path, stderr_path) as (out, err):
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, start_new_session=True)
 
 
 def start_process(argv: list[str], *, cwd: Path, env: dict[str, str], stdout_path: Path, stderr_path: Path) -> Process:
@@ -279,17 +292,8 @@ def start_process(argv: list[str], *, cwd: Path, env: dict[str, str], stdout_pat
     (the GIL released while the child starts, less work per run), else with :func:`popen`."""
     if not spawn.available():
         return popen(argv, cwd=cwd, env=env, stdout_path=stdout_path, stderr_path=stderr_path)
-    out = open_new_file(stdout_path)
-    try:
-        err = open_new_file(stderr_path)
-        try:
-            return spawn.spawn(argv, cwd=cwd, env=env, stdout_fd=out, stderr_fd=err)
-        except OSError as exc:
-            raise ScriptError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
-        finally:
-            os.close(err)
-    finally:
-        os.close(out)
+    with _output_files(argv, stdout_path, stderr_path) as (out, err):
+        return spawn.spawn(argv, cwd=cwd, env=env, stdout_fd=out, stderr_fd=err)
 
 
 class LocalRuntime:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import signal
 import threading
@@ -174,7 +175,6 @@ def _spawn(libc: ctypes.CDLL, exe: bytes, args: list[bytes], envp: list[bytes], 
            stdout_fd: int, stderr_fd: int, argv: Sequence[str]) -> Spawned:
     actions = ctypes.create_string_buffer(_OPAQUE)
     attr = ctypes.create_string_buffer(_OPAQUE)
-    defaults = (ctypes.c_ulong * (_OPAQUE // ctypes.sizeof(ctypes.c_ulong)))()
     _check(libc.posix_spawn_file_actions_init(actions))
     try:
         _check(libc.posix_spawnattr_init(attr))
@@ -185,8 +185,7 @@ def _spawn(libc: ctypes.CDLL, exe: bytes, args: list[bytes], envp: list[bytes], 
             _check(libc.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2))
             _check(libc.posix_spawn_file_actions_addclosefrom_np(actions, 3))
             _check(libc.posix_spawn_file_actions_addchdir_np(actions, cwd))
-            _fill(defaults, _DEFAULTS)
-            _check(libc.posix_spawnattr_setsigdefault(attr, defaults))
+            _check(libc.posix_spawnattr_setsigdefault(attr, _sigdefault()))
             _check(libc.posix_spawnattr_setflags(attr, _SETSIGDEF | _SETSID))
             c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
             c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
@@ -202,12 +201,16 @@ def _spawn(libc: ctypes.CDLL, exe: bytes, args: list[bytes], envp: list[bytes], 
         libc.posix_spawn_file_actions_destroy(actions)
 
 
-def _fill(sigset: ctypes.Array[ctypes.c_ulong], signals: tuple[int, ...]) -> None:
-    """Set ``signals`` in a zeroed ``sigset_t`` (Linux: bit sig-1 of an array of longs). Not
-    with ``sigaddset``: glibc's refuses its internal signals 32 and 33, which must be in it."""
+@functools.cache
+def _sigdefault() -> ctypes.Array[ctypes.c_ulong]:
+    """The ``sigset_t`` of :data:`_DEFAULTS`, built once (posix_spawnattr_setsigdefault copies
+    it). Linux: bit sig-1 of an array of longs; not with ``sigaddset``: glibc's refuses its
+    internal signals 32 and 33, which must be in it."""
+    sigset = (ctypes.c_ulong * (_OPAQUE // ctypes.sizeof(ctypes.c_ulong)))()
     bits = 8 * ctypes.sizeof(ctypes.c_ulong)
-    for sig in signals:
+    for sig in _DEFAULTS:
         sigset[(sig - 1) // bits] |= 1 << ((sig - 1) % bits)
+    return sigset
 
 
 def _check(code: int) -> None:
