@@ -62,6 +62,15 @@ def answer(line: bytes, handle: Handler, running: Callable[[int], bool]) -> task
         return taskapi.Reply(False, error=f"the launcher failed: {type(exc).__name__}: {exc}")
 
 
+def _check_private(directory: Path) -> None:
+    """Refuse a socket directory another user could enter: the socket is chmod-ed after its bind."""
+    info = directory.lstat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise ScaleboxError(
+            f"task services: {directory} is not a private directory (mode {info.st_mode & 0o7777:o}, "
+            f"owner uid {info.st_uid})", hint="the launcher makes it with mkdtemp: is the umask or TMPDIR odd?")
+
+
 class TaskServices:
     """The socket at ``path``: started by the launcher before its slots, stopped after them."""
 
@@ -76,14 +85,15 @@ class TaskServices:
 
     def start(self) -> None:
         """Bind (the directory must be the caller's, 0700: see workdirs.private_dir) and listen."""
+        _check_private(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a socket left by a killed launcher of this directory
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket 0600 from its creation, not after a chmod
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
+        # Not os.umask around the bind: the umask is the process's, and launchers start in
+        # threads; two overlapping starts left it at 0177 for good (every later directory
+        # 0600). The 0700 directory keeps others out until the chmod.
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)
         sock.listen(64)
         sock.settimeout(ACCEPT_POLL)
         self._sock = sock

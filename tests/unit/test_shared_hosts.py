@@ -9,6 +9,7 @@ import errno
 import grp
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import threading
@@ -32,6 +33,7 @@ from scalebox_hpc.runtime.paths import UnsafePathError, ensure_private, ensure_r
 from scalebox_hpc.runtime.podman import EngineCli
 from scalebox_hpc.slurm.client import InvalidJobIdError, SlurmClient, checked_ids
 from scalebox_hpc.slurm.commands import CommandResult
+from tests.components import need
 from tests.other_user import OTHER, as_other, other_uid, shared_tmp
 from tests.unit.test_standard_modules import Runner, _rsync
 
@@ -358,6 +360,8 @@ def test_an_ssh_host_like_an_option_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["file-copy", "list-dir"])
 def test_the_standard_modules_are_shellcheck_clean(module: str) -> None:
     script = REPO / "scalebox_hpc" / "modules" / module / "run.sh"
+    if shutil.which("shellcheck") is None:
+        need("shellcheck", "not on PATH (launchers/testbed/shellcheck.sh installs it)")
     proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from scalebox_hpc import taskapi
-from scalebox_hpc.errors import InvalidValueError, NotFoundError
+from scalebox_hpc.errors import InvalidValueError, NotFoundError, ScaleboxError
 from scalebox_hpc.launcher import services, taskenv
 
 
@@ -111,6 +113,51 @@ def test_the_socket_is_private_and_answers_one_call_per_connection(tmp_path: Pat
     with pytest.raises(taskapi.ServiceError, match="cannot reach") as info:
         taskapi.call(str(directory / "s"), taskapi.Request("variable.get", 3, "x"))
     assert "has ended" in info.value.hint
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_starting_leaves_the_process_umask_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The umask is the whole process's: launchers start in threads, and a umask changed around
+    the bind was seen by their mkdirs (0600 directories) and, with two starts overlapping, stuck."""
+    seen: list[int] = []
+    bind = socket.socket.bind
+
+    def watching(sock: socket.socket, address: Any) -> None:
+        seen.append(current_umask())
+        bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", watching)
+    before = current_umask()
+    servers = []
+    for n in range(8):
+        directory = tmp_path / f"d{n}"
+        directory.mkdir(mode=0o700)
+        servers.append(services.TaskServices(directory / "s", lambda r: None, lambda t: False))
+    threads = [threading.Thread(target=server.start) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert seen == [before] * 8 and current_umask() == before
+        assert all(os.stat(server.path).st_mode & 0o777 == 0o600 for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(0o755)
+    with pytest.raises(ScaleboxError, match="not a private directory"):
+        services.TaskServices(directory / "s", lambda r: None, lambda t: False).start()
+    assert not (directory / "s").exists()
 
 
 def test_a_script_inherits_the_allow_list_only() -> None:
