@@ -74,6 +74,11 @@ class RunJudge:
         """A signal drains the run."""
         self.stuck: list[StuckModule] = []
         self._split: bool | None = None
+        # Slots that had ended before this run began belong to an earlier run (an interrupted
+        # `scalebox run`, a stage job gone): they say nothing about this one. Counted, a resumed
+        # run whose first tick came before its own slots registered (a loaded host) ended at
+        # once, "no live slot (all 1 ended)", its tasks READY. Read before the launcher starts.
+        self._ended_before = {int(s["id"]) for s in self._all_slots() if not s["live"]}
 
     def tick(self) -> bool:
         """Read the counts and decide; True when the run should end (and from then on)."""
@@ -126,7 +131,10 @@ class RunJudge:
             return apps.module_counts(self.conn, self.app_id)
 
     def read_slots(self) -> list[dict[str, Any]]:
-        """The app's slots, now."""
+        """The app's slots now: this run's, and those live elsewhere (not those of earlier runs)."""
+        return [s for s in self._all_slots() if int(s["id"]) not in self._ended_before]
+
+    def _all_slots(self) -> list[dict[str, Any]]:
         from scalebox_hpc.db import apps
 
         with self.conn.transaction():

@@ -256,6 +256,25 @@ def test_an_error_during_a_run_stops_the_slots_before_it_is_raised(client: Clien
     assert {t.status for t in client.tasks(app, module="echo")} == {TaskStatus.READY}
 
 
+def test_slots_ended_before_a_run_say_nothing_about_it(client: Client, pg_dsn: str, tmp_path: Path) -> None:
+    """A resumed run's first tick may come before its slots register (a loaded host): the slots
+    of an earlier run, all ended, one in error, must not make it stuck (it ended at once, READY)."""
+    import psycopg
+
+    from scalebox_hpc.apprun import RunJudge
+
+    app = client.create_app(echo_app(tmp_path / "app"))
+    client.add_tasks(app, "echo", ["a"])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO sbx_slots (module_id, host, seq, status, message, ended_at) "
+                     "SELECT id, 'oldhost', s, st, 'from an earlier run', now() FROM sbx_modules, "
+                     "(VALUES (0, 'EXITED'), (1, 'ERROR')) AS v(s, st) WHERE app_id = %s AND name = 'echo'", (app,))
+    judge = RunJudge(client.conn, app, None)
+    assert not judge.tick() and judge.stuck == [] and judge.read_slots() == []
+    outcome = client.run(app)
+    assert outcome.succeeded and outcome.ok == 2 and outcome.stuck == ()
+
+
 def test_a_run_whose_slots_cannot_start_says_why_in_the_outcome(client: Client, tmp_path: Path) -> None:
     from tests.acceptance.test_cli_ux import broken_pipeline
 
