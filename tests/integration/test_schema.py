@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -76,7 +78,8 @@ def test_ensure_refuses_newer_schema(pg_dsn: str) -> None:
 
 
 def test_a_task_names_a_module_of_its_own_app_and_goes_with_it(pg_dsn: str) -> None:
-    """0025: one foreign key (app_id, module_id) instead of one per column."""
+    """A task's (app_id, module_id) is a module of that app: a foreign key in 0025, a statement
+    trigger since 0026, which must refuse, lock and cascade as the key did."""
     with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
         apps = [conn.execute("INSERT INTO sbx_apps (name, spec) VALUES (%s, '{}') RETURNING id", (n,)).fetchone()["id"]
                 for n in ("a", "b")]
@@ -89,5 +92,38 @@ def test_a_task_names_a_module_of_its_own_app_and_goes_with_it(pg_dsn: str) -> N
         with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
             conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'x')",
                          (apps[1] + 100, mods[0]))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match=r"\(app_id, module_id\)=\(\d+, \d+\)"), \
+                conn.transaction():  # one bad row of many: the statement is refused, nothing written
+            conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) "
+                         "SELECT %s, %s, 'y' || g FROM generate_series(1, 1000) g UNION ALL SELECT %s, %s, 'z'",
+                         (apps[0], mods[0], apps[1], mods[0]))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="keeps its app and module"), conn.transaction():
+            conn.execute("UPDATE sbx_tasks SET module_id = %s, app_id = %s", (mods[1], apps[1]))
+        conn.execute("UPDATE sbx_tasks SET module_id = module_id, status = -1")  # naming them is no move
+        assert conn.execute("SELECT count(*) AS n FROM sbx_tasks").fetchone()["n"] == 1
         conn.execute("DELETE FROM sbx_apps WHERE id = %s", (apps[0],))
         assert conn.execute("SELECT count(*) AS n FROM sbx_tasks").fetchone()["n"] == 0
+
+
+def test_a_module_deleted_while_tasks_go_in_takes_them_along(pg_dsn: str) -> None:
+    """The module check locks the modules it names as a foreign key does: a delete of the app
+    waits for the inserting transaction, then deletes what it wrote; an insert after the
+    delete is refused."""
+    with psycopg.connect(pg_dsn, row_factory=dict_row, autocommit=True) as conn:
+        app = conn.execute("INSERT INTO sbx_apps (name, spec) VALUES ('a', '{}') RETURNING id").fetchone()["id"]
+        mod = conn.execute("INSERT INTO sbx_modules (app_id, name, seq, spec) VALUES (%s, 'm', 0, '{}') "
+                           "RETURNING id", (app,)).fetchone()["id"]
+    with psycopg.connect(pg_dsn) as writer, psycopg.connect(pg_dsn, autocommit=True) as deleter:
+        writer.execute("INSERT INTO sbx_tasks (app_id, module_id, body) SELECT %s, %s, 'b' || g "
+                       "FROM generate_series(1, 10) g", (app, mod))
+        done = threading.Event()
+        deleting = threading.Thread(target=lambda: (deleter.execute("DELETE FROM sbx_apps WHERE id = %s", (app,)),
+                                                    done.set()))
+        deleting.start()
+        assert not done.wait(1.0)  # waits for the writer's lock on the module
+        writer.commit()
+        deleting.join(30)
+        assert done.is_set()
+        assert writer.execute("SELECT count(*) FROM sbx_tasks WHERE app_id = %s", (app,)).fetchone() == (0,)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            writer.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'late')", (app, mod))
