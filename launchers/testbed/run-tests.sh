@@ -49,6 +49,10 @@ summary() {
   } >&2
 }
 trap summary EXIT
+# a stopped run (a CI timeout, ^C) exits as the signal says; the summary then shows that code,
+# not the status of the last command before the signal (it printed "pytest FAILED (exit 0)")
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 [ "$(id -u)" = 0 ] || { echo "[testbed] run-tests.sh must run as root (it installs packages and starts daemons)" >&2; exit 1; }
 
