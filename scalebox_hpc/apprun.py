@@ -77,8 +77,8 @@ class RunJudge:
         # Slots that had ended before this run began belong to an earlier run (an interrupted
         # `scalebox run`, a stage job gone): they say nothing about this one. Counted, a resumed
         # run whose first tick came before its own slots registered (a loaded host) ended at
-        # once, "no live slot (all 1 ended)", its tasks READY. Read before the launcher starts.
-        self._ended_before = {int(s["id"]) for s in self._all_slots() if not s["live"]}
+        # once, "no live slot (all 1 ended)", its tasks READY. Read by :meth:`begin`.
+        self._ended_before: set[int] | None = None
 
     def tick(self) -> bool:
         """Read the counts and decide; True when the run should end (and from then on)."""
@@ -130,9 +130,17 @@ class RunJudge:
         with self.conn.transaction():
             return apps.module_counts(self.conn, self.app_id)
 
+    def begin(self) -> None:
+        """Note the slots that have ended already (an earlier run's): called before the run's
+        launcher starts (else at the first read of the slots)."""
+        if self._ended_before is None:
+            self._ended_before = {int(s["id"]) for s in self._all_slots() if not s["live"]}
+
     def read_slots(self) -> list[dict[str, Any]]:
         """The app's slots now: this run's, and those live elsewhere (not those of earlier runs)."""
-        return [s for s in self._all_slots() if int(s["id"]) not in self._ended_before]
+        self.begin()
+        ended = self._ended_before or set()
+        return [s for s in self._all_slots() if int(s["id"]) not in ended]
 
     def _all_slots(self) -> list[dict[str, Any]]:
         from scalebox_hpc.db import apps
@@ -174,6 +182,7 @@ def run_here(
             judge.ending = True
             return True
 
+    judge.begin()
     code = run_launcher(dsn, config, grace=grace, on_tick=tick, on_drain=judge.draining, signals=signals,
                         settings=settings)
     if not failure and judge.split():  # what the last hand-offs sent to other databases, before we leave
