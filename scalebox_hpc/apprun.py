@@ -134,13 +134,19 @@ class RunJudge:
         """Note the slots that have ended already (an earlier run's): called before the run's
         launcher starts (else at the first read of the slots)."""
         if self._ended_before is None:
-            self._ended_before = {int(s["id"]) for s in self._all_slots() if not s["live"]}
+            self._earlier(self._all_slots())
 
     def read_slots(self) -> list[dict[str, Any]]:
         """The app's slots now: this run's, and those live elsewhere (not those of earlier runs)."""
-        self.begin()
-        ended = self._ended_before or set()
-        return [s for s in self._all_slots() if int(s["id"]) not in ended]
+        slots = self._all_slots()
+        earlier = self._earlier(slots)
+        return [s for s in slots if int(s["id"]) not in earlier]
+
+    def _earlier(self, slots: list[dict[str, Any]]) -> set[int]:
+        """The ids of the slots that had ended when the run began (from ``slots`` the first time)."""
+        if self._ended_before is None:
+            self._ended_before = {int(s["id"]) for s in slots if not s["live"]}
+        return self._ended_before
 
     def _all_slots(self) -> list[dict[str, Any]]:
         from scalebox_hpc.db import apps
