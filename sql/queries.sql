@@ -44,7 +44,7 @@ RETURNING id;
 SELECT sbx_insert_messages_v1(%(app_id)s::bigint, %(from_task_id)s::bigint, %(rows)s::jsonb) AS written;
 
 -- name: claim_tasks
--- The statement sbx_l_claim_v1 runs (migration 0018; the named query `claim` calls it, and
+-- The statement sbx_l_claim_v1 runs (migrations 0018, 0027; the named query `claim` calls it, and
 -- tests/integration/test_launcher_role.py checks the two texts agree); kept here for EXPLAIN.
 -- The claim for one or several slots of a module on one host (the node's dispatcher claims for
 -- all its idle slots at once), in one statement:

@@ -122,8 +122,10 @@ CREATE TABLE sbx_tasks (
     attempts integer NOT NULL DEFAULT 0,
     -- attempts before the last manual retry: the retry rules count attempts - retry_base
     retry_base integer NOT NULL DEFAULT 0,
-    -- lease: who holds a RUNNING task and until when it counts as alive
-    slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
+    -- lease: who holds a RUNNING task and until when it counts as alive; the slot (a foreign
+    -- key until 0027) exists when the claim sets it (sbx_l_claim_v1 checks and locks it) and
+    -- is forgotten when it is deleted (sbx_slots_forget)
+    slot_id bigint,
     host text,
     heartbeat_at timestamptz,
     lease_expires_at timestamptz,
@@ -150,9 +152,11 @@ CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = 
 
 CREATE TABLE sbx_task_execs (
     id bigserial PRIMARY KEY,
-    task_id bigint NOT NULL REFERENCES sbx_tasks (id) ON DELETE CASCADE,
+    -- its task's (sbx_task_execs_check_tasks, sbx_tasks_delete_execs) and slot's
+    -- (sbx_slots_forget): per statement since 0027, foreign keys until then
+    task_id bigint NOT NULL,
     attempt integer NOT NULL,
-    slot_id bigint REFERENCES sbx_slots (id) ON DELETE SET NULL,
+    slot_id bigint,
     host text,
     status integer NOT NULL,
     started_at timestamptz NOT NULL,
@@ -355,13 +359,14 @@ BEGIN
             finished_at = CASE WHEN s.requeue THEN NULL ELSE now() END,
             lease_expires_at = NULL
         FROM c s
-        -- RUNNING is compared with a value the planner does not see (0024): a literal -3 lets
-        -- it drive the join from the partial index of RUNNING tasks, which ANALYZE taken at a
-        -- quiet moment says is one row, and then every item is matched against every running
-        -- and prefetched task (0.37 ms of server CPU per task at 10,000 tasks on 2 slots; more
-        -- the more slots). Looked up by primary key, an item costs the same however many run.
+        -- RUNNING is compared through an expression no index has (0027): as a literal -3 it
+        -- let the planner drive the join from the partial index of RUNNING tasks (0024), as a
+        -- parameter from a scan of (app_id, module_id, status) on status alone (a table without
+        -- statistics yet: every item matched against every running task, 30 ms per batch of
+        -- 500). Then only the primary key fits (and no sequential scan, see the settings
+        -- below): an item costs the same however many tasks run or exist.
         WHERE t.id = s.task_id AND t.slot_id = s.slot_id AND t.attempts = s.attempt
-          AND t.status = (SELECT -3)
+          AND t.status + 0 = -3
         RETURNING s.ord, t.id, t.app_id, t.attempts, s.slot_id, s.status, s.exec, s.finish_text, s.messages
     ), execs AS (
         INSERT INTO sbx_task_execs
@@ -528,11 +533,77 @@ CREATE TRIGGER sbx_modules_delete_tasks
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION sbx_modules_delete_tasks_v1();
 
+-- 0027: the foreign keys of sbx_tasks.slot_id, sbx_task_execs.task_id and sbx_task_execs.slot_id
+-- are per statement, as the module key became in 0026. Each checked every claimed task and every
+-- recorded execution by a query of its own (1,500 queries per batch of 500 no-op tasks). With
+-- the hand-off's plan fix of the same migration, the database floor of benchmarks/throughput.py
+-- (10,000 tasks, batches of 500, 3 runs each): claims 0.78 -> 0.63 s, hand-offs 1.52 -> 1.06 s.
+-- An execution is of an existing task: locked as the key did (KEY SHARE: a delete of the task
+-- waits for this transaction, then takes the execution along), refused with the key's SQLSTATE.
+CREATE FUNCTION sbx_task_execs_check_tasks_v1() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    PERFORM 1 FROM sbx_tasks t WHERE t.id IN (SELECT n.task_id FROM new_rows n) FOR KEY SHARE OF t;
+    SELECT n.task_id INTO bad FROM new_rows n
+    WHERE NOT EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.id = n.task_id)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert on table "sbx_task_execs" names a task that does not exist'
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = format('Key (task_id)=(%s) is not present in table "sbx_tasks".', bad);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER sbx_task_execs_check_tasks
+    AFTER INSERT ON sbx_task_execs
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sbx_task_execs_check_tasks_v1();
+
+-- The key's ON DELETE CASCADE: a deleted task takes its executions along.
+CREATE FUNCTION sbx_tasks_delete_execs_v1() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    DELETE FROM sbx_task_execs e USING old_rows o WHERE e.task_id = o.id;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER sbx_tasks_delete_execs
+    AFTER DELETE ON sbx_tasks
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sbx_tasks_delete_execs_v1();
+
+-- The keys' ON DELETE SET NULL: tasks and executions forget a deleted slot. (A slot goes with
+-- its module, which takes its tasks along; this keeps a slot deleted alone from dangling.)
+CREATE FUNCTION sbx_slots_forget_v1() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    UPDATE sbx_tasks t SET slot_id = NULL WHERE t.slot_id IN (SELECT o.id FROM old_rows o);
+    UPDATE sbx_task_execs e SET slot_id = NULL WHERE e.slot_id IN (SELECT o.id FROM old_rows o);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER sbx_slots_forget
+    AFTER DELETE ON sbx_slots
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sbx_slots_forget_v1();
+
 DO $$
 BEGIN
     EXECUTE format('ALTER FUNCTION sbx_tasks_check_modules_v1() SET search_path = pg_catalog, %I, pg_temp',
                    current_schema());
     EXECUTE format('ALTER FUNCTION sbx_modules_delete_tasks_v1() SET search_path = pg_catalog, %I, pg_temp',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION sbx_task_execs_check_tasks_v1() SET search_path = pg_catalog, %I, pg_temp',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION sbx_tasks_delete_execs_v1() SET search_path = pg_catalog, %I, pg_temp',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION sbx_slots_forget_v1() SET search_path = pg_catalog, %I, pg_temp',
                    current_schema());
 END;
 $$;
@@ -1061,11 +1132,18 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM sbx_modules m WHERE m.id = p_module_id AND m.app_id = p_app_id) THEN
         RETURN;
     END IF;
-    -- a slot that does not exist fails the claim's foreign key, as before (when there is a task)
     IF EXISTS (SELECT 1 FROM unnest(p_slot_ids) AS s (id)
                JOIN sbx_slots sl ON sl.id = s.id WHERE sl.module_id <> p_module_id) THEN
         RAISE EXCEPTION 'a slot of the claim is not a slot of module %', p_module_id
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- what the foreign key on sbx_tasks.slot_id did until 0027, once per claim instead of once
+    -- per claimed task: the slots exist, and stay until this transaction ends (KEY SHARE)
+    PERFORM 1 FROM sbx_slots sl WHERE sl.id = ANY (p_slot_ids) FOR KEY SHARE OF sl;
+    IF EXISTS (SELECT 1 FROM unnest(p_slot_ids) AS s (id)
+               WHERE NOT EXISTS (SELECT 1 FROM sbx_slots sl WHERE sl.id = s.id)) THEN
+        RAISE EXCEPTION 'a slot of the claim does not exist (module %)', p_module_id
+            USING ERRCODE = 'foreign_key_violation';
     END IF;
     RETURN QUERY
     -- claim_tasks: begin
@@ -2201,5 +2279,13 @@ ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET plan_cache_mode = force_generic_
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_hashjoin = off;
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_mergejoin = off;
 ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET plan_cache_mode = force_generic_plan;
+-- (0027) nor a sequential scan: a generic plan made while the table was small (a new app's first
+-- hand-off) scanned all of sbx_tasks per item, and the session keeps it as the table grows
+ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_seqscan = off;
+ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET enable_seqscan = off;
+-- and no JIT: a disabled scan costs 10^10, past jit_above_cost, and compiling the statements
+-- of the functions it calls took 165 ms of a hand-off (measured); no statement here gains by it
+ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET jit = off;
+ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET jit = off;
 
 SELECT sbx_grant_roles_v1();

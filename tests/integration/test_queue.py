@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -429,21 +430,37 @@ def _nested_plans(conn: psycopg.Connection, sql_text: str, params: tuple) -> str
     return "\n".join(notices)
 
 
-def test_hand_off_finds_its_task_by_primary_key_however_many_run(pg_dsn: str, app_id: int) -> None:
-    """0024: with statistics taken when nothing ran, the hand-off's UPDATE must not scan the partial
-    index of RUNNING tasks (then every item meets every running task: 0.37 ms per task at 10,000
-    tasks), nor its app check the whole table; it looks each task up by primary key, in the
-    batch (through the launcher function, as the dispatcher calls it) and the one-task hand-off."""
+_TASK_SCAN = re.compile(r"(Seq Scan|Index Scan|Index Only Scan|Bitmap Heap Scan|Bitmap Index Scan)"
+                        r"(?: Backward)?(?: using (\S+))? on (sbx_tasks\S*)")
+
+
+def _task_scans(plans: str) -> list[str]:
+    """Each scan of sbx_tasks (or one of its indexes) in ``plans``: the index used, else the scan."""
+    return [using or (on if on != "sbx_tasks" else kind) for kind, using, on in _TASK_SCAN.findall(plans)]
+
+
+@pytest.mark.parametrize("statistics", ["mostly done", "all ready", "tiny table", "none yet"])
+def test_hand_off_finds_its_task_by_primary_key_however_many_run(pg_dsn: str, app_id: int, statistics: str) -> None:
+    """0024/0027: whatever the statistics when the session planned it (generic plans), the hand-off's
+    UPDATE looks each task up by primary key. Not from the partial index of RUNNING tasks, nor by
+    a scan of (app, module, status) with RUNNING as a parameter (0024 until 0027: every item was
+    then matched against every running task, 124,750 comparisons for a batch of 500, 30 ms), nor
+    by a sequential scan (a plan made while the table was tiny, kept as it grows); and the app
+    check reads no whole table. Through the launcher function, as the dispatcher calls it, and the
+    one-task hand-off."""
     q = PgQueue(pg_dsn)
+    n = {"mostly done": 3000, "all ready": 3000, "tiny table": 12, "none yet": 3000}[statistics]
     with connect(pg_dsn) as conn:
-        apps.add_tasks(conn, app_id, "c", [Message(f"m{i}") for i in range(3000)])
-        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND id %% 10 <> 0", (app_id,))
+        apps.add_tasks(conn, app_id, "c", [Message(f"m{i}") for i in range(n)])
+        if statistics == "mostly done":
+            conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND id %% 10 <> 0", (app_id,))
         conn.commit()
-        conn.execute("ANALYZE sbx_tasks")
-        conn.commit()
+        if statistics != "none yet":  # else as in a fresh database before autovacuum's first ANALYZE
+            conn.execute("ANALYZE sbx_tasks")
+            conn.commit()
     slot = _slot(q, app_id, "c")
-    running = _claim(q, app_id, "c", slot, limit=300)
-    assert len(running) == 300
+    running = _claim(q, app_id, "c", slot, limit=min(300, n))
+    assert len(running) == min(300, n)
     now = datetime.now(UTC).isoformat()
     rows = [{"ord": i, "task_id": t.id, "slot_id": slot, "attempt": t.attempts, "status": 0, "requeue": False,
              "exec": {"host": "h1", "started_at": now, "finished_at": now}, "messages": []}
@@ -459,7 +476,10 @@ def test_hand_off_finds_its_task_by_primary_key_however_many_run(pg_dsn: str, ap
     q.close()
     for plans in (batch, single):
         assert "Update on sbx_tasks" in plans, plans
-        assert "sbx_tasks_lease_idx" not in plans, plans
-        assert "sbx_tasks_pkey" in plans, plans
-        assert "Seq Scan on sbx_tasks" not in plans, plans  # the batch's app check hashed the whole table
+        scans = _task_scans(plans)
+        # the one-task hand-off is planned per call (a custom plan), so a 12-row table is
+        # rightly read whole; the batch's generic plan is kept by the session as the table grows
+        allowed = {"sbx_tasks_pkey", "Seq Scan"} if plans is single and statistics == "tiny table" \
+            else {"sbx_tasks_pkey"}
+        assert scans and set(scans) <= allowed and "sbx_tasks_pkey" in scans, (scans, plans)
     assert done is not None and done["n"] == 4

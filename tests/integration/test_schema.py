@@ -26,7 +26,8 @@ UNION ALL
 SELECT 'trigger', tgrelid::regclass || '.' || tgname, pg_get_triggerdef(oid)
 FROM pg_trigger WHERE NOT tgisinternal
 UNION ALL
-SELECT 'function', proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+SELECT 'function', proname, concat_ws(' ', prosrc, prosecdef, array_to_string(proconfig, ','))
+FROM pg_proc WHERE pronamespace = 'public'::regnamespace
 UNION ALL
 SELECT 'policy', tablename || '.' || policyname, concat_ws(' ', cmd, qual, with_check)
 FROM pg_policies WHERE schemaname = 'public'
@@ -127,3 +128,80 @@ def test_a_module_deleted_while_tasks_go_in_takes_them_along(pg_dsn: str) -> Non
         assert writer.execute("SELECT count(*) FROM sbx_tasks WHERE app_id = %s", (app,)).fetchone() == (0,)
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             writer.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'late')", (app, mod))
+
+
+def _app_with_slot(conn: psycopg.Connection) -> tuple[int, int, int, int]:
+    """An app, its module, a slot of it and a task of it: (app, module, slot, task)."""
+    app = conn.execute("INSERT INTO sbx_apps (name, spec, status) VALUES ('a', '{}', 'RUNNING') "
+                       "RETURNING id").fetchone()["id"]
+    mod = conn.execute("INSERT INTO sbx_modules (app_id, name, seq, spec) VALUES (%s, 'm', 0, '{}') "
+                       "RETURNING id", (app,)).fetchone()["id"]
+    slot = conn.execute("INSERT INTO sbx_slots (module_id, host, seq) VALUES (%s, 'h', 0) RETURNING id",
+                        (mod,)).fetchone()["id"]
+    task = conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 't') RETURNING id",
+                        (app, mod)).fetchone()["id"]
+    return app, mod, slot, task
+
+
+_EXEC = ("INSERT INTO sbx_task_execs (task_id, attempt, slot_id, status, started_at, finished_at) "
+         "SELECT x, 1, %s, 0, now(), now() FROM unnest(%s::bigint[]) AS x")
+
+
+def test_an_execution_is_of_an_existing_task_and_goes_with_it(pg_dsn: str) -> None:
+    """sbx_task_execs' keys on its task and slot (foreign keys until 0027, statement triggers
+    since): an execution of no task is refused (one bad row refuses the statement), a deleted
+    task takes its executions along, a deleted slot is forgotten by tasks and executions."""
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        app, mod, slot, task = _app_with_slot(conn)
+        conn.execute(_EXEC, (slot, [task, task]))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="does not exist") as err, conn.transaction():
+            conn.execute(_EXEC, (slot, [task] * 500 + [task + 1000]))
+        assert f"(task_id)=({task + 1000})" in str(err.value.diag.message_detail)
+        assert conn.execute("SELECT count(*) AS n FROM sbx_task_execs").fetchone()["n"] == 2
+        conn.execute("UPDATE sbx_tasks SET slot_id = %s WHERE id = %s", (slot, task))
+        conn.execute("DELETE FROM sbx_slots WHERE id = %s", (slot,))
+        assert conn.execute("SELECT slot_id FROM sbx_tasks WHERE id = %s", (task,)).fetchone()["slot_id"] is None
+        assert {r["slot_id"] for r in conn.execute("SELECT slot_id FROM sbx_task_execs").fetchall()} == {None}
+        conn.execute("DELETE FROM sbx_tasks WHERE id = %s", (task,))
+        assert conn.execute("SELECT count(*) AS n FROM sbx_task_execs").fetchone()["n"] == 0
+        # and with the app: module → tasks → executions
+        task2 = conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) VALUES (%s, %s, 'u') RETURNING id",
+                             (app, mod)).fetchone()["id"]
+        conn.execute(_EXEC, (None, [task2]))
+        conn.execute("DELETE FROM sbx_apps WHERE id = %s", (app,))
+        assert conn.execute("SELECT count(*) AS n FROM sbx_task_execs").fetchone()["n"] == 0
+
+
+def test_a_task_deleted_while_its_execution_goes_in_takes_it_along(pg_dsn: str) -> None:
+    """The execution check locks its tasks as a key does: a delete of the task waits for the
+    recording transaction, then deletes the execution it wrote; an execution after is refused."""
+    with psycopg.connect(pg_dsn, row_factory=dict_row, autocommit=True) as conn:
+        _, _, slot, task = _app_with_slot(conn)
+    with psycopg.connect(pg_dsn) as writer, psycopg.connect(pg_dsn, autocommit=True) as deleter:
+        writer.execute(_EXEC, (slot, [task]))
+        done = threading.Event()
+        deleting = threading.Thread(target=lambda: (deleter.execute("DELETE FROM sbx_tasks WHERE id = %s", (task,)),
+                                                    done.set()))
+        deleting.start()
+        assert not done.wait(1.0)  # waits for the writer's lock on the task
+        writer.commit()
+        deleting.join(30)
+        assert done.is_set()
+        assert writer.execute("SELECT count(*) FROM sbx_task_execs WHERE task_id = %s", (task,)).fetchone() == (0,)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            writer.execute(_EXEC, (slot, [task]))
+
+
+def test_a_claim_by_a_slot_that_does_not_exist_is_refused(pg_dsn: str) -> None:
+    """The claim checks its slots once (0027; the key on sbx_tasks.slot_id checked each task),
+    whether or not there is a task to claim, and claims nothing then."""
+    with psycopg.connect(pg_dsn, row_factory=dict_row, autocommit=True) as conn:
+        app, mod, slot, task = _app_with_slot(conn)
+        claim = "SELECT id FROM sbx_l_claim_v1(%s, %s, 'h', %s, %s, %s, 10, 60)"
+        for slots in ([slot + 1000], [slot, slot + 1000]):
+            with pytest.raises(psycopg.errors.ForeignKeyViolation, match="does not exist"):
+                conn.execute(claim, (app, mod, slots, [0] * len(slots), [1] * len(slots)))
+        assert conn.execute("SELECT status, slot_id FROM sbx_tasks WHERE id = %s", (task,)).fetchone() == \
+            {"status": -1, "slot_id": None}
+        assert conn.execute(claim, (app, mod, [slot], [0], [1])).fetchall() == [{"id": task}]
+        assert conn.execute("SELECT slot_id FROM sbx_tasks WHERE id = %s", (task,)).fetchone()["slot_id"] == slot
