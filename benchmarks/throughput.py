@@ -10,9 +10,11 @@ connections every 0.5 s):
 with, in the same run, `xargs -P2 -n1 /bin/true` over N arguments and a raw
 `multiprocessing.Pool(2)` no-op loop as references, and the database floor: the same submit,
 then one connection claiming and handing off batches of 500 with no slot, process or handler
-(the most one node's database session records here: W1 cannot pass it). Also: hand-off latency (sender's
-finish → receiver's start, p50/p99, from the database) over a two-module pipeline, the
-dispatcher's statement counts, and the launcher's peak server connections.
+(the most one node's database session records here: W1 cannot pass it). Also: hand-off latency
+over a two-module pipeline, p50/p99, as the database records it (sender's recorded finish →
+receiver's claim) and run to run (sender's run ended → receiver's run began), saturated and
+paced (one task every 20 ms, each committed alone), the dispatcher's statement counts, and the
+launcher's peak server connections.
 
 Prints one JSON object. Usage:
     python benchmarks/throughput.py [--tasks 2000,10000] [--handoff 500] [--only W2,W1,floor,handoff]
@@ -138,7 +140,8 @@ def timed_run(dsn: str, yaml_path: Path, module: str, bodies: list[str], work: P
         pg0 = backend_cpu(conn)
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        with connect(dsn) as submit:
+        # paced: each body committed on its own (one transaction would make them one burst)
+        with connect(dsn, autocommit=pace > 0) as submit:
             if pace > 0:
                 for body in bodies:
                     apps.add_tasks(submit, app_id, module, [Message(body)])
@@ -219,10 +222,23 @@ def multiprocessing_rate(n: int) -> float:
 
 
 def handoff_latencies(dsn: str, app_id: int) -> list[float]:
+    """The database's hand-off (ms): the sender's recorded finish → the receiver's claim."""
     with connect(dsn) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM d.started_at - s.finished_at) * 1000 AS ms "
             "FROM sbx_tasks d JOIN sbx_tasks s ON s.id = d.from_task_id WHERE d.app_id = %s", (app_id,),
+        ).fetchall()
+    return [float(r["ms"]) for r in rows]
+
+
+def run_to_run_latencies(dsn: str, app_id: int) -> list[float]:
+    """The hand-off as the pipeline sees it (ms): the sender's run ended → the receiver's run
+    began (the executions' times, taken by the launcher around each run)."""
+    with connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM de.started_at - se.finished_at) * 1000 AS ms "
+            "FROM sbx_tasks d JOIN sbx_task_execs de ON de.task_id = d.id "
+            "JOIN sbx_task_execs se ON se.task_id = d.from_task_id WHERE d.app_id = %s", (app_id,),
         ).fetchall()
     return [float(r["ms"]) for r in rows]
 
@@ -270,7 +286,9 @@ def main() -> None:
             run = timed_run(dsn, ho, "src", [f"h{i}" for i in range(args.handoff)], root / "work-ho",
                             2 * args.handoff)
             lat = handoff_latencies(dsn, run["app_id"])
+            e2e = run_to_run_latencies(dsn, run["app_id"])
             out["handoff_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
+                                 "run_to_run_p50": pct(e2e, 0.5), "run_to_run_p99": pct(e2e, 0.99),
                                  "note": "all submitted at once (a saturated two-stage pipeline: mostly the "
                                          "receiver's queue); sender's hand-off → receiver's claim",
                                  "run": run}
@@ -278,7 +296,9 @@ def main() -> None:
             paced = timed_run(dsn, ho, "src", [f"p{i}" for i in range(args.handoff // 2)], root / "work-hop",
                               args.handoff, pace=0.02)
             lat = handoff_latencies(dsn, paced["app_id"])
+            e2e = run_to_run_latencies(dsn, paced["app_id"])
             out["handoff_idle_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
+                                      "run_to_run_p50": pct(e2e, 0.5), "run_to_run_p99": pct(e2e, 0.99),
                                       "note": "one task every 20 ms (the receiver idle): sender's hand-off "
                                               "→ receiver's claim", "eager_claims": paced["statements"]["eager_claims"]}
     json.dump(out, sys.stdout, indent=2)

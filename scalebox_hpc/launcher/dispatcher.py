@@ -492,11 +492,13 @@ class Dispatcher:
                 slot_id, limit = kw["slot_id"], kw.get("limit", 1)
                 state = self._slots.setdefault(slot_id, _SlotState())
                 state.seq, state.key = kw["slot_seq"], key
-                if not call.wait and (state.closed or (dry and not kw.get("eager"))):
-                    self.stats.claims_skipped += int(not state.closed)
-                    call.answer([])
+                waiting = call.wait and not self._answer_from_buffer(call, state, limit)
+                if not waiting and (state.closed or (dry and not kw.get("eager"))):
+                    self.stats.claims_skipped += int(not state.closed and not call.answered)
+                    if not call.answered:
+                        call.answer([])
                     continue
-                if call.wait and own_dry and not self._donor_for(key, slot_id):
+                if waiting and own_dry and not self._donor_for(key, slot_id):
                     self.stats.claims_skipped += 1
                     state.idle = key
                     call.answer([])
@@ -504,16 +506,16 @@ class Dispatcher:
                 depth = min(state.prefetch, self._depth(module_id, state.prefetch)) if semaphore is None else 0
                 # top up only once half is used: one claim then serves several tasks
                 refill = depth - len(state.buffer) if len(state.buffer) <= depth // 2 else 0
-                missing = (limit if call.wait else 0) + refill
+                missing = (limit if waiting else 0) + refill
                 if kw.get("eager") and not state.buffer:
                     missing = max(missing, 1)
                 # a slot's waiting claim and its refill in one batch: one want, the larger
                 missing = max(missing, wants[slot_id].want if slot_id in wants else 0)
                 if missing > 0:
                     wants[slot_id] = SlotWant(slot_id, kw["slot_seq"], missing)
-                if call.wait:
+                if waiting:
                     asking[slot_id] = call
-                else:
+                elif not call.answered:
                     call.answer([])
         if not wants:
             return
@@ -545,6 +547,23 @@ class Dispatcher:
         self._mark_idle(key, got, asking)
         for slot_id in self._deal(got, asking):
             self._give_back(slot_id, [t.id for t in got[slot_id]])
+
+    def _answer_from_buffer(self, call: _Call, state: _SlotState, limit: int) -> bool:
+        """A slot's own claim finds the tasks claimed for it since it looked at its buffer (an
+        eager claim, a refill, served while its claim was on its way): answered with them, as
+        a prefetch hit. Else the claim could come back empty with its next task in the buffer,
+        and the slot sleep its poll interval (or until the next wake-up) with it. The caller
+        holds the lock; the call then only tops up the buffer, like the refill of a hit."""
+        if not state.buffer or state.closed:
+            return False
+        now = self._clock()
+        mine = [state.buffer.popleft() for _ in range(min(limit, len(state.buffer)))]
+        for task in mine:
+            state.claimed_at[task.id] = now
+        self.stats.prefetch_hits += len(mine)
+        state.idle = None
+        call.answer(mine)
+        return True
 
     def _donor_for(self, key: _ClaimKey, taker: int) -> bool:
         """Whether another slot of the same claim holds prefetched tasks it could share (the
