@@ -132,6 +132,12 @@ def test_the_launcher_role_reads_no_table(site: Site, tmp_path: Path) -> None:
         functions = admin.execute(
             "SELECT p.proname, p.prosecdef, array_to_string(p.proconfig, ',') AS config FROM pg_proc p "
             "WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'sbx\\_l\\_%'").fetchall()
+        # the checks every claim and hand-off makes keep their plans for the session (0028): a
+        # SECURITY DEFINER function in SQL is never inlined and plans its query at every call
+        languages = dict(admin.execute(
+            "SELECT p.proname, l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
+            "WHERE p.proname IN ('sbx_l_acting_owner_v1', 'sbx_l_is_admin_v1', 'sbx_l_may_v1')").fetchall())
+    assert languages == dict.fromkeys(("sbx_l_acting_owner_v1", "sbx_l_is_admin_v1", "sbx_l_may_v1"), "plpgsql")
     assert "sbx_tasks" in tables and "sbx_launchers" in tables and "sbx_schema_version" in tables
     with psycopg.connect(site.dsn(site.a_launcher), autocommit=True) as conn:
         for table in tables:
