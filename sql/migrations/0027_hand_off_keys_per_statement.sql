@@ -1,13 +1,18 @@
--- 0027: the hand-off's UPDATE finds its tasks by primary key whatever the statistics, and three
+-- 0027: the claim and the hand-off find their tasks by primary key whatever the statistics and
+-- the table's size when their generic plan (0022, kept for the session) was made; and three
 -- foreign keys that checked each claimed task and each recorded execution by a query of their
 -- own are checked per statement (as the module key in 0026).
 --
--- Measured (benchmarks/throughput.py's database floor, 10,000 no-op tasks claimed and handed off
--- in batches of 500 on one connection): with no statistics yet (a new database, before
--- autovacuum's first ANALYZE) the generic plan of the hand-off scanned sbx_tasks_app_status_idx
--- on status alone (RUNNING as the parameter 0024 made it) and matched every item against every
--- running task: 124,750 comparisons and 30 ms of a batch of 500; and a plan made while the table
--- was tiny scans it sequentially per item, kept by the session as the table grows.
+-- Measured: with no statistics yet (a new database, before autovacuum's first ANALYZE) the
+-- hand-off's plan scanned sbx_tasks_app_status_idx on status alone (RUNNING as the parameter
+-- 0024 made it) and matched every item against every running task: 124,750 comparisons and
+-- 30 ms of a batch of 500 (benchmarks/throughput.py's database floor, 10,000 tasks). And plans
+-- made while the table was small (a few tasks) read all of it per call once it had grown, until
+-- the next ANALYZE invalidated them: at 300,000 tasks a claim of one task took 200 ms (a hash of
+-- a sequential scan) and its hand-off 70 ms (every task matched with the item). Now the claim's
+-- UPDATE takes its tasks by = ANY (no join), the hand-off's items count as one row to the
+-- planner (so each is looked up) and its UPDATE is limited to the items' ids, and neither
+-- function may scan sbx_tasks sequentially.
 
 ALTER TABLE sbx_tasks DROP CONSTRAINT sbx_tasks_slot_id_fkey;
 ALTER TABLE sbx_task_execs DROP CONSTRAINT sbx_task_execs_task_id_fkey;
@@ -184,18 +189,42 @@ BEGIN
         UNION ALL
         SELECT r.id, (SELECT s.slot_id FROM slots s WHERE s.seq = r.to_slot ORDER BY s.ord LIMIT 1), r.r
         FROM ranked r WHERE r.to_slot IS NOT NULL
+    ), picked AS (
+        SELECT array_agg(d.id) AS ids, array_agg(d.slot_id) AS slot_ids, array_agg(d.r) AS rs FROM dealt d
     ), claimed AS (
+        -- by the ids (0027): the statement's generic plan is kept for the session, and a join with
+        -- the dealt rows, planned while the table was small, read all of it per claim (a hash of a
+        -- sequential scan: 200 ms per claim at 300,000 tasks until the next ANALYZE); = ANY looks
+        -- each up by primary key at any size (no sequential scan: see the function's settings)
         UPDATE sbx_tasks t
-        SET status = -3, slot_id = d.slot_id, host = p_host, attempts = t.attempts + 1,
-            started_at = now(), finished_at = NULL, heartbeat_at = now(),
+        SET status = -3, slot_id = p.slot_ids[array_position(p.ids, t.id)], host = p_host,
+            attempts = t.attempts + 1, started_at = now(), finished_at = NULL, heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-        FROM dealt d
-        WHERE t.id = d.id
+        FROM picked p
+        WHERE t.id = ANY (p.ids)
         RETURNING t.id, t.app_id, t.module_id, t.body, t.headers, t.status, t.attempts, t.retry_base,
-                  t.slot_id AS claimed_by, d.r
+                  t.slot_id AS claimed_by, p.rs[array_position(p.ids, t.id)] AS r
     )
     SELECT * FROM claimed ORDER BY r;
     -- claim_tasks: end
+END;
+$$;
+
+-- A hand-off batch's items (sbx_complete_tasks_v1), as the planner should see them (0027): one
+-- row. jsonb_to_recordset says 100 to the planner; with a small table (a new app's first
+-- hand-off) the generic plan, kept for the session, then read the table and matched it with the
+-- items, rather than look each item's task up (70 ms per hand-off at 300,000 tasks until the
+-- next ANALYZE). PL/pgSQL: a SQL function would be inlined, and its ROWS with it.
+CREATE FUNCTION sbx_hand_off_items_v1(p_rows jsonb)
+RETURNS TABLE (ord integer, task_id bigint, slot_id bigint, attempt integer, status integer, requeue boolean,
+               exec jsonb, messages jsonb, finish_text text)
+LANGUAGE plpgsql IMMUTABLE ROWS 1 AS $$
+BEGIN
+    RETURN QUERY
+    SELECT x.ord, x.task_id, x.slot_id, x.attempt, x.status, x.requeue, x.exec, x.messages, x.finish_text
+    FROM jsonb_to_recordset(p_rows) AS x (ord integer, task_id bigint, slot_id bigint, attempt integer,
+                                          status integer, requeue boolean, exec jsonb, messages jsonb,
+                                          finish_text text);
 END;
 $$;
 
@@ -210,9 +239,7 @@ BEGIN
         -- one item per claim: of the same claim given twice the first (the task's lease holds
         -- one claim only, so items of other attempts or slots are fenced off by the UPDATE)
         SELECT DISTINCT ON (x.task_id, x.slot_id, x.attempt) x.*
-        FROM jsonb_to_recordset(p_rows) AS x (ord integer, task_id bigint, slot_id bigint, attempt integer,
-                                              status integer, requeue boolean, exec jsonb, messages jsonb,
-                                              finish_text text)
+        FROM sbx_hand_off_items_v1(p_rows) AS x
         WHERE NOT jsonb_path_exists(COALESCE(x.messages, '[]'), '$[*] ? (@.action == "OVERWRITE")')
         ORDER BY x.task_id, x.slot_id, x.attempt, x.ord
     ), done AS (
@@ -233,6 +260,8 @@ BEGIN
         -- below): an item costs the same however many tasks run or exist.
         WHERE t.id = s.task_id AND t.slot_id = s.slot_id AND t.attempts = s.attempt
           AND t.status + 0 = -3
+          -- and whatever the plan, the table is read at the items' tasks only (no sequential scan)
+          AND t.id = ANY (ARRAY(SELECT i.task_id FROM c i))
         RETURNING s.ord, t.id, t.app_id, t.attempts, s.slot_id, s.status, s.exec, s.finish_text, s.messages
     ), execs AS (
         INSERT INTO sbx_task_execs
@@ -332,3 +361,8 @@ ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET enable_seqscan = off;
 -- of the functions it calls took 165 ms of a hand-off (measured); no statement here gains by it
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET jit = off;
 ALTER FUNCTION sbx_l_complete_tasks_v1(jsonb) SET jit = off;
+-- the claim likewise (0027): its UPDATE had hashed a sequential scan of sbx_tasks
+ALTER FUNCTION sbx_l_claim_v1(bigint, bigint, text, bigint[], integer[], integer[], integer, double precision)
+    SET enable_seqscan = off;
+ALTER FUNCTION sbx_l_claim_v1(bigint, bigint, text, bigint[], integer[], integer[], integer, double precision)
+    SET jit = off;

@@ -160,7 +160,8 @@ def test_the_launcher_role_reads_no_table(site: Site, tmp_path: Path) -> None:
     for name, secdef, config in functions:
         # the claim and the batch hand-off also plan once per session (0022)
         generic = ",plan_cache_mode=force_generic_plan" if name in ("sbx_l_claim_v1", "sbx_l_complete_tasks_v1") else ""
-        generic += ",enable_seqscan=off,jit=off" if name == "sbx_l_complete_tasks_v1" else ""  # (0027)
+        # (0027) and never scan sbx_tasks sequentially (nor JIT-compile, which that cost would start)
+        generic += ",enable_seqscan=off,jit=off" if name in ("sbx_l_claim_v1", "sbx_l_complete_tasks_v1") else ""
         assert config == "search_path=pg_catalog, public, pg_temp" + generic, (name, config)
         assert secdef or name in ("sbx_l_app_exists_v1", "sbx_l_newest_app_v1"), name
 

@@ -16,7 +16,7 @@ from scalebox_hpc.db import apps
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import LeaseLostError, PgQueue
 from scalebox_hpc.errors import InvalidMessageError
-from scalebox_hpc.models import Message, TaskResult, TaskStatus
+from scalebox_hpc.models import Completion, Message, TaskResult, TaskStatus
 from scalebox_hpc.pipeline import load_pipeline
 from tests.helpers import write_app
 
@@ -483,3 +483,44 @@ def test_hand_off_finds_its_task_by_primary_key_however_many_run(pg_dsn: str, ap
             else {"sbx_tasks_pkey"}
         assert scans and set(scans) <= allowed and "sbx_tasks_pkey" in scans, (scans, plans)
     assert done is not None and done["n"] == 4
+
+
+_SCANNED = re.compile(r"on (sbx_tasks\S*) .*?\(actual [^)]*rows=(\d+) loops=(\d+)\)(?:\n\s+\S.*?)*?"
+                      r"(?:\n\s+Rows Removed by Filter: (\d+))?", re.MULTILINE)
+
+
+def test_plans_made_while_the_table_was_small_stay_per_task_when_it_grows(pg_dsn: str, app_id: int) -> None:
+    """0027: the claim and the hand-off keep their generic plans for the session (0022). Made while
+    a new app had a dozen tasks, they read the whole table per call once it had grown, until the
+    next ANALYZE (at 300,000 tasks: 200 ms per claim, 70 ms per hand-off). Now, in the same session
+    after the table grew tenfold (no ANALYZE), each reads the rows of its tasks only."""
+    with connect(pg_dsn) as conn:
+        conn.execute("ALTER TABLE sbx_tasks SET (autovacuum_enabled = false)")  # no ANALYZE meanwhile
+        apps.add_tasks(conn, app_id, "c", [Message(f"s{i}") for i in range(12)])
+        conn.commit()
+    q = PgQueue(pg_dsn)
+    slot = _slot(q, app_id, "c")
+    refs = q.modules(app_id)
+
+    def cycle() -> None:
+        [task] = q.claim(app_id, refs["c"].id, host="h1", slot_id=slot, slot_seq=0, limit=1)
+        q.complete_many([Completion(task, _result(), "h1")], slot_id=slot, sender=refs["c"], modules=refs)
+
+    for _ in range(6):  # past PL/pgSQL's custom plans: the generic ones are made and kept
+        cycle()
+    with connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO sbx_tasks (app_id, module_id, body) SELECT %s, %s, 'g' || g "
+                     "FROM generate_series(1, 20000) g", (app_id, refs["c"].id))
+        conn.commit()
+    notices: list[str] = []
+    q.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0", "SET auto_explain.log_analyze = on",
+                    "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice"):
+        q.conn.execute(setting)
+    cycle()
+    q.close()
+    plans = "\n".join(notices)
+    assert "Update on sbx_tasks" in plans
+    read = [(index, int(rows) * int(loops) + int(removed or 0))
+            for index, rows, loops, removed in _SCANNED.findall(plans)]
+    assert read and max(n for _, n in read) < 1000, read
