@@ -383,8 +383,6 @@ BEGIN
         -- below): an item costs the same however many tasks run or exist.
         WHERE t.id = s.task_id AND t.slot_id = s.slot_id AND t.attempts = s.attempt
           AND t.status + 0 = -3
-          -- and whatever the plan, the table is read at the items' tasks only (no sequential scan)
-          AND t.id = ANY (ARRAY(SELECT i.task_id FROM c i))
         RETURNING s.ord, t.id, t.app_id, t.attempts, s.slot_id, s.status, s.exec, s.finish_text, s.messages
     ), execs AS (
         INSERT INTO sbx_task_execs
