@@ -1161,13 +1161,9 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     -- what the foreign key on sbx_tasks.slot_id did until 0027, once per claim instead of once
-    -- per claimed task: the slots exist, and stay until this transaction ends (KEY SHARE)
+    -- per claimed task: the slots stay until this transaction ends (KEY SHARE); one that does
+    -- not exist fails the claim below when it would take a task, as the key did
     PERFORM 1 FROM sbx_slots sl WHERE sl.id = ANY (p_slot_ids) FOR KEY SHARE OF sl;
-    IF EXISTS (SELECT 1 FROM unnest(p_slot_ids) AS s (id)
-               WHERE NOT EXISTS (SELECT 1 FROM sbx_slots sl WHERE sl.id = s.id)) THEN
-        RAISE EXCEPTION 'a slot of the claim does not exist (module %)', p_module_id
-            USING ERRCODE = 'foreign_key_violation';
-    END IF;
     RETURN QUERY
     -- claim_tasks: begin
     WITH app AS (
@@ -1260,6 +1256,12 @@ BEGIN
     )
     SELECT * FROM claimed ORDER BY r;
     -- claim_tasks: end
+    -- (the rows claimed above are undone with the statement)
+    IF FOUND AND EXISTS (SELECT 1 FROM unnest(p_slot_ids) AS s (id)
+                         WHERE NOT EXISTS (SELECT 1 FROM sbx_slots sl WHERE sl.id = s.id)) THEN
+        RAISE EXCEPTION 'a slot of the claim does not exist (module %)', p_module_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
 END;
 $$;
 
