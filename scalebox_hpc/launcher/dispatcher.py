@@ -249,9 +249,7 @@ class Dispatcher:
             state = self._slots.get(slot_id)
             if state is None or not state.buffer:
                 return None
-            task = state.buffer.popleft()
-            state.claimed_at[task.id] = self._clock()
-            self.stats.prefetch_hits += 1
+            [task] = self._take_buffered(state, 1)
         return task
 
     def take_prefetched_many(self, slot_id: int, limit: int) -> list[Task]:
@@ -265,12 +263,18 @@ class Dispatcher:
                 return []
             if state.prefetch:
                 state.prefetch = max(state.prefetch, BATCH_PREFETCH)
-            now = self._clock()
-            tasks = [state.buffer.popleft() for _ in range(min(limit, (len(state.buffer) + 1) // 2))]
-            for task in tasks:
-                state.claimed_at[task.id] = now
-                state.taken.add(task.id)
-            self.stats.prefetch_hits += len(tasks)
+            tasks = self._take_buffered(state, min(limit, (len(state.buffer) + 1) // 2))
+            state.taken.update(t.id for t in tasks)
+        return tasks
+
+    def _take_buffered(self, state: _SlotState, limit: int) -> list[Task]:
+        """Up to ``limit`` of the slot's prefetched tasks, oldest first, as prefetch hits (their
+        claim-to-hand-off time counts from now). The caller holds the lock."""
+        now = self._clock()
+        tasks = [state.buffer.popleft() for _ in range(min(limit, len(state.buffer)))]
+        for task in tasks:
+            state.claimed_at[task.id] = now
+        self.stats.prefetch_hits += len(tasks)
         return tasks
 
     def register_slot(self, slot_id: int, *, prefetch: bool) -> None:
@@ -556,13 +560,8 @@ class Dispatcher:
         holds the lock; the call then only tops up the buffer, like the refill of a hit."""
         if not state.buffer or state.closed:
             return False
-        now = self._clock()
-        mine = [state.buffer.popleft() for _ in range(min(limit, len(state.buffer)))]
-        for task in mine:
-            state.claimed_at[task.id] = now
-        self.stats.prefetch_hits += len(mine)
         state.idle = None
-        call.answer(mine)
+        call.answer(self._take_buffered(state, limit))
         return True
 
     def _donor_for(self, key: _ClaimKey, taker: int) -> bool:
