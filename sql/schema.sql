@@ -561,9 +561,13 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     bad bigint;
 BEGIN
-    PERFORM 1 FROM sbx_tasks t WHERE t.id IN (SELECT n.task_id FROM new_rows n) FOR KEY SHARE OF t;
-    SELECT n.task_id INTO bad FROM new_rows n
-    WHERE NOT EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.id = n.task_id)
+    -- each row's task looked up (and locked) by primary key: a lateral subquery with a locking
+    -- clause is never turned into a join, so no plan kept for the session can read the whole
+    -- table instead (see the claim and the hand-off below)
+    SELECT n.task_id INTO bad
+    FROM new_rows n
+    LEFT JOIN LATERAL (SELECT t.id FROM sbx_tasks t WHERE t.id = n.task_id FOR KEY SHARE OF t) k ON true
+    WHERE k.id IS NULL
     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'insert on table "sbx_task_execs" names a task that does not exist'
