@@ -17,7 +17,11 @@ settle second has passed), and closes ``--seconds`` later. Reported:
 - ``gap_ms`` p50/p99: per slot, the next execution's started_at minus the previous one's
   finished_at (sbx_task_execs, executions started inside the window): the slot's idle time
   between two tasks = handing the result to the dispatcher + getting the next task (a
-  prefetched one, or waiting for a claim statement). The end-to-end proxy of claim + hand-off;
+  prefetched one, or waiting for a claim statement). The end-to-end proxy of claim + hand-off.
+  Executions that recovery recorded (status 123: a lease expired, the row spans claim →
+  recovery, not a run) are left out of the gaps and counted as ``lease_expired`` (those
+  finished in the window): a node too starved to heart-beat within its lease loses its
+  prefetched tasks to other nodes, which run them again;
 - ``slot_claim_ms`` p50/p99: the time a slot spends in its port's ``claim`` (0 on a prefetch
   hit; the wait for the node's claim statement otherwise), measured in the nodes;
 - ``claim_stmt_ms`` / ``handoff_stmt_ms`` p50/p99: the dispatcher's batched statements
@@ -347,24 +351,31 @@ def bouncer_pool(admin: Any, dbname: str) -> dict[str, int]:
 
 def handoff_gaps(direct: str, app_id: int, t0: float, t1: float) -> dict[str, Any]:
     from scalebox_hpc.db.connection import connect
+    from scalebox_hpc.models import TaskStatus
 
     with connect(direct) as conn:
         row = conn.execute(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY g) AS p50, "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY g) AS p99, count(g) AS n, "
-            "avg(run) AS run_ms FROM ("
+            "avg(run) AS run_ms, count(*) FILTER (WHERE stalled) AS stalled FROM ("
             " SELECT extract(epoch FROM e.started_at - lag(e.finished_at) OVER w) * 1000 AS g,"
-            "  extract(epoch FROM e.finished_at - e.started_at) * 1000 AS run"
+            "  extract(epoch FROM e.finished_at - e.started_at) * 1000 AS run, false AS stalled"
             " FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id"
-            " WHERE t.app_id = %s AND e.started_at >= to_timestamp(%s) AND e.started_at < to_timestamp(%s)"
-            " WINDOW w AS (PARTITION BY e.slot_id ORDER BY e.started_at)) x",
-            (app_id, t0, t1),
+            " WHERE t.app_id = %(app)s AND e.started_at >= to_timestamp(%(t0)s)"
+            "  AND e.started_at < to_timestamp(%(t1)s) AND e.status <> %(stalled)s"
+            " WINDOW w AS (PARTITION BY e.slot_id ORDER BY e.started_at)"
+            # recovery's rows span claim → recovery, not a run: counted apart, never in a gap
+            " UNION ALL SELECT NULL, NULL, true FROM sbx_task_execs e JOIN sbx_tasks t ON t.id = e.task_id"
+            " WHERE t.app_id = %(app)s AND e.finished_at >= to_timestamp(%(t0)s)"
+            "  AND e.finished_at < to_timestamp(%(t1)s) AND e.status = %(stalled)s) x",
+            {"app": app_id, "t0": t0, "t1": t1, "stalled": int(TaskStatus.STALLED)},
         ).fetchone()
     assert row is not None
 
     def r(v: Any) -> float | None:
         return None if v is None else round(float(v), 3)
-    return {"p50": r(row["p50"]), "p99": r(row["p99"]), "n": int(row["n"]), "mean_run_ms": r(row["run_ms"])}
+    return {"p50": r(row["p50"]), "p99": r(row["p99"]), "n": int(row["n"]), "mean_run_ms": r(row["run_ms"]),
+            "lease_expired": int(row["stalled"])}
 
 
 def run_point(ctx: Any, mode: str, k: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
