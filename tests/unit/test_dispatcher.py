@@ -558,3 +558,21 @@ def test_a_slot_finding_the_queue_empty_takes_half_of_what_another_slot_holds() 
     assert set(q.released) <= {t.id for t in taken} | set(d.held(b))  # b took every one of them
     assert sorted([first.id, *d.held(a), *(t.id for t in taken), *d.held(b)]) == list(range(2, 31))  # each once
     d.close()
+
+
+def test_a_heartbeat_waiting_with_hand_offs_and_claims_goes_first() -> None:
+    """On a saturated database a batch's hand-offs and claims can outlast a lease: the beat
+    that renews the node's leases must not wait behind them, or recovery takes live work."""
+    q = Recorder()
+    d = dispatcher(q)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    calls: list[Callable[[], Any]] = [
+        lambda i=i: port.complete(Task(i, 1, 1, "b", {}, -3), result(), slot_id=slot, host="h", sender=REF,
+                                  modules=MODULES) for i in (90, 91)]
+    calls += [lambda: claim(port, slot), lambda: d.call("heartbeat_slots", [Beat(slot, "RUNNING", 30.0, ())])]
+    together(d, q, calls)
+    kinds = [kind for kind, _ in q.calls if kind != "status"]
+    assert kinds[0] == "beat", kinds
+    assert {"complete_many", "claim"} <= set(kinds[1:]), kinds
+    d.close()
