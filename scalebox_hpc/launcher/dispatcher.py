@@ -163,6 +163,7 @@ _ClaimKey = tuple[int, int, str, float, str | None]
 _LEASE_KINDS = ("heartbeat", "heartbeat_slots")
 """The calls that renew leases: served first in a batch."""
 
+
 class Dispatcher:
     """Serves every slot of a launcher through one queue object (one database session).
 
