@@ -74,6 +74,15 @@ behind a long one would wait, held, while other nodes idle)."""
 DRY_SECONDS = 0.5
 """After a claim of a module came back short, claims of it wait this long (see _dry)."""
 FINAL_SLOT_STATES = frozenset({"EXITED", "ERROR", "LOST"})
+LEASE_SLACK_BATCHES = 2.0
+"""A lease the dispatcher grants or renews lasts this many of its slowest recent batches longer
+than asked: a slot's next beat waits for the batch being served before it is sent (see
+Dispatcher._stretched)."""
+LEASE_SLACK_WINDOW = 300.0
+"""Seconds a slow batch counts as recent."""
+LEASE_SLACK_CAP = 3.0
+"""The stretch is at most this many times the lease asked for (a dead node's tasks are
+recovered at the latest after 4 leases, however slow the database was)."""
 
 
 @dataclass
@@ -196,6 +205,8 @@ class Dispatcher:
         """Per module id: a moving average of claim-to-hand-off seconds (decides prefetch)."""
         self._batch_seconds: float | None = None
         """A moving average of how long serving one batch takes (the database's round trips)."""
+        self._slowest: tuple[float, float] = (0.0, 0.0)
+        """The slowest batch of the last LEASE_SLACK_WINDOW seconds: (its seconds, when it ended)."""
         self._thread: threading.Thread | None = None
         self._closed = False
         self._retry: list[tuple[float, _Call]] = []
@@ -432,8 +443,23 @@ class Dispatcher:
         except Exception as exc:  # a bug: the batch fails, not the node (every slot waits on this thread)
             self._fail_unanswered(batch, exc)
         finally:  # how long a refill queued now waits at most: this batch, then its own
-            took = self._clock() - started
+            now = self._clock()
+            took = now - started
             self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
+            if took >= self._slowest[0] or now - self._slowest[1] > LEASE_SLACK_WINDOW:
+                self._slowest = (took, now)
+
+    def _stretched(self, lease: float) -> float:
+        """The lease to grant for ``lease`` asked: longer by LEASE_SLACK_BATCHES of the slowest
+        recent batch. A slot beats every half heartbeat and its lease lasts 1.5 heartbeats, but
+        on a saturated database one batch of claims and hand-offs took 10-25 s (50 emulated
+        nodes; 30 s leases): a beat sent behind it arrived after the lease, and recovery gave a
+        live node's tasks to another node, which ran them again. The lease grows with what this
+        node's session measures, back to what was asked once its batches are fast again."""
+        slowest, when = self._slowest
+        if self._clock() - when > LEASE_SLACK_WINDOW:
+            return lease
+        return lease + min(LEASE_SLACK_CAP * lease, LEASE_SLACK_BATCHES * slowest)
 
     def _fail_unanswered(self, batch: list[_Call], exc: Exception) -> None:
         """A batch broke on something that is not the database's answer (a bug of ours): answer
@@ -535,7 +561,7 @@ class Dispatcher:
             return
         try:
             got = self._q().claim_for_slots(app_id, module_id, host=host, slots=list(wants.values()),
-                                            lease_seconds=lease, semaphore=semaphore)
+                                            lease_seconds=self._stretched(lease), semaphore=semaphore)
         except Exception as exc:
             for call in asking.values():
                 call.answer(error=exc)
@@ -551,7 +577,7 @@ class Dispatcher:
         if starving and self._share(key, {s.slot_id for s in starving}):
             try:  # what the other slots gave back, for those that would idle
                 shared = self._q().claim_for_slots(app_id, module_id, host=host, slots=starving,
-                                                   lease_seconds=lease, semaphore=semaphore)
+                                                   lease_seconds=self._stretched(lease), semaphore=semaphore)
                 self.stats.claim_statements += 1
             except Exception as exc:  # as if nothing was shared: the released tasks are READY
                 logger.warning("dispatcher: claiming the tasks other slots gave back failed: %s", exc)
@@ -763,10 +789,11 @@ class Dispatcher:
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
         ids = None if task_ids is None else [*task_ids, *self.held(slot_id)]
-        return self._q().heartbeat(slot_id, status=status, lease_seconds=lease_seconds, task_ids=ids)
+        return self._q().heartbeat(slot_id, status=status, lease_seconds=self._stretched(lease_seconds), task_ids=ids)
 
     def _do_heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
-        full = [b if b.task_ids is None else replace(b, task_ids=(*b.task_ids, *self.held(b.slot_id)))
+        full = [replace(b, lease_seconds=self._stretched(b.lease_seconds),
+                        task_ids=None if b.task_ids is None else (*b.task_ids, *self.held(b.slot_id)))
                 for b in beats]
         return self._q().heartbeat_slots(full)
 

@@ -42,6 +42,7 @@ class Recorder:
         self.released: list[int] = []
         self.statuses: dict[int, int] = {}
         self.slot_seq = 0
+        self.leases: list[tuple[str, float]] = []
 
     def app_uid(self, app_id: int) -> str:
         self.entered.set()
@@ -55,6 +56,7 @@ class Recorder:
     def claim_for_slots(self, app_id: int, module_id: int, *, host: str, slots: Sequence[SlotWant],
                         lease_seconds: float = 30.0, semaphore: str | None = None) -> dict[int, list[Task]]:
         self.calls.append(("claim", [(s.slot_id, s.want) for s in slots]))
+        self.leases.append(("claim", lease_seconds))
         out: dict[int, list[Task]] = {}
         for s in slots:
             for _ in range(s.want):
@@ -93,6 +95,7 @@ class Recorder:
 
     def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
         self.calls.append(("beat", [(b.slot_id, b.task_ids) for b in beats]))
+        self.leases += [("beat", b.lease_seconds) for b in beats]
         return []
 
     def close(self) -> None:
@@ -575,4 +578,45 @@ def test_a_heartbeat_waiting_with_hand_offs_and_claims_goes_first() -> None:
     kinds = [kind for kind, _ in q.calls if kind != "status"]
     assert kinds[0] == "beat", kinds
     assert {"complete_many", "claim"} <= set(kinds[1:]), kinds
+    d.close()
+
+
+class SlowRecorder(Recorder):
+    """A Recorder whose ``app_uid`` takes ``slow`` seconds of the injected clock (a batch that
+    waited that long on a saturated database)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock, self.slow = clock, 0.0
+
+    def app_uid(self, app_id: int) -> str:
+        self.clock.now += self.slow
+        return "uid"
+
+
+def test_leases_stretch_by_the_slowest_recent_batch_and_shrink_back() -> None:
+    """A beat queued behind a 25 s batch arrives 25 s late: the leases the node grants must
+    outlast that, or recovery hands a live node's tasks to another node that runs them again."""
+    clock = Clock()
+    q = SlowRecorder(clock)
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=1, pid=1, work_dir="/")
+    beat = [Beat(slot, "RUNNING", 30.0, ())]
+    d.call("heartbeat_slots", beat)
+    q.slow = 25.0
+    d.call("app_uid", 1)  # one batch of 25 s
+    q.slow = 0.0
+    d.call("heartbeat_slots", beat)
+    claim(port, slot)
+    clock.now += 200.0  # still recent
+    d.call("heartbeat_slots", beat)
+    clock.now += 101.0  # the slow batch is 301 s old: forgotten
+    d.call("heartbeat_slots", beat)
+    q.slow = 1000.0  # an outage-long batch stretches to the cap only
+    d.call("app_uid", 1)
+    q.slow = 0.0
+    d.call("heartbeat_slots", beat)
+    assert q.leases == [("beat", 30.0), ("beat", 80.0), ("claim", 80.0), ("beat", 80.0), ("beat", 30.0),
+                        ("beat", 120.0)]
     d.close()
