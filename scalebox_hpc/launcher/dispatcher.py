@@ -78,6 +78,9 @@ LEASE_SLACK_BATCHES = 2.0
 """A lease the dispatcher grants or renews lasts this many of its slowest recent batches longer
 than asked: a slot's next beat waits for the batch being served before it is sent (see
 Dispatcher._stretched)."""
+LEASE_SLACK_FROM = 0.2
+"""Only a batch slower than this fraction of the lease stretches it (a beat comes every third
+of a lease: a wait of a fifth leaves it more than a third)."""
 LEASE_SLACK_WINDOW = 300.0
 """Seconds a slow batch counts as recent."""
 LEASE_SLACK_CAP = 3.0
@@ -106,10 +109,10 @@ class _Call:
 
     def answer(self, result: Any = None, error: BaseException | None = None) -> None:
         self.answered = True
+        self.result, self.error = result, error
         if self.settle is not None:
             self.settle(self, result, error)
             return
-        self.result, self.error = result, error
         self.done.set()
 
 
@@ -437,7 +440,7 @@ class Dispatcher:
         return self._queue
 
     def _serve(self, batch: list[_Call]) -> None:
-        started = self._clock()
+        started, connects = self._clock(), self.connects
         try:
             self._serve_batch(batch)
         except Exception as exc:  # a bug: the batch fails, not the node (every slot waits on this thread)
@@ -446,7 +449,10 @@ class Dispatcher:
             now = self._clock()
             took = now - started
             self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
-            if took >= self._slowest[0] or now - self._slowest[1] > LEASE_SLACK_WINDOW:
+            # a slow database stretches leases, an unreachable one does not: connecting and
+            # outages are waited out by every node alike (see HeartbeatLoop's quiet lease)
+            outage = self.connects != connects or any(isinstance(c.error, DatabaseError) for c in _flatten(batch))
+            if not outage and (took >= self._slowest[0] or now - self._slowest[1] > LEASE_SLACK_WINDOW):
                 self._slowest = (took, now)
 
     def _stretched(self, lease: float) -> float:
@@ -457,7 +463,7 @@ class Dispatcher:
         live node's tasks to another node, which ran them again. The lease grows with what this
         node's session measures, back to what was asked once its batches are fast again."""
         slowest, when = self._slowest
-        if self._clock() - when > LEASE_SLACK_WINDOW:
+        if self._clock() - when > LEASE_SLACK_WINDOW or slowest <= LEASE_SLACK_FROM * lease:
             return lease
         return lease + min(LEASE_SLACK_CAP * lease, LEASE_SLACK_BATCHES * slowest)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -583,15 +584,24 @@ def test_a_heartbeat_waiting_with_hand_offs_and_claims_goes_first() -> None:
 
 class SlowRecorder(Recorder):
     """A Recorder whose ``app_uid`` takes ``slow`` seconds of the injected clock (a batch that
-    waited that long on a saturated database)."""
+    waited that long on a saturated database), or fails after them when ``unreachable``."""
 
     def __init__(self, clock: Clock) -> None:
         super().__init__()
-        self.clock, self.slow = clock, 0.0
+        self.clock, self.slow, self.unreachable = clock, 0.0, False
 
     def app_uid(self, app_id: int) -> str:
         self.clock.now += self.slow
+        if self.unreachable:
+            raise DatabaseError("cannot reach PostgreSQL")
         return "uid"
+
+    def batch(self, d: Dispatcher, seconds: float, *, unreachable: bool = False) -> None:
+        """One batch of ``seconds`` through ``d``."""
+        self.slow, self.unreachable = seconds, unreachable
+        with contextlib.suppress(DatabaseError):
+            d.call("app_uid", 1)
+        self.slow, self.unreachable = 0.0, False
 
 
 def test_leases_stretch_by_the_slowest_recent_batch_and_shrink_back() -> None:
@@ -603,20 +613,19 @@ def test_leases_stretch_by_the_slowest_recent_batch_and_shrink_back() -> None:
     port = d.port()
     slot = port.create_slot(1, host="h", seq=1, pid=1, work_dir="/")
     beat = [Beat(slot, "RUNNING", 30.0, ())]
+    q.batch(d, 5.0)  # a fifth of the lease at most: a beat still comes in time
     d.call("heartbeat_slots", beat)
-    q.slow = 25.0
-    d.call("app_uid", 1)  # one batch of 25 s
-    q.slow = 0.0
+    q.batch(d, 50.0, unreachable=True)  # an outage: every node waits it out, no stretch
+    d.call("heartbeat_slots", beat)
+    q.batch(d, 25.0)
     d.call("heartbeat_slots", beat)
     claim(port, slot)
     clock.now += 200.0  # still recent
     d.call("heartbeat_slots", beat)
     clock.now += 101.0  # the slow batch is 301 s old: forgotten
     d.call("heartbeat_slots", beat)
-    q.slow = 1000.0  # an outage-long batch stretches to the cap only
-    d.call("app_uid", 1)
-    q.slow = 0.0
+    q.batch(d, 1000.0)  # stretched to the cap only
     d.call("heartbeat_slots", beat)
-    assert q.leases == [("beat", 30.0), ("beat", 80.0), ("claim", 80.0), ("beat", 80.0), ("beat", 30.0),
-                        ("beat", 120.0)]
+    assert q.leases == [("beat", 30.0), ("beat", 30.0), ("beat", 80.0), ("claim", 80.0), ("beat", 80.0),
+                        ("beat", 30.0), ("beat", 120.0)]
     d.close()
