@@ -149,6 +149,8 @@ CREATE INDEX sbx_tasks_waited_idx ON sbx_tasks (module_id, pref_until, id)
 CREATE INDEX sbx_tasks_bound_idx ON sbx_tasks (to_host) WHERE status = -1 AND to_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
 CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
+-- a slot's RUNNING tasks, for its heartbeat and release (0029)
+CREATE INDEX sbx_tasks_slot_idx ON sbx_tasks (slot_id) WHERE status = -3;
 
 CREATE TABLE sbx_task_execs (
     id bigserial PRIMARY KEY,
@@ -365,6 +367,15 @@ BEGIN
         FROM sbx_hand_off_items_v1(p_rows) AS x
         WHERE NOT jsonb_path_exists(COALESCE(x.messages, '[]'), '$[*] ? (@.action == "OVERWRITE")')
         ORDER BY x.task_id, x.slot_id, x.attempt, x.ord
+    ), mine AS (
+        -- (0029) the items whose task is still theirs, and none that another transaction holds:
+        -- that one recovers it (its lease expired: the item is fenced off, as after waiting) or
+        -- claims it again after recovery; waiting for it (seen: seconds behind another node's
+        -- claim statement) held the node's one session, and its other leases expired in turn
+        SELECT s.*
+        FROM c s JOIN sbx_tasks t ON t.id = s.task_id
+        WHERE t.slot_id = s.slot_id AND t.attempts = s.attempt AND t.status + 0 = -3
+        FOR NO KEY UPDATE OF t SKIP LOCKED
     ), done AS (
         UPDATE sbx_tasks t
         SET status = CASE WHEN s.requeue THEN -1 ELSE s.status END,
@@ -374,7 +385,7 @@ BEGIN
             started_at = CASE WHEN s.requeue THEN NULL ELSE t.started_at END,
             finished_at = CASE WHEN s.requeue THEN NULL ELSE now() END,
             lease_expires_at = NULL
-        FROM c s
+        FROM mine s
         -- RUNNING is compared through an expression no index has (0027): as a literal -3 it
         -- let the planner drive the join from the partial index of RUNNING tasks (0024), as a
         -- parameter from a scan of (app_id, module_id, status) on status alone (a table without
@@ -1441,19 +1452,26 @@ BEGIN
     WITH s AS (
         UPDATE sbx_slots SET heartbeat_at = now(), status = p_status
         WHERE id = p_slot_id AND sbx_slots.status NOT IN ('ERROR', 'EXITED') RETURNING sbx_slots.id
+    ), mine AS (
+        -- (0029) the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another
+        -- transaction holds: that one recovers it (the lease expired) or claims it again after
+        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
+        -- saturated database) held the node's one session, and its other leases expired in turn
+        SELECT t.id, (p_task_ids IS NULL OR t.id = ANY (p_task_ids)) AS known,
+               t.started_at < now() - make_interval(secs => p_lease_seconds) AS old
+        FROM sbx_tasks t
+        WHERE t.slot_id = p_slot_id AND t.status = -3
+        FOR NO KEY UPDATE OF t SKIP LOCKED
     ), ren AS (
         UPDATE sbx_tasks t
         SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-        WHERE t.slot_id = p_slot_id AND t.status = -3
-          AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
+        FROM mine m WHERE t.id = m.id AND m.known
         RETURNING t.id
     ), stray AS (
         UPDATE sbx_tasks t
         SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
             attempts = greatest(t.attempts - 1, 0), started_at = NULL
-        WHERE t.slot_id = p_slot_id AND t.status = -3
-          AND p_task_ids IS NOT NULL AND NOT (t.id = ANY (p_task_ids))
-          AND t.started_at < now() - make_interval(secs => p_lease_seconds)
+        FROM mine m WHERE t.id = m.id AND NOT m.known AND m.old
         RETURNING t.id
     )
     SELECT (SELECT count(*) FROM ren), ARRAY(SELECT stray.id FROM stray);
@@ -1475,20 +1493,26 @@ BEGIN
         UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
                                 live_output = COALESCE(b.output, sl.live_output)
         FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
+    ), mine AS (
+        -- (0029) the slots' RUNNING tasks by sbx_tasks_slot_idx, and none that another
+        -- transaction holds: that one recovers it (the lease expired) or claims it again after
+        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
+        -- saturated database) held the node's one session, and its other leases expired in turn
+        SELECT t.id, b.lease_seconds, (b.task_ids IS NULL OR t.id = ANY (b.task_ids)) AS known,
+               t.started_at < now() - make_interval(secs => b.lease_seconds) AS old
+        FROM b JOIN sbx_tasks t ON t.slot_id = b.slot_id
+        WHERE t.status = -3
+        FOR NO KEY UPDATE OF t SKIP LOCKED
     ), ren AS (
         UPDATE sbx_tasks t
-        SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => b.lease_seconds)
-        FROM b
-        WHERE t.slot_id = b.slot_id AND t.status = -3 AND (b.task_ids IS NULL OR t.id = ANY (b.task_ids))
+        SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => m.lease_seconds)
+        FROM mine m WHERE t.id = m.id AND m.known
         RETURNING t.id
     ), stray AS (
         UPDATE sbx_tasks t
         SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
             attempts = greatest(t.attempts - 1, 0), started_at = NULL
-        FROM b
-        WHERE t.slot_id = b.slot_id AND t.status = -3
-          AND b.task_ids IS NOT NULL AND NOT (t.id = ANY (b.task_ids))
-          AND t.started_at < now() - make_interval(secs => b.lease_seconds)
+        FROM mine m WHERE t.id = m.id AND NOT m.known AND m.old
         RETURNING t.id
     )
     SELECT (SELECT count(*) FROM ren), ARRAY(SELECT stray.id FROM stray);
@@ -1502,10 +1526,19 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
     RETURN QUERY
+    WITH mine AS (
+        -- (0029) the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another
+        -- transaction holds: that one recovers it (the lease expired) or claims it again after
+        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
+        -- saturated database) held the node's one session, and its other leases expired in turn
+        SELECT t.id FROM sbx_tasks t
+        WHERE t.slot_id = p_slot_id AND t.status = -3 AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
+        FOR NO KEY UPDATE OF t SKIP LOCKED
+    )
     UPDATE sbx_tasks t
     SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
         attempts = greatest(t.attempts - 1, 0), started_at = NULL
-    WHERE t.slot_id = p_slot_id AND t.status = -3 AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
+    FROM mine m WHERE t.id = m.id
     RETURNING t.id;
 END;
 $$;

@@ -213,12 +213,21 @@ def script_env(ctx: SlotContext, slot_id: int, *, base: bool = True) -> dict[str
 
 @dataclass
 class HeartbeatLoop:
-    """Every half heartbeat ``beat()`` (renew slots and leases) and ask ``cancelled()``; every
-    quarter heartbeat ``recover()`` expired leases anywhere (no daemon: every launcher does it),
-    so a dead slot's tasks are back within 1.5 + 0.25 heartbeats. After a failure it beats at the
-    next tick. After its connection was away (``connects()`` grew) it recovers nothing for a
-    lease: the others' launchers, cut off as well, must get to renew their leases first. A step
-    never raises: it logs and tries again."""
+    """Two loops on a fixed schedule, neither waiting for the other: every half heartbeat
+    ``beat()`` (renew slots and leases); every quarter heartbeat ``recover()`` expired leases
+    anywhere (no daemon: every launcher does it), so a dead slot's tasks are back within
+    1.5 + 0.25 heartbeats, and every half heartbeat ask ``cancelled()``.
+
+    Why two loops on deadlines: a call waits for the node's dispatcher batch being served, which
+    took 10-25 s on a saturated database (50 emulated nodes). One loop that slept a quarter
+    heartbeat *after* beat, cancelled and recover had answered renewed a 15 s lease every
+    5 s + six such waits, and other nodes recovered a live node's tasks and ran them again. Now
+    a beat is due half a heartbeat after the previous one was *due* (at once when late), and
+    only the beat's own wait stands between two renewals.
+
+    After a failure a loop tries again a quarter heartbeat later. After its connection was away
+    (``connects()`` grew) it recovers nothing for a lease: the others' launchers, cut off as
+    well, must get to renew their leases first. A step never raises: it logs and tries again."""
 
     beat: Callable[[], object]
     cancelled: Callable[[], bool]
@@ -232,37 +241,64 @@ class HeartbeatLoop:
     _tick: int = 0
     _seen: int = 0
     _quiet_until: float = 0.0
-    _failed: bool = False
 
     def run(self, stopped: Callable[[float], bool], alive: Callable[[], bool] = lambda: True) -> None:
-        """Step every quarter heartbeat until ``stopped(seconds)`` (a wait) says so or ``alive()`` is False."""
-        while not stopped(self.heartbeat_seconds / 4) and alive():
-            self.step()
+        """Beat in this thread and recover in another until ``stopped(seconds)`` (a wait, called
+        from both threads) says so or ``alive()`` is False; returns when both have ended."""
+        quarter = self.heartbeat_seconds / 4
+        side = threading.Thread(target=self.every, args=(quarter, self.recover_step, stopped, alive),
+                                name=f"{self.who}: recovery", daemon=True)
+        side.start()
+        try:
+            self.every(2 * quarter, self.beat_step, stopped, alive)
+        finally:
+            side.join()
 
-    def step(self) -> list[tuple[int, int]]:
-        """One quarter tick; returns the recovered (task id, new status) pairs."""
+    def every(self, period: float, step: Callable[[], bool], stopped: Callable[[float], bool],
+              alive: Callable[[], bool]) -> None:
+        """``step()`` every ``period`` seconds, the first after one period, on deadlines: a step
+        that overran is followed by the next at once (no drift); one that failed (False) is
+        tried again a quarter heartbeat later."""
+        due = self._now() + period
+        while not stopped(max(0.0, due - self._now())) and alive():
+            ok = step()
+            now = self._now()
+            due = max(due + period, now) if ok else now + self.heartbeat_seconds / 4
+
+    def beat_step(self) -> bool:
+        """One renewal; False when it failed (logged)."""
+        try:
+            self.beat()
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def recover_step(self) -> bool:
+        """One quarter tick of the other loop: every second one asks ``cancelled()``; each
+        recovers expired leases (not for a lease after a reconnect). False when it failed."""
         self._tick += 1
         try:
-            if self._tick % 2 == 0 or self._failed:
-                self.beat()
-                if self.cancelled():
-                    self.on_cancel()
+            if self._tick % 2 == 0 and self.cancelled():
+                self.on_cancel()
             seen = self.connects()
             if seen > max(self._seen, 1):  # reconnected after an outage
                 self._quiet_until = self._now() + self.lease_seconds
-            self._seen, self._failed = seen, False
+            self._seen = seen
             if self._now() < self._quiet_until:
-                return []
+                return True
             recovered = self.recover()
         except Exception as exc:
-            self._failed = True
-            log = logger.warning if isinstance(exc, ScaleboxError) else logger.exception
-            log("%s failed, will retry: %s", self.who, exc, extra={"action": "heartbeat_failed", "error": str(exc)})
-            return []
+            self._failed(exc)
+            return False
         for task_id, status in recovered:
             logger.warning("task %s: lease expired, now %s", task_id, "READY" if status == -1 else status,
                            extra={"action": "lease_expired", "task_id": task_id, "status": status})
-        return recovered
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        log = logger.warning if isinstance(exc, ScaleboxError) else logger.exception
+        log("%s failed, will retry: %s", self.who, exc, extra={"action": "heartbeat_failed", "error": str(exc)})
 
     def _now(self) -> float:
         return self.clock.monotonic() if self.clock is not None else time.monotonic()

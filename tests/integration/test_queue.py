@@ -524,3 +524,62 @@ def test_plans_made_while_the_table_was_small_stay_per_task_when_it_grows(pg_dsn
     read = [(index, int(rows) * int(loops) + int(removed or 0))
             for index, rows, loops, removed in _SCANNED.findall(plans)]
     assert read and max(n for _, n in read) < 1000, read
+
+
+def test_heartbeat_hand_off_and_release_skip_a_task_another_transaction_holds(pg_dsn: str, app_id: int) -> None:
+    """0029: a task row someone else has locked is being recovered (its lease expired) or
+    claimed again after recovery. The node's heartbeat, hand-off and release skip it instead of
+    waiting for that transaction (measured: a heartbeat 18 s behind another node's claim, while
+    the node's other leases expired); the node's other tasks are renewed, recorded, released."""
+    from scalebox_hpc.models import Beat
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message(f"t{i}") for i in range(3)])
+    # a wait for the lock fails this session at once instead of hanging the test
+    q = PgQueue(psycopg.conninfo.make_conninfo(pg_dsn, options="-c lock_timeout=2000"))
+    refs = q.modules(app_id)
+    slot = _slot(q, app_id, "b")
+    held, mine, third = _claim(q, app_id, "b", slot, limit=3)
+    with psycopg.connect(pg_dsn) as other:  # as a recoverer would, in its transaction
+        other.execute("UPDATE sbx_tasks SET lease_expires_at = lease_expires_at WHERE id = %s", (held.id,))
+        old = other.execute("SELECT lease_expires_at FROM sbx_tasks WHERE id = %s", (held.id,)).fetchone()
+        assert q.heartbeat_slots([Beat(slot, "RUNNING", 600.0, (held.id, mine.id, third.id))]) == []
+        assert q.heartbeat(slot, status="RUNNING", lease_seconds=600.0, task_ids=[held.id, mine.id, third.id]) == []
+        written = q.complete_many([Completion(held, _result(), "h1"), Completion(mine, _result(), "h1")],
+                                  slot_id=slot, sender=refs["b"], modules=refs)
+        assert written == [None, 0]  # the held task's lease counts as lost: nothing recorded for it
+        assert q.release(slot) == 1  # the third; the held one is not the node's to give back
+        other.rollback()
+    with connect(pg_dsn) as conn:
+        rows = {r["id"]: r for r in conn.execute(
+            "SELECT id, status, lease_expires_at, lease_expires_at > now() + interval '500 s' AS fresh "
+            "FROM sbx_tasks WHERE id = ANY(%s)", ([held.id, mine.id, third.id],)).fetchall()}
+        execs = conn.execute("SELECT task_id FROM sbx_task_execs WHERE task_id = ANY(%s)",
+                             ([held.id, mine.id],)).fetchall()
+    assert rows[held.id]["status"] == -3 and not rows[held.id]["fresh"] and old is not None
+    assert rows[mine.id]["status"] == 0 and rows[third.id]["status"] == -1
+    assert [e["task_id"] for e in execs] == [mine.id]
+    q.close()
+
+
+def test_the_heartbeat_reads_its_slots_tasks_only(pg_dsn: str, app_id: int) -> None:
+    """0029: the node's heartbeat finds each slot's RUNNING tasks by sbx_tasks_slot_idx; it read
+    every RUNNING task of every node per beat (a sequential scan, O(fleet) per node and beat)."""
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message(f"h{i}") for i in range(3000)])
+        conn.commit()
+        conn.execute("ANALYZE sbx_tasks")
+        conn.commit()
+    q = PgQueue(pg_dsn)
+    s0, s1 = _slots(q, app_id, "c", 2)
+    ours = _claim(q, app_id, "c", s0, limit=5)
+    _claim(q, app_id, "c", s1, limit=2000)  # the rest of the fleet's running tasks
+    beats = [{"slot_id": s0, "status": "RUNNING", "lease_seconds": 60.0, "task_ids": [t.id for t in ours],
+              "waiting": None, "output": None}]
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        plans = _nested_plans(conn, "SELECT * FROM sbx_l_heartbeat_slots_v1(%s::jsonb)",
+                              (psycopg.types.json.Jsonb(beats),))
+    q.close()
+    scans = _task_scans(plans)
+    assert "sbx_tasks_slot_idx" in scans and set(scans) <= {"sbx_tasks_slot_idx", "sbx_tasks_pkey"}, (scans, plans)

@@ -629,3 +629,18 @@ def test_leases_stretch_by_the_slowest_recent_batch_and_shrink_back() -> None:
     assert q.leases == [("beat", 30.0), ("beat", 30.0), ("beat", 80.0), ("claim", 80.0), ("beat", 80.0),
                         ("beat", 30.0), ("beat", 120.0)]
     d.close()
+
+
+def test_leases_granted_before_any_batch_was_measured_get_the_cap() -> None:
+    """A fleet that starts at once meets its slowest batches before any has ended: until one
+    batch (that neither connected nor met an outage) is measured, leases get the full stretch."""
+    clock = Clock()
+    q = SlowRecorder(clock)
+    d = dispatcher(q, clock=clock)
+    beat = [Beat(7, "RUNNING", 30.0, ())]
+    q.batch(d, 50.0, unreachable=True)  # the node's first batch, an outage: it measures nothing
+    d.call("heartbeat_slots", beat)
+    q.batch(d, 1.0)  # (the beat's batch ended well too: measured)
+    d.call("heartbeat_slots", beat)
+    assert q.leases == [("beat", 120.0), ("beat", 30.0)]
+    d.close()

@@ -5,6 +5,7 @@ script environment, the heartbeat loop, and a TaskRunner running real scripts lo
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -209,33 +210,30 @@ class Beats:
         self.cancels += 1
 
 
-def test_heartbeats_beat_every_second_tick_and_recover_every_tick() -> None:
+def test_the_recovery_loop_recovers_every_tick_and_asks_cancelled_every_second() -> None:
     clock = FakeClock()
     queue = InMemoryQueue(clock=clock)
     app = queue.create_app({"name": "t", "modules": {"a": {}}})
     b = Beats(queue, app)
     loop = b.loop(clock)
     for _ in range(4):
-        loop.step()
-        clock.advance(1.0)
-    assert (b.beats, b.recovers, b.cancels) == (2, 4, 0)
+        assert loop.recover_step()
+    assert (b.beats, b.recovers, b.cancels) == (0, 4, 0)  # beats are the other loop's
     queue.cancel_app(app)
-    loop.step()
-    loop.step()
+    loop.recover_step()
+    loop.recover_step()
     assert b.cancels == 1
 
 
-def test_a_failed_beat_is_tried_at_the_next_tick_and_never_raises() -> None:
+def test_a_failed_step_says_so_and_never_raises() -> None:
     clock = FakeClock()
     queue = InMemoryQueue(clock=clock)
     b = Beats(queue, queue.create_app({"name": "t", "modules": {"a": {}}}))
     loop = b.loop(clock)
-    loop.step()  # tick 1: no beat
     b.fail = True
-    assert loop.step() == []  # tick 2: the beat fails, logged
+    assert loop.beat_step() is False  # logged
     b.fail = False
-    loop.step()  # tick 3: beats at once, not only at tick 4
-    assert b.beats == 1
+    assert loop.beat_step() is True and b.beats == 1
 
 
 def test_after_a_reconnect_nothing_is_recovered_for_a_lease() -> None:
@@ -243,25 +241,75 @@ def test_after_a_reconnect_nothing_is_recovered_for_a_lease() -> None:
     queue = InMemoryQueue(clock=clock)
     b = Beats(queue, queue.create_app({"name": "t", "modules": {"a": {}}}))
     loop = b.loop(clock)
-    loop.step()
+    loop.recover_step()
     assert b.recovers == 1
     b.connects = 2  # the connection was away and came back
-    loop.step()
+    loop.recover_step()
     clock.advance(5.9)
-    loop.step()
+    loop.recover_step()
     assert b.recovers == 1  # quiet for the lease: the others must renew first
     clock.advance(0.2)
-    loop.step()
+    loop.recover_step()
     assert b.recovers == 2
 
 
-def test_the_loop_ends_when_told(tmp_path: Path) -> None:
+class Schedule:
+    """Drives :meth:`HeartbeatLoop.every` on a fake clock: ``stopped`` waits by advancing it;
+    each step takes ``took[i]`` seconds and answers ``ok[i]``; records when steps start."""
+
+    def __init__(self, clock: FakeClock, took: list[float], ok: list[bool] | None = None) -> None:
+        self.clock, self.took, self.ok = clock, took, ok or [True] * len(took)
+        self.starts: list[float] = []
+
+    def stopped(self, seconds: float) -> bool:
+        if len(self.starts) == len(self.took):
+            return True
+        self.clock.advance(seconds)
+        return False
+
+    def step(self) -> bool:
+        i = len(self.starts)
+        self.starts.append(self.clock.monotonic())
+        self.clock.advance(self.took[i])
+        return self.ok[i]
+
+
+def test_beats_keep_their_schedule_when_a_step_waits_long() -> None:
+    """A beat that waited 7 s behind the node's batch (half a heartbeat is 2 s here) is followed
+    by the next at once, then the schedule goes on: renewals are never a sleep plus every wait
+    apart (that expired live leases on a saturated database)."""
     clock = FakeClock()
-    queue = InMemoryQueue(clock=clock)
+    loop = HeartbeatLoop(beat=lambda: None, cancelled=lambda: False, on_cancel=lambda: None, recover=list,
+                         heartbeat_seconds=4.0, lease_seconds=6.0, clock=clock)
+    s = Schedule(clock, took=[0.5, 7.0, 0.5, 0.5, 0.1, 0.1], ok=[True, True, True, False, True, True])
+    loop.every(2.0, s.step, s.stopped, lambda: True)
+    # due at 2 and 4 (ran 4-11), so at once at 11, then 13; that one fails: again a quarter
+    # heartbeat (1 s) after it ended (14.5), then the schedule from there (16.5)
+    assert s.starts == [2.0, 4.0, 11.0, 13.0, 14.5, 16.5]
+
+
+def test_the_loops_end_when_told_and_run_beats_and_recovery_apart() -> None:
+    queue = InMemoryQueue()
     b = Beats(queue, queue.create_app({"name": "t", "modules": {"a": {}}}))
-    stops = iter([False, False, True])
-    b.loop(clock).run(lambda _seconds: next(stops))
-    assert b.recovers == 2
+    stop = threading.Event()
+    beats: list[float] = []
+
+    def slow_recover() -> list[tuple[int, int]]:
+        stop.wait(0.5)  # a recovery stuck behind a slow batch must not delay the beats
+        return b.recover()
+
+    loop = HeartbeatLoop(beat=lambda: beats.append(time.monotonic()), cancelled=lambda: False,
+                         on_cancel=lambda: None, recover=slow_recover, heartbeat_seconds=0.08, lease_seconds=0.12)
+    runner = threading.Thread(target=loop.run, args=(stop.wait,), daemon=True)
+    runner.start()
+    try:
+        time.sleep(0.45)
+    finally:
+        stop.set()
+        runner.join(5.0)
+    assert not runner.is_alive()
+    assert len(beats) >= 5, beats  # every 0.04 s while the recovery loop was stuck for 0.5 s
+    assert b.recovers <= 1
 
 
 @pytest.mark.parametrize("label", ["slot0", "rank3"])
