@@ -1450,7 +1450,11 @@ BEGIN
     PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
     RETURN QUERY
     WITH s AS (
-        UPDATE sbx_slots SET heartbeat_at = now(), status = p_status
+        UPDATE sbx_slots SET heartbeat_at = now(), status = p_status,
+        -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
+        -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)
+                             ended_at = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.ended_at END,
+                             message = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.message END
         WHERE id = p_slot_id AND sbx_slots.status NOT IN ('ERROR', 'EXITED') RETURNING sbx_slots.id
     ), mine AS (
         -- (0029) the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another
@@ -1491,7 +1495,11 @@ BEGIN
                             output jsonb)
     ), s AS (
         UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
-                                live_output = COALESCE(b.output, sl.live_output)
+                                live_output = COALESCE(b.output, sl.live_output),
+        -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
+        -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)
+                                ended_at = CASE WHEN sl.status = 'LOST' THEN NULL ELSE sl.ended_at END,
+                                message = CASE WHEN sl.status = 'LOST' THEN NULL ELSE sl.message END
         FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
     ), mine AS (
         -- (0029) the slots' RUNNING tasks by sbx_tasks_slot_idx, and none that another

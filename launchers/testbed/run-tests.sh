@@ -13,6 +13,7 @@
 # Env:
 #   SCALEBOX_TESTBED_SKIP_LINT=1   skip ruff/mypy/lint-imports/shellcheck (pytest only)
 #   CI=true                        tests whose component is unavailable fail instead of skipping
+#   SCALEBOX_TEST_WORKERS=3        pytest-xdist workers (0: the suite in one process, as before)
 #   SCALEBOX_TESTBED_NETNS_HOSTS=3 emulated hosts sbx-h1..N (netns.sh; 0 = none)
 #   plus the knobs of postgres.sh / postgres-tls.sh / pgbouncer.sh / slurm.sh / slurm-mc.sh / apptainer.sh / podman.sh / venv.sh
 # Exit code: pytest's; 1 if a static check failed; 5 (no tests collected) is reported as
@@ -161,7 +162,9 @@ fi
 
 phase_start pytest
 rc=0
-pytest -q --durations=30 "$@" || rc=$?
+# on SCALEBOX_TEST_WORKERS workers (pytest-xdist; 0: in this process), tests that share a
+# machine-wide resource grouped onto one worker (tests/conftest.py)
+pytest -q --durations=30 -n "${SCALEBOX_TEST_WORKERS:-3}" --dist loadgroup "$@" || rc=$?
 if [ "$rc" = 5 ]; then
   phase_end "FAILED (no tests collected)"
   echo "[testbed] FAILURE: pytest collected no tests (exit 5) for: ${*:-<default testpaths>}" >&2

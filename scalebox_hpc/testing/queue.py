@@ -160,6 +160,8 @@ class InMemoryQueue(_Claims):
             slot = s.slots.get(b.slot_id)
             if slot is not None and slot.status not in ("ERROR", "EXITED"):
                 _check_slot_status(b.status)
+                if slot.status == "LOST":  # slow, not dead: it runs again (as the SQL, 0029)
+                    slot.ended_at, slot.message = None, None
                 slot.heartbeat_at, slot.status, slot.waiting = now, b.status, b.waiting
                 if b.output is not None:  # None: unchanged
                     slot.live_output = dict(b.output)

@@ -828,6 +828,25 @@ def test_a_silent_slot_is_lost_and_an_ended_one_stays_ended(queue_backend: Backe
     assert "no heartbeat since" in slots[quiet]["message"]
 
 
+def test_a_lost_slot_that_beats_again_runs_with_no_end_and_no_lost_message(queue_backend: Backend,
+                                                                             app: int) -> None:
+    """A slot marked LOST was slow, not dead, when it beats again (a saturated database): it
+    runs, so its row says so, without the end time and "no heartbeat since" of the LOST mark."""
+    b = queue_backend
+    slow = _slot(b, app, "c", hb=2)
+    b.advance(5)
+    b.queue.recover_expired()
+    assert [s["status"] for s in b.slots(app)] == ["LOST"]
+    b.queue.heartbeat_slots([Beat(slow, "RUNNING", 3.0, ())])
+    [row] = b.slots(app)
+    assert (row["status"], row["ended_at"], row["message"]) == ("RUNNING", None, None)
+    b.advance(5)
+    b.queue.recover_expired()
+    b.queue.heartbeat(slow, status="READY", lease_seconds=3.0)  # the one-slot beat likewise
+    [row] = b.slots(app)
+    assert (row["status"], row["ended_at"], row["message"]) == ("READY", None, None)
+
+
 def test_set_slot_status_keeps_the_message_and_counts_tasks(queue_backend: Backend, app: int) -> None:
     b = queue_backend
     slot = _slot(b, app, "c")
