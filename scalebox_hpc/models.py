@@ -287,6 +287,22 @@ class Completion:
     sender: ModuleRef | None = None
 
 
+HAND_OFF_BUSY = -1
+"""What a batch hand-off (``complete_many``) answers for an item whose task row another
+transaction holds right now, nothing recorded: try it again shortly. The holder may only be a
+claim statement that looked at the row (migration 0030); a second try records the result, or
+finds the lease lost when the holder was recovering the task."""
+
+BUSY_RETRY_SECONDS = 0.05
+"""A hand-off whose task row another transaction held (HAND_OFF_BUSY) is tried again after
+this, doubling per try up to BUSY_RETRY_MAX_SECONDS; the holder is mostly a claim statement
+of another node, done within its batch."""
+BUSY_RETRY_MAX_SECONDS = 1.0
+BUSY_GIVE_UP_SECONDS = 60.0
+"""A hand-off found busy for this long is given up as a lost lease (no lock on a task row
+lasts that long but a stuck transaction's; the task's lease has run out meanwhile)."""
+
+
 class LeaseLostError(ScaleboxError):
     """The slot no longer holds the task (its lease expired and someone else took it, or its
     result was recorded already); ``task_id`` names the task."""

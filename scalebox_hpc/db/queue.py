@@ -293,10 +293,11 @@ class PgQueue:
         self, items: Sequence[Completion], *, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef],
     ) -> list[int | None]:
         """The hand-off of a batch: every result, execution and emitted message in ONE statement
-        (one transaction). Returns, per item, the messages written, or None when that task's
-        lease was lost (nothing recorded for it). Unroutable messages turn their task into
-        EMIT_FAILED as in :meth:`complete`; a duplicate body under CONFLICT_ACTION=FAIL rolls the
-        batch back and it is recorded task by task instead."""
+        (one transaction). Returns, per item, the messages written, None when that task's
+        lease was lost, or HAND_OFF_BUSY (-1) when another transaction held its row (nothing
+        recorded for either; the caller tries a busy one again, see migration 0030). Unroutable
+        messages turn their task into EMIT_FAILED as in :meth:`complete`; a duplicate body under
+        CONFLICT_ACTION=FAIL rolls the batch back and it is recorded task by task instead."""
         rows = []
         remote = False
         for ord_, item in enumerate(items):

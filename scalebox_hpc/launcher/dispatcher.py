@@ -44,6 +44,10 @@ from scalebox_hpc.launcher.runner import outage_backoff
 from scalebox_hpc.launcher.slotport import SlotPort
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
+    BUSY_GIVE_UP_SECONDS,
+    BUSY_RETRY_MAX_SECONDS,
+    BUSY_RETRY_SECONDS,
+    HAND_OFF_BUSY,
     Beat,
     Completion,
     LeaseLostError,
@@ -104,6 +108,9 @@ class _Call:
     tries: int = 0
     requeue_for: Callable[[int], bool] | None = None
     fallback: bool = False
+    busy_since: float | None = None
+    """A hand-off answered HAND_OFF_BUSY: when it first was (it is being tried again)."""
+    busy_tries: int = 0
 
     answered: bool = False
 
@@ -145,6 +152,8 @@ class DispatcherStats:
     """Claims for idle slots made right after a local hand-off wrote messages to their module."""
     tasks_shared: int = 0
     """Prefetched tasks given back so that an idle slot of the same module takes them."""
+    hand_offs_busy: int = 0
+    """Hand-offs tried again because another transaction held their task row (HAND_OFF_BUSY)."""
 
 
 @dataclass
@@ -758,7 +767,7 @@ class Dispatcher:
     def _complete_group(self, group: list[_Call]) -> None:
         for call in group:
             self._learn(call.args[0], call.kwargs["slot_id"])
-        if len(group) == 1:
+        if len(group) == 1 and group[0].busy_since is None:  # (a busy one again: the batch's path never waits)
             self._complete_one(group[0])
             return
         items = [Completion(task=c.args[0], result=c.args[1], host=c.kwargs["host"],
@@ -779,13 +788,35 @@ class Dispatcher:
                 self._complete_one(call)
             return
         self.stats.complete_statements += 1
-        self.stats.tasks_completed += len(group)
-        self._wrote(group, written)
+        recorded = [n if n != HAND_OFF_BUSY else None for n in written]
+        self._wrote(group, recorded)
         for call, n in zip(group, written, strict=True):
-            if n is None:
+            if n == HAND_OFF_BUSY:
+                self._busy(call)
+            elif n is None:
                 call.answer(error=LeaseLostError(call.args[0].id))
             else:
+                self.stats.tasks_completed += 1
                 call.answer(n)
+
+    def _busy(self, call: _Call) -> None:
+        """A hand-off whose task row another transaction held: nothing was recorded, and the
+        task is still the slot's (its lease renewed with the slot's beat: it stays in
+        ``recording``). Tried again shortly, in a later batch; given up as a lost lease after
+        BUSY_GIVE_UP_SECONDS, or at shutdown."""
+        now = self._clock()
+        task = call.args[0]
+        call.busy_since = now if call.busy_since is None else call.busy_since
+        call.busy_tries += 1
+        self.stats.hand_offs_busy += 1
+        if self._closed or now - call.busy_since >= BUSY_GIVE_UP_SECONDS:
+            logger.warning("task %s: its row was held by another transaction for %.1fs; result given up",
+                           task.id, now - call.busy_since)
+            call.answer(error=LeaseLostError(task.id))
+            return
+        delay = min(BUSY_RETRY_MAX_SECONDS, BUSY_RETRY_SECONDS * 2 ** (call.busy_tries - 1))
+        logger.debug("task %s: row held by another transaction; hand-off tried again in %.2fs", task.id, delay)
+        self._retry.append((now + delay, call))
 
     def _complete_one(self, call: _Call) -> None:
         try:

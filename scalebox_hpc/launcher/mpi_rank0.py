@@ -51,7 +51,15 @@ from scalebox_hpc.launcher.runner import (
     stamp_messages,
 )
 from scalebox_hpc.launcher.workdirs import claim_app_dir
-from scalebox_hpc.models import Completion, Task, TaskResult, TaskStatus
+from scalebox_hpc.models import (
+    BUSY_GIVE_UP_SECONDS,
+    BUSY_RETRY_SECONDS,
+    HAND_OFF_BUSY,
+    Completion,
+    Task,
+    TaskResult,
+    TaskStatus,
+)
 from scalebox_hpc.pipeline import ModuleSpec
 from scalebox_hpc.runtime.base import ContainerRuntime
 from scalebox_hpc.runtime.svcdir import RequestDir
@@ -214,7 +222,8 @@ class Master:
 
     def _record(self, finished: list[Finished]) -> None:
         """Release aborted tasks; record the others (and their messages) in one transaction;
-        while the database is away, back off and retry (until the app is cancelled)."""
+        while the database is away, back off and retry (until the app is cancelled). Items
+        whose row another transaction held (HAND_OFF_BUSY) are tried again shortly."""
         rules = self.plan.spec.parameters.retry_rules
         release = [f.task.id for f in finished if f.result is None]
         items = [
@@ -223,6 +232,7 @@ class Master:
             for f in finished if f.result is not None
         ]
         backoff = Backoff(time.sleep, who="MPI stage: recording")
+        busy_since: float | None = None
         while True:
             try:
                 if release:
@@ -230,18 +240,34 @@ class Master:
                     release = []
                 written = self.db(self.q.complete_many, items, slot_id=self.plan.slot_id, sender=self.plan.ref,
                                   modules=self.plan.modules) if items else []
-                break
             except DatabaseError as exc:
                 if self.cancelled.is_set():
                     logger.error("MPI stage: %d results not recorded before shutdown: %s", len(items), exc)
                     return
                 backoff.failed(exc)
+                continue
+            items = self._recorded(items, written)
+            if not items:
+                return
+            busy_since = time.monotonic() if busy_since is None else busy_since
+            if time.monotonic() - busy_since >= BUSY_GIVE_UP_SECONDS or self.cancelled.is_set():
+                logger.warning("MPI stage: %d results given up, their rows held by another transaction",
+                               len(items))
+                return
+            time.sleep(BUSY_RETRY_SECONDS)
+
+    def _recorded(self, items: list[Completion], written: list[int | None]) -> list[Completion]:
+        """Count what a batch hand-off recorded, log the lost leases; returns the busy items."""
+        busy = []
         for item, w in zip(items, written, strict=True):
-            if w is None:
+            if w == HAND_OFF_BUSY:
+                busy.append(item)
+            elif w is None:
                 logger.warning("task %s: lease lost, result discarded (the task was recovered)", item.task.id,
                                extra={"action": "lease_lost", "task_id": item.task.id, "host": self.host})
             else:
                 self.tasks_done += 1
+        return busy
 
     # -- farm ---------------------------------------------------------------------------------------
     def _gate(self) -> TaskRunner | None:

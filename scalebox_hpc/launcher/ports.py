@@ -76,7 +76,11 @@ class BatchQueue(TaskQueue, Protocol):
 
     def complete_many(
         self, items: Sequence[Completion], *, slot_id: int, sender: ModuleRef, modules: dict[str, ModuleRef],
-    ) -> list[int | None]: ...
+    ) -> list[int | None]:
+        """Record a batch of results atomically per item; per item the messages written, None
+        when its lease was lost, or :data:`~scalebox_hpc.models.HAND_OFF_BUSY` when its row was
+        held by another transaction (nothing recorded: try it again shortly)."""
+        ...
     def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int: ...
 
 

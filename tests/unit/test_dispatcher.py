@@ -13,6 +13,9 @@ import pytest
 from scalebox_hpc.errors import DatabaseError, SlotError
 from scalebox_hpc.launcher.dispatcher import Dispatcher, SlotPort
 from scalebox_hpc.models import (
+    BUSY_GIVE_UP_SECONDS,
+    BUSY_RETRY_SECONDS,
+    HAND_OFF_BUSY,
     Beat,
     Completion,
     ConflictAction,
@@ -39,6 +42,8 @@ class Recorder:
         self.entered = threading.Event()
         self.refuse: set[int] = set()
         self.lost: set[int] = set()
+        self.busy: dict[int, int] = {}
+        """Task id -> how many more batch hand-offs answer it HAND_OFF_BUSY."""
         self.down = False
         self.released: list[int] = []
         self.statuses: dict[int, int] = {}
@@ -82,7 +87,14 @@ class Recorder:
             raise DatabaseError("down")
         if any(i.task.id in self.refuse for i in items):
             raise ValueError("refused")
-        return [None if i.task.id in self.lost else 1 for i in items]
+        out: list[int | None] = []
+        for i in items:
+            if self.busy.get(i.task.id, 0) > 0:
+                self.busy[i.task.id] -= 1
+                out.append(HAND_OFF_BUSY)
+            else:
+                out.append(None if i.task.id in self.lost else 1)
+        return out
 
     def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
         self.released += list(task_ids)
@@ -643,4 +655,41 @@ def test_leases_granted_before_any_batch_was_measured_get_the_cap() -> None:
     q.batch(d, 1.0)  # (the beat's batch ended well too: measured)
     d.call("heartbeat_slots", beat)
     assert q.leases == [("beat", 120.0), ("beat", 30.0)]
+    d.close()
+
+
+def test_a_hand_off_whose_row_another_transaction_held_is_tried_again_until_recorded() -> None:
+    """0030: an item answered HAND_OFF_BUSY (another transaction held its task row: often a
+    claim statement that only looked at it) is kept, its lease renewed with the slot's beat,
+    and tried again after BUSY_RETRY_SECONDS, doubling, by the batch's path (never a wait for
+    the lock); one busy for BUSY_GIVE_UP_SECONDS is given up as a lost lease."""
+    q, clock = Recorder(), Clock()
+    q.busy = {1: 2, 3: 10**6}
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    port.hand_off_many([(Task(i, 1, 1, "b", {}, -3), result(), False, lambda status: False) for i in (1, 2, 3)],
+                       slot_id=slot, host="h", sender=REF, modules=MODULES)
+    def completes() -> list[tuple[str, Any]]:
+        return [c for c in q.calls if c[0].startswith("complete")]
+
+    barrier(d)
+    assert d.held(slot) == (1, 3) and d.stats.hand_offs_busy == 2  # 2 recorded; 1 and 3 kept
+    barrier(d)
+    assert completes() == [("complete_many", [1, 2, 3])]  # not due yet
+    clock.now += BUSY_RETRY_SECONDS
+    barrier(d)
+    assert completes()[1:] == [("complete_many", [1, 3])] and d.held(slot) == (1, 3)  # both busy again
+    clock.now += BUSY_RETRY_SECONDS
+    barrier(d)
+    assert len(completes()) == 2  # the next try waits twice as long
+    clock.now += BUSY_RETRY_SECONDS
+    barrier(d)
+    assert completes()[2:] == [("complete_many", [1, 3])] and d.held(slot) == (3,)  # 1 recorded, third try
+    for _ in range(int(BUSY_GIVE_UP_SECONDS)):
+        clock.now += 1.0
+        barrier(d)
+    assert d.held(slot) == ()  # 3 given up after BUSY_GIVE_UP_SECONDS (its lease ran out meanwhile)
+    assert {kind for kind, _ in completes()} == {"complete_many"}  # a busy one alone too: never a wait
+    assert d.stats.tasks_completed == 2
     d.close()
