@@ -303,6 +303,18 @@ BUSY_GIVE_UP_SECONDS = 60.0
 lasts that long but a stuck transaction's; the task's lease has run out meanwhile)."""
 
 
+class Released(int):
+    """How many RUNNING tasks a release gave back to READY (an int, as before 0030), and
+    ``busy``: the ids it could not give back because another transaction held their rows right
+    now (not released; see :data:`HAND_OFF_BUSY`): the caller tries them again shortly."""
+
+    busy: tuple[int, ...]
+
+    def __new__(cls, count: int, busy: Sequence[int] = ()) -> Released:
+        self = super().__new__(cls, count)
+        self.busy = tuple(busy)
+        return self
+
 class LeaseLostError(ScaleboxError):
     """The slot no longer holds the task (its lease expired and someone else took it, or its
     result was recorded already); ``task_id`` names the task."""

@@ -179,8 +179,9 @@ SELECT sbx_l_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(attemp
 SELECT id, status FROM sbx_l_recover_v1();
 
 -- name: release_tasks
--- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted.
-SELECT id FROM sbx_l_release_v1(%(slot_id)s::bigint, NULL) AS id;
+-- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted;
+-- busy: held by another transaction, not released (tried again, see sbx_l_release_v2).
+SELECT id, busy FROM sbx_l_release_v2(%(slot_id)s::bigint, NULL);
 
 -- name: heartbeat_slot
 -- One statement renews the slot and the leases of the tasks it knows it runs (task_ids; NULL:
@@ -414,8 +415,9 @@ SELECT sbx_l_adopt_tasks_v1(%(app_id)s::bigint, %(host)s::text, %(limit)s::integ
 SELECT item AS ord, written FROM sbx_l_complete_tasks_v1(%(rows)s::jsonb);
 
 -- name: release_task_ids
--- Gives some RUNNING tasks of a slot back (an MPI stage's undistributed or aborted tasks).
-SELECT id FROM sbx_l_release_v1(%(slot_id)s::bigint, %(task_ids)s::bigint[]) AS id;
+-- Gives some RUNNING tasks of a slot back (prefetched ones, an MPI stage's undistributed or
+-- aborted tasks); busy as in release_tasks.
+SELECT id, busy FROM sbx_l_release_v2(%(slot_id)s::bigint, %(task_ids)s::bigint[]);
 
 -- name: app_uid
 -- The app's uid, unique across databases: names its work dirs.

@@ -23,6 +23,7 @@ from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in 
     LeaseLostError,
     Message,
     ModuleRef,
+    Released,
     SlotWant,
     Task,
     TaskResult,
@@ -337,11 +338,12 @@ class PgQueue:
         except LeaseLostError:
             return None
 
-    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
-        """Give some of the slot's RUNNING tasks back to READY, the attempt not counted."""
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> Released:
+        """Give some of the slot's RUNNING tasks back to READY, the attempt not counted; those
+        another transaction holds are not, and are named in ``busy`` (try again shortly)."""
         if not task_ids:
-            return 0
-        return len(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
+            return Released(0)
+        return _released(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
 
     def recover_expired(self) -> list[tuple[int, int]]:
         """Return tasks with expired leases to READY (or 123 when their retries are spent), mark
@@ -392,9 +394,10 @@ class PgQueue:
              "waiting": b.waiting, "output": None if b.output is None else dict(b.output)} for b in beats])})
         return [int(i) for i in rows[0]["released"]] if rows else []
 
-    def release(self, slot_id: int) -> int:
-        """Give the slot's running tasks back to READY (drain); returns how many."""
-        return len(self._run("release_tasks", {"slot_id": slot_id}))
+    def release(self, slot_id: int) -> Released:
+        """Give the slot's running tasks back to READY (drain); returns how many, and in
+        ``busy`` those another transaction held (not released: try again shortly)."""
+        return _released(self._run("release_tasks", {"slot_id": slot_id}))
 
     def app_uid(self, app_id: int) -> str:
         """The app's uid (unique across databases); NotFoundError when there is no such app."""
@@ -469,6 +472,11 @@ def _by_slot(rows: Iterable[dict[str, Any]]) -> dict[int, list[Task]]:
     for r in rows:
         out.setdefault(int(r["claimed_by"]), []).append(Task.from_row(r))
     return out
+
+
+def _released(rows: list[dict[str, Any]]) -> Released:
+    """A release's rows (id, busy) as a count with the busy ids."""
+    return Released(sum(1 for r in rows if not r["busy"]), [int(r["id"]) for r in rows if r["busy"]])
 
 
 def _emit_failed(result: TaskResult, reason: str) -> TaskResult:

@@ -52,6 +52,7 @@ from scalebox_hpc.models import (
     Completion,
     LeaseLostError,
     ModuleRef,
+    Released,
     SlotWant,
     Task,
     TaskResult,
@@ -169,6 +170,9 @@ class _SlotState:
     taken: set[int] = field(default_factory=set)
     """Prefetched tasks the slot took for its batch (a Python handler's) and has not handed
     over yet: renewed with its heartbeat, given back with its prefetch when it ends."""
+    releasing: set[int] = field(default_factory=set)
+    """Tasks a release found held by another transaction, to be released again shortly:
+    renewed with the slot's heartbeat meanwhile."""
     claimed_at: dict[int, float] = field(default_factory=dict)
     idle: _ClaimKey | None = None
     """The claim the slot last made and that found nothing (it waits for a wake-up); None while
@@ -315,7 +319,10 @@ class Dispatcher:
         hand-off is still to be recorded (their leases are renewed with its heartbeat)."""
         with self._lock:
             state = self._slots.get(slot_id)
-            return (*(t.id for t in state.buffer), *sorted(state.taken), *sorted(state.recording)) if state else ()
+            if state is None:
+                return ()
+            return (*(t.id for t in state.buffer), *sorted(state.taken), *sorted(state.recording),
+                    *sorted(state.releasing))
 
     def hand_off(self, task: Task, result: TaskResult, *, requeue_for: Callable[[int], bool],
                  **kwargs: Any) -> None:
@@ -729,7 +736,7 @@ class Dispatcher:
 
     def _give_back(self, slot_id: int, ids: list[int]) -> None:
         try:
-            self._q().release_ids(slot_id, ids)
+            self._release_now(slot_id, ids)
         except Exception as exc:  # the leases expire and recovery hands them out again
             logger.warning("dispatcher: could not give back tasks %s of ended slot %s: %s", ids, slot_id, exc)
 
@@ -844,7 +851,38 @@ class Dispatcher:
 
     def _do_release(self, slot_id: int) -> int:
         self._forget(slot_id, close=True)
-        return self._q().release(slot_id)  # every RUNNING task of the slot: prefetched ones too
+        return self._release_now(slot_id, None)  # every RUNNING task of the slot: prefetched ones too
+
+    def _do_release_ids(self, slot_id: int, task_ids: Sequence[int], *, since: float | None = None,
+                        tries: int = 0) -> int:
+        return self._release_now(slot_id, task_ids, since=since, tries=tries)
+
+    def _release_now(self, slot_id: int, task_ids: Sequence[int] | None, *, since: float | None = None,
+                     tries: int = 0) -> int:
+        """Release the slot's RUNNING tasks (``task_ids`` None: all). Those another transaction
+        held (0030: perhaps a claim statement that only looked at the row) are tried again
+        after BUSY_RETRY_SECONDS, doubling, their leases renewed meanwhile with the slot's
+        beat; else they stayed RUNNING until their lease expired and were recovered as stalled
+        (an attempt spent on no run). Returns how many were released now."""
+        q = self._q()
+        got = q.release(slot_id) if task_ids is None else q.release_ids(slot_id, task_ids)
+        busy = got.busy if isinstance(got, Released) else ()
+        now = self._clock()
+        since = now if since is None else since
+        again = bool(busy) and not self._closed and now - since < BUSY_GIVE_UP_SECONDS
+        with self._lock:
+            state = self._slots.setdefault(slot_id, _SlotState())
+            state.releasing.difference_update(task_ids or ())
+            if again:
+                state.releasing.update(busy)
+        if again:
+            delay = min(BUSY_RETRY_MAX_SECONDS, BUSY_RETRY_SECONDS * 2 ** tries)
+            self._retry.append((now + delay, _Call("release_ids", (slot_id, list(busy)),
+                                                   {"since": since, "tries": tries + 1}, wait=False)))
+        elif busy:
+            logger.warning("dispatcher: tasks %s of slot %s stay RUNNING, their rows held by another transaction "
+                           "for %.1fs; their leases will expire", list(busy), slot_id, now - since)
+        return int(got)
 
     def _do_set_slot_status(
         self, slot_id: int, status: str, *, message: str | None = None, tasks_done: int = 0,
@@ -857,7 +895,7 @@ class Dispatcher:
         ids = list(self._forget(slot_id, close=close))
         if not ids:
             return 0
-        return int(self._q().release_ids(slot_id, ids))
+        return self._release_now(slot_id, ids)
 
     def _forget(self, slot_id: int, *, close: bool = False) -> tuple[int, ...]:
         with self._lock:

@@ -235,24 +235,23 @@ class Master:
         busy_since: float | None = None
         while True:
             try:
-                if release:
-                    self.db(self.q.release_ids, self.plan.slot_id, release)
-                    release = []
-                written = self.db(self.q.complete_many, items, slot_id=self.plan.slot_id, sender=self.plan.ref,
-                                  modules=self.plan.modules) if items else []
+                if release:  # the busy ones are released again
+                    release = list(self.db(self.q.release_ids, self.plan.slot_id, release).busy)
+                if items:  # the busy ones are recorded again
+                    items = self._recorded(items, self.db(self.q.complete_many, items, slot_id=self.plan.slot_id,
+                                                          sender=self.plan.ref, modules=self.plan.modules))
             except DatabaseError as exc:
                 if self.cancelled.is_set():
                     logger.error("MPI stage: %d results not recorded before shutdown: %s", len(items), exc)
                     return
                 backoff.failed(exc)
                 continue
-            items = self._recorded(items, written)
-            if not items:
+            if not items and not release:
                 return
             busy_since = time.monotonic() if busy_since is None else busy_since
             if time.monotonic() - busy_since >= BUSY_GIVE_UP_SECONDS or self.cancelled.is_set():
-                logger.warning("MPI stage: %d results given up, their rows held by another transaction",
-                               len(items))
+                logger.warning("MPI stage: %d results and %d releases given up, their rows held by another "
+                               "transaction", len(items), len(release))
                 return
             time.sleep(BUSY_RETRY_SECONDS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from scalebox_hpc.models import Beat, Completion, ModuleRef, SlotWant, Task, TaskResult
+from scalebox_hpc.models import Beat, Completion, ModuleRef, Released, SlotWant, Task, TaskResult
 
 
 class TaskQueue(Protocol):
@@ -48,7 +48,10 @@ class TaskQueue(Protocol):
         self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
     ) -> None: ...
     def adopt_tasks(self, app_id: int, host: str, *, limit: int = ...) -> int: ...
-    def release(self, slot_id: int) -> int: ...
+    def release(self, slot_id: int) -> Released:
+        """Give the slot's RUNNING tasks back to READY: how many, and the ids another
+        transaction held (not released: to try again shortly; the node's dispatcher does)."""
+        ...
     def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]: ...
     def register_host(self, name: str, info: dict[str, Any]) -> None: ...
     def create_slot(
@@ -81,7 +84,7 @@ class BatchQueue(TaskQueue, Protocol):
         when its lease was lost, or :data:`~scalebox_hpc.models.HAND_OFF_BUSY` when its row was
         held by another transaction (nothing recorded: try it again shortly)."""
         ...
-    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int: ...
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> Released: ...
 
 
 QueueFactory = Callable[[], BatchQueue]

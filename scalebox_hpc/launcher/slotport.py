@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scalebox_hpc.models import Beat, ModuleRef, SlotWant, Task, TaskResult
+from scalebox_hpc.models import Beat, ModuleRef, Released, SlotWant, Task, TaskResult
 
 if TYPE_CHECKING:
     from scalebox_hpc.launcher.dispatcher import Dispatcher
@@ -139,8 +139,8 @@ class SlotPort:
     def adopt_tasks(self, app_id: int, host: str, *, limit: int = 100_000) -> int:
         return int(self._d.call("adopt_tasks", app_id, host, limit=limit))
 
-    def release(self, slot_id: int) -> int:
-        return int(self._d.call("release", slot_id))
+    def release(self, slot_id: int) -> Released:
+        return Released(self._d.call("release", slot_id))  # the busy ones: the dispatcher retries them
 
     def module_activity(self, app_id: int, module_id: int) -> tuple[str, bool]:
         got: tuple[str, bool] = self._d.call("module_activity", app_id, module_id)

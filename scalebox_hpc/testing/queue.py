@@ -14,6 +14,7 @@ from scalebox_hpc.models import (
     LeaseLostError,
     Message,
     ModuleRef,
+    Released,
     Task,
     TaskResult,
     TaskStatus,
@@ -121,15 +122,16 @@ class InMemoryQueue(_Claims):
                 return one_by_one
 
     # -- leases -------------------------------------------------------------------------------------
-    def release(self, slot_id: int) -> int:
-        """Give the slot's RUNNING tasks back to READY, the attempt not counted; returns how many."""
+    def release(self, slot_id: int) -> Released:
+        """Give the slot's RUNNING tasks back to READY, the attempt not counted; returns how many
+        (never busy: nothing else holds a row here)."""
         with self._call("release"):
-            return len(self._release(slot_id, None))
+            return Released(len(self._release(slot_id, None)))
 
-    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> int:
+    def release_ids(self, slot_id: int, task_ids: Sequence[int]) -> Released:
         """Give some of the slot's RUNNING tasks back to READY, the attempt not counted."""
         with self._call("release_ids"):
-            return len(self._release(slot_id, set(task_ids))) if task_ids else 0
+            return Released(len(self._release(slot_id, set(task_ids))) if task_ids else 0)
 
     def _release(self, slot_id: int, ids: set[int] | None) -> list[int]:
         out = []

@@ -5,7 +5,7 @@
 -- the lock stays to the claim's end although its recheck left the row out. The owner's
 -- hand-off in that window was discarded and the task ran again after its lease expired
 -- (measured: 10 emulated nodes, 20 s, 988 of ~100,000 results). Now such an item is answered
--- busy (-1) and the caller tries it again shortly.
+-- busy (-1) and the caller tries it again shortly. Releases likewise (sbx_l_release_v2).
 
 CREATE OR REPLACE FUNCTION sbx_complete_tasks_v1(p_rows jsonb)
 RETURNS TABLE (item integer, written integer)
@@ -149,3 +149,46 @@ ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_hashjoin = off;
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_mergejoin = off;
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET enable_seqscan = off;
 ALTER FUNCTION sbx_complete_tasks_v1(jsonb) SET jit = off;
+
+-- queries.sql release_tasks (p_task_ids NULL) and release_task_ids (0030): RUNNING tasks of a
+-- slot back to READY, the attempt not counted; and, with busy true, those of them another
+-- transaction holds (not released: the caller tries again shortly). v1 skipped those as taken,
+-- but the holder may be a claim statement that only looked at the row (see
+-- sbx_complete_tasks_v1's busy); such a task stayed RUNNING until its lease expired and was
+-- then recovered as stalled, an attempt of its retries spent on no run.
+CREATE FUNCTION sbx_l_release_v2(p_slot_id bigint, p_task_ids bigint[]) RETURNS TABLE (id bigint, busy boolean)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
+    RETURN QUERY
+    WITH mine AS (
+        -- the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another transaction
+        -- holds (waiting for it held the node's one session: 0029)
+        SELECT t.id FROM sbx_tasks t
+        WHERE t.slot_id = p_slot_id AND t.status = -3 AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
+        FOR NO KEY UPDATE OF t SKIP LOCKED
+    ), gone AS (
+        UPDATE sbx_tasks t
+        SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
+            attempts = greatest(t.attempts - 1, 0), started_at = NULL
+        FROM mine m WHERE t.id = m.id
+        RETURNING t.id
+    )
+    SELECT g.id, false FROM gone g
+    UNION ALL
+    -- the slot's in this statement's snapshot that mine left out: held by another transaction
+    SELECT t.id, true FROM sbx_tasks t
+    WHERE t.slot_id = p_slot_id AND t.status = -3 AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
+      AND t.id <> ALL (ARRAY(SELECT m.id FROM mine m));
+END;
+$$;
+
+-- a launcher function: a fixed search_path, and no EXECUTE for PUBLIC (the roles get it from
+-- sbx_grant_roles_v1)
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION sbx_l_release_v2(bigint, bigint[]) SET search_path = pg_catalog, %I, pg_temp',
+                   current_schema());
+    REVOKE EXECUTE ON FUNCTION sbx_l_release_v2(bigint, bigint[]) FROM PUBLIC;
+END;
+$$;

@@ -191,6 +191,7 @@ def test_functions_on_another_owners_app_are_refused(site: Site, tmp_path: Path)
          (Jsonb([{"slot_id": b["slot"], "status": "READY", "lease_seconds": 30}]),)),
         ("SELECT * FROM sbx_l_heartbeat_slot_v1(%s, 'READY', 30, NULL)", (b["slot"],)),
         ("SELECT * FROM sbx_l_release_v1(%s, NULL)", (b["slot"],)),
+        ("SELECT * FROM sbx_l_release_v2(%s, NULL)", (b["slot"],)),
         ("SELECT sbx_l_set_slot_status_v1(%s, 'EXITED', 'x', 0)", (b["slot"],)),
         ("SELECT sbx_l_insert_slot_v1(%s, 'h', 0, 1, '/tmp', 10)", (b["module"],)),
         ("SELECT * FROM sbx_l_semaphore_add_v1(%s, 's', 100)", (b_id,)),

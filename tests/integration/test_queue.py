@@ -549,7 +549,8 @@ def test_heartbeat_hand_off_and_release_skip_a_task_another_transaction_holds(pg
         written = q.complete_many([Completion(held, _result(), "h1"), Completion(mine, _result(), "h1")],
                                   slot_id=slot, sender=refs["b"], modules=refs)
         assert written == [HAND_OFF_BUSY, 0]  # nothing recorded for the held task yet
-        assert q.release(slot) == 1  # the third; the held one is not the node's to give back
+        released = q.release(slot)
+        assert released == 1 and released.busy == (held.id,)  # the third; the held one is told apart
         other.rollback()
     assert q.complete_many([Completion(held, _result(), "h1")], slot_id=slot, sender=refs["b"], modules=refs) == [0]
     with connect(pg_dsn) as conn:

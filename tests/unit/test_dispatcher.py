@@ -22,6 +22,7 @@ from scalebox_hpc.models import (
     LeaseLostError,
     Message,
     ModuleRef,
+    Released,
     SlotWant,
     Task,
     TaskResult,
@@ -43,6 +44,8 @@ class Recorder:
         self.refuse: set[int] = set()
         self.lost: set[int] = set()
         self.busy: dict[int, int] = {}
+        self.busy_release: list[int] = []
+        """Task ids the next ``release`` finds held by another transaction (Released.busy)."""
         """Task id -> how many more batch hand-offs answer it HAND_OFF_BUSY."""
         self.down = False
         self.released: list[int] = []
@@ -101,6 +104,9 @@ class Recorder:
         return len(task_ids)
 
     def release(self, slot_id: int) -> int:
+        if self.busy_release:
+            held, self.busy_release = self.busy_release, []
+            return Released(0, held)
         return 0
 
     def set_slot_status(self, slot_id: int, status: str, **kw: Any) -> None:
@@ -692,4 +698,23 @@ def test_a_hand_off_whose_row_another_transaction_held_is_tried_again_until_reco
     assert d.held(slot) == ()  # 3 given up after BUSY_GIVE_UP_SECONDS (its lease ran out meanwhile)
     assert {kind for kind, _ in completes()} == {"complete_many"}  # a busy one alone too: never a wait
     assert d.stats.tasks_completed == 2
+    d.close()
+
+
+def test_a_release_that_found_rows_held_releases_them_again_shortly() -> None:
+    """0030: the tasks a release could not give back (another transaction held their rows) are
+    released again after BUSY_RETRY_SECONDS, renewed with the slot's beat meanwhile; they used
+    to stay RUNNING until their lease expired and be recovered as stalled."""
+    q, clock = Recorder(), Clock()
+    q.busy_release = [41, 42]
+    d = dispatcher(q, clock=clock)
+    port = d.port()
+    slot = port.create_slot(1, host="h", seq=0, pid=1, work_dir="/")
+    assert port.release(slot) == 0
+    assert d.held(slot) == (41, 42)  # still the slot's: its beat renews them
+    barrier(d)
+    assert q.released == []  # not due yet
+    clock.now += BUSY_RETRY_SECONDS
+    barrier(d)
+    assert q.released == [41, 42] and d.held(slot) == ()
     d.close()
