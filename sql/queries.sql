@@ -82,6 +82,7 @@ WITH app AS (
       AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
+      AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
     ORDER BY t.pref_partial, t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
@@ -101,6 +102,7 @@ WITH app AS (
       AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
+      AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
     ORDER BY t.pref_until, t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
@@ -115,6 +117,7 @@ WITH app AS (
       AND (t.to_slot IS NULL OR t.to_slot = ANY (%(slot_seqs)s::integer[]))
       AND EXISTS (SELECT 1 FROM app)
       AND NOT EXISTS (SELECT 1 FROM full_sinks)
+      AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
     ORDER BY t.id
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED

@@ -1173,6 +1173,19 @@ $$;
 -- queries.sql claim_tasks, for a module of an app the caller acts on and slots of that module
 -- (tests/integration/test_launcher_role.py checks the statement below is claim_tasks's text).
 -- The statement's plan is cached by PL/pgSQL as a prepared statement's would be.
+-- (0030) A claim's candidates are READY in its statement's snapshot, and one whose row was
+-- updated since (xmax set: another node claimed it, and it runs) is checked again in a fresh
+-- snapshot before it is locked. Else the claim locked the row's newest version, its recheck
+-- left it out, and the lock stayed to the claim's end: seconds on a saturated database, during
+-- which the owner's heartbeat and hand-off met a held row (a heartbeat skips it, a hand-off is
+-- busy: 50 emulated nodes lost leases so). VOLATILE: each call reads with a new snapshot.
+CREATE FUNCTION sbx_task_still_ready_v1(p_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM sbx_tasks t WHERE t.id = p_id AND t.status = -1);
+END;
+$$;
+
 CREATE FUNCTION sbx_l_claim_v1(
     p_app_id bigint, p_module_id bigint, p_host text, p_slot_ids bigint[], p_slot_seqs integer[],
     p_wants integer[], p_limit integer, p_lease_seconds double precision)
@@ -1215,6 +1228,7 @@ BEGIN
           AND (t.to_slot IS NULL OR t.to_slot = ANY (p_slot_seqs::integer[]))
           AND EXISTS (SELECT 1 FROM app)
           AND NOT EXISTS (SELECT 1 FROM full_sinks)
+          AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
         ORDER BY t.pref_partial, t.id
         LIMIT p_limit
         FOR UPDATE OF t SKIP LOCKED
@@ -1230,6 +1244,7 @@ BEGIN
           AND (t.to_slot IS NULL OR t.to_slot = ANY (p_slot_seqs::integer[]))
           AND EXISTS (SELECT 1 FROM app)
           AND NOT EXISTS (SELECT 1 FROM full_sinks)
+          AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
         ORDER BY t.pref_until, t.id
         LIMIT p_limit
         FOR UPDATE OF t SKIP LOCKED
@@ -1243,6 +1258,7 @@ BEGIN
           AND (t.to_slot IS NULL OR t.to_slot = ANY (p_slot_seqs::integer[]))
           AND EXISTS (SELECT 1 FROM app)
           AND NOT EXISTS (SELECT 1 FROM full_sinks)
+          AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id))
         ORDER BY t.id
         LIMIT p_limit
         FOR UPDATE OF t SKIP LOCKED

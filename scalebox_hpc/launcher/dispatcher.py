@@ -228,6 +228,9 @@ class Dispatcher:
         self._closed = False
         self._retry: list[tuple[float, _Call]] = []
         """Hand-offs to try again (after an outage, or as -103 after a refusal), with when."""
+        self._held_back: list[_Call | None] = []
+        """Calls (and the stop mark) that came while a batch was served, taken out of the inbox
+        to serve the beats among them at once (:meth:`_beats_meanwhile`): the next batch's."""
         self.stats = DispatcherStats()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -397,12 +400,15 @@ class Dispatcher:
     # -- the thread -----------------------------------------------------------------------------
     def _serve_forever(self) -> None:
         try:
+            stop = False
             while True:
-                first = self._next(self._retry_timeout())
-                batch: list[_Call] = self._due_retries(final=first is None)
+                held, self._held_back = self._held_back, []
+                first = self._next(0.0 if held or stop else self._retry_timeout())
+                stop = stop or first is None or None in held
+                batch: list[_Call] = self._due_retries(final=stop)
+                batch += [c for c in held if c is not None]  # taken out while the last batch was served
                 if first is not None and first is not _TICK:
                     batch.append(first)
-                stop = first is None
                 while True:  # everything else already waiting joins this batch
                     try:
                         more = self._inbox.get_nowait()
@@ -414,7 +420,7 @@ class Dispatcher:
                         batch.append(more)
                 if batch:
                     self._serve(batch)
-                if stop:
+                if stop and not self._held_back:  # what came during the last batch is served first
                     return
         finally:
             if self._retry:  # a refused result turned -103 during the last batch: its one try
@@ -520,10 +526,28 @@ class Dispatcher:
         if completes:  # first: they free capacity downstream and upstream's back-pressure
             self._complete_all(completes)
             claims.extend(self._eager_claims())
+            self._beats_meanwhile()
         if claims:
             self._claim_all(claims)
         for call in others:
+            self._beats_meanwhile()
             self._pass_through(call)
+
+    def _beats_meanwhile(self) -> None:
+        """Serve the beats that came while this batch was being served, now, between two of its
+        statements; the other calls that came wait for the next batch. A beat waited for the
+        whole batch: at 50 emulated nodes one batch held a 7.5 s claim and then the lease
+        recovery, 14 s between two renewals of a node with 15 s leases, and 789 of its tasks
+        were recovered and run again elsewhere."""
+        while True:
+            try:
+                more = self._inbox.get_nowait()
+            except stdqueue.Empty:
+                return
+            if more is not None and more.kind in _LEASE_KINDS:
+                self._pass_through(more)
+            else:
+                self._held_back.append(more)
 
     def _pass_through(self, call: _Call) -> None:
         try:
@@ -545,6 +569,7 @@ class Dispatcher:
                               kw.get("semaphore"))
             groups.setdefault(key, []).append(call)
         for key, group in groups.items():
+            self._beats_meanwhile()
             self._claim_group(key, group)
 
     def _claim_group(self, key: _ClaimKey, group: list[_Call]) -> None:

@@ -565,13 +565,17 @@ def test_heartbeat_hand_off_and_release_skip_a_task_another_transaction_holds(pg
     q.close()
 
 
-def test_a_claim_that_only_looked_at_a_running_task_does_not_cost_its_owner_the_result(
-        pg_dsn: str, app_id: int) -> None:
-    """0030: another node's claim statement whose snapshot predates this slot's claim finds the
-    task READY there; it locks the row's newest version (RUNNING), its recheck leaves the row
-    out, and the lock stays until its transaction ends. 0029's hand-off skipped such a row as
-    taken and discarded the result (the task then ran again after its lease expired: 1 % of 10
-    emulated nodes' results); now it is answered busy, and recorded when tried again."""
+_SLOW_SCAN = ("SELECT id FROM sbx_tasks t WHERE module_id = %s AND status = -1 AND pg_sleep(0.5) IS NOT NULL {recheck}"
+              "ORDER BY id FOR UPDATE SKIP LOCKED")
+"""Another node's claim, slow as a saturated node's is: its snapshot is taken at once, its rows
+are looked at 0.5 s later. ``{recheck}``: the claim's candidate filter since 0030, or nothing."""
+_RECHECK = "AND (t.xmax = '0'::xid OR sbx_task_still_ready_v1(t.id)) "
+
+
+def _hand_off_beside_a_slow_claim(pg_dsn: str, app_id: int, recheck: str) -> tuple[list[int | None], int]:
+    """One task: a slow claim statement starts, this slot claims the task meanwhile, and hands it
+    off while that statement's transaction is still open. Returns the hand-off's answer and the
+    task's id (the other statement's transaction ended, the slot still holding the task)."""
     with connect(pg_dsn) as conn:
         apps.add_tasks(conn, app_id, "b", [Message("looked-at")])
     q = PgQueue(pg_dsn)
@@ -580,12 +584,10 @@ def test_a_claim_that_only_looked_at_a_running_task_does_not_cost_its_owner_the_
     started, scanned, done = threading.Event(), threading.Event(), threading.Event()
     took: list[int] = []
 
-    def other_claim() -> None:  # slow, as a saturated node's claim is: its snapshot is taken at once
+    def other_claim() -> None:
         with psycopg.connect(pg_dsn) as other:
             started.set()
-            took.extend(r[0] for r in other.execute(
-                "SELECT id FROM sbx_tasks WHERE module_id = %s AND status = -1 AND pg_sleep(0.5) IS NOT NULL "
-                "ORDER BY id FOR UPDATE SKIP LOCKED", (refs["b"].id,)).fetchall())
+            took.extend(r[0] for r in other.execute(_SLOW_SCAN.format(recheck=recheck), (refs["b"].id,)).fetchall())
             scanned.set()
             done.wait(20)
 
@@ -599,19 +601,44 @@ def test_a_claim_that_only_looked_at_a_running_task_does_not_cost_its_owner_the_
                 break
             threading.Event().wait(0.02)
     [task] = _claim(q, app_id, "b", slot)
-    assert scanned.wait(20) and took == []  # it took nothing, and holds the row
+    assert scanned.wait(20) and took == []  # it took nothing
     try:
         first = q.complete_many([Completion(task, _result(), "h1")], slot_id=slot, sender=refs["b"], modules=refs)
     finally:
         done.set()
         thread.join(20)
-    assert first == [HAND_OFF_BUSY]
-    assert q.complete_many([Completion(task, _result(), "h1")], slot_id=slot, sender=refs["b"], modules=refs) == [0]
+    if first == [HAND_OFF_BUSY]:
+        assert q.complete_many([Completion(task, _result(), "h1")], slot_id=slot, sender=refs["b"],
+                               modules=refs) == [0]
     with connect(pg_dsn) as conn:
         row = conn.execute("SELECT status FROM sbx_tasks WHERE id = %s", (task.id,)).fetchone()
         execs = conn.execute("SELECT status FROM sbx_task_execs WHERE task_id = %s", (task.id,)).fetchall()
     assert row["status"] == 0 and [e["status"] for e in execs] == [0]
     q.close()
+    return first, task.id
+
+
+def test_a_claim_that_only_looked_at_a_running_task_does_not_cost_its_owner_the_result(
+        pg_dsn: str, app_id: int) -> None:
+    """0030: a claim statement whose snapshot predates this slot's claim finds the task READY
+    there; without a second look it locks the row's newest version (RUNNING), its recheck leaves
+    the row out, and the lock stays until its transaction ends. 0029's hand-off skipped such a
+    row as taken and discarded the result (the task then ran again after its lease expired: 1 %
+    of 10 emulated nodes' results); now it is answered busy, and recorded when tried again."""
+    first, _ = _hand_off_beside_a_slow_claim(pg_dsn, app_id, recheck="")
+    assert first == [HAND_OFF_BUSY]
+
+
+def test_the_claims_second_look_leaves_a_task_claimed_meanwhile_unlocked(pg_dsn: str, app_id: int) -> None:
+    """0030: the claim's candidates whose row changed since its snapshot are looked at again in a
+    fresh one (sbx_task_still_ready_v1) before they are locked: the slow claim leaves the task
+    another slot claimed meanwhile alone, and that slot's hand-off is recorded at once. The
+    claim statement carries the filter in each of its three candidate scans."""
+    first, _ = _hand_off_beside_a_slow_claim(pg_dsn, app_id, recheck=_RECHECK)
+    assert first == [0]
+    from scalebox_hpc.db.sql import query
+
+    assert query("claim_tasks").count(_RECHECK.strip()) == 3
 
 
 def test_the_heartbeat_reads_its_slots_tasks_only(pg_dsn: str, app_id: int) -> None:
