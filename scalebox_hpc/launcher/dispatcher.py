@@ -170,6 +170,11 @@ class _SlotState:
     taken: set[int] = field(default_factory=set)
     """Prefetched tasks the slot took for its batch (a Python handler's) and has not handed
     over yet: renewed with its heartbeat, given back with its prefetch when it ends."""
+    running: set[int] = field(default_factory=set)
+    """Tasks the slot got from the dispatcher (its own claim's answer, or taken from its
+    prefetch) and has not handed over: renewed with its heartbeat, since a beat the slot built
+    before it had them is served after (seen: a beat built while the slots' claims waited 9 s
+    was served right after them without their 32 tasks, whose leases then expired)."""
     releasing: set[int] = field(default_factory=set)
     """Tasks a release found held by another transaction, to be released again shortly:
     renewed with the slot's heartbeat meanwhile."""
@@ -309,6 +314,7 @@ class Dispatcher:
         tasks = [state.buffer.popleft() for _ in range(min(limit, len(state.buffer)))]
         for task in tasks:
             state.claimed_at[task.id] = now
+            state.running.add(task.id)
         self.stats.prefetch_hits += len(tasks)
         return tasks
 
@@ -326,6 +332,14 @@ class Dispatcher:
                 return ()
             return (*(t.id for t in state.buffer), *sorted(state.taken), *sorted(state.recording),
                     *sorted(state.releasing))
+
+    def _renewed(self, slot_id: int) -> tuple[int, ...]:
+        """What a beat of the slot renews besides the tasks it names: what it holds, and what it
+        got from the dispatcher and runs (the beat may have been built before it got them)."""
+        with self._lock:
+            state = self._slots.get(slot_id)
+            running = tuple(sorted(state.running)) if state else ()
+        return (*self.held(slot_id), *running)
 
     def hand_off(self, task: Task, result: TaskResult, *, requeue_for: Callable[[int], bool],
                  **kwargs: Any) -> None:
@@ -360,6 +374,7 @@ class Dispatcher:
             state = self._slots.setdefault(kwargs["slot_id"], _SlotState())
             state.recording.add(task.id)
             state.taken.discard(task.id)
+            state.running.discard(task.id)
         return _Call("complete", (task, result), kwargs, wait=False, settle=self._settled, requeue_for=requeue_for)
 
     def _settled(self, call: _Call, result: Any, error: BaseException | None) -> None:
@@ -752,6 +767,7 @@ class Dispatcher:
                 mine, rest = tasks[:limit], tasks[limit:]
                 for t in mine:
                     state.claimed_at[t.id] = now
+                    state.running.add(t.id)
                 state.buffer.extend(rest)
                 if waiting is not None:
                     waiting.answer(mine)
@@ -799,6 +815,7 @@ class Dispatcher:
     def _complete_group(self, group: list[_Call]) -> None:
         for call in group:
             self._learn(call.args[0], call.kwargs["slot_id"])
+            self._handed_over(call)
         if len(group) == 1 and group[0].busy_since is None:  # (a busy one again: the batch's path never waits)
             self._complete_one(group[0])
             return
@@ -865,12 +882,13 @@ class Dispatcher:
     def _do_heartbeat(
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
-        ids = None if task_ids is None else [*task_ids, *self.held(slot_id)]
+        ids = None if task_ids is None else list(dict.fromkeys((*task_ids, *self._renewed(slot_id))))
         return self._q().heartbeat(slot_id, status=status, lease_seconds=self._stretched(lease_seconds), task_ids=ids)
 
     def _do_heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
         full = [replace(b, lease_seconds=self._stretched(b.lease_seconds),
-                        task_ids=None if b.task_ids is None else (*b.task_ids, *self.held(b.slot_id)))
+                        task_ids=None if b.task_ids is None else tuple(dict.fromkeys((*b.task_ids,
+                                                                                      *self._renewed(b.slot_id)))))
                 for b in beats]
         return self._q().heartbeat_slots(full)
 
@@ -898,6 +916,10 @@ class Dispatcher:
         with self._lock:
             state = self._slots.setdefault(slot_id, _SlotState())
             state.releasing.difference_update(task_ids or ())
+            if task_ids is None:
+                state.running.clear()
+            else:
+                state.running.difference_update(task_ids)
             if again:
                 state.releasing.update(busy)
         if again:
@@ -931,7 +953,17 @@ class Dispatcher:
             ids = (*(t.id for t in state.buffer), *sorted(state.taken))
             state.buffer.clear()
             state.taken.clear()
+            if close:  # the slot runs nothing more (what it ran it handed over or released)
+                state.running.clear()
             return ids
+
+    def _handed_over(self, call: _Call) -> None:
+        """A slot's hand-off (waited for or not) reached the dispatcher: its task is no longer
+        one the slot runs (it is ``recording`` until written, when asynchronous)."""
+        with self._lock:
+            state = self._slots.get(call.kwargs["slot_id"])
+            if state is not None:
+                state.running.discard(call.args[0].id)
 
     def _release_all_prefetched(self) -> None:
         """At the end: hand back what was prefetched and never run (best effort: else the
