@@ -1558,27 +1558,12 @@ BEGIN
 END;
 $$;
 
--- queries.sql release_tasks (p_task_ids NULL) and release_task_ids: RUNNING tasks of a slot
--- back to READY, the attempt not counted
+-- The release of launchers before 0030 (queries.sql then called it): sbx_l_release_v2's
+-- released ids, the busy ones left out (not released, as before)
 CREATE FUNCTION sbx_l_release_v1(p_slot_id bigint, p_task_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
-    RETURN QUERY
-    WITH mine AS (
-        -- (0029) the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another
-        -- transaction holds: that one recovers it (the lease expired) or claims it again after
-        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
-        -- saturated database) held the node's one session, and its other leases expired in turn
-        SELECT t.id FROM sbx_tasks t
-        WHERE t.slot_id = p_slot_id AND t.status = -3 AND (p_task_ids IS NULL OR t.id = ANY (p_task_ids))
-        FOR NO KEY UPDATE OF t SKIP LOCKED
-    )
-    UPDATE sbx_tasks t
-    SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-        attempts = greatest(t.attempts - 1, 0), started_at = NULL
-    FROM mine m WHERE t.id = m.id
-    RETURNING t.id;
+    RETURN QUERY SELECT r.id FROM sbx_l_release_v2(p_slot_id, p_task_ids) AS r WHERE NOT r.busy;
 END;
 $$;
 

@@ -187,11 +187,23 @@ BEGIN
 END;
 $$;
 
+-- The release of launchers before 0030 (queries.sql then called it): sbx_l_release_v2's
+-- released ids, the busy ones left out (not released, as before)
+CREATE OR REPLACE FUNCTION sbx_l_release_v1(p_slot_id bigint, p_task_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    RETURN QUERY SELECT r.id FROM sbx_l_release_v2(p_slot_id, p_task_ids) AS r WHERE NOT r.busy;
+END;
+$$;
+
 -- a launcher function: a fixed search_path, and no EXECUTE for PUBLIC (the roles get it from
 -- sbx_grant_roles_v1)
 DO $$
 BEGIN
     EXECUTE format('ALTER FUNCTION sbx_l_release_v2(bigint, bigint[]) SET search_path = pg_catalog, %I, pg_temp',
+                   current_schema());
+    -- (v1: CREATE OR REPLACE reset its search_path)
+    EXECUTE format('ALTER FUNCTION sbx_l_release_v1(bigint, bigint[]) SET search_path = pg_catalog, %I, pg_temp',
                    current_schema());
     REVOKE EXECUTE ON FUNCTION sbx_l_release_v2(bigint, bigint[]) FROM PUBLIC;
 END;
