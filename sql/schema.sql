@@ -953,16 +953,23 @@ DECLARE
     may_create boolean := (SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user);
     missing text := '';
     obj record;
+    role text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sbx_user') THEN
-        IF may_create THEN CREATE ROLE sbx_user NOLOGIN; ELSE missing := missing || ' sbx_user'; END IF;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sbx_viewer') THEN
-        IF may_create THEN CREATE ROLE sbx_viewer NOLOGIN; ELSE missing := missing || ' sbx_viewer'; END IF;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sbx_launcher') THEN
-        IF may_create THEN CREATE ROLE sbx_launcher NOLOGIN; ELSE missing := missing || ' sbx_launcher'; END IF;
-    END IF;
+    FOREACH role IN ARRAY ARRAY['sbx_user', 'sbx_viewer', 'sbx_launcher'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = role) THEN
+            IF NOT may_create THEN
+                missing := missing || ' ' || role;
+                CONTINUE;
+            END IF;
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', role);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                -- (0031) roles are the server's: `db init` of another database of it made the
+                -- role after the check above (unique_violation: while this one waited for it)
+                NULL;
+            END;
+        END IF;
+    END LOOP;
     IF missing <> '' THEN
         RETURN 'cannot create the role(s)' || missing || ' (CREATEROLE needed): ask the database admin';
     END IF;

@@ -31,7 +31,7 @@ settings.load_profile("scalebox")
 # tests' private server has a fixed port and data directory.
 _GROUP_OF_MARKER = {"slurm": "testbed", "netns": "testbed", "pgbouncer": "testbed", "pgtls": "testbed",
                     "podman": "podman"}
-_GROUP_OF_FIXTURE = {"db2": "testbed", "private_pg": "private_pg"}
+_GROUP_OF_FIXTURE = {"db2": "testbed", "private_pg": "private_pg", "private_server": "private_pg"}
 
 
 def _group(item: pytest.Item) -> str | None:

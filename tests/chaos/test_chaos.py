@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from psycopg.rows import dict_row
 from scalebox_hpc.db import apps, schema
 from scalebox_hpc.db.connection import connect
 from scalebox_hpc.db.queue import PgQueue
+from scalebox_hpc.db.sql import schema_version
 from scalebox_hpc.models import Message
 from scalebox_hpc.pipeline import load_pipeline
 from tests.components import need
@@ -152,12 +154,14 @@ def test_stalled_task_gets_123_when_retries_are_spent(pg_dsn: str, tmp_path: Pat
 
 # -- PostgreSQL restart ---------------------------------------------------------------------
 @pytest.fixture
-def private_pg(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A PostgreSQL server of this test's own (the test-bed script on another port), to restart."""
+def private_server() -> Iterator[tuple[str, dict[str, str]]]:
+    """A PostgreSQL server of this test's own (the test-bed script on another port; a new
+    cluster: no scalebox roles yet), wiped at the end."""
     script = REPO / "launchers/testbed/postgres.sh"
     if os.geteuid() != 0 or not shutil.which("runuser"):
         need("postgres-restart", "needs root and the test-bed's launchers/testbed/postgres.sh")
     env = dict(os.environ, SCALEBOX_TESTBED_PG_PORT="55499", SCALEBOX_TESTBED_PG_DIR="/tmp/sbx-chaos-pg")
+    subprocess.run(["bash", str(script), "stop", "--wipe"], env=env, capture_output=True, timeout=120)
     out = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         need("postgres-restart", f"postgres.sh start failed: {out.stderr.strip()[-300:]}")
@@ -165,12 +169,66 @@ def private_pg(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
-    with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        schema.init(conn)  # type: ignore[arg-type]
     try:
         yield dsn, env
     finally:
         subprocess.run(["bash", str(script), "stop", "--wipe"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def private_pg(private_server: tuple[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
+    """:func:`private_server` with the schema, to restart."""
+    dsn, _env = private_server
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        schema.init(conn)  # type: ignore[arg-type]
+    return private_server
+
+
+def test_two_inits_of_one_servers_databases_at_once_both_make_their_schema(
+        private_server: tuple[str, dict[str, str]]) -> None:
+    """0031: the group roles are the server's. Two `db init` of two of its databases at once
+    both found sbx_user missing; the second's CREATE ROLE waited for the first to commit and
+    then failed (a duplicate key in pg_authid), and its whole init rolled back. Now a role
+    made meanwhile is taken as made: both schemas are made, with their grants."""
+    dsn, _env = private_server
+    dsn2 = dsn.rsplit("/", 1)[0] + "/two"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE two")
+    first_in, commit = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first() -> None:  # makes the roles and holds its transaction open
+        with psycopg.connect(dsn, row_factory=dict_row) as a, a.transaction():
+            schema.init(a)  # type: ignore[arg-type]
+            first_in.set()
+            commit.wait(60)
+
+    def second() -> None:
+        try:
+            with psycopg.connect(dsn2, row_factory=dict_row) as b:
+                schema.init(b)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert first_in.wait(60)
+    threads[1].start()
+    with psycopg.connect(dsn, autocommit=True) as watch:  # the second waits on the first's role
+        wait_until(lambda: watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'two' "
+                                         "AND wait_event_type = 'Lock'").fetchone() == (1,), 30,
+                   "the second init waiting for the first's role")
+    commit.set()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    for target in (dsn, dsn2):
+        with psycopg.connect(target) as conn:
+            assert conn.execute("SELECT max(version) FROM sbx_schema_version").fetchone() == (schema_version(),)
+            assert conn.execute("SELECT has_table_privilege('sbx_user', 'sbx_tasks', 'INSERT'), "
+                                "has_function_privilege('sbx_launcher', 'sbx_l_claim_v1(bigint, bigint, text, "
+                                "bigint[], integer[], integer[], integer, double precision)', 'EXECUTE')"
+                                ).fetchone() == (True, True)
 
 
 def test_postgres_restart_mid_app_primes(private_pg: tuple[str, dict[str, str]], cli_env: dict[str, str],
