@@ -72,7 +72,11 @@ PREFETCH_SECONDS = 0.1
 """A slot's prefetch holds about this much work (tasks of 5 ms: 16; of 50 ms: 2; of 1 s: 1):
 enough that a claim serves many tasks, little enough that no other node waits for them."""
 REFILL_BATCHES = 4
-"""A prefetch buffer holds at least this many served batches' time of work (see _depth)."""
+"""A prefetch buffer holds at least this many served batches' time of work (see _depth)..."""
+PREFETCH_MAX_SECONDS = 1.0
+"""... but at most this much: every task held is renewed with every beat, so on a saturated
+database deeper buffers made slower batches, which made deeper buffers (50 emulated nodes on 2
+cores: up to ~7,000-10,000 tasks a node, most of each beat's rows)."""
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
@@ -790,7 +794,7 @@ class Dispatcher:
         seconds = self._task_seconds.get(module_id)
         if seconds is None or seconds >= PREFETCH_TASK_SECONDS:
             return 0
-        budget = max(PREFETCH_SECONDS, REFILL_BATCHES * (self._batch_seconds or 0.0))
+        budget = max(PREFETCH_SECONDS, min(PREFETCH_MAX_SECONDS, REFILL_BATCHES * (self._batch_seconds or 0.0)))
         return max(1, min(cap, int(budget / max(seconds, 1e-5))))
 
     def _learn(self, task: Task, slot_id: int) -> None:

@@ -776,3 +776,19 @@ def test_a_beat_built_before_the_slot_got_its_task_renews_that_task() -> None:
     beats = [arg for kind, arg in q.calls if kind == "beat"]
     assert beats == [[(slot, (task.id,))], [(slot, ())]]
     d.close()
+
+
+def test_a_slow_database_deepens_the_prefetch_to_a_second_of_work_at_most() -> None:
+    """A refill waits for the batch being served and then its own, so the buffer holds
+    REFILL_BATCHES batches' time of work; but every task held is renewed with every beat, so
+    on a saturated database deeper buffers made slower batches, which made deeper buffers (50
+    emulated nodes: ~7,000-10,000 tasks a node). At most PREFETCH_MAX_SECONDS of work."""
+    from scalebox_hpc.launcher.dispatcher import BATCH_PREFETCH, PREFETCH_MAX_SECONDS, REFILL_BATCHES
+
+    d = dispatcher(Recorder())
+    d._task_seconds[1] = 0.01
+    d._batch_seconds = 0.05  # fast: REFILL_BATCHES batches = 0.2 s of work
+    assert d._depth(1, BATCH_PREFETCH) == round(REFILL_BATCHES * 0.05 / 0.01)
+    d._batch_seconds = 10.0  # saturated: 40 s of work before; now a second's
+    assert d._depth(1, BATCH_PREFETCH) == round(PREFETCH_MAX_SECONDS / 0.01) < BATCH_PREFETCH
+    d.close()
