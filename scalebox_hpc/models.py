@@ -298,6 +298,14 @@ BUSY_RETRY_SECONDS = 0.05
 this, doubling per try up to BUSY_RETRY_MAX_SECONDS; the holder is mostly a claim statement
 of another node, done within its batch."""
 BUSY_RETRY_MAX_SECONDS = 1.0
+
+
+def busy_delay(tries: int) -> float:
+    """Seconds before the next try of a call found busy ``tries`` times before (0: the first
+    retry): BUSY_RETRY_SECONDS, doubling, at most BUSY_RETRY_MAX_SECONDS."""
+    return min(BUSY_RETRY_MAX_SECONDS, BUSY_RETRY_SECONDS * 2.0 ** tries)
+
+
 BUSY_GIVE_UP_SECONDS = 60.0
 """A hand-off found busy for this long is given up as a lost lease (no lock on a task row
 lasts that long but a stuck transaction's; the task's lease has run out meanwhile)."""

@@ -45,8 +45,6 @@ from scalebox_hpc.launcher.slotport import SlotPort
 from scalebox_hpc.launcher.wakeups import Wakeups
 from scalebox_hpc.models import (
     BUSY_GIVE_UP_SECONDS,
-    BUSY_RETRY_MAX_SECONDS,
-    BUSY_RETRY_SECONDS,
     HAND_OFF_BUSY,
     Beat,
     Completion,
@@ -57,6 +55,7 @@ from scalebox_hpc.models import (
     Task,
     TaskResult,
     TaskStatus,
+    busy_delay,
     unrecordable,
 )
 
@@ -337,13 +336,13 @@ class Dispatcher:
             return (*(t.id for t in state.buffer), *sorted(state.taken), *sorted(state.recording),
                     *sorted(state.releasing))
 
-    def _renewed(self, slot_id: int) -> tuple[int, ...]:
-        """What a beat of the slot renews besides the tasks it names: what it holds, and what it
-        got from the dispatcher and runs (the beat may have been built before it got them)."""
+    def _beat_ids(self, slot_id: int, named: Sequence[int]) -> tuple[int, ...]:
+        """What a beat of the slot renews: the tasks it names, what it holds, and what it got
+        from the dispatcher and runs (the beat may have been built before it got them); each once."""
         with self._lock:
             state = self._slots.get(slot_id)
-            running = tuple(sorted(state.running)) if state else ()
-        return (*self.held(slot_id), *running)
+            running = sorted(state.running) if state else ()
+        return tuple(dict.fromkeys((*named, *self.held(slot_id), *running)))
 
     def hand_off(self, task: Task, result: TaskResult, *, requeue_for: Callable[[int], bool],
                  **kwargs: Any) -> None:
@@ -867,7 +866,7 @@ class Dispatcher:
                            task.id, now - call.busy_since)
             call.answer(error=LeaseLostError(task.id))
             return
-        delay = min(BUSY_RETRY_MAX_SECONDS, BUSY_RETRY_SECONDS * 2 ** (call.busy_tries - 1))
+        delay = busy_delay(call.busy_tries - 1)
         logger.debug("task %s: row held by another transaction; hand-off tried again in %.2fs", task.id, delay)
         self._retry.append((now + delay, call))
 
@@ -886,13 +885,12 @@ class Dispatcher:
     def _do_heartbeat(
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
-        ids = None if task_ids is None else list(dict.fromkeys((*task_ids, *self._renewed(slot_id))))
+        ids = None if task_ids is None else list(self._beat_ids(slot_id, task_ids))
         return self._q().heartbeat(slot_id, status=status, lease_seconds=self._stretched(lease_seconds), task_ids=ids)
 
     def _do_heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
         full = [replace(b, lease_seconds=self._stretched(b.lease_seconds),
-                        task_ids=None if b.task_ids is None else tuple(dict.fromkeys((*b.task_ids,
-                                                                                      *self._renewed(b.slot_id)))))
+                        task_ids=None if b.task_ids is None else self._beat_ids(b.slot_id, b.task_ids))
                 for b in beats]
         return self._q().heartbeat_slots(full)
 
@@ -927,7 +925,7 @@ class Dispatcher:
             if again:
                 state.releasing.update(busy)
         if again:
-            delay = min(BUSY_RETRY_MAX_SECONDS, BUSY_RETRY_SECONDS * 2 ** tries)
+            delay = busy_delay(tries)
             self._retry.append((now + delay, _Call("release_ids", (slot_id, list(busy)),
                                                    {"since": since, "tries": tries + 1}, wait=False)))
         elif busy:
