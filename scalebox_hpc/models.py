@@ -287,6 +287,10 @@ class Completion:
     sender: ModuleRef | None = None
 
 
+RECOVER_LIMIT = 1000
+"""Expired leases recovered (and bound tasks unbound) per recovery call, as in the SQL."""
+
+
 HAND_OFF_BUSY = -1
 """What a batch hand-off (``complete_many``) answers for an item whose task row another
 transaction holds right now, nothing recorded: try it again shortly. The holder may only be a

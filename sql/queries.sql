@@ -171,15 +171,19 @@ SELECT sbx_l_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(attemp
 
 -- name: recover_expired
 -- Lease recovery, run by any live launcher (heartbeat thread), stage job or CLI call: no daemon
--- (sbx_l_recover_v1, over the apps the caller acts on):
+-- (sbx_l_recover_v2, over the apps the caller acts on; every > 0, a launcher's periodic call: only
+-- the apps nobody recovered in the last `every` seconds, so a fleet recovers each app as often as
+-- one launcher would, not once per launcher):
 --  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
 --     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
 --     after a server restart a lease counts from the restart: its owner, reconnecting, gets
 --     one whole lease to renew it before anyone may take the task (an outage is no death);
 --  2. each gets an execution record with status 123 (STALLED);
 --  3. it returns to READY while its module's stall_retries allow another attempt, else 123;
---  4. slots silent for two of their own heartbeat intervals are marked LOST.
-SELECT id, status FROM sbx_l_recover_v1();
+--  4. slots silent for two of their own heartbeat intervals are marked LOST;
+--  5. READY tasks bound to a dead host, past their locality wait, are bound no more (at most
+--     bound_limit): one last row (NULL, NULL, unbound) says how many.
+SELECT id, status, unbound FROM sbx_l_recover_v2(%(every)s::double precision, %(bound_limit)s::integer);
 
 -- name: release_tasks
 -- Gives RUNNING tasks of a slot back (drain, shutdown): READY again, the attempt not counted;
@@ -402,10 +406,6 @@ RETURNING id;
 -- name: stage_job_draining
 -- Polled by a stage job's launchers: `scalebox stage stop` asks them to drain through here.
 SELECT draining, end_time FROM sbx_l_stage_job_flags_v1(%(cluster)s::text, %(slurm_job_id)s::text);
-
--- name: release_bound
--- Tasks bound to a dead host, past their locality wait, are bound no more (of the caller's apps).
-SELECT sbx_l_release_bound_v1(%(limit)s::integer) AS released;
 
 -- name: adopt_tasks
 -- READY tasks queued before any holder of their inputs was up now prefer the best one.

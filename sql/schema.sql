@@ -29,6 +29,8 @@ CREATE TABLE sbx_apps (
     uid uuid NOT NULL DEFAULT gen_random_uuid(),
     -- the app's last autoscale pass: one pass per interval across all its stage jobs
     autoscaled_at timestamptz,
+    -- (0032) the app's last lease recovery: one per interval across all its launchers
+    recovered_at timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
@@ -98,7 +100,8 @@ CREATE TABLE sbx_slots (
     live_output jsonb
 );
 CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
-CREATE INDEX sbx_slots_live_idx ON sbx_slots (heartbeat_at) WHERE status IN ('STARTING', 'READY', 'RUNNING');
+-- a host's live slots (sbx_host_live); (0032) not by heartbeat_at, so that a beat is a HOT update
+CREATE INDEX sbx_slots_live_host_idx ON sbx_slots (host) WHERE status IN ('STARTING', 'READY', 'RUNNING');
 
 CREATE TABLE sbx_tasks (
     id bigserial PRIMARY KEY,
@@ -148,7 +151,8 @@ CREATE INDEX sbx_tasks_waited_idx ON sbx_tasks (module_id, pref_until, id)
 -- the hosts READY tasks are bound to (sbx_release_bound_v1)
 CREATE INDEX sbx_tasks_bound_idx ON sbx_tasks (to_host) WHERE status = -1 AND to_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
-CREATE INDEX sbx_tasks_lease_idx ON sbx_tasks (lease_expires_at) WHERE status = -3;
+-- (0032) no index on lease_expires_at: a lease renewal (every task a node holds, every half
+-- heartbeat) then changes no indexed column and is a HOT update, no index entry written
 -- a slot's RUNNING tasks, for its heartbeat and release (0029)
 CREATE INDEX sbx_tasks_slot_idx ON sbx_tasks (slot_id) WHERE status = -3;
 
@@ -1618,23 +1622,47 @@ END;
 $$;
 
 -- queries.sql recover_expired, over the apps the caller acts on (each owner's launchers recover
--- their own apps' leases, as row security made it for sbx_user members)
-CREATE FUNCTION sbx_l_recover_v1() RETURNS TABLE (id bigint, status integer)
+-- their own apps' leases, as row security made it for sbx_user members); with p_every > 0 (0032)
+-- only the apps nobody recovered in the last p_every seconds; p_bound_limit > 0: also unbinds the
+-- READY tasks bound to a dead host and returns (NULL, NULL, unbound) last
+CREATE FUNCTION sbx_l_recover_v2(p_every double precision, p_bound_limit integer)
+RETURNS TABLE (id bigint, status integer, unbound integer)
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 #variable_conflict use_column
+DECLARE
+    due bigint[];
+    n integer;
 BEGIN
+    IF p_every > 0 THEN
+        -- (0032) the apps nobody recovered for p_every seconds; one held by another recoverer is
+        -- being recovered now: skipped (FOR NO KEY UPDATE: a task insert's KEY SHARE is no conflict)
+        WITH free AS (
+            SELECT a.id FROM sbx_apps a
+            WHERE a.id IN (SELECT sbx_l_own_apps_v1())
+              AND (a.recovered_at IS NULL OR a.recovered_at <= now() - make_interval(secs => p_every))
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), marked AS (
+            UPDATE sbx_apps a SET recovered_at = now() FROM free f WHERE a.id = f.id RETURNING a.id
+        )
+        SELECT array_agg(m.id) INTO due FROM marked m;
+    ELSE
+        due := ARRAY(SELECT sbx_l_own_apps_v1());
+    END IF;
+    IF COALESCE(cardinality(due), 0) = 0 THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    WITH own AS (
-        SELECT sbx_l_own_apps_v1() AS app_id
-    ), expired AS (
+    WITH expired AS (
         SELECT t.id
-        FROM sbx_tasks t
-        WHERE t.status = -3 AND t.lease_expires_at < now()
+        FROM sbx_modules m JOIN sbx_tasks t ON t.app_id = m.app_id AND t.module_id = m.id
+        -- the due apps' RUNNING tasks, module by module: every column of sbx_tasks_app_status_idx
+        -- bound (an app's done tasks are not read; a second partial index of RUNNING tasks beside
+        -- sbx_tasks_slot_idx made the planner pick the wrong one for the heartbeat)
+        WHERE m.app_id = ANY (due) AND t.status = -3 AND t.lease_expires_at < now()
           AND pg_postmaster_start_time() + (t.lease_expires_at - COALESCE(t.heartbeat_at, t.lease_expires_at)) < now()
-          AND t.app_id IN (SELECT o.app_id FROM own o)
         ORDER BY t.lease_expires_at
         LIMIT 1000
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF t SKIP LOCKED
     ), recorded AS (
         INSERT INTO sbx_task_execs (task_id, attempt, slot_id, host, status, started_at, finished_at, stderr)
         SELECT t.id, t.attempts, t.slot_id, t.host, 123, COALESCE(t.started_at, now()), now(),
@@ -1646,7 +1674,7 @@ BEGIN
         SET status = 'LOST', ended_at = now(), message = 'no heartbeat since ' || sl.heartbeat_at::text
         WHERE sl.status IN ('STARTING', 'READY', 'RUNNING')
           AND sl.heartbeat_at < now() - make_interval(secs => 2 * sl.heartbeat_seconds)
-          AND sl.module_id IN (SELECT m.id FROM sbx_modules m WHERE m.app_id IN (SELECT o.app_id FROM own o))
+          AND sl.module_id IN (SELECT m.id FROM sbx_modules m WHERE m.app_id = ANY (due))
     )
     UPDATE sbx_tasks t
     SET status = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN -1 ELSE 123 END,
@@ -1655,7 +1683,45 @@ BEGIN
         slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
     FROM expired e, sbx_modules m
     WHERE t.id = e.id AND m.id = t.module_id
-    RETURNING t.id, t.status;
+    RETURNING t.id, t.status, NULL::integer;
+    IF p_bound_limit > 0 THEN
+        WITH RECURSIVE bound (host) AS (
+            (SELECT t.to_host FROM sbx_tasks t
+             WHERE t.status = -1 AND t.to_host IS NOT NULL
+             ORDER BY t.to_host LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.to_host FROM sbx_tasks t
+                    WHERE t.status = -1 AND t.to_host IS NOT NULL AND t.to_host > b.host
+                    ORDER BY t.to_host LIMIT 1)
+            FROM bound b
+            WHERE b.host IS NOT NULL
+        ), orphans AS (
+            SELECT t.id
+            FROM sbx_tasks t
+            WHERE t.status = -1
+              AND t.to_host IN (SELECT b.host FROM bound b WHERE b.host IS NOT NULL AND NOT sbx_host_live(b.host))
+              AND (t.pref_until IS NULL OR t.pref_until <= now())
+              AND t.app_id = ANY (due)
+            LIMIT p_bound_limit
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE sbx_tasks t
+        SET to_host = NULL, to_slot = NULL, pref_host = NULL, pref_until = NULL, pref_partial = false
+        FROM orphans o
+        WHERE t.id = o.id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        RETURN QUERY SELECT NULL::bigint, NULL::integer, n;
+    END IF;
+END;
+$$;
+
+-- v1 (launchers of an older version): one body, v2's, recovering now; the bound tasks are
+-- theirs to unbind with sbx_l_release_bound_v1 as before
+CREATE FUNCTION sbx_l_recover_v1() RETURNS TABLE (id bigint, status integer)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT r.id, r.status FROM sbx_l_recover_v2(0, 0) r;
 END;
 $$;
 
@@ -2434,5 +2500,26 @@ ALTER FUNCTION sbx_l_claim_v1(bigint, bigint, text, bigint[], integer[], integer
     SET enable_seqscan = off;
 ALTER FUNCTION sbx_l_claim_v1(bigint, bigint, text, bigint[], integer[], integer[], integer, double precision)
     SET jit = off;
+-- (0032) the node's heartbeat statement updates its slots by primary key (it had hashed a
+-- sequential scan of sbx_slots: jsonb_to_recordset is guessed at 100 rows)
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_hashjoin = off;
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_mergejoin = off;
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_seqscan = off;
+
+-- (0032) no JIT in any launcher function (and so in nothing they call): their statements are short
+-- OLTP ones, and an estimate gone stale or a disabled plan node (enable_seqscan = off costs
+-- 10^10) can price one past jit_above_cost at any time. Each already has a SET clause
+-- (search_path), so one more costs nothing per call.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'sbx\_l\_%'
+               AND NOT ('jit=off' = ANY (COALESCE(p.proconfig, '{}'))) LOOP
+        EXECUTE format('ALTER FUNCTION %s SET jit = off', f.sig);
+    END LOOP;
+END;
+$$;
 
 SELECT sbx_grant_roles_v1();

@@ -17,6 +17,7 @@ from scalebox_hpc.db.connection import Connection, connect, is_retryable, transl
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
 from scalebox_hpc.models import (  # noqa: F401  (re-exported: routing lives in models)
+    RECOVER_LIMIT,
     Beat,
     Completion,
     ConflictAction,
@@ -345,16 +346,15 @@ class PgQueue:
             return Released(0)
         return _released(self._run("release_task_ids", {"slot_id": slot_id, "task_ids": list(task_ids)}))
 
-    def recover_expired(self) -> list[tuple[int, int]]:
+    def recover_expired(self, *, every: float = 0.0) -> list[tuple[int, int]]:
         """Return tasks with expired leases to READY (or 123 when their retries are spent), mark
         slots silent for two of their own heartbeat intervals LOST, and unbind the READY tasks
         bound to a dead host; returns the (task id, new status) pairs of the recovered tasks.
-        After a server restart a lease counts from the restart (its owner gets to renew it)."""
-        rows = self._run("recover_expired", {})
-        [released] = self._run("release_bound", {"limit": 1000})
-        if released["released"]:
-            logger.warning("%d task(s) bound to a dead host may now run anywhere", released["released"])
-        return [(int(r["id"]), int(r["status"])) for r in rows]
+        After a server restart a lease counts from the restart (its owner gets to renew it).
+        ``every`` > 0 (a launcher's periodic call): only the apps nobody recovered in the last
+        ``every`` seconds (one recovery per app and interval across the fleet); 0: now."""
+        rows = self._run("recover_expired", {"every": every, "bound_limit": RECOVER_LIMIT})
+        return _recovered(rows)
 
     def index_scratch(
         self, host: str, added: list[tuple[str, int]], removed: list[str], *, replace: bool = False,
@@ -472,6 +472,15 @@ def _by_slot(rows: Iterable[dict[str, Any]]) -> dict[int, list[Task]]:
     for r in rows:
         out.setdefault(int(r["claimed_by"]), []).append(Task.from_row(r))
     return out
+
+
+def _recovered(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """A recovery's rows as (task id, new status); its last row (NULL, NULL, n) counts the bound
+    tasks unbound (logged: they may run on any host now)."""
+    unbound = sum(int(r["unbound"]) for r in rows if r["id"] is None)
+    if unbound:
+        logger.warning("%d task(s) bound to a dead host may now run anywhere", unbound)
+    return [(int(r["id"]), int(r["status"])) for r in rows if r["id"] is not None]
 
 
 def _released(rows: list[dict[str, Any]]) -> Released:

@@ -10,6 +10,7 @@ from typing import Any, cast
 from scalebox_hpc.db.connection import Connection
 from scalebox_hpc.db.sql import query
 from scalebox_hpc.errors import NotFoundError
+from scalebox_hpc.models import RECOVER_LIMIT
 
 JobKey = tuple[str, str]
 """A stage job's key: (Slurm job id, cluster; '' unnamed)."""
@@ -262,9 +263,8 @@ def recover_expired(conn: Connection) -> int:
     """Return the tasks of dead launchers (expired leases) to READY before deciding on capacity:
     when a stage's last job was cancelled, no launcher is left to do it. Also unbinds the tasks
     bound to a dead host. Both through the launcher functions, over the apps the caller acts on."""
-    recovered = len(conn.execute(query("recover_expired")).fetchall())
-    conn.execute(query("release_bound"), {"limit": 1000})
-    return recovered
+    rows = conn.execute(query("recover_expired"), {"every": 0.0, "bound_limit": RECOVER_LIMIT}).fetchall()
+    return sum(1 for r in rows if r["id"] is not None)
 
 
 def launch_state(conn: Connection, app_id: int) -> tuple[bool, tuple[str, str] | None]:

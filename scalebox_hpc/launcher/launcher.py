@@ -263,7 +263,7 @@ class Launcher:
         queue = self.dispatcher.port()
         loop = HeartbeatLoop(
             beat=lambda: self._beat(queue), cancelled=lambda: queue.app_cancelled(self.config.app_id),
-            on_cancel=self._cancel, recover=queue.recover_expired,
+            on_cancel=self._cancel, recover=lambda every: queue.recover_expired(every=every),
             heartbeat_seconds=min(s.ctx.module.arguments.heartbeat_seconds for s in self.slots),
             lease_seconds=max(lease_for(s.ctx.module.arguments.heartbeat_seconds) for s in self.slots),
             connects=lambda: self.dispatcher.connects, who=f"heartbeat of {self.config.host}",

@@ -182,7 +182,7 @@ class Master:
             beat=lambda: self.db(self.q.heartbeat, self.plan.slot_id, status="RUNNING",
                                  lease_seconds=lease_for(self.hb)),
             cancelled=lambda: self.db(self.q.app_cancelled, self.plan.app_id), on_cancel=self._on_cancel,
-            recover=lambda: self.db(self.q.recover_expired), heartbeat_seconds=self.hb,
+            recover=lambda every: self.db(self.q.recover_expired, every=every), heartbeat_seconds=self.hb,
             lease_seconds=lease_for(self.hb), who="MPI stage heartbeat",
         ).run(self.ended.wait)
 

@@ -110,8 +110,8 @@ class SlotPort:
     def app_cancelled(self, app_id: int) -> bool:
         return bool(self._d.call("app_cancelled", app_id))
 
-    def recover_expired(self) -> list[tuple[int, int]]:
-        got: list[tuple[int, int]] = self._d.call("recover_expired")
+    def recover_expired(self, *, every: float = 0.0) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = self._d.call("recover_expired", every=every)
         return got
 
     def heartbeat(

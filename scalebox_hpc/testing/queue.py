@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from scalebox_hpc.errors import InvalidMessageError, NotFoundError
 from scalebox_hpc.models import (
+    RECOVER_LIMIT,
     Beat,
     Completion,
     LeaseLostError,
@@ -23,7 +24,6 @@ from scalebox_hpc.models import (
 from scalebox_hpc.testing.claims import _Claims
 from scalebox_hpc.testing.rows import (
     LIVE_SLOT_STATUSES,
-    RECOVER_LIMIT,
     _check_slot_status,
     _emit_failed,
     _exec_record,
@@ -179,13 +179,15 @@ class InMemoryQueue(_Claims):
                     released.append(t.id)
         return sorted(released)
 
-    def recover_expired(self) -> list[tuple[int, int]]:
+    def recover_expired(self, *, every: float = 0.0) -> list[tuple[int, int]]:
         """Expired leases: an execution record with 123, then READY while the module's stall
         retries allow, else 123; slots silent for two of their own heartbeats become LOST; READY
-        tasks bound to a dead host past their locality wait are unbound. Returns (id, status)."""
+        tasks bound to a dead host past their locality wait are unbound. Returns (id, status).
+        ``every`` > 0: only the apps not recovered in the last ``every`` seconds (sbx_l_recover_v2)."""
         with self._call("recover_expired"):
             s, now = self._s, self._now()
-            expired = sorted((t for t in s.tasks.values() if t.status == TaskStatus.RUNNING
+            due = self._due_for_recovery(every, now)
+            expired = sorted((t for t in s.tasks.values() if t.status == TaskStatus.RUNNING and t.app_id in due
                               and t.lease_expires_at is not None and t.lease_expires_at < now),
                              key=lambda t: (t.lease_expires_at or now, t.id))[:RECOVER_LIMIT]
             out = []
@@ -211,19 +213,30 @@ class InMemoryQueue(_Claims):
                 out.append((t.id, int(t.status)))
             # the SQL marks slots LOST in the same statement, from the same snapshot
             for slot in s.slots.values():
-                if slot.status in LIVE_SLOT_STATUSES and \
+                if slot.status in LIVE_SLOT_STATUSES and s.modules[slot.module_id].app_id in due and \
                         slot.heartbeat_at < now - timedelta(seconds=2 * slot.heartbeat_seconds):
                     slot.status, slot.ended_at = "LOST", now
                     slot.message = f"no heartbeat since {slot.heartbeat_at.isoformat()}"
-            self._release_bound()
+            if due:
+                self._release_bound(due)
             return out
 
-    def _release_bound(self) -> int:
-        """sbx_release_bound_v1: bound READY tasks of a dead host, past their wait, run anywhere."""
+    def _due_for_recovery(self, every: float, now: datetime) -> set[int]:
+        """The apps to recover now, marked recovered (``every`` > 0); all of them (0)."""
+        if every <= 0:
+            return set(self._s.apps)
+        due = {a.id for a in self._s.apps.values()
+               if a.recovered_at is None or a.recovered_at <= now - timedelta(seconds=every)}
+        for app_id in due:
+            self._s.apps[app_id].recovered_at = now
+        return due
+
+    def _release_bound(self, apps: set[int]) -> int:
+        """Bound READY tasks of ``apps`` on a dead host, past their wait, may run anywhere."""
         now, n = self._now(), 0
         dead: dict[str, bool] = {}
         for t in sorted(self._s.tasks.values(), key=lambda t: t.id):
-            if t.status != TaskStatus.READY or t.to_host is None:
+            if t.status != TaskStatus.READY or t.to_host is None or t.app_id not in apps:
                 continue
             if t.to_host not in dead:
                 dead[t.to_host] = not self._host_live(t.to_host)

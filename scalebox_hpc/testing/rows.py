@@ -25,8 +25,6 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 """Stdout/stderr kept per execution (as PgQueue keeps them)."""
 SLOT_STATUSES = frozenset({"STARTING", "READY", "RUNNING", "ERROR", "EXITED", "LOST"})
 LIVE_SLOT_STATUSES = frozenset({"STARTING", "READY", "RUNNING"})
-RECOVER_LIMIT = 1000
-"""Expired leases recovered (and bound tasks released) per call, as in the SQL."""
 
 
 # -- rows ---------------------------------------------------------------------------------------
@@ -41,6 +39,7 @@ class _App:
     cancelled: bool = False
     finished_at: datetime | None = None
     semaphores: dict[str, int] = field(default_factory=dict)
+    recovered_at: datetime | None = None
 
 
 @dataclass

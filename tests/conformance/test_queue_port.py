@@ -719,6 +719,33 @@ def test_an_expired_lease_is_recovered_with_a_stalled_record(queue_backend: Back
     assert _row(b, app, t1.id)["status"] == -3
 
 
+def test_a_fleets_periodic_recovery_recovers_each_app_once_per_interval(
+        queue_backend: Backend, app: int, tmp_path: Path) -> None:
+    """0032: every launcher's loop asks with ``every``; an app recovered less than ``every``
+    seconds ago is left alone (by anyone: the interval is the app's), another app is not held
+    back by it, and ``every=0`` (the CLI) recovers now."""
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0", "t1", "t2"])
+    slot = _slot(b, app, "c")
+    [ta] = _claim(b, app, "c", slot, lease=5)
+    [tb] = _claim(b, app, "c", slot, lease=8)
+    [tc] = _claim(b, app, "c", slot, lease=11)
+    b.advance(6)
+    assert b.queue.recover_expired(every=4) == [(ta.id, -1)]
+    other = b.create_app(_spec(tmp_path, PIPE))  # never recovered
+    b.add_tasks(other, "c", ["o0"])
+    oslot = _slot(b, other, "c")
+    [to] = _claim(b, other, "c", oslot, lease=1)
+    b.advance(3)  # tb and to expired; the app was recovered 3 s ago
+    assert b.queue.recover_expired(every=4) == [(to.id, -1)]  # only the other app was due
+    assert _row(b, app, tb.id)["status"] == -3
+    b.advance(1)  # 4 s since the app's recovery
+    assert b.queue.recover_expired(every=4) == [(tb.id, -1)]
+    b.advance(2)  # tc expired 1 s ago, the app recovered 2 s ago: not due, but the CLI recovers now
+    assert b.queue.recover_expired(every=4) == []
+    assert b.queue.recover_expired() == [(tc.id, -1)]
+
+
 def test_a_task_whose_stall_retries_are_spent_stays_stalled(queue_backend: Backend, app: int) -> None:
     b = queue_backend  # no retry rule names 123: two extra attempts
     b.add_tasks(app, "c", ["t0"])

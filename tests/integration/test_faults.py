@@ -296,6 +296,32 @@ def test_a_recovered_and_reclaimed_task_records_only_the_newer_run(pg_dsn: str, 
     q.close()
 
 
+def test_a_periodic_recovery_skips_an_app_another_recoverer_holds_and_never_waits(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """0032: the app's row is the fleet's recovery token; held by another recoverer's
+    transaction it is skipped at once (the other is recovering it), and `every=0` still
+    recovers now (the CLI), without taking it."""
+    app_id, mid = one_app(pg_dsn, tmp_path)
+    q = PgQueue(pg_dsn)
+    slot = q.create_slot(mid, host="h", seq=0, pid=1, work_dir="/w", heartbeat_seconds=1)
+    [task] = q.claim(app_id, mid, host="h", slot_id=slot, slot_seq=0, lease_seconds=0.1)
+    time.sleep(0.3)
+    with connect(pg_dsn) as holder:
+        holder.execute("SELECT 1 FROM sbx_apps WHERE id = %s FOR NO KEY UPDATE", (app_id,))
+        start = time.monotonic()
+        assert q.recover_expired(every=1.0) == []
+        assert time.monotonic() - start < 2.0
+        holder.rollback()
+    assert q.recover_expired(every=1.0) == [(task.id, -1)]
+    [again] = q.claim(app_id, mid, host="h", slot_id=slot, slot_seq=0, lease_seconds=0.1)
+    time.sleep(0.3)
+    assert q.recover_expired(every=30.0) == []  # recovered just now: not due for 30 s
+    assert q.recover_expired() == [(again.id, -1)]
+    [row] = rows(pg_dsn, "SELECT recovered_at IS NOT NULL AS set FROM sbx_apps WHERE id = %s", app_id)
+    assert row["set"]
+    q.close()
+
+
 def test_a_slot_is_judged_by_its_own_heartbeat_not_the_callers(pg_dsn: str, tmp_path: Path) -> None:
     """F13: a launcher beating every second must not mark a slow-beating slot LOST."""
     _, mid = one_app(pg_dsn, tmp_path)

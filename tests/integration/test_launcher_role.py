@@ -155,14 +155,18 @@ def test_the_launcher_role_reads_no_table(site: Site, tmp_path: Path) -> None:
         roles = conn.execute("SELECT r.rolname FROM pg_roles r WHERE pg_has_role(current_user, r.oid, 'MEMBER')"
                              " AND r.rolname <> current_user").fetchall()
         assert [r[0] for r in roles] == ["sbx_launcher"]
-    # every launcher function: SECURITY DEFINER but the two CLI helpers, all with the fixed search_path
+    # every launcher function: SECURITY DEFINER but the two CLI helpers, all with the fixed search_path, no JIT
     assert len(functions) >= 30
     for name, secdef, config in functions:
         # the claim and the batch hand-off also plan once per session (0022)
         generic = ",plan_cache_mode=force_generic_plan" if name in ("sbx_l_claim_v1", "sbx_l_complete_tasks_v1") else ""
         # (0027) and never scan sbx_tasks sequentially (nor JIT-compile, which that cost would start)
-        generic += ",enable_seqscan=off,jit=off" if name in ("sbx_l_claim_v1", "sbx_l_complete_tasks_v1") else ""
-        assert config == "search_path=pg_catalog, public, pg_temp" + generic, (name, config)
+        generic += ",enable_seqscan=off" if name in ("sbx_l_claim_v1", "sbx_l_complete_tasks_v1") else ""
+        # (0032) the node's heartbeat updates its slots by primary key
+        generic += ",enable_hashjoin=off,enable_mergejoin=off,enable_seqscan=off" \
+            if name == "sbx_l_heartbeat_slots_v1" else ""
+        # (0032) and none JIT-compiles: a stale estimate priced a no-op past jit_above_cost (1.1 s of CPU a call)
+        assert config == "search_path=pg_catalog, public, pg_temp" + generic + ",jit=off", (name, config)
         assert secdef or name in ("sbx_l_app_exists_v1", "sbx_l_newest_app_v1"), name
 
 

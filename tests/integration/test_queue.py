@@ -418,6 +418,34 @@ def test_one_heartbeat_statement_renews_every_slot_and_releases_strays(pg_dsn: s
     assert {r["status"] for r in slots} == {"RUNNING"}
 
 
+def test_a_lease_renewal_is_a_hot_update_that_writes_no_index_entry(pg_dsn: str, app_id: int) -> None:
+    """0032: a node renews every task it holds every half heartbeat; with no index on
+    lease_expires_at that changes no indexed column, so PostgreSQL writes a heap-only tuple
+    (before: one new entry in each of 5 indexes per task and beat, the server's largest cost at
+    200 emulated nodes)."""
+    import json
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message(f"t{i}") for i in range(5)])  # room left on their page
+    q = PgQueue(pg_dsn)
+    [slot] = _slots(q, app_id, "b", 1)
+    tasks = _claim(q, app_id, "b", slot, limit=5)
+    beats = [{"slot_id": slot, "status": "RUNNING", "lease_seconds": 60.0, "task_ids": [t.id for t in tasks],
+              "waiting": None, "output": None}]
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        [row] = conn.execute("SELECT renewed FROM sbx_l_heartbeat_slots_v1(%s::jsonb)", (json.dumps(beats),)).fetchall()
+        counts = conn.execute("SELECT pg_stat_get_xact_tuples_updated('sbx_tasks'::regclass) AS updated, "
+                              "pg_stat_get_xact_tuples_hot_updated('sbx_tasks'::regclass) AS hot").fetchone()
+        # and at any size: no index of sbx_tasks names a column the renewal sets, in its key or predicate
+        indexed = conn.execute(
+            "SELECT i.indexrelid::regclass::text AS name FROM pg_index i WHERE i.indrelid = 'sbx_tasks'::regclass "
+            "AND (pg_get_indexdef(i.indexrelid) ~ '(heartbeat_at|lease_expires_at)')").fetchall()
+    assert row["renewed"] == len(tasks) == 5
+    assert counts == {"updated": 5, "hot": 5}
+    assert indexed == []
+    q.close()
+
+
 def _nested_plans(conn: psycopg.Connection, sql_text: str, params: tuple) -> str:
     """The plans of every statement ``sql_text`` runs, functions' statements included (auto_explain
     sent to this client as notices)."""
@@ -662,3 +690,40 @@ def test_the_heartbeat_reads_its_slots_tasks_only(pg_dsn: str, app_id: int) -> N
     q.close()
     scans = _task_scans(plans)
     assert "sbx_tasks_slot_idx" in scans and set(scans) <= {"sbx_tasks_slot_idx", "sbx_tasks_pkey"}, (scans, plans)
+    # (0032) and its slots by primary key: it hashed a sequential scan of sbx_slots (the fleet's
+    # slots and their dead versions) in most beats at 200 emulated nodes
+    assert "Seq Scan on sbx_slots" not in plans and "sbx_slots_pkey" in plans, plans
+
+
+@pytest.mark.parametrize("analyzed", ["before the claims", "after the claims"])
+def test_the_recovery_reads_the_running_tasks_of_its_apps_only(pg_dsn: str, app_id: int, analyzed: str) -> None:
+    """0032: without the lease index the recovery reads RUNNING tasks only: by sbx_tasks_slot_idx
+    or module by module with every column of (app_id, module_id, status) bound; never every task
+    of the app (app_id alone bound: the planner's choice in the fleet, 200,000 index entries a
+    call), nor a sequential scan."""
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "c", [Message(f"r{i}") for i in range(3000)])
+        conn.commit()
+        conn.execute("UPDATE sbx_tasks SET status = 0 WHERE app_id = %s AND id %% 10 <> 0", (app_id,))
+        conn.commit()
+    q = PgQueue(pg_dsn)
+    [slot] = _slots(q, app_id, "c", 1)
+    if analyzed == "before the claims":
+        _analyze(pg_dsn)
+    _claim(q, app_id, "c", slot, limit=250)
+    if analyzed == "after the claims":
+        _analyze(pg_dsn)
+    q.close()
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        plans = _nested_plans(conn, "SELECT * FROM sbx_l_recover_v2(0, 1000)", ())
+    scans = _task_scans(plans)
+    assert scans and "Seq Scan" not in scans, (scans, plans)
+    conds = re.findall(r"Index (?:Only )?Scan using sbx_tasks_app_status_idx on sbx_tasks \w+ .*\n\s+Index Cond: (.*)",
+                       plans)
+    assert scans.count("sbx_tasks_app_status_idx") == len(conds), (scans, plans)
+    assert all("module_id =" in c and "status =" in c for c in conds), (conds, plans)
+
+
+def _analyze(dsn: str) -> None:
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE sbx_tasks")

@@ -189,6 +189,7 @@ class Beats:
         self.beats = 0
         self.cancels = 0
         self.recovers = 0
+        self.every: list[float] = []
         self.connects = 1
         self.fail = False
 
@@ -197,9 +198,10 @@ class Beats:
             raise DatabaseError("away")
         self.beats += 1
 
-    def recover(self) -> list[tuple[int, int]]:
+    def recover(self, every: float) -> list[tuple[int, int]]:
         self.recovers += 1
-        return self.queue.recover_expired()
+        self.every.append(every)
+        return self.queue.recover_expired(every=every)
 
     def loop(self, clock: FakeClock) -> HeartbeatLoop:
         return HeartbeatLoop(beat=self.beat, cancelled=lambda: self.queue.app_cancelled(self.app),
@@ -219,6 +221,7 @@ def test_the_recovery_loop_recovers_every_tick_and_asks_cancelled_every_second()
     for _ in range(4):
         assert loop.recover_step()
     assert (b.beats, b.recovers, b.cancels) == (0, 4, 0)  # beats are the other loop's
+    assert b.every == [0.5] * 4  # the fleet recovers an app once per eighth heartbeat, not each launcher
     queue.cancel_app(app)
     loop.recover_step()
     loop.recover_step()
@@ -279,7 +282,7 @@ def test_beats_keep_their_schedule_when_a_step_waits_long() -> None:
     by the next at once, then the schedule goes on: renewals are never a sleep plus every wait
     apart (that expired live leases on a saturated database)."""
     clock = FakeClock()
-    loop = HeartbeatLoop(beat=lambda: None, cancelled=lambda: False, on_cancel=lambda: None, recover=list,
+    loop = HeartbeatLoop(beat=lambda: None, cancelled=lambda: False, on_cancel=lambda: None, recover=lambda every: [],
                          heartbeat_seconds=4.0, lease_seconds=6.0, clock=clock)
     s = Schedule(clock, took=[0.5, 7.0, 0.5, 0.5, 0.1, 0.1], ok=[True, True, True, False, True, True])
     loop.every(2.0, s.step, s.stopped, lambda: True)
@@ -294,9 +297,9 @@ def test_the_loops_end_when_told_and_run_beats_and_recovery_apart() -> None:
     stop = threading.Event()
     beats: list[float] = []
 
-    def slow_recover() -> list[tuple[int, int]]:
+    def slow_recover(every: float) -> list[tuple[int, int]]:
         stop.wait(0.5)  # a recovery stuck behind a slow batch must not delay the beats
-        return b.recover()
+        return b.recover(every)
 
     loop = HeartbeatLoop(beat=lambda: beats.append(time.monotonic()), cancelled=lambda: False,
                          on_cancel=lambda: None, recover=slow_recover, heartbeat_seconds=0.08, lease_seconds=0.12)

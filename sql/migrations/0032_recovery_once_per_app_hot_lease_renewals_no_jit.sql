@@ -1,0 +1,170 @@
+-- 0032: lease recovery once per app and interval across the fleet, lease renewals that write
+-- no index entry, and no JIT in any launcher function.
+--
+-- Measured with benchmarks/fleet.py (200 emulated nodes, PgBouncer, pg_stat_statements and
+-- auto_explain): every launcher ran the recovery every quarter heartbeat, so the fleet ran it
+-- 200 times as often as one launcher does: 735 recoveries in one run, 66 ms each (48 s of the
+-- server's time for 0 tasks recovered), each reading every running task of the app. And a
+-- planner estimate gone stale (the bound-task index guessed at 67,518 rows, 0 in it) priced
+-- sbx_l_release_bound_v1's no-op statement past jit_above_cost: PostgreSQL compiled 27
+-- functions with inlining and optimisation on every call, 1.1-1.3 s of CPU each, 238 calls.
+--
+-- sbx_l_recover_v2(p_every, p_bound_limit): with p_every > 0 (the launchers' periodic
+-- recovery: their quarter heartbeat) an app is recovered only when nobody recovered it in the
+-- last p_every seconds (sbx_apps.recovered_at; an app whose row another recoverer holds is
+-- skipped, never waited for), so the fleet recovers each app at the cadence one launcher had,
+-- whatever the number of launchers. p_every = 0 (the CLI, the autoscaler, v1): now. It also
+-- unbinds the READY tasks bound to a dead host (what sbx_l_release_bound_v1 did in a second
+-- statement) when p_bound_limit > 0, and then returns one more row: (NULL, NULL, unbound).
+
+ALTER TABLE sbx_apps ADD COLUMN recovered_at timestamptz;
+
+-- Lease renewals without index entries. The same run: the node's heartbeat statement took more
+-- of the server than the claims (2,377 beats, 741 s of statement time against the claims' 67 s)
+-- because each renewal of a task's lease was a new row version with an entry in 5 of
+-- sbx_tasks's indexes: lease_expires_at was one indexed column. Without sbx_tasks_lease_idx a
+-- renewal changes no indexed column and is a HOT update (no index entry); the recovery, once
+-- per app and interval now, reads the app's RUNNING tasks module by module through
+-- sbx_tasks_app_status_idx instead.
+DROP INDEX sbx_tasks_lease_idx;
+
+-- The same for the slots' rows (32 per node and beat): heartbeat_at was indexed (live slots by
+-- heartbeat time), so every beat of a slot wrote 3 index entries. sbx_host_live() looks a
+-- host's live slots up by host now, and recovery marks slots LOST through sbx_slots_module_idx.
+DROP INDEX sbx_slots_live_idx;
+CREATE INDEX sbx_slots_live_host_idx ON sbx_slots (host) WHERE status IN ('STARTING', 'READY', 'RUNNING');
+
+-- and the node's heartbeat statement updates its slots by primary key: auto_explain showed it
+-- hashing a sequential scan of sbx_slots (6,400 rows and their dead versions) in 119 of 134
+-- beats over 250 ms (jsonb_to_recordset is guessed at 100 rows whatever the node's size)
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_hashjoin = off;
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_mergejoin = off;
+ALTER FUNCTION sbx_l_heartbeat_slots_v1(jsonb) SET enable_seqscan = off;
+
+CREATE FUNCTION sbx_l_recover_v2(p_every double precision, p_bound_limit integer)
+RETURNS TABLE (id bigint, status integer, unbound integer)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+#variable_conflict use_column
+DECLARE
+    due bigint[];
+    n integer;
+BEGIN
+    IF p_every > 0 THEN
+        -- (0032) the apps nobody recovered for p_every seconds; one held by another recoverer is
+        -- being recovered now: skipped (FOR NO KEY UPDATE: a task insert's KEY SHARE is no conflict)
+        WITH free AS (
+            SELECT a.id FROM sbx_apps a
+            WHERE a.id IN (SELECT sbx_l_own_apps_v1())
+              AND (a.recovered_at IS NULL OR a.recovered_at <= now() - make_interval(secs => p_every))
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), marked AS (
+            UPDATE sbx_apps a SET recovered_at = now() FROM free f WHERE a.id = f.id RETURNING a.id
+        )
+        SELECT array_agg(m.id) INTO due FROM marked m;
+    ELSE
+        due := ARRAY(SELECT sbx_l_own_apps_v1());
+    END IF;
+    IF COALESCE(cardinality(due), 0) = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH expired AS (
+        SELECT t.id
+        FROM sbx_modules m JOIN sbx_tasks t ON t.app_id = m.app_id AND t.module_id = m.id
+        -- the due apps' RUNNING tasks, module by module: every column of sbx_tasks_app_status_idx
+        -- bound (an app's done tasks are not read; a second partial index of RUNNING tasks beside
+        -- sbx_tasks_slot_idx made the planner pick the wrong one for the heartbeat)
+        WHERE m.app_id = ANY (due) AND t.status = -3 AND t.lease_expires_at < now()
+          AND pg_postmaster_start_time() + (t.lease_expires_at - COALESCE(t.heartbeat_at, t.lease_expires_at)) < now()
+        ORDER BY t.lease_expires_at
+        LIMIT 1000
+        FOR UPDATE OF t SKIP LOCKED
+    ), recorded AS (
+        INSERT INTO sbx_task_execs (task_id, attempt, slot_id, host, status, started_at, finished_at, stderr)
+        SELECT t.id, t.attempts, t.slot_id, t.host, 123, COALESCE(t.started_at, now()), now(),
+               'scalebox: lease expired (slot ' || COALESCE(t.slot_id::text, '?') || ' on '
+               || COALESCE(t.host, '?') || ' stopped heart-beating)'
+        FROM sbx_tasks t JOIN expired e ON e.id = t.id
+    ), lost AS (
+        UPDATE sbx_slots sl
+        SET status = 'LOST', ended_at = now(), message = 'no heartbeat since ' || sl.heartbeat_at::text
+        WHERE sl.status IN ('STARTING', 'READY', 'RUNNING')
+          AND sl.heartbeat_at < now() - make_interval(secs => 2 * sl.heartbeat_seconds)
+          AND sl.module_id IN (SELECT m.id FROM sbx_modules m WHERE m.app_id = ANY (due))
+    )
+    UPDATE sbx_tasks t
+    SET status = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN -1 ELSE 123 END,
+        finished_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE now() END,
+        started_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE t.started_at END,
+        slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
+    FROM expired e, sbx_modules m
+    WHERE t.id = e.id AND m.id = t.module_id
+    RETURNING t.id, t.status, NULL::integer;
+    IF p_bound_limit > 0 THEN
+        WITH RECURSIVE bound (host) AS (
+            (SELECT t.to_host FROM sbx_tasks t
+             WHERE t.status = -1 AND t.to_host IS NOT NULL
+             ORDER BY t.to_host LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.to_host FROM sbx_tasks t
+                    WHERE t.status = -1 AND t.to_host IS NOT NULL AND t.to_host > b.host
+                    ORDER BY t.to_host LIMIT 1)
+            FROM bound b
+            WHERE b.host IS NOT NULL
+        ), orphans AS (
+            SELECT t.id
+            FROM sbx_tasks t
+            WHERE t.status = -1
+              AND t.to_host IN (SELECT b.host FROM bound b WHERE b.host IS NOT NULL AND NOT sbx_host_live(b.host))
+              AND (t.pref_until IS NULL OR t.pref_until <= now())
+              AND t.app_id = ANY (due)
+            LIMIT p_bound_limit
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE sbx_tasks t
+        SET to_host = NULL, to_slot = NULL, pref_host = NULL, pref_until = NULL, pref_partial = false
+        FROM orphans o
+        WHERE t.id = o.id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        RETURN QUERY SELECT NULL::bigint, NULL::integer, n;
+    END IF;
+END;
+$$;
+
+-- v1 (launchers of an older version): one body, v2's, recovering now; the bound tasks are
+-- theirs to unbind with sbx_l_release_bound_v1 as before
+CREATE OR REPLACE FUNCTION sbx_l_recover_v1() RETURNS TABLE (id bigint, status integer)
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT r.id, r.status FROM sbx_l_recover_v2(0, 0) r;
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION sbx_l_recover_v2(double precision, integer) '
+                   'SET search_path = pg_catalog, %I, pg_temp', current_schema());
+    REVOKE EXECUTE ON FUNCTION sbx_l_recover_v2(double precision, integer) FROM PUBLIC;
+    -- (v1: CREATE OR REPLACE reset its search_path)
+    EXECUTE format('ALTER FUNCTION sbx_l_recover_v1() SET search_path = pg_catalog, %I, pg_temp', current_schema());
+END;
+$$;
+
+-- no JIT in any launcher function (and so in nothing they call): their statements are short
+-- OLTP ones, and an estimate gone stale or a disabled plan node (enable_seqscan = off costs
+-- 10^10) can price one past jit_above_cost at any time. Each already has a SET clause
+-- (search_path), so one more costs nothing per call.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'sbx\_l\_%'
+               AND NOT ('jit=off' = ANY (COALESCE(p.proconfig, '{}'))) LOOP
+        EXECUTE format('ALTER FUNCTION %s SET jit = off', f.sig);
+    END LOOP;
+END;
+$$;
+
+SELECT sbx_grant_roles_v1();
