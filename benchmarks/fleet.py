@@ -30,7 +30,12 @@ settle second has passed), and closes ``--seconds`` later. Reported:
 - ``server_connections``: client backends of the database in pg_stat_activity (peak and
   median over the window, the benchmark's own sampling connection excluded); through
   PgBouncer also its ``SHOW POOLS`` row (server and client connections) for the database;
-- the dispatchers' counters summed over the nodes (whole run, not only the window).
+- the dispatchers' counters summed over the nodes (whole run, not only the window);
+- ``raw_reference`` and ``ratio_to_raw`` (unless ``--no-reference``): right after the point, K
+  processes on the same path each run the least a PostgreSQL queue does (claim up to S rows with
+  SKIP LOCKED, sleep T ms, mark them done: no lease, heartbeat, execution record or message) on a
+  table of their own over a window as long; the point's tasks/s over theirs. What this box can
+  do at all with K nodes, measured beside us, so the ratio means more than the absolute numbers.
 
 A point that cannot run (direct connections that would not fit the server's
 max_connections — this server is shared, so it is not tried —, nodes failing to start) is
@@ -191,6 +196,92 @@ def node_main(index: int, app_id: int, dsn: str, env: dict[str, str], task_ms: f
                      "slot_claim": inside(slot_claim)}))
     except BaseException as exc:
         report.put(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
+
+
+# -- the reference: a raw SKIP LOCKED loop per node (runs in its processes) ---------------------
+RAW_TABLE = "sbx_fleet_raw"
+"""The reference's own table: id, status (-1 ready, -3 running, 0 done), node; nothing else."""
+
+
+def raw_node_main(index: int, dsn: str, batch: int, task_ms: float, stop: multiprocessing.synchronize.Event,
+                  report: Any) -> None:
+    """The least a PostgreSQL queue can do per node: claim up to ``batch`` ready rows (SKIP
+    LOCKED, lowest id first), let them "run" together for ``task_ms`` (the node's slots in
+    parallel), mark them done; one autocommit statement each, no lease, heartbeat, execution
+    record or message. As the issue's "raw SKIP LOCKED loop" reference, with K nodes."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+            report.put(("up", index, 0, None))
+            while not stop.is_set():
+                ids = [r[0] for r in conn.execute(
+                    f"UPDATE {RAW_TABLE} SET status = -3, node = %s WHERE id IN (SELECT id FROM {RAW_TABLE} "
+                    "WHERE status = -1 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id",
+                    (index, batch)).fetchall()]
+                time.sleep(task_ms / 1000.0 if ids else 0.05)
+                if ids:
+                    conn.execute(f"UPDATE {RAW_TABLE} SET status = 0 WHERE id = ANY(%s)", (ids,))
+        report.put(("done", index, {}, {}))
+    except BaseException as exc:
+        report.put(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)))
+
+
+def raw_reference(ctx: Any, mode: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    """K raw nodes (:func:`raw_node_main`, batch = slots per node) on the same server and path
+    (direct or PgBouncer) as the point: tasks/s over a window as long as the point's."""
+    from scalebox_hpc.db.connection import connect
+
+    node_dsn = args.direct_dsn if mode == "direct" else args.bouncer_dsn
+    with connect(args.direct_dsn, autocommit=True, application_name=DRIVER) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+        conn.execute(f"CREATE TABLE {RAW_TABLE} (id bigserial PRIMARY KEY, status integer NOT NULL DEFAULT -1, "
+                     "node integer)")
+        conn.execute(f"CREATE INDEX {RAW_TABLE}_ready ON {RAW_TABLE} (id) WHERE status = -1")
+        conn.execute(f"INSERT INTO {RAW_TABLE} (status) SELECT -1 FROM generate_series(1, %s)", (args.ready_low,))
+        report, stop = ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=raw_node_main, name=f"raw-{i}", daemon=True,
+                             args=(i, node_dsn, args.slots, args.task_ms, stop, report)) for i in range(k)]
+        out: dict[str, Any] = {"nodes": k, "batch": args.slots}
+        try:
+            for p in procs:
+                p.start()
+            up, errors = 0, list[str]()
+            deadline = time.monotonic() + args.start_timeout
+            while up + len(errors) < k and time.monotonic() < deadline:
+                with contextlib.suppress(stdqueue.Empty):
+                    msg = report.get(timeout=0.5)
+                    if msg[0] == "up":
+                        up += 1
+                    elif msg[0] == "error":
+                        errors.append(f"raw-{msg[1]}: {msg[2]}")
+            if errors or up < k:
+                out["skipped"] = f"{up} of {k} raw nodes came up"
+                out["errors"] = sorted(set(errors))[:5]
+                return out
+            time.sleep(args.settle)
+
+            def count(status: str) -> int:
+                row = conn.execute(f"SELECT count(*) AS n FROM {RAW_TABLE} WHERE {status}").fetchone()
+                return int(row["n"]) if row else 0
+
+            t0, n0 = time.time(), count("status = 0")
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:  # keep it topped up, as the point's feeder does
+                if count("status = -1") < args.ready_low:
+                    conn.execute(f"INSERT INTO {RAW_TABLE} (status) SELECT -1 FROM generate_series(1, %s)",
+                                 (args.chunk,))
+                time.sleep(0.5)
+            t1, n1 = time.time(), count("status = 0")
+            out["tasks_per_s"] = round((n1 - n0) / (t1 - t0), 1)
+            return out
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(max(0.1, 20.0 / max(1, len(procs))))
+                if p.is_alive():
+                    p.kill()
+            conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -397,7 +488,8 @@ def run_point(ctx: Any, mode: str, k: int, args: argparse.Namespace, root: Path)
                             f"per node); the shared server allows {cap} and {used} are in use: not tried "
                             f"(it would exhaust max_connections for everyone); use PgBouncer")
         return point
-    app_id = make_app(direct, root, f"{mode}-{k}", args.slots)
+    tag = f"{mode}-{k}-{len(list(root.glob('app-*')))}"  # unique: --nodes 50,50 measures 50 twice
+    app_id = make_app(direct, root, tag, args.slots)
     point["app_id"] = app_id
     feeder = Feeder(direct, app_id, low=args.ready_low, chunk=args.chunk)
     with connect(direct, application_name=DRIVER) as conn:
@@ -433,7 +525,7 @@ def run_point(ctx: Any, mode: str, k: int, args: argparse.Namespace, root: Path)
     try:
         for i in range(k):
             p = ctx.Process(target=node_main, name=f"node-{i}", daemon=True,
-                            args=(i, app_id, node_dsn, env, args.task_ms, str(root / f"work-{mode}-{k}"),
+                            args=(i, app_id, node_dsn, env, args.task_ms, str(root / f"work-{tag}"),
                                   report, stop, window))
             p.start()
             procs.append(p)
@@ -549,6 +641,8 @@ def main() -> None:
     parser.add_argument("--ready-low", type=int, default=40_000, help="keep at least this many tasks READY")
     parser.add_argument("--chunk", type=int, default=40_000, help="tasks per top-up")
     parser.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn", "fork"])
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the raw SKIP LOCKED loop measured after each point")
     args = parser.parse_args()
     modes = args.modes or ["pgbouncer", "direct"]
     ctx = multiprocessing.get_context(args.start_method)
@@ -567,8 +661,17 @@ def main() -> None:
                 except Exception as exc:  # one point failing must not lose the others
                     point = {"mode": mode, "nodes": k, "failed": f"{type(exc).__name__}: {exc}",
                              "trace": traceback.format_exc(limit=4)}
+                if args.reference and "tasks_per_s" in point:
+                    try:  # the same nodes, path and window, right after: the ratio is the number
+                        ref = raw_reference(ctx, mode, k, args)
+                    except Exception as exc:
+                        ref = {"failed": f"{type(exc).__name__}: {exc}"}
+                    point["raw_reference"] = ref
+                    if ref.get("tasks_per_s"):
+                        point["ratio_to_raw"] = round(point["tasks_per_s"] / ref["tasks_per_s"], 3)
                 out["points"].append(point)
-                print(json.dumps({k2: point.get(k2) for k2 in ("mode", "nodes", "tasks_per_s", "skipped")}),
+                print(json.dumps({k2: point.get(k2) for k2 in ("mode", "nodes", "tasks_per_s", "ratio_to_raw",
+                                                                "skipped")}),
                       file=sys.stderr, flush=True)
     json.dump(out, sys.stdout, indent=1)
     print()

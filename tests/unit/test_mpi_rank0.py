@@ -25,7 +25,7 @@ from scalebox_hpc.launcher.mpi_wire import (
     Opened,
     StageConfig,
 )
-from scalebox_hpc.models import Message, Task, TaskResult
+from scalebox_hpc.models import HAND_OFF_BUSY, Message, Task, TaskResult
 from scalebox_hpc.runtime.local import LocalRuntime
 from scalebox_hpc.testing import InMemoryQueue
 
@@ -110,10 +110,10 @@ def stage(tmp_path: Path, queue: InMemoryQueue, app: int, comm: FakeComm, stop: 
     return mpi_rank0.Master(comm, config, lambda: Opened(queue, app, {}), stop or threading.Event(), LocalRuntime())
 
 
-def new_app(tmp_path: Path, bodies: list[str]) -> tuple[InMemoryQueue, int]:
+def new_app(tmp_path: Path, bodies: list[str], queue: InMemoryQueue | None = None) -> tuple[InMemoryQueue, int]:
     code = tmp_path / "code"
     code.mkdir(exist_ok=True)
-    queue = InMemoryQueue()
+    queue = InMemoryQueue() if queue is None else queue
     spec = {**APP, "modules": {**APP["modules"], "work": {**APP["modules"]["work"], "code_path": str(code)}}}
     app = queue.create_app(spec)
     queue.add_tasks(app, "work", bodies)
@@ -178,3 +178,58 @@ def test_a_silent_rank_ends_the_stage_and_its_task_is_left_to_lease_expiry(
     work = by_body(queue, app, "work")
     assert work["quiet"]["status"] == -3  # still RUNNING under the stage's lease: recovery brings it back
     assert work["b"]["status"] != -3  # never handed out: released at once
+
+
+class BusyFirst(InMemoryQueue):
+    """An in-memory queue whose first hand-offs find every row held by another transaction
+    (HAND_OFF_BUSY, as PostgreSQL answers while a claim statement looks at the rows: 0030)."""
+
+    def __init__(self, busy_calls: int) -> None:
+        super().__init__()
+        self.busy_calls, self.hand_offs = busy_calls, 0
+
+    def complete_many(self, items: Any, **kwargs: Any) -> list[int | None]:
+        self.hand_offs += 1
+        if self.hand_offs <= self.busy_calls:
+            return [HAND_OFF_BUSY] * len(items)
+        return super().complete_many(items, **kwargs)
+
+
+def test_rank0_records_results_whose_rows_were_busy_on_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Busy items are neither lost nor counted as lost leases: rank 0 tries them again shortly
+    and they are recorded with their messages (the dispatcher's retry has its own tests)."""
+    monkeypatch.setattr(mpi_rank0, "BUSY_RETRY_SECONDS", 0.0)
+    queue = BusyFirst(busy_calls=2)
+    _, app = new_app(tmp_path, ["a", "b"], queue)
+    comm = FakeComm(3, lambda task: (0, f"ran {task.body}"))
+    assert stage(tmp_path, queue, app, comm).run() == 0
+    assert {b: t["status"] for b, t in by_body(queue, app, "work").items()} == {"a": 0, "b": 0}
+    assert sorted(by_body(queue, app, "sink")) == ["from-a", "from-b"]
+    assert queue.hand_offs > 2  # answered busy twice, then recorded
+    [slot] = [s for s in queue.slots(app) if s["seq"] == 0]
+    assert slot["tasks_done"] == 2
+
+
+def test_rank0_gives_busy_results_up_after_the_limit_and_leaves_them_to_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row held for BUSY_GIVE_UP_SECONDS: the result is given up (logged), the task stays
+    RUNNING under the stage's lease, and recovery brings it back; nothing is counted done."""
+    monkeypatch.setattr(mpi_rank0, "BUSY_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(mpi_rank0, "BUSY_GIVE_UP_SECONDS", 0.0)
+    queue = BusyFirst(busy_calls=10**6)
+    _, app = new_app(tmp_path, ["a"], queue)
+    stop = threading.Event()
+
+    def answer(task: Task) -> tuple[int, str]:
+        stop.set()  # drain after this one: else the stage waits for the RUNNING task's recovery
+        return 0, "ran"
+
+    comm = FakeComm(2, answer)
+    assert stage(tmp_path, queue, app, comm, stop).run() == 0
+    assert by_body(queue, app, "work")["a"]["status"] == -3
+    assert by_body(queue, app, "sink") == {}
+    [slot] = [s for s in queue.slots(app) if s["seq"] == 0]
+    assert slot["tasks_done"] == 0
