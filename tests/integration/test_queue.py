@@ -727,3 +727,48 @@ def test_the_recovery_reads_the_running_tasks_of_its_apps_only(pg_dsn: str, app_
 def _analyze(dsn: str) -> None:
     with connect(dsn, autocommit=True) as conn:
         conn.execute("ANALYZE sbx_tasks")
+
+
+def test_claims_of_one_module_take_turns_and_the_next_starts_past_the_last(pg_dsn: str, app_id: int) -> None:
+    """0032: a module's claims run one at a time (an advisory lock for the claim's transaction):
+    the second waits for the first to commit, costs no CPU meanwhile, and its snapshot is taken
+    after it, so it finds the first one's tasks taken without looking at them. Another module's
+    claim does not wait."""
+    from scalebox_hpc.db.sql import query
+
+    with connect(pg_dsn) as conn:
+        apps.add_tasks(conn, app_id, "b", [Message(f"b{i}") for i in range(4)])
+        apps.add_tasks(conn, app_id, "c", [Message("c0")])
+    q = PgQueue(pg_dsn)
+    refs = q.modules(app_id)
+    sb, sc = _slot(q, app_id, "b"), _slot(q, app_id, "c")
+    q.close()
+
+    def params(module: str, slot: int) -> dict:
+        return {"app_id": app_id, "module_id": refs[module].id, "host": "h1", "slot_ids": [slot], "slot_seqs": [0],
+                "wants": [2], "limit": 2, "lease_seconds": 30}
+
+    got: dict[str, list[str]] = {}
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as first:
+        first_bodies = [r["body"] for r in first.execute(query("claim"), params("b", sb)).fetchall()]
+        with psycopg.connect(pg_dsn, row_factory=dict_row, autocommit=True) as other:  # another module: at once
+            assert [r["body"] for r in other.execute(query("claim"), params("c", sc)).fetchall()] == ["c0"]
+
+        def second() -> None:
+            with psycopg.connect(pg_dsn, row_factory=dict_row, autocommit=True) as conn:
+                got["b"] = [r["body"] for r in conn.execute(query("claim"), params("b", sb)).fetchall()]
+
+        t = threading.Thread(target=second)
+        t.start()
+        waited = False
+        with psycopg.connect(pg_dsn, autocommit=True) as probe:
+            for _ in range(100):
+                if probe.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                                 ).fetchone()[0]:  # type: ignore[index]
+                    waited = True
+                    break
+                threading.Event().wait(0.05)
+        assert waited and "b" not in got, (got, first_bodies)  # the second waits for the first to commit
+        first.commit()
+        t.join(10)
+    assert first_bodies == ["b0", "b1"] and got["b"] == ["b2", "b3"]
