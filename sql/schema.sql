@@ -1637,7 +1637,6 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 #variable_conflict use_column
 DECLARE
     due bigint[];
-    n integer;
 BEGIN
     IF p_every > 0 THEN
         -- (0032) the apps nobody recovered for p_every seconds; one held by another recoverer is
@@ -1691,32 +1690,9 @@ BEGIN
     WHERE t.id = e.id AND m.id = t.module_id
     RETURNING t.id, t.status, NULL::integer;
     IF p_bound_limit > 0 THEN
-        WITH RECURSIVE bound (host) AS (
-            (SELECT t.to_host FROM sbx_tasks t
-             WHERE t.status = -1 AND t.to_host IS NOT NULL
-             ORDER BY t.to_host LIMIT 1)
-            UNION ALL
-            SELECT (SELECT t.to_host FROM sbx_tasks t
-                    WHERE t.status = -1 AND t.to_host IS NOT NULL AND t.to_host > b.host
-                    ORDER BY t.to_host LIMIT 1)
-            FROM bound b
-            WHERE b.host IS NOT NULL
-        ), orphans AS (
-            SELECT t.id
-            FROM sbx_tasks t
-            WHERE t.status = -1
-              AND t.to_host IN (SELECT b.host FROM bound b WHERE b.host IS NOT NULL AND NOT sbx_host_live(b.host))
-              AND (t.pref_until IS NULL OR t.pref_until <= now())
-              AND t.app_id = ANY (due)
-            LIMIT p_bound_limit
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE sbx_tasks t
-        SET to_host = NULL, to_slot = NULL, pref_host = NULL, pref_until = NULL, pref_partial = false
-        FROM orphans o
-        WHERE t.id = o.id;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        RETURN QUERY SELECT NULL::bigint, NULL::integer, n;
+        -- and the READY tasks bound to a dead host, past their locality wait, of all the
+        -- caller's apps: once per recovery that found an app due
+        RETURN QUERY SELECT NULL::bigint, NULL::integer, sbx_l_release_bound_v1(p_bound_limit);
     END IF;
 END;
 $$;

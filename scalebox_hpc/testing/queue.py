@@ -217,8 +217,8 @@ class InMemoryQueue(_Claims):
                         slot.heartbeat_at < now - timedelta(seconds=2 * slot.heartbeat_seconds):
                     slot.status, slot.ended_at = "LOST", now
                     slot.message = f"no heartbeat since {slot.heartbeat_at.isoformat()}"
-            if due:
-                self._release_bound(due)
+            if due:  # sbx_l_release_bound_v1: all the caller's apps, once per recovery that found one due
+                self._release_bound()
             return out
 
     def _due_for_recovery(self, every: float, now: datetime) -> set[int]:
@@ -231,12 +231,12 @@ class InMemoryQueue(_Claims):
             self._s.apps[app_id].recovered_at = now
         return due
 
-    def _release_bound(self, apps: set[int]) -> int:
-        """Bound READY tasks of ``apps`` on a dead host, past their wait, may run anywhere."""
+    def _release_bound(self) -> int:
+        """sbx_release_bound_v1: bound READY tasks of a dead host, past their wait, run anywhere."""
         now, n = self._now(), 0
         dead: dict[str, bool] = {}
         for t in sorted(self._s.tasks.values(), key=lambda t: t.id):
-            if t.status != TaskStatus.READY or t.to_host is None or t.app_id not in apps:
+            if t.status != TaskStatus.READY or t.to_host is None:
                 continue
             if t.to_host not in dead:
                 dead[t.to_host] = not self._host_live(t.to_host)
