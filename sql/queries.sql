@@ -172,8 +172,8 @@ SELECT sbx_l_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(attemp
 -- name: recover_expired
 -- Lease recovery, run by any live launcher (heartbeat thread), stage job or CLI call: no daemon
 -- (sbx_l_recover_v2, over the apps the caller acts on; every > 0, a launcher's periodic call: only
--- the apps nobody recovered in the last `every` seconds, so a fleet recovers each app as often as
--- one launcher would, not once per launcher):
+-- the apps nobody recovered in the last `every` seconds, so a fleet recovers each app about 8
+-- times per heartbeat, not 4 times per launcher):
 --  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
 --     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
 --     after a server restart a lease counts from the restart: its owner, reconnecting, gets

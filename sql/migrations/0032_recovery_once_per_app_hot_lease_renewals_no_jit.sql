@@ -69,7 +69,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH expired AS (
-        SELECT t.id
+        SELECT t.id, m.stall_retries
         FROM sbx_modules m JOIN sbx_tasks t ON t.app_id = m.app_id AND t.module_id = m.id
         -- the due apps' RUNNING tasks, module by module: every column of sbx_tasks_app_status_idx
         -- bound (an app's done tasks are not read; a second partial index of RUNNING tasks beside
@@ -93,12 +93,12 @@ BEGIN
           AND sl.module_id IN (SELECT m.id FROM sbx_modules m WHERE m.app_id = ANY (due))
     )
     UPDATE sbx_tasks t
-    SET status = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN -1 ELSE 123 END,
-        finished_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE now() END,
-        started_at = CASE WHEN t.attempts - t.retry_base <= m.stall_retries THEN NULL ELSE t.started_at END,
+    SET status = CASE WHEN t.attempts - t.retry_base <= e.stall_retries THEN -1 ELSE 123 END,
+        finished_at = CASE WHEN t.attempts - t.retry_base <= e.stall_retries THEN NULL ELSE now() END,
+        started_at = CASE WHEN t.attempts - t.retry_base <= e.stall_retries THEN NULL ELSE t.started_at END,
         slot_id = NULL, heartbeat_at = NULL, lease_expires_at = NULL
-    FROM expired e, sbx_modules m
-    WHERE t.id = e.id AND m.id = t.module_id
+    FROM expired e
+    WHERE t.id = e.id
     RETURNING t.id, t.status, NULL::integer;
     IF p_bound_limit > 0 THEN
         -- and the READY tasks bound to a dead host, past their locality wait, of all the
