@@ -174,7 +174,8 @@ SELECT sbx_l_complete_task_v1(%(task_id)s::bigint, %(slot_id)s::bigint, %(attemp
 -- (sbx_l_recover_v2, over the apps the caller acts on; every > 0, a launcher's periodic call: only
 -- the apps nobody recovered in the last `every` seconds, so a fleet recovers each app about 8
 -- times per heartbeat, not 4 times per launcher):
---  1. RUNNING tasks whose lease expired (their slot, launcher, node or job died);
+--  1. RUNNING tasks whose lease expired: the claim's and their slot's (0033), the slot's renewed
+--     by its beats (their slot, launcher, node or job died);
 --     SKIP LOCKED so concurrent recoverers split the work and never block a hand-off;
 --     after a server restart a lease counts from the restart: its owner, reconnecting, gets
 --     one whole lease to renew it before anyone may take the task (an outage is no death);
@@ -191,17 +192,18 @@ SELECT id, status, unbound FROM sbx_l_recover_v2(%(every)s::double precision, %(
 SELECT id, busy FROM sbx_l_release_v2(%(slot_id)s::bigint, NULL);
 
 -- name: heartbeat_slot
--- One statement renews the slot and the leases of the tasks it knows it runs (task_ids; NULL:
--- all of its RUNNING tasks). A RUNNING task of the slot that it does not know, claimed more
--- than a lease ago, is one whose claim reply was lost: it goes back to READY (attempt not
--- counted) instead of being renewed for the slot's whole life (sbx_l_heartbeat_slot_v1).
+-- One statement renews the slot's lease, which is the lease of its RUNNING tasks (0033: no task
+-- row is written). A RUNNING task of the slot that it does not know (task_ids; NULL: it knows
+-- all), claimed more than a lease ago, is one whose claim reply was lost: it goes back to READY
+-- (attempt not counted) instead of living on the slot's lease for the slot's whole life
+-- (sbx_l_heartbeat_slot_v1).
 SELECT renewed, released
 FROM sbx_l_heartbeat_slot_v1(%(slot_id)s::bigint, %(status)s::text, %(lease_seconds)s::double precision,
                              %(task_ids)s::bigint[]);
 
 -- name: heartbeat_slots
 -- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
--- lease_seconds, task_ids, waiting, output) is renewed with its tasks' leases as heartbeat_slot
+-- lease_seconds, task_ids, waiting, output) is renewed, and so its tasks' lease, as heartbeat_slot
 -- does for one; the slot's row takes why it waits (NULL: its gates are open) and, when sent, the
 -- live tail of its running task's output (NULL: unchanged, kept). Returns the ids of the stray
 -- tasks released (claimed over a lease ago, unknown to their slot). See sbx_l_heartbeat_slots_v1.

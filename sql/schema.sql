@@ -97,7 +97,10 @@ CREATE TABLE sbx_slots (
     -- why a live slot claims nothing (check.sh "not now", a disk gate closed); NULL: its gates are open
     waiting text,
     -- a bounded tail of the running task's output (see migration 0010), from the heartbeat
-    live_output jsonb
+    live_output jsonb,
+    -- (0033) the lease of every RUNNING task the slot knows it holds: renewed by its beats
+    -- (one row per slot, none per task); a task's own lease_expires_at is its claim's
+    lease_expires_at timestamptz
 );
 CREATE INDEX sbx_slots_module_idx ON sbx_slots (module_id, status);
 -- a host's live slots (sbx_host_live); (0032) not by heartbeat_at, so that a beat is a HOT update
@@ -127,7 +130,8 @@ CREATE TABLE sbx_tasks (
     retry_base integer NOT NULL DEFAULT 0,
     -- lease: who holds a RUNNING task and until when it counts as alive; the slot (a foreign
     -- key until 0027) exists when the claim sets it (sbx_l_claim_v1 checks and locks it) and
-    -- is forgotten when it is deleted (sbx_slots_forget)
+    -- is forgotten when it is deleted (sbx_slots_forget). lease_expires_at is the claim's lease;
+    -- (0033) the slot's beats then renew the slot's lease (sbx_slots.lease_expires_at), not this
     slot_id bigint,
     host text,
     heartbeat_at timestamptz,
@@ -151,8 +155,8 @@ CREATE INDEX sbx_tasks_waited_idx ON sbx_tasks (module_id, pref_until, id)
 -- the hosts READY tasks are bound to (sbx_release_bound_v1)
 CREATE INDEX sbx_tasks_bound_idx ON sbx_tasks (to_host) WHERE status = -1 AND to_host IS NOT NULL;
 CREATE INDEX sbx_tasks_app_status_idx ON sbx_tasks (app_id, module_id, status);
--- (0032) no index on lease_expires_at: a lease renewal (every task a node holds, every half
--- heartbeat) then changes no indexed column and is a HOT update, no index entry written
+-- (0032) no index on lease_expires_at: the recovery reads an app's RUNNING tasks module by
+-- module (sbx_tasks_app_status_idx); since 0033 a beat writes no task row at all
 -- a slot's RUNNING tasks, for its heartbeat and release (0029)
 CREATE INDEX sbx_tasks_slot_idx ON sbx_tasks (slot_id) WHERE status = -3;
 
@@ -1498,35 +1502,36 @@ BEGIN
     PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
     RETURN QUERY
     WITH s AS (
-        UPDATE sbx_slots SET heartbeat_at = now(), status = p_status,
+        -- (0033) the slot's lease is its tasks' lease: one row written per slot and beat, none per task
+        UPDATE sbx_slots SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+                             status = p_status,
         -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
         -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)
                              ended_at = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.ended_at END,
                              message = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.message END
         WHERE id = p_slot_id AND sbx_slots.status NOT IN ('ERROR', 'EXITED') RETURNING sbx_slots.id
-    ), mine AS (
-        -- (0029) the slot's RUNNING tasks by sbx_tasks_slot_idx, and none that another
-        -- transaction holds: that one recovers it (the lease expired) or claims it again after
-        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
-        -- saturated database) held the node's one session, and its other leases expired in turn
+    ), held AS (
+        -- the slot's RUNNING tasks by sbx_tasks_slot_idx, read and not locked (0033)
         SELECT t.id, (p_task_ids IS NULL OR t.id = ANY (p_task_ids)) AS known,
                t.started_at < now() - make_interval(secs => p_lease_seconds) AS old
         FROM sbx_tasks t
         WHERE t.slot_id = p_slot_id AND t.status = -3
+    ), strays AS (
+        -- those it does not know, claimed over a lease ago, locked: none that another
+        -- transaction holds (0029: waiting for it held the node's one session), and each checked
+        -- again once locked (still RUNNING on this slot)
+        SELECT t.id FROM held h JOIN sbx_tasks t ON t.id = h.id
+        WHERE NOT h.known AND h.old AND t.slot_id = p_slot_id AND t.status = -3
         FOR NO KEY UPDATE OF t SKIP LOCKED
-    ), ren AS (
-        UPDATE sbx_tasks t
-        SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-        FROM mine m WHERE t.id = m.id AND m.known
-        RETURNING t.id
     ), stray AS (
         UPDATE sbx_tasks t
         SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
             attempts = greatest(t.attempts - 1, 0), started_at = NULL
-        FROM mine m WHERE t.id = m.id AND NOT m.known AND m.old
+        FROM strays x WHERE t.id = x.id
         RETURNING t.id
     )
-    SELECT (SELECT count(*) FROM ren), ARRAY(SELECT stray.id FROM stray);
+    SELECT (SELECT count(*) FROM held h WHERE h.known AND EXISTS (SELECT 1 FROM s)),
+           ARRAY(SELECT stray.id FROM stray);
 END;
 $$;
 
@@ -1542,36 +1547,37 @@ BEGIN
                       AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[], waiting text,
                             output jsonb)
     ), s AS (
-        UPDATE sbx_slots sl SET heartbeat_at = now(), status = b.status, waiting = b.waiting,
+        -- (0033) a slot's lease is its tasks' lease: one row written per slot and beat, none per task
+        UPDATE sbx_slots sl SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => b.lease_seconds),
+                                status = b.status, waiting = b.waiting,
                                 live_output = COALESCE(b.output, sl.live_output),
         -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
         -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)
                                 ended_at = CASE WHEN sl.status = 'LOST' THEN NULL ELSE sl.ended_at END,
                                 message = CASE WHEN sl.status = 'LOST' THEN NULL ELSE sl.message END
         FROM b WHERE sl.id = b.slot_id AND sl.status NOT IN ('ERROR', 'EXITED') RETURNING sl.id
-    ), mine AS (
-        -- (0029) the slots' RUNNING tasks by sbx_tasks_slot_idx, and none that another
-        -- transaction holds: that one recovers it (the lease expired) or claims it again after
-        -- recovery; waiting for it (seen: 18 s behind another node's claim statement on a
-        -- saturated database) held the node's one session, and its other leases expired in turn
-        SELECT t.id, b.lease_seconds, (b.task_ids IS NULL OR t.id = ANY (b.task_ids)) AS known,
+    ), held AS (
+        -- the slots' RUNNING tasks by sbx_tasks_slot_idx, read and not locked (0033)
+        SELECT t.id, t.slot_id, (b.task_ids IS NULL OR t.id = ANY (b.task_ids)) AS known,
                t.started_at < now() - make_interval(secs => b.lease_seconds) AS old
         FROM b JOIN sbx_tasks t ON t.slot_id = b.slot_id
         WHERE t.status = -3
+    ), strays AS (
+        -- those their slot does not know, claimed over a lease ago, locked: none that another
+        -- transaction holds (0029: waiting for it held the node's one session), and each checked
+        -- again once locked (still RUNNING on that slot)
+        SELECT t.id FROM held h JOIN sbx_tasks t ON t.id = h.id
+        WHERE NOT h.known AND h.old AND t.slot_id = h.slot_id AND t.status = -3
         FOR NO KEY UPDATE OF t SKIP LOCKED
-    ), ren AS (
-        UPDATE sbx_tasks t
-        SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => m.lease_seconds)
-        FROM mine m WHERE t.id = m.id AND m.known
-        RETURNING t.id
     ), stray AS (
         UPDATE sbx_tasks t
         SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
             attempts = greatest(t.attempts - 1, 0), started_at = NULL
-        FROM mine m WHERE t.id = m.id AND NOT m.known AND m.old
+        FROM strays x WHERE t.id = x.id
         RETURNING t.id
     )
-    SELECT (SELECT count(*) FROM ren), ARRAY(SELECT stray.id FROM stray);
+    SELECT (SELECT count(*) FROM held h WHERE h.known AND h.slot_id IN (SELECT s.id FROM s)),
+           ARRAY(SELECT stray.id FROM stray);
 END;
 $$;
 
@@ -1663,8 +1669,14 @@ BEGIN
         -- the due apps' RUNNING tasks, module by module: every column of sbx_tasks_app_status_idx
         -- bound (an app's done tasks are not read; a second partial index of RUNNING tasks beside
         -- sbx_tasks_slot_idx made the planner pick the wrong one for the heartbeat)
+        -- (0033) and its slot's, which the slot's beats renew for every task it knows: a task
+        -- expires when both have (the claim's, and the slot's if it beat since and has not ended)
+        LEFT JOIN sbx_slots sl ON sl.id = t.slot_id AND sl.status NOT IN ('ERROR', 'EXITED')
         WHERE m.app_id = ANY (due) AND t.status = -3 AND t.lease_expires_at < now()
           AND pg_postmaster_start_time() + (t.lease_expires_at - COALESCE(t.heartbeat_at, t.lease_expires_at)) < now()
+          AND (sl.lease_expires_at IS NULL
+               OR (sl.lease_expires_at < now()
+                   AND pg_postmaster_start_time() + (sl.lease_expires_at - sl.heartbeat_at) < now()))
         ORDER BY t.lease_expires_at
         LIMIT 1000
         FOR UPDATE OF t SKIP LOCKED

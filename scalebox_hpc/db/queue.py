@@ -373,9 +373,9 @@ class PgQueue:
     def heartbeat(
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
-        """Renew the slot and the leases of its running tasks: those in ``task_ids`` (None: all
-        of them). A RUNNING task of the slot not in ``task_ids`` and claimed over a lease ago
-        (its claim's reply was lost) is released; returns the released ids."""
+        """Renew the slot's lease, which is the lease of its running tasks (0033: no task row is
+        written). A RUNNING task of the slot not in ``task_ids`` (None: it knows all of them) and
+        claimed over a lease ago (its claim's reply was lost) is released; returns the released ids."""
         rows = self._run("heartbeat_slot", {
             "slot_id": slot_id, "status": status, "lease_seconds": lease_seconds,
             "task_ids": None if task_ids is None else list(task_ids),
@@ -383,7 +383,7 @@ class PgQueue:
         return [int(i) for i in rows[0]["released"]] if rows else []
 
     def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
-        """One statement renews every slot in ``beats`` and its tasks' leases (see
+        """One statement renews every slot in ``beats`` and so its tasks' leases (see
         :meth:`heartbeat`), and stores why each waits and its live output (when sent); returns
         the ids of the stray tasks released."""
         if not beats:

@@ -145,8 +145,8 @@ class InMemoryQueue(_Claims):
     def heartbeat(
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
-        """Renew the slot and the leases of its RUNNING tasks in ``task_ids`` (None: all); release
-        those it does not name that were claimed over a lease ago (a lost claim reply)."""
+        """Renew the slot's lease, its RUNNING tasks' lease (0033); release those it does not
+        name in ``task_ids`` (None: it knows all) that were claimed over a lease ago (a lost claim reply)."""
         with self._call("heartbeat"):
             return self._beat([Beat(slot_id, status, lease_seconds, None if task_ids is None else tuple(task_ids))])
 
@@ -165,15 +165,15 @@ class InMemoryQueue(_Claims):
                 if slot.status == "LOST":  # slow, not dead: it runs again (as the SQL, 0029)
                     slot.ended_at, slot.message = None, None
                 slot.heartbeat_at, slot.status, slot.waiting = now, b.status, b.waiting
+                # (0033) the slot's lease is its tasks' lease: no task is written
+                slot.lease_expires_at = now + timedelta(seconds=b.lease_seconds)
                 if b.output is not None:  # None: unchanged
                     slot.live_output = dict(b.output)
             known = None if b.task_ids is None else set(b.task_ids)
             for t in s.tasks.values():
-                if t.slot_id != b.slot_id or t.status != TaskStatus.RUNNING:
+                if t.slot_id != b.slot_id or t.status != TaskStatus.RUNNING or known is None or t.id in known:
                     continue
-                if known is None or t.id in known:
-                    t.heartbeat_at, t.lease_expires_at = now, now + timedelta(seconds=b.lease_seconds)
-                elif t.started_at is not None and t.started_at < now - timedelta(seconds=b.lease_seconds):
+                if t.started_at is not None and t.started_at < now - timedelta(seconds=b.lease_seconds):
                     t.release()
                     self._ready.add(t.module_id)
                     released.append(t.id)
@@ -188,7 +188,8 @@ class InMemoryQueue(_Claims):
             s, now = self._s, self._now()
             due = self._due_for_recovery(every, now)
             expired = sorted((t for t in s.tasks.values() if t.status == TaskStatus.RUNNING and t.app_id in due
-                              and t.lease_expires_at is not None and t.lease_expires_at < now),
+                              and t.lease_expires_at is not None and t.lease_expires_at < now
+                              and not self._slot_holds(t.slot_id, now)),
                              key=lambda t: (t.lease_expires_at or now, t.id))[:RECOVER_LIMIT]
             out = []
             for t in expired:
@@ -220,6 +221,11 @@ class InMemoryQueue(_Claims):
             if due:  # sbx_l_release_bound_v1: all the caller's apps, once per recovery that found one due
                 self._release_bound()
             return out
+
+    def _slot_holds(self, slot_id: int | None, now: datetime) -> bool:
+        """The task's slot (0033) keeps it alive: it exists and holds its lease."""
+        slot = None if slot_id is None else self._s.slots.get(slot_id)
+        return slot is not None and slot.holds_lease(now)
 
     def _due_for_recovery(self, every: float, now: datetime) -> set[int]:
         """The apps to recover now, marked recovered (``every`` > 0); all of them (0)."""

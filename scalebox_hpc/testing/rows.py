@@ -78,6 +78,13 @@ class _Slot:
     ended_at: datetime | None = None
     waiting: str | None = None
     live_output: dict[str, Any] | None = None
+    # (0033) the lease of every RUNNING task the slot knows it holds, renewed by its beats
+    lease_expires_at: datetime | None = None
+
+    def holds_lease(self, now: datetime) -> bool:
+        """Its beats keep its tasks alive: it has not ended and its lease has not expired."""
+        return self.status not in ("ERROR", "EXITED") and self.lease_expires_at is not None \
+            and self.lease_expires_at >= now
 
 
 @dataclass

@@ -169,7 +169,8 @@ class PgBackend:
                 shift)
             self.conn.execute(
                 "UPDATE sbx_slots SET started_at = started_at - %(s)s::interval, "
-                "heartbeat_at = heartbeat_at - %(s)s::interval, ended_at = ended_at - %(s)s::interval", shift)
+                "heartbeat_at = heartbeat_at - %(s)s::interval, ended_at = ended_at - %(s)s::interval, "
+                "lease_expires_at = lease_expires_at - %(s)s::interval", shift)
             self.conn.execute("UPDATE sbx_apps SET recovered_at = recovered_at - %(s)s::interval", shift)
 
     def other_queue(self) -> BatchQueue:

@@ -779,19 +779,43 @@ def test_stall_retries_follow_the_retry_rules(queue_backend: Backend, tmp_path: 
     assert seen == [(task.id, -1), (task.id, 123)]
 
 
-def test_heartbeat_renews_the_leases_of_the_tasks_it_names(queue_backend: Backend, app: int) -> None:
+def test_a_beat_renews_its_slots_lease_which_keeps_every_task_of_the_slot_alive(
+        queue_backend: Backend, app: int) -> None:
+    """0033: a beat renews the slot's lease, not each task's: a RUNNING task lives while its
+    claim's lease or its slot's holds. One the slot does not name lives on the slot's lease until
+    it is a lease old; then a beat releases it (the attempt not counted), never the recovery."""
     b = queue_backend
     b.add_tasks(app, "c", ["t0", "t1"])
     slot = _slot(b, app, "c")
     t0, t1 = _claim(b, app, "c", slot, limit=2, lease=5)
     b.advance(3)
-    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=5, task_ids=[t0.id]) == []
-    b.advance(3)  # t1 expired (claimed 6 s ago, lease 5); t0 renewed 3 s ago
-    assert b.queue.recover_expired() == [(t1.id, -1)]
-    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=5) == []  # None: all of them
+    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=5, task_ids=[t0.id]) == []  # the slot's: to 8 s
+    b.advance(3)  # both claims' leases expired at 5 s; the slot's holds
+    assert b.queue.recover_expired() == []
+    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=5, task_ids=[t0.id]) == [t1.id]  # to 11 s
+    row = _row(b, app, t1.id)
+    assert (row["status"], row["attempts"], row["slot_id"]) == (-1, 0, None)
+    b.advance(4)
+    assert b.queue.recover_expired() == []
+    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=5) == []  # None: it knows all; to 15 s
     b.advance(4)
     assert b.queue.recover_expired() == []
     assert [s["status"] for s in b.slots(app)] == ["RUNNING"]
+    b.advance(2)  # no beat since 10 s: the slot's lease expired at 15 s
+    assert b.queue.recover_expired() == [(t0.id, -1)]
+
+
+def test_an_ended_slots_lease_keeps_no_task_alive(queue_backend: Backend, app: int) -> None:
+    """A slot marked EXITED (or ERROR) with a task still RUNNING (its launcher died between the
+    two): the task lives only on its claim's lease, not on the slot's last one."""
+    b = queue_backend
+    b.add_tasks(app, "c", ["t0"])
+    slot = _slot(b, app, "c")
+    [t0] = _claim(b, app, "c", slot, lease=5)
+    assert b.queue.heartbeat(slot, status="RUNNING", lease_seconds=60) == []
+    b.queue.set_slot_status(slot, "EXITED", message="gone")
+    b.advance(6)
+    assert b.queue.recover_expired() == [(t0.id, -1)]
 
 
 def test_heartbeat_releases_a_task_its_slot_does_not_know(queue_backend: Backend, app: int) -> None:

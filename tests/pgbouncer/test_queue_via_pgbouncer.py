@@ -157,6 +157,9 @@ def test_a_client_moved_between_server_connections_keeps_working(bouncer: Bounce
         [late] = moved(lambda: q.claim(app_id, refs["a"].id, host="h1", slot_id=slot, slot_seq=0))
         _direct_rows(bouncer, "UPDATE sbx_tasks SET lease_expires_at = now() - interval '1 minute' "
                               "WHERE id = %s RETURNING id", late.id)
+        # and its slot's (0033: the slot's beats renew the lease of every task it holds)
+        _direct_rows(bouncer, "UPDATE sbx_slots SET lease_expires_at = now() - interval '1 minute' "
+                              "WHERE id = %s RETURNING id", slot)
         assert moved(q.recover_expired) == [(late.id, -1)]
     finally:
         shuffler.close()
