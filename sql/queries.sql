@@ -195,16 +195,17 @@ SELECT id, busy FROM sbx_l_release_v2(%(slot_id)s::bigint, NULL);
 -- One statement renews the slot's lease, which is the lease of its RUNNING tasks (0033: no task
 -- row is written). A RUNNING task of the slot that it does not know (task_ids; NULL: it knows
 -- all), claimed more than a lease ago, is one whose claim reply was lost: it goes back to READY
--- (attempt not counted) instead of living on the slot's lease for the slot's whole life
--- (sbx_l_heartbeat_slot_v1).
+-- (attempt not counted) instead of living on the slot's lease for the slot's whole life. Why the
+-- slot waits and its live output are left as they are (sbx_l_heartbeat_slot_v1: 0034, the
+-- node's beat of this one slot, with keep_waiting).
 SELECT renewed, released
 FROM sbx_l_heartbeat_slot_v1(%(slot_id)s::bigint, %(status)s::text, %(lease_seconds)s::double precision,
                              %(task_ids)s::bigint[]);
 
 -- name: heartbeat_slots
 -- The node's one heartbeat statement: every slot in `beats` (JSON rows slot_id, status,
--- lease_seconds, task_ids, waiting, output) is renewed, and so its tasks' lease, as heartbeat_slot
--- does for one; the slot's row takes why it waits (NULL: its gates are open) and, when sent, the
+-- lease_seconds, task_ids, waiting, output, keep_waiting) is renewed, and so its tasks' lease; the
+-- slot's row takes why it waits (NULL: its gates are open; kept with keep_waiting) and, when sent, the
 -- live tail of its running task's output (NULL: unchanged, kept). Returns the ids of the stray
 -- tasks released (claimed over a lease ago, unknown to their slot). See sbx_l_heartbeat_slots_v1.
 SELECT renewed, released FROM sbx_l_heartbeat_slots_v1(%(beats)s::jsonb);

@@ -1493,45 +1493,15 @@ BEGIN
 END;
 $$;
 
--- queries.sql heartbeat_slot
+-- queries.sql heartbeat_slot: the node's beat of one slot that leaves why it waits (0034)
 CREATE FUNCTION sbx_l_heartbeat_slot_v1(p_slot_id bigint, p_status text, p_lease_seconds double precision,
                                         p_task_ids bigint[])
 RETURNS TABLE (renewed bigint, released bigint[])
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    PERFORM sbx_l_check_slots_v1(ARRAY[p_slot_id]);
-    RETURN QUERY
-    WITH s AS (
-        -- (0033) the slot's lease is its tasks' lease: one row written per slot and beat, none per task
-        UPDATE sbx_slots SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_lease_seconds),
-                             status = p_status,
-        -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
-        -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)
-                             ended_at = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.ended_at END,
-                             message = CASE WHEN sbx_slots.status = 'LOST' THEN NULL ELSE sbx_slots.message END
-        WHERE id = p_slot_id AND sbx_slots.status NOT IN ('ERROR', 'EXITED') RETURNING sbx_slots.id
-    ), held AS (
-        -- the slot's RUNNING tasks by sbx_tasks_slot_idx, read and not locked (0033)
-        SELECT t.id, (p_task_ids IS NULL OR t.id = ANY (p_task_ids)) AS known,
-               t.started_at < now() - make_interval(secs => p_lease_seconds) AS old
-        FROM sbx_tasks t
-        WHERE t.slot_id = p_slot_id AND t.status = -3
-    ), strays AS (
-        -- those it does not know, claimed over a lease ago, locked: none that another
-        -- transaction holds (0029: waiting for it held the node's one session), and each checked
-        -- again once locked (still RUNNING on this slot)
-        SELECT t.id FROM held h JOIN sbx_tasks t ON t.id = h.id
-        WHERE NOT h.known AND h.old AND t.slot_id = p_slot_id AND t.status = -3
-        FOR NO KEY UPDATE OF t SKIP LOCKED
-    ), stray AS (
-        UPDATE sbx_tasks t
-        SET status = -1, slot_id = NULL, host = NULL, heartbeat_at = NULL, lease_expires_at = NULL,
-            attempts = greatest(t.attempts - 1, 0), started_at = NULL
-        FROM strays x WHERE t.id = x.id
-        RETURNING t.id
-    )
-    SELECT (SELECT count(*) FROM held h WHERE h.known AND EXISTS (SELECT 1 FROM s)),
-           ARRAY(SELECT stray.id FROM stray);
+    RETURN QUERY SELECT * FROM sbx_l_heartbeat_slots_v1(jsonb_build_array(jsonb_build_object(
+        'slot_id', p_slot_id, 'status', p_status, 'lease_seconds', p_lease_seconds,
+        'task_ids', to_jsonb(p_task_ids), 'keep_waiting', true)));
 END;
 $$;
 
@@ -1545,11 +1515,13 @@ BEGIN
     WITH b AS (
         SELECT * FROM jsonb_to_recordset(p_beats)
                       AS b (slot_id bigint, status text, lease_seconds float8, task_ids bigint[], waiting text,
-                            output jsonb)
+                            output jsonb, keep_waiting boolean)
     ), s AS (
         -- (0033) a slot's lease is its tasks' lease: one row written per slot and beat, none per task
         UPDATE sbx_slots sl SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => b.lease_seconds),
-                                status = b.status, waiting = b.waiting,
+                                status = b.status,
+                                -- (0034) a beat that says nothing of why its slot waits leaves it
+                                waiting = CASE WHEN b.keep_waiting THEN sl.waiting ELSE b.waiting END,
                                 live_output = COALESCE(b.output, sl.live_output),
         -- (0029) a slot marked LOST that beats again was slow, not dead: it runs, so no end
         -- time and no "no heartbeat since" (seen at 50 emulated nodes: RUNNING rows with both)

@@ -375,7 +375,8 @@ class PgQueue:
     ) -> list[int]:
         """Renew the slot's lease, which is the lease of its running tasks (0033: no task row is
         written). A RUNNING task of the slot not in ``task_ids`` (None: it knows all of them) and
-        claimed over a lease ago (its claim's reply was lost) is released; returns the released ids."""
+        claimed over a lease ago (its claim's reply was lost) is released; returns the released ids.
+        Why the slot waits and its live output stay as they are (0034: the node's beat of one slot)."""
         rows = self._run("heartbeat_slot", {
             "slot_id": slot_id, "status": status, "lease_seconds": lease_seconds,
             "task_ids": None if task_ids is None else list(task_ids),

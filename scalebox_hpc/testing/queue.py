@@ -146,16 +146,18 @@ class InMemoryQueue(_Claims):
         self, slot_id: int, *, status: str, lease_seconds: float, task_ids: Sequence[int] | None = None,
     ) -> list[int]:
         """Renew the slot's lease, its RUNNING tasks' lease (0033); release those it does not
-        name in ``task_ids`` (None: it knows all) that were claimed over a lease ago (a lost claim reply)."""
+        name in ``task_ids`` (None: it knows all) that were claimed over a lease ago (a lost claim
+        reply). Why the slot waits and its live output stay as they are (0034)."""
         with self._call("heartbeat"):
-            return self._beat([Beat(slot_id, status, lease_seconds, None if task_ids is None else tuple(task_ids))])
+            return self._beat([Beat(slot_id, status, lease_seconds, None if task_ids is None else tuple(task_ids))],
+                              keep_waiting=True)
 
     def heartbeat_slots(self, beats: Sequence[Beat]) -> list[int]:
         """:meth:`heartbeat` for every slot in ``beats`` at once; returns the stray tasks released."""
         with self._call("heartbeat_slots"):
             return self._beat(beats)
 
-    def _beat(self, beats: Sequence[Beat]) -> list[int]:
+    def _beat(self, beats: Sequence[Beat], *, keep_waiting: bool = False) -> list[int]:
         s, now = self._s, self._now()
         released = []
         for b in beats:
@@ -164,7 +166,9 @@ class InMemoryQueue(_Claims):
                 _check_slot_status(b.status)
                 if slot.status == "LOST":  # slow, not dead: it runs again (as the SQL, 0029)
                     slot.ended_at, slot.message = None, None
-                slot.heartbeat_at, slot.status, slot.waiting = now, b.status, b.waiting
+                slot.heartbeat_at, slot.status = now, b.status
+                if not keep_waiting:  # the one-slot beat says nothing of why it waits (0034)
+                    slot.waiting = b.waiting
                 # (0033) the slot's lease is its tasks' lease: no task is written
                 slot.lease_expires_at = now + timedelta(seconds=b.lease_seconds)
                 if b.output is not None:  # None: unchanged

@@ -864,6 +864,26 @@ def test_the_heartbeat_stores_why_a_slot_waits_and_the_live_output_sent(queue_ba
     assert (slots[s0]["live_output"], slots[s1]["waiting"]) == (out, None)
 
 
+def test_the_one_slot_beat_leaves_why_the_slot_waits_and_its_live_output(queue_backend: Backend,
+                                                                         app: int) -> None:
+    """The one-slot beat says nothing of why its slot waits (0034: the node's beat of one slot,
+    told to keep it); it renews the slot's lease like the node's beat."""
+    b = queue_backend
+    b.add_tasks(app, "b", ["t0"])
+    s0 = _slot(b, app, "b")
+    [t0] = _claim(b, app, "b", s0)
+    out = {"task_id": t0.id, "stdout": {"end": 2, "text": "x\n"}, "stderr": None}
+    b.queue.heartbeat_slots([Beat(s0, "RUNNING", 60.0, (t0.id,), waiting="disk gate /x (not now)", output=out)])
+    assert b.queue.heartbeat(s0, status="RUNNING", lease_seconds=60.0, task_ids=[t0.id]) == []
+    [row] = b.slots(app)
+    assert (row["waiting"], row["live_output"], row["status"]) == ("disk gate /x (not now)", out, "RUNNING")
+    b.advance(50)  # its lease was renewed: the task lives
+    assert b.queue.recover_expired() == []
+    b.queue.heartbeat_slots([Beat(s0, "READY", 60.0, (t0.id,))])
+    [row] = b.slots(app)
+    assert (row["waiting"], row["status"]) == (None, "READY")
+
+
 def test_a_silent_slot_is_lost_and_an_ended_one_stays_ended(queue_backend: Backend, app: int) -> None:
     b = queue_backend
     quiet, ended, beating = (_slot(b, app, "c", seq=i, hb=2) for i in range(3))
