@@ -63,7 +63,7 @@ class FarmRunner(TaskRunner):
         super().__init__(ctx, slot_id=slot_id)
         self.plan = plan
 
-    def env(self, task: Task | None, emit_file: Path | None) -> dict[str, str]:
+    def env(self, task: Task | None, emit_file: str | Path | None) -> dict[str, str]:
         """:meth:`TaskRunner.env`, plus ``$SCALEBOX_SERVICES_DIR`` for a task's run."""
         env = super().env(task, emit_file)
         if task is not None and emit_file is not None:
