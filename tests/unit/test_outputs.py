@@ -41,3 +41,23 @@ def test_small_output_is_read_as_it_is(tmp_path: Path) -> None:
     cap.check()
     assert cap.tail(out) == "hello \ufffd world\n"
     assert cap.tail(tmp_path / "absent") == ""
+
+
+def test_a_tail_is_the_last_bytes_and_never_read_through_a_link_or_from_a_fifo(tmp_path: Path) -> None:
+    """What a run leaves in place of its output file is never followed or opened blocking: a
+    symlink (a task replacing its own stdout file) gives nothing, and so does a FIFO."""
+    out = tmp_path / "run.out"
+    out.write_bytes(b"a" * TAIL_BYTES + b"END\n")
+    cap = CappedOutputs((out,))
+    assert cap.tail(out) == "a" * (TAIL_BYTES - 4) + "END\n"  # the last TAIL_BYTES, whole lines or not
+    empty = tmp_path / "empty.out"
+    empty.touch()
+    assert cap.tail(empty) == ""
+    secret = tmp_path / "secret"
+    secret.write_text("not the run's\n")
+    link = tmp_path / "link.out"
+    link.symlink_to(secret)
+    assert cap.tail(link) == ""
+    fifo = tmp_path / "fifo.out"
+    os.mkfifo(fifo)
+    assert cap.tail(fifo) == ""  # returns at once: nothing writes to it
