@@ -73,9 +73,10 @@ enough that a claim serves many tasks, little enough that no other node waits fo
 REFILL_BATCHES = 4
 """A prefetch buffer holds at least this many served batches' time of work (see _depth)..."""
 PREFETCH_MAX_SECONDS = 1.0
-"""... but at most this much: every task held is renewed with every beat, so on a saturated
-database deeper buffers made slower batches, which made deeper buffers (50 emulated nodes on 2
-cores: up to ~7,000-10,000 tasks a node, most of each beat's rows)."""
+"""... but at most this much: a task held is work no other node can run, and a bigger claim holds
+its module's claim turn longer. (Until migration 0033 every task held was also renewed with every
+beat, so on a saturated database deeper buffers made slower batches, which made deeper buffers:
+50 emulated nodes on 2 cores held up to ~7,000-10,000 tasks a node. A beat now writes no task row.)"""
 PREFETCH_TASK_SECONDS = 2.0
 """Prefetch only while a module's tasks take less than this on average (a task prefetched
 behind a long one would wait, held, while other nodes idle)."""
